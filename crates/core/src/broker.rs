@@ -1,0 +1,123 @@
+//! The backplane contract.
+//!
+//! A [`Broker`] owns every channel's log: it numbers publications, keeps their history and
+//! delivers them to the nodes that subscribed to the channel. The in-memory broker is the
+//! embedded default; Redis and NATS implementations live in their own crates. All of them
+//! pass the suite in [`crate::contract`], which is this doc comment turned into tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::channel::ChannelName;
+use crate::publication::{Publication, StreamPosition};
+
+/// How a publication is stored. Comes from the channel's namespace options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishOptions {
+    /// Keep at most this many publications. 0 keeps none (live-only channel).
+    pub history_size: usize,
+    /// Drop publications older than this. `Duration::ZERO` keeps none.
+    pub history_ttl: Duration,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        PublishOptions { history_size: 100, history_ttl: Duration::from_secs(300) }
+    }
+}
+
+/// What to read from a channel's history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryRequest {
+    /// Return only publications after this position. If the position cannot be continued
+    /// without a gap the broker answers [`BrokerError::PositionLost`].
+    pub since: Option<StreamPosition>,
+    /// At most this many publications (`None`: all retained).
+    pub limit: Option<usize>,
+    /// With `limit`, take the newest `limit` publications instead of the oldest ones
+    /// (still returned in ascending offset order). Ignored when `since` is set.
+    pub latest: bool,
+}
+
+/// The answer to a history read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryResult {
+    /// Publications in strictly ascending offset order, all of the current epoch.
+    pub publications: Vec<Publication>,
+    /// The channel's current top: its epoch and the offset of its latest publication.
+    pub position: StreamPosition,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// The position given to `history` is from another epoch, or so old that some
+    /// publications after it are no longer retained. `current` is where the channel is now.
+    #[error("position lost; the channel is now at {}:{}", current.epoch, current.offset)]
+    PositionLost { current: StreamPosition },
+    /// The backing store cannot be reached (Redis down, …). Retry later.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Receives what the broker delivers to this node.
+pub trait BrokerEventHandler: Send + Sync + 'static {
+    /// A publication on a channel this node subscribed to. For each channel, calls come
+    /// one at a time in strictly ascending offset order (within an epoch). Must not block.
+    fn handle_publication(&self, publication: Publication);
+}
+
+/// The backplane. Its guarantees, per channel:
+///
+/// 1. **Atomic numbering.** `publish` assigns the next offset (the first publication of
+///    an epoch has offset 1, then +1 each time: no gaps, no repeats, even with concurrent
+///    publishers on many nodes), appends the publication to history and fans it out to
+///    subscribed nodes as one atomic step. Publications reach each subscribed node's
+///    handler in offset order, and in the same order history returns them.
+/// 2. **Epochs.** A channel's history lives in one epoch. When the broker loses it
+///    (restart of a memory broker, eviction of a Redis key) the channel starts a new epoch
+///    at offset 0. A channel never seen before is at `(new epoch, 0)`; asking for its
+///    position creates that epoch, so a later publish continues it.
+/// 3. **Bounded history.** At most `history_size` publications, none older than
+///    `history_ttl`, both taken from the options of the latest publish. Offsets survive
+///    history expiry: an empty history still knows its top offset and epoch.
+/// 4. **Honest resume.** `history` with `since = (epoch, offset)` returns exactly the
+///    publications after `offset` if every one of them is still retained and `epoch` is
+///    current; `since` at the top returns an empty list. Otherwise it fails with
+///    [`BrokerError::PositionLost`] carrying the current position — never a silent gap.
+/// 5. **Node subscriptions.** `subscribe` returns once publications on the channel are
+///    guaranteed to reach this node's handler; the hub calls it before reading history,
+///    which is what makes subscribe-then-recover race-free. Calls for one channel are
+///    never concurrent (the hub serialises them).
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Starts delivering to `handler`. Called once, before any subscribe.
+    async fn run(&self, handler: Arc<dyn BrokerEventHandler>) -> Result<(), BrokerError>;
+
+    /// Publishes `data` (JSON text) and returns the position it was given.
+    async fn publish(
+        &self,
+        channel: &ChannelName,
+        data: Bytes,
+        opts: &PublishOptions,
+    ) -> Result<StreamPosition, BrokerError>;
+
+    /// Reads history; see guarantee 4.
+    async fn history(&self, channel: &ChannelName, req: HistoryRequest) -> Result<HistoryResult, BrokerError>;
+
+    /// The channel's current position (creating its epoch if the channel is new).
+    async fn position(&self, channel: &ChannelName) -> Result<StreamPosition, BrokerError>;
+
+    /// Starts delivering the channel's publications to this node.
+    async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
+
+    /// Stops delivering the channel's publications to this node.
+    async fn unsubscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
+
+    /// Is the backing store reachable right now? (Readiness probes.)
+    async fn ready(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,280 @@
+//! The broker contract suite: [`Broker`]'s doc comment, as tests.
+//!
+//! Every broker implementation runs this suite with [`broker_contract_tests!`]:
+//!
+//! ```ignore
+//! switchboard_core::broker_contract_tests!(|handler| async move {
+//!     let broker = std::sync::Arc::new(MyBroker::connect().await);
+//!     broker.run(handler).await.unwrap();
+//!     broker as std::sync::Arc<dyn switchboard_core::Broker>
+//! });
+//! ```
+//!
+//! Each check uses fresh random channel names, so one backing store can serve them all.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::broker::{Broker, BrokerError, BrokerEventHandler, HistoryRequest, PublishOptions};
+use crate::channel::ChannelName;
+use crate::publication::{Publication, StreamPosition};
+
+/// A handler that records what the broker delivers to this node.
+pub struct Recorder {
+    tx: Mutex<mpsc::UnboundedSender<Publication>>,
+}
+
+impl Recorder {
+    pub fn new() -> (Arc<Recorder>, mpsc::UnboundedReceiver<Publication>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Arc::new(Recorder { tx: Mutex::new(tx) }), rx)
+    }
+}
+
+impl BrokerEventHandler for Recorder {
+    fn handle_publication(&self, publication: Publication) {
+        let _ = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(publication);
+    }
+}
+
+/// Generates one `#[tokio::test]` per contract check. `$make` is called with the
+/// recording handler and must return a running `Arc<dyn Broker>`.
+#[macro_export]
+macro_rules! broker_contract_tests {
+    ($make:expr) => {
+        $crate::broker_contract_tests!(@each $make;
+            offsets_start_at_one_and_are_gapless,
+            concurrent_publishes_get_distinct_gapless_offsets,
+            new_channel_is_at_offset_zero_and_publish_continues_its_epoch,
+            history_returns_retained_publications_in_order,
+            history_limit_takes_oldest_or_latest,
+            history_is_bounded_by_size,
+            history_is_bounded_by_ttl_but_offsets_survive,
+            since_returns_exactly_the_missed_publications,
+            since_at_top_returns_nothing,
+            since_older_than_history_is_position_lost,
+            since_from_another_epoch_is_position_lost,
+            since_in_the_future_is_position_lost,
+            live_only_channel_numbers_but_keeps_nothing,
+            subscribed_node_receives_publications_in_offset_order,
+            unsubscribed_node_receives_nothing,
+        );
+    };
+    (@each $make:expr; $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let (handler, rx) = $crate::contract::Recorder::new();
+                let broker = ($make)(handler).await;
+                $crate::contract::$name(broker, rx).await;
+            }
+        )+
+    };
+}
+
+type Rx = mpsc::UnboundedReceiver<Publication>;
+
+fn fresh(prefix: &str) -> ChannelName {
+    ChannelName::parse(&format!("contract:{prefix}-{}-{}", std::process::id(), fastrand::u64(..))).unwrap()
+}
+
+fn opts(size: usize) -> PublishOptions {
+    PublishOptions { history_size: size, history_ttl: Duration::from_secs(300) }
+}
+
+fn data(i: u64) -> Bytes {
+    Bytes::from(format!("{{\"i\":{i}}}"))
+}
+
+async fn publish_n(b: &Arc<dyn Broker>, ch: &ChannelName, n: u64, o: &PublishOptions) -> Vec<StreamPosition> {
+    let mut out = Vec::new();
+    for i in 1..=n {
+        out.push(b.publish(ch, data(i), o).await.expect("publish"));
+    }
+    out
+}
+
+fn offsets(p: &[Publication]) -> Vec<u64> {
+    p.iter().map(|p| p.offset).collect()
+}
+
+pub async fn offsets_start_at_one_and_are_gapless(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("gapless");
+    let pos = publish_n(&b, &ch, 5, &opts(10)).await;
+    assert_eq!(pos.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert!(pos.iter().all(|p| p.epoch == pos[0].epoch), "epoch changed within one history");
+}
+
+pub async fn concurrent_publishes_get_distinct_gapless_offsets(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("concurrent");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (b, ch) = (b.clone(), ch.clone());
+        tasks.push(tokio::spawn(async move { publish_n(&b, &ch, 25, &opts(1000)).await }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap().into_iter().map(|p| p.offset));
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=200).collect::<Vec<_>>());
+    let h = b.history(&ch, HistoryRequest::default()).await.unwrap();
+    assert_eq!(offsets(&h.publications), (1..=200).collect::<Vec<_>>());
+}
+
+pub async fn new_channel_is_at_offset_zero_and_publish_continues_its_epoch(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("new");
+    let p0 = b.position(&ch).await.unwrap();
+    assert_eq!(p0.offset, 0);
+    let p1 = b.publish(&ch, data(1), &opts(10)).await.unwrap();
+    assert_eq!(p1, StreamPosition { epoch: p0.epoch.clone(), offset: 1 });
+    // A client that subscribed at (epoch, 0) resumes with nothing lost.
+    let h = b.history(&ch, HistoryRequest { since: Some(p0), ..Default::default() }).await.unwrap();
+    assert_eq!(offsets(&h.publications), vec![1]);
+}
+
+pub async fn history_returns_retained_publications_in_order(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("order");
+    publish_n(&b, &ch, 3, &opts(10)).await;
+    let h = b.history(&ch, HistoryRequest::default()).await.unwrap();
+    assert_eq!(offsets(&h.publications), vec![1, 2, 3]);
+    assert_eq!(h.position.offset, 3);
+    for (i, p) in h.publications.iter().enumerate() {
+        assert_eq!(p.data, data(i as u64 + 1));
+        assert_eq!(p.channel, ch);
+        assert_eq!(p.epoch, h.position.epoch);
+        assert!(p.time > 0);
+    }
+}
+
+pub async fn history_limit_takes_oldest_or_latest(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("limit");
+    publish_n(&b, &ch, 6, &opts(10)).await;
+    let first = b.history(&ch, HistoryRequest { limit: Some(2), ..Default::default() }).await.unwrap();
+    assert_eq!(offsets(&first.publications), vec![1, 2]);
+    let last = b.history(&ch, HistoryRequest { limit: Some(2), latest: true, ..Default::default() }).await.unwrap();
+    assert_eq!(offsets(&last.publications), vec![5, 6]);
+    let more = b.history(&ch, HistoryRequest { limit: Some(50), latest: true, ..Default::default() }).await.unwrap();
+    assert_eq!(offsets(&more.publications), vec![1, 2, 3, 4, 5, 6]);
+}
+
+pub async fn history_is_bounded_by_size(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("size");
+    publish_n(&b, &ch, 10, &opts(3)).await;
+    let h = b.history(&ch, HistoryRequest::default()).await.unwrap();
+    assert_eq!(offsets(&h.publications), vec![8, 9, 10]);
+}
+
+pub async fn history_is_bounded_by_ttl_but_offsets_survive(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("ttl");
+    let o = PublishOptions { history_size: 10, history_ttl: Duration::from_secs(1) };
+    let pos = publish_n(&b, &ch, 3, &o).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let h = b.history(&ch, HistoryRequest::default()).await.unwrap();
+    assert!(h.publications.is_empty(), "expired publications returned: {:?}", offsets(&h.publications));
+    assert_eq!(h.position, pos[2], "top offset and epoch must outlive the history");
+    // At the top, nothing was missed even though history is empty...
+    let at_top = b.history(&ch, HistoryRequest { since: Some(pos[2].clone()), ..Default::default() }).await;
+    assert!(at_top.unwrap().publications.is_empty());
+    // ...but from before the top, expired publications were missed: position lost.
+    let behind = b.history(&ch, HistoryRequest { since: Some(pos[0].clone()), ..Default::default() }).await;
+    assert_eq!(behind, Err(BrokerError::PositionLost { current: pos[2].clone() }));
+    let next = b.publish(&ch, data(4), &o).await.unwrap();
+    assert_eq!(next, StreamPosition { epoch: pos[2].epoch.clone(), offset: 4 });
+}
+
+pub async fn since_returns_exactly_the_missed_publications(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("since");
+    let pos = publish_n(&b, &ch, 7, &opts(10)).await;
+    let h = b.history(&ch, HistoryRequest { since: Some(pos[3].clone()), ..Default::default() }).await.unwrap();
+    assert_eq!(offsets(&h.publications), vec![5, 6, 7]);
+    let limited = HistoryRequest { since: Some(pos[3].clone()), limit: Some(2), latest: false };
+    assert_eq!(offsets(&b.history(&ch, limited).await.unwrap().publications), vec![5, 6]);
+}
+
+pub async fn since_at_top_returns_nothing(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("top");
+    let pos = publish_n(&b, &ch, 2, &opts(10)).await;
+    let h = b.history(&ch, HistoryRequest { since: Some(pos[1].clone()), ..Default::default() }).await.unwrap();
+    assert!(h.publications.is_empty());
+    assert_eq!(h.position, pos[1]);
+}
+
+pub async fn since_older_than_history_is_position_lost(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("old");
+    let pos = publish_n(&b, &ch, 10, &opts(3)).await;
+    // Retained: 8, 9, 10. From 7 nothing is missing; from 6, offset 7 is gone.
+    let ok = b.history(&ch, HistoryRequest { since: Some(pos[6].clone()), ..Default::default() }).await.unwrap();
+    assert_eq!(offsets(&ok.publications), vec![8, 9, 10]);
+    let lost = b.history(&ch, HistoryRequest { since: Some(pos[5].clone()), ..Default::default() }).await;
+    assert_eq!(lost, Err(BrokerError::PositionLost { current: pos[9].clone() }));
+}
+
+pub async fn since_from_another_epoch_is_position_lost(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("epoch");
+    let pos = publish_n(&b, &ch, 3, &opts(10)).await;
+    let other = StreamPosition { epoch: Arc::from("zzzzzzzzzz"), offset: 1 };
+    let lost = b.history(&ch, HistoryRequest { since: Some(other), ..Default::default() }).await;
+    assert_eq!(lost, Err(BrokerError::PositionLost { current: pos[2].clone() }));
+}
+
+pub async fn since_in_the_future_is_position_lost(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("future");
+    let pos = publish_n(&b, &ch, 2, &opts(10)).await;
+    let ahead = StreamPosition { epoch: pos[1].epoch.clone(), offset: 99 };
+    let lost = b.history(&ch, HistoryRequest { since: Some(ahead), ..Default::default() }).await;
+    assert_eq!(lost, Err(BrokerError::PositionLost { current: pos[1].clone() }));
+}
+
+pub async fn live_only_channel_numbers_but_keeps_nothing(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("live");
+    let pos = publish_n(&b, &ch, 3, &opts(0)).await;
+    assert_eq!(pos[2].offset, 3);
+    let h = b.history(&ch, HistoryRequest::default()).await.unwrap();
+    assert!(h.publications.is_empty());
+    let lost = b.history(&ch, HistoryRequest { since: Some(pos[0].clone()), ..Default::default() }).await;
+    assert!(matches!(lost, Err(BrokerError::PositionLost { .. })));
+}
+
+pub async fn subscribed_node_receives_publications_in_offset_order(b: Arc<dyn Broker>, mut rx: Rx) {
+    let ch = fresh("fanout");
+    b.subscribe(&ch).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (b, ch) = (b.clone(), ch.clone());
+        tasks.push(tokio::spawn(async move { publish_n(&b, &ch, 25, &opts(100)).await }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 100 {
+        let p = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("delivery").unwrap();
+        if p.channel == ch {
+            got.push(p.offset);
+        }
+    }
+    assert_eq!(got, (1..=100).collect::<Vec<_>>());
+    b.unsubscribe(&ch).await.unwrap();
+}
+
+pub async fn unsubscribed_node_receives_nothing(b: Arc<dyn Broker>, mut rx: Rx) {
+    let ch = fresh("unsub");
+    let other = fresh("marker");
+    b.subscribe(&ch).await.unwrap();
+    b.subscribe(&other).await.unwrap();
+    b.unsubscribe(&ch).await.unwrap();
+    b.publish(&ch, data(1), &opts(10)).await.unwrap();
+    b.publish(&other, data(2), &opts(10)).await.unwrap();
+    // `ch` was published first; wait for the marker and make sure nothing from `ch` came.
+    loop {
+        let p = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("marker").unwrap();
+        assert_ne!(p.channel, ch, "delivered after unsubscribe");
+        if p.channel == other {
+            break;
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The hub: per node, channel → local subscriptions.
+//!
+//! The hub subscribes the node to a channel on the broker when the first local
+//! subscription arrives and unsubscribes when the last one leaves. Each publication the
+//! broker delivers becomes one shared [`Delivery`] handed to every local subscription.
+//!
+//! # Subscribe-then-recover (guarantee 4)
+//!
+//! [`Hub::subscribe`] registers the subscription in *recovering* mode (live publications
+//! are buffered, not sent), makes sure the node is subscribed on the broker, and only then
+//! reads history. [`PendingSubscription::go_live`] merges history and buffer by offset,
+//! queues the result and switches to live delivery. A publication that lands during the
+//! subscribe is therefore in the history, in the buffer, or both — and the offset check
+//! delivers it exactly once.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::broker::{Broker, BrokerError, BrokerEventHandler, HistoryRequest};
+use crate::channel::ChannelName;
+use crate::publication::{Delivery, Epoch, Publication, StreamPosition};
+use crate::queue::{ConnQueue, Event};
+
+const SHARDS: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+struct ChannelEntry {
+    /// Copy-on-write: dispatch clones the `Arc` and iterates without holding the lock.
+    subs: Arc<Vec<Arc<Subscription>>>,
+    node_active: bool,
+}
+
+struct Shard {
+    channels: Mutex<HashMap<ChannelName, ChannelEntry>>,
+    /// Serialises broker subscribe/unsubscribe calls for this shard's channels, so a
+    /// late unsubscribe can never undo a newer subscribe.
+    node_ops: tokio::sync::Mutex<()>,
+}
+
+/// Process-wide fan-out counters (for metrics).
+#[derive(Default)]
+pub struct HubStats {
+    pub publications: AtomicU64,
+    pub deliveries: AtomicU64,
+}
+
+pub struct Hub {
+    broker: Arc<dyn Broker>,
+    shards: Box<[Shard]>,
+    next_id: AtomicU64,
+    pub stats: HubStats,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a subscribe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeOutcome {
+    /// The position the client is at once it has processed the queued replay: the
+    /// requested position if it was recovered, else the channel's current position.
+    pub position: StreamPosition,
+    /// `false` when a position was asked for and could not be continued (other epoch, or
+    /// older than retained history): the client must reload its state.
+    pub recovered: bool,
+    /// Publications that will be replayed before live ones.
+    pub replayed: usize,
+}
+
+/// What a subscribe may ask for.
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeRequest {
+    /// Resume after this position.
+    pub since: Option<StreamPosition>,
+}
+
+struct SubState {
+    /// `Some` while recovering: live publications wait here.
+    recovering: Option<Vec<Arc<Delivery>>>,
+    recovering_bytes: usize,
+    epoch: Option<Epoch>,
+    offset: u64,
+}
+
+/// One connection's subscription to one channel.
+pub struct Subscription {
+    id: u64,
+    channel: ChannelName,
+    queue: Arc<ConnQueue>,
+    state: Mutex<SubState>,
+}
+
+impl Subscription {
+    pub fn channel(&self) -> &ChannelName {
+        &self.channel
+    }
+
+    /// The position of the last publication queued for this subscription.
+    pub fn position(&self) -> Option<StreamPosition> {
+        let st = lock(&self.state);
+        st.epoch.clone().map(|epoch| StreamPosition { epoch, offset: st.offset })
+    }
+
+    fn deliver(&self, d: &Arc<Delivery>) -> bool {
+        let mut st = lock(&self.state);
+        if let Some(buf) = st.recovering.as_mut() {
+            buf.push(d.clone());
+            st.recovering_bytes += d.cost();
+            if st.recovering_bytes > 4 * crate::queue::DEFAULT_QUEUE_BYTES {
+                // A recovery that takes so long that the buffer outgrows any sane queue:
+                // treat like a slow consumer rather than grow without bound.
+                st.recovering = Some(Vec::new());
+                drop(st);
+                self.queue.close(crate::queue::CloseReason::SlowConsumer);
+            }
+            return false;
+        }
+        self.accept(&mut st, d, false)
+    }
+
+    /// Queues `d` if it is new to this subscription. A publication from another epoch, or
+    /// one that skips offsets, means the broker lost history under a live subscriber: the
+    /// client is told with a `Reset` before the publication, never a silent gap.
+    fn accept(&self, st: &mut SubState, d: &Arc<Delivery>, replay: bool) -> bool {
+        let p = &d.publication;
+        let same_epoch = st.epoch.as_deref() == Some(&*p.epoch);
+        if same_epoch && p.offset <= st.offset {
+            return false; // duplicate
+        }
+        if !same_epoch || p.offset != st.offset + 1 {
+            let position = StreamPosition { epoch: p.epoch.clone(), offset: p.offset - 1 };
+            let reset = Event::Reset { channel: self.channel.clone(), position };
+            if replay {
+                self.queue.push_replay(reset);
+            } else if self.queue.push(reset).is_err() {
+                return false;
+            }
+            st.epoch = Some(p.epoch.clone());
+        }
+        st.offset = p.offset;
+        if replay {
+            self.queue.push_replay(Event::Publication(d.clone()));
+            true
+        } else {
+            self.queue.push(Event::Publication(d.clone())).is_ok()
+        }
+    }
+}
+
+/// A live subscription; dropping it unsubscribes.
+pub struct SubscriptionHandle {
+    hub: Arc<Hub>,
+    sub: Arc<Subscription>,
+}
+
+impl SubscriptionHandle {
+    pub fn subscription(&self) -> &Arc<Subscription> {
+        &self.sub
+    }
+}
+
+impl Drop for SubscriptionHandle {
+    fn drop(&mut self) {
+        self.hub.remove(&self.sub);
+    }
+}
+
+/// A subscription that has read history but not yet gone live. The transport may queue
+/// its own reply (which must precede the replay) before calling [`Self::go_live`].
+pub struct PendingSubscription {
+    handle: SubscriptionHandle,
+    history: Vec<Publication>,
+    outcome: SubscribeOutcome,
+}
+
+impl PendingSubscription {
+    pub fn outcome(&self) -> &SubscribeOutcome {
+        &self.outcome
+    }
+
+    /// Queues the replay and the buffered live publications, merged by offset, then
+    /// switches to live delivery.
+    pub fn go_live(self) -> SubscriptionHandle {
+        let sub = &self.handle.sub;
+        let mut st = lock(&sub.state);
+        st.epoch = Some(self.outcome.position.epoch.clone());
+        st.offset = self.outcome.position.offset;
+        for p in self.history {
+            let d = Delivery::new(p);
+            sub.accept(&mut st, &d, true);
+        }
+        let buffered = st.recovering.take().unwrap_or_default();
+        st.recovering_bytes = 0;
+        for d in &buffered {
+            sub.accept(&mut st, d, true);
+        }
+        drop(st);
+        self.handle
+    }
+}
+
+struct Dispatcher(Weak<Hub>);
+
+impl BrokerEventHandler for Dispatcher {
+    fn handle_publication(&self, publication: Publication) {
+        if let Some(hub) = self.0.upgrade() {
+            hub.dispatch(publication);
+        }
+    }
+}
+
+impl Hub {
+    /// Makes a hub over `broker` and starts the broker's delivery to it.
+    pub async fn start(broker: Arc<dyn Broker>) -> Result<Arc<Hub>, BrokerError> {
+        let shards = (0..SHARDS)
+            .map(|_| Shard { channels: Mutex::new(HashMap::new()), node_ops: tokio::sync::Mutex::new(()) })
+            .collect();
+        let hub = Arc::new(Hub { broker: broker.clone(), shards, next_id: AtomicU64::new(1), stats: HubStats::default() });
+        broker.run(Arc::new(Dispatcher(Arc::downgrade(&hub)))).await?;
+        Ok(hub)
+    }
+
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    fn shard(&self, channel: &ChannelName) -> &Shard {
+        let mut h = DefaultHasher::new();
+        channel.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    /// Fans a publication out to this node's subscriptions on its channel: one encoding,
+    /// shared by all.
+    pub fn dispatch(&self, publication: Publication) {
+        let subs = {
+            let map = lock(&self.shard(&publication.channel).channels);
+            match map.get(&publication.channel) {
+                Some(e) if !e.subs.is_empty() => e.subs.clone(),
+                _ => return,
+            }
+        };
+        let delivery = Delivery::new(publication);
+        let mut delivered = 0u64;
+        for s in subs.iter() {
+            delivered += s.deliver(&delivery) as u64;
+        }
+        self.stats.publications.fetch_add(1, Ordering::Relaxed);
+        self.stats.deliveries.fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    /// Subscribes `queue` to `channel`, race-free (see the module docs). The returned
+    /// subscription buffers live publications until [`PendingSubscription::go_live`].
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        channel: ChannelName,
+        queue: Arc<ConnQueue>,
+        req: SubscribeRequest,
+    ) -> Result<PendingSubscription, HubError> {
+        let sub = Arc::new(Subscription {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            channel: channel.clone(),
+            queue,
+            state: Mutex::new(SubState { recovering: Some(Vec::new()), recovering_bytes: 0, epoch: None, offset: 0 }),
+        });
+        let shard = self.shard(&channel);
+        {
+            let mut map = lock(&shard.channels);
+            let e = map
+                .entry(channel.clone())
+                .or_insert_with(|| ChannelEntry { subs: Arc::new(Vec::new()), node_active: false });
+            Arc::make_mut(&mut e.subs).push(sub.clone());
+        }
+        // From here on the handle's Drop cleans up on every early return.
+        let handle = SubscriptionHandle { hub: self.clone(), sub };
+        {
+            let _ops = shard.node_ops.lock().await;
+            let needed = lock(&shard.channels).get(&channel).is_some_and(|e| !e.node_active);
+            if needed {
+                self.broker.subscribe(&channel).await?;
+                if let Some(e) = lock(&shard.channels).get_mut(&channel) {
+                    e.node_active = true;
+                }
+            }
+        }
+        let (history, outcome) = match req.since {
+            Some(since) => {
+                let read = self.broker.history(&channel, HistoryRequest { since: Some(since.clone()), ..Default::default() });
+                match read.await {
+                    Ok(h) => {
+                        let replayed = h.publications.len();
+                        (h.publications, SubscribeOutcome { position: since, recovered: true, replayed })
+                    }
+                    Err(BrokerError::PositionLost { current }) => {
+                        (Vec::new(), SubscribeOutcome { position: current, recovered: false, replayed: 0 })
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            None => {
+                let position = self.broker.position(&channel).await?;
+                (Vec::new(), SubscribeOutcome { position, recovered: true, replayed: 0 })
+            }
+        };
+        Ok(PendingSubscription { handle, history, outcome })
+    }
+
+    fn remove(self: &Arc<Self>, sub: &Arc<Subscription>) {
+        let shard = self.shard(&sub.channel);
+        let now_empty = {
+            let mut map = lock(&shard.channels);
+            match map.get_mut(&sub.channel) {
+                Some(e) => {
+                    Arc::make_mut(&mut e.subs).retain(|s| s.id != sub.id);
+                    e.subs.is_empty()
+                }
+                None => false,
+            }
+        };
+        if !now_empty {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let hub = self.clone();
+        let channel = sub.channel.clone();
+        rt.spawn(async move {
+            let shard = hub.shard(&channel);
+            let _ops = shard.node_ops.lock().await;
+            let was_active = {
+                let mut map = lock(&shard.channels);
+                match map.get(&channel) {
+                    Some(e) if e.subs.is_empty() => map.remove(&channel).is_some_and(|e| e.node_active),
+                    _ => false,
+                }
+            };
+            if was_active {
+                // Failing here leaves the node subscribed to a channel it no longer
+                // needs; the hub drops what arrives, and the broker cleans up on
+                // reconnect. Nothing is lost either way.
+                let _ = hub.broker.unsubscribe(&channel).await;
+            }
+        });
+    }
+
+    /// Active channels on this node and their local subscription counts.
+    pub fn channels(&self) -> Vec<(ChannelName, usize)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let map = lock(&shard.channels);
+            out.extend(map.iter().filter(|(_, e)| !e.subs.is_empty()).map(|(c, e)| (c.clone(), e.subs.len())));
+        }
+        out.sort();
+        out
+    }
+
+    /// Local subscriptions on one channel.
+    pub fn subscriber_count(&self, channel: &ChannelName) -> usize {
+        lock(&self.shard(channel).channels).get(channel).map_or(0, |e| e.subs.len())
+    }
+}

@@ -1,0 +1,37 @@
+//! Switchboard's core: everything a real-time server needs that is not a wire format.
+//!
+//! - [`channel`]: channel names and their namespaces.
+//! - [`publication`]: publications, positions and the shared encoded form handed to
+//!   every subscriber ([`Delivery`]).
+//! - [`broker`]: the [`Broker`] trait, the backplane contract (offsets, epochs, history).
+//! - [`memory`]: [`MemoryBroker`], the embedded default broker.
+//! - [`queue`]: the per-connection outgoing queue, bounded in bytes.
+//! - [`hub`]: the per-node fan-out of publications to local subscriptions, and the
+//!   race-free subscribe-then-recover algorithm.
+//! - [`contract`]: the broker contract suite every implementation must pass.
+//!
+//! The core never imports a transport: transports turn [`queue::Event`]s into their own
+//! wire format, caching each encoding once per publication in the [`Delivery`].
+
+pub mod broker;
+pub mod channel;
+pub mod contract;
+pub mod hub;
+pub mod memory;
+pub mod publication;
+pub mod queue;
+
+pub use broker::{Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, PublishOptions};
+pub use channel::{ChannelError, ChannelName};
+pub use hub::{Hub, HubError, SubscribeOutcome, Subscription};
+pub use memory::MemoryBroker;
+pub use publication::{Delivery, Epoch, Publication, StreamPosition};
+pub use queue::{CloseReason, ConnQueue, Event};
+
+/// Milliseconds since the Unix epoch, the `time` of a publication.
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,241 @@
+//! The per-connection outgoing queue, bounded in bytes.
+//!
+//! The hub pushes [`Event`]s from whatever task publishes; one writer task per connection
+//! drains everything queued at once and turns it into its wire format. The bound is what
+//! keeps a slow consumer from growing server memory (guarantee 5): when a reliable event
+//! does not fit, the queue is cleared and closed with [`CloseReason::SlowConsumer`], and
+//! the client resumes from history instead.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+use crate::channel::ChannelName;
+use crate::publication::{Delivery, StreamPosition};
+
+/// Default bound of a connection's queue: 1 MiB.
+pub const DEFAULT_QUEUE_BYTES: usize = 1 << 20;
+
+/// Something a connection must send.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A publication, shared with every other subscriber.
+    Publication(Arc<Delivery>),
+    /// The client's position on `channel` could not be continued; it is now at
+    /// `position` and must reload its state.
+    Reset { channel: ChannelName, position: StreamPosition },
+}
+
+impl Event {
+    fn cost(&self) -> usize {
+        match self {
+            Event::Publication(d) => d.cost(),
+            Event::Reset { .. } => 64,
+        }
+    }
+}
+
+/// Why a queue (and so its connection) was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client did not read fast enough; it should reconnect and resume.
+    SlowConsumer,
+    /// The server is shutting down; the client should reconnect (elsewhere).
+    Shutdown,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushError {
+    /// The queue was already closed; the event was dropped.
+    Closed,
+    /// The event did not fit: the queue is now closed as a slow consumer.
+    Overflow,
+}
+
+struct State {
+    events: VecDeque<Event>,
+    bytes: usize,
+    closed: Option<CloseReason>,
+}
+
+/// Count of connections closed as slow consumers, process-wide (for metrics).
+pub static SLOW_CONSUMER_CLOSES: AtomicU64 = AtomicU64::new(0);
+
+pub struct ConnQueue {
+    max_bytes: usize,
+    state: Mutex<State>,
+    notify: Notify,
+}
+
+impl ConnQueue {
+    pub fn new(max_bytes: usize) -> Arc<Self> {
+        Arc::new(ConnQueue {
+            max_bytes,
+            state: Mutex::new(State { events: VecDeque::new(), bytes: 0, closed: None }),
+            notify: Notify::new(),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a live event, enforcing the byte bound.
+    pub fn push(&self, event: Event) -> Result<(), PushError> {
+        let cost = event.cost();
+        let mut st = self.state();
+        if st.closed.is_some() {
+            return Err(PushError::Closed);
+        }
+        if st.bytes + cost > self.max_bytes && !st.events.is_empty() {
+            st.events.clear();
+            st.events.shrink_to_fit();
+            st.bytes = 0;
+            st.closed = Some(CloseReason::SlowConsumer);
+            drop(st);
+            SLOW_CONSUMER_CLOSES.fetch_add(1, Ordering::Relaxed);
+            self.notify.notify_one();
+            return Err(PushError::Overflow);
+        }
+        st.bytes += cost;
+        st.events.push_back(event);
+        drop(st);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Queues a replayed event without enforcing the bound. Replay is bounded by the
+    /// channel's history size already, and refusing it would make a client that is far
+    /// behind reconnect and fail in a loop.
+    pub fn push_replay(&self, event: Event) {
+        let cost = event.cost();
+        let mut st = self.state();
+        if st.closed.is_some() {
+            return;
+        }
+        st.bytes += cost;
+        st.events.push_back(event);
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    /// Closes the queue. A slow-consumer close drops what is queued (the client resumes
+    /// from history); any other close lets the writer flush what is queued first.
+    pub fn close(&self, reason: CloseReason) {
+        let mut st = self.state();
+        if st.closed.is_none() {
+            st.closed = Some(reason);
+            if reason == CloseReason::SlowConsumer {
+                st.events.clear();
+                st.bytes = 0;
+            }
+        }
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    pub fn closed(&self) -> Option<CloseReason> {
+        self.state().closed
+    }
+
+    /// Bytes currently queued.
+    pub fn queued_bytes(&self) -> usize {
+        self.state().bytes
+    }
+
+    /// Moves everything queued into `out` without waiting. Returns the close reason once
+    /// the queue is closed and empty.
+    pub fn drain_into(&self, out: &mut Vec<Event>) -> Result<(), CloseReason> {
+        let mut st = self.state();
+        if st.events.is_empty() {
+            if let Some(r) = st.closed {
+                return Err(r);
+            }
+        }
+        out.extend(st.events.drain(..));
+        st.bytes = 0;
+        Ok(())
+    }
+
+    /// Waits until something is queued (or the queue is closed), then moves everything
+    /// queued into `out`. Single consumer: only the connection's writer calls this.
+    pub async fn next_batch(&self, out: &mut Vec<Event>) -> Result<(), CloseReason> {
+        loop {
+            self.drain_into(out)?;
+            if !out.is_empty() {
+                return Ok(());
+            }
+            // notify_one stores a permit when nobody waits, so a push between the drain
+            // above and this await is not lost.
+            self.notify.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publication::{new_epoch, Publication};
+    use bytes::Bytes;
+
+    fn ev(n: usize) -> Event {
+        Event::Publication(Delivery::new(Publication {
+            channel: ChannelName::parse("c").unwrap(),
+            offset: 1,
+            epoch: new_epoch(),
+            data: Bytes::from(vec![b'1'; n]),
+            time: 0,
+        }))
+    }
+
+    #[test]
+    fn overflow_closes_as_slow_consumer_and_frees_what_was_queued() {
+        let q = ConnQueue::new(1000);
+        let size = ev(100).cost();
+        let fits = 1000 / size;
+        for _ in 0..fits {
+            q.push(ev(100)).unwrap();
+        }
+        assert_eq!(q.queued_bytes(), fits * size);
+        assert_eq!(q.push(ev(100)), Err(PushError::Overflow));
+        assert_eq!(q.queued_bytes(), 0);
+        assert_eq!(q.closed(), Some(CloseReason::SlowConsumer));
+        assert_eq!(q.push(ev(1)), Err(PushError::Closed));
+        let mut out = vec![];
+        assert_eq!(q.drain_into(&mut out), Err(CloseReason::SlowConsumer));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn one_oversize_event_into_an_empty_queue_is_accepted() {
+        // A single message larger than the bound must still be deliverable.
+        let q = ConnQueue::new(10);
+        q.push(ev(100)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn writer_drains_everything_queued_in_one_batch() {
+        let q = ConnQueue::new(1 << 20);
+        for _ in 0..5 {
+            q.push(ev(10)).unwrap();
+        }
+        let mut out = vec![];
+        q.next_batch(&mut out).await.unwrap();
+        assert_eq!(out.len(), 5);
+        assert_eq!(q.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn shutdown_close_flushes_queued_events_first() {
+        let q = ConnQueue::new(1 << 20);
+        q.push(ev(10)).unwrap();
+        q.close(CloseReason::Shutdown);
+        let mut out = vec![];
+        q.next_batch(&mut out).await.unwrap();
+        assert_eq!(out.len(), 1);
+        out.clear();
+        assert_eq!(q.next_batch(&mut out).await, Err(CloseReason::Shutdown));
+    }
+}

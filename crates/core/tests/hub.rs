@@ -1,0 +1,163 @@
+//! The hub's fan-out and subscribe-then-recover algorithm, over the in-memory broker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use switchboard_core::hub::SubscribeRequest;
+use switchboard_core::queue::Event;
+use switchboard_core::{Broker, ChannelName, CloseReason, ConnQueue, Hub, MemoryBroker, PublishOptions, StreamPosition};
+
+async fn setup() -> (Arc<Hub>, Arc<dyn Broker>) {
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::default());
+    let hub = Hub::start(broker.clone()).await.unwrap();
+    (hub, broker)
+}
+
+fn ch(s: &str) -> ChannelName {
+    ChannelName::parse(s).unwrap()
+}
+
+fn opts() -> PublishOptions {
+    PublishOptions { history_size: 1000, history_ttl: Duration::from_secs(300) }
+}
+
+async fn publish(b: &Arc<dyn Broker>, c: &ChannelName, i: u64) -> StreamPosition {
+    b.publish(c, Bytes::from(i.to_string()), &opts()).await.unwrap()
+}
+
+/// Drains what is queued now into (offset) for publications; resets as `u64::MAX`.
+fn drain(q: &ConnQueue) -> Vec<u64> {
+    let mut out = Vec::new();
+    let _ = q.drain_into(&mut out);
+    out.iter()
+        .map(|e| match e {
+            Event::Publication(d) => d.publication.offset,
+            Event::Reset { .. } => u64::MAX,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn fanout_shares_one_encoding_with_every_subscriber() {
+    let (hub, b) = setup().await;
+    let c = ch("news:1");
+    let queues: Vec<_> = (0..50).map(|_| ConnQueue::new(1 << 20)).collect();
+    let mut handles = Vec::new();
+    for q in &queues {
+        handles.push(hub.subscribe(c.clone(), q.clone(), SubscribeRequest::default()).await.unwrap().go_live());
+    }
+    publish(&b, &c, 1).await;
+    let mut ptrs = Vec::new();
+    for q in &queues {
+        let mut out = Vec::new();
+        q.drain_into(&mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        match &out[0] {
+            Event::Publication(d) => ptrs.push(d.json().as_ptr()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(ptrs.windows(2).all(|w| w[0] == w[1]), "each subscriber got its own encoding");
+    assert_eq!(hub.subscriber_count(&c), 50);
+    drop(handles);
+}
+
+#[tokio::test]
+async fn resume_replays_exactly_the_missed_then_goes_live() {
+    let (hub, b) = setup().await;
+    let c = ch("chat:r");
+    let seen = publish(&b, &c, 1).await;
+    publish(&b, &c, 2).await;
+    publish(&b, &c, 3).await;
+    let q = ConnQueue::new(1 << 20);
+    let pending = hub.subscribe(c.clone(), q.clone(), SubscribeRequest { since: Some(seen) }).await.unwrap();
+    assert!(pending.outcome().recovered);
+    assert_eq!(pending.outcome().replayed, 2);
+    // Published while the subscription is recovering: buffered, then merged.
+    publish(&b, &c, 4).await;
+    let _h = pending.go_live();
+    publish(&b, &c, 5).await;
+    assert_eq!(drain(&q), vec![2, 3, 4, 5]);
+}
+
+#[tokio::test]
+async fn lost_position_is_reported_not_recovered_with_the_current_position() {
+    let (hub, b) = setup().await;
+    let c = ch("chat:lost");
+    let top = publish(&b, &c, 1).await;
+    let other_epoch = StreamPosition { epoch: Arc::from("otherepoch"), offset: 1 };
+    let q = ConnQueue::new(1 << 20);
+    let pending = hub.subscribe(c.clone(), q.clone(), SubscribeRequest { since: Some(other_epoch) }).await.unwrap();
+    assert!(!pending.outcome().recovered);
+    assert_eq!(pending.outcome().position, top);
+    let _h = pending.go_live();
+    publish(&b, &c, 2).await;
+    assert_eq!(drain(&q), vec![2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_racing_a_subscribe_are_delivered_exactly_once_in_order() {
+    let (hub, b) = setup().await;
+    for round in 0..30 {
+        let c = ch(&format!("race:{round}"));
+        let start = publish(&b, &c, 0).await;
+        let publisher = {
+            let (b, c) = (b.clone(), c.clone());
+            tokio::spawn(async move {
+                for i in 1..=200 {
+                    publish(&b, &c, i).await;
+                    if i % 10 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        };
+        tokio::task::yield_now().await;
+        let q = ConnQueue::new(1 << 24);
+        let pending = hub.subscribe(c.clone(), q.clone(), SubscribeRequest { since: Some(start) }).await.unwrap();
+        let _h = pending.go_live();
+        publisher.await.unwrap();
+        assert_eq!(drain(&q), (2..=201).collect::<Vec<_>>(), "round {round}");
+    }
+}
+
+#[tokio::test]
+async fn slow_consumer_is_closed_while_others_keep_receiving() {
+    let (hub, b) = setup().await;
+    let c = ch("feed:x");
+    let slow = ConnQueue::new(4096);
+    let fast = ConnQueue::new(4096);
+    let _s = hub.subscribe(c.clone(), slow.clone(), SubscribeRequest::default()).await.unwrap().go_live();
+    let _f = hub.subscribe(c.clone(), fast.clone(), SubscribeRequest::default()).await.unwrap().go_live();
+    let mut fast_got = Vec::new();
+    for i in 1..=500u64 {
+        b.publish(&c, Bytes::from(format!("\"{}\"", "x".repeat(100))), &opts()).await.unwrap();
+        if i % 5 == 0 {
+            fast_got.extend(drain(&fast));
+        }
+        assert!(slow.queued_bytes() <= 4096);
+    }
+    fast_got.extend(drain(&fast));
+    assert_eq!(fast_got, (1..=500).collect::<Vec<_>>());
+    assert_eq!(slow.closed(), Some(CloseReason::SlowConsumer));
+}
+
+#[tokio::test]
+async fn last_unsubscribe_unsubscribes_the_node() {
+    let (hub, b) = setup().await;
+    let c = ch("tmp:1");
+    let q = ConnQueue::new(1 << 20);
+    let h = hub.subscribe(c.clone(), q.clone(), SubscribeRequest::default()).await.unwrap().go_live();
+    assert_eq!(hub.channels(), vec![(c.clone(), 1)]);
+    drop(h);
+    for _ in 0..100 {
+        if hub.channels().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(hub.channels().is_empty());
+    publish(&b, &c, 1).await;
+    assert!(drain(&q).is_empty());
+}
