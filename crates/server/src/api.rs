@@ -1,0 +1,185 @@
+//! The server API for applications: publish, broadcast, history, channels; and health.
+
+use axum::body::Body;
+use axum::extract::{RawQuery, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use switchboard_core::{BrokerError, HistoryRequest};
+
+use crate::app::AppState;
+use crate::cursor;
+use crate::error::{ApiError, Code};
+use crate::session::{resolve_channel, Query};
+
+fn json(status: StatusCode, body: String) -> Response {
+    (status, [("content-type", "application/json")], body).into_response()
+}
+
+/// Reads a request body of at most `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(Code::MessageTooLarge, format!("request body is larger than {limit} bytes"))
+    })
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let code = if e.is_data() { Code::InvalidRequest } else { Code::InvalidJson };
+        ApiError::new(code, format!("request body: {e}"))
+    })
+}
+
+/// Checks a payload against the size limit and returns it as single-line JSON text (SSE
+/// `data:` lines and the canonical encoding rely on it having no raw newlines).
+fn payload(state: &AppState, data: &RawValue) -> Result<Bytes, ApiError> {
+    let max = state.config.limits.max_message_bytes;
+    let text = data.get();
+    if text.len() > max {
+        return Err(ApiError::new(Code::MessageTooLarge, format!("data is {} bytes; the limit is {max}", text.len())));
+    }
+    if text.contains(['\n', '\r']) {
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| ApiError::new(Code::InvalidJson, e.to_string()))?;
+        return Ok(Bytes::from(v.to_string()));
+    }
+    Ok(Bytes::copy_from_slice(text.as_bytes()))
+}
+
+fn body_limit(state: &AppState) -> usize {
+    // Room for the envelope and for JSON escapes around a payload at the limit.
+    state.config.limits.max_message_bytes * 2 + 64 * 1024
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest<'a> {
+    channel: String,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// `POST /api/publish {"channel":…, "data":…}` → `{"epoch":…, "offset":…}`.
+pub async fn publish(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let body = read_body(req.into_body(), body_limit(&state)).await?;
+    let r: PublishRequest = parse_json(&body)?;
+    let resolved = resolve_channel(&state, &r.channel)?;
+    let data = payload(&state, r.data)?;
+    let pos = state.hub.broker().publish(&resolved.channel, data, &resolved.options.publish_options()).await?;
+    Ok(json(StatusCode::OK, serde_json::json!({"epoch": &*pos.epoch, "offset": pos.offset}).to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastRequest<'a> {
+    channels: Vec<String>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// `POST /api/broadcast {"channels":[…], "data":…}` → `{"results":[…]}`, one result per
+/// channel in request order: `{"channel","epoch","offset"}` or `{"channel","error"}`.
+pub async fn broadcast(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let body = read_body(req.into_body(), body_limit(&state)).await?;
+    let r: BroadcastRequest = parse_json(&body)?;
+    let max = state.config.limits.max_channels_per_request;
+    if r.channels.is_empty() {
+        return Err(ApiError::new(Code::InvalidRequest, "channels must name at least one channel"));
+    }
+    if r.channels.len() > max {
+        return Err(ApiError::new(Code::TooManyChannels, format!("{} channels; the limit is {max}", r.channels.len())));
+    }
+    let data = payload(&state, r.data)?;
+    let mut results = Vec::with_capacity(r.channels.len());
+    for name in &r.channels {
+        let one = async {
+            let resolved = resolve_channel(&state, name)?;
+            let opts = resolved.options.publish_options();
+            Ok::<_, ApiError>(state.hub.broker().publish(&resolved.channel, data.clone(), &opts).await?)
+        };
+        results.push(match one.await {
+            Ok(pos) => serde_json::json!({"channel": name, "epoch": &*pos.epoch, "offset": pos.offset}),
+            Err(e) => serde_json::json!({"channel": name, "error": {"code": e.code.as_str(), "message": e.message}}),
+        });
+    }
+    Ok(json(StatusCode::OK, serde_json::json!({ "results": results }).to_string()))
+}
+
+/// `GET /api/history?channel=…[&since=epoch:offset][&limit=N]`.
+///
+/// Without `since`: the newest `limit` retained publications. With `since`: the
+/// publications after it, or `"recovered": false` and no publications when the position
+/// cannot be continued. Always carries the channel's current `epoch` and `offset`.
+pub async fn history(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Query::parse(raw.as_deref());
+    let [name] = q.channels.as_slice() else {
+        return Err(ApiError::new(Code::InvalidRequest, "name exactly one channel: ?channel=NAME"));
+    };
+    let resolved = resolve_channel(&state, name)?;
+    if !resolved.options.keeps_history() {
+        return Err(ApiError::new(Code::HistoryDisabled, format!("namespace {:?} keeps no history", resolved.channel.namespace())));
+    }
+    let max = state.config.poll.max_limit as u64;
+    let limit = q.int("limit", 1..=max, Code::BadLimit)?.unwrap_or(state.config.poll.default_limit as u64) as usize;
+    let since = q.get("since").map(cursor::parse_position).transpose()?;
+    let latest = since.is_none();
+    let req = HistoryRequest { since, limit: Some(limit), latest };
+    let (pubs, position, recovered) = match state.hub.broker().history(&resolved.channel, req).await {
+        Ok(h) => (h.publications, h.position, true),
+        Err(BrokerError::PositionLost { current }) => (Vec::new(), current, false),
+        Err(e) => return Err(e.into()),
+    };
+    let mut body = Vec::with_capacity(64 + pubs.iter().map(|p| p.data.len() + 100).sum::<usize>());
+    body.extend_from_slice(b"{\"publications\":[");
+    for (i, p) in pubs.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&p.to_json());
+    }
+    body.extend_from_slice(
+        format!("],\"epoch\":\"{}\",\"offset\":{},\"recovered\":{recovered}}}", position.epoch, position.offset).as_bytes(),
+    );
+    Ok((StatusCode::OK, [("content-type", "application/json")], body).into_response())
+}
+
+/// `GET /api/channels` → active channels on this node with their subscriber counts.
+pub async fn channels(State(state): State<AppState>) -> Response {
+    let list: Vec<_> = state
+        .hub
+        .channels()
+        .into_iter()
+        .map(|(c, n)| serde_json::json!({"channel": c, "subscribers": n}))
+        .collect();
+    json(StatusCode::OK, serde_json::json!({ "channels": list }).to_string())
+}
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> Response {
+    json(StatusCode::OK, r#"{"status":"ok"}"#.into())
+}
+
+/// `GET /readyz`: the broker answers and the node is not draining.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    if state.is_draining() {
+        return json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#.into());
+    }
+    if !state.hub.broker().ready().await {
+        return json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"broker_unavailable"}"#.into());
+    }
+    json(StatusCode::OK, r#"{"status":"ready"}"#.into())
+}
+
+/// `GET /`: a pointer to the endpoints, for people who open the server in a browser.
+pub async fn index() -> Response {
+    let text = "Switchboard real-time server.\n\n\
+        GET  /sse?channel=NAME          Server-Sent Events (resume with Last-Event-ID)\n\
+        GET  /poll?channel=NAME&since=C  short poll; add &wait=SECONDS for a long poll\n\
+        POST /api/publish               {\"channel\":NAME,\"data\":JSON}\n\
+        POST /api/broadcast             {\"channels\":[NAME,...],\"data\":JSON}\n\
+        GET  /api/history?channel=NAME  retained publications\n\
+        GET  /api/channels              active channels\n\
+        GET  /healthz, /readyz          liveness, readiness\n";
+    (StatusCode::OK, [("content-type", "text/plain; charset=utf-8")], text).into_response()
+}

@@ -1,0 +1,121 @@
+//! Shared state and the HTTP surface, declared in one place.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use switchboard_core::Hub;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::error::{ApiError, Code};
+use crate::{api, transports};
+
+/// Everything a handler may need. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub inner: Arc<Inner>,
+}
+
+pub struct Inner {
+    pub config: Config,
+    /// `--dev`: anonymous API access.
+    pub dev: bool,
+    pub hub: Arc<Hub>,
+    /// Flips to `true` when the server starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
+    pub draining: AtomicBool,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl AppState {
+    pub fn new(config: Config, dev: bool, hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Self {
+        AppState { inner: Arc::new(Inner { config, dev, hub, shutdown, draining: AtomicBool::new(false) }) }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed) || *self.shutdown.borrow()
+    }
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/publish", post(api::publish))
+        .route("/broadcast", post(api::broadcast))
+        .route("/history", get(api::history))
+        .route("/channels", get(api::channels))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
+    Router::new()
+        .route("/", get(api::index))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/sse", get(transports::sse::handler))
+        .route("/poll", get(transports::poll::handler))
+        .nest("/api", api)
+        .fallback(|| async { ApiError::new(Code::NotFound, "no such endpoint") })
+        .method_not_allowed_fallback(|| async { ApiError::new(Code::MethodNotAllowed, "method not allowed here") })
+        .with_state(state)
+}
+
+/// `/api/*` needs `Authorization: Bearer <one of api.keys>` unless the server runs with
+/// `--dev`.
+async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.dev {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return ApiError::new(Code::Unauthorized, "missing API key: send Authorization: Bearer <key>").into_response();
+    };
+    // Check every key, in constant time per key, so timing reveals neither which key
+    // matched nor how much of one did.
+    let mut ok = false;
+    for k in &state.config.api.keys {
+        ok |= constant_time_eq(presented.as_bytes(), k.as_bytes());
+    }
+    if !ok {
+        return ApiError::new(Code::Unauthorized, "invalid API key").into_response();
+    }
+    next.run(req).await
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= (x ^ y) as u64;
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn constant_time_eq_compares_whole_strings() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

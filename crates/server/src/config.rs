@@ -1,0 +1,386 @@
+//! Configuration: one TOML file, every key overridable from the environment.
+//!
+//! `SWITCHBOARD_LISTEN=0.0.0.0:9000` sets `listen`; nested keys join their path with
+//! double underscores: `SWITCHBOARD_LIMITS__MAX_MESSAGE_BYTES=1024`,
+//! `SWITCHBOARD_NAMESPACES__CHAT__HISTORY_SIZE=500`, `SWITCHBOARD_API__KEYS=a,b` (a
+//! comma-separated value becomes a list where the key expects one). Values are read as
+//! TOML scalars when they parse as one (numbers, booleans), else as strings.
+//! Unknown keys are errors, reported with their full path.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use switchboard_core::broker::PublishOptions;
+use switchboard_core::channel::ChannelName;
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Reject channels whose namespace is not listed under `[namespaces]`.
+    pub strict_namespaces: bool,
+    /// Options of every namespace not listed, and the base the listed ones override.
+    pub defaults: NamespaceOptions,
+    /// Per-namespace overrides. The default namespace (names without `:`) is `""`.
+    pub namespaces: BTreeMap<String, NamespaceOverride>,
+    pub limits: Limits,
+    pub sse: SseConfig,
+    pub poll: PollConfig,
+    pub api: ApiConfig,
+    pub broker: BrokerConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8000".parse().expect("literal address"),
+            strict_namespaces: false,
+            defaults: NamespaceOptions::default(),
+            namespaces: BTreeMap::new(),
+            limits: Limits::default(),
+            sse: SseConfig::default(),
+            poll: PollConfig::default(),
+            api: ApiConfig::default(),
+            broker: BrokerConfig::default(),
+        }
+    }
+}
+
+/// What a namespace allows and keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamespaceOptions {
+    /// Publications kept per channel for resume; 0 makes the namespace live-only.
+    pub history_size: usize,
+    /// Seconds a publication stays in history.
+    pub history_ttl_secs: u64,
+    /// May clients (not only the server API) publish? (WebSocket protocol.)
+    pub allow_publish: bool,
+    /// Must clients present a token to subscribe? (Auth issue; until then such channels
+    /// are refused to anonymous clients.)
+    pub require_token: bool,
+    /// Bound of each subscriber connection's outgoing queue, in bytes.
+    pub queue_max_bytes: usize,
+}
+
+impl Default for NamespaceOptions {
+    fn default() -> Self {
+        NamespaceOptions {
+            history_size: 100,
+            history_ttl_secs: 300,
+            allow_publish: false,
+            require_token: false,
+            queue_max_bytes: switchboard_core::queue::DEFAULT_QUEUE_BYTES,
+        }
+    }
+}
+
+impl NamespaceOptions {
+    pub fn publish_options(&self) -> PublishOptions {
+        PublishOptions { history_size: self.history_size, history_ttl: Duration::from_secs(self.history_ttl_secs) }
+    }
+
+    pub fn keeps_history(&self) -> bool {
+        self.history_size > 0 && self.history_ttl_secs > 0
+    }
+}
+
+/// A namespace's options where they differ from `[defaults]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceOverride {
+    pub history_size: Option<usize>,
+    pub history_ttl_secs: Option<u64>,
+    pub allow_publish: Option<bool>,
+    pub require_token: Option<bool>,
+    pub queue_max_bytes: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest publication payload (`data`, as JSON text), in bytes.
+    pub max_message_bytes: usize,
+    /// Most channels in one SSE/poll request or broadcast.
+    pub max_channels_per_request: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_message_bytes: 64 * 1024, max_channels_per_request: 100 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SseConfig {
+    pub enabled: bool,
+    /// Seconds between `:` keepalive comments.
+    pub keepalive_secs: u64,
+    /// Reconnect delay the browser is told (`retry:`), in milliseconds.
+    pub retry_ms: u64,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        SseConfig { enabled: true, keepalive_secs: 15, retry_ms: 2000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PollConfig {
+    pub enabled: bool,
+    /// Longest `wait` a long poll may ask for, in seconds.
+    pub max_wait_secs: u64,
+    /// Messages per response when the request gives no `limit`.
+    pub default_limit: usize,
+    /// Largest `limit` accepted.
+    pub max_limit: usize,
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        PollConfig { enabled: true, max_wait_secs: 60, default_limit: 100, max_limit: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Accepted server API keys (`Authorization: Bearer <key>` on `/api/*`).
+    pub keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// `memory` (embedded default).
+    pub kind: BrokerKind,
+    /// Seconds an idle channel with no history keeps its epoch and offset.
+    pub idle_channel_ttl_secs: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig { kind: BrokerKind::Memory, idle_channel_ttl_secs: 3600 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    Memory,
+}
+
+/// A configuration error, with the key path it is about when there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{origin}: key `{key}`: {message}")]
+    Key { origin: String, key: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+impl Config {
+    /// Loads `path` (if given), applies `SWITCHBOARD_*` overrides from `env`, validates.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let (mut table, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+                let table: toml::Table = text
+                    .parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Syntax { path: p.display().to_string(), message: e.to_string() })?;
+                (table, p.display().to_string())
+            }
+            None => (toml::Table::new(), "built-in defaults".to_string()),
+        };
+        let mut overridden = false;
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if path.iter().any(|s| s.is_empty()) {
+                return Err(ConfigError::Env { var, message: "empty key segment".into() });
+            }
+            set_path(&mut table, &path, env_value(&value)).map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+            overridden = true;
+        }
+        let origin = if overridden { format!("{origin} + environment") } else { origin };
+        let de = toml::Value::Table(table);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Key {
+            origin: origin.clone(),
+            key: e.path().to_string(),
+            message: e.inner().to_string(),
+        })?;
+        config.validate().map_err(|(key, message)| ConfigError::Key { origin, key, message })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        for name in self.namespaces.keys() {
+            if !name.is_empty() && ChannelName::parse(name).is_err() || name.contains(':') {
+                return Err((format!("namespaces.{name}"), "not a valid namespace name".into()));
+            }
+        }
+        if self.limits.max_message_bytes == 0 {
+            return Err(("limits.max_message_bytes".into(), "must be at least 1".into()));
+        }
+        if self.limits.max_channels_per_request == 0 {
+            return Err(("limits.max_channels_per_request".into(), "must be at least 1".into()));
+        }
+        if self.sse.keepalive_secs == 0 {
+            return Err(("sse.keepalive_secs".into(), "must be at least 1".into()));
+        }
+        if self.poll.max_limit == 0 || self.poll.default_limit == 0 || self.poll.default_limit > self.poll.max_limit {
+            return Err(("poll.default_limit".into(), "must be between 1 and poll.max_limit".into()));
+        }
+        for (name, ns) in &self.namespaces {
+            if ns.queue_max_bytes == Some(0) {
+                return Err((format!("namespaces.{name}.queue_max_bytes"), "must be at least 1".into()));
+            }
+        }
+        if self.defaults.queue_max_bytes == 0 {
+            return Err(("defaults.queue_max_bytes".into(), "must be at least 1".into()));
+        }
+        for (i, k) in self.api.keys.iter().enumerate() {
+            if k.len() < 16 {
+                return Err((format!("api.keys[{i}]"), "API keys must be at least 16 characters".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The options of `namespace`, or `None` when strict namespaces reject it.
+    pub fn namespace(&self, namespace: &str) -> Option<NamespaceOptions> {
+        match self.namespaces.get(namespace) {
+            Some(o) => {
+                let d = &self.defaults;
+                Some(NamespaceOptions {
+                    history_size: o.history_size.unwrap_or(d.history_size),
+                    history_ttl_secs: o.history_ttl_secs.unwrap_or(d.history_ttl_secs),
+                    allow_publish: o.allow_publish.unwrap_or(d.allow_publish),
+                    require_token: o.require_token.unwrap_or(d.require_token),
+                    queue_max_bytes: o.queue_max_bytes.unwrap_or(d.queue_max_bytes),
+                })
+            }
+            None if self.strict_namespaces => None,
+            None => Some(self.defaults.clone()),
+        }
+    }
+}
+
+fn env_value(s: &str) -> toml::Value {
+    if let Ok(v) = s.parse::<i64>() {
+        return toml::Value::Integer(v);
+    }
+    if let Ok(v) = s.parse::<f64>() {
+        if s.contains('.') {
+            return toml::Value::Float(v);
+        }
+    }
+    match s {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(s.to_string()),
+    }
+}
+
+/// Keys whose value is a list; an env override of one splits on commas.
+const LIST_KEYS: &[&str] = &["keys"];
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut t = table;
+    for p in parents {
+        let entry = t.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry.as_table_mut().ok_or_else(|| format!("`{p}` is not a table"))?;
+    }
+    let value = match value {
+        toml::Value::String(s) if LIST_KEYS.contains(&last.as_str()) => {
+            toml::Value::Array(s.split(',').filter(|x| !x.is_empty()).map(|x| toml::Value::String(x.to_string())).collect())
+        }
+        v => v,
+    };
+    t.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("sbcfg-{}-{}", std::process::id(), fastrand_u64()));
+        std::fs::write(&dir, toml).unwrap();
+        let r = Config::load(Some(&dir), env.iter().map(|(a, b)| (a.to_string(), b.to_string())));
+        let _ = std::fs::remove_file(&dir);
+        r
+    }
+
+    fn fastrand_u64() -> u64 {
+        use std::time::SystemTime;
+        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64
+    }
+
+    #[test]
+    fn namespaces_override_defaults_field_by_field() {
+        let c = load_str("[defaults]\nhistory_size = 7\n[namespaces.chat]\nallow_publish = true\n", &[]).unwrap();
+        let chat = c.namespace("chat").unwrap();
+        assert_eq!(chat.history_size, 7);
+        assert!(chat.allow_publish);
+        assert_eq!(c.namespace("other").unwrap().history_size, 7);
+    }
+
+    #[test]
+    fn env_overrides_nested_keys_and_lists() {
+        let c = load_str(
+            "",
+            &[
+                ("SWITCHBOARD_LISTEN", "127.0.0.1:9999"),
+                ("SWITCHBOARD_NAMESPACES__CHAT__HISTORY_SIZE", "5"),
+                ("SWITCHBOARD_API__KEYS", "0123456789abcdef,fedcba9876543210"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.namespace("chat").unwrap().history_size, 5);
+        assert_eq!(c.api.keys.len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_their_path() {
+        let e = load_str("[namespaces.chat]\nhistroy_size = 5\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("namespaces.chat"), "{e}");
+        assert!(e.contains("histroy_size"), "{e}");
+        let e = load_str("[limits]\nmax_message_bytes = \"big\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("limits.max_message_bytes"), "{e}");
+    }
+
+    #[test]
+    fn strict_namespaces_reject_unlisted_ones() {
+        let c = load_str("strict_namespaces = true\n[namespaces.chat]\n", &[]).unwrap();
+        assert!(c.namespace("chat").is_some());
+        assert!(c.namespace("news").is_none());
+    }
+
+    #[test]
+    fn invalid_values_are_explained() {
+        let e = load_str("[poll]\ndefault_limit = 0\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("poll.default_limit"), "{e}");
+        let e = load_str("[api]\nkeys = [\"short\"]\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("api.keys[0]"), "{e}");
+    }
+}

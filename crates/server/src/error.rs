@@ -1,0 +1,114 @@
+//! The HTTP error shape: `{"error":{"code":…,"message":…}}` with a documented code.
+//! Every code is listed in `docs/errors.md`; keep the two in step.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use switchboard_core::{BrokerError, ChannelError, HubError};
+
+/// Machine-readable error codes (the `code` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    InvalidJson,
+    InvalidRequest,
+    InvalidChannel,
+    UnknownNamespace,
+    TooManyChannels,
+    MessageTooLarge,
+    BadCursor,
+    BadWait,
+    BadLimit,
+    HistoryDisabled,
+    TokenRequired,
+    Unauthorized,
+    TransportDisabled,
+    NotFound,
+    MethodNotAllowed,
+    BrokerUnavailable,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::InvalidJson => "invalid_json",
+            Code::InvalidRequest => "invalid_request",
+            Code::InvalidChannel => "invalid_channel",
+            Code::UnknownNamespace => "unknown_namespace",
+            Code::TooManyChannels => "too_many_channels",
+            Code::MessageTooLarge => "message_too_large",
+            Code::BadCursor => "bad_cursor",
+            Code::BadWait => "bad_wait",
+            Code::BadLimit => "bad_limit",
+            Code::HistoryDisabled => "history_disabled",
+            Code::TokenRequired => "token_required",
+            Code::Unauthorized => "unauthorized",
+            Code::TransportDisabled => "transport_disabled",
+            Code::NotFound => "not_found",
+            Code::MethodNotAllowed => "method_not_allowed",
+            Code::BrokerUnavailable => "broker_unavailable",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Code::InvalidJson
+            | Code::InvalidRequest
+            | Code::InvalidChannel
+            | Code::TooManyChannels
+            | Code::BadCursor
+            | Code::BadWait
+            | Code::BadLimit => StatusCode::BAD_REQUEST,
+            Code::UnknownNamespace | Code::NotFound | Code::TransportDisabled => StatusCode::NOT_FOUND,
+            Code::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::HistoryDisabled => StatusCode::CONFLICT,
+            Code::TokenRequired | Code::Unauthorized => StatusCode::UNAUTHORIZED,
+            Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Code::BrokerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: Code,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        ApiError { code, message: message.into() }
+    }
+
+    pub fn channel(name: &str, e: ChannelError) -> Self {
+        let shown: String = name.chars().take(64).collect();
+        ApiError::new(Code::InvalidChannel, format!("invalid channel {shown:?}: {e}"))
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> String {
+        serde_json::json!({"error": {"code": self.code.as_str(), "message": self.message}}).to_string()
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        ApiError::new(Code::BrokerUnavailable, e.to_string())
+    }
+}
+
+impl From<HubError> for ApiError {
+    fn from(e: HubError) -> Self {
+        match e {
+            HubError::Broker(b) => b.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.code.status(), [("content-type", "application/json")], self.body()).into_response();
+        if self.code == Code::Unauthorized {
+            r.headers_mut().insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}

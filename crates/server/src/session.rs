@@ -1,0 +1,123 @@
+//! What every subscribing transport does first: check the requested channels, open a
+//! bounded queue and subscribe it to each channel, resuming from the client's cursor.
+
+use switchboard_core::hub::{SubscribeRequest, SubscriptionHandle};
+use switchboard_core::{ChannelName, ConnQueue, StreamPosition};
+use std::sync::Arc;
+
+use crate::app::AppState;
+use crate::config::NamespaceOptions;
+use crate::error::{ApiError, Code};
+
+/// A channel the request may use, with its namespace's options.
+pub struct Resolved {
+    pub channel: ChannelName,
+    pub options: NamespaceOptions,
+}
+
+/// Validates a channel list from a request: at least one, within the limit, valid names,
+/// known namespaces, and (until tokens exist) no token-only namespace.
+pub fn resolve_channels(state: &AppState, names: &[String]) -> Result<Vec<Resolved>, ApiError> {
+    if names.is_empty() {
+        return Err(ApiError::new(Code::InvalidRequest, "name at least one channel: ?channel=NAME"));
+    }
+    let max = state.config.limits.max_channels_per_request;
+    if names.len() > max {
+        return Err(ApiError::new(Code::TooManyChannels, format!("{} channels requested; the limit is {max}", names.len())));
+    }
+    let mut out: Vec<Resolved> = Vec::with_capacity(names.len());
+    for name in names {
+        let r = resolve_channel(state, name)?;
+        if out.iter().any(|o| o.channel == r.channel) {
+            return Err(ApiError::new(Code::InvalidRequest, format!("channel {name:?} named twice")));
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+pub fn resolve_channel(state: &AppState, name: &str) -> Result<Resolved, ApiError> {
+    let channel = ChannelName::parse(name).map_err(|e| ApiError::channel(name, e))?;
+    let options = state.config.namespace(channel.namespace()).ok_or_else(|| {
+        ApiError::new(Code::UnknownNamespace, format!("namespace {:?} is not configured", channel.namespace()))
+    })?;
+    Ok(Resolved { channel, options })
+}
+
+/// Where one channel of a session starts.
+pub struct Start {
+    pub channel: ChannelName,
+    /// The position the client is at before the queued events.
+    pub position: StreamPosition,
+    /// A cursor was given for this channel and could not be continued.
+    pub reset: bool,
+}
+
+/// A connection's queue and subscriptions; dropping it unsubscribes everything.
+pub struct Session {
+    pub queue: Arc<ConnQueue>,
+    pub starts: Vec<Start>,
+    _handles: Vec<SubscriptionHandle>,
+}
+
+/// Subscribes a new queue to `channels`, resuming from `cursor` when given (one position
+/// per channel, same order).
+pub async fn open(
+    state: &AppState,
+    channels: &[Resolved],
+    cursor: Option<Vec<StreamPosition>>,
+) -> Result<Session, ApiError> {
+    // One queue serves all the connection's channels; it gets the most generous bound
+    // among their namespaces.
+    let bound = channels.iter().map(|r| r.options.queue_max_bytes).max().unwrap_or(1 << 20);
+    let queue = ConnQueue::new(bound);
+    let mut starts = Vec::with_capacity(channels.len());
+    let mut handles = Vec::with_capacity(channels.len());
+    for (i, r) in channels.iter().enumerate() {
+        let since = cursor.as_ref().map(|c| c[i].clone());
+        let pending = state.hub.subscribe(r.channel.clone(), queue.clone(), SubscribeRequest { since }).await?;
+        let outcome = pending.outcome().clone();
+        handles.push(pending.go_live());
+        starts.push(Start { channel: r.channel.clone(), position: outcome.position, reset: !outcome.recovered });
+    }
+    Ok(Session { queue, starts, _handles: handles })
+}
+
+/// Reads every `channel` parameter and the named single-valued ones from a raw query.
+pub struct Query {
+    pub channels: Vec<String>,
+    pairs: Vec<(String, String)>,
+}
+
+impl Query {
+    pub fn parse(raw: Option<&str>) -> Query {
+        let mut channels = Vec::new();
+        let mut pairs = Vec::new();
+        for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+            if k == "channel" {
+                channels.push(v.into_owned());
+            } else {
+                pairs.push((k.into_owned(), v.into_owned()));
+            }
+        }
+        Query { channels, pairs }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// Parses an integer parameter within `range`, or fails with `code`.
+    pub fn int(&self, key: &str, range: std::ops::RangeInclusive<u64>, code: Code) -> Result<Option<u64>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if range.contains(&n) => Ok(Some(n)),
+                _ => Err(ApiError::new(
+                    code,
+                    format!("{key}={:?}: expected an integer from {} to {}", v.chars().take(32).collect::<String>(), range.start(), range.end()),
+                )),
+            },
+        }
+    }
+}

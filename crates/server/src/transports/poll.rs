@@ -1,0 +1,103 @@
+//! Short and long polling: `GET /poll?channel=…&since=<cursor>[&wait=SECONDS][&limit=N]`.
+//!
+//! Stateless: the cursor carries everything, so any node with access to history can
+//! answer. Without `wait` (or `wait=0`) the answer is immediate; with `wait` the request
+//! is held until a message arrives or the wait ends. The answer is always
+//!
+//! ```json
+//! {"messages":[…], "cursor":"<cursor>", "resets":[{"channel":…,"epoch":…,"offset":…,"reason":…}]}
+//! ```
+//!
+//! Without `since` no messages are returned, only the current cursor (or, with `wait`,
+//! the next messages). Namespaces without history are refused (`history_disabled`): a
+//! poller between two requests would miss messages without being told.
+
+use std::time::Duration;
+
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use switchboard_core::queue::Event;
+use switchboard_core::StreamPosition;
+
+use crate::app::AppState;
+use crate::cursor;
+use crate::error::{ApiError, Code};
+use crate::session::{self, Query};
+
+pub async fn handler(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let cfg = &state.config.poll;
+    if !cfg.enabled {
+        return Err(ApiError::new(Code::TransportDisabled, "the poll transport is disabled on this server"));
+    }
+    let q = Query::parse(raw.as_deref());
+    let channels = session::resolve_channels(&state, &q.channels)?;
+    super::check_anonymous_access(&state, &channels)?;
+    if let Some(r) = channels.iter().find(|r| !r.options.keeps_history()) {
+        return Err(ApiError::new(
+            Code::HistoryDisabled,
+            format!("namespace {:?} keeps no history, so it cannot be polled; use /sse or /ws", r.channel.namespace()),
+        ));
+    }
+    let wait = q.int("wait", 0..=cfg.max_wait_secs, Code::BadWait)?.unwrap_or(0);
+    let limit = q.int("limit", 1..=cfg.max_limit as u64, Code::BadLimit)?.unwrap_or(cfg.default_limit as u64) as usize;
+    let asked = q.get("since").filter(|s| !s.is_empty()).map(|s| cursor::parse(s, channels.len())).transpose()?;
+
+    let session = session::open(&state, &channels, asked).await?;
+    let mut positions: Vec<StreamPosition> = session.starts.iter().map(|s| s.position.clone()).collect();
+    let mut resets: Vec<serde_json::Value> = session
+        .starts
+        .iter()
+        .filter(|s| s.reset)
+        .map(|s| reset_json(&s.channel, &s.position, "position_lost"))
+        .collect();
+
+    let mut events = Vec::new();
+    let _ = session.queue.drain_into(&mut events);
+    if events.is_empty() && resets.is_empty() && wait > 0 {
+        let mut shutdown = state.shutdown.clone();
+        tokio::select! {
+            _ = session.queue.next_batch(&mut events) => {}
+            _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+    }
+
+    let mut body = Vec::with_capacity(256 + events.iter().map(|e| if let Event::Publication(d) = e { d.json().len() + 1 } else { 0 }).sum::<usize>());
+    body.extend_from_slice(b"{\"messages\":[");
+    let mut n = 0;
+    for e in events {
+        if n == limit {
+            // Left for the next poll: the cursor stops before them.
+            break;
+        }
+        match e {
+            Event::Publication(d) => {
+                let Some(i) = channels.iter().position(|r| r.channel == d.publication.channel) else { continue };
+                if n > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(d.json());
+                positions[i] = d.publication.position();
+                n += 1;
+            }
+            Event::Reset { channel, position } => {
+                if let Some(i) = channels.iter().position(|r| r.channel == channel) {
+                    resets.push(reset_json(&channel, &position, "stream_reset"));
+                    positions[i] = position;
+                }
+            }
+        }
+    }
+    drop(session);
+    body.extend_from_slice(b"],\"cursor\":");
+    body.extend_from_slice(serde_json::Value::String(cursor::format(&positions)).to_string().as_bytes());
+    body.extend_from_slice(b",\"resets\":");
+    body.extend_from_slice(serde_json::Value::Array(resets).to_string().as_bytes());
+    body.push(b'}');
+    Ok((StatusCode::OK, [("content-type", "application/json"), ("cache-control", "no-store")], body).into_response())
+}
+
+fn reset_json(channel: &switchboard_core::ChannelName, p: &StreamPosition, reason: &str) -> serde_json::Value {
+    serde_json::json!({"channel": channel, "epoch": &*p.epoch, "offset": p.offset, "reason": reason})
+}

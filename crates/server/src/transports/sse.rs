@@ -1,0 +1,242 @@
+//! Server-Sent Events: `GET /sse?channel=a&channel=b`.
+//!
+//! Stream layout (see docs/protocol.md):
+//!
+//! ```text
+//! retry: 2000
+//!
+//! id: <cursor>
+//! event: subscribed
+//! data: {"channels":[{"channel":"a","epoch":"…","offset":4,"recovered":true}]}
+//!
+//! id: <cursor>
+//! event: message
+//! data: {"channel":"a","offset":5,"epoch":"…","time":…,"data":…}
+//! ```
+//!
+//! `id` is always the cursor of everything received so far, so the browser's automatic
+//! `Last-Event-ID` resumes exactly. A position that cannot be continued produces
+//! `event: reset`; the end of the stream is announced with `event: disconnect`.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use bytes::{BufMut, Bytes, BytesMut};
+use switchboard_core::queue::Event;
+use switchboard_core::{ChannelName, CloseReason, Delivery, StreamPosition};
+use tokio::sync::watch;
+use tokio::time::{Interval, MissedTickBehavior};
+
+use crate::app::AppState;
+use crate::cursor;
+use crate::error::{ApiError, Code};
+use crate::session::{self, Query, Session};
+
+/// Encoding slots in [`Delivery`] owned by this transport.
+const SLOT_FULL_EVENT: usize = 0;
+const SLOT_EVENT_BODY: usize = 1;
+
+pub async fn handler(State(state): State<AppState>, RawQuery(raw): RawQuery, headers: HeaderMap) -> Result<Response, ApiError> {
+    if !state.config.sse.enabled {
+        return Err(ApiError::new(Code::TransportDisabled, "the SSE transport is disabled on this server"));
+    }
+    let q = Query::parse(raw.as_deref());
+    let channels = session::resolve_channels(&state, &q.channels)?;
+    super::check_anonymous_access(&state, &channels)?;
+    let header_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty());
+    let given = header_id.or_else(|| q.get("last_event_id").filter(|s| !s.is_empty()));
+    let asked = given.map(|s| cursor::parse(s, channels.len())).transpose()?;
+    let session = session::open(&state, &channels, asked.clone()).await?;
+
+    let period = Duration::from_secs(state.config.sse.keepalive_secs);
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let stream = SseStream {
+        channels: channels.iter().map(|r| r.channel.clone()).collect(),
+        // Reset channels keep the client's old position until their reset event is
+        // sent, so a reconnect in between is told again.
+        positions: session
+            .starts
+            .iter()
+            .enumerate()
+            .map(|(i, s)| if s.reset { asked.as_ref().map_or(s.position.clone(), |a| a[i].clone()) } else { s.position.clone() })
+            .collect(),
+        session,
+        keepalive,
+        shutdown: state.shutdown.clone(),
+        shutdown_seen: false,
+        retry_ms: state.config.sse.retry_ms,
+        batch: Vec::new(),
+        phase: Phase::Preamble,
+    };
+    let body = futures_util::stream::unfold(stream, |mut s| async move {
+        let chunk = s.next_chunk().await?;
+        Some((Ok::<_, std::convert::Infallible>(chunk), s))
+    });
+    Ok(Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(body))
+        .expect("static headers"))
+}
+
+enum Phase {
+    Preamble,
+    Live,
+    Done,
+}
+
+struct SseStream {
+    channels: Vec<ChannelName>,
+    positions: Vec<StreamPosition>,
+    session: Session,
+    keepalive: Interval,
+    shutdown: watch::Receiver<bool>,
+    shutdown_seen: bool,
+    retry_ms: u64,
+    batch: Vec<Event>,
+    phase: Phase,
+}
+
+impl SseStream {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        match self.phase {
+            Phase::Preamble => {
+                self.phase = Phase::Live;
+                return Some(self.preamble());
+            }
+            Phase::Done => return None,
+            Phase::Live => {}
+        }
+        if *self.shutdown.borrow() {
+            self.begin_shutdown();
+        }
+        loop {
+            tokio::select! {
+                r = self.session.queue.next_batch(&mut self.batch) => match r {
+                    Ok(()) => return Some(self.render_batch()),
+                    Err(reason) => {
+                        self.phase = Phase::Done;
+                        return Some(self.disconnect(reason));
+                    }
+                },
+                _ = self.keepalive.tick() => return Some(Bytes::from_static(b": keepalive\n\n")),
+                _ = self.shutdown.changed(), if !self.shutdown_seen => self.begin_shutdown(),
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        self.shutdown_seen = true;
+        self.session.queue.close(CloseReason::Shutdown);
+    }
+
+    fn cursor(&self) -> String {
+        cursor::format(&self.positions)
+    }
+
+    fn preamble(&mut self) -> Bytes {
+        let mut out = BytesMut::new();
+        out.put_slice(format!("retry: {}\n\n", self.retry_ms).as_bytes());
+        let subscribed: Vec<_> = self
+            .session
+            .starts
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "channel": s.channel, "epoch": &*s.position.epoch, "offset": s.position.offset, "recovered": !s.reset,
+                })
+            })
+            .collect();
+        let data = serde_json::json!({ "channels": subscribed });
+        out.put_slice(format!("id: {}\nevent: subscribed\ndata: {data}\n\n", self.cursor()).as_bytes());
+        let resets: Vec<(usize, StreamPosition)> = self
+            .session
+            .starts
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.reset)
+            .map(|(i, s)| (i, s.position.clone()))
+            .collect();
+        for (i, position) in resets {
+            self.write_reset(&mut out, i, position, "position_lost");
+        }
+        out.freeze()
+    }
+
+    fn write_reset(&mut self, out: &mut BytesMut, i: usize, position: StreamPosition, reason: &str) {
+        let data = serde_json::json!({
+            "channel": self.channels[i], "epoch": &*position.epoch, "offset": position.offset, "reason": reason,
+        });
+        self.positions[i] = position;
+        out.put_slice(format!("id: {}\nevent: reset\ndata: {data}\n\n", self.cursor()).as_bytes());
+    }
+
+    fn render_batch(&mut self) -> Bytes {
+        let batch = std::mem::take(&mut self.batch);
+        let mut out = BytesMut::with_capacity(batch.iter().map(|e| event_size(e)).sum());
+        for e in &batch {
+            match e {
+                Event::Publication(d) => {
+                    let Some(i) = self.channels.iter().position(|c| *c == d.publication.channel) else { continue };
+                    self.positions[i] = d.publication.position();
+                    if self.channels.len() == 1 {
+                        // One channel: the id is the publication's own position, so the
+                        // whole event is the same for every subscriber — built once.
+                        out.put_slice(&d.encoded(SLOT_FULL_EVENT, full_event));
+                    } else {
+                        out.put_slice(b"id: ");
+                        out.put_slice(self.cursor().as_bytes());
+                        out.put_u8(b'\n');
+                        out.put_slice(&d.encoded(SLOT_EVENT_BODY, event_body));
+                    }
+                }
+                Event::Reset { channel, position } => {
+                    if let Some(i) = self.channels.iter().position(|c| c == channel) {
+                        self.write_reset(&mut out, i, position.clone(), "stream_reset");
+                    }
+                }
+            }
+        }
+        self.batch = batch;
+        self.batch.clear();
+        out.freeze()
+    }
+
+    fn disconnect(&self, reason: CloseReason) -> Bytes {
+        let (name, retry) = match reason {
+            CloseReason::SlowConsumer => ("slow_consumer", self.retry_ms),
+            // Spread the reconnects of a draining node's clients over a window.
+            CloseReason::Shutdown => ("shutdown", fastrand::u64(self.retry_ms / 2..=self.retry_ms.max(1) * 5)),
+        };
+        let data = serde_json::json!({"reason": name, "reconnect": true, "retry_ms": retry});
+        Bytes::from(format!("retry: {retry}\nevent: disconnect\ndata: {data}\n\n"))
+    }
+}
+
+fn event_size(e: &Event) -> usize {
+    match e {
+        Event::Publication(d) => d.json().len() + 96,
+        Event::Reset { .. } => 160,
+    }
+}
+
+fn event_body(d: &Delivery) -> Bytes {
+    let mut b = BytesMut::with_capacity(d.json().len() + 24);
+    b.put_slice(b"event: message\ndata: ");
+    b.put_slice(d.json());
+    b.put_slice(b"\n\n");
+    b.freeze()
+}
+
+fn full_event(d: &Delivery) -> Bytes {
+    let p = &d.publication;
+    let mut b = BytesMut::with_capacity(d.json().len() + 48);
+    b.put_slice(format!("id: {}:{}\n", p.epoch, p.offset).as_bytes());
+    b.put_slice(&d.encoded(SLOT_EVENT_BODY, event_body));
+    b.freeze()
+}
