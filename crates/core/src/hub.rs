@@ -224,7 +224,8 @@ impl Hub {
         let shards = (0..SHARDS)
             .map(|_| Shard { channels: Mutex::new(HashMap::new()), node_ops: tokio::sync::Mutex::new(()) })
             .collect();
-        let hub = Arc::new(Hub { broker: broker.clone(), shards, next_id: AtomicU64::new(1), stats: HubStats::default() });
+        let hub =
+            Arc::new(Hub { broker: broker.clone(), shards, next_id: AtomicU64::new(1), stats: HubStats::default() });
         broker.run(Arc::new(Dispatcher(Arc::downgrade(&hub)))).await?;
         Ok(hub)
     }
@@ -294,7 +295,8 @@ impl Hub {
         }
         let (history, outcome) = match req.since {
             Some(since) => {
-                let read = self.broker.history(&channel, HistoryRequest { since: Some(since.clone()), ..Default::default() });
+                let read =
+                    self.broker.history(&channel, HistoryRequest { since: Some(since.clone()), ..Default::default() });
                 match read.await {
                     Ok(h) => {
                         let replayed = h.publications.len();

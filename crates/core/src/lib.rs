@@ -30,8 +30,5 @@ pub use queue::{CloseReason, ConnQueue, Event};
 
 /// Milliseconds since the Unix epoch, the `time` of a publication.
 pub fn now_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -72,18 +72,12 @@ impl Default for MemoryBroker {
 
 impl MemoryBroker {
     pub fn new(idle_ttl: Duration) -> Self {
-        MemoryBroker {
-            channels: Mutex::new(HashMap::new()),
-            handler: OnceLock::new(),
-            idle_ttl,
-        }
+        MemoryBroker { channels: Mutex::new(HashMap::new()), handler: OnceLock::new(), idle_ttl }
     }
 
     fn log(&self, channel: &ChannelName) -> Arc<Mutex<ChannelLog>> {
         let mut map = lock(&self.channels);
-        map.entry(channel.clone())
-            .or_insert_with(|| Arc::new(Mutex::new(ChannelLog::new(Instant::now()))))
-            .clone()
+        map.entry(channel.clone()).or_insert_with(|| Arc::new(Mutex::new(ChannelLog::new(Instant::now())))).clone()
     }
 
     /// Forgets channels that are idle, hold no history and have no node subscription.
@@ -163,9 +157,8 @@ impl Broker for MemoryBroker {
         let position = log.position();
         let publications: Vec<Publication> = match &req.since {
             Some(since) => {
-                let continuous = since.epoch == log.epoch
-                    && since.offset <= log.top
-                    && since.offset + 1 >= log.first_retained();
+                let continuous =
+                    since.epoch == log.epoch && since.offset <= log.top && since.offset + 1 >= log.first_retained();
                 if !continuous {
                     return Err(BrokerError::PositionLost { current: position });
                 }

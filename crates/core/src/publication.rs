@@ -17,9 +17,7 @@ pub type Epoch = Arc<str>;
 /// Makes a fresh random epoch (10 base-36 characters, ~51 bits).
 pub fn new_epoch() -> Epoch {
     const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let s: String = (0..10)
-        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
-        .collect();
+    let s: String = (0..10).map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char).collect();
     Arc::from(s)
 }
 

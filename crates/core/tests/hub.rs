@@ -6,7 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use switchboard_core::hub::SubscribeRequest;
 use switchboard_core::queue::Event;
-use switchboard_core::{Broker, ChannelName, CloseReason, ConnQueue, Hub, MemoryBroker, PublishOptions, StreamPosition};
+use switchboard_core::{
+    Broker, ChannelName, CloseReason, ConnQueue, Hub, MemoryBroker, PublishOptions, StreamPosition,
+};
 
 async fn setup() -> (Arc<Hub>, Arc<dyn Broker>) {
     let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::default());

@@ -20,9 +20,9 @@ fn json(status: StatusCode, body: String) -> Response {
 
 /// Reads a request body of at most `limit` bytes.
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(Code::MessageTooLarge, format!("request body is larger than {limit} bytes"))
-    })
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::new(Code::MessageTooLarge, format!("request body is larger than {limit} bytes")))
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
@@ -41,7 +41,8 @@ fn payload(state: &AppState, data: &RawValue) -> Result<Bytes, ApiError> {
         return Err(ApiError::new(Code::MessageTooLarge, format!("data is {} bytes; the limit is {max}", text.len())));
     }
     if text.contains(['\n', '\r']) {
-        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| ApiError::new(Code::InvalidJson, e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ApiError::new(Code::InvalidJson, e.to_string()))?;
         return Ok(Bytes::from(v.to_string()));
     }
     Ok(Bytes::copy_from_slice(text.as_bytes()))
@@ -118,7 +119,10 @@ pub async fn history(State(state): State<AppState>, RawQuery(raw): RawQuery) -> 
     };
     let resolved = resolve_channel(&state, name)?;
     if !resolved.options.keeps_history() {
-        return Err(ApiError::new(Code::HistoryDisabled, format!("namespace {:?} keeps no history", resolved.channel.namespace())));
+        return Err(ApiError::new(
+            Code::HistoryDisabled,
+            format!("namespace {:?} keeps no history", resolved.channel.namespace()),
+        ));
     }
     let max = state.config.poll.max_limit as u64;
     let limit = q.int("limit", 1..=max, Code::BadLimit)?.unwrap_or(state.config.poll.default_limit as u64) as usize;
@@ -139,19 +143,16 @@ pub async fn history(State(state): State<AppState>, RawQuery(raw): RawQuery) -> 
         body.extend_from_slice(&p.to_json());
     }
     body.extend_from_slice(
-        format!("],\"epoch\":\"{}\",\"offset\":{},\"recovered\":{recovered}}}", position.epoch, position.offset).as_bytes(),
+        format!("],\"epoch\":\"{}\",\"offset\":{},\"recovered\":{recovered}}}", position.epoch, position.offset)
+            .as_bytes(),
     );
     Ok((StatusCode::OK, [("content-type", "application/json")], body).into_response())
 }
 
 /// `GET /api/channels` → active channels on this node with their subscriber counts.
 pub async fn channels(State(state): State<AppState>) -> Response {
-    let list: Vec<_> = state
-        .hub
-        .channels()
-        .into_iter()
-        .map(|(c, n)| serde_json::json!({"channel": c, "subscribers": n}))
-        .collect();
+    let list: Vec<_> =
+        state.hub.channels().into_iter().map(|(c, n)| serde_json::json!({"channel": c, "subscribers": n})).collect();
     json(StatusCode::OK, serde_json::json!({ "channels": list }).to_string())
 }
 

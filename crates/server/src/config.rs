@@ -200,9 +200,10 @@ impl Config {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
-                let table: toml::Table = text
-                    .parse()
-                    .map_err(|e: toml::de::Error| ConfigError::Syntax { path: p.display().to_string(), message: e.to_string() })?;
+                let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
                 (table, p.display().to_string())
             }
             None => (toml::Table::new(), "built-in defaults".to_string()),
@@ -214,7 +215,8 @@ impl Config {
             if path.iter().any(|s| s.is_empty()) {
                 return Err(ConfigError::Env { var, message: "empty key segment".into() });
             }
-            set_path(&mut table, &path, env_value(&value)).map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+            set_path(&mut table, &path, env_value(&value))
+                .map_err(|message| ConfigError::Env { var: var.clone(), message })?;
             overridden = true;
         }
         let origin = if overridden { format!("{origin} + environment") } else { origin };
@@ -308,9 +310,9 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
         t = entry.as_table_mut().ok_or_else(|| format!("`{p}` is not a table"))?;
     }
     let value = match value {
-        toml::Value::String(s) if LIST_KEYS.contains(&last.as_str()) => {
-            toml::Value::Array(s.split(',').filter(|x| !x.is_empty()).map(|x| toml::Value::String(x.to_string())).collect())
-        }
+        toml::Value::String(s) if LIST_KEYS.contains(&last.as_str()) => toml::Value::Array(
+            s.split(',').filter(|x| !x.is_empty()).map(|x| toml::Value::String(x.to_string())).collect(),
+        ),
         v => v,
     };
     t.insert(last.clone(), value);
@@ -382,5 +384,24 @@ mod tests {
         assert!(e.contains("poll.default_limit"), "{e}");
         let e = load_str("[api]\nkeys = [\"short\"]\n", &[]).unwrap_err().to_string();
         assert!(e.contains("api.keys[0]"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_valid_and_shows_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../switchboard.example.toml");
+        let c = Config::load(Some(&path), Vec::new()).unwrap();
+        let d = Config::default();
+        assert_eq!(c.listen, d.listen);
+        assert_eq!(c.defaults, d.defaults);
+        assert_eq!(c.limits.max_message_bytes, d.limits.max_message_bytes);
+        assert_eq!(c.limits.max_channels_per_request, d.limits.max_channels_per_request);
+        assert_eq!((c.sse.keepalive_secs, c.sse.retry_ms), (d.sse.keepalive_secs, d.sse.retry_ms));
+        assert_eq!((c.poll.max_wait_secs, c.poll.default_limit, c.poll.max_limit), (60, 100, 1000));
+        assert_eq!(c.broker.idle_channel_ttl_secs, d.broker.idle_channel_ttl_secs);
     }
 }

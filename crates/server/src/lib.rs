@@ -49,7 +49,11 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then tells every streaming client to reconnect,
     /// lets them go (at most `drain` long) and returns.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static, drain: Duration) -> std::io::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        drain: Duration,
+    ) -> std::io::Result<()> {
         let Server { state, listener, shutdown_tx } = self;
         let app = app::router(state.clone());
         let tx = shutdown_tx.clone();

@@ -71,9 +71,15 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Config { command: ConfigCommand::Check { file } } => match Config::load(Some(&file), std::env::vars()) {
+        Command::Config { command: ConfigCommand::Check { file } } => match Config::load(Some(&file), std::env::vars())
+        {
             Ok(c) => {
-                println!("{}: OK (listen {}, {} namespace(s) configured)", file.display(), c.listen, c.namespaces.len());
+                println!(
+                    "{}: OK (listen {}, {} namespace(s) configured)",
+                    file.display(),
+                    c.listen,
+                    c.namespaces.len()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -1,9 +1,9 @@
 //! What every subscribing transport does first: check the requested channels, open a
 //! bounded queue and subscribe it to each channel, resuming from the client's cursor.
 
+use std::sync::Arc;
 use switchboard_core::hub::{SubscribeRequest, SubscriptionHandle};
 use switchboard_core::{ChannelName, ConnQueue, StreamPosition};
-use std::sync::Arc;
 
 use crate::app::AppState;
 use crate::config::NamespaceOptions;
@@ -23,7 +23,10 @@ pub fn resolve_channels(state: &AppState, names: &[String]) -> Result<Vec<Resolv
     }
     let max = state.config.limits.max_channels_per_request;
     if names.len() > max {
-        return Err(ApiError::new(Code::TooManyChannels, format!("{} channels requested; the limit is {max}", names.len())));
+        return Err(ApiError::new(
+            Code::TooManyChannels,
+            format!("{} channels requested; the limit is {max}", names.len()),
+        ));
     }
     let mut out: Vec<Resolved> = Vec::with_capacity(names.len());
     for name in names {
@@ -115,7 +118,12 @@ impl Query {
                 Ok(n) if range.contains(&n) => Ok(Some(n)),
                 _ => Err(ApiError::new(
                     code,
-                    format!("{key}={:?}: expected an integer from {} to {}", v.chars().take(32).collect::<String>(), range.start(), range.end()),
+                    format!(
+                        "{key}={:?}: expected an integer from {} to {}",
+                        v.chars().take(32).collect::<String>(),
+                        range.start(),
+                        range.end()
+                    ),
                 )),
             },
         }

@@ -63,7 +63,9 @@ pub async fn handler(State(state): State<AppState>, RawQuery(raw): RawQuery) -> 
         }
     }
 
-    let mut body = Vec::with_capacity(256 + events.iter().map(|e| if let Event::Publication(d) = e { d.json().len() + 1 } else { 0 }).sum::<usize>());
+    let mut body = Vec::with_capacity(
+        256 + events.iter().map(|e| if let Event::Publication(d) = e { d.json().len() + 1 } else { 0 }).sum::<usize>(),
+    );
     body.extend_from_slice(b"{\"messages\":[");
     let mut n = 0;
     for e in events {

@@ -39,7 +39,11 @@ use crate::session::{self, Query, Session};
 const SLOT_FULL_EVENT: usize = 0;
 const SLOT_EVENT_BODY: usize = 1;
 
-pub async fn handler(State(state): State<AppState>, RawQuery(raw): RawQuery, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn handler(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     if !state.config.sse.enabled {
         return Err(ApiError::new(Code::TransportDisabled, "the SSE transport is disabled on this server"));
     }
@@ -54,24 +58,31 @@ pub async fn handler(State(state): State<AppState>, RawQuery(raw): RawQuery, hea
     let period = Duration::from_secs(state.config.sse.keepalive_secs);
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let stream = SseStream {
-        channels: channels.iter().map(|r| r.channel.clone()).collect(),
-        // Reset channels keep the client's old position until their reset event is
-        // sent, so a reconnect in between is told again.
-        positions: session
-            .starts
-            .iter()
-            .enumerate()
-            .map(|(i, s)| if s.reset { asked.as_ref().map_or(s.position.clone(), |a| a[i].clone()) } else { s.position.clone() })
-            .collect(),
-        session,
-        keepalive,
-        shutdown: state.shutdown.clone(),
-        shutdown_seen: false,
-        retry_ms: state.config.sse.retry_ms,
-        batch: Vec::new(),
-        phase: Phase::Preamble,
-    };
+    let stream =
+        SseStream {
+            channels: channels.iter().map(|r| r.channel.clone()).collect(),
+            // Reset channels keep the client's old position until their reset event is
+            // sent, so a reconnect in between is told again.
+            positions: session
+                .starts
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    if s.reset {
+                        asked.as_ref().map_or(s.position.clone(), |a| a[i].clone())
+                    } else {
+                        s.position.clone()
+                    }
+                })
+                .collect(),
+            session,
+            keepalive,
+            shutdown: state.shutdown.clone(),
+            shutdown_seen: false,
+            retry_ms: state.config.sse.retry_ms,
+            batch: Vec::new(),
+            phase: Phase::Preamble,
+        };
     let body = futures_util::stream::unfold(stream, |mut s| async move {
         let chunk = s.next_chunk().await?;
         Some((Ok::<_, std::convert::Infallible>(chunk), s))
@@ -178,7 +189,7 @@ impl SseStream {
 
     fn render_batch(&mut self) -> Bytes {
         let batch = std::mem::take(&mut self.batch);
-        let mut out = BytesMut::with_capacity(batch.iter().map(|e| event_size(e)).sum());
+        let mut out = BytesMut::with_capacity(batch.iter().map(event_size).sum());
         for e in &batch {
             match e {
                 Event::Publication(d) => {

@@ -1,0 +1,238 @@
+//! The delivery guarantees over Server-Sent Events, over real HTTP on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{channel, config, Sse, TestServer};
+use serde_json::json;
+
+#[tokio::test]
+async fn delivers_every_publication_in_order_without_duplicates() {
+    let s = TestServer::start(config("")).await;
+    let ch = channel("news");
+    let mut sse = Sse::connect(&s, &format!("channel={ch}"), None).await;
+    let sub = sse.next_named("subscribed").await;
+    assert_eq!(sub.json()["channels"][0]["offset"], 0);
+    for i in 1..=100 {
+        s.publish(&ch, json!({"i": i})).await;
+    }
+    for i in 1..=100u64 {
+        let e = sse.next_named("message").await;
+        let v = e.json();
+        assert_eq!(v["offset"], i);
+        assert_eq!(v["data"]["i"], i);
+        assert_eq!(v["channel"], ch.as_str());
+        assert_eq!(e.id.as_deref(), Some(format!("{}:{i}", v["epoch"].as_str().unwrap()).as_str()));
+    }
+}
+
+#[tokio::test]
+async fn sends_retry_once_and_keepalive_comments() {
+    let s = TestServer::start(config("[sse]\nkeepalive_secs = 1\nretry_ms = 1234\n")).await;
+    let mut sse = Sse::connect(&s, &format!("channel={}", channel("k")), None).await;
+    let first = sse.next().await.unwrap();
+    assert_eq!(first.event, "subscribed");
+    assert_eq!(sse.retry, Some(1234), "retry: must come before the first event");
+    let ch = channel("k");
+    let mut sse2 = Sse::connect(&s, &format!("channel={ch}"), None).await;
+    let _ = sse2.next().await;
+    s.publish(&ch, json!(1)).await;
+    let _ = sse2.next_named("message").await;
+    assert_eq!(sse2.comments, 0);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    s.publish(&ch, json!(2)).await;
+    let _ = sse2.next_named("message").await;
+    assert!(sse2.comments >= 1, "no keepalive comment in 2.5 s with keepalive_secs = 1");
+}
+
+#[tokio::test]
+async fn resume_with_last_event_id_replays_exactly_the_missed_then_goes_live() {
+    let s = TestServer::start(config("")).await;
+    let ch = channel("chat");
+    let mut sse = Sse::connect(&s, &format!("channel={ch}"), None).await;
+    for i in 1..=5 {
+        s.publish(&ch, json!(i)).await;
+    }
+    assert_eq!(sse.offsets(5).await, vec![1, 2, 3, 4, 5]);
+    let last = sse.last_id.clone().unwrap();
+    drop(sse);
+    for i in 6..=10 {
+        s.publish(&ch, json!(i)).await;
+    }
+    let mut again = Sse::connect(&s, &format!("channel={ch}"), Some(&last)).await;
+    let sub = again.next_named("subscribed").await;
+    assert_eq!(sub.json()["channels"][0]["recovered"], true);
+    assert_eq!(again.offsets(5).await, vec![6, 7, 8, 9, 10]);
+    s.publish(&ch, json!(11)).await;
+    assert_eq!(again.offsets(1).await, vec![11]);
+}
+
+#[tokio::test]
+async fn resume_with_last_event_id_query_parameter() {
+    let s = TestServer::start(config("")).await;
+    let ch = channel("chat");
+    let (epoch, _) = s.publish(&ch, json!(1)).await;
+    s.publish(&ch, json!(2)).await;
+    let mut sse = Sse::connect(&s, &format!("channel={ch}&last_event_id={epoch}:1"), None).await;
+    assert_eq!(sse.offsets(1).await, vec![2]);
+}
+
+#[tokio::test]
+async fn position_older_than_history_gets_an_explicit_reset() {
+    let s = TestServer::start(config("[namespaces.short]\nhistory_size = 3\n")).await;
+    let ch = channel("short");
+    let (epoch, _) = s.publish(&ch, json!(1)).await;
+    for i in 2..=10 {
+        s.publish(&ch, json!(i)).await;
+    }
+    let mut sse = Sse::connect(&s, &format!("channel={ch}"), Some(&format!("{epoch}:2"))).await;
+    let sub = sse.next_named("subscribed").await;
+    assert_eq!(sub.json()["channels"][0]["recovered"], false);
+    let reset = sse.next().await.unwrap();
+    assert_eq!(reset.event, "reset");
+    let v = reset.json();
+    assert_eq!(v["offset"], 10);
+    assert_eq!(v["epoch"], epoch.as_str());
+    assert_eq!(v["reason"], "position_lost");
+    assert_eq!(reset.id.as_deref(), Some(format!("{epoch}:10").as_str()));
+    s.publish(&ch, json!(11)).await;
+    assert_eq!(sse.offsets(1).await, vec![11]);
+}
+
+#[tokio::test]
+async fn position_from_another_epoch_gets_an_explicit_reset() {
+    let s = TestServer::start(config("")).await;
+    let ch = channel("chat");
+    let (epoch, _) = s.publish(&ch, json!(1)).await;
+    let mut sse = Sse::connect(&s, &format!("channel={ch}"), Some("someoldepoch:1")).await;
+    let reset = sse.next_named("reset").await;
+    assert_eq!(reset.json()["epoch"], epoch.as_str());
+    assert_eq!(reset.json()["offset"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publication_racing_a_resume_is_delivered_exactly_once() {
+    let s = TestServer::start(config("[defaults]\nhistory_size = 1000\n")).await;
+    for round in 0..5 {
+        let ch = channel("race");
+        let (epoch, _) = s.publish(&ch, json!(0)).await;
+        let publisher = {
+            let (http, url, ch) = (s.http.clone(), s.url("/api/publish"), ch.clone());
+            tokio::spawn(async move {
+                for i in 1..=150 {
+                    let r = http.post(&url).json(&json!({"channel": ch, "data": i})).send().await.unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+            })
+        };
+        // Subscribe while the publisher runs, resuming from the first publication.
+        tokio::time::sleep(Duration::from_millis(5 * round)).await;
+        let mut sse = Sse::connect(&s, &format!("channel={ch}"), Some(&format!("{epoch}:1"))).await;
+        publisher.await.unwrap();
+        assert_eq!(sse.offsets(150).await, (2..=151).collect::<Vec<_>>(), "round {round}");
+    }
+}
+
+#[tokio::test]
+async fn several_channels_share_one_stream_and_one_cursor() {
+    let s = TestServer::start(config("")).await;
+    let (a, b) = (channel("multi"), channel("multi"));
+    let mut sse = Sse::connect(&s, &format!("channel={a}&channel={b}"), None).await;
+    s.publish(&a, json!("a1")).await;
+    s.publish(&b, json!("b1")).await;
+    s.publish(&a, json!("a2")).await;
+    let got: Vec<(String, u64)> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let e = sse.next_named("message").await.json();
+            v.push((e["channel"].as_str().unwrap().to_string(), e["offset"].as_u64().unwrap()));
+        }
+        v
+    };
+    assert_eq!(got, vec![(a.clone(), 1), (b.clone(), 1), (a.clone(), 2)]);
+    let cursor = sse.last_id.clone().unwrap();
+    assert_eq!(cursor.split(',').count(), 2);
+    drop(sse);
+    s.publish(&b, json!("b2")).await;
+    s.publish(&a, json!("a3")).await;
+    let mut again = Sse::connect(&s, &format!("channel={a}&channel={b}"), Some(&cursor)).await;
+    let mut resumed = Vec::new();
+    for _ in 0..2 {
+        let e = again.next_named("message").await.json();
+        resumed.push((e["channel"].as_str().unwrap().to_string(), e["offset"].as_u64().unwrap()));
+    }
+    resumed.sort();
+    assert_eq!(resumed, vec![(a, 3), (b, 2)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_subscribers_each_receive_a_whole_burst_in_order() {
+    let s = TestServer::start(config("")).await;
+    let ch = channel("crowd");
+    let mut subs = Vec::new();
+    for _ in 0..1000 {
+        let mut sse = Sse::connect(&s, &format!("channel={ch}"), None).await;
+        sse.next_named("subscribed").await;
+        subs.push(sse);
+    }
+    let (_, channels) = s.get_json("/api/channels").await;
+    assert_eq!(channels["channels"][0]["subscribers"], 1000);
+    for i in 1..=50 {
+        s.publish(&ch, json!({"i": i})).await;
+    }
+    let mut tasks = Vec::new();
+    for mut sse in subs {
+        tasks.push(tokio::spawn(async move { sse.offsets(50).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), (1..=50).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn shutdown_tells_subscribers_to_reconnect() {
+    let s = TestServer::start(config("")).await;
+    let ch = channel("bye");
+    let mut sse = Sse::connect(&s, &format!("channel={ch}"), None).await;
+    sse.next_named("subscribed").await;
+    s.publish(&ch, json!(1)).await;
+    let stop = tokio::spawn(s.shutdown());
+    let mut saw_message = false;
+    let bye = loop {
+        let e = sse.next().await.expect("stream ended without a disconnect event");
+        if e.event == "message" {
+            saw_message = true;
+        }
+        if e.event == "disconnect" {
+            break e;
+        }
+    };
+    assert!(saw_message, "queued message not flushed before the disconnect");
+    assert_eq!(bye.json()["reason"], "shutdown");
+    assert_eq!(bye.json()["reconnect"], true);
+    assert!(bye.retry.is_some());
+    assert!(sse.next().await.is_none());
+    stop.await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_requests_get_documented_errors() {
+    let s = TestServer::start(config("strict_namespaces = true\n[namespaces.ok]\n[namespaces.priv]\nrequire_token = true\n[limits]\nmax_channels_per_request = 2\n")).await;
+    let cases = [
+        ("/sse", 400, "invalid_request"),
+        ("/sse?channel=a%20b", 400, "invalid_channel"),
+        ("/sse?channel=nope:1", 404, "unknown_namespace"),
+        ("/sse?channel=ok:1&channel=ok:2&channel=ok:3", 400, "too_many_channels"),
+        ("/sse?channel=ok:1&last_event_id=garbage", 400, "bad_cursor"),
+        ("/sse?channel=ok:1&channel=ok:2&last_event_id=abc:1", 400, "bad_cursor"),
+        ("/sse?channel=ok:1&channel=ok:1", 400, "invalid_request"),
+        ("/sse?channel=priv:1", 401, "token_required"),
+    ];
+    for (path, status, code) in cases {
+        let (st, body) = s.get_json(path).await;
+        assert_eq!((st, body["error"]["code"].as_str().unwrap()), (status, code), "{path}: {body}");
+    }
+    let r = s.http.get(s.url("/sse?channel=ok:1")).header("Last-Event-ID", "x:y").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+}
