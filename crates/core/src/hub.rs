@@ -115,7 +115,7 @@ impl Subscription {
         if let Some(buf) = st.recovering.as_mut() {
             buf.push(d.clone());
             st.recovering_bytes += d.cost();
-            if st.recovering_bytes > 4 * crate::queue::DEFAULT_QUEUE_BYTES {
+            if st.recovering_bytes > 4 * self.queue.max_bytes().max(crate::queue::DEFAULT_QUEUE_BYTES) {
                 // A recovery that takes so long that the buffer outgrows any sane queue:
                 // treat like a slow consumer rather than grow without bound.
                 st.recovering = Some(Vec::new());

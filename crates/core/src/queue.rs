@@ -26,6 +26,9 @@ pub enum Event {
     /// The client's position on `channel` could not be continued; it is now at
     /// `position` and must reload its state.
     Reset { channel: ChannelName, position: StreamPosition },
+    /// Bytes already in the connection's wire format (a command reply, a ping), queued
+    /// behind what is already there so replies and publications keep their order.
+    Frame(bytes::Bytes),
 }
 
 impl Event {
@@ -33,6 +36,7 @@ impl Event {
         match self {
             Event::Publication(d) => d.cost(),
             Event::Reset { .. } => 64,
+            Event::Frame(b) => b.len(),
         }
     }
 }
@@ -44,6 +48,9 @@ pub enum CloseReason {
     SlowConsumer,
     /// The server is shutting down; the client should reconnect (elsewhere).
     Shutdown,
+    /// The connection itself decided to close (the peer left, a protocol error whose
+    /// close frame is already queued): flush what is queued, then stop.
+    Normal,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -64,18 +71,31 @@ struct State {
 pub static SLOW_CONSUMER_CLOSES: AtomicU64 = AtomicU64::new(0);
 
 pub struct ConnQueue {
-    max_bytes: usize,
+    max_bytes: std::sync::atomic::AtomicUsize,
     state: Mutex<State>,
     notify: Notify,
+    /// Woken (all waiters) when the queue closes.
+    closed_notify: Notify,
 }
 
 impl ConnQueue {
     pub fn new(max_bytes: usize) -> Arc<Self> {
         Arc::new(ConnQueue {
-            max_bytes,
+            max_bytes: std::sync::atomic::AtomicUsize::new(max_bytes),
             state: Mutex::new(State { events: VecDeque::new(), bytes: 0, closed: None }),
             notify: Notify::new(),
+            closed_notify: Notify::new(),
         })
+    }
+
+    /// Raises the bound to `max_bytes` if it is lower (a connection subscribing to a
+    /// namespace with a larger queue bound).
+    pub fn raise_bound(&self, max_bytes: usize) {
+        self.max_bytes.fetch_max(max_bytes, Ordering::Relaxed);
+    }
+
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes.load(Ordering::Relaxed)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -89,7 +109,7 @@ impl ConnQueue {
         if st.closed.is_some() {
             return Err(PushError::Closed);
         }
-        if st.bytes + cost > self.max_bytes && !st.events.is_empty() {
+        if st.bytes + cost > self.max_bytes() && !st.events.is_empty() {
             st.events.clear();
             st.events.shrink_to_fit();
             st.bytes = 0;
@@ -97,6 +117,7 @@ impl ConnQueue {
             drop(st);
             SLOW_CONSUMER_CLOSES.fetch_add(1, Ordering::Relaxed);
             self.notify.notify_one();
+            self.closed_notify.notify_waiters();
             return Err(PushError::Overflow);
         }
         st.bytes += cost;
@@ -134,6 +155,20 @@ impl ConnQueue {
         }
         drop(st);
         self.notify.notify_one();
+        self.closed_notify.notify_waiters();
+    }
+
+    /// Resolves when the queue is closed, for any reason. Any number of waiters.
+    pub async fn wait_closed(&self) -> CloseReason {
+        loop {
+            // Created before the check: a close between the check and the await still
+            // wakes it (notify_waiters counts futures created before the call).
+            let notified = self.closed_notify.notified();
+            if let Some(r) = self.closed() {
+                return r;
+            }
+            notified.await;
+        }
     }
 
     pub fn closed(&self) -> Option<CloseReason> {

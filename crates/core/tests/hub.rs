@@ -36,6 +36,7 @@ fn drain(q: &ConnQueue) -> Vec<u64> {
         .map(|e| match e {
             Event::Publication(d) => d.publication.offset,
             Event::Reset { .. } => u64::MAX,
+            Event::Frame(_) => u64::MAX - 1,
         })
         .collect()
 }

@@ -34,7 +34,7 @@ fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
 
 /// Checks a payload against the size limit and returns it as single-line JSON text (SSE
 /// `data:` lines and the canonical encoding rely on it having no raw newlines).
-fn payload(state: &AppState, data: &RawValue) -> Result<Bytes, ApiError> {
+pub(crate) fn payload(state: &AppState, data: &RawValue) -> Result<Bytes, ApiError> {
     let max = state.config.limits.max_message_bytes;
     let text = data.get();
     if text.len() > max {
@@ -117,7 +117,20 @@ pub async fn history(State(state): State<AppState>, RawQuery(raw): RawQuery) -> 
     let [name] = q.channels.as_slice() else {
         return Err(ApiError::new(Code::InvalidRequest, "name exactly one channel: ?channel=NAME"));
     };
-    let resolved = resolve_channel(&state, name)?;
+    let limit = q.int("limit", 1..=state.config.poll.max_limit as u64, Code::BadLimit)?;
+    let body = history_json(&state, name, q.get("since"), limit).await?;
+    Ok((StatusCode::OK, [("content-type", "application/json")], body).into_response())
+}
+
+/// The history answer shared by `GET /api/history` and the WebSocket `history` command:
+/// `{"publications":[…],"epoch","offset","recovered"}`.
+pub(crate) async fn history_json(
+    state: &AppState,
+    channel: &str,
+    since: Option<&str>,
+    limit: Option<u64>,
+) -> Result<Vec<u8>, ApiError> {
+    let resolved = resolve_channel(state, channel)?;
     if !resolved.options.keeps_history() {
         return Err(ApiError::new(
             Code::HistoryDisabled,
@@ -125,8 +138,12 @@ pub async fn history(State(state): State<AppState>, RawQuery(raw): RawQuery) -> 
         ));
     }
     let max = state.config.poll.max_limit as u64;
-    let limit = q.int("limit", 1..=max, Code::BadLimit)?.unwrap_or(state.config.poll.default_limit as u64) as usize;
-    let since = q.get("since").map(cursor::parse_position).transpose()?;
+    let limit = match limit {
+        None => state.config.poll.default_limit,
+        Some(n) if (1..=max).contains(&n) => n as usize,
+        Some(n) => return Err(ApiError::new(Code::BadLimit, format!("limit {n}: expected 1 to {max}"))),
+    };
+    let since = since.map(cursor::parse_position).transpose()?;
     let latest = since.is_none();
     let req = HistoryRequest { since, limit: Some(limit), latest };
     let (pubs, position, recovered) = match state.hub.broker().history(&resolved.channel, req).await {
@@ -146,7 +163,7 @@ pub async fn history(State(state): State<AppState>, RawQuery(raw): RawQuery) -> 
         format!("],\"epoch\":\"{}\",\"offset\":{},\"recovered\":{recovered}}}", position.epoch, position.offset)
             .as_bytes(),
     );
-    Ok((StatusCode::OK, [("content-type", "application/json")], body).into_response())
+    Ok(body)
 }
 
 /// `GET /api/channels` → active channels on this node with their subscriber counts.

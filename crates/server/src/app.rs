@@ -29,6 +29,49 @@ pub struct Inner {
     /// Flips to `true` when the server starts shutting down.
     pub shutdown: watch::Receiver<bool>,
     pub draining: AtomicBool,
+    /// Upgraded connections (WebSocket), which outlive their HTTP request: shutdown waits
+    /// for them separately.
+    pub upgraded: ConnTracker,
+}
+
+/// Counts live upgraded connections so shutdown can wait for them.
+#[derive(Default)]
+pub struct ConnTracker {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Held by one upgraded connection; dropping it counts the connection out.
+pub struct ConnGuard<'a>(&'a ConnTracker);
+
+impl ConnTracker {
+    pub fn enter(&self) -> ConnGuard<'_> {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        ConnGuard(self)
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once no upgraded connection is left.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl std::ops::Deref for AppState {
@@ -40,7 +83,16 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub fn new(config: Config, dev: bool, hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Self {
-        AppState { inner: Arc::new(Inner { config, dev, hub, shutdown, draining: AtomicBool::new(false) }) }
+        AppState {
+            inner: Arc::new(Inner {
+                config,
+                dev,
+                hub,
+                shutdown,
+                draining: AtomicBool::new(false),
+                upgraded: ConnTracker::default(),
+            }),
+        }
     }
 
     pub fn is_draining(&self) -> bool {
@@ -62,6 +114,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(api::readyz))
         .route("/sse", get(transports::sse::handler))
         .route("/poll", get(transports::poll::handler))
+        .route("/ws", get(transports::ws::handler))
         .nest("/api", api)
         .fallback(|| async { ApiError::new(Code::NotFound, "no such endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::new(Code::MethodNotAllowed, "method not allowed here") })

@@ -33,6 +33,7 @@ pub struct Config {
     pub limits: Limits,
     pub sse: SseConfig,
     pub poll: PollConfig,
+    pub ws: WsConfig,
     pub api: ApiConfig,
     pub broker: BrokerConfig,
 }
@@ -47,6 +48,7 @@ impl Default for Config {
             limits: Limits::default(),
             sse: SseConfig::default(),
             poll: PollConfig::default(),
+            ws: WsConfig::default(),
             api: ApiConfig::default(),
             broker: BrokerConfig::default(),
         }
@@ -152,6 +154,26 @@ impl Default for PollConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsConfig {
+    pub enabled: bool,
+    /// Seconds between server pings; a client silent for 3 intervals is closed.
+    pub ping_interval_secs: u64,
+    /// Negotiate permessage-deflate when the client offers it.
+    pub deflate: bool,
+    /// Sustained commands per second per connection (bursts of twice that pass).
+    pub max_commands_per_sec: u32,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig { enabled: true, ping_interval_secs: 25, deflate: true, max_commands_per_sec: 100, max_subscriptions: 1000 }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
@@ -241,6 +263,12 @@ impl Config {
         }
         if self.limits.max_channels_per_request == 0 {
             return Err(("limits.max_channels_per_request".into(), "must be at least 1".into()));
+        }
+        if self.ws.ping_interval_secs == 0 {
+            return Err(("ws.ping_interval_secs".into(), "must be at least 1".into()));
+        }
+        if self.ws.max_commands_per_sec == 0 {
+            return Err(("ws.max_commands_per_sec".into(), "must be at least 1".into()));
         }
         if self.sse.keepalive_secs == 0 {
             return Err(("sse.keepalive_secs".into(), "must be at least 1".into()));

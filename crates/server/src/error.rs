@@ -24,6 +24,14 @@ pub enum Code {
     NotFound,
     MethodNotAllowed,
     BrokerUnavailable,
+    UpgradeRequired,
+    UnknownCommand,
+    AlreadySubscribed,
+    NotSubscribed,
+    PublishNotAllowed,
+    TooManySubscriptions,
+    RateLimited,
+    PresenceDisabled,
 }
 
 impl Code {
@@ -45,6 +53,14 @@ impl Code {
             Code::NotFound => "not_found",
             Code::MethodNotAllowed => "method_not_allowed",
             Code::BrokerUnavailable => "broker_unavailable",
+            Code::UpgradeRequired => "upgrade_required",
+            Code::UnknownCommand => "unknown_command",
+            Code::AlreadySubscribed => "already_subscribed",
+            Code::NotSubscribed => "not_subscribed",
+            Code::PublishNotAllowed => "publish_not_allowed",
+            Code::TooManySubscriptions => "too_many_subscriptions",
+            Code::RateLimited => "rate_limited",
+            Code::PresenceDisabled => "presence_disabled",
         }
     }
 
@@ -63,6 +79,11 @@ impl Code {
             Code::TokenRequired | Code::Unauthorized => StatusCode::UNAUTHORIZED,
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::BrokerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            Code::UnknownCommand | Code::TooManySubscriptions => StatusCode::BAD_REQUEST,
+            Code::AlreadySubscribed | Code::NotSubscribed | Code::PresenceDisabled => StatusCode::CONFLICT,
+            Code::PublishNotAllowed => StatusCode::FORBIDDEN,
+            Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }

@@ -47,35 +47,65 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, then tells every streaming client to reconnect,
-    /// lets them go (at most `drain` long) and returns.
-    pub async fn run(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-        drain: Duration,
-    ) -> std::io::Result<()> {
+    /// Serves until `shutdown` resolves, then stops accepting, tells every streaming
+    /// client to reconnect, lets them go (at most `drain` long) and returns.
+    ///
+    /// The accept loop is our own (hyper's HTTP/1 connection per socket) rather than
+    /// `axum::serve`, so that an upgraded WebSocket gets its plain `TcpStream` back and
+    /// every connection is counted for the drain.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static, drain: Duration) -> std::io::Result<()> {
         let Server { state, listener, shutdown_tx } = self;
         let app = app::router(state.clone());
-        let tx = shutdown_tx.clone();
-        let signalled = async move {
-            shutdown.await;
-            tracing::info!("shutting down: telling clients to reconnect");
-            let _ = tx.send(true);
+        let connections = Arc::new(app::ConnTracker::default());
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (tcp, _peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let mut stop = state.shutdown.clone();
+            let connections = connections.clone();
+            tokio::spawn(async move {
+                let _tracked = connections.enter();
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .with_upgrades();
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            });
+        }
+        drop(listener);
+        tracing::info!("shutting down: telling clients to reconnect");
+        let _ = shutdown_tx.send(true);
+        let all_gone = async {
+            connections.wait_idle().await;
+            state.upgraded.wait_idle().await;
         };
-        let mut rx = state.shutdown.clone();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(signalled);
-        let mut serve = std::pin::pin!(std::future::IntoFuture::into_future(serve));
-        tokio::select! {
-            r = &mut serve => return r,
-            _ = rx.wait_for(|s| *s) => {}
+        if tokio::time::timeout(drain, all_gone).await.is_err() {
+            tracing::warn!(
+                http = connections.count(),
+                upgraded = state.upgraded.count(),
+                "drain window of {drain:?} elapsed with connections still open; exiting"
+            );
         }
-        match tokio::time::timeout(drain, serve).await {
-            Ok(r) => r,
-            Err(_) => {
-                tracing::warn!("drain window of {drain:?} elapsed with connections still open; exiting");
-                Ok(())
-            }
-        }
+        Ok(())
     }
 }
 

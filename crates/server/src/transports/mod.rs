@@ -3,6 +3,7 @@
 
 pub mod poll;
 pub mod sse;
+pub mod ws;
 
 use crate::app::AppState;
 use crate::error::{ApiError, Code};

@@ -89,6 +89,7 @@ pub async fn handler(State(state): State<AppState>, RawQuery(raw): RawQuery) -> 
                     positions[i] = position;
                 }
             }
+            Event::Frame(_) => {}
         }
     }
     drop(session);

@@ -211,6 +211,7 @@ impl SseStream {
                         self.write_reset(&mut out, i, position.clone(), "stream_reset");
                     }
                 }
+                Event::Frame(b) => out.put_slice(b),
             }
         }
         self.batch = batch;
@@ -221,6 +222,7 @@ impl SseStream {
     fn disconnect(&self, reason: CloseReason) -> Bytes {
         let (name, retry) = match reason {
             CloseReason::SlowConsumer => ("slow_consumer", self.retry_ms),
+            CloseReason::Normal => ("closed", self.retry_ms),
             // Spread the reconnects of a draining node's clients over a window.
             CloseReason::Shutdown => ("shutdown", fastrand::u64(self.retry_ms / 2..=self.retry_ms.max(1) * 5)),
         };
@@ -233,6 +235,7 @@ fn event_size(e: &Event) -> usize {
     match e {
         Event::Publication(d) => d.json().len() + 96,
         Event::Reset { .. } => 160,
+        Event::Frame(b) => b.len(),
     }
 }
 

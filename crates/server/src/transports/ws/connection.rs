@@ -1,0 +1,472 @@
+//! One WebSocket connection: a reader (this task: frames in, commands handled, heartbeats)
+//! and a writer task that drains the connection's bounded queue into vectored writes.
+//!
+//! Replies, pings and publications all go through the one queue, so a `subscribe` reply
+//! always precedes the publications it replays, and a client that reads nothing — replies
+//! included — overflows its queue and is closed as a slow consumer (4000).
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use switchboard_core::hub::{SubscribeRequest, SubscribeOutcome, SubscriptionHandle};
+use switchboard_core::queue::Event;
+use switchboard_core::{ChannelName, CloseReason, ConnQueue, Delivery, StreamPosition};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::frame::{self, close, FrameReader, Incoming, Violation};
+use super::protocol::{self, Command};
+use crate::api;
+use crate::app::AppState;
+use crate::cursor;
+use crate::error::{ApiError, Code};
+use crate::session::{resolve_channel, Resolved};
+
+/// Encoding slots in [`Delivery`] owned by this transport.
+const SLOT_TEXT: usize = 2;
+const SLOT_DEFLATE: usize = 3;
+
+/// How long the writer may take to flush its last frames once the connection is over.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Room for the command envelope around a payload at the size limit.
+const ENVELOPE_BYTES: usize = 4096;
+
+/// What the handshake decided.
+pub struct Ctx {
+    pub state: AppState,
+    pub deflate: bool,
+    pub url_channels: Vec<Resolved>,
+    pub url_cursor: Option<Vec<StreamPosition>>,
+}
+
+pub async fn serve(stream: TcpStream, pre: Bytes, ctx: Ctx) {
+    let state = ctx.state.clone();
+    let _tracked = state.upgraded.enter();
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let queue = ConnQueue::new(state.config.defaults.queue_max_bytes);
+    let mut writer = tokio::spawn(write_loop(wr, queue.clone(), ctx.deflate));
+    let mut conn = Conn {
+        state: state.clone(),
+        queue: queue.clone(),
+        subs: HashMap::new(),
+        client: client_id(),
+        bucket: Bucket::new(state.config.ws.max_commands_per_sec),
+        rejected: 0,
+    };
+    tracing::debug!(client = %conn.client, deflate = ctx.deflate, "websocket connected");
+    conn.run(rd, pre, ctx).await;
+    // The reader is done; give the writer a moment to flush the close, then make sure
+    // the socket goes away even if the peer stopped reading.
+    if tokio::time::timeout(CLOSE_GRACE, &mut writer).await.is_err() {
+        writer.abort();
+    }
+    tracing::debug!(client = %conn.client, "websocket closed");
+}
+
+fn client_id() -> String {
+    const A: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    (0..12).map(|_| A[fastrand::usize(..A.len())] as char).collect()
+}
+
+/// Token bucket for commands per connection.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Self {
+        let rate = rate as f64;
+        Bucket { tokens: rate * 2.0, rate, burst: rate * 2.0, last: Instant::now() }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Conn {
+    state: AppState,
+    queue: Arc<ConnQueue>,
+    subs: HashMap<ChannelName, SubscriptionHandle>,
+    client: String,
+    bucket: Bucket,
+    /// Commands refused in a row for the rate limit.
+    rejected: u32,
+}
+
+enum Read {
+    Data,
+    Eof,
+    WouldBlock,
+    Failed,
+    Violation(Violation),
+}
+
+/// Reads what the socket has into the frame parser. The read buffer lives only on this
+/// synchronous stack frame: an idle connection holds none.
+fn read_available(rd: &OwnedReadHalf, reader: &mut FrameReader, out: &mut Vec<Incoming>) -> Read {
+    let mut buf = [0u8; 8192];
+    let mut got = false;
+    for _ in 0..8 {
+        match rd.try_read(&mut buf) {
+            Ok(0) => return if got { Read::Data } else { Read::Eof },
+            Ok(n) => {
+                got = true;
+                if let Err(v) = reader.feed(&buf[..n], out) {
+                    return Read::Violation(v);
+                }
+                if n < buf.len() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return Read::Failed,
+        }
+    }
+    if got {
+        Read::Data
+    } else {
+        Read::WouldBlock
+    }
+}
+
+impl Conn {
+    async fn run(&mut self, rd: OwnedReadHalf, pre: Bytes, ctx: Ctx) {
+        let max_message = self.state.config.limits.max_message_bytes + ENVELOPE_BYTES;
+        let mut reader = FrameReader::new(max_message, ctx.deflate);
+        let mut incoming = Vec::new();
+        if let Err(v) = reader.feed(&pre, &mut incoming) {
+            return self.violate(v);
+        }
+        drop(pre);
+        for (i, r) in ctx.url_channels.into_iter().enumerate() {
+            let since = ctx.url_cursor.as_ref().map(|c| c[i].clone());
+            let res = self.subscribe(r, since, |o, ch| format!("{{\"subscribed\":{}}}", outcome_json(ch, o))).await;
+            if let Err(e) = res {
+                // The channel was checked at the handshake; this is the broker failing.
+                self.push_final(frame::text(protocol::error(None, &e).as_bytes()));
+                return self.close_with(close::INTERNAL, "subscribe failed");
+            }
+        }
+
+        let interval = Duration::from_secs(self.state.config.ws.ping_interval_secs);
+        let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_seen = Instant::now();
+        let mut shutdown = self.state.shutdown.clone();
+        let mut shutdown_seen = false;
+        loop {
+            for msg in std::mem::take(&mut incoming) {
+                match msg {
+                    Incoming::Text(t) => {
+                        if !self.command(&t).await {
+                            return;
+                        }
+                    }
+                    Incoming::Ping(p) => self.push(frame::frame(frame::OP_PONG, false, &p)),
+                    Incoming::Pong => {}
+                    Incoming::Close(code) => {
+                        // Echo the peer's code (RFC 6455 §5.5.1) and end.
+                        self.push_final(frame::close_frame(code.unwrap_or(close::NORMAL), ""));
+                        self.queue.close(CloseReason::Normal);
+                        return;
+                    }
+                }
+            }
+            if *shutdown.borrow() && !shutdown_seen {
+                shutdown_seen = true;
+                self.queue.close(CloseReason::Shutdown);
+            }
+            tokio::select! {
+                r = rd.readable() => {
+                    if r.is_err() {
+                        return self.queue.close(CloseReason::Normal);
+                    }
+                    match read_available(&rd, &mut reader, &mut incoming) {
+                        Read::Data => last_seen = Instant::now(),
+                        Read::WouldBlock => {}
+                        Read::Eof | Read::Failed => return self.queue.close(CloseReason::Normal),
+                        Read::Violation(v) => {
+                            // Handle what came before the violation, then close.
+                            for msg in std::mem::take(&mut incoming) {
+                                if let Incoming::Text(t) = msg {
+                                    if !self.command(&t).await {
+                                        return;
+                                    }
+                                }
+                            }
+                            return self.violate(v);
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_seen.elapsed() >= interval * 3 {
+                        return self.close_with(close::HEARTBEAT_TIMEOUT, "heartbeat timeout: no frames for 3 ping intervals");
+                    }
+                    self.push(Bytes::from_static(frame::PING));
+                }
+                _ = shutdown.changed(), if !shutdown_seen => {}
+                _ = self.queue.wait_closed() => return,
+            }
+        }
+    }
+
+    /// Queues a frame behind what is queued, within the byte bound.
+    fn push(&self, frame: Bytes) {
+        let _ = self.queue.push(Event::Frame(frame));
+    }
+
+    /// Queues a last frame regardless of the bound (a close must get out).
+    fn push_final(&self, frame: Bytes) {
+        self.queue.push_replay(Event::Frame(frame));
+    }
+
+    fn close_with(&self, code: u16, reason: &str) {
+        self.push_final(frame::close_frame(code, reason));
+        self.queue.close(CloseReason::Normal);
+    }
+
+    fn violate(&self, v: Violation) {
+        tracing::debug!(client = %self.client, code = v.code, reason = v.reason, "websocket protocol violation");
+        self.close_with(v.code, v.reason);
+    }
+
+    fn reply(&self, text: String) {
+        self.push(frame::text(text.as_bytes()));
+    }
+
+    /// Handles one command. Returns false when the connection is closing.
+    async fn command(&mut self, text: &str) -> bool {
+        if !self.bucket.take() {
+            self.rejected += 1;
+            if self.rejected as f64 > self.bucket.burst {
+                self.close_with(close::POLICY, "command flood");
+                return false;
+            }
+            let id = serde_json::from_str::<serde_json::Value>(text).ok().and_then(|v| v["id"].as_u64());
+            let e = ApiError::new(Code::RateLimited, "too many commands; slow down");
+            self.reply(protocol::error(id, &e));
+            return true;
+        }
+        self.rejected = 0;
+        let (id, cmd) = match protocol::parse(text) {
+            Ok(x) => x,
+            Err((id, e)) => {
+                self.reply(protocol::error(id, &e));
+                return true;
+            }
+        };
+        let result = match cmd {
+            Command::Subscribe { channel, since } => {
+                let r = async {
+                    let resolved = resolve_channel(&self.state, &channel)?;
+                    let since = since.as_deref().map(cursor::parse_position).transpose()?;
+                    Ok::<_, ApiError>((resolved, since))
+                }
+                .await;
+                let res = match r {
+                    Ok((resolved, since)) => {
+                        self.subscribe(resolved, since, |o, ch| protocol::ok(id, &outcome_json(ch, o))).await
+                    }
+                    Err(e) => Err(e),
+                };
+                // Success replied inside `subscribe`, before the replay.
+                res.map(|()| None)
+            }
+            Command::Unsubscribe { channel } => {
+                let ch = ChannelName::parse(&channel).map_err(|e| ApiError::channel(&channel, e));
+                ch.and_then(|ch| match self.subs.remove(&ch) {
+                    Some(_) => Ok(Some("{}".to_string())),
+                    None => Err(ApiError::new(Code::NotSubscribed, format!("not subscribed to {channel:?}"))),
+                })
+            }
+            Command::Publish { channel, data } => self.publish(&channel, data).await.map(Some),
+            Command::History { channel, since, limit } => {
+                api::history_json(&self.state, &channel, since.as_deref(), limit)
+                    .await
+                    .map(|b| Some(String::from_utf8(b).expect("history JSON is UTF-8")))
+            }
+            Command::Presence { channel } => resolve_channel(&self.state, &channel).and_then(|r| {
+                Err(ApiError::new(
+                    Code::PresenceDisabled,
+                    format!("presence is not enabled for namespace {:?}", r.channel.namespace()),
+                ))
+            }),
+            Command::Connect { token: _ } => Ok(Some(format!(
+                "{{\"client\":\"{}\",\"version\":\"v1\",\"ping_interval_ms\":{}}}",
+                self.client,
+                self.state.config.ws.ping_interval_secs * 1000
+            ))),
+            Command::Ping => Ok(Some("{}".to_string())),
+        };
+        match result {
+            Ok(Some(ok)) => self.reply(protocol::ok(id, &ok)),
+            Ok(None) => {}
+            Err(e) => self.reply(protocol::error(id, &e)),
+        }
+        true
+    }
+
+    /// Subscribes race-free; `reply` renders what is queued before the replay.
+    async fn subscribe(
+        &mut self,
+        r: Resolved,
+        since: Option<StreamPosition>,
+        reply: impl FnOnce(&SubscribeOutcome, &ChannelName) -> String,
+    ) -> Result<(), ApiError> {
+        super::super::check_anonymous_access(&self.state, std::slice::from_ref(&r))?;
+        if self.subs.contains_key(&r.channel) {
+            return Err(ApiError::new(Code::AlreadySubscribed, format!("already subscribed to {:?}", r.channel.as_str())));
+        }
+        let max = self.state.config.ws.max_subscriptions;
+        if self.subs.len() >= max {
+            return Err(ApiError::new(Code::TooManySubscriptions, format!("at most {max} subscriptions per connection")));
+        }
+        self.queue.raise_bound(r.options.queue_max_bytes);
+        let pending = self.state.hub.subscribe(r.channel.clone(), self.queue.clone(), SubscribeRequest { since }).await?;
+        self.reply(reply(pending.outcome(), &r.channel));
+        self.subs.insert(r.channel, pending.go_live());
+        Ok(())
+    }
+
+    async fn publish(&self, channel: &str, data: &serde_json::value::RawValue) -> Result<String, ApiError> {
+        let r = resolve_channel(&self.state, channel)?;
+        if !r.options.allow_publish {
+            return Err(ApiError::new(
+                Code::PublishNotAllowed,
+                format!("clients may not publish in namespace {:?}", r.channel.namespace()),
+            ));
+        }
+        super::super::check_anonymous_access(&self.state, std::slice::from_ref(&r))?;
+        let data = api::payload(&self.state, data)?;
+        let pos = self.state.hub.broker().publish(&r.channel, data, &r.options.publish_options()).await?;
+        Ok(format!("{{\"epoch\":\"{}\",\"offset\":{}}}", pos.epoch, pos.offset))
+    }
+}
+
+fn outcome_json(channel: &ChannelName, o: &SubscribeOutcome) -> String {
+    serde_json::json!({
+        "channel": channel, "epoch": &*o.position.epoch, "offset": o.position.offset,
+        "recovered": o.recovered, "replayed": o.replayed,
+    })
+    .to_string()
+}
+
+fn pub_payload(d: &Delivery) -> Vec<u8> {
+    let mut v = Vec::with_capacity(d.json().len() + 8);
+    v.extend_from_slice(b"{\"pub\":");
+    v.extend_from_slice(d.json());
+    v.push(b'}');
+    v
+}
+
+fn encode(e: Event, deflate: bool) -> Bytes {
+    match e {
+        // Built once per publication, shared by every subscriber with the same setting.
+        Event::Publication(d) if deflate => {
+            d.encoded(SLOT_DEFLATE, |d| frame::text_maybe_deflated(&pub_payload(d), true))
+        }
+        Event::Publication(d) => d.encoded(SLOT_TEXT, |d| frame::text(&pub_payload(d))),
+        Event::Reset { channel, position } => {
+            let v = serde_json::json!({"reset": {
+                "channel": channel, "epoch": &*position.epoch, "offset": position.offset, "reason": "stream_reset",
+            }});
+            frame::text(v.to_string().as_bytes())
+        }
+        Event::Frame(b) => b,
+    }
+}
+
+fn disconnect(code: u16, reason: &str, retry_ms: u64) -> Bytes {
+    let v = serde_json::json!({"disconnect": {"code": code, "reason": reason, "reconnect": true, "retry_ms": retry_ms}});
+    frame::text(v.to_string().as_bytes())
+}
+
+/// The writer: drains everything queued into vectored writes until the queue closes.
+async fn write_loop(mut wr: OwnedWriteHalf, queue: Arc<ConnQueue>, deflate: bool) {
+    let mut batch = Vec::new();
+    let mut frames: Vec<Bytes> = Vec::new();
+    loop {
+        match queue.next_batch(&mut batch).await {
+            Ok(()) => {
+                frames.extend(batch.drain(..).map(|e| encode(e, deflate)));
+                let r = write_all(&mut wr, &frames).await;
+                frames.clear();
+                if batch.capacity() > 64 {
+                    // Don't let one burst pin memory on an idle connection.
+                    batch = Vec::new();
+                    frames = Vec::new();
+                }
+                if r.is_err() {
+                    queue.close(CloseReason::Normal);
+                    return;
+                }
+            }
+            Err(reason) => {
+                let tail = match reason {
+                    CloseReason::SlowConsumer => vec![
+                        disconnect(close::SLOW_CONSUMER, "slow_consumer", 0),
+                        frame::close_frame(close::SLOW_CONSUMER, "slow consumer: reconnect and resume"),
+                    ],
+                    CloseReason::Shutdown => {
+                        let retry = fastrand::u64(500..=5000);
+                        vec![
+                            disconnect(close::GOING_AWAY, "shutdown", retry),
+                            frame::close_frame(close::GOING_AWAY, "server shutting down: reconnect"),
+                        ]
+                    }
+                    CloseReason::Normal => Vec::new(),
+                };
+                let _ = write_all(&mut wr, &tail).await;
+                let _ = wr.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+/// Writes every frame, many per system call.
+async fn write_all(wr: &mut OwnedWriteHalf, frames: &[Bytes]) -> std::io::Result<()> {
+    const MAX_IOV: usize = 256;
+    let (mut i, mut off) = (0usize, 0usize);
+    while i < frames.len() {
+        let end = (i + MAX_IOV).min(frames.len());
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(end - i);
+        slices.push(IoSlice::new(&frames[i][off..]));
+        slices.extend(frames[i + 1..end].iter().map(|f| IoSlice::new(f)));
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && i < frames.len() {
+            let left = frames[i].len() - off;
+            if n >= left {
+                n -= left;
+                i += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}

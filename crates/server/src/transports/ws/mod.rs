@@ -1,0 +1,133 @@
+//! WebSocket: `GET /ws`, subprotocol `switchboard.v1` (docs/protocol.md).
+//!
+//! The handshake is answered here; after the upgrade the TCP stream is taken back from
+//! hyper and served by [`connection`], which owns the framing ([`frame`]) so that a
+//! publication's frame — plain or compressed ([`deflate`]) — is built once and written to
+//! every subscriber as the same bytes.
+
+pub mod connection;
+pub mod deflate;
+pub mod frame;
+pub mod protocol;
+
+use axum::extract::{RawQuery, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::app::AppState;
+use crate::cursor;
+use crate::error::{ApiError, Code};
+use crate::session::{self, Query};
+
+pub const SUBPROTOCOL: &str = "switchboard.v1";
+const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`.
+pub fn accept_key(key: &str) -> String {
+    let mut sha = sha1_smol::Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes())
+}
+
+pub async fn handler(State(state): State<AppState>, RawQuery(raw): RawQuery, mut req: Request) -> Response {
+    match upgrade(state, raw, &mut req) {
+        Ok(r) => r,
+        Err(e) => {
+            let mut r = e.clone().into_response();
+            if e.code == Code::UpgradeRequired {
+                r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
+                r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            }
+            r
+        }
+    }
+}
+
+fn upgrade(state: AppState, raw: Option<String>, req: &mut Request) -> Result<Response, ApiError> {
+    if !state.config.ws.enabled {
+        return Err(ApiError::new(Code::TransportDisabled, "the WebSocket transport is disabled on this server"));
+    }
+    let headers = req.headers();
+    if !header_has_token(headers, header::UPGRADE, "websocket") || !header_has_token(headers, header::CONNECTION, "upgrade")
+    {
+        return Err(ApiError::new(Code::UpgradeRequired, "this endpoint speaks WebSocket: send an Upgrade request"));
+    }
+    if headers.get("sec-websocket-version").and_then(|v| v.to_str().ok()) != Some("13") {
+        return Err(ApiError::new(Code::UpgradeRequired, "unsupported Sec-WebSocket-Version; this server speaks 13"));
+    }
+    let key = headers.get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::trim).unwrap_or("");
+    let key_ok = base64::engine::general_purpose::STANDARD.decode(key).is_ok_and(|k| k.len() == 16);
+    if !key_ok {
+        return Err(ApiError::new(Code::InvalidRequest, "missing or malformed Sec-WebSocket-Key"));
+    }
+    let accept = accept_key(key);
+    let protocol_offered = header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
+    let deflate = state.config.ws.deflate
+        && deflate::negotiate(headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()));
+
+    // Zero-library mode: channels in the URL are subscribed at connect. Their errors are
+    // ordinary HTTP errors, before the upgrade.
+    let q = Query::parse(raw.as_deref());
+    let url_channels =
+        if q.channels.is_empty() { Vec::new() } else { session::resolve_channels(&state, &q.channels)? };
+    super::check_anonymous_access(&state, &url_channels)?;
+    let url_cursor = match q.get("since").filter(|s| !s.is_empty()) {
+        Some(_) if url_channels.is_empty() => {
+            return Err(ApiError::new(Code::InvalidRequest, "`since` needs `channel` parameters"));
+        }
+        Some(s) => Some(cursor::parse(s, url_channels.len())?),
+        None => None,
+    };
+
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return Err(ApiError::new(Code::UpgradeRequired, "this connection cannot be upgraded (HTTP/1.1 required)"));
+    };
+    let ctx = connection::Ctx { state, deflate, url_channels, url_cursor };
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!("websocket upgrade failed: {e}");
+                return;
+            }
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => connection::serve(parts.io.into_inner(), parts.read_buf, ctx).await,
+            Err(_) => tracing::error!("websocket upgrade over a non-TCP stream is not supported"),
+        }
+    });
+
+    let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header value"));
+    if protocol_offered {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+    }
+    if deflate {
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(deflate::RESPONSE));
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn accept_key_matches_rfc_6455_example() {
+        assert_eq!(super::accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaE+tJ9wdqgW57dEPo=");
+    }
+}

@@ -1,0 +1,125 @@
+//! The `switchboard.v1` command protocol: wire JSON in, typed commands out; replies and
+//! pushes as JSON text. docs/protocol.md is the reference.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::{ApiError, Code};
+
+/// A command, parsed and checked for its required fields.
+#[derive(Debug)]
+pub enum Command<'a> {
+    Connect { token: Option<String> },
+    Subscribe { channel: String, since: Option<String> },
+    Unsubscribe { channel: String },
+    Publish { channel: String, data: &'a RawValue },
+    History { channel: String, since: Option<String>, limit: Option<u64> },
+    Presence { channel: String },
+    Ping,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire<'a> {
+    id: Option<u64>,
+    cmd: String,
+    channel: Option<String>,
+    since: Option<String>,
+    limit: Option<u64>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    token: Option<String>,
+    #[serde(borrow)]
+    #[allow(dead_code)]
+    client: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<u64>,
+}
+
+/// Commands (other than errors) errors are reported under: the `id` if it could be read.
+pub type Parsed<'a> = Result<(Option<u64>, Command<'a>), (Option<u64>, ApiError)>;
+
+pub fn parse(text: &str) -> Parsed<'_> {
+    let w: Wire = match serde_json::from_str(text) {
+        Ok(w) => w,
+        Err(e) => {
+            let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|i| i.id);
+            let code = if e.is_data() { Code::InvalidRequest } else { Code::InvalidJson };
+            return Err((id, ApiError::new(code, format!("command: {e}"))));
+        }
+    };
+    let id = w.id;
+    let need = |field: Option<String>, name: &str| {
+        field.ok_or_else(|| (id, ApiError::new(Code::InvalidRequest, format!("`{}` needs `{name}`", w.cmd))))
+    };
+    let cmd = match w.cmd.as_str() {
+        "connect" => Command::Connect { token: w.token },
+        "subscribe" => Command::Subscribe { channel: need(w.channel, "channel")?, since: w.since },
+        "unsubscribe" => Command::Unsubscribe { channel: need(w.channel, "channel")? },
+        "publish" => {
+            let channel = need(w.channel, "channel")?;
+            let data = w.data.ok_or_else(|| (id, ApiError::new(Code::InvalidRequest, "`publish` needs `data`")))?;
+            Command::Publish { channel, data }
+        }
+        "history" => Command::History { channel: need(w.channel, "channel")?, since: w.since, limit: w.limit },
+        "presence" => Command::Presence { channel: need(w.channel, "channel")? },
+        "ping" => Command::Ping,
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            return Err((id, ApiError::new(Code::UnknownCommand, format!("unknown command {shown:?}"))));
+        }
+    };
+    Ok((id, cmd))
+}
+
+fn id_json(id: Option<u64>) -> String {
+    id.map_or_else(|| "null".to_string(), |i| i.to_string())
+}
+
+/// `{"id":…,"ok":<ok>}` where `ok` is JSON text.
+pub fn ok(id: Option<u64>, ok: &str) -> String {
+    format!("{{\"id\":{},\"ok\":{ok}}}", id_json(id))
+}
+
+/// `{"id":…,"error":{"code","message"}}`.
+pub fn error(id: Option<u64>, e: &ApiError) -> String {
+    let err = serde_json::json!({"code": e.code.as_str(), "message": e.message});
+    format!("{{\"id\":{},\"error\":{err}}}", id_json(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands_and_names_what_is_missing() {
+        let (id, c) = parse(r#"{"id":3,"cmd":"subscribe","channel":"a","since":"e:1"}"#).unwrap();
+        assert_eq!(id, Some(3));
+        assert!(matches!(c, Command::Subscribe { ref channel, since: Some(_) } if channel == "a"));
+        let (id, e) = parse(r#"{"id":4,"cmd":"subscribe"}"#).unwrap_err();
+        assert_eq!((id, e.code), (Some(4), Code::InvalidRequest));
+        let (id, e) = parse(r#"{"id":5,"cmd":"dance"}"#).unwrap_err();
+        assert_eq!((id, e.code), (Some(5), Code::UnknownCommand));
+        let (id, e) = parse(r#"{"id":6,"cmd":"ping","bogus":1}"#).unwrap_err();
+        assert_eq!((id, e.code), (Some(6), Code::InvalidRequest));
+        let (id, e) = parse(r#"{"id":"x","cmd":"ping"}"#).unwrap_err();
+        assert_eq!((id, e.code), (None, Code::InvalidRequest));
+        let (id, e) = parse("{nope").unwrap_err();
+        assert_eq!((id, e.code), (None, Code::InvalidJson));
+        let (_, e) = parse(r#"{"id":1,"cmd":"publish","channel":"a"}"#).unwrap_err();
+        assert_eq!(e.code, Code::InvalidRequest);
+    }
+
+    #[test]
+    fn replies_are_json_with_the_id() {
+        let v: serde_json::Value = serde_json::from_str(&ok(Some(9), "{}")).unwrap();
+        assert_eq!(v["id"], 9);
+        let v: serde_json::Value =
+            serde_json::from_str(&error(None, &ApiError::new(Code::InvalidJson, "bad \"x\""))).unwrap();
+        assert_eq!(v["id"], serde_json::Value::Null);
+        assert_eq!(v["error"]["code"], "invalid_json");
+    }
+}
