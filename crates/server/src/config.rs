@@ -166,11 +166,21 @@ pub struct WsConfig {
     pub max_commands_per_sec: u32,
     /// Subscriptions one connection may hold.
     pub max_subscriptions: usize,
+    /// SO_SNDBUF for each WebSocket (0: the kernel's default and autotuning). Smaller
+    /// means less kernel memory per connection and earlier slow-consumer detection.
+    pub send_buffer_bytes: usize,
 }
 
 impl Default for WsConfig {
     fn default() -> Self {
-        WsConfig { enabled: true, ping_interval_secs: 25, deflate: true, max_commands_per_sec: 100, max_subscriptions: 1000 }
+        WsConfig {
+            enabled: true,
+            ping_interval_secs: 25,
+            deflate: true,
+            max_commands_per_sec: 100,
+            max_subscriptions: 1000,
+            send_buffer_bytes: 0,
+        }
     }
 }
 

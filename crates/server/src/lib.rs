@@ -53,7 +53,11 @@ impl Server {
     /// The accept loop is our own (hyper's HTTP/1 connection per socket) rather than
     /// `axum::serve`, so that an upgraded WebSocket gets its plain `TcpStream` back and
     /// every connection is counted for the drain.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static, drain: Duration) -> std::io::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        drain: Duration,
+    ) -> std::io::Result<()> {
         let Server { state, listener, shutdown_tx } = self;
         let app = app::router(state.clone());
         let connections = Arc::new(app::ConnTracker::default());

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use switchboard_core::hub::{SubscribeRequest, SubscribeOutcome, SubscriptionHandle};
+use switchboard_core::hub::{SubscribeOutcome, SubscribeRequest, SubscriptionHandle};
 use switchboard_core::queue::Event;
 use switchboard_core::{ChannelName, CloseReason, ConnQueue, Delivery, StreamPosition};
 use tokio::io::AsyncWriteExt;
@@ -49,6 +49,9 @@ pub async fn serve(stream: TcpStream, pre: Bytes, ctx: Ctx) {
     let state = ctx.state.clone();
     let _tracked = state.upgraded.enter();
     let _ = stream.set_nodelay(true);
+    if state.config.ws.send_buffer_bytes > 0 {
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(state.config.ws.send_buffer_bytes);
+    }
     let (rd, wr) = stream.into_split();
     let queue = ConnQueue::new(state.config.defaults.queue_max_bytes);
     let mut writer = tokio::spawn(write_loop(wr, queue.clone(), ctx.deflate));
@@ -334,14 +337,21 @@ impl Conn {
     ) -> Result<(), ApiError> {
         super::super::check_anonymous_access(&self.state, std::slice::from_ref(&r))?;
         if self.subs.contains_key(&r.channel) {
-            return Err(ApiError::new(Code::AlreadySubscribed, format!("already subscribed to {:?}", r.channel.as_str())));
+            return Err(ApiError::new(
+                Code::AlreadySubscribed,
+                format!("already subscribed to {:?}", r.channel.as_str()),
+            ));
         }
         let max = self.state.config.ws.max_subscriptions;
         if self.subs.len() >= max {
-            return Err(ApiError::new(Code::TooManySubscriptions, format!("at most {max} subscriptions per connection")));
+            return Err(ApiError::new(
+                Code::TooManySubscriptions,
+                format!("at most {max} subscriptions per connection"),
+            ));
         }
         self.queue.raise_bound(r.options.queue_max_bytes);
-        let pending = self.state.hub.subscribe(r.channel.clone(), self.queue.clone(), SubscribeRequest { since }).await?;
+        let pending =
+            self.state.hub.subscribe(r.channel.clone(), self.queue.clone(), SubscribeRequest { since }).await?;
         self.reply(reply(pending.outcome(), &r.channel));
         self.subs.insert(r.channel, pending.go_live());
         Ok(())
@@ -396,7 +406,8 @@ fn encode(e: Event, deflate: bool) -> Bytes {
 }
 
 fn disconnect(code: u16, reason: &str, retry_ms: u64) -> Bytes {
-    let v = serde_json::json!({"disconnect": {"code": code, "reason": reason, "reconnect": true, "retry_ms": retry_ms}});
+    let v =
+        serde_json::json!({"disconnect": {"code": code, "reason": reason, "reconnect": true, "retry_ms": retry_ms}});
     frame::text(v.to_string().as_bytes())
 }
 

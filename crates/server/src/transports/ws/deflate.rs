@@ -2,7 +2,7 @@
 //! message is compressed on its own, so a publication is compressed once and the same
 //! bytes go to every subscriber, and no connection keeps a compressor or a window.
 
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use flate2::{Compress, Compression, FlushCompress};
 
 /// The extension response the server sends when it accepts an offer.
 pub const RESPONSE: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
@@ -16,13 +16,16 @@ pub fn negotiate<'a>(offers: impl Iterator<Item = &'a str>) -> bool {
                 continue;
             }
             let acceptable = parts.all(|p| {
-                let (name, value) = p.split_once('=').map_or((p, None), |(n, v)| (n.trim(), Some(v.trim().trim_matches('"'))));
+                let (name, value) =
+                    p.split_once('=').map_or((p, None), |(n, v)| (n.trim(), Some(v.trim().trim_matches('"'))));
                 match name {
                     "server_no_context_takeover" | "client_no_context_takeover" => value.is_none(),
                     // We compress with a 32 KiB window; a smaller one cannot be honoured.
                     "server_max_window_bits" => value == Some("15"),
                     // Our inflater accepts any window the client uses.
-                    "client_max_window_bits" => value.is_none_or(|v| v.parse::<u8>().is_ok_and(|b| (8..=15).contains(&b))),
+                    "client_max_window_bits" => {
+                        value.is_none_or(|v| v.parse::<u8>().is_ok_and(|b| (8..=15).contains(&b)))
+                    }
                     _ => false,
                 }
             });
@@ -63,28 +66,15 @@ pub enum InflateError {
 
 /// Inflates one message, refusing to produce more than `max` bytes.
 pub fn decompress(data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
-    let mut d = Decompress::new(false);
-    let mut input = Vec::with_capacity(data.len() + 4);
-    input.extend_from_slice(data);
-    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
-    let mut out = Vec::with_capacity((data.len() * 3).min(max + 1).max(64));
-    loop {
-        let consumed = d.total_in() as usize;
-        let status =
-            d.decompress_vec(&input[consumed..], &mut out, FlushDecompress::Sync).map_err(|_| InflateError::Corrupt)?;
-        if out.len() > max {
-            return Err(InflateError::TooBig);
-        }
-        let done = d.total_in() as usize == input.len();
-        if status == Status::StreamEnd || (done && out.len() < out.capacity()) {
-            break;
-        }
-        if out.len() == out.capacity() {
-            out.reserve(out.capacity().min(max + 1 - out.len().min(max)).max(64));
-        } else if d.total_in() as usize == consumed {
-            // No progress with room to spare: truncated or corrupt input.
-            return Err(InflateError::Corrupt);
-        }
+    use std::io::Read;
+    // The sync-flush tail RFC 7692 removed, then an empty final block so the decoder
+    // sees a complete stream.
+    let tail: &[u8] = &[0, 0, 0xff, 0xff, 0x01, 0, 0, 0xff, 0xff];
+    let mut decoder = flate2::read::DeflateDecoder::new(std::io::Read::chain(data, tail));
+    let mut out = Vec::with_capacity((data.len() * 2).clamp(64, max + 1));
+    decoder.by_ref().take(max as u64 + 1).read_to_end(&mut out).map_err(|_| InflateError::Corrupt)?;
+    if out.len() > max {
+        return Err(InflateError::TooBig);
     }
     Ok(out)
 }

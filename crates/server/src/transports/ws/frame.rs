@@ -229,7 +229,10 @@ impl FrameReader {
                         return Err(violation(close::PROTOCOL_ERROR, "new message before the previous one ended"));
                     }
                     if opcode == OP_BINARY {
-                        return Err(violation(close::UNSUPPORTED_DATA, "binary frames are not supported; send JSON text"));
+                        return Err(violation(
+                            close::UNSUPPORTED_DATA,
+                            "binary frames are not supported; send JSON text",
+                        ));
                     }
                     let p = Partial { compressed: rsv1, data: payload };
                     if fin {
@@ -323,7 +326,10 @@ mod tests {
         let mut input = client(0x01, b"hel");
         input.extend(client(0x89, b"p"));
         input.extend(client(0x80, b"lo"));
-        assert_eq!(parse_all(&input).unwrap(), vec![Incoming::Ping(Bytes::from_static(b"p")), Incoming::Text("hello".into())]);
+        assert_eq!(
+            parse_all(&input).unwrap(),
+            vec![Incoming::Ping(Bytes::from_static(b"p")), Incoming::Text("hello".into())]
+        );
     }
 
     #[test]

@@ -61,7 +61,8 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request) -> Result<Re
         return Err(ApiError::new(Code::TransportDisabled, "the WebSocket transport is disabled on this server"));
     }
     let headers = req.headers();
-    if !header_has_token(headers, header::UPGRADE, "websocket") || !header_has_token(headers, header::CONNECTION, "upgrade")
+    if !header_has_token(headers, header::UPGRADE, "websocket")
+        || !header_has_token(headers, header::CONNECTION, "upgrade")
     {
         return Err(ApiError::new(Code::UpgradeRequired, "this endpoint speaks WebSocket: send an Upgrade request"));
     }
@@ -81,8 +82,7 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request) -> Result<Re
     // Zero-library mode: channels in the URL are subscribed at connect. Their errors are
     // ordinary HTTP errors, before the upgrade.
     let q = Query::parse(raw.as_deref());
-    let url_channels =
-        if q.channels.is_empty() { Vec::new() } else { session::resolve_channels(&state, &q.channels)? };
+    let url_channels = if q.channels.is_empty() { Vec::new() } else { session::resolve_channels(&state, &q.channels)? };
     super::check_anonymous_access(&state, &url_channels)?;
     let url_cursor = match q.get("since").filter(|s| !s.is_empty()) {
         Some(_) if url_channels.is_empty() => {
@@ -128,6 +128,6 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request) -> Result<Re
 mod tests {
     #[test]
     fn accept_key_matches_rfc_6455_example() {
-        assert_eq!(super::accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaE+tJ9wdqgW57dEPo=");
+        assert_eq!(super::accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 }
