@@ -189,8 +189,11 @@ impl ConnQueue {
                 return Err(r);
             }
         }
-        out.extend(st.events.drain(..));
+        // Hand over the whole buffer (an idle connection keeps no queue allocation).
+        let events = std::mem::take(&mut st.events);
         st.bytes = 0;
+        drop(st);
+        out.extend(events);
         Ok(())
     }
 

@@ -162,7 +162,8 @@ impl Conn {
         drop(pre);
         for (i, r) in ctx.url_channels.into_iter().enumerate() {
             let since = ctx.url_cursor.as_ref().map(|c| c[i].clone());
-            let res = self.subscribe(r, since, |o, ch| format!("{{\"subscribed\":{}}}", outcome_json(ch, o))).await;
+            let res =
+                Box::pin(self.subscribe(r, since, |o, ch| format!("{{\"subscribed\":{}}}", outcome_json(ch, o)))).await;
             if let Err(e) = res {
                 // The channel was checked at the handshake; this is the broker failing.
                 self.push_final(frame::text(protocol::error(None, &e).as_bytes()));
@@ -180,7 +181,10 @@ impl Conn {
             for msg in std::mem::take(&mut incoming) {
                 match msg {
                     Incoming::Text(t) => {
-                        if !self.command(&t).await {
+                        // Boxed: the command's future (subscribe, broker calls) is large
+                        // and short-lived; kept inline it would sit in every idle
+                        // connection's state.
+                        if !Box::pin(self.command(&t)).await {
                             return;
                         }
                     }
@@ -211,7 +215,7 @@ impl Conn {
                             // Handle what came before the violation, then close.
                             for msg in std::mem::take(&mut incoming) {
                                 if let Incoming::Text(t) = msg {
-                                    if !self.command(&t).await {
+                                    if !Box::pin(self.command(&t)).await {
                                         return;
                                     }
                                 }
@@ -420,12 +424,10 @@ async fn write_loop(mut wr: OwnedWriteHalf, queue: Arc<ConnQueue>, deflate: bool
             Ok(()) => {
                 frames.extend(batch.drain(..).map(|e| encode(e, deflate)));
                 let r = write_all(&mut wr, &frames).await;
-                frames.clear();
-                if batch.capacity() > 64 {
-                    // Don't let one burst pin memory on an idle connection.
-                    batch = Vec::new();
-                    frames = Vec::new();
-                }
+                // Give the buffers back: most connections are idle most of the time, and
+                // an idle connection should hold no buffer.
+                batch = Vec::new();
+                frames = Vec::new();
                 if r.is_err() {
                     queue.close(CloseReason::Normal);
                     return;

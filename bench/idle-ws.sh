@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Server RSS per idle WebSocket connection at N connections, opened by several load
+# generator processes (one process may hold < 20,000 files here).
+# Usage: bench/idle-ws.sh [TOTAL=19000] [PROCS=2]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOTAL=${1:-19000}
+PROCS=${2:-2}
+PORT=8190
+ulimit -n "$(ulimit -Hn)"
+cargo build --release -q -p switchboard -p switchboard-bench
+taskset -c 0 ./target/release/switchboard serve --dev --listen 127.0.0.1:$PORT >/tmp/sb-idle.log 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; kill $(jobs -p) 2>/dev/null || true' EXIT
+sleep 0.5
+rss() { awk '/VmRSS/ {print $2}' /proc/$SERVER/status; }
+BEFORE=$(rss)
+PER=$((TOTAL / PROCS))
+for _ in $(seq "$PROCS"); do
+  taskset -c 1 ./target/release/switchboard-bench idle --server 127.0.0.1:$PORT --connections "$PER" --hold 30 >/tmp/sb-idle-bench.$_.log 2>&1 &
+done
+START=$(date +%s.%N)
+# Wait until the server holds every connection (its fds), bounded at 60 s.
+for _ in $(seq 600); do
+  FDS=$(ls /proc/$SERVER/fd | wc -l)
+  [ "$FDS" -ge $((PER * PROCS)) ] && break
+  sleep 0.1
+done
+END=$(date +%s.%N)
+sleep 2
+AFTER=$(rss)
+CONNS=$(( $(ls /proc/$SERVER/fd | wc -l) - (FDS - PER * PROCS) ))
+echo "connections:        $((PER * PROCS)) (server fds: $(ls /proc/$SERVER/fd | wc -l))"
+echo "open time:          $(echo "$END - $START" | bc) s"
+echo "server RSS before:  ${BEFORE} kB"
+echo "server RSS after:   ${AFTER} kB"
+echo "RSS per connection: $(( (AFTER - BEFORE) * 1024 / (PER * PROCS) )) B"
