@@ -140,7 +140,11 @@ async fn fanout(common: Common, subscribers: usize, rate: u64, duration: u64, pa
     let stats = Arc::new(wsconn::Stats::new());
     eprintln!("opening {subscribers} subscribers...");
     let (handles, conn_rate) = open_many(&common, subscribers, stats.clone()).await;
-    eprintln!("{} open ({conn_rate:.0}/s); publishing for {duration}s at {}", handles.len(), if rate == 0 { "max rate".to_string() } else { format!("{rate}/s") });
+    eprintln!(
+        "{} open ({conn_rate:.0}/s); publishing for {duration}s at {}",
+        handles.len(),
+        if rate == 0 { "max rate".to_string() } else { format!("{rate}/s") }
+    );
     let before = common.server_pid.map(proc_stats::read);
     let delivered_before = stats.delivered.load(Ordering::Relaxed);
     let started = Instant::now();
@@ -186,8 +190,16 @@ async fn fanout(common: Common, subscribers: usize, rate: u64, duration: u64, pa
     let delivered = stats.delivered.load(Ordering::Relaxed) - delivered_before;
     let hist = stats.latency.lock().expect("histogram").clone();
     println!();
-    println!("fanout: {} subscribers, {sent} publications of {payload} B in {:.1}s", handles.len(), publish_elapsed.as_secs_f64());
-    println!("  deliveries          {delivered} of {expected} expected ({} lost, {} duplicated)", expected.saturating_sub(delivered), stats.duplicates.load(Ordering::Relaxed));
+    println!(
+        "fanout: {} subscribers, {sent} publications of {payload} B in {:.1}s",
+        handles.len(),
+        publish_elapsed.as_secs_f64()
+    );
+    println!(
+        "  deliveries          {delivered} of {expected} expected ({} lost, {} duplicated)",
+        expected.saturating_sub(delivered),
+        stats.duplicates.load(Ordering::Relaxed)
+    );
     println!("  deliveries/s        {:.0}", delivered as f64 / elapsed.as_secs_f64());
     println!("  latency p50         {:.2} ms", hist.value_at_quantile(0.50) as f64 / 1000.0);
     println!("  latency p90         {:.2} ms", hist.value_at_quantile(0.90) as f64 / 1000.0);

@@ -85,7 +85,9 @@ impl Subscriber {
                 let b1 = self.buf[1] & 0x7F;
                 let (len, hdr) = match b1 {
                     126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
-                    127 if self.buf.len() >= 10 => (u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize, 10),
+                    127 if self.buf.len() >= 10 => {
+                        (u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize, 10)
+                    }
                     126 | 127 => break,
                     n => (n as usize, 2),
                 };

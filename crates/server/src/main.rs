@@ -125,7 +125,8 @@ fn main() -> ExitCode {
 }
 
 async fn serve(cfg: Config, dev: bool, drain: Duration) -> anyhow::Result<()> {
-    let listener = switchboard_server::bind(cfg.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let listener =
+        switchboard_server::bind(cfg.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     if dev {
         tracing::warn!("################################################################");
         tracing::warn!("#  DEVELOPMENT MODE (--dev): the server API at /api/* accepts   #");
