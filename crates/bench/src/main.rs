@@ -163,7 +163,7 @@ async fn fanout(common: Common, subscribers: usize, rate: u64, duration: u64, pa
         })
     };
     let mut sent = 0u64;
-    let interval = if rate == 0 { Duration::ZERO } else { Duration::from_nanos(1_000_000_000 / rate) };
+    let interval = Duration::from_nanos(1_000_000_000u64.checked_div(rate).unwrap_or(0));
     let mut next = Instant::now();
     while started.elapsed() < Duration::from_secs(duration) {
         if rate > 0 {
