@@ -51,6 +51,11 @@ pub enum CloseReason {
     /// The connection itself decided to close (the peer left, a protocol error whose
     /// close frame is already queued): flush what is queued, then stop.
     Normal,
+    /// The client's token expired and was not refreshed: reconnect with a new one.
+    TokenExpired,
+    /// The server API ended the connection (disconnect or revocation): do not reconnect
+    /// without new credentials.
+    Disconnected,
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -201,3 +201,56 @@ pub async fn index() -> Response {
         GET  /healthz, /readyz          liveness, readiness\n";
     (StatusCode::OK, [("content-type", "text/plain; charset=utf-8")], text).into_response()
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectRequest {
+    user: String,
+    jti: Option<String>,
+}
+
+/// `POST /api/disconnect {"user":…[, "jti":…]}` → `{"disconnected":N}`: closes the user's
+/// streaming connections on this node (only those of token `jti`, if given). WebSockets
+/// get close 4102 and `reconnect:false`; SSE streams end with `event: disconnect`.
+pub async fn disconnect(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let body = read_body(req.into_body(), 64 * 1024).await?;
+    let r: DisconnectRequest = parse_json(&body)?;
+    let n = state.registry.disconnect(Some(&r.user), r.jti.as_deref(), switchboard_core::CloseReason::Disconnected);
+    Ok(json(StatusCode::OK, serde_json::json!({ "disconnected": n }).to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    user: Option<String>,
+    jti: Option<String>,
+    /// How long the revocation lasts; set it to at least the token lifetime.
+    ttl_secs: u64,
+}
+
+/// `POST /api/revoke {"user"|"jti":…, "ttl_secs":N}` → `{"disconnected":N}`: refuses the
+/// user's (or token's) connects and subscribes for `ttl_secs`, and closes what is open.
+pub async fn revoke(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let body = read_body(req.into_body(), 64 * 1024).await?;
+    let r: RevokeRequest = parse_json(&body)?;
+    if r.user.is_none() == r.jti.is_none() {
+        return Err(ApiError::new(Code::InvalidRequest, "give exactly one of `user` or `jti`"));
+    }
+    if r.ttl_secs == 0 || r.ttl_secs > 365 * 86_400 {
+        return Err(ApiError::new(Code::InvalidRequest, "ttl_secs must be from 1 to 31536000"));
+    }
+    let ttl = std::time::Duration::from_secs(r.ttl_secs);
+    let reason = switchboard_core::CloseReason::Disconnected;
+    let n = match (&r.user, &r.jti) {
+        (Some(user), _) => {
+            state.deny.revoke_user(user, ttl)?;
+            state.registry.disconnect(Some(user), None, reason)
+        }
+        (None, Some(jti)) => {
+            state.deny.revoke_token(jti, ttl)?;
+            state.registry.disconnect(None, Some(jti), reason)
+        }
+        (None, None) => unreachable!("checked above"),
+    };
+    Ok(json(StatusCode::OK, serde_json::json!({ "disconnected": n }).to_string()))
+}

@@ -32,6 +32,11 @@ pub struct Inner {
     /// Upgraded connections (WebSocket), which outlive their HTTP request: shutdown waits
     /// for them separately.
     pub upgraded: ConnTracker,
+    /// Token verification; `None` when `[auth]` names no algorithm.
+    pub verifier: Option<crate::auth::Verifier>,
+    pub deny: crate::auth::DenyList,
+    pub registry: Arc<crate::registry::Registry>,
+    pub limits: Arc<crate::limits::ConnLimits>,
 }
 
 /// Counts live upgraded connections so shutdown can wait for them.
@@ -82,10 +87,21 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, dev: bool, hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        config: Config,
+        dev: bool,
+        hub: Arc<Hub>,
+        verifier: Option<crate::auth::Verifier>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let limits = crate::limits::ConnLimits::new(&config.limits);
         AppState {
             inner: Arc::new(Inner {
                 config,
+                verifier,
+                deny: crate::auth::DenyList::default(),
+                registry: Arc::default(),
+                limits,
                 dev,
                 hub,
                 shutdown,
@@ -107,6 +123,8 @@ pub fn router(state: AppState) -> Router {
         .route("/broadcast", post(api::broadcast))
         .route("/history", get(api::history))
         .route("/channels", get(api::channels))
+        .route("/disconnect", post(api::disconnect))
+        .route("/revoke", post(api::revoke))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .route("/", get(api::index))

@@ -35,6 +35,8 @@ pub struct Config {
     pub poll: PollConfig,
     pub ws: WsConfig,
     pub api: ApiConfig,
+    pub auth: AuthConfig,
+    pub security: SecurityConfig,
     pub broker: BrokerConfig,
 }
 
@@ -50,6 +52,8 @@ impl Default for Config {
             poll: PollConfig::default(),
             ws: WsConfig::default(),
             api: ApiConfig::default(),
+            auth: AuthConfig::default(),
+            security: SecurityConfig::default(),
             broker: BrokerConfig::default(),
         }
     }
@@ -65,9 +69,12 @@ pub struct NamespaceOptions {
     pub history_ttl_secs: u64,
     /// May clients (not only the server API) publish? (WebSocket protocol.)
     pub allow_publish: bool,
-    /// Must clients present a token to subscribe? (Auth issue; until then such channels
-    /// are refused to anonymous clients.)
+    /// Must clients present a connection token to subscribe or publish?
     pub require_token: bool,
+    /// `ns:<user>` and `ns:<user>/…` are usable only by the token whose `sub` is `<user>`.
+    pub user_limited: bool,
+    /// Subscribing needs a subscription token naming the channel (signed by the app).
+    pub private: bool,
     /// Bound of each subscriber connection's outgoing queue, in bytes.
     pub queue_max_bytes: usize,
 }
@@ -79,6 +86,8 @@ impl Default for NamespaceOptions {
             history_ttl_secs: 300,
             allow_publish: false,
             require_token: false,
+            user_limited: false,
+            private: false,
             queue_max_bytes: switchboard_core::queue::DEFAULT_QUEUE_BYTES,
         }
     }
@@ -102,6 +111,8 @@ pub struct NamespaceOverride {
     pub history_ttl_secs: Option<u64>,
     pub allow_publish: Option<bool>,
     pub require_token: Option<bool>,
+    pub user_limited: Option<bool>,
+    pub private: Option<bool>,
     pub queue_max_bytes: Option<usize>,
 }
 
@@ -112,11 +123,27 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Most channels in one SSE/poll request or broadcast.
     pub max_channels_per_request: usize,
+    /// Open streaming connections (WebSocket + SSE) on this node; 0: no cap.
+    pub max_connections: usize,
+    /// Open streaming connections from one IP address; 0: no cap (the default, since
+    /// behind a proxy every client shares its address).
+    pub max_connections_per_ip: usize,
+    /// New streaming handshakes per second, sustained (token bucket); 0: no limit.
+    pub accept_rate_per_sec: u32,
+    /// Handshakes allowed in a burst above the rate.
+    pub accept_burst: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_message_bytes: 64 * 1024, max_channels_per_request: 100 }
+        Limits {
+            max_message_bytes: 64 * 1024,
+            max_channels_per_request: 100,
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            accept_rate_per_sec: 10_000,
+            accept_burst: 20_000,
+        }
     }
 }
 
@@ -189,6 +216,52 @@ impl Default for WsConfig {
 pub struct ApiConfig {
     /// Accepted server API keys (`Authorization: Bearer <key>` on `/api/*`).
     pub keys: Vec<String>,
+}
+
+/// Connection and subscription tokens (JWT). No `algorithm`: token auth is off and
+/// every client is anonymous.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `HS256`, `RS256` or `ES256`. Tokens signed any other way are refused.
+    pub algorithm: Option<String>,
+    /// HS256 shared secret (at least 32 bytes).
+    pub hmac_secret: Option<String>,
+    /// RS256/ES256 public key, PEM text...
+    pub public_key_pem: Option<String>,
+    /// ...or a PEM file.
+    pub public_key_file: Option<String>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp`, in seconds.
+    pub leeway_secs: u64,
+    /// After a WebSocket's token expires, seconds it has to send `refresh` before it is
+    /// closed (4101).
+    pub refresh_grace_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            algorithm: None,
+            hmac_secret: None,
+            public_key_pem: None,
+            public_key_file: None,
+            issuer: None,
+            audience: None,
+            leeway_secs: 5,
+            refresh_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Origins allowed to open `/ws` and `/sse` from a browser. Empty: any.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -294,6 +367,9 @@ impl Config {
         if self.defaults.queue_max_bytes == 0 {
             return Err(("defaults.queue_max_bytes".into(), "must be at least 1".into()));
         }
+        if let Err(e) = crate::auth::Verifier::from_config(&self.auth) {
+            return Err(("auth".into(), e));
+        }
         for (i, k) in self.api.keys.iter().enumerate() {
             if k.len() < 16 {
                 return Err((format!("api.keys[{i}]"), "API keys must be at least 16 characters".into()));
@@ -312,6 +388,8 @@ impl Config {
                     history_ttl_secs: o.history_ttl_secs.unwrap_or(d.history_ttl_secs),
                     allow_publish: o.allow_publish.unwrap_or(d.allow_publish),
                     require_token: o.require_token.unwrap_or(d.require_token),
+                    user_limited: o.user_limited.unwrap_or(d.user_limited),
+                    private: o.private.unwrap_or(d.private),
                     queue_max_bytes: o.queue_max_bytes.unwrap_or(d.queue_max_bytes),
                 })
             }
@@ -338,7 +416,7 @@ fn env_value(s: &str) -> toml::Value {
 }
 
 /// Keys whose value is a list; an env override of one splits on commas.
-const LIST_KEYS: &[&str] = &["keys"];
+const LIST_KEYS: &[&str] = &["keys", "allowed_origins"];
 
 fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
     let (last, parents) = path.split_last().ok_or("empty key")?;

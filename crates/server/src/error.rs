@@ -32,6 +32,16 @@ pub enum Code {
     TooManySubscriptions,
     RateLimited,
     PresenceDisabled,
+    TokenInvalid,
+    TokenExpired,
+    TokenRevoked,
+    PermissionDenied,
+    SubscriptionTokenRequired,
+    SubscriptionTokenInvalid,
+    OriginNotAllowed,
+    ServerBusy,
+    TooManyConnections,
+    TooManyConnectionsFromIp,
 }
 
 impl Code {
@@ -61,6 +71,16 @@ impl Code {
             Code::TooManySubscriptions => "too_many_subscriptions",
             Code::RateLimited => "rate_limited",
             Code::PresenceDisabled => "presence_disabled",
+            Code::TokenInvalid => "token_invalid",
+            Code::TokenExpired => "token_expired",
+            Code::TokenRevoked => "token_revoked",
+            Code::PermissionDenied => "permission_denied",
+            Code::SubscriptionTokenRequired => "subscription_token_required",
+            Code::SubscriptionTokenInvalid => "subscription_token_invalid",
+            Code::OriginNotAllowed => "origin_not_allowed",
+            Code::ServerBusy => "server_busy",
+            Code::TooManyConnections => "too_many_connections",
+            Code::TooManyConnectionsFromIp => "too_many_connections_from_ip",
         }
     }
 
@@ -83,7 +103,13 @@ impl Code {
             Code::UnknownCommand | Code::TooManySubscriptions => StatusCode::BAD_REQUEST,
             Code::AlreadySubscribed | Code::NotSubscribed | Code::PresenceDisabled => StatusCode::CONFLICT,
             Code::PublishNotAllowed => StatusCode::FORBIDDEN,
-            Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Code::RateLimited | Code::TooManyConnectionsFromIp => StatusCode::TOO_MANY_REQUESTS,
+            Code::TokenInvalid | Code::TokenExpired | Code::TokenRevoked => StatusCode::UNAUTHORIZED,
+            Code::PermissionDenied
+            | Code::SubscriptionTokenRequired
+            | Code::SubscriptionTokenInvalid
+            | Code::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Code::ServerBusy | Code::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -92,11 +118,18 @@ impl Code {
 pub struct ApiError {
     pub code: Code,
     pub message: String,
+    /// Seconds the client should wait before retrying (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into() }
+        ApiError { code, message: message.into(), retry_after: None }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     pub fn channel(name: &str, e: ChannelError) -> Self {
@@ -127,6 +160,9 @@ impl From<HubError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.code.status(), [("content-type", "application/json")], self.body()).into_response();
+        if let Some(secs) = self.retry_after {
+            r.headers_mut().insert("retry-after", axum::http::HeaderValue::from(secs));
+        }
         if self.code == Code::Unauthorized {
             r.headers_mut().insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
         }

@@ -3,9 +3,13 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod cursor;
 pub mod error;
+pub mod limits;
+pub mod origin;
+pub mod registry;
 pub mod session;
 pub mod transports;
 
@@ -38,8 +42,9 @@ impl Server {
             }
         };
         let hub = Hub::start(broker).await?;
+        let verifier = auth::Verifier::from_config(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let state = AppState::new(config, dev, hub, shutdown_rx);
+        let state = AppState::new(config, dev, hub, verifier, shutdown_rx);
         Ok(Server { state, listener, shutdown_tx })
     }
 
@@ -63,7 +68,7 @@ impl Server {
         let connections = Arc::new(app::ConnTracker::default());
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
-            let (tcp, _peer) = tokio::select! {
+            let (tcp, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -76,7 +81,11 @@ impl Server {
                 _ = &mut shutdown => break,
             };
             let _ = tcp.set_nodelay(true);
-            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let app = app.clone();
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(limits::PeerAddr(peer));
+                tower::ServiceExt::oneshot(app.clone(), req.map(axum::body::Body::new))
+            });
             let mut stop = state.shutdown.clone();
             let connections = connections.clone();
             tokio::spawn(async move {

@@ -35,6 +35,33 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         drain_secs: u64,
     },
+    /// Mint a token for development: a connection token, or with --channel a
+    /// subscription token. Signs with the configured algorithm ([auth]).
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Channels the token grants (`channels` claim; names or prefixes ending in `*`).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+        /// Lifetime: 90s, 30m, 1h, 7d, or seconds.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Make a subscription token for this one private channel.
+        #[arg(long)]
+        channel: Option<String>,
+        /// Public user info (JSON) shown in presence.
+        #[arg(long)]
+        info: Option<String>,
+        /// Token id (`jti`), for revocation.
+        #[arg(long)]
+        jti: Option<String>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Private key (PEM) for RS256/ES256; HS256 uses auth.hmac_secret.
+        #[arg(long)]
+        private_key: Option<PathBuf>,
+    },
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -87,6 +114,18 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Token { user, channels, ttl, channel, info, jti, config, private_key } => {
+            match mint(user, channels, &ttl, channel, info, jti, config, private_key) {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Serve { config, listen, dev, log_format, drain_secs } => {
             init_logging(log_format);
             let mut cfg = match Config::load(config.as_deref(), std::env::vars()) {
@@ -122,6 +161,50 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Parses `90s`, `30m`, `1h`, `7d` or plain seconds.
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("bad ttl {s:?}: try 90s, 30m, 1h or 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("bad ttl unit in {s:?}: use s, m, h or d")),
+    };
+    Ok(n * mult)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mint(
+    user: String,
+    channels: Vec<String>,
+    ttl: &str,
+    channel: Option<String>,
+    info: Option<String>,
+    jti: Option<String>,
+    config: Option<PathBuf>,
+    private_key: Option<PathBuf>,
+) -> Result<String, String> {
+    let cfg = Config::load(config.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
+    let alg = cfg.auth.algorithm.clone().ok_or("no auth.algorithm configured (set [auth] in the config)")?;
+    let key = match (alg.as_str(), private_key) {
+        ("HS256", _) => cfg.auth.hmac_secret.clone().ok_or("auth.hmac_secret is not set")?,
+        (_, Some(p)) => std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?,
+        (a, None) => return Err(format!("{a} needs --private-key FILE")),
+    };
+    let info = info.map(|i| serde_json::from_str(&i).map_err(|e| format!("--info is not JSON: {e}"))).transpose()?;
+    let claims = switchboard_server::auth::Claims {
+        sub: user,
+        exp: switchboard_server::auth::unix_now() + parse_ttl(ttl)?,
+        channels: (!channels.is_empty()).then_some(channels),
+        info,
+        jti,
+        channel,
+    };
+    switchboard_server::auth::sign(&alg, &key, &claims)
 }
 
 async fn serve(cfg: Config, dev: bool, drain: Duration) -> anyhow::Result<()> {

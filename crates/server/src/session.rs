@@ -106,6 +106,11 @@ impl Query {
         Query { channels, pairs }
     }
 
+    /// Every value of a repeated parameter.
+    pub fn all(&self, key: &str) -> Vec<String> {
+        self.pairs.iter().filter(|(k, _)| k == key).map(|(_, v)| v.clone()).collect()
+    }
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }

@@ -25,14 +25,19 @@ use crate::cursor;
 use crate::error::{ApiError, Code};
 use crate::session::{self, Query};
 
-pub async fn handler(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+pub async fn handler(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
     let cfg = &state.config.poll;
     if !cfg.enabled {
         return Err(ApiError::new(Code::TransportDisabled, "the poll transport is disabled on this server"));
     }
     let q = Query::parse(raw.as_deref());
     let channels = session::resolve_channels(&state, &q.channels)?;
-    super::check_anonymous_access(&state, &channels)?;
+    let who = super::identity(&state, &headers, &q)?;
+    super::authorize_subscribe_all(&state, who.as_ref(), &channels, &q.all("sub_token"))?;
     if let Some(r) = channels.iter().find(|r| !r.options.keeps_history()) {
         return Err(ApiError::new(
             Code::HistoryDisabled,

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::HeaderMap;
+use axum::http::{Extensions, HeaderMap};
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
 use switchboard_core::queue::Event;
@@ -33,6 +33,8 @@ use tokio::time::{Interval, MissedTickBehavior};
 use crate::app::AppState;
 use crate::cursor;
 use crate::error::{ApiError, Code};
+use crate::limits::ConnSlot;
+use crate::registry::Registration;
 use crate::session::{self, Query, Session};
 
 /// Encoding slots in [`Delivery`] owned by this transport.
@@ -43,13 +45,16 @@ pub async fn handler(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
+    ext: Extensions,
 ) -> Result<Response, ApiError> {
     if !state.config.sse.enabled {
         return Err(ApiError::new(Code::TransportDisabled, "the SSE transport is disabled on this server"));
     }
+    let slot = super::admit(&state, &headers, &ext)?;
     let q = Query::parse(raw.as_deref());
     let channels = session::resolve_channels(&state, &q.channels)?;
-    super::check_anonymous_access(&state, &channels)?;
+    let who = super::identity(&state, &headers, &q)?;
+    super::authorize_subscribe_all(&state, who.as_ref(), &channels, &q.all("sub_token"))?;
     let header_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty());
     let given = header_id.or_else(|| q.get("last_event_id").filter(|s| !s.is_empty()));
     let asked = given.map(|s| cursor::parse(s, channels.len())).transpose()?;
@@ -58,8 +63,14 @@ pub async fn handler(
     let period = Duration::from_secs(state.config.sse.keepalive_secs);
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let registration = who.as_ref().map(|w| state.registry.register(&w.user, w.jti.clone(), session.queue.clone()));
+    // The stream ends when the token does; the client reconnects with a fresh one.
+    let expiry = who.as_ref().map(|w| Box::pin(tokio::time::sleep(w.expires_in())));
     let stream =
         SseStream {
+            _slot: slot,
+            _registration: registration,
+            expiry,
             channels: channels.iter().map(|r| r.channel.clone()).collect(),
             // Reset channels keep the client's old position until their reset event is
             // sent, so a reconnect in between is told again.
@@ -102,6 +113,9 @@ enum Phase {
 }
 
 struct SseStream {
+    _slot: ConnSlot,
+    _registration: Option<Registration>,
+    expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     channels: Vec<ChannelName>,
     positions: Vec<StreamPosition>,
     session: Session,
@@ -137,6 +151,10 @@ impl SseStream {
                 },
                 _ = self.keepalive.tick() => return Some(Bytes::from_static(b": keepalive\n\n")),
                 _ = self.shutdown.changed(), if !self.shutdown_seen => self.begin_shutdown(),
+                _ = maybe_sleep(&mut self.expiry), if self.expiry.is_some() => {
+                    self.expiry = None;
+                    self.session.queue.close(CloseReason::TokenExpired);
+                }
             }
         }
     }
@@ -220,14 +238,24 @@ impl SseStream {
     }
 
     fn disconnect(&self, reason: CloseReason) -> Bytes {
-        let (name, retry) = match reason {
-            CloseReason::SlowConsumer => ("slow_consumer", self.retry_ms),
-            CloseReason::Normal => ("closed", self.retry_ms),
+        let (name, retry, reconnect) = match reason {
+            CloseReason::SlowConsumer => ("slow_consumer", self.retry_ms, true),
+            CloseReason::Normal => ("closed", self.retry_ms, true),
             // Spread the reconnects of a draining node's clients over a window.
-            CloseReason::Shutdown => ("shutdown", fastrand::u64(self.retry_ms / 2..=self.retry_ms.max(1) * 5)),
+            CloseReason::Shutdown => ("shutdown", fastrand::u64(self.retry_ms / 2..=self.retry_ms.max(1) * 5), true),
+            CloseReason::TokenExpired => ("token_expired", self.retry_ms, true),
+            CloseReason::Disconnected => ("disconnected", self.retry_ms, false),
         };
-        let data = serde_json::json!({"reason": name, "reconnect": true, "retry_ms": retry});
+        let data = serde_json::json!({"reason": name, "reconnect": reconnect, "retry_ms": retry});
         Bytes::from(format!("retry: {retry}\nevent: disconnect\ndata: {data}\n\n"))
+    }
+}
+
+/// Waits on an optional timer (never resolves when there is none).
+async fn maybe_sleep(s: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match s {
+        Some(s) => s.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -23,8 +23,11 @@ use super::frame::{self, close, FrameReader, Incoming, Violation};
 use super::protocol::{self, Command};
 use crate::api;
 use crate::app::AppState;
+use crate::auth::{self, Action, Identity};
 use crate::cursor;
 use crate::error::{ApiError, Code};
+use crate::limits::ConnSlot;
+use crate::registry::Registration;
 use crate::session::{resolve_channel, Resolved};
 
 /// Encoding slots in [`Delivery`] owned by this transport.
@@ -43,9 +46,13 @@ pub struct Ctx {
     pub deflate: bool,
     pub url_channels: Vec<Resolved>,
     pub url_cursor: Option<Vec<StreamPosition>>,
+    /// From `?token=` on the handshake, if any.
+    pub identity: Option<Identity>,
+    /// This connection's place under the connection limits.
+    pub slot: ConnSlot,
 }
 
-pub async fn serve(stream: TcpStream, pre: Bytes, ctx: Ctx) {
+pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
     let state = ctx.state.clone();
     let _tracked = state.upgraded.enter();
     let _ = stream.set_nodelay(true);
@@ -62,9 +69,16 @@ pub async fn serve(stream: TcpStream, pre: Bytes, ctx: Ctx) {
         client: client_id(),
         bucket: Bucket::new(state.config.ws.max_commands_per_sec),
         rejected: 0,
+        identity: None,
+        registration: None,
+        expiry: Expiry::None,
     };
+    if let Some(who) = ctx.identity.take() {
+        conn.set_identity(who);
+    }
     tracing::debug!(client = %conn.client, deflate = ctx.deflate, "websocket connected");
     conn.run(rd, pre, ctx).await;
+    // (The connection slot in `ctx` was released when `run` consumed it.)
     // The reader is done; give the writer a moment to flush the close, then make sure
     // the socket goes away even if the peer stopped reading.
     if tokio::time::timeout(CLOSE_GRACE, &mut writer).await.is_err() {
@@ -113,6 +127,20 @@ struct Conn {
     bucket: Bucket,
     /// Commands refused in a row for the rate limit.
     rejected: u32,
+    identity: Option<Identity>,
+    registration: Option<Registration>,
+    expiry: Expiry,
+}
+
+/// Where the connection's token stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expiry {
+    /// Anonymous: nothing expires.
+    None,
+    /// Valid until this instant.
+    Until(Instant),
+    /// Expired; the client was asked to `refresh` before this instant.
+    Grace(Instant),
 }
 
 enum Read {
@@ -153,6 +181,8 @@ fn read_available(rd: &OwnedReadHalf, reader: &mut FrameReader, out: &mut Vec<In
 
 impl Conn {
     async fn run(&mut self, rd: OwnedReadHalf, pre: Bytes, ctx: Ctx) {
+        // Holds this connection's place under the connection limits until `run` returns.
+        let _slot = ctx.slot;
         let max_message = self.state.config.limits.max_message_bytes + ENVELOPE_BYTES;
         let mut reader = FrameReader::new(max_message, ctx.deflate);
         let mut incoming = Vec::new();
@@ -232,8 +262,36 @@ impl Conn {
                 }
                 _ = shutdown.changed(), if !shutdown_seen => {}
                 _ = self.queue.wait_closed() => return,
+                _ = tokio::time::sleep_until(self.expiry_deadline()), if self.expiry != Expiry::None => {
+                    match self.expiry {
+                        Expiry::Until(_) => {
+                            let grace = Duration::from_secs(self.state.config.auth.refresh_grace_secs);
+                            self.expiry = Expiry::Grace(Instant::now() + grace);
+                            let v = serde_json::json!({"refresh": {"reason": "token_expired", "grace_ms": grace.as_millis() as u64}});
+                            self.push(frame::text(v.to_string().as_bytes()));
+                        }
+                        _ => return self.queue.close(CloseReason::TokenExpired),
+                    }
+                }
             }
         }
+    }
+
+    fn expiry_deadline(&self) -> Instant {
+        match self.expiry {
+            Expiry::Until(t) | Expiry::Grace(t) => t,
+            Expiry::None => Instant::now() + Duration::from_secs(86_400),
+        }
+    }
+
+    /// Adopts a verified identity: registers the connection under its user (for
+    /// `/api/disconnect`) and arms the expiry timer.
+    fn set_identity(&mut self, who: Identity) {
+        self.expiry = Expiry::Until(Instant::now() + who.expires_in());
+        if self.registration.is_none() {
+            self.registration = Some(self.state.registry.register(&who.user, who.jti.clone(), self.queue.clone()));
+        }
+        self.identity = Some(who);
     }
 
     /// Queues a frame behind what is queued, within the byte bound.
@@ -282,10 +340,18 @@ impl Conn {
             }
         };
         let result = match cmd {
-            Command::Subscribe { channel, since } => {
+            Command::Subscribe { channel, since, token } => {
                 let r = async {
                     let resolved = resolve_channel(&self.state, &channel)?;
                     let since = since.as_deref().map(cursor::parse_position).transpose()?;
+                    auth::authorize(
+                        self.identity.as_ref(),
+                        &resolved,
+                        Action::Subscribe,
+                        token.as_deref(),
+                        self.state.verifier.as_ref(),
+                        &self.state.deny,
+                    )?;
                     Ok::<_, ApiError>((resolved, since))
                 }
                 .await;
@@ -317,11 +383,51 @@ impl Conn {
                     format!("presence is not enabled for namespace {:?}", r.channel.namespace()),
                 ))
             }),
-            Command::Connect { token: _ } => Ok(Some(format!(
-                "{{\"client\":\"{}\",\"version\":\"v1\",\"ping_interval_ms\":{}}}",
-                self.client,
-                self.state.config.ws.ping_interval_secs * 1000
-            ))),
+            Command::Connect { token } => {
+                if self.identity.is_some() && token.is_some() {
+                    Err(ApiError::new(Code::InvalidRequest, "already authenticated; send `refresh` with a new token"))
+                } else {
+                    match token.as_deref().map(|t| super::super::verify(&self.state, t)).transpose() {
+                        Ok(who) => {
+                            if let Some(who) = who {
+                                self.set_identity(who);
+                            }
+                            let user = self.identity.as_ref().map(|w| w.user.clone());
+                            let expires = self.identity.as_ref().map(|w| w.expires_in().as_millis() as u64);
+                            Ok(Some(
+                                serde_json::json!({
+                                    "client": self.client, "version": "v1", "user": user,
+                                    "expires_in_ms": expires,
+                                    "ping_interval_ms": self.state.config.ws.ping_interval_secs * 1000,
+                                })
+                                .to_string(),
+                            ))
+                        }
+                        Err(e) => {
+                            // A bad connection token ends the connection, with its code.
+                            let code = match e.code {
+                                Code::TokenExpired => close::TOKEN_EXPIRED,
+                                Code::TokenRevoked => close::DISCONNECTED,
+                                _ => close::TOKEN_INVALID,
+                            };
+                            self.reply(protocol::error(id, &e));
+                            self.close_with(code, e.code.as_str());
+                            return false;
+                        }
+                    }
+                }
+            }
+            Command::Refresh { token } => match super::super::verify(&self.state, &token) {
+                Ok(who) if self.identity.as_ref().is_some_and(|old| old.user != who.user) => {
+                    Err(ApiError::new(Code::TokenInvalid, "refresh token is for another user"))
+                }
+                Ok(who) => {
+                    let ms = who.expires_in().as_millis() as u64;
+                    self.set_identity(who);
+                    Ok(Some(format!("{{\"expires_in_ms\":{ms}}}")))
+                }
+                Err(e) => Err(e),
+            },
             Command::Ping => Ok(Some("{}".to_string())),
         };
         match result {
@@ -333,13 +439,13 @@ impl Conn {
     }
 
     /// Subscribes race-free; `reply` renders what is queued before the replay.
+    /// The caller has authorized the subscription.
     async fn subscribe(
         &mut self,
         r: Resolved,
         since: Option<StreamPosition>,
         reply: impl FnOnce(&SubscribeOutcome, &ChannelName) -> String,
     ) -> Result<(), ApiError> {
-        super::super::check_anonymous_access(&self.state, std::slice::from_ref(&r))?;
         if self.subs.contains_key(&r.channel) {
             return Err(ApiError::new(
                 Code::AlreadySubscribed,
@@ -363,13 +469,14 @@ impl Conn {
 
     async fn publish(&self, channel: &str, data: &serde_json::value::RawValue) -> Result<String, ApiError> {
         let r = resolve_channel(&self.state, channel)?;
-        if !r.options.allow_publish {
-            return Err(ApiError::new(
-                Code::PublishNotAllowed,
-                format!("clients may not publish in namespace {:?}", r.channel.namespace()),
-            ));
-        }
-        super::super::check_anonymous_access(&self.state, std::slice::from_ref(&r))?;
+        auth::authorize(
+            self.identity.as_ref(),
+            &r,
+            Action::Publish,
+            None,
+            self.state.verifier.as_ref(),
+            &self.state.deny,
+        )?;
         let data = api::payload(&self.state, data)?;
         let pos = self.state.hub.broker().publish(&r.channel, data, &r.options.publish_options()).await?;
         Ok(format!("{{\"epoch\":\"{}\",\"offset\":{}}}", pos.epoch, pos.offset))
@@ -415,6 +522,11 @@ fn disconnect(code: u16, reason: &str, retry_ms: u64) -> Bytes {
     frame::text(v.to_string().as_bytes())
 }
 
+fn disconnect_final(code: u16, reason: &str) -> Bytes {
+    let v = serde_json::json!({"disconnect": {"code": code, "reason": reason, "reconnect": false}});
+    frame::text(v.to_string().as_bytes())
+}
+
 /// The writer: drains everything queued into vectored writes until the queue closes.
 async fn write_loop(mut wr: OwnedWriteHalf, queue: Arc<ConnQueue>, deflate: bool) {
     let mut batch = Vec::new();
@@ -446,6 +558,14 @@ async fn write_loop(mut wr: OwnedWriteHalf, queue: Arc<ConnQueue>, deflate: bool
                             frame::close_frame(close::GOING_AWAY, "server shutting down: reconnect"),
                         ]
                     }
+                    CloseReason::TokenExpired => vec![
+                        disconnect(close::TOKEN_EXPIRED, "token_expired", 0),
+                        frame::close_frame(close::TOKEN_EXPIRED, "token expired: reconnect with a new token"),
+                    ],
+                    CloseReason::Disconnected => vec![
+                        disconnect_final(close::DISCONNECTED, "disconnected"),
+                        frame::close_frame(close::DISCONNECTED, "disconnected by the server"),
+                    ],
                     CloseReason::Normal => Vec::new(),
                 };
                 let _ = write_all(&mut wr, &tail).await;

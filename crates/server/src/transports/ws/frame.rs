@@ -27,6 +27,9 @@ pub mod close {
     pub const INTERNAL: u16 = 1011;
     pub const SLOW_CONSUMER: u16 = 4000;
     pub const HEARTBEAT_TIMEOUT: u16 = 4001;
+    pub const TOKEN_INVALID: u16 = 4100;
+    pub const TOKEN_EXPIRED: u16 = 4101;
+    pub const DISCONNECTED: u16 = 4102;
 }
 
 /// A server frame with FIN set.

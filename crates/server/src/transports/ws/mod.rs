@@ -79,11 +79,14 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request) -> Result<Re
     let deflate = state.config.ws.deflate
         && deflate::negotiate(headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()));
 
-    // Zero-library mode: channels in the URL are subscribed at connect. Their errors are
-    // ordinary HTTP errors, before the upgrade.
+    let slot = super::admit(&state, headers, req.extensions())?;
+
+    // Zero-library mode: channels in the URL are subscribed at connect (with `?token=`
+    // for protected ones). Their errors are ordinary HTTP errors, before the upgrade.
     let q = Query::parse(raw.as_deref());
     let url_channels = if q.channels.is_empty() { Vec::new() } else { session::resolve_channels(&state, &q.channels)? };
-    super::check_anonymous_access(&state, &url_channels)?;
+    let identity = super::identity(&state, headers, &q)?;
+    super::authorize_subscribe_all(&state, identity.as_ref(), &url_channels, &q.all("sub_token"))?;
     let url_cursor = match q.get("since").filter(|s| !s.is_empty()) {
         Some(_) if url_channels.is_empty() => {
             return Err(ApiError::new(Code::InvalidRequest, "`since` needs `channel` parameters"));
@@ -95,7 +98,7 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request) -> Result<Re
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return Err(ApiError::new(Code::UpgradeRequired, "this connection cannot be upgraded (HTTP/1.1 required)"));
     };
-    let ctx = connection::Ctx { state, deflate, url_channels, url_cursor };
+    let ctx = connection::Ctx { state, deflate, url_channels, url_cursor, identity, slot };
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,

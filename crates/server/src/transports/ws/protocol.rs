@@ -10,7 +10,8 @@ use crate::error::{ApiError, Code};
 #[derive(Debug)]
 pub enum Command<'a> {
     Connect { token: Option<String> },
-    Subscribe { channel: String, since: Option<String> },
+    Subscribe { channel: String, since: Option<String>, token: Option<String> },
+    Refresh { token: String },
     Unsubscribe { channel: String },
     Publish { channel: String, data: &'a RawValue },
     History { channel: String, since: Option<String>, limit: Option<u64> },
@@ -57,7 +58,8 @@ pub fn parse(text: &str) -> Parsed<'_> {
     };
     let cmd = match w.cmd.as_str() {
         "connect" => Command::Connect { token: w.token },
-        "subscribe" => Command::Subscribe { channel: need(w.channel, "channel")?, since: w.since },
+        "subscribe" => Command::Subscribe { channel: need(w.channel, "channel")?, since: w.since, token: w.token },
+        "refresh" => Command::Refresh { token: need(w.token, "token")? },
         "unsubscribe" => Command::Unsubscribe { channel: need(w.channel, "channel")? },
         "publish" => {
             let channel = need(w.channel, "channel")?;
@@ -98,7 +100,7 @@ mod tests {
     fn parses_commands_and_names_what_is_missing() {
         let (id, c) = parse(r#"{"id":3,"cmd":"subscribe","channel":"a","since":"e:1"}"#).unwrap();
         assert_eq!(id, Some(3));
-        assert!(matches!(c, Command::Subscribe { ref channel, since: Some(_) } if channel == "a"));
+        assert!(matches!(c, Command::Subscribe { ref channel, since: Some(_), token: None } if channel == "a"));
         let (id, e) = parse(r#"{"id":4,"cmd":"subscribe"}"#).unwrap_err();
         assert_eq!((id, e.code), (Some(4), Code::InvalidRequest));
         let (id, e) = parse(r#"{"id":5,"cmd":"dance"}"#).unwrap_err();

@@ -1,0 +1,72 @@
+//! Live streaming connections by user, so the server API can end them
+//! (`/api/disconnect`, `/api/revoke`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use switchboard_core::{CloseReason, ConnQueue};
+
+struct Entry {
+    jti: Option<String>,
+    queue: Arc<ConnQueue>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    next: AtomicU64,
+    by_user: Mutex<HashMap<String, HashMap<u64, Entry>>>,
+}
+
+/// A registered connection; dropping it unregisters.
+pub struct Registration {
+    registry: Arc<Registry>,
+    user: String,
+    id: u64,
+}
+
+impl Registry {
+    pub fn register(self: &Arc<Self>, user: &str, jti: Option<String>, queue: Arc<ConnQueue>) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut m = self.by_user.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(user.to_string()).or_default().insert(id, Entry { jti, queue });
+        Registration { registry: self.clone(), user: user.to_string(), id }
+    }
+
+    /// Closes every connection of `user` (or only those with token id `jti`). Returns how
+    /// many were closed.
+    pub fn disconnect(&self, user: Option<&str>, jti: Option<&str>, reason: CloseReason) -> usize {
+        let m = self.by_user.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        let users: Vec<&HashMap<u64, Entry>> = match user {
+            Some(u) => m.get(u).into_iter().collect(),
+            None => m.values().collect(),
+        };
+        for conns in users {
+            for e in conns.values() {
+                if jti.is_none() || e.jti.as_deref() == jti {
+                    e.queue.close(reason);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Users with live connections.
+    pub fn users(&self) -> usize {
+        self.by_user.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut m = self.registry.by_user.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(conns) = m.get_mut(&self.user) {
+            conns.remove(&self.id);
+            if conns.is_empty() {
+                m.remove(&self.user);
+            }
+        }
+    }
+}
