@@ -182,3 +182,44 @@ fn config_check_accepts_good_files_and_explains_bad_ones() {
     let _ = std::fs::remove_file(&good);
     let _ = std::fs::remove_file(&bad);
 }
+
+#[tokio::test]
+async fn the_token_helper_mints_tokens_the_server_accepts() {
+    let dir = std::env::temp_dir();
+    let cfg = dir.join(format!("sb-token-{}.toml", std::process::id()));
+    std::fs::write(
+        &cfg,
+        "[auth]\nalgorithm = \"HS256\"\nhmac_secret = \"cli-secret-0123456789abcdef01234567\"\n[namespaces.chat]\nrequire_token = true\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["token", "--user", "alice", "--channels", "chat:*", "--ttl", "10m", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let bad_ttl =
+        Command::new(BIN).args(["token", "--user", "a", "--ttl", "soon", "--config"]).arg(&cfg).output().unwrap();
+    assert_eq!(bad_ttl.status.code(), Some(2));
+
+    let port = free_port();
+    let child = Command::new(BIN)
+        .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _proc = Proc(child);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&base).await;
+    let http = reqwest::Client::new();
+    let r = http.get(format!("{base}/poll?channel=chat:1&token={token}")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http.get(format!("{base}/poll?channel=chat:1")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.get(format!("{base}/poll?channel=news:1&token={token}")).send().await.unwrap();
+    assert_eq!(r.status(), 403, "outside the token's channels");
+    let _ = std::fs::remove_file(&cfg);
+}
