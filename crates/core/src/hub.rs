@@ -81,6 +81,9 @@ pub struct SubscribeOutcome {
 pub struct SubscribeRequest {
     /// Resume after this position.
     pub since: Option<StreamPosition>,
+    /// Without `since`: first replay the newest `rewind` retained publications (initial
+    /// state: a ticker's last price, a chat's last messages).
+    pub rewind: Option<usize>,
 }
 
 struct SubState {
@@ -308,10 +311,23 @@ impl Hub {
                     Err(e) => return Err(e.into()),
                 }
             }
-            None => {
-                let position = self.broker.position(&channel).await?;
-                (Vec::new(), SubscribeOutcome { position, recovered: true, replayed: 0 })
-            }
+            None => match req.rewind.filter(|n| *n > 0) {
+                Some(n) => {
+                    let h = self
+                        .broker
+                        .history(&channel, HistoryRequest { since: None, limit: Some(n), latest: true })
+                        .await?;
+                    // The client starts just before the first replayed publication.
+                    let start = h.publications.first().map_or(h.position.offset, |p| p.offset - 1);
+                    let position = StreamPosition { epoch: h.position.epoch.clone(), offset: start };
+                    let replayed = h.publications.len();
+                    (h.publications, SubscribeOutcome { position, recovered: true, replayed })
+                }
+                None => {
+                    let position = self.broker.position(&channel).await?;
+                    (Vec::new(), SubscribeOutcome { position, recovered: true, replayed: 0 })
+                }
+            },
         };
         Ok(PendingSubscription { handle, history, outcome })
     }

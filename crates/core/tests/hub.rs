@@ -74,7 +74,10 @@ async fn resume_replays_exactly_the_missed_then_goes_live() {
     publish(&b, &c, 2).await;
     publish(&b, &c, 3).await;
     let q = ConnQueue::new(1 << 20);
-    let pending = hub.subscribe(c.clone(), q.clone(), SubscribeRequest { since: Some(seen) }).await.unwrap();
+    let pending = hub
+        .subscribe(c.clone(), q.clone(), SubscribeRequest { since: Some(seen), ..Default::default() })
+        .await
+        .unwrap();
     assert!(pending.outcome().recovered);
     assert_eq!(pending.outcome().replayed, 2);
     // Published while the subscription is recovering: buffered, then merged.
@@ -91,7 +94,10 @@ async fn lost_position_is_reported_not_recovered_with_the_current_position() {
     let top = publish(&b, &c, 1).await;
     let other_epoch = StreamPosition { epoch: Arc::from("otherepoch"), offset: 1 };
     let q = ConnQueue::new(1 << 20);
-    let pending = hub.subscribe(c.clone(), q.clone(), SubscribeRequest { since: Some(other_epoch) }).await.unwrap();
+    let pending = hub
+        .subscribe(c.clone(), q.clone(), SubscribeRequest { since: Some(other_epoch), ..Default::default() })
+        .await
+        .unwrap();
     assert!(!pending.outcome().recovered);
     assert_eq!(pending.outcome().position, top);
     let _h = pending.go_live();
@@ -118,7 +124,10 @@ async fn publications_racing_a_subscribe_are_delivered_exactly_once_in_order() {
         };
         tokio::task::yield_now().await;
         let q = ConnQueue::new(1 << 24);
-        let pending = hub.subscribe(c.clone(), q.clone(), SubscribeRequest { since: Some(start) }).await.unwrap();
+        let pending = hub
+            .subscribe(c.clone(), q.clone(), SubscribeRequest { since: Some(start), ..Default::default() })
+            .await
+            .unwrap();
         let _h = pending.go_live();
         publisher.await.unwrap();
         assert_eq!(drain(&q), (2..=201).collect::<Vec<_>>(), "round {round}");
@@ -163,4 +172,28 @@ async fn last_unsubscribe_unsubscribes_the_node() {
     assert!(hub.channels().is_empty());
     publish(&b, &c, 1).await;
     assert!(drain(&q).is_empty());
+}
+
+#[tokio::test]
+async fn rewind_replays_exactly_the_last_n_then_goes_live() {
+    let (hub, b) = setup().await;
+    let c = ch("ticker:x");
+    for i in 1..=10 {
+        publish(&b, &c, i).await;
+    }
+    let q = ConnQueue::new(1 << 20);
+    let pending = hub.subscribe(c.clone(), q.clone(), SubscribeRequest { since: None, rewind: Some(3) }).await.unwrap();
+    assert_eq!(pending.outcome().position.offset, 7);
+    assert_eq!(pending.outcome().replayed, 3);
+    let _h = pending.go_live();
+    publish(&b, &c, 11).await;
+    assert_eq!(drain(&q), vec![8, 9, 10, 11]);
+    // More than retained: what there is.
+    let q2 = ConnQueue::new(1 << 20);
+    let _h2 = hub
+        .subscribe(c.clone(), q2.clone(), SubscribeRequest { since: None, rewind: Some(500) })
+        .await
+        .unwrap()
+        .go_live();
+    assert_eq!(drain(&q2), (1..=11).collect::<Vec<_>>());
 }

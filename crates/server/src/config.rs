@@ -77,6 +77,12 @@ pub struct NamespaceOptions {
     pub private: bool,
     /// Bound of each subscriber connection's outgoing queue, in bytes.
     pub queue_max_bytes: usize,
+    /// Publications replayed to a new subscriber that gives no position (1: "send the
+    /// latest on subscribe", e.g. a ticker's price). At most `history_size`.
+    pub rewind_on_subscribe: usize,
+    /// Compress this namespace's publications for WebSocket clients that negotiated
+    /// permessage-deflate (turn off for already-compressed or tiny payloads).
+    pub deflate: bool,
 }
 
 impl Default for NamespaceOptions {
@@ -89,6 +95,8 @@ impl Default for NamespaceOptions {
             user_limited: false,
             private: false,
             queue_max_bytes: switchboard_core::queue::DEFAULT_QUEUE_BYTES,
+            rewind_on_subscribe: 0,
+            deflate: true,
         }
     }
 }
@@ -114,6 +122,8 @@ pub struct NamespaceOverride {
     pub user_limited: Option<bool>,
     pub private: Option<bool>,
     pub queue_max_bytes: Option<usize>,
+    pub rewind_on_subscribe: Option<usize>,
+    pub deflate: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -364,6 +374,18 @@ impl Config {
                 return Err((format!("namespaces.{name}.queue_max_bytes"), "must be at least 1".into()));
             }
         }
+        for name in std::iter::once("").chain(self.namespaces.keys().map(String::as_str)) {
+            if let Some(ns) = self.namespace(name) {
+                if ns.rewind_on_subscribe > ns.history_size {
+                    let key = if name.is_empty() && !self.namespaces.contains_key("") {
+                        "defaults.rewind_on_subscribe".to_string()
+                    } else {
+                        format!("namespaces.{name}.rewind_on_subscribe")
+                    };
+                    return Err((key, "cannot exceed history_size".into()));
+                }
+            }
+        }
         if self.defaults.queue_max_bytes == 0 {
             return Err(("defaults.queue_max_bytes".into(), "must be at least 1".into()));
         }
@@ -391,6 +413,8 @@ impl Config {
                     user_limited: o.user_limited.unwrap_or(d.user_limited),
                     private: o.private.unwrap_or(d.private),
                     queue_max_bytes: o.queue_max_bytes.unwrap_or(d.queue_max_bytes),
+                    rewind_on_subscribe: o.rewind_on_subscribe.unwrap_or(d.rewind_on_subscribe),
+                    deflate: o.deflate.unwrap_or(d.deflate),
                 })
             }
             None if self.strict_namespaces => None,

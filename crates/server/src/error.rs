@@ -17,6 +17,7 @@ pub enum Code {
     BadCursor,
     BadWait,
     BadLimit,
+    BadRewind,
     HistoryDisabled,
     TokenRequired,
     Unauthorized,
@@ -56,6 +57,7 @@ impl Code {
             Code::BadCursor => "bad_cursor",
             Code::BadWait => "bad_wait",
             Code::BadLimit => "bad_limit",
+            Code::BadRewind => "bad_rewind",
             Code::HistoryDisabled => "history_disabled",
             Code::TokenRequired => "token_required",
             Code::Unauthorized => "unauthorized",
@@ -92,7 +94,8 @@ impl Code {
             | Code::TooManyChannels
             | Code::BadCursor
             | Code::BadWait
-            | Code::BadLimit => StatusCode::BAD_REQUEST,
+            | Code::BadLimit
+            | Code::BadRewind => StatusCode::BAD_REQUEST,
             Code::UnknownNamespace | Code::NotFound | Code::TransportDisabled => StatusCode::NOT_FOUND,
             Code::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::HistoryDisabled => StatusCode::CONFLICT,

@@ -63,12 +63,38 @@ pub struct Session {
     _handles: Vec<SubscriptionHandle>,
 }
 
+/// Checks a requested rewind against every channel's history size.
+pub fn check_rewind(channels: &[Resolved], rewind: Option<u64>) -> Result<Option<usize>, ApiError> {
+    let Some(n) = rewind else { return Ok(None) };
+    for r in channels {
+        if n as usize > r.options.history_size {
+            return Err(ApiError::new(
+                Code::BadRewind,
+                format!(
+                    "rewind {n}: namespace {:?} keeps at most {} publications",
+                    r.channel.namespace(),
+                    r.options.history_size
+                ),
+            ));
+        }
+    }
+    Ok(Some(n as usize))
+}
+
+/// What a new subscription starts from: the position if given, else the rewind asked for,
+/// else the namespace's `rewind_on_subscribe`.
+pub fn subscribe_request(r: &Resolved, since: Option<StreamPosition>, rewind: Option<usize>) -> SubscribeRequest {
+    let rewind = rewind.or((r.options.rewind_on_subscribe > 0).then_some(r.options.rewind_on_subscribe));
+    SubscribeRequest { since, rewind }
+}
+
 /// Subscribes a new queue to `channels`, resuming from `cursor` when given (one position
-/// per channel, same order).
+/// per channel, same order), else rewinding as asked.
 pub async fn open(
     state: &AppState,
     channels: &[Resolved],
     cursor: Option<Vec<StreamPosition>>,
+    rewind: Option<usize>,
 ) -> Result<Session, ApiError> {
     // One queue serves all the connection's channels; it gets the most generous bound
     // among their namespaces.
@@ -78,7 +104,8 @@ pub async fn open(
     let mut handles = Vec::with_capacity(channels.len());
     for (i, r) in channels.iter().enumerate() {
         let since = cursor.as_ref().map(|c| c[i].clone());
-        let pending = state.hub.subscribe(r.channel.clone(), queue.clone(), SubscribeRequest { since }).await?;
+        let pending =
+            state.hub.subscribe(r.channel.clone(), queue.clone(), subscribe_request(r, since, rewind)).await?;
         let outcome = pending.outcome().clone();
         handles.push(pending.go_live());
         starts.push(Start { channel: r.channel.clone(), position: outcome.position, reset: !outcome.recovered });

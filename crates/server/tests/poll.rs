@@ -174,3 +174,17 @@ async fn bad_polls_get_documented_errors() {
         assert_eq!((st, body["error"]["code"].as_str().unwrap()), (status, code), "{path}: {body}");
     }
 }
+
+#[tokio::test]
+async fn rewind_without_since_returns_the_last_n() {
+    let s = TestServer::start(config("")).await;
+    let ch = channel("rw");
+    for i in 1..=5 {
+        s.publish(&ch, json!(i)).await;
+    }
+    let v = poll(&s, &format!("channel={ch}&rewind=3")).await;
+    assert_eq!(offsets(&v), vec![3, 4, 5]);
+    assert!(v["cursor"].as_str().unwrap().ends_with(":5"));
+    let (st, v) = s.get_json(&format!("/poll?channel={ch}&rewind=101")).await;
+    assert_eq!((st, v["error"]["code"].as_str().unwrap()), (400, "bad_rewind"));
+}

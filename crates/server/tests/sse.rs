@@ -236,3 +236,20 @@ async fn bad_requests_get_documented_errors() {
     let r = s.http.get(s.url("/sse?channel=ok:1")).header("Last-Event-ID", "x:y").send().await.unwrap();
     assert_eq!(r.status(), 400);
 }
+
+#[tokio::test]
+async fn rewind_sends_the_last_n_before_live() {
+    let s = TestServer::start(config("[namespaces.small]\nhistory_size = 3\n")).await;
+    let ch = channel("rw");
+    for i in 1..=5 {
+        s.publish(&ch, json!(i)).await;
+    }
+    let mut sse = Sse::connect(&s, &format!("channel={ch}&rewind=2"), None).await;
+    let sub = sse.next_named("subscribed").await;
+    assert_eq!(sub.json()["channels"][0]["offset"], 3);
+    assert_eq!(sse.offsets(2).await, vec![4, 5]);
+    s.publish(&ch, json!(6)).await;
+    assert_eq!(sse.offsets(1).await, vec![6]);
+    let (st, v) = s.get_json(&format!("/sse?channel={}&rewind=4", channel("small"))).await;
+    assert_eq!((st, v["error"]["code"].as_str().unwrap()), (400, "bad_rewind"));
+}

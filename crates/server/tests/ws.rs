@@ -423,3 +423,46 @@ async fn a_command_flood_is_rate_limited_then_closed() {
     assert!(limited > 0);
     assert_eq!(code, Some(1008));
 }
+
+#[tokio::test]
+async fn rewind_replays_the_last_n_and_namespaces_can_send_the_latest_on_subscribe() {
+    let s = TestServer::start(config("[namespaces.ticker]\nrewind_on_subscribe = 1\nhistory_size = 5\n")).await;
+    let ch = channel("news");
+    for i in 1..=6 {
+        s.publish(&ch, json!(i)).await;
+    }
+    let mut c = connect(&s).await;
+    let ok = c.call(json!({"cmd": "subscribe", "channel": ch, "rewind": 2})).await.unwrap();
+    assert_eq!((ok["offset"].as_u64(), ok["replayed"].as_u64()), (Some(4), Some(2)));
+    assert_eq!(pubs(&mut c, 2).await, vec![5, 6]);
+    let err = c.call(json!({"cmd": "subscribe", "channel": channel("ticker"), "rewind": 6})).await;
+    assert!(matches!(err, Err(ClientError::Server(ref e)) if e.code == "bad_rewind"), "{err:?}");
+    let t = channel("ticker");
+    s.publish(&t, json!({"price": 1})).await;
+    s.publish(&t, json!({"price": 2})).await;
+    c.subscribe(&t, None).await.unwrap();
+    let p = c.next_pub().await.unwrap();
+    assert_eq!(p["data"]["price"], 2, "the latest price on subscribe");
+}
+
+#[tokio::test]
+async fn a_namespace_can_turn_compression_off() {
+    let s = TestServer::start(config("[namespaces.raw]\ndeflate = false\n")).await;
+    let (zipped, raw) = (channel("z"), channel("raw"));
+    let mut ws = WsStream::connect(
+        &ws_url(&s, &format!("?channel={zipped}&channel={raw}")),
+        ConnectOptions { deflate: true, ..Default::default() },
+    )
+    .await
+    .unwrap();
+    assert!(ws.deflate);
+    let _ = ws.recv().await.unwrap();
+    let _ = ws.recv().await.unwrap();
+    let text = "compressible ".repeat(100);
+    s.publish(&raw, json!(text)).await;
+    s.publish(&zipped, json!(text)).await;
+    let (_, rsv1_raw, _, _) = ws.recv_frame().await.unwrap();
+    let (_, rsv1_zipped, _, _) = ws.recv_frame().await.unwrap();
+    assert!(!rsv1_raw, "deflate = false namespace was compressed");
+    assert!(rsv1_zipped);
+}

@@ -48,7 +48,8 @@ pub async fn handler(
     let limit = q.int("limit", 1..=cfg.max_limit as u64, Code::BadLimit)?.unwrap_or(cfg.default_limit as u64) as usize;
     let asked = q.get("since").filter(|s| !s.is_empty()).map(|s| cursor::parse(s, channels.len())).transpose()?;
 
-    let session = session::open(&state, &channels, asked).await?;
+    let rewind = session::check_rewind(&channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
+    let session = session::open(&state, &channels, asked, rewind).await?;
     let mut positions: Vec<StreamPosition> = session.starts.iter().map(|s| s.position.clone()).collect();
     let mut resets: Vec<serde_json::Value> = session
         .starts

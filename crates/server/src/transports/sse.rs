@@ -58,7 +58,8 @@ pub async fn handler(
     let header_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty());
     let given = header_id.or_else(|| q.get("last_event_id").filter(|s| !s.is_empty()));
     let asked = given.map(|s| cursor::parse(s, channels.len())).transpose()?;
-    let session = session::open(&state, &channels, asked.clone()).await?;
+    let rewind = session::check_rewind(&channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
+    let session = session::open(&state, &channels, asked.clone(), rewind).await?;
 
     let period = Duration::from_secs(state.config.sse.keepalive_secs);
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);

@@ -28,7 +28,7 @@ use crate::cursor;
 use crate::error::{ApiError, Code};
 use crate::limits::ConnSlot;
 use crate::registry::Registration;
-use crate::session::{resolve_channel, Resolved};
+use crate::session::{self, resolve_channel, Resolved};
 
 /// Encoding slots in [`Delivery`] owned by this transport.
 const SLOT_TEXT: usize = 2;
@@ -46,6 +46,7 @@ pub struct Ctx {
     pub deflate: bool,
     pub url_channels: Vec<Resolved>,
     pub url_cursor: Option<Vec<StreamPosition>>,
+    pub url_rewind: Option<usize>,
     /// From `?token=` on the handshake, if any.
     pub identity: Option<Identity>,
     /// This connection's place under the connection limits.
@@ -61,7 +62,7 @@ pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
     }
     let (rd, wr) = stream.into_split();
     let queue = ConnQueue::new(state.config.defaults.queue_max_bytes);
-    let mut writer = tokio::spawn(write_loop(wr, queue.clone(), ctx.deflate));
+    let mut writer = tokio::spawn(write_loop(wr, queue.clone(), ctx.deflate.then(|| state.clone())));
     let mut conn = Conn {
         state: state.clone(),
         queue: queue.clone(),
@@ -192,8 +193,9 @@ impl Conn {
         drop(pre);
         for (i, r) in ctx.url_channels.into_iter().enumerate() {
             let since = ctx.url_cursor.as_ref().map(|c| c[i].clone());
+            let req = session::subscribe_request(&r, since, ctx.url_rewind);
             let res =
-                Box::pin(self.subscribe(r, since, |o, ch| format!("{{\"subscribed\":{}}}", outcome_json(ch, o)))).await;
+                Box::pin(self.subscribe(r, req, |o, ch| format!("{{\"subscribed\":{}}}", outcome_json(ch, o)))).await;
             if let Err(e) = res {
                 // The channel was checked at the handshake; this is the broker failing.
                 self.push_final(frame::text(protocol::error(None, &e).as_bytes()));
@@ -340,10 +342,11 @@ impl Conn {
             }
         };
         let result = match cmd {
-            Command::Subscribe { channel, since, token } => {
+            Command::Subscribe { channel, since, rewind, token } => {
                 let r = async {
                     let resolved = resolve_channel(&self.state, &channel)?;
                     let since = since.as_deref().map(cursor::parse_position).transpose()?;
+                    let rewind = session::check_rewind(std::slice::from_ref(&resolved), rewind)?;
                     auth::authorize(
                         self.identity.as_ref(),
                         &resolved,
@@ -352,12 +355,13 @@ impl Conn {
                         self.state.verifier.as_ref(),
                         &self.state.deny,
                     )?;
-                    Ok::<_, ApiError>((resolved, since))
+                    let req = session::subscribe_request(&resolved, since, rewind);
+                    Ok::<_, ApiError>((resolved, req))
                 }
                 .await;
                 let res = match r {
-                    Ok((resolved, since)) => {
-                        self.subscribe(resolved, since, |o, ch| protocol::ok(id, &outcome_json(ch, o))).await
+                    Ok((resolved, req)) => {
+                        self.subscribe(resolved, req, |o, ch| protocol::ok(id, &outcome_json(ch, o))).await
                     }
                     Err(e) => Err(e),
                 };
@@ -443,7 +447,7 @@ impl Conn {
     async fn subscribe(
         &mut self,
         r: Resolved,
-        since: Option<StreamPosition>,
+        req: SubscribeRequest,
         reply: impl FnOnce(&SubscribeOutcome, &ChannelName) -> String,
     ) -> Result<(), ApiError> {
         if self.subs.contains_key(&r.channel) {
@@ -460,8 +464,7 @@ impl Conn {
             ));
         }
         self.queue.raise_bound(r.options.queue_max_bytes);
-        let pending =
-            self.state.hub.subscribe(r.channel.clone(), self.queue.clone(), SubscribeRequest { since }).await?;
+        let pending = self.state.hub.subscribe(r.channel.clone(), self.queue.clone(), req).await?;
         self.reply(reply(pending.outcome(), &r.channel));
         self.subs.insert(r.channel, pending.go_live());
         Ok(())
@@ -499,12 +502,16 @@ fn pub_payload(d: &Delivery) -> Vec<u8> {
     v
 }
 
-fn encode(e: Event, deflate: bool) -> Bytes {
+/// `deflate`: the server state when this connection negotiated permessage-deflate (to
+/// read the publication's namespace setting).
+fn encode(e: Event, deflate: Option<&AppState>) -> Bytes {
     match e {
         // Built once per publication, shared by every subscriber with the same setting.
-        Event::Publication(d) if deflate => {
-            d.encoded(SLOT_DEFLATE, |d| frame::text_maybe_deflated(&pub_payload(d), true))
-        }
+        Event::Publication(d) if deflate.is_some() => d.encoded(SLOT_DEFLATE, |d| {
+            let state = deflate.expect("guarded");
+            let allowed = state.config.namespace(d.publication.channel.namespace()).is_none_or(|o| o.deflate);
+            frame::text_maybe_deflated(&pub_payload(d), allowed)
+        }),
         Event::Publication(d) => d.encoded(SLOT_TEXT, |d| frame::text(&pub_payload(d))),
         Event::Reset { channel, position } => {
             let v = serde_json::json!({"reset": {
@@ -528,13 +535,13 @@ fn disconnect_final(code: u16, reason: &str) -> Bytes {
 }
 
 /// The writer: drains everything queued into vectored writes until the queue closes.
-async fn write_loop(mut wr: OwnedWriteHalf, queue: Arc<ConnQueue>, deflate: bool) {
+async fn write_loop(mut wr: OwnedWriteHalf, queue: Arc<ConnQueue>, deflate: Option<AppState>) {
     let mut batch = Vec::new();
     let mut frames: Vec<Bytes> = Vec::new();
     loop {
         match queue.next_batch(&mut batch).await {
             Ok(()) => {
-                frames.extend(batch.drain(..).map(|e| encode(e, deflate)));
+                frames.extend(batch.drain(..).map(|e| encode(e, deflate.as_ref())));
                 let r = write_all(&mut wr, &frames).await;
                 // Give the buffers back: most connections are idle most of the time, and
                 // an idle connection should hold no buffer.

@@ -98,7 +98,8 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request) -> Result<Re
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return Err(ApiError::new(Code::UpgradeRequired, "this connection cannot be upgraded (HTTP/1.1 required)"));
     };
-    let ctx = connection::Ctx { state, deflate, url_channels, url_cursor, identity, slot };
+    let url_rewind = session::check_rewind(&url_channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
+    let ctx = connection::Ctx { state, deflate, url_channels, url_cursor, url_rewind, identity, slot };
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,

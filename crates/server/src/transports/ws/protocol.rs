@@ -10,7 +10,7 @@ use crate::error::{ApiError, Code};
 #[derive(Debug)]
 pub enum Command<'a> {
     Connect { token: Option<String> },
-    Subscribe { channel: String, since: Option<String>, token: Option<String> },
+    Subscribe { channel: String, since: Option<String>, rewind: Option<u64>, token: Option<String> },
     Refresh { token: String },
     Unsubscribe { channel: String },
     Publish { channel: String, data: &'a RawValue },
@@ -27,6 +27,7 @@ struct Wire<'a> {
     channel: Option<String>,
     since: Option<String>,
     limit: Option<u64>,
+    rewind: Option<u64>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
     token: Option<String>,
@@ -58,7 +59,12 @@ pub fn parse(text: &str) -> Parsed<'_> {
     };
     let cmd = match w.cmd.as_str() {
         "connect" => Command::Connect { token: w.token },
-        "subscribe" => Command::Subscribe { channel: need(w.channel, "channel")?, since: w.since, token: w.token },
+        "subscribe" => Command::Subscribe {
+            channel: need(w.channel, "channel")?,
+            since: w.since,
+            rewind: w.rewind,
+            token: w.token,
+        },
         "refresh" => Command::Refresh { token: need(w.token, "token")? },
         "unsubscribe" => Command::Unsubscribe { channel: need(w.channel, "channel")? },
         "publish" => {
@@ -100,7 +106,9 @@ mod tests {
     fn parses_commands_and_names_what_is_missing() {
         let (id, c) = parse(r#"{"id":3,"cmd":"subscribe","channel":"a","since":"e:1"}"#).unwrap();
         assert_eq!(id, Some(3));
-        assert!(matches!(c, Command::Subscribe { ref channel, since: Some(_), token: None } if channel == "a"));
+        assert!(
+            matches!(c, Command::Subscribe { ref channel, since: Some(_), rewind: None, token: None } if channel == "a")
+        );
         let (id, e) = parse(r#"{"id":4,"cmd":"subscribe"}"#).unwrap_err();
         assert_eq!((id, e.code), (Some(4), Code::InvalidRequest));
         let (id, e) = parse(r#"{"id":5,"cmd":"dance"}"#).unwrap_err();
