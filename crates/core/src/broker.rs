@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::channel::ChannelName;
-use crate::publication::{Publication, StreamPosition};
+use crate::publication::{Kind, Publication, StreamPosition};
 
 /// How a publication is stored. Comes from the channel's namespace options.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,11 +21,20 @@ pub struct PublishOptions {
     pub history_size: usize,
     /// Drop publications older than this. `Duration::ZERO` keeps none.
     pub history_ttl: Duration,
+    /// Idempotency key: a publish repeating a key seen on the channel within
+    /// `idempotency_window` publishes nothing and returns the first one's position.
+    pub idempotency_key: Option<String>,
+    pub idempotency_window: Duration,
 }
 
 impl Default for PublishOptions {
     fn default() -> Self {
-        PublishOptions { history_size: 100, history_ttl: Duration::from_secs(300) }
+        PublishOptions {
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+            idempotency_key: None,
+            idempotency_window: Duration::from_secs(300),
+        }
     }
 }
 
@@ -87,7 +96,12 @@ pub trait BrokerEventHandler: Send + Sync + 'static {
 ///    publications after `offset` if every one of them is still retained and `epoch` is
 ///    current; `since` at the top returns an empty list. Otherwise it fails with
 ///    [`BrokerError::PositionLost`] carrying the current position — never a silent gap.
-/// 5. **Node subscriptions.** `subscribe` returns once publications on the channel are
+/// 5. **Idempotency.** A publish whose `idempotency_key` was used on the same channel
+///    within `idempotency_window` is not published again: it returns the original
+///    position (retrying publishers get at-least-once delivery with exactly-once effect).
+/// 6. **Volatile.** `publish_volatile` reaches subscribed nodes like a publication but
+///    takes no offset and is never stored.
+/// 7. **Node subscriptions.** `subscribe` returns once publications on the channel are
 ///    guaranteed to reach this node's handler; the hub calls it before reading history,
 ///    which is what makes subscribe-then-recover race-free. Calls for one channel are
 ///    never concurrent (the hub serialises them).
@@ -104,6 +118,9 @@ pub trait Broker: Send + Sync + 'static {
         opts: &PublishOptions,
     ) -> Result<StreamPosition, BrokerError>;
 
+    /// Delivers a non-stored publication (volatile, join, leave) to subscribed nodes.
+    async fn publish_volatile(&self, channel: &ChannelName, kind: Kind, data: Bytes) -> Result<(), BrokerError>;
+
     /// Reads history; see guarantee 4.
     async fn history(&self, channel: &ChannelName, req: HistoryRequest) -> Result<HistoryResult, BrokerError>;
 
@@ -115,6 +132,12 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Stops delivering the channel's publications to this node.
     async fn unsubscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
+
+    /// Starts delivering every publication of a namespace to this node (for wildcard
+    /// subscriptions). Same guarantees as `subscribe`, per channel.
+    async fn subscribe_namespace(&self, namespace: &str) -> Result<(), BrokerError>;
+
+    async fn unsubscribe_namespace(&self, namespace: &str) -> Result<(), BrokerError>;
 
     /// Is the backing store reachable right now? (Readiness probes.)
     async fn ready(&self) -> bool {

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::broker::{Broker, BrokerError, BrokerEventHandler, HistoryRequest, PublishOptions};
 use crate::channel::ChannelName;
-use crate::publication::{Publication, StreamPosition};
+use crate::publication::{Kind, Publication, StreamPosition};
 
 /// A handler that records what the broker delivers to this node.
 pub struct Recorder {
@@ -61,6 +61,10 @@ macro_rules! broker_contract_tests {
             live_only_channel_numbers_but_keeps_nothing,
             subscribed_node_receives_publications_in_offset_order,
             unsubscribed_node_receives_nothing,
+            a_repeated_idempotency_key_publishes_once,
+            idempotency_keys_are_per_channel_and_expire,
+            volatile_publications_reach_the_node_but_take_no_offset,
+            namespace_subscription_receives_every_channel_of_the_namespace,
         );
     };
     (@each $make:expr; $($name:ident),+ $(,)?) => {
@@ -82,7 +86,7 @@ fn fresh(prefix: &str) -> ChannelName {
 }
 
 fn opts(size: usize) -> PublishOptions {
-    PublishOptions { history_size: size, history_ttl: Duration::from_secs(300) }
+    PublishOptions { history_size: size, history_ttl: Duration::from_secs(300), ..Default::default() }
 }
 
 fn data(i: u64) -> Bytes {
@@ -170,7 +174,7 @@ pub async fn history_is_bounded_by_size(b: Arc<dyn Broker>, _rx: Rx) {
 
 pub async fn history_is_bounded_by_ttl_but_offsets_survive(b: Arc<dyn Broker>, _rx: Rx) {
     let ch = fresh("ttl");
-    let o = PublishOptions { history_size: 10, history_ttl: Duration::from_secs(1) };
+    let o = PublishOptions { history_size: 10, history_ttl: Duration::from_secs(1), ..Default::default() };
     let pos = publish_n(&b, &ch, 3, &o).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let h = b.history(&ch, HistoryRequest::default()).await.unwrap();
@@ -277,4 +281,69 @@ pub async fn unsubscribed_node_receives_nothing(b: Arc<dyn Broker>, mut rx: Rx) 
             break;
         }
     }
+}
+
+fn keyed(key: &str, window: Duration) -> PublishOptions {
+    PublishOptions { idempotency_key: Some(key.into()), idempotency_window: window, ..opts(100) }
+}
+
+pub async fn a_repeated_idempotency_key_publishes_once(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("idem");
+    let first = b.publish(&ch, data(1), &keyed("k1", Duration::from_secs(60))).await.unwrap();
+    let again = b.publish(&ch, data(1), &keyed("k1", Duration::from_secs(60))).await.unwrap();
+    assert_eq!(again, first);
+    let other = b.publish(&ch, data(2), &keyed("k2", Duration::from_secs(60))).await.unwrap();
+    assert_eq!(other.offset, first.offset + 1);
+    let h = b.history(&ch, HistoryRequest::default()).await.unwrap();
+    assert_eq!(offsets(&h.publications), vec![1, 2]);
+}
+
+pub async fn idempotency_keys_are_per_channel_and_expire(b: Arc<dyn Broker>, _rx: Rx) {
+    let (a, c) = (fresh("idem-a"), fresh("idem-b"));
+    b.publish(&a, data(1), &keyed("same", Duration::from_secs(60))).await.unwrap();
+    let on_c = b.publish(&c, data(1), &keyed("same", Duration::from_secs(60))).await.unwrap();
+    assert_eq!(on_c.offset, 1, "keys are per channel");
+    let short = b.publish(&a, data(2), &keyed("brief", Duration::from_secs(1))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let later = b.publish(&a, data(2), &keyed("brief", Duration::from_secs(1))).await.unwrap();
+    assert_eq!(later.offset, short.offset + 1, "an expired key publishes again");
+}
+
+pub async fn volatile_publications_reach_the_node_but_take_no_offset(b: Arc<dyn Broker>, mut rx: Rx) {
+    let ch = fresh("volatile");
+    b.subscribe(&ch).await.unwrap();
+    b.publish(&ch, data(1), &opts(10)).await.unwrap();
+    b.publish_volatile(&ch, Kind::Volatile, data(2)).await.unwrap();
+    let after = b.publish(&ch, data(3), &opts(10)).await.unwrap();
+    assert_eq!(after.offset, 2, "a volatile publication took an offset");
+    let h = b.history(&ch, HistoryRequest::default()).await.unwrap();
+    assert_eq!(offsets(&h.publications), vec![1, 2]);
+    let mut kinds = Vec::new();
+    while kinds.len() < 3 {
+        let p = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("delivery").unwrap();
+        if p.channel == ch {
+            kinds.push((p.kind, p.offset));
+        }
+    }
+    assert_eq!(kinds, vec![(Kind::Stored, 1), (Kind::Volatile, 0), (Kind::Stored, 2)]);
+    b.unsubscribe(&ch).await.unwrap();
+}
+
+pub async fn namespace_subscription_receives_every_channel_of_the_namespace(b: Arc<dyn Broker>, mut rx: Rx) {
+    let ns = format!("nsx{}", fastrand::u32(..));
+    let (one, two) =
+        (ChannelName::parse(&format!("{ns}:a")).unwrap(), ChannelName::parse(&format!("{ns}:b/c")).unwrap());
+    let outside = ChannelName::parse(&format!("{ns}other:a")).unwrap();
+    b.subscribe_namespace(&ns).await.unwrap();
+    b.publish(&outside, data(0), &opts(10)).await.unwrap();
+    b.publish(&one, data(1), &opts(10)).await.unwrap();
+    b.publish(&two, data(2), &opts(10)).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let p = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("delivery").unwrap();
+        assert_ne!(p.channel, outside, "leaked across namespaces");
+        got.push(p.channel.to_string());
+    }
+    assert_eq!(got, vec![one.to_string(), two.to_string()]);
+    b.unsubscribe_namespace(&ns).await.unwrap();
 }

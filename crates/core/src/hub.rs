@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use crate::broker::{Broker, BrokerError, BrokerEventHandler, HistoryRequest};
 use crate::channel::ChannelName;
+use crate::pattern::{Pattern, PatternIndex};
 use crate::publication::{Delivery, Epoch, Publication, StreamPosition};
 use crate::queue::{ConnQueue, Event};
 
@@ -56,6 +57,11 @@ pub struct Hub {
     broker: Arc<dyn Broker>,
     shards: Box<[Shard]>,
     next_id: AtomicU64,
+    patterns: std::sync::RwLock<PatternIndex<Arc<Subscription>>>,
+    pattern_count: std::sync::atomic::AtomicUsize,
+    /// Namespaces this node is subscribed to on the broker (for patterns); the lock
+    /// serialises those subscribe/unsubscribe calls.
+    pattern_ops: tokio::sync::Mutex<std::collections::HashSet<String>>,
     pub stats: HubStats,
 }
 
@@ -94,10 +100,11 @@ struct SubState {
     offset: u64,
 }
 
-/// One connection's subscription to one channel.
+/// One connection's subscription to one channel (or, live-only, to a pattern).
 pub struct Subscription {
     id: u64,
     channel: ChannelName,
+    pattern: Option<Pattern>,
     queue: Arc<ConnQueue>,
     state: Mutex<SubState>,
 }
@@ -113,7 +120,19 @@ impl Subscription {
         st.epoch.clone().map(|epoch| StreamPosition { epoch, offset: st.offset })
     }
 
+    pub fn pattern(&self) -> Option<&Pattern> {
+        self.pattern.as_ref()
+    }
+
     fn deliver(&self, d: &Arc<Delivery>) -> bool {
+        if self.pattern.is_some() || !d.publication.is_stored() {
+            // Live-only traffic: no offsets to check, nothing to replay. Volatile events
+            // that arrive while a subscription recovers are simply not delivered.
+            if self.pattern.is_none() && lock(&self.state).recovering.is_some() {
+                return false;
+            }
+            return self.queue.push(Event::Publication(d.clone())).is_ok();
+        }
         let mut st = lock(&self.state);
         if let Some(buf) = st.recovering.as_mut() {
             buf.push(d.clone());
@@ -203,7 +222,7 @@ impl PendingSubscription {
         }
         let buffered = st.recovering.take().unwrap_or_default();
         st.recovering_bytes = 0;
-        for d in &buffered {
+        for d in buffered.iter().filter(|d| d.publication.is_stored()) {
             sub.accept(&mut st, d, true);
         }
         drop(st);
@@ -227,8 +246,15 @@ impl Hub {
         let shards = (0..SHARDS)
             .map(|_| Shard { channels: Mutex::new(HashMap::new()), node_ops: tokio::sync::Mutex::new(()) })
             .collect();
-        let hub =
-            Arc::new(Hub { broker: broker.clone(), shards, next_id: AtomicU64::new(1), stats: HubStats::default() });
+        let hub = Arc::new(Hub {
+            broker: broker.clone(),
+            shards,
+            next_id: AtomicU64::new(1),
+            patterns: Default::default(),
+            pattern_count: Default::default(),
+            pattern_ops: tokio::sync::Mutex::new(Default::default()),
+            stats: HubStats::default(),
+        });
         broker.run(Arc::new(Dispatcher(Arc::downgrade(&hub)))).await?;
         Ok(hub)
     }
@@ -249,13 +275,20 @@ impl Hub {
         let subs = {
             let map = lock(&self.shard(&publication.channel).channels);
             match map.get(&publication.channel) {
-                Some(e) if !e.subs.is_empty() => e.subs.clone(),
-                _ => return,
+                Some(e) if !e.subs.is_empty() => Some(e.subs.clone()),
+                _ => None,
             }
         };
+        let mut by_pattern = Vec::new();
+        if self.pattern_count.load(Ordering::Relaxed) > 0 {
+            self.patterns.read().unwrap_or_else(|p| p.into_inner()).matches(&publication.channel, &mut by_pattern);
+        }
+        if subs.is_none() && by_pattern.is_empty() {
+            return;
+        }
         let delivery = Delivery::new(publication);
         let mut delivered = 0u64;
-        for s in subs.iter() {
+        for s in subs.iter().flat_map(|s| s.iter()).chain(by_pattern.iter()) {
             delivered += s.deliver(&delivery) as u64;
         }
         self.stats.publications.fetch_add(1, Ordering::Relaxed);
@@ -273,6 +306,7 @@ impl Hub {
         let sub = Arc::new(Subscription {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             channel: channel.clone(),
+            pattern: None,
             queue,
             state: Mutex::new(SubState { recovering: Some(Vec::new()), recovering_bytes: 0, epoch: None, offset: 0 }),
         });
@@ -332,7 +366,55 @@ impl Hub {
         Ok(PendingSubscription { handle, history, outcome })
     }
 
+    /// Subscribes `queue` to every channel matching `pattern`, live-only: no position,
+    /// no replay (see [`crate::pattern`]).
+    pub async fn subscribe_pattern(
+        self: &Arc<Self>,
+        pattern: Pattern,
+        queue: Arc<ConnQueue>,
+    ) -> Result<SubscriptionHandle, HubError> {
+        let namespace = ChannelName::parse(&format!("{}:", pattern.namespace()))
+            .unwrap_or_else(|_| ChannelName::parse("_").expect("literal"));
+        let sub = Arc::new(Subscription {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            channel: namespace,
+            pattern: Some(pattern.clone()),
+            queue,
+            state: Mutex::new(SubState { recovering: None, recovering_bytes: 0, epoch: None, offset: 0 }),
+        });
+        let mut active = self.pattern_ops.lock().await;
+        if !active.contains(pattern.namespace()) {
+            self.broker.subscribe_namespace(pattern.namespace()).await?;
+            active.insert(pattern.namespace().to_string());
+        }
+        let mut idx = self.patterns.write().unwrap_or_else(|p| p.into_inner());
+        idx.insert(&pattern, sub.id, sub.clone());
+        self.pattern_count.store(idx.len(), Ordering::Relaxed);
+        drop(idx);
+        Ok(SubscriptionHandle { hub: self.clone(), sub })
+    }
+
     fn remove(self: &Arc<Self>, sub: &Arc<Subscription>) {
+        if let Some(pattern) = &sub.pattern {
+            let namespace_empty = {
+                let mut idx = self.patterns.write().unwrap_or_else(|p| p.into_inner());
+                let empty = idx.remove(pattern, sub.id);
+                self.pattern_count.store(idx.len(), Ordering::Relaxed);
+                empty
+            };
+            if namespace_empty {
+                let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+                let (hub, ns) = (self.clone(), pattern.namespace().to_string());
+                rt.spawn(async move {
+                    let mut active = hub.pattern_ops.lock().await;
+                    let still_empty = !hub.patterns.read().unwrap_or_else(|p| p.into_inner()).has_namespace(&ns);
+                    if still_empty && active.remove(&ns) {
+                        let _ = hub.broker.unsubscribe_namespace(&ns).await;
+                    }
+                });
+            }
+            return;
+        }
         let shard = self.shard(&sub.channel);
         let now_empty = {
             let mut map = lock(&shard.channels);
@@ -367,6 +449,11 @@ impl Hub {
                 let _ = hub.broker.unsubscribe(&channel).await;
             }
         });
+    }
+
+    /// Live pattern subscriptions on this node.
+    pub fn pattern_subscriptions(&self) -> usize {
+        self.pattern_count.load(Ordering::Relaxed)
     }
 
     /// Active channels on this node and their local subscription counts.

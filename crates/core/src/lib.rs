@@ -18,6 +18,8 @@ pub mod channel;
 pub mod contract;
 pub mod hub;
 pub mod memory;
+pub mod pattern;
+pub mod presence;
 pub mod publication;
 pub mod queue;
 
@@ -25,7 +27,8 @@ pub use broker::{Broker, BrokerError, BrokerEventHandler, HistoryRequest, Histor
 pub use channel::{ChannelError, ChannelName};
 pub use hub::{Hub, HubError, SubscribeOutcome, Subscription};
 pub use memory::MemoryBroker;
-pub use publication::{Delivery, Epoch, Publication, StreamPosition};
+pub use pattern::Pattern;
+pub use publication::{Delivery, Epoch, Kind, Publication, StreamPosition};
 pub use queue::{CloseReason, ConnQueue, Event};
 
 /// Milliseconds since the Unix epoch, the `time` of a publication.

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::broker::{Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, PublishOptions};
 use crate::channel::ChannelName;
-use crate::publication::{new_epoch, Epoch, Publication, StreamPosition};
+use crate::publication::{new_epoch, Epoch, Kind, Publication, StreamPosition};
 
 /// How long an idle channel with no retained history and no node subscription keeps its
 /// epoch and top offset before it is forgotten (and starts a new epoch if used again).
@@ -31,6 +31,8 @@ struct ChannelLog {
     epoch: Epoch,
     top: u64,
     history: VecDeque<Entry>,
+    /// Idempotency keys seen recently: key → (position, forget after).
+    keys: HashMap<String, (StreamPosition, Instant)>,
     last_used: Instant,
     /// This node subscribed: publications go to the handler, and the log is never swept.
     subscribed: bool,
@@ -38,7 +40,14 @@ struct ChannelLog {
 
 impl ChannelLog {
     fn new(now: Instant) -> Self {
-        ChannelLog { epoch: new_epoch(), top: 0, history: VecDeque::new(), last_used: now, subscribed: false }
+        ChannelLog {
+            epoch: new_epoch(),
+            top: 0,
+            history: VecDeque::new(),
+            keys: HashMap::new(),
+            last_used: now,
+            subscribed: false,
+        }
     }
 
     fn position(&self) -> StreamPosition {
@@ -60,6 +69,9 @@ impl ChannelLog {
 /// The embedded broker. See the module docs.
 pub struct MemoryBroker {
     channels: Mutex<HashMap<ChannelName, Arc<Mutex<ChannelLog>>>>,
+    /// Namespaces this node subscribed to as a whole (wildcards), with reference counts.
+    namespaces: std::sync::RwLock<HashMap<String, usize>>,
+    namespace_subs: std::sync::atomic::AtomicUsize,
     handler: OnceLock<Arc<dyn BrokerEventHandler>>,
     idle_ttl: Duration,
 }
@@ -72,7 +84,13 @@ impl Default for MemoryBroker {
 
 impl MemoryBroker {
     pub fn new(idle_ttl: Duration) -> Self {
-        MemoryBroker { channels: Mutex::new(HashMap::new()), handler: OnceLock::new(), idle_ttl }
+        MemoryBroker {
+            channels: Mutex::new(HashMap::new()),
+            namespaces: Default::default(),
+            namespace_subs: Default::default(),
+            handler: OnceLock::new(),
+            idle_ttl,
+        }
     }
 
     fn log(&self, channel: &ChannelName) -> Arc<Mutex<ChannelLog>> {
@@ -93,6 +111,13 @@ impl MemoryBroker {
             log.trim_expired(now);
             !(log.history.is_empty() && now.duration_since(log.last_used) >= self.idle_ttl)
         });
+    }
+
+    /// Does this node want `channel`'s publications?
+    fn routed(&self, log: &ChannelLog, channel: &ChannelName) -> bool {
+        log.subscribed
+            || (self.namespace_subs.load(std::sync::atomic::Ordering::Relaxed) > 0
+                && self.namespaces.read().unwrap_or_else(|p| p.into_inner()).contains_key(channel.namespace()))
     }
 
     /// Number of channels the broker currently keeps state for.
@@ -123,6 +148,12 @@ impl Broker for MemoryBroker {
         let log = self.log(channel);
         let now = Instant::now();
         let mut log = lock(&log);
+        if let Some(key) = &opts.idempotency_key {
+            log.keys.retain(|_, (_, until)| *until > now);
+            if let Some((pos, _)) = log.keys.get(key) {
+                return Ok(pos.clone());
+            }
+        }
         log.top += 1;
         log.last_used = now;
         let publication = Publication {
@@ -131,6 +162,7 @@ impl Broker for MemoryBroker {
             epoch: log.epoch.clone(),
             data,
             time: crate::now_millis(),
+            kind: Kind::Stored,
         };
         log.trim_expired(now);
         if opts.history_size > 0 && !opts.history_ttl.is_zero() {
@@ -140,14 +172,35 @@ impl Broker for MemoryBroker {
             log.history.pop_front();
         }
         let position = log.position();
+        if let Some(key) = &opts.idempotency_key {
+            log.keys.insert(key.clone(), (position.clone(), now + opts.idempotency_window));
+        }
         // Fan out while still holding the channel lock: this is what keeps delivery order
         // equal to offset order when several tasks publish to one channel at once.
-        if log.subscribed {
+        if self.routed(&log, channel) {
             if let Some(handler) = self.handler.get() {
                 handler.handle_publication(publication);
             }
         }
         Ok(position)
+    }
+
+    async fn publish_volatile(&self, channel: &ChannelName, kind: Kind, data: Bytes) -> Result<(), BrokerError> {
+        let log = self.log(channel);
+        let log = lock(&log);
+        if self.routed(&log, channel) {
+            if let Some(handler) = self.handler.get() {
+                handler.handle_publication(Publication {
+                    channel: channel.clone(),
+                    offset: 0,
+                    epoch: log.epoch.clone(),
+                    data,
+                    time: crate::now_millis(),
+                    kind,
+                });
+            }
+        }
+        Ok(())
     }
 
     async fn history(&self, channel: &ChannelName, req: HistoryRequest) -> Result<HistoryResult, BrokerError> {
@@ -192,6 +245,25 @@ impl Broker for MemoryBroker {
         lock(&self.log(channel)).subscribed = false;
         Ok(())
     }
+
+    async fn subscribe_namespace(&self, namespace: &str) -> Result<(), BrokerError> {
+        let mut m = self.namespaces.write().unwrap_or_else(|p| p.into_inner());
+        *m.entry(namespace.to_string()).or_insert(0) += 1;
+        self.namespace_subs.store(m.len(), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn unsubscribe_namespace(&self, namespace: &str) -> Result<(), BrokerError> {
+        let mut m = self.namespaces.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(namespace) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(namespace);
+            }
+        }
+        self.namespace_subs.store(m.len(), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// Starts the periodic sweep of idle channels for `broker`; stops when the broker is
@@ -219,7 +291,7 @@ mod tests {
     async fn idle_channels_without_history_are_forgotten_and_get_a_new_epoch() {
         let b = MemoryBroker::new(Duration::from_secs(60));
         let ch = ChannelName::parse("a").unwrap();
-        let opts = PublishOptions { history_size: 10, history_ttl: Duration::from_secs(10) };
+        let opts = PublishOptions { history_size: 10, history_ttl: Duration::from_secs(10), ..Default::default() };
         let first = b.publish(&ch, Bytes::from_static(b"1"), &opts).await.unwrap();
         tokio::time::advance(Duration::from_secs(30)).await;
         b.sweep();

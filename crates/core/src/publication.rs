@@ -34,10 +34,25 @@ pub struct StreamPosition {
     pub offset: u64,
 }
 
+/// What a publication is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A reliable publication: numbered, kept in history, replayed on resume.
+    Stored,
+    /// A volatile one (typing indicators, cursor positions): no offset, never stored or
+    /// replayed, and the first thing dropped under backpressure.
+    Volatile,
+    /// Presence: a client joined the channel. `data` is `{"client","user","info"}`.
+    Join,
+    /// Presence: a client left the channel. `data` as for `Join`.
+    Leave,
+}
+
 /// A publication as stored and delivered.
 ///
 /// `data` is the application's payload as JSON text, validated once at the edge and
-/// never re-parsed.
+/// never re-parsed. Only [`Kind::Stored`] publications have an offset and an epoch;
+/// the others carry offset 0 and the channel's current epoch (or `""`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publication {
     pub channel: ChannelName,
@@ -46,6 +61,7 @@ pub struct Publication {
     pub data: Bytes,
     /// Milliseconds since the Unix epoch, when the broker accepted it.
     pub time: u64,
+    pub kind: Kind,
 }
 
 impl Publication {
@@ -53,11 +69,39 @@ impl Publication {
         StreamPosition { epoch: self.epoch.clone(), offset: self.offset }
     }
 
-    /// The canonical JSON form: `{"channel":…,"offset":…,"epoch":…,"time":…,"data":…}`.
+    /// Reliable: numbered and replayable.
+    pub fn is_stored(&self) -> bool {
+        self.kind == Kind::Stored
+    }
+
+    /// The canonical JSON form. Stored: `{"channel","offset","epoch","time","data"}`;
+    /// volatile: `{"channel","time","volatile":true,"data"}`; join/leave:
+    /// `{"channel","client","user","info"}` (the fields of `data` after the channel).
     ///
     /// Channel names and epochs are restricted to characters that need no JSON escaping
     /// and `data` is already JSON, so this is plain concatenation.
     pub fn to_json(&self) -> Bytes {
+        match self.kind {
+            Kind::Stored => {}
+            Kind::Volatile => {
+                let mut v =
+                    format!("{{\"channel\":\"{}\",\"time\":{},\"volatile\":true,\"data\":", self.channel, self.time)
+                        .into_bytes();
+                v.extend_from_slice(&self.data);
+                v.push(b'}');
+                return Bytes::from(v);
+            }
+            Kind::Join | Kind::Leave => {
+                // data is a JSON object; splice the channel in front of its fields.
+                let mut v = format!("{{\"channel\":\"{}\"", self.channel).into_bytes();
+                let inner = self.data.strip_prefix(b"{").unwrap_or(&self.data);
+                if inner.first().is_some_and(|b| *b != b'}') {
+                    v.push(b',');
+                }
+                v.extend_from_slice(inner);
+                return Bytes::from(v);
+            }
+        }
         let mut s = String::with_capacity(self.data.len() + self.channel.as_str().len() + 80);
         let _ = write!(
             s,
@@ -122,6 +166,7 @@ mod tests {
             epoch: Arc::from("abc"),
             data: Bytes::from_static(br#"{"text":"hi \"there\""}"#),
             time: 12,
+            kind: Kind::Stored,
         };
         let v: serde_json::Value = serde_json::from_slice(&p.to_json()).unwrap();
         assert_eq!(v["channel"], "chat:1");
@@ -132,6 +177,25 @@ mod tests {
     }
 
     #[test]
+    fn every_kind_encodes_to_valid_json() {
+        let mk = |kind, data: &'static [u8]| Publication {
+            channel: ChannelName::parse("c:1").unwrap(),
+            offset: 0,
+            epoch: Arc::from(""),
+            data: Bytes::from_static(data),
+            time: 5,
+            kind,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&mk(Kind::Volatile, b"[1]").to_json()).unwrap();
+        assert_eq!((v["volatile"].as_bool(), v["data"][0].as_i64(), v.get("offset")), (Some(true), Some(1), None));
+        let j = mk(Kind::Join, br#"{"client":"x","user":"u","info":null}"#).to_json();
+        let v: serde_json::Value = serde_json::from_slice(&j).unwrap();
+        assert_eq!((v["channel"].as_str(), v["client"].as_str()), (Some("c:1"), Some("x")));
+        let v: serde_json::Value = serde_json::from_slice(&mk(Kind::Leave, b"{}").to_json()).unwrap();
+        assert_eq!(v["channel"], "c:1");
+    }
+
+    #[test]
     fn encodings_are_built_once_and_shared() {
         let d = Delivery::new(Publication {
             channel: ChannelName::parse("a").unwrap(),
@@ -139,6 +203,7 @@ mod tests {
             epoch: new_epoch(),
             data: Bytes::from_static(b"1"),
             time: 0,
+            kind: Kind::Stored,
         });
         let mut calls = 0;
         let a = d.encoded(0, |_| {

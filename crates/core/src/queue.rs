@@ -32,6 +32,15 @@ pub enum Event {
 }
 
 impl Event {
+    /// Reliable events are never dropped: a queue that cannot take one closes instead.
+    /// Volatile publications and presence events are dropped first under pressure.
+    pub fn is_reliable(&self) -> bool {
+        match self {
+            Event::Publication(d) => d.publication.is_stored(),
+            Event::Reset { .. } | Event::Frame(_) => true,
+        }
+    }
+
     fn cost(&self) -> usize {
         match self {
             Event::Publication(d) => d.cost(),
@@ -64,6 +73,8 @@ pub enum PushError {
     Closed,
     /// The event did not fit: the queue is now closed as a slow consumer.
     Overflow,
+    /// A volatile event did not fit and was dropped; the connection goes on.
+    Dropped,
 }
 
 struct State {
@@ -74,6 +85,9 @@ struct State {
 
 /// Count of connections closed as slow consumers, process-wide (for metrics).
 pub static SLOW_CONSUMER_CLOSES: AtomicU64 = AtomicU64::new(0);
+
+/// Count of volatile events dropped under backpressure, process-wide (for metrics).
+pub static VOLATILE_DROPS: AtomicU64 = AtomicU64::new(0);
 
 pub struct ConnQueue {
     max_bytes: std::sync::atomic::AtomicUsize,
@@ -115,6 +129,20 @@ impl ConnQueue {
             return Err(PushError::Closed);
         }
         if st.bytes + cost > self.max_bytes() && !st.events.is_empty() {
+            // Make room by dropping what may be dropped: queued volatile events first.
+            let before = st.events.len();
+            st.events.retain(Event::is_reliable);
+            let dropped = before - st.events.len();
+            if dropped > 0 {
+                VOLATILE_DROPS.fetch_add(dropped as u64, Ordering::Relaxed);
+                st.bytes = st.events.iter().map(Event::cost).sum();
+            }
+        }
+        if st.bytes + cost > self.max_bytes() && !st.events.is_empty() {
+            if !event.is_reliable() {
+                VOLATILE_DROPS.fetch_add(1, Ordering::Relaxed);
+                return Err(PushError::Dropped);
+            }
             st.events.clear();
             st.events.shrink_to_fit();
             st.bytes = 0;
@@ -224,13 +252,42 @@ mod tests {
     use bytes::Bytes;
 
     fn ev(n: usize) -> Event {
+        ev_kind(n, crate::publication::Kind::Stored)
+    }
+
+    fn ev_kind(n: usize, kind: crate::publication::Kind) -> Event {
         Event::Publication(Delivery::new(Publication {
             channel: ChannelName::parse("c").unwrap(),
             offset: 1,
             epoch: new_epoch(),
             data: Bytes::from(vec![b'1'; n]),
             time: 0,
+            kind,
         }))
+    }
+
+    #[test]
+    fn volatile_events_are_dropped_before_reliable_ones_and_never_close() {
+        use crate::publication::Kind;
+        let q = ConnQueue::new(1000);
+        q.push(ev(100)).unwrap();
+        for _ in 0..5 {
+            q.push(ev_kind(100, Kind::Volatile)).unwrap();
+        }
+        // Full of volatile: a reliable event evicts them instead of closing the queue.
+        for _ in 0..3 {
+            q.push(ev(100)).unwrap();
+        }
+        assert_eq!(q.closed(), None);
+        let mut out = vec![];
+        q.drain_into(&mut out).unwrap();
+        assert!(out.iter().all(Event::is_reliable), "volatile events kept while reliable ones were pushed");
+        assert_eq!(out.len(), 4);
+        // A volatile event that does not fit is dropped; the queue stays open.
+        let q = ConnQueue::new(300);
+        q.push(ev(150)).unwrap();
+        assert_eq!(q.push(ev_kind(200, Kind::Volatile)), Err(PushError::Dropped));
+        assert_eq!(q.closed(), None);
     }
 
     #[test]

@@ -21,7 +21,7 @@ fn ch(s: &str) -> ChannelName {
 }
 
 fn opts() -> PublishOptions {
-    PublishOptions { history_size: 1000, history_ttl: Duration::from_secs(300) }
+    PublishOptions { history_size: 1000, history_ttl: Duration::from_secs(300), ..Default::default() }
 }
 
 async fn publish(b: &Arc<dyn Broker>, c: &ChannelName, i: u64) -> StreamPosition {
@@ -196,4 +196,53 @@ async fn rewind_replays_exactly_the_last_n_then_goes_live() {
         .unwrap()
         .go_live();
     assert_eq!(drain(&q2), (1..=11).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn pattern_subscribers_get_matching_channels_with_their_concrete_names() {
+    let (hub, b) = setup().await;
+    let q = ConnQueue::new(1 << 20);
+    let h =
+        hub.subscribe_pattern(switchboard_core::Pattern::parse("sensors:+/temp").unwrap(), q.clone()).await.unwrap();
+    for c in ["sensors:a/temp", "sensors:b/hum", "sensors:b/temp", "other:a/temp", "sensorsx:a/temp"] {
+        publish(&b, &ch(c), 1).await;
+    }
+    let mut out = Vec::new();
+    q.drain_into(&mut out).unwrap();
+    let got: Vec<String> = out
+        .iter()
+        .map(|e| match e {
+            Event::Publication(d) => d.publication.channel.to_string(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(got, vec!["sensors:a/temp", "sensors:b/temp"]);
+    drop(h);
+    for _ in 0..100 {
+        if hub.pattern_subscriptions() == 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(hub.pattern_subscriptions(), 0);
+    publish(&b, &ch("sensors:c/temp"), 1).await;
+    assert!(drain(&q).is_empty());
+}
+
+#[tokio::test]
+async fn volatile_publications_are_delivered_live_and_never_replayed() {
+    let (hub, b) = setup().await;
+    let c = ch("typing:1");
+    let start = publish(&b, &c, 1).await;
+    b.publish_volatile(&c, switchboard_core::Kind::Volatile, Bytes::from_static(b"\"typing\"")).await.unwrap();
+    publish(&b, &c, 2).await;
+    let q = ConnQueue::new(1 << 20);
+    let _h = hub
+        .subscribe(c.clone(), q.clone(), SubscribeRequest { since: Some(start), ..Default::default() })
+        .await
+        .unwrap()
+        .go_live();
+    assert_eq!(drain(&q), vec![2], "a volatile publication was replayed");
+    b.publish_volatile(&c, switchboard_core::Kind::Volatile, Bytes::from_static(b"\"typing\"")).await.unwrap();
+    assert_eq!(drain(&q), vec![0], "live volatile publications are delivered (offset 0)");
 }

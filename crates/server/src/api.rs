@@ -59,16 +59,53 @@ struct PublishRequest<'a> {
     channel: String,
     #[serde(borrow)]
     data: &'a RawValue,
+    /// Idempotency key: a repeat within `limits.idempotency_window_secs` publishes nothing.
+    key: Option<String>,
+    /// Volatile: no offset, not stored, never replayed (defaults to the namespace's).
+    volatile: Option<bool>,
 }
 
-/// `POST /api/publish {"channel":…, "data":…}` → `{"epoch":…, "offset":…}`.
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// Publishes for the API and for clients: returns the reply JSON, `{"epoch","offset"}`
+/// or, for a volatile publication, `{"volatile":true}`.
+pub(crate) async fn publish_to(
+    state: &AppState,
+    r: &crate::session::Resolved,
+    data: Bytes,
+    volatile: Option<bool>,
+    key: Option<String>,
+) -> Result<String, ApiError> {
+    if let Some(k) = &key {
+        if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(ApiError::new(
+                Code::InvalidIdempotencyKey,
+                format!("an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY} bytes; this one is {}", k.len()),
+            ));
+        }
+    }
+    if volatile.unwrap_or(r.options.volatile) {
+        if key.is_some() {
+            return Err(ApiError::new(Code::InvalidRequest, "volatile publications take no idempotency key"));
+        }
+        state.hub.broker().publish_volatile(&r.channel, switchboard_core::Kind::Volatile, data).await?;
+        return Ok(r#"{"volatile":true}"#.to_string());
+    }
+    let window = std::time::Duration::from_secs(state.config.limits.idempotency_window_secs);
+    let pos = state.hub.broker().publish(&r.channel, data, &r.options.publish_options(key, window)).await?;
+    Ok(format!("{{\"epoch\":\"{}\",\"offset\":{}}}", pos.epoch, pos.offset))
+}
+
+/// `POST /api/publish {"channel":…, "data":…[, "key":…][, "volatile":true]}` →
+/// `{"epoch":…, "offset":…}` (or `{"volatile":true}`).
 pub async fn publish(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
     let body = read_body(req.into_body(), body_limit(&state)).await?;
     let r: PublishRequest = parse_json(&body)?;
     let resolved = resolve_channel(&state, &r.channel)?;
     let data = payload(&state, r.data)?;
-    let pos = state.hub.broker().publish(&resolved.channel, data, &resolved.options.publish_options()).await?;
-    Ok(json(StatusCode::OK, serde_json::json!({"epoch": &*pos.epoch, "offset": pos.offset}).to_string()))
+    let reply = publish_to(&state, &resolved, data, r.volatile, r.key).await?;
+    Ok(json(StatusCode::OK, reply))
 }
 
 #[derive(Deserialize)]
@@ -77,6 +114,7 @@ struct BroadcastRequest<'a> {
     channels: Vec<String>,
     #[serde(borrow)]
     data: &'a RawValue,
+    volatile: Option<bool>,
 }
 
 /// `POST /api/broadcast {"channels":[…], "data":…}` → `{"results":[…]}`, one result per
@@ -96,11 +134,14 @@ pub async fn broadcast(State(state): State<AppState>, req: Request) -> Result<Re
     for name in &r.channels {
         let one = async {
             let resolved = resolve_channel(&state, name)?;
-            let opts = resolved.options.publish_options();
-            Ok::<_, ApiError>(state.hub.broker().publish(&resolved.channel, data.clone(), &opts).await?)
+            publish_to(&state, &resolved, data.clone(), r.volatile, None).await
         };
         results.push(match one.await {
-            Ok(pos) => serde_json::json!({"channel": name, "epoch": &*pos.epoch, "offset": pos.offset}),
+            Ok(reply) => {
+                let mut v: serde_json::Value = serde_json::from_str(&reply).expect("our own JSON");
+                v["channel"] = serde_json::json!(name);
+                v
+            }
             Err(e) => serde_json::json!({"channel": name, "error": {"code": e.code.as_str(), "message": e.message}}),
         });
     }
@@ -253,4 +294,24 @@ pub async fn revoke(State(state): State<AppState>, req: Request) -> Result<Respo
         (None, None) => unreachable!("checked above"),
     };
     Ok(json(StatusCode::OK, serde_json::json!({ "disconnected": n }).to_string()))
+}
+
+/// `GET /api/presence?channel=…` → `{"clients":[{"client","user","info"}…]}`.
+pub async fn presence(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Query::parse(raw.as_deref());
+    let [name] = q.channels.as_slice() else {
+        return Err(ApiError::new(Code::InvalidRequest, "name exactly one channel: ?channel=NAME"));
+    };
+    let r = resolve_channel(&state, name)?;
+    Ok(json(StatusCode::OK, crate::presence::members_json(&state, &r).await?))
+}
+
+/// `GET /api/presence_stats?channel=…` → `{"clients":N,"users":M}`.
+pub async fn presence_stats(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Query::parse(raw.as_deref());
+    let [name] = q.channels.as_slice() else {
+        return Err(ApiError::new(Code::InvalidRequest, "name exactly one channel: ?channel=NAME"));
+    };
+    let r = resolve_channel(&state, name)?;
+    Ok(json(StatusCode::OK, crate::presence::stats_json(&state, &r).await?))
 }

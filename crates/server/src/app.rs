@@ -37,6 +37,7 @@ pub struct Inner {
     pub deny: crate::auth::DenyList,
     pub registry: Arc<crate::registry::Registry>,
     pub limits: Arc<crate::limits::ConnLimits>,
+    pub presence: Arc<dyn switchboard_core::presence::PresenceManager>,
 }
 
 /// Counts live upgraded connections so shutdown can wait for them.
@@ -91,6 +92,7 @@ impl AppState {
         config: Config,
         dev: bool,
         hub: Arc<Hub>,
+        presence: Arc<dyn switchboard_core::presence::PresenceManager>,
         verifier: Option<crate::auth::Verifier>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -102,6 +104,7 @@ impl AppState {
                 deny: crate::auth::DenyList::default(),
                 registry: Arc::default(),
                 limits,
+                presence,
                 dev,
                 hub,
                 shutdown,
@@ -123,6 +126,8 @@ pub fn router(state: AppState) -> Router {
         .route("/broadcast", post(api::broadcast))
         .route("/history", get(api::history))
         .route("/channels", get(api::channels))
+        .route("/presence", get(api::presence))
+        .route("/presence_stats", get(api::presence_stats))
         .route("/disconnect", post(api::disconnect))
         .route("/revoke", post(api::revoke))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));

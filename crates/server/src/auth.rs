@@ -234,6 +234,42 @@ pub fn authorize(
     Ok(())
 }
 
+/// Authorizes a wildcard subscription: the pattern itself must be covered by the
+/// token's `channels` claim (only prefix claims can cover a pattern), and it may not
+/// reach into private namespaces or other users' channels — which makes every channel it
+/// can match authorized too.
+pub fn authorize_pattern(
+    who: Option<&Identity>,
+    p: &crate::session::ResolvedPattern,
+    deny: &DenyList,
+) -> Result<(), ApiError> {
+    let ns = &p.options;
+    let raw = p.pattern.as_str();
+    if ns.private {
+        return Err(ApiError::new(Code::PermissionDenied, "private channels cannot be subscribed by pattern"));
+    }
+    let needs_identity = ns.require_token || ns.user_limited;
+    let Some(who) = who else {
+        if needs_identity {
+            return Err(ApiError::new(
+                Code::TokenRequired,
+                format!("namespace {:?} requires a token", p.pattern.namespace()),
+            ));
+        }
+        return Ok(());
+    };
+    deny.check(who)?;
+    if let Some(allowed) = &who.channels {
+        if !allowed.iter().any(|c| claim_matches(c, raw)) {
+            return Err(ApiError::new(Code::PermissionDenied, format!("the token does not grant the pattern {raw:?}")));
+        }
+    }
+    if ns.user_limited && p.pattern.literal_prefix().first().copied() != Some(who.user.as_str()) {
+        return Err(ApiError::new(Code::PermissionDenied, format!("{raw:?} reaches other users' channels")));
+    }
+    Ok(())
+}
+
 /// Revoked token ids and users, each until its own expiry. Bounded: entries expire,
 /// and at most `MAX_ENTRIES` are kept.
 #[derive(Default)]

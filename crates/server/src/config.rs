@@ -83,6 +83,14 @@ pub struct NamespaceOptions {
     /// Compress this namespace's publications for WebSocket clients that negotiated
     /// permessage-deflate (turn off for already-compressed or tiny payloads).
     pub deflate: bool,
+    /// Keep presence (who is subscribed) for this namespace's channels.
+    pub presence: bool,
+    /// Push join/leave events to subscribers (needs `presence`).
+    pub join_leave: bool,
+    /// Seconds a presence entry lives unless its connection's heartbeat refreshes it.
+    pub presence_ttl_secs: u64,
+    /// Publications are volatile unless the publish says otherwise.
+    pub volatile: bool,
 }
 
 impl Default for NamespaceOptions {
@@ -97,13 +105,22 @@ impl Default for NamespaceOptions {
             queue_max_bytes: switchboard_core::queue::DEFAULT_QUEUE_BYTES,
             rewind_on_subscribe: 0,
             deflate: true,
+            presence: false,
+            join_leave: false,
+            presence_ttl_secs: 60,
+            volatile: false,
         }
     }
 }
 
 impl NamespaceOptions {
-    pub fn publish_options(&self) -> PublishOptions {
-        PublishOptions { history_size: self.history_size, history_ttl: Duration::from_secs(self.history_ttl_secs) }
+    pub fn publish_options(&self, key: Option<String>, window: Duration) -> PublishOptions {
+        PublishOptions {
+            history_size: self.history_size,
+            history_ttl: Duration::from_secs(self.history_ttl_secs),
+            idempotency_key: key,
+            idempotency_window: window,
+        }
     }
 
     pub fn keeps_history(&self) -> bool {
@@ -124,6 +141,10 @@ pub struct NamespaceOverride {
     pub queue_max_bytes: Option<usize>,
     pub rewind_on_subscribe: Option<usize>,
     pub deflate: Option<bool>,
+    pub presence: Option<bool>,
+    pub join_leave: Option<bool>,
+    pub presence_ttl_secs: Option<u64>,
+    pub volatile: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,6 +163,8 @@ pub struct Limits {
     pub accept_rate_per_sec: u32,
     /// Handshakes allowed in a burst above the rate.
     pub accept_burst: u32,
+    /// Seconds a publish idempotency key is remembered.
+    pub idempotency_window_secs: u64,
 }
 
 impl Default for Limits {
@@ -153,6 +176,7 @@ impl Default for Limits {
             max_connections_per_ip: 0,
             accept_rate_per_sec: 10_000,
             accept_burst: 20_000,
+            idempotency_window_secs: 300,
         }
     }
 }
@@ -376,6 +400,20 @@ impl Config {
         }
         for name in std::iter::once("").chain(self.namespaces.keys().map(String::as_str)) {
             if let Some(ns) = self.namespace(name) {
+                let heartbeat = self.ws.ping_interval_secs.max(self.sse.keepalive_secs);
+                if ns.presence && ns.presence_ttl_secs <= heartbeat {
+                    let key = if name.is_empty() { "defaults".to_string() } else { format!("namespaces.{name}") };
+                    return Err((
+                        format!("{key}.presence_ttl_secs"),
+                        format!(
+                            "must exceed the heartbeat ({heartbeat} s: ws.ping_interval_secs / sse.keepalive_secs)"
+                        ),
+                    ));
+                }
+                if ns.join_leave && !ns.presence {
+                    let key = if name.is_empty() { "defaults".to_string() } else { format!("namespaces.{name}") };
+                    return Err((format!("{key}.join_leave"), "needs presence = true".into()));
+                }
                 if ns.rewind_on_subscribe > ns.history_size {
                     let key = if name.is_empty() && !self.namespaces.contains_key("") {
                         "defaults.rewind_on_subscribe".to_string()
@@ -415,6 +453,10 @@ impl Config {
                     queue_max_bytes: o.queue_max_bytes.unwrap_or(d.queue_max_bytes),
                     rewind_on_subscribe: o.rewind_on_subscribe.unwrap_or(d.rewind_on_subscribe),
                     deflate: o.deflate.unwrap_or(d.deflate),
+                    presence: o.presence.unwrap_or(d.presence),
+                    join_leave: o.join_leave.unwrap_or(d.join_leave),
+                    presence_ttl_secs: o.presence_ttl_secs.unwrap_or(d.presence_ttl_secs),
+                    volatile: o.volatile.unwrap_or(d.volatile),
                 })
             }
             None if self.strict_namespaces => None,

@@ -18,6 +18,8 @@ pub enum Code {
     BadWait,
     BadLimit,
     BadRewind,
+    InvalidIdempotencyKey,
+    InvalidPattern,
     HistoryDisabled,
     TokenRequired,
     Unauthorized,
@@ -58,6 +60,8 @@ impl Code {
             Code::BadWait => "bad_wait",
             Code::BadLimit => "bad_limit",
             Code::BadRewind => "bad_rewind",
+            Code::InvalidIdempotencyKey => "invalid_idempotency_key",
+            Code::InvalidPattern => "invalid_pattern",
             Code::HistoryDisabled => "history_disabled",
             Code::TokenRequired => "token_required",
             Code::Unauthorized => "unauthorized",
@@ -95,7 +99,9 @@ impl Code {
             | Code::BadCursor
             | Code::BadWait
             | Code::BadLimit
-            | Code::BadRewind => StatusCode::BAD_REQUEST,
+            | Code::BadRewind
+            | Code::InvalidIdempotencyKey
+            | Code::InvalidPattern => StatusCode::BAD_REQUEST,
             Code::UnknownNamespace | Code::NotFound | Code::TransportDisabled => StatusCode::NOT_FOUND,
             Code::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::HistoryDisabled => StatusCode::CONFLICT,

@@ -9,6 +9,7 @@ pub mod cursor;
 pub mod error;
 pub mod limits;
 pub mod origin;
+pub mod presence;
 pub mod registry;
 pub mod session;
 pub mod transports;
@@ -42,9 +43,14 @@ impl Server {
             }
         };
         let hub = Hub::start(broker).await?;
+        let presence = {
+            let p = Arc::new(switchboard_core::presence::MemoryPresence::default());
+            switchboard_core::presence::spawn_sweeper(&p, Duration::from_secs(30));
+            p as Arc<dyn switchboard_core::presence::PresenceManager>
+        };
         let verifier = auth::Verifier::from_config(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let state = AppState::new(config, dev, hub, verifier, shutdown_rx);
+        let state = AppState::new(config, dev, hub, presence, verifier, shutdown_rx);
         Ok(Server { state, listener, shutdown_tx })
     }
 

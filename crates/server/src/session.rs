@@ -5,9 +5,13 @@ use std::sync::Arc;
 use switchboard_core::hub::{SubscribeRequest, SubscriptionHandle};
 use switchboard_core::{ChannelName, ConnQueue, StreamPosition};
 
+use switchboard_core::pattern::{is_pattern, Pattern};
+
 use crate::app::AppState;
+use crate::auth::Identity;
 use crate::config::NamespaceOptions;
 use crate::error::{ApiError, Code};
+use crate::presence::PresenceGuard;
 
 /// A channel the request may use, with its namespace's options.
 pub struct Resolved {
@@ -15,8 +19,42 @@ pub struct Resolved {
     pub options: NamespaceOptions,
 }
 
+/// A wildcard subscription the request may use.
+pub struct ResolvedPattern {
+    pub pattern: Pattern,
+    pub options: NamespaceOptions,
+}
+
+/// Splits a request's `channel` list into channel names and patterns (live-only).
+pub fn resolve_mixed(state: &AppState, names: &[String]) -> Result<(Vec<Resolved>, Vec<ResolvedPattern>), ApiError> {
+    let (patterns, exact): (Vec<String>, Vec<String>) = names.iter().cloned().partition(|n| is_pattern(n));
+    if patterns.is_empty() {
+        return Ok((resolve_channels(state, &exact)?, Vec::new()));
+    }
+    let max = state.config.limits.max_channels_per_request;
+    if names.len() > max {
+        return Err(ApiError::new(
+            Code::TooManyChannels,
+            format!("{} channels requested; the limit is {max}", names.len()),
+        ));
+    }
+    let exact = if exact.is_empty() { Vec::new() } else { resolve_channels(state, &exact)? };
+    let patterns = patterns.iter().map(|p| resolve_pattern(state, p)).collect::<Result<Vec<_>, _>>()?;
+    Ok((exact, patterns))
+}
+
+pub fn resolve_pattern(state: &AppState, s: &str) -> Result<ResolvedPattern, ApiError> {
+    let shown: String = s.chars().take(64).collect();
+    let pattern = Pattern::parse(s)
+        .map_err(|e| ApiError::new(Code::InvalidPattern, format!("invalid pattern {shown:?}: {e}")))?;
+    let options = state.config.namespace(pattern.namespace()).ok_or_else(|| {
+        ApiError::new(Code::UnknownNamespace, format!("namespace {:?} is not configured", pattern.namespace()))
+    })?;
+    Ok(ResolvedPattern { pattern, options })
+}
+
 /// Validates a channel list from a request: at least one, within the limit, valid names,
-/// known namespaces, and (until tokens exist) no token-only namespace.
+/// known namespaces.
 pub fn resolve_channels(state: &AppState, names: &[String]) -> Result<Vec<Resolved>, ApiError> {
     if names.is_empty() {
         return Err(ApiError::new(Code::InvalidRequest, "name at least one channel: ?channel=NAME"));
@@ -40,6 +78,13 @@ pub fn resolve_channels(state: &AppState, names: &[String]) -> Result<Vec<Resolv
 }
 
 pub fn resolve_channel(state: &AppState, name: &str) -> Result<Resolved, ApiError> {
+    if is_pattern(name) {
+        let shown: String = name.chars().take(64).collect();
+        return Err(ApiError::new(
+            Code::InvalidPattern,
+            format!("{shown:?} is a pattern; patterns are live-only subscriptions (use /sse or /ws subscribe)"),
+        ));
+    }
     let channel = ChannelName::parse(name).map_err(|e| ApiError::channel(name, e))?;
     let options = state.config.namespace(channel.namespace()).ok_or_else(|| {
         ApiError::new(Code::UnknownNamespace, format!("namespace {:?} is not configured", channel.namespace()))
@@ -56,11 +101,20 @@ pub struct Start {
     pub reset: bool,
 }
 
-/// A connection's queue and subscriptions; dropping it unsubscribes everything.
+/// A connection's queue and subscriptions; dropping it unsubscribes everything and
+/// leaves presence.
 pub struct Session {
     pub queue: Arc<ConnQueue>,
     pub starts: Vec<Start>,
+    pub presence: Vec<PresenceGuard>,
     _handles: Vec<SubscriptionHandle>,
+}
+
+/// Who is subscribing, for presence (`None`: a stateless request that enters no
+/// presence).
+pub struct Presence<'a> {
+    pub client: &'a str,
+    pub who: Option<&'a Identity>,
 }
 
 /// Checks a requested rewind against every channel's history size.
@@ -95,10 +149,17 @@ pub async fn open(
     channels: &[Resolved],
     cursor: Option<Vec<StreamPosition>>,
     rewind: Option<usize>,
+    patterns: &[ResolvedPattern],
+    presence: Option<Presence<'_>>,
 ) -> Result<Session, ApiError> {
     // One queue serves all the connection's channels; it gets the most generous bound
     // among their namespaces.
-    let bound = channels.iter().map(|r| r.options.queue_max_bytes).max().unwrap_or(1 << 20);
+    let bound = channels
+        .iter()
+        .map(|r| r.options.queue_max_bytes)
+        .chain(patterns.iter().map(|p| p.options.queue_max_bytes))
+        .max()
+        .unwrap_or(1 << 20);
     let queue = ConnQueue::new(bound);
     let mut starts = Vec::with_capacity(channels.len());
     let mut handles = Vec::with_capacity(channels.len());
@@ -110,7 +171,16 @@ pub async fn open(
         handles.push(pending.go_live());
         starts.push(Start { channel: r.channel.clone(), position: outcome.position, reset: !outcome.recovered });
     }
-    Ok(Session { queue, starts, _handles: handles })
+    for p in patterns {
+        handles.push(state.hub.subscribe_pattern(p.pattern.clone(), queue.clone()).await?);
+    }
+    let mut guards = Vec::new();
+    if let Some(p) = presence {
+        for r in channels {
+            guards.extend(crate::presence::join(state, r, p.client, p.who).await?);
+        }
+    }
+    Ok(Session { queue, starts, presence: guards, _handles: handles })
 }
 
 /// Reads every `channel` parameter and the named single-valued ones from a raw query.

@@ -49,7 +49,7 @@ pub async fn handler(
     let asked = q.get("since").filter(|s| !s.is_empty()).map(|s| cursor::parse(s, channels.len())).transpose()?;
 
     let rewind = session::check_rewind(&channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
-    let session = session::open(&state, &channels, asked, rewind).await?;
+    let session = session::open(&state, &channels, asked, rewind, &[], None).await?;
     let mut positions: Vec<StreamPosition> = session.starts.iter().map(|s| s.position.clone()).collect();
     let mut resets: Vec<serde_json::Value> = session
         .starts
@@ -80,6 +80,8 @@ pub async fn handler(
             break;
         }
         match e {
+            // Polling is history-based: volatile and presence events are not polled.
+            Event::Publication(d) if !d.publication.is_stored() => {}
             Event::Publication(d) => {
                 let Some(i) = channels.iter().position(|r| r.channel == d.publication.channel) else { continue };
                 if n > 0 {

@@ -26,7 +26,7 @@ use axum::http::{Extensions, HeaderMap};
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
 use switchboard_core::queue::Event;
-use switchboard_core::{ChannelName, CloseReason, Delivery, StreamPosition};
+use switchboard_core::{ChannelName, CloseReason, Delivery, Kind, StreamPosition};
 use tokio::sync::watch;
 use tokio::time::{Interval, MissedTickBehavior};
 
@@ -40,6 +40,8 @@ use crate::session::{self, Query, Session};
 /// Encoding slots in [`Delivery`] owned by this transport.
 const SLOT_FULL_EVENT: usize = 0;
 const SLOT_EVENT_BODY: usize = 1;
+/// Join/leave events share slot 0 with full events: a delivery is one kind or the other.
+const SLOT_OTHER_EVENT: usize = 0;
 
 pub async fn handler(
     State(state): State<AppState>,
@@ -52,14 +54,22 @@ pub async fn handler(
     }
     let slot = super::admit(&state, &headers, &ext)?;
     let q = Query::parse(raw.as_deref());
-    let channels = session::resolve_channels(&state, &q.channels)?;
+    let (channels, patterns) = session::resolve_mixed(&state, &q.channels)?;
+    if channels.is_empty() && patterns.is_empty() {
+        return Err(ApiError::new(Code::InvalidRequest, "name at least one channel: ?channel=NAME"));
+    }
     let who = super::identity(&state, &headers, &q)?;
     super::authorize_subscribe_all(&state, who.as_ref(), &channels, &q.all("sub_token"))?;
+    for p in &patterns {
+        crate::auth::authorize_pattern(who.as_ref(), p, &state.deny)?;
+    }
     let header_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty());
     let given = header_id.or_else(|| q.get("last_event_id").filter(|s| !s.is_empty()));
     let asked = given.map(|s| cursor::parse(s, channels.len())).transpose()?;
     let rewind = session::check_rewind(&channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
-    let session = session::open(&state, &channels, asked.clone(), rewind).await?;
+    let client = crate::presence::client_id();
+    let presence = Some(session::Presence { client: &client, who: who.as_ref() });
+    let session = session::open(&state, &channels, asked.clone(), rewind, &patterns, presence).await?;
 
     let period = Duration::from_secs(state.config.sse.keepalive_secs);
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -69,6 +79,7 @@ pub async fn handler(
     let expiry = who.as_ref().map(|w| Box::pin(tokio::time::sleep(w.expires_in())));
     let stream =
         SseStream {
+            patterns: patterns.iter().map(|p| p.pattern.to_string()).collect(),
             _slot: slot,
             _registration: registration,
             expiry,
@@ -114,6 +125,7 @@ enum Phase {
 }
 
 struct SseStream {
+    patterns: Vec<String>,
     _slot: ConnSlot,
     _registration: Option<Registration>,
     expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
@@ -150,7 +162,12 @@ impl SseStream {
                         return Some(self.disconnect(reason));
                     }
                 },
-                _ = self.keepalive.tick() => return Some(Bytes::from_static(b": keepalive\n\n")),
+                _ = self.keepalive.tick() => {
+                    for g in &self.session.presence {
+                        g.refresh().await;
+                    }
+                    return Some(Bytes::from_static(b": keepalive\n\n"));
+                }
                 _ = self.shutdown.changed(), if !self.shutdown_seen => self.begin_shutdown(),
                 _ = maybe_sleep(&mut self.expiry), if self.expiry.is_some() => {
                     self.expiry = None;
@@ -182,7 +199,7 @@ impl SseStream {
                 })
             })
             .collect();
-        let data = serde_json::json!({ "channels": subscribed });
+        let data = serde_json::json!({ "channels": subscribed, "patterns": self.patterns });
         out.put_slice(format!("id: {}\nevent: subscribed\ndata: {data}\n\n", self.cursor()).as_bytes());
         let resets: Vec<(usize, StreamPosition)> = self
             .session
@@ -211,9 +228,25 @@ impl SseStream {
         let mut out = BytesMut::with_capacity(batch.iter().map(event_size).sum());
         for e in &batch {
             match e {
+                Event::Publication(d) if !d.publication.is_stored() => {
+                    // Volatile and presence events: no id, so the cursor stays put.
+                    match d.publication.kind {
+                        Kind::Join => out.put_slice(&d.encoded(SLOT_OTHER_EVENT, |d| named_event("join", d))),
+                        Kind::Leave => out.put_slice(&d.encoded(SLOT_OTHER_EVENT, |d| named_event("leave", d))),
+                        _ => out.put_slice(&d.encoded(SLOT_EVENT_BODY, event_body)),
+                    }
+                }
                 Event::Publication(d) => {
-                    let Some(i) = self.channels.iter().position(|c| *c == d.publication.channel) else { continue };
-                    self.positions[i] = d.publication.position();
+                    let Some(i) = self.channels.iter().position(|c| *c == d.publication.channel) else {
+                        // Matched by a pattern only: live-only, outside the cursor.
+                        out.put_slice(&d.encoded(SLOT_EVENT_BODY, event_body));
+                        continue;
+                    };
+                    let p = &d.publication;
+                    if self.positions[i].epoch == p.epoch && p.offset <= self.positions[i].offset {
+                        continue; // also matched by a pattern: sent once
+                    }
+                    self.positions[i] = p.position();
                     if self.channels.len() == 1 {
                         // One channel: the id is the publication's own position, so the
                         // whole event is the same for every subscriber — built once.
@@ -271,6 +304,14 @@ fn event_size(e: &Event) -> usize {
 fn event_body(d: &Delivery) -> Bytes {
     let mut b = BytesMut::with_capacity(d.json().len() + 24);
     b.put_slice(b"event: message\ndata: ");
+    b.put_slice(d.json());
+    b.put_slice(b"\n\n");
+    b.freeze()
+}
+
+fn named_event(name: &str, d: &Delivery) -> Bytes {
+    let mut b = BytesMut::with_capacity(d.json().len() + 24);
+    b.put_slice(format!("event: {name}\ndata: ").as_bytes());
     b.put_slice(d.json());
     b.put_slice(b"\n\n");
     b.freeze()

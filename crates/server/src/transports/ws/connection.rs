@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_core::hub::{SubscribeOutcome, SubscribeRequest, SubscriptionHandle};
+use switchboard_core::pattern::is_pattern;
 use switchboard_core::queue::Event;
-use switchboard_core::{ChannelName, CloseReason, ConnQueue, Delivery, StreamPosition};
+use switchboard_core::{ChannelName, CloseReason, ConnQueue, Delivery, Kind, StreamPosition};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -27,8 +28,9 @@ use crate::auth::{self, Action, Identity};
 use crate::cursor;
 use crate::error::{ApiError, Code};
 use crate::limits::ConnSlot;
+use crate::presence::PresenceGuard;
 use crate::registry::Registration;
-use crate::session::{self, resolve_channel, Resolved};
+use crate::session::{self, resolve_channel, resolve_pattern, Resolved, ResolvedPattern};
 
 /// Encoding slots in [`Delivery`] owned by this transport.
 const SLOT_TEXT: usize = 2;
@@ -47,6 +49,7 @@ pub struct Ctx {
     pub url_channels: Vec<Resolved>,
     pub url_cursor: Option<Vec<StreamPosition>>,
     pub url_rewind: Option<usize>,
+    pub url_patterns: Vec<ResolvedPattern>,
     /// From `?token=` on the handshake, if any.
     pub identity: Option<Identity>,
     /// This connection's place under the connection limits.
@@ -67,7 +70,8 @@ pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
         state: state.clone(),
         queue: queue.clone(),
         subs: HashMap::new(),
-        client: client_id(),
+        patterns: HashMap::new(),
+        client: crate::presence::client_id(),
         bucket: Bucket::new(state.config.ws.max_commands_per_sec),
         rejected: 0,
         identity: None,
@@ -86,11 +90,6 @@ pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
         writer.abort();
     }
     tracing::debug!(client = %conn.client, "websocket closed");
-}
-
-fn client_id() -> String {
-    const A: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    (0..12).map(|_| A[fastrand::usize(..A.len())] as char).collect()
 }
 
 /// Token bucket for commands per connection.
@@ -123,7 +122,8 @@ impl Bucket {
 struct Conn {
     state: AppState,
     queue: Arc<ConnQueue>,
-    subs: HashMap<ChannelName, SubscriptionHandle>,
+    subs: HashMap<ChannelName, (SubscriptionHandle, Option<PresenceGuard>)>,
+    patterns: HashMap<String, SubscriptionHandle>,
     client: String,
     bucket: Bucket,
     /// Commands refused in a row for the rate limit.
@@ -202,6 +202,18 @@ impl Conn {
                 return self.close_with(close::INTERNAL, "subscribe failed");
             }
         }
+        for p in ctx.url_patterns {
+            let raw = p.pattern.to_string();
+            match Box::pin(self.subscribe_pattern(p)).await {
+                Ok(()) => self.push(frame::text(
+                    format!("{{\"subscribed\":{{\"channel\":\"{raw}\",\"pattern\":true}}}}").as_bytes(),
+                )),
+                Err(e) => {
+                    self.push_final(frame::text(protocol::error(None, &e).as_bytes()));
+                    return self.close_with(close::INTERNAL, "subscribe failed");
+                }
+            }
+        }
 
         let interval = Duration::from_secs(self.state.config.ws.ping_interval_secs);
         let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
@@ -261,6 +273,12 @@ impl Conn {
                         return self.close_with(close::HEARTBEAT_TIMEOUT, "heartbeat timeout: no frames for 3 ping intervals");
                     }
                     self.push(Bytes::from_static(frame::PING));
+                    // Alive: keep this client's presence entries from expiring.
+                    for (_, guard) in self.subs.values() {
+                        if let Some(g) = guard {
+                            g.refresh().await;
+                        }
+                    }
                 }
                 _ = shutdown.changed(), if !shutdown_seen => {}
                 _ = self.queue.wait_closed() => return,
@@ -342,6 +360,27 @@ impl Conn {
             }
         };
         let result = match cmd {
+            Command::Subscribe { channel, since, rewind, token: _ } if is_pattern(&channel) => {
+                let r = async {
+                    if since.is_some() || rewind.is_some() {
+                        return Err(ApiError::new(
+                            Code::InvalidPattern,
+                            "pattern subscriptions are live-only: no since or rewind",
+                        ));
+                    }
+                    let p = resolve_pattern(&self.state, &channel)?;
+                    auth::authorize_pattern(self.identity.as_ref(), &p, &self.state.deny)?;
+                    Ok(p)
+                }
+                .await;
+                match r {
+                    Ok(p) => self
+                        .subscribe_pattern(p)
+                        .await
+                        .map(|()| Some(serde_json::json!({"channel": channel, "pattern": true}).to_string())),
+                    Err(e) => Err(e),
+                }
+            }
             Command::Subscribe { channel, since, rewind, token } => {
                 let r = async {
                     let resolved = resolve_channel(&self.state, &channel)?;
@@ -368,6 +407,10 @@ impl Conn {
                 // Success replied inside `subscribe`, before the replay.
                 res.map(|()| None)
             }
+            Command::Unsubscribe { channel } if is_pattern(&channel) => match self.patterns.remove(&channel) {
+                Some(_) => Ok(Some("{}".to_string())),
+                None => Err(ApiError::new(Code::NotSubscribed, format!("not subscribed to {channel:?}"))),
+            },
             Command::Unsubscribe { channel } => {
                 let ch = ChannelName::parse(&channel).map_err(|e| ApiError::channel(&channel, e));
                 ch.and_then(|ch| match self.subs.remove(&ch) {
@@ -375,18 +418,22 @@ impl Conn {
                     None => Err(ApiError::new(Code::NotSubscribed, format!("not subscribed to {channel:?}"))),
                 })
             }
-            Command::Publish { channel, data } => self.publish(&channel, data).await.map(Some),
+            Command::Publish { channel, data, volatile, key } => {
+                self.publish(&channel, data, volatile, key).await.map(Some)
+            }
             Command::History { channel, since, limit } => {
                 api::history_json(&self.state, &channel, since.as_deref(), limit)
                     .await
                     .map(|b| Some(String::from_utf8(b).expect("history JSON is UTF-8")))
             }
-            Command::Presence { channel } => resolve_channel(&self.state, &channel).and_then(|r| {
-                Err(ApiError::new(
-                    Code::PresenceDisabled,
-                    format!("presence is not enabled for namespace {:?}", r.channel.namespace()),
-                ))
-            }),
+            Command::Presence { channel } => match self.presence_target(&channel) {
+                Ok(r) => crate::presence::members_json(&self.state, &r).await.map(Some),
+                Err(e) => Err(e),
+            },
+            Command::PresenceStats { channel } => match self.presence_target(&channel) {
+                Ok(r) => crate::presence::stats_json(&self.state, &r).await.map(Some),
+                Err(e) => Err(e),
+            },
             Command::Connect { token } => {
                 if self.identity.is_some() && token.is_some() {
                     Err(ApiError::new(Code::InvalidRequest, "already authenticated; send `refresh` with a new token"))
@@ -457,7 +504,7 @@ impl Conn {
             ));
         }
         let max = self.state.config.ws.max_subscriptions;
-        if self.subs.len() >= max {
+        if self.subs.len() + self.patterns.len() >= max {
             return Err(ApiError::new(
                 Code::TooManySubscriptions,
                 format!("at most {max} subscriptions per connection"),
@@ -466,11 +513,55 @@ impl Conn {
         self.queue.raise_bound(r.options.queue_max_bytes);
         let pending = self.state.hub.subscribe(r.channel.clone(), self.queue.clone(), req).await?;
         self.reply(reply(pending.outcome(), &r.channel));
-        self.subs.insert(r.channel, pending.go_live());
+        let handle = pending.go_live();
+        let guard = crate::presence::join(&self.state, &r, &self.client, self.identity.as_ref()).await?;
+        self.subs.insert(r.channel, (handle, guard));
         Ok(())
     }
 
-    async fn publish(&self, channel: &str, data: &serde_json::value::RawValue) -> Result<String, ApiError> {
+    /// The caller has authorized the pattern.
+    async fn subscribe_pattern(&mut self, p: ResolvedPattern) -> Result<(), ApiError> {
+        let raw = p.pattern.to_string();
+        if self.patterns.contains_key(&raw) {
+            return Err(ApiError::new(Code::AlreadySubscribed, format!("already subscribed to {raw:?}")));
+        }
+        let max = self.state.config.ws.max_subscriptions;
+        if self.subs.len() + self.patterns.len() >= max {
+            return Err(ApiError::new(
+                Code::TooManySubscriptions,
+                format!("at most {max} subscriptions per connection"),
+            ));
+        }
+        self.queue.raise_bound(p.options.queue_max_bytes);
+        let handle = self.state.hub.subscribe_pattern(p.pattern, self.queue.clone()).await?;
+        self.patterns.insert(raw, handle);
+        Ok(())
+    }
+
+    /// A channel whose presence this connection may read: one it is subscribed to, or
+    /// one it would be allowed to subscribe to without a subscription token.
+    fn presence_target(&self, channel: &str) -> Result<Resolved, ApiError> {
+        let r = resolve_channel(&self.state, channel)?;
+        if !self.subs.contains_key(&r.channel) {
+            auth::authorize(
+                self.identity.as_ref(),
+                &r,
+                Action::Subscribe,
+                None,
+                self.state.verifier.as_ref(),
+                &self.state.deny,
+            )?;
+        }
+        Ok(r)
+    }
+
+    async fn publish(
+        &self,
+        channel: &str,
+        data: &serde_json::value::RawValue,
+        volatile: Option<bool>,
+        key: Option<String>,
+    ) -> Result<String, ApiError> {
         let r = resolve_channel(&self.state, channel)?;
         auth::authorize(
             self.identity.as_ref(),
@@ -481,8 +572,7 @@ impl Conn {
             &self.state.deny,
         )?;
         let data = api::payload(&self.state, data)?;
-        let pos = self.state.hub.broker().publish(&r.channel, data, &r.options.publish_options()).await?;
-        Ok(format!("{{\"epoch\":\"{}\",\"offset\":{}}}", pos.epoch, pos.offset))
+        api::publish_to(&self.state, &r, data, volatile, key).await
     }
 }
 
@@ -495,8 +585,12 @@ fn outcome_json(channel: &ChannelName, o: &SubscribeOutcome) -> String {
 }
 
 fn pub_payload(d: &Delivery) -> Vec<u8> {
-    let mut v = Vec::with_capacity(d.json().len() + 8);
-    v.extend_from_slice(b"{\"pub\":");
+    let mut v = Vec::with_capacity(d.json().len() + 10);
+    v.extend_from_slice(match d.publication.kind {
+        Kind::Stored | Kind::Volatile => b"{\"pub\":",
+        Kind::Join => b"{\"join\":",
+        Kind::Leave => b"{\"leave\":",
+    });
     v.extend_from_slice(d.json());
     v.push(b'}');
     v

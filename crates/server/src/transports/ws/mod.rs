@@ -84,9 +84,13 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request) -> Result<Re
     // Zero-library mode: channels in the URL are subscribed at connect (with `?token=`
     // for protected ones). Their errors are ordinary HTTP errors, before the upgrade.
     let q = Query::parse(raw.as_deref());
-    let url_channels = if q.channels.is_empty() { Vec::new() } else { session::resolve_channels(&state, &q.channels)? };
+    let (url_channels, url_patterns) =
+        if q.channels.is_empty() { (Vec::new(), Vec::new()) } else { session::resolve_mixed(&state, &q.channels)? };
     let identity = super::identity(&state, headers, &q)?;
     super::authorize_subscribe_all(&state, identity.as_ref(), &url_channels, &q.all("sub_token"))?;
+    for p in &url_patterns {
+        crate::auth::authorize_pattern(identity.as_ref(), p, &state.deny)?;
+    }
     let url_cursor = match q.get("since").filter(|s| !s.is_empty()) {
         Some(_) if url_channels.is_empty() => {
             return Err(ApiError::new(Code::InvalidRequest, "`since` needs `channel` parameters"));
@@ -99,7 +103,7 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request) -> Result<Re
         return Err(ApiError::new(Code::UpgradeRequired, "this connection cannot be upgraded (HTTP/1.1 required)"));
     };
     let url_rewind = session::check_rewind(&url_channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
-    let ctx = connection::Ctx { state, deflate, url_channels, url_cursor, url_rewind, identity, slot };
+    let ctx = connection::Ctx { state, deflate, url_channels, url_cursor, url_rewind, url_patterns, identity, slot };
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,

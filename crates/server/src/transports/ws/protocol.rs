@@ -13,7 +13,8 @@ pub enum Command<'a> {
     Subscribe { channel: String, since: Option<String>, rewind: Option<u64>, token: Option<String> },
     Refresh { token: String },
     Unsubscribe { channel: String },
-    Publish { channel: String, data: &'a RawValue },
+    Publish { channel: String, data: &'a RawValue, volatile: Option<bool>, key: Option<String> },
+    PresenceStats { channel: String },
     History { channel: String, since: Option<String>, limit: Option<u64> },
     Presence { channel: String },
     Ping,
@@ -28,6 +29,8 @@ struct Wire<'a> {
     since: Option<String>,
     limit: Option<u64>,
     rewind: Option<u64>,
+    volatile: Option<bool>,
+    key: Option<String>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
     token: Option<String>,
@@ -70,10 +73,11 @@ pub fn parse(text: &str) -> Parsed<'_> {
         "publish" => {
             let channel = need(w.channel, "channel")?;
             let data = w.data.ok_or_else(|| (id, ApiError::new(Code::InvalidRequest, "`publish` needs `data`")))?;
-            Command::Publish { channel, data }
+            Command::Publish { channel, data, volatile: w.volatile, key: w.key }
         }
         "history" => Command::History { channel: need(w.channel, "channel")?, since: w.since, limit: w.limit },
         "presence" => Command::Presence { channel: need(w.channel, "channel")? },
+        "presence_stats" => Command::PresenceStats { channel: need(w.channel, "channel")? },
         "ping" => Command::Ping,
         other => {
             let shown: String = other.chars().take(32).collect();
