@@ -76,6 +76,22 @@ pub trait BrokerEventHandler: Send + Sync + 'static {
     /// A publication on a channel this node subscribed to. For each channel, calls come
     /// one at a time in strictly ascending offset order (within an epoch). Must not block.
     fn handle_publication(&self, publication: Publication);
+
+    /// A control message another node sent with [`Broker::publish_control`]. Must not
+    /// block.
+    fn handle_control(&self, _message: Bytes) {}
+}
+
+/// A node of the cluster, as it registers itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeInfo {
+    pub id: String,
+    /// Where it serves clients.
+    pub address: String,
+    /// Open streaming connections.
+    pub connections: usize,
+    /// Seconds since the Unix epoch when it started.
+    pub started: u64,
 }
 
 /// The backplane. Its guarantees, per channel:
@@ -142,5 +158,28 @@ pub trait Broker: Send + Sync + 'static {
     /// Is the backing store reachable right now? (Readiness probes.)
     async fn ready(&self) -> bool {
         true
+    }
+
+    // Cluster hooks. A single-node broker keeps the defaults.
+
+    /// Sends a control message (disconnect a user, revoke a token) to every other node.
+    async fn publish_control(&self, _message: Bytes) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// Registers or refreshes this node, with its active channels and their local
+    /// subscriber counts; the entry lapses after `ttl` without a refresh.
+    async fn heartbeat(&self, _node: &NodeInfo, _channels: &[(String, usize)], _ttl: Duration) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// Live nodes (`None`: this broker has no cluster; the caller is the only node).
+    async fn nodes(&self) -> Result<Option<Vec<NodeInfo>>, BrokerError> {
+        Ok(None)
+    }
+
+    /// Active channels summed over live nodes (`None`: no cluster).
+    async fn cluster_channels(&self) -> Result<Option<Vec<(String, usize)>>, BrokerError> {
+        Ok(None)
     }
 }

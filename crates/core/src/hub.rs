@@ -62,6 +62,7 @@ pub struct Hub {
     /// Namespaces this node is subscribed to on the broker (for patterns); the lock
     /// serialises those subscribe/unsubscribe calls.
     pattern_ops: tokio::sync::Mutex<std::collections::HashSet<String>>,
+    control: std::sync::OnceLock<ControlHandler>,
     pub stats: HubStats,
 }
 
@@ -238,7 +239,18 @@ impl BrokerEventHandler for Dispatcher {
             hub.dispatch(publication);
         }
     }
+
+    fn handle_control(&self, message: bytes::Bytes) {
+        if let Some(hub) = self.0.upgrade() {
+            if let Some(h) = hub.control.get() {
+                h(message);
+            }
+        }
+    }
 }
+
+/// What the server does with control messages from other nodes.
+pub type ControlHandler = Box<dyn Fn(bytes::Bytes) + Send + Sync>;
 
 impl Hub {
     /// Makes a hub over `broker` and starts the broker's delivery to it.
@@ -253,6 +265,7 @@ impl Hub {
             patterns: Default::default(),
             pattern_count: Default::default(),
             pattern_ops: tokio::sync::Mutex::new(Default::default()),
+            control: std::sync::OnceLock::new(),
             stats: HubStats::default(),
         });
         broker.run(Arc::new(Dispatcher(Arc::downgrade(&hub)))).await?;
@@ -261,6 +274,11 @@ impl Hub {
 
     pub fn broker(&self) -> &Arc<dyn Broker> {
         &self.broker
+    }
+
+    /// Sets what handles control messages from other nodes (once).
+    pub fn set_control_handler(&self, h: ControlHandler) {
+        let _ = self.control.set(h);
     }
 
     fn shard(&self, channel: &ChannelName) -> &Shard {

@@ -23,7 +23,7 @@ pub mod presence;
 pub mod publication;
 pub mod queue;
 
-pub use broker::{Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, PublishOptions};
+pub use broker::{Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, NodeInfo, PublishOptions};
 pub use channel::{ChannelError, ChannelName};
 pub use hub::{Hub, HubError, SubscribeOutcome, Subscription};
 pub use memory::MemoryBroker;

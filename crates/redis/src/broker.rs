@@ -1,0 +1,593 @@
+//! [`RedisBroker`]: the [`Broker`] contract over Redis.
+//!
+//! Keys, under the configured prefix `P`:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:m:<channel>` | hash | `e` epoch, `o` top offset; expires when the channel idles |
+//! | `P:s:<channel>` | stream | history: entry id `<offset>-0`, fields `d` data, `t` time, `x` expiry |
+//! | `P:k:<channel>:<key>` | string | an idempotency key's `epoch:offset`, for the window |
+//! | `P:p:<channel>` | pub/sub | `<kind>\n<epoch>\n<offset>\n<time ms>\n<data>` |
+//! | `P:control` | pub/sub | `<node id>\n<message>` |
+//! | `P:nodes`, `P:node:<id>`, `P:node:<id>:ch` | zset, string, hash | live nodes and their channels |
+//!
+//! When `P:m:<channel>` is gone (evicted, expired) the next use starts a new epoch and
+//! drops the stale stream: clients holding old positions are told to reset.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use switchboard_core::broker::{
+    Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, NodeInfo, PublishOptions,
+};
+use switchboard_core::publication::new_epoch;
+use switchboard_core::{ChannelName, Kind, Publication, StreamPosition};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::scripts;
+
+/// How to reach Redis and where to keep keys.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Key prefix; clusters sharing one Redis use different prefixes.
+    pub prefix: String,
+    /// How long an idle channel keeps its epoch and top offset.
+    pub idle_channel_ttl: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig { url: "redis://127.0.0.1:6379".into(), prefix: "sb".into(), idle_channel_ttl: Duration::from_secs(3600) }
+    }
+}
+
+enum SubCmd {
+    Subscribe(String, oneshot::Sender<Result<(), BrokerError>>),
+    Unsubscribe(String, oneshot::Sender<Result<(), BrokerError>>),
+    PSubscribe(String, oneshot::Sender<Result<(), BrokerError>>),
+    PUnsubscribe(String, oneshot::Sender<Result<(), BrokerError>>),
+}
+
+struct Inner {
+    cfg: RedisConfig,
+    client: redis::Client,
+    conn: ConnectionManager,
+    node_id: String,
+    handler: OnceLock<Arc<dyn BrokerEventHandler>>,
+    cmds: mpsc::UnboundedSender<SubCmd>,
+    cmd_rx: Mutex<Option<mpsc::UnboundedReceiver<SubCmd>>>,
+    /// Channels and namespaces this node wants, restored after a reconnect.
+    wanted: Mutex<Wanted>,
+    /// The last offset delivered per exactly-subscribed channel: duplicates are dropped
+    /// and gaps are refilled from history.
+    last: Mutex<HashMap<String, (Arc<str>, u64)>>,
+    pubsub_up: AtomicBool,
+    publish: Script,
+    history: Script,
+}
+
+#[derive(Default)]
+struct Wanted {
+    channels: HashSet<String>,
+    namespaces: HashSet<String>,
+}
+
+/// The Redis broker. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RedisBroker {
+    /// Creates the broker without connecting: commands connect lazily, and the Pub/Sub
+    /// connection is kept up by a task started in [`Broker::run`] — a node starts (and
+    /// stays up) while Redis is down, reporting not-ready.
+    pub fn new(cfg: RedisConfig, node_id: &str) -> Result<RedisBroker, BrokerError> {
+        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| unavailable(format!("bad redis url: {e}")))?;
+        let mcfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(3)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), mcfg).map_err(unavailable)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok(RedisBroker {
+            inner: Arc::new(Inner {
+                cfg,
+                client,
+                conn,
+                node_id: node_id.to_string(),
+                handler: OnceLock::new(),
+                cmds: tx,
+                cmd_rx: Mutex::new(Some(rx)),
+                wanted: Mutex::default(),
+                last: Mutex::default(),
+                pubsub_up: AtomicBool::new(false),
+                publish: Script::new(scripts::PUBLISH),
+                history: Script::new(scripts::HISTORY),
+            }),
+        })
+    }
+
+    fn key(&self, kind: &str, channel: &str) -> String {
+        format!("{}:{kind}:{channel}", self.inner.cfg.prefix)
+    }
+
+    fn pubsub_channel(&self, channel: &str) -> String {
+        self.key("p", channel)
+    }
+
+    fn meta_ttl(&self) -> u64 {
+        self.inner.cfg.idle_channel_ttl.as_secs().max(1)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    async fn run_history(
+        &self,
+        channel: &ChannelName,
+        since: Option<&StreamPosition>,
+        limit: i64,
+        latest: bool,
+    ) -> Result<HistoryResult, BrokerError> {
+        let mut conn = self.conn();
+        let reply: Vec<redis::Value> = self
+            .inner
+            .history
+            .key(self.key("m", channel.as_str()))
+            .key(self.key("s", channel.as_str()))
+            .arg(since.map_or("", |s| &*s.epoch))
+            .arg(since.map_or(0, |s| s.offset))
+            .arg(limit)
+            .arg(if latest { 1 } else { 0 })
+            .arg(&*new_epoch())
+            .arg(self.meta_ttl())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let s = |i: usize| -> Result<String, BrokerError> {
+            match reply.get(i) {
+                Some(v) => redis::from_redis_value_ref::<String>(v).map_err(unavailable),
+                None => Err(unavailable("short history reply")),
+            }
+        };
+        let status = s(0)?;
+        let epoch: Arc<str> = Arc::from(s(1)?);
+        let top: u64 = s(2)?.parse().map_err(unavailable)?;
+        let position = StreamPosition { epoch: epoch.clone(), offset: top };
+        if status == "lost" {
+            return Err(BrokerError::PositionLost { current: position });
+        }
+        let mut publications = Vec::with_capacity((reply.len() - 3) / 3);
+        let mut i = 3;
+        while i + 2 < reply.len() {
+            let offset: u64 = s(i)?.parse().map_err(unavailable)?;
+            let time: u64 = s(i + 1)?.parse().map_err(unavailable)?;
+            let data: Vec<u8> = redis::from_redis_value_ref(&reply[i + 2]).map_err(unavailable)?;
+            publications.push(Publication {
+                channel: channel.clone(),
+                offset,
+                epoch: epoch.clone(),
+                data: Bytes::from(data),
+                time,
+                kind: Kind::Stored,
+            });
+            i += 3;
+        }
+        Ok(HistoryResult { publications, position })
+    }
+
+    async fn request(&self, make: impl FnOnce(oneshot::Sender<Result<(), BrokerError>>) -> SubCmd) -> Result<(), BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.cmds.send(make(tx)).map_err(|_| unavailable("pub/sub task stopped"))?;
+        rx.await.map_err(|_| unavailable("pub/sub task stopped"))?
+    }
+}
+
+/// Parses a Pub/Sub payload: `<kind>\n<epoch>\n<offset>\n<time>\n<data>`.
+fn parse_message(channel: ChannelName, payload: &[u8]) -> Option<Publication> {
+    let mut parts = payload.splitn(5, |b| *b == b'\n');
+    let kind = match parts.next()? {
+        b"S" => Kind::Stored,
+        b"V" => Kind::Volatile,
+        b"J" => Kind::Join,
+        b"L" => Kind::Leave,
+        _ => return None,
+    };
+    let epoch = std::str::from_utf8(parts.next()?).ok()?;
+    let offset = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let time = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let data = Bytes::copy_from_slice(parts.next()?);
+    Some(Publication { channel, offset, epoch: Arc::from(epoch), data, time, kind })
+}
+
+impl RedisBroker {
+    /// Keeps the Pub/Sub connection up: connect, (re)subscribe everything wanted, refill
+    /// what a reconnect may have missed, then deliver messages and apply subscription
+    /// changes until the connection drops; back off (full jitter) and start over.
+    async fn pubsub_loop(self, mut cmds: mpsc::UnboundedReceiver<SubCmd>) {
+        let mut attempt: u32 = 0;
+        let prefix_p = format!("{}:p:", self.inner.cfg.prefix);
+        let control = format!("{}:control", self.inner.cfg.prefix);
+        loop {
+            let session = async {
+                let ps = tokio::time::timeout(Duration::from_secs(3), self.inner.client.get_async_pubsub())
+                    .await
+                    .map_err(|_| unavailable("connect timeout"))?
+                    .map_err(unavailable)?;
+                let (mut sink, stream) = ps.split();
+                sink.subscribe(&control).await.map_err(unavailable)?;
+                let (channels, namespaces) = {
+                    let w = lock(&self.inner.wanted);
+                    (w.channels.iter().cloned().collect::<Vec<_>>(), w.namespaces.iter().cloned().collect::<Vec<_>>())
+                };
+                for batch in channels.chunks(500) {
+                    let keys: Vec<String> = batch.iter().map(|c| self.pubsub_channel(c)).collect();
+                    sink.subscribe(&keys).await.map_err(unavailable)?;
+                }
+                for ns in &namespaces {
+                    sink.psubscribe(format!("{prefix_p}{ns}:*")).await.map_err(unavailable)?;
+                }
+                Ok::<_, BrokerError>((sink, stream, channels))
+            };
+            let (mut sink, mut stream, resubscribed) = match session.await {
+                Ok(x) => x,
+                Err(e) => {
+                    self.inner.pubsub_up.store(false, Ordering::SeqCst);
+                    // While down, refuse subscription requests (the caller reports
+                    // broker_unavailable) rather than queue them without bound.
+                    while let Ok(cmd) = cmds.try_recv() {
+                        self.refuse(cmd, &e);
+                    }
+                    attempt = attempt.saturating_add(1);
+                    let cap = Duration::from_millis(100 * 2u64.saturating_pow(attempt.min(6)));
+                    let sleep = Duration::from_millis(fastrand::u64(0..=cap.as_millis() as u64).max(50));
+                    tracing::warn!("redis pub/sub unavailable ({e}); retrying in {sleep:?}");
+                    tokio::time::sleep(sleep).await;
+                    continue;
+                }
+            };
+            if attempt > 0 {
+                tracing::info!("redis pub/sub reconnected; resubscribed {} channels", resubscribed.len());
+            }
+            attempt = 0;
+            self.inner.pubsub_up.store(true, Ordering::SeqCst);
+            // Anything published while we were away is in the streams: refill it.
+            for ch in resubscribed {
+                self.refill(&ch).await;
+            }
+            loop {
+                tokio::select! {
+                    msg = stream.next() => {
+                        let Some(msg) = msg else { break };
+                        let name = msg.get_channel_name().to_string();
+                        if name == control {
+                            self.on_control(msg.get_payload_bytes());
+                            continue;
+                        }
+                        let Some(ch) = name.strip_prefix(&prefix_p) else { continue };
+                        if msg.from_pattern() && lock(&self.inner.wanted).channels.contains(ch) {
+                            // Delivered by the exact subscription too: once is enough.
+                            continue;
+                        }
+                        let Ok(channel) = ChannelName::parse(ch) else { continue };
+                        if let Some(p) = parse_message(channel, msg.get_payload_bytes()) {
+                            self.deliver(p).await;
+                        }
+                    }
+                    cmd = cmds.recv() => {
+                        let Some(cmd) = cmd else { return };
+                        if let Err(e) = self.apply(&mut sink, cmd).await {
+                            tracing::warn!("redis pub/sub command failed: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            self.inner.pubsub_up.store(false, Ordering::SeqCst);
+            tracing::warn!("redis pub/sub connection lost; reconnecting");
+        }
+    }
+
+    fn refuse(&self, cmd: SubCmd, e: &BrokerError) {
+        match cmd {
+            SubCmd::Subscribe(ch, tx) => {
+                lock(&self.inner.wanted).channels.remove(&ch);
+                let _ = tx.send(Err(e.clone()));
+            }
+            SubCmd::PSubscribe(ns, tx) => {
+                lock(&self.inner.wanted).namespaces.remove(&ns);
+                let _ = tx.send(Err(e.clone()));
+            }
+            SubCmd::Unsubscribe(ch, tx) => {
+                lock(&self.inner.wanted).channels.remove(&ch);
+                lock(&self.inner.last).remove(&ch);
+                let _ = tx.send(Ok(()));
+            }
+            SubCmd::PUnsubscribe(ns, tx) => {
+                lock(&self.inner.wanted).namespaces.remove(&ns);
+                let _ = tx.send(Ok(()));
+            }
+        }
+    }
+
+    async fn apply(&self, sink: &mut redis::aio::PubSubSink, cmd: SubCmd) -> Result<(), BrokerError> {
+        let prefix_p = format!("{}:p:", self.inner.cfg.prefix);
+        match cmd {
+            SubCmd::Subscribe(ch, tx) => {
+                lock(&self.inner.wanted).channels.insert(ch.clone());
+                let r = sink.subscribe(self.pubsub_channel(&ch)).await.map_err(unavailable);
+                if r.is_err() {
+                    lock(&self.inner.wanted).channels.remove(&ch);
+                }
+                let failed = r.clone().err();
+                let _ = tx.send(r);
+                failed.map_or(Ok(()), Err)
+            }
+            SubCmd::Unsubscribe(ch, tx) => {
+                lock(&self.inner.wanted).channels.remove(&ch);
+                lock(&self.inner.last).remove(&ch);
+                let r = sink.unsubscribe(self.pubsub_channel(&ch)).await.map_err(unavailable);
+                let _ = tx.send(Ok(()));
+                r
+            }
+            SubCmd::PSubscribe(ns, tx) => {
+                lock(&self.inner.wanted).namespaces.insert(ns.clone());
+                let r = sink.psubscribe(format!("{prefix_p}{ns}:*")).await.map_err(unavailable);
+                if r.is_err() {
+                    lock(&self.inner.wanted).namespaces.remove(&ns);
+                }
+                let failed = r.clone().err();
+                let _ = tx.send(r);
+                failed.map_or(Ok(()), Err)
+            }
+            SubCmd::PUnsubscribe(ns, tx) => {
+                lock(&self.inner.wanted).namespaces.remove(&ns);
+                let r = sink.punsubscribe(format!("{prefix_p}{ns}:*")).await.map_err(unavailable);
+                let _ = tx.send(Ok(()));
+                r
+            }
+        }
+    }
+
+    fn on_control(&self, payload: &[u8]) {
+        let Some(i) = payload.iter().position(|b| *b == b'\n') else { return };
+        if &payload[..i] == self.inner.node_id.as_bytes() {
+            return; // our own message: already handled locally
+        }
+        if let Some(h) = self.inner.handler.get() {
+            h.handle_control(Bytes::copy_from_slice(&payload[i + 1..]));
+        }
+    }
+
+    /// Hands a publication to the node, in offset order: duplicates are dropped and a
+    /// gap is refilled from the channel's stream first.
+    async fn deliver(&self, p: Publication) {
+        let Some(handler) = self.inner.handler.get().cloned() else { return };
+        if p.kind != Kind::Stored {
+            handler.handle_publication(p);
+            return;
+        }
+        let key = p.channel.as_str().to_string();
+        let exact = lock(&self.inner.wanted).channels.contains(&key);
+        if exact {
+            let last = lock(&self.inner.last).get(&key).cloned();
+            if let Some((epoch, offset)) = last {
+                if *epoch == *p.epoch {
+                    if p.offset <= offset {
+                        return;
+                    }
+                    if p.offset > offset + 1 {
+                        self.refill(&key).await;
+                        if lock(&self.inner.last).get(&key).is_some_and(|(_, o)| *o >= p.offset) {
+                            return;
+                        }
+                    }
+                }
+            }
+            lock(&self.inner.last).insert(key, (p.epoch.clone(), p.offset));
+        }
+        handler.handle_publication(p);
+    }
+
+    /// Delivers what the stream holds after the last offset delivered on `channel`.
+    async fn refill(&self, channel: &str) {
+        let Some(handler) = self.inner.handler.get().cloned() else { return };
+        let Some((epoch, offset)) = lock(&self.inner.last).get(channel).cloned() else { return };
+        let Ok(name) = ChannelName::parse(channel) else { return };
+        let since = StreamPosition { epoch, offset };
+        match self.run_history(&name, Some(&since), 0, false).await {
+            Ok(h) => {
+                if let Some(last) = h.publications.last() {
+                    lock(&self.inner.last).insert(channel.to_string(), (last.epoch.clone(), last.offset));
+                }
+                for p in h.publications {
+                    handler.handle_publication(p);
+                }
+            }
+            // History gone too: the next live publication shows the hub the gap, and
+            // subscribers get an explicit reset — never a silent one.
+            Err(_) => {
+                lock(&self.inner.last).remove(channel);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn run(&self, handler: Arc<dyn BrokerEventHandler>) -> Result<(), BrokerError> {
+        let _ = self.inner.handler.set(handler);
+        if let Some(rx) = lock(&self.inner.cmd_rx).take() {
+            tokio::spawn(self.clone().pubsub_loop(rx));
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, channel: &ChannelName, data: Bytes, opts: &PublishOptions) -> Result<StreamPosition, BrokerError> {
+        let mut conn = self.conn();
+        let idem = opts.idempotency_key.as_deref();
+        let window = if idem.is_some() { opts.idempotency_window.as_millis() as u64 } else { 0 };
+        let reply: Vec<String> = self
+            .inner
+            .publish
+            .key(self.key("m", channel.as_str()))
+            .key(self.key("s", channel.as_str()))
+            .key(format!("{}:k:{}:{}", self.inner.cfg.prefix, channel, idem.unwrap_or("")))
+            .arg(data.as_ref())
+            .arg(opts.history_size)
+            .arg(opts.history_ttl.as_millis() as u64)
+            .arg(window)
+            .arg(&*new_epoch())
+            .arg(self.pubsub_channel(channel.as_str()))
+            .arg(self.meta_ttl())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        match reply.as_slice() {
+            [ok, epoch, top] if ok == "ok" => {
+                Ok(StreamPosition { epoch: Arc::from(epoch.as_str()), offset: top.parse().map_err(unavailable)? })
+            }
+            [dup, prev] if dup == "dup" => {
+                let (epoch, offset) = prev.split_once(':').ok_or_else(|| unavailable("bad idempotency record"))?;
+                Ok(StreamPosition { epoch: Arc::from(epoch), offset: offset.parse().map_err(unavailable)? })
+            }
+            other => Err(unavailable(format!("unexpected publish reply {other:?}"))),
+        }
+    }
+
+    async fn publish_volatile(&self, channel: &ChannelName, kind: Kind, data: Bytes) -> Result<(), BrokerError> {
+        let k = match kind {
+            Kind::Stored | Kind::Volatile => "V",
+            Kind::Join => "J",
+            Kind::Leave => "L",
+        };
+        let mut payload = format!("{k}\n\n0\n{}\n", switchboard_core::now_millis()).into_bytes();
+        payload.extend_from_slice(&data);
+        let mut conn = self.conn();
+        let _: i64 = conn.publish(self.pubsub_channel(channel.as_str()), payload).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn history(&self, channel: &ChannelName, req: HistoryRequest) -> Result<HistoryResult, BrokerError> {
+        let limit = req.limit.map_or(0, |l| l.max(1) as i64);
+        self.run_history(channel, req.since.as_ref(), limit, req.latest).await
+    }
+
+    async fn position(&self, channel: &ChannelName) -> Result<StreamPosition, BrokerError> {
+        Ok(self.run_history(channel, None, -1, false).await?.position)
+    }
+
+    async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        let name = channel.to_string();
+        self.request(|tx| SubCmd::Subscribe(name, tx)).await
+    }
+
+    async fn unsubscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        let name = channel.to_string();
+        self.request(|tx| SubCmd::Unsubscribe(name, tx)).await
+    }
+
+    async fn subscribe_namespace(&self, namespace: &str) -> Result<(), BrokerError> {
+        let ns = namespace.to_string();
+        self.request(|tx| SubCmd::PSubscribe(ns, tx)).await
+    }
+
+    async fn unsubscribe_namespace(&self, namespace: &str) -> Result<(), BrokerError> {
+        let ns = namespace.to_string();
+        self.request(|tx| SubCmd::PUnsubscribe(ns, tx)).await
+    }
+
+    async fn ready(&self) -> bool {
+        if !self.inner.pubsub_up.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut conn = self.conn();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        matches!(tokio::time::timeout(Duration::from_secs(2), ping).await, Ok(Ok(_)))
+    }
+
+    async fn publish_control(&self, message: Bytes) -> Result<(), BrokerError> {
+        let mut payload = format!("{}\n", self.inner.node_id).into_bytes();
+        payload.extend_from_slice(&message);
+        let mut conn = self.conn();
+        let _: i64 =
+            conn.publish(format!("{}:control", self.inner.cfg.prefix), payload).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self, node: &NodeInfo, channels: &[(String, usize)], ttl: Duration) -> Result<(), BrokerError> {
+        let p = &self.inner.cfg.prefix;
+        let now = switchboard_core::now_millis();
+        let ttl_ms = ttl.as_millis() as u64;
+        let info = serde_json::to_string(node).expect("node info serialises");
+        let ch_key = format!("{p}:node:{}:ch", node.id);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .zadd(format!("{p}:nodes"), &node.id, now + ttl_ms)
+            .ignore()
+            .zrembyscore(format!("{p}:nodes"), "-inf", now)
+            .ignore()
+            .pset_ex(format!("{p}:node:{}", node.id), info, ttl_ms)
+            .ignore()
+            .del(&ch_key)
+            .ignore();
+        if !channels.is_empty() {
+            pipe.hset_multiple(&ch_key, channels).ignore().pexpire(&ch_key, ttl_ms as i64).ignore();
+        }
+        let mut conn = self.conn();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn nodes(&self) -> Result<Option<Vec<NodeInfo>>, BrokerError> {
+        let p = &self.inner.cfg.prefix;
+        let mut conn = self.conn();
+        let ids: Vec<String> =
+            conn.zrangebyscore(format!("{p}:nodes"), switchboard_core::now_millis(), "+inf").await.map_err(unavailable)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let raw: Option<String> = conn.get(format!("{p}:node:{id}")).await.map_err(unavailable)?;
+            if let Some(n) = raw.and_then(|r| serde_json::from_str(&r).ok()) {
+                out.push(n);
+            }
+        }
+        out.sort_by(|a: &NodeInfo, b| a.id.cmp(&b.id));
+        Ok(Some(out))
+    }
+
+    async fn cluster_channels(&self) -> Result<Option<Vec<(String, usize)>>, BrokerError> {
+        let nodes = self.nodes().await?.unwrap_or_default();
+        let p = &self.inner.cfg.prefix;
+        let mut conn = self.conn();
+        let mut sum: HashMap<String, usize> = HashMap::new();
+        for n in nodes {
+            let ch: HashMap<String, usize> = conn.hgetall(format!("{p}:node:{}:ch", n.id)).await.map_err(unavailable)?;
+            for (c, k) in ch {
+                *sum.entry(c).or_default() += k;
+            }
+        }
+        let mut v: Vec<_> = sum.into_iter().collect();
+        v.sort();
+        Ok(Some(v))
+    }
+}

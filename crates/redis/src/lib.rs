@@ -1,0 +1,20 @@
+//! Redis backplane: many Switchboard nodes share channels, history and presence.
+//!
+//! - [`RedisBroker`]: offsets and history in Redis (a hash for the epoch and top offset,
+//!   a Stream per channel for history), numbered, stored and fanned out by one Lua script
+//!   per publish — atomic per channel — and delivered to nodes by Pub/Sub. A node that
+//!   loses its Pub/Sub connection resubscribes and refills what it missed from the
+//!   Streams, so a Redis blip is not a gap.
+//! - [`RedisPresence`]: presence entries with per-entry expiry, refreshed by the owning
+//!   connection's heartbeat, so a node killed with SIGKILL loses its clients' presence
+//!   within the TTL.
+//!
+//! Both pass the core's contract suites (`tests/`). Keys live under a prefix, so several
+//! Switchboard clusters can share one Redis.
+
+mod broker;
+mod presence;
+mod scripts;
+
+pub use broker::{RedisBroker, RedisConfig};
+pub use presence::RedisPresence;

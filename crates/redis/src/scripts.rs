@@ -1,0 +1,113 @@
+//! The Lua scripts. Each runs atomically in Redis, which is what makes numbering,
+//! storing and fanning out one step (publish) and a history read consistent with the
+//! channel's top offset (history).
+
+/// KEYS: meta hash, stream, idempotency key (or a dummy).
+/// ARGV: data, history size, history ttl ms, idempotency window ms (0: none),
+///       candidate epoch, pub/sub channel, meta ttl seconds.
+/// Returns {"ok", epoch, offset} or {"dup", "epoch:offset"}.
+pub const PUBLISH: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[4])
+if window > 0 then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then return {'dup', prev} end
+end
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+end
+local top = redis.call('HINCRBY', KEYS[1], 'o', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+local size = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+if size > 0 and ttl > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, top .. '-0', 'd', ARGV[1], 't', now, 'x', now + ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+redis.call('PUBLISH', ARGV[6], 'S\n' .. epoch .. '\n' .. top .. '\n' .. now .. '\n' .. ARGV[1])
+if window > 0 then
+  redis.call('SET', KEYS[3], epoch .. ':' .. top, 'PX', window)
+end
+return {'ok', epoch, tostring(top)}
+"#;
+
+/// KEYS: meta hash, stream.
+/// ARGV: since epoch ('' for none), since offset, limit (0: all, -1: none), latest (1/0),
+///       candidate epoch, meta ttl seconds.
+/// Returns {"lost", epoch, top} or {"ok", epoch, top, offset, time, data, offset, …}.
+pub const HISTORY: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local epoch = redis.call('HGET', KEYS[1], 'e')
+local top
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  top = 0
+else
+  top = tonumber(redis.call('HGET', KEYS[1], 'o'))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+local limit = tonumber(ARGV[3])
+if limit < 0 then return {'ok', epoch, tostring(top)} end
+local live = {}
+for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+  local f = {}
+  for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+  if tonumber(f['x']) > now then
+    table.insert(live, {tonumber(string.match(e[1], '^(%d+)')), f['t'], f['d']})
+  end
+end
+local first = top + 1
+if #live > 0 then first = live[1][1] end
+local picked = {}
+if ARGV[1] ~= '' then
+  local since = tonumber(ARGV[2])
+  if ARGV[1] ~= epoch or since > top or since + 1 < first then
+    return {'lost', epoch, tostring(top)}
+  end
+  for _, l in ipairs(live) do
+    if l[1] > since and (limit == 0 or #picked < limit) then table.insert(picked, l) end
+  end
+else
+  local from = 1
+  if limit > 0 and ARGV[4] == '1' and #live > limit then from = #live - limit + 1 end
+  for i = from, #live do
+    if limit == 0 or #picked < limit then table.insert(picked, live[i]) end
+  end
+end
+local out = {'ok', epoch, tostring(top)}
+for _, l in ipairs(picked) do
+  table.insert(out, tostring(l[1]))
+  table.insert(out, l[2])
+  table.insert(out, l[3])
+end
+return out
+"#;
+
+/// KEYS: members hash, expiry zset. ARGV: client, member JSON, ttl ms.
+pub const PRESENCE_ADD: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+local longest = tonumber(redis.call('ZREVRANGE', KEYS[2], 0, 0, 'WITHSCORES')[2]) - now
+redis.call('PEXPIRE', KEYS[1], longest)
+redis.call('PEXPIRE', KEYS[2], longest)
+return 1
+"#;
+
+/// KEYS: members hash, expiry zset. Drops expired entries, returns the live members.
+pub const PRESENCE_MEMBERS: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for _, c in ipairs(gone) do redis.call('HDEL', KEYS[1], c) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+return redis.call('HVALS', KEYS[1])
+"#;
