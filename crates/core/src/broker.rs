@@ -169,7 +169,12 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Registers or refreshes this node, with its active channels and their local
     /// subscriber counts; the entry lapses after `ttl` without a refresh.
-    async fn heartbeat(&self, _node: &NodeInfo, _channels: &[(String, usize)], _ttl: Duration) -> Result<(), BrokerError> {
+    async fn heartbeat(
+        &self,
+        _node: &NodeInfo,
+        _channels: &[(String, usize)],
+        _ttl: Duration,
+    ) -> Result<(), BrokerError> {
         Ok(())
     }
 

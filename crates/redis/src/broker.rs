@@ -46,7 +46,11 @@ pub struct RedisConfig {
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        RedisConfig { url: "redis://127.0.0.1:6379".into(), prefix: "sb".into(), idle_channel_ttl: Duration::from_secs(3600) }
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "sb".into(),
+            idle_channel_ttl: Duration::from_secs(3600),
+        }
     }
 }
 
@@ -196,7 +200,10 @@ impl RedisBroker {
         Ok(HistoryResult { publications, position })
     }
 
-    async fn request(&self, make: impl FnOnce(oneshot::Sender<Result<(), BrokerError>>) -> SubCmd) -> Result<(), BrokerError> {
+    async fn request(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), BrokerError>>) -> SubCmd,
+    ) -> Result<(), BrokerError> {
         let (tx, rx) = oneshot::channel();
         self.inner.cmds.send(make(tx)).map_err(|_| unavailable("pub/sub task stopped"))?;
         rx.await.map_err(|_| unavailable("pub/sub task stopped"))?
@@ -443,7 +450,12 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn publish(&self, channel: &ChannelName, data: Bytes, opts: &PublishOptions) -> Result<StreamPosition, BrokerError> {
+    async fn publish(
+        &self,
+        channel: &ChannelName,
+        data: Bytes,
+        opts: &PublishOptions,
+    ) -> Result<StreamPosition, BrokerError> {
         let mut conn = self.conn();
         let idem = opts.idempotency_key.as_deref();
         let window = if idem.is_some() { opts.idempotency_window.as_millis() as u64 } else { 0 };
@@ -531,8 +543,7 @@ impl Broker for RedisBroker {
         let mut payload = format!("{}\n", self.inner.node_id).into_bytes();
         payload.extend_from_slice(&message);
         let mut conn = self.conn();
-        let _: i64 =
-            conn.publish(format!("{}:control", self.inner.cfg.prefix), payload).await.map_err(unavailable)?;
+        let _: i64 = conn.publish(format!("{}:control", self.inner.cfg.prefix), payload).await.map_err(unavailable)?;
         Ok(())
     }
 
@@ -562,8 +573,10 @@ impl Broker for RedisBroker {
     async fn nodes(&self) -> Result<Option<Vec<NodeInfo>>, BrokerError> {
         let p = &self.inner.cfg.prefix;
         let mut conn = self.conn();
-        let ids: Vec<String> =
-            conn.zrangebyscore(format!("{p}:nodes"), switchboard_core::now_millis(), "+inf").await.map_err(unavailable)?;
+        let ids: Vec<String> = conn
+            .zrangebyscore(format!("{p}:nodes"), switchboard_core::now_millis(), "+inf")
+            .await
+            .map_err(unavailable)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let raw: Option<String> = conn.get(format!("{p}:node:{id}")).await.map_err(unavailable)?;
@@ -581,7 +594,8 @@ impl Broker for RedisBroker {
         let mut conn = self.conn();
         let mut sum: HashMap<String, usize> = HashMap::new();
         for n in nodes {
-            let ch: HashMap<String, usize> = conn.hgetall(format!("{p}:node:{}:ch", n.id)).await.map_err(unavailable)?;
+            let ch: HashMap<String, usize> =
+                conn.hgetall(format!("{p}:node:{}:ch", n.id)).await.map_err(unavailable)?;
             for (c, k) in ch {
                 *sum.entry(c).or_default() += k;
             }

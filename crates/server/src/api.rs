@@ -207,11 +207,38 @@ pub(crate) async fn history_json(
     Ok(body)
 }
 
-/// `GET /api/channels` → active channels on this node with their subscriber counts.
-pub async fn channels(State(state): State<AppState>) -> Response {
-    let list: Vec<_> =
-        state.hub.channels().into_iter().map(|(c, n)| serde_json::json!({"channel": c, "subscribers": n})).collect();
-    json(StatusCode::OK, serde_json::json!({ "channels": list }).to_string())
+/// `GET /api/channels` → active channels with their subscriber counts: summed over the
+/// cluster's live nodes (as of their last heartbeat) with a cluster broker, this node's
+/// own otherwise. `?scope=node` asks for this node's only.
+pub async fn channels(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Query::parse(raw.as_deref());
+    let local = || state.hub.channels().into_iter().map(|(c, n)| (c.to_string(), n)).collect::<Vec<_>>();
+    let list = if q.get("scope") == Some("node") {
+        local()
+    } else {
+        match state.hub.broker().cluster_channels().await? {
+            Some(all) => all,
+            None => local(),
+        }
+    };
+    let list: Vec<_> = list.into_iter().map(|(c, n)| serde_json::json!({"channel": c, "subscribers": n})).collect();
+    Ok(json(StatusCode::OK, serde_json::json!({ "channels": list }).to_string()))
+}
+
+/// `GET /api/info` → this node and the cluster's live nodes.
+pub async fn info(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let me = crate::cluster::node_info(&state);
+    let nodes = state.hub.broker().nodes().await?.unwrap_or_else(|| vec![me.clone()]);
+    Ok(json(
+        StatusCode::OK,
+        serde_json::json!({
+            "node": me,
+            "version": env!("CARGO_PKG_VERSION"),
+            "broker": format!("{:?}", state.config.broker.kind).to_lowercase(),
+            "nodes": nodes,
+        })
+        .to_string(),
+    ))
 }
 
 /// `GET /healthz`: the process is up.
@@ -257,6 +284,7 @@ pub async fn disconnect(State(state): State<AppState>, req: Request) -> Result<R
     let body = read_body(req.into_body(), 64 * 1024).await?;
     let r: DisconnectRequest = parse_json(&body)?;
     let n = state.registry.disconnect(Some(&r.user), r.jti.as_deref(), switchboard_core::CloseReason::Disconnected);
+    crate::cluster::broadcast(&state, crate::cluster::Control::Disconnect { user: Some(r.user), jti: r.jti }).await?;
     Ok(json(StatusCode::OK, serde_json::json!({ "disconnected": n }).to_string()))
 }
 
@@ -293,6 +321,8 @@ pub async fn revoke(State(state): State<AppState>, req: Request) -> Result<Respo
         }
         (None, None) => unreachable!("checked above"),
     };
+    let msg = crate::cluster::Control::Revoke { user: r.user, jti: r.jti, ttl_secs: r.ttl_secs };
+    crate::cluster::broadcast(&state, msg).await?;
     Ok(json(StatusCode::OK, serde_json::json!({ "disconnected": n }).to_string()))
 }
 

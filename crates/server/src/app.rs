@@ -38,6 +38,10 @@ pub struct Inner {
     pub registry: Arc<crate::registry::Registry>,
     pub limits: Arc<crate::limits::ConnLimits>,
     pub presence: Arc<dyn switchboard_core::presence::PresenceManager>,
+    /// This node's id in the cluster.
+    pub node_id: String,
+    /// Seconds since the Unix epoch when this node started.
+    pub started: u64,
 }
 
 /// Counts live upgraded connections so shutdown can wait for them.
@@ -95,6 +99,7 @@ impl AppState {
         presence: Arc<dyn switchboard_core::presence::PresenceManager>,
         verifier: Option<crate::auth::Verifier>,
         shutdown: watch::Receiver<bool>,
+        node_id: String,
     ) -> Self {
         let limits = crate::limits::ConnLimits::new(&config.limits);
         AppState {
@@ -105,6 +110,8 @@ impl AppState {
                 registry: Arc::default(),
                 limits,
                 presence,
+                node_id,
+                started: crate::auth::unix_now(),
                 dev,
                 hub,
                 shutdown,
@@ -126,6 +133,7 @@ pub fn router(state: AppState) -> Router {
         .route("/broadcast", post(api::broadcast))
         .route("/history", get(api::history))
         .route("/channels", get(api::channels))
+        .route("/info", get(api::info))
         .route("/presence", get(api::presence))
         .route("/presence_stats", get(api::presence_stats))
         .route("/disconnect", post(api::disconnect))

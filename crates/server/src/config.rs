@@ -301,15 +301,27 @@ pub struct SecurityConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// `memory` (embedded default).
+    /// `memory` (embedded default, one node) or `redis` (many nodes).
     pub kind: BrokerKind,
     /// Seconds an idle channel with no history keeps its epoch and offset.
     pub idle_channel_ttl_secs: u64,
+    /// Redis URL (`kind = "redis"`).
+    pub redis_url: String,
+    /// Key prefix in Redis; clusters sharing one Redis use different prefixes.
+    pub redis_prefix: String,
+    /// This node's id in the cluster (default: random at start).
+    pub node_id: Option<String>,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        BrokerConfig { kind: BrokerKind::Memory, idle_channel_ttl_secs: 3600 }
+        BrokerConfig {
+            kind: BrokerKind::Memory,
+            idle_channel_ttl_secs: 3600,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_prefix: "sb".into(),
+            node_id: None,
+        }
     }
 }
 
@@ -317,6 +329,7 @@ impl Default for BrokerConfig {
 #[serde(rename_all = "lowercase")]
 pub enum BrokerKind {
     Memory,
+    Redis,
 }
 
 /// A configuration error, with the key path it is about when there is one.

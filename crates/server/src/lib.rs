@@ -4,6 +4,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod cursor;
 pub mod error;
@@ -18,6 +19,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchboard_core::presence::PresenceManager;
 use switchboard_core::{Broker, Hub, MemoryBroker};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -35,22 +37,35 @@ pub struct Server {
 impl Server {
     /// Builds the broker and hub named by `config` and binds nothing: `listener` is given.
     pub async fn new(config: Config, dev: bool, listener: TcpListener) -> anyhow::Result<Server> {
-        let broker: Arc<dyn Broker> = match config.broker.kind {
+        let node_id = config.broker.node_id.clone().unwrap_or_else(presence::client_id);
+        let idle = Duration::from_secs(config.broker.idle_channel_ttl_secs);
+        let (broker, presence): (Arc<dyn Broker>, Arc<dyn PresenceManager>) = match config.broker.kind {
             config::BrokerKind::Memory => {
-                let b = Arc::new(MemoryBroker::new(Duration::from_secs(config.broker.idle_channel_ttl_secs)));
+                let b = Arc::new(MemoryBroker::new(idle));
                 switchboard_core::memory::spawn_sweeper(&b, Duration::from_secs(60));
-                b
+                let p = Arc::new(switchboard_core::presence::MemoryPresence::default());
+                switchboard_core::presence::spawn_sweeper(&p, Duration::from_secs(30));
+                (b, p)
+            }
+            config::BrokerKind::Redis => {
+                let cfg = switchboard_redis::RedisConfig {
+                    url: config.broker.redis_url.clone(),
+                    prefix: config.broker.redis_prefix.clone(),
+                    idle_channel_ttl: idle,
+                };
+                let b = Arc::new(switchboard_redis::RedisBroker::new(cfg, &node_id)?);
+                let p = Arc::new(switchboard_redis::RedisPresence::new(
+                    &config.broker.redis_url,
+                    &config.broker.redis_prefix,
+                )?);
+                (b, p)
             }
         };
         let hub = Hub::start(broker).await?;
-        let presence = {
-            let p = Arc::new(switchboard_core::presence::MemoryPresence::default());
-            switchboard_core::presence::spawn_sweeper(&p, Duration::from_secs(30));
-            p as Arc<dyn switchboard_core::presence::PresenceManager>
-        };
         let verifier = auth::Verifier::from_config(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let state = AppState::new(config, dev, hub, presence, verifier, shutdown_rx);
+        let state = AppState::new(config, dev, hub, presence, verifier, shutdown_rx, node_id);
+        cluster::start(&state, listener.local_addr()?);
         Ok(Server { state, listener, shutdown_tx })
     }
 

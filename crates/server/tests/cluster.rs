@@ -1,0 +1,509 @@
+//! Many nodes over a real Redis, as real processes: cross-node delivery, resume on
+//! another node, rolling restarts with zero loss, a node killed with SIGKILL, and Redis
+//! itself going away for 10 s.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use switchboard_client::{ClientError, Connection};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+fn redis_url() -> String {
+    std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn prefix() -> String {
+    format!("sbcluster-{}-{}", std::process::id(), fastrand::u32(..))
+}
+
+/// One Switchboard node process.
+struct Node {
+    port: u16,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+}
+
+impl Node {
+    fn start(port: u16, env: &[(String, String)]) -> Node {
+        let mut n = Node { port, child: None, env: env.to_vec() };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(BIN)
+            .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{}", self.port), "--drain-secs", "5"])
+            .envs(self.env.iter().cloned())
+            .env("SWITCHBOARD_BROKER__KIND", "redis")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn ws(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    async fn wait_ready(&self) {
+        let http = reqwest::Client::new();
+        for _ in 0..1500 {
+            if let Ok(r) = http.get(format!("{}/readyz", self.base())).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("node {} never became ready", self.port);
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    async fn stop(&mut self) {
+        self.signal("-TERM");
+        let mut child = self.child.take().unwrap();
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+        assert!(status.success(), "node exited with {status:?}");
+    }
+
+    async fn kill(&mut self) {
+        self.signal("-KILL");
+        let mut child = self.child.take().unwrap();
+        tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn env(prefix: &str, url: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut v = vec![
+        ("SWITCHBOARD_BROKER__REDIS_URL".to_string(), url.to_string()),
+        ("SWITCHBOARD_BROKER__REDIS_PREFIX".to_string(), prefix.to_string()),
+        ("SWITCHBOARD_DEFAULTS__HISTORY_SIZE".to_string(), "20000".to_string()),
+        ("SWITCHBOARD_DEFAULTS__HISTORY_TTL_SECS".to_string(), "600".to_string()),
+    ];
+    v.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    v
+}
+
+async fn cluster(n: usize, extra: &[(&str, &str)]) -> Vec<Node> {
+    let (p, url) = (prefix(), redis_url());
+    let nodes: Vec<Node> = (0..n).map(|_| Node::start(free_port(), &env(&p, &url, extra))).collect();
+    for node in &nodes {
+        node.wait_ready().await;
+    }
+    nodes
+}
+
+async fn publish(
+    http: &reqwest::Client,
+    base: &str,
+    ch: &str,
+    data: Value,
+    key: Option<&str>,
+) -> Result<Value, String> {
+    let mut body = json!({"channel": ch, "data": data});
+    if let Some(k) = key {
+        body["key"] = json!(k);
+    }
+    let r = http.post(format!("{base}/api/publish")).json(&body).send().await.map_err(|e| e.to_string())?;
+    if r.status() != 200 {
+        return Err(format!("HTTP {}", r.status()));
+    }
+    r.json().await.map_err(|e| e.to_string())
+}
+
+/// Reads the next `n` publication offsets (or fails on a close).
+async fn offsets(c: &mut Connection, n: usize) -> Vec<u64> {
+    let mut v = Vec::new();
+    while v.len() < n {
+        let p = tokio::time::timeout(Duration::from_secs(20), c.next_pub()).await.expect("in time").unwrap();
+        v.push(p["offset"].as_u64().unwrap());
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_on_one_node_reaches_websocket_and_sse_subscribers_on_others_in_order() {
+    let nodes = cluster(3, &[]).await;
+    let ch = format!("news:x{}", fastrand::u32(..));
+    let mut ws = Connection::connect(&nodes[1].ws()).await.unwrap();
+    ws.subscribe(&ch, None).await.unwrap();
+    let http = reqwest::Client::new();
+    let sse = http.get(format!("{}/sse?channel={ch}", nodes[2].base())).send().await.unwrap();
+    let mut sse = futures_util::StreamExt::boxed(sse.bytes_stream());
+    // Wait until node C has subscribed on Redis (its channel shows in the cluster view).
+    for _ in 0..500 {
+        let v: Value =
+            http.get(format!("{}/api/channels", nodes[0].base())).send().await.unwrap().json().await.unwrap();
+        if v["channels"].as_array().unwrap().iter().any(|c| c["channel"] == ch.as_str() && c["subscribers"] == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 1..=50 {
+        publish(&http, &nodes[0].base(), &ch, json!(i), None).await.unwrap();
+    }
+    assert_eq!(offsets(&mut ws, 50).await, (1..=50).collect::<Vec<_>>());
+    let mut text = String::new();
+    while text.matches("event: message").count() < 50 {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), futures_util::StreamExt::next(&mut sse))
+            .await
+            .expect("sse in time")
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let got: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| v["offset"].as_u64())
+        .collect();
+    assert_eq!(got, (1..=50).collect::<Vec<_>>());
+    let info: Value = http.get(format!("{}/api/info", nodes[0].base())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(info["nodes"].as_array().unwrap().len(), 3, "{info}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_on_another_node_with_nothing_lost() {
+    let nodes = cluster(2, &[]).await;
+    let http = reqwest::Client::new();
+    let ch = format!("chat:r{}", fastrand::u32(..));
+    let mut c = Connection::connect(&nodes[0].ws()).await.unwrap();
+    c.subscribe(&ch, None).await.unwrap();
+    let first = publish(&http, &nodes[1].base(), &ch, json!(1), None).await.unwrap();
+    for i in 2..=5 {
+        publish(&http, &nodes[1].base(), &ch, json!(i), None).await.unwrap();
+    }
+    assert_eq!(offsets(&mut c, 5).await, vec![1, 2, 3, 4, 5]);
+    drop(c);
+    for i in 6..=10 {
+        publish(&http, &nodes[0].base(), &ch, json!(i), None).await.unwrap();
+    }
+    let mut c = Connection::connect(&nodes[1].ws()).await.unwrap();
+    let since = format!("{}:5", first["epoch"].as_str().unwrap());
+    let ok = c.subscribe(&ch, Some(&since)).await.unwrap();
+    assert_eq!(ok["recovered"], true);
+    assert_eq!(offsets(&mut c, 5).await, vec![6, 7, 8, 9, 10]);
+}
+
+/// A client that keeps itself subscribed across node restarts: on any close it moves to
+/// the next node and resumes from its last position. Records every offset it sees.
+async fn resilient_client(
+    nodes: Vec<String>,
+    start: usize,
+    ch: String,
+    target: Arc<AtomicU64>,
+    done: Arc<AtomicBool>,
+) -> (Vec<u64>, usize) {
+    let mut seen: Vec<u64> = Vec::new();
+    let mut epoch: Option<String> = None;
+    let mut resets = 0;
+    let mut k = start;
+    let mut attempt = 0u32;
+    loop {
+        let t = target.load(Ordering::SeqCst);
+        if done.load(Ordering::SeqCst) && t > 0 && seen.last().copied() == Some(t) {
+            return (seen, resets);
+        }
+        let url = &nodes[k % nodes.len()];
+        let session = async {
+            let mut c = Connection::connect(url).await?;
+            let since = epoch.as_ref().map(|e| format!("{e}:{}", seen.last().copied().unwrap_or(0)));
+            let ok = c.subscribe(&ch, since.as_deref()).await?;
+            if ok["recovered"] == false {
+                resets += 1;
+            }
+            epoch = ok["epoch"].as_str().map(String::from);
+            attempt = 0;
+            loop {
+                let t = target.load(Ordering::SeqCst);
+                if done.load(Ordering::SeqCst) && t > 0 && seen.last().copied() == Some(t) {
+                    return Ok::<_, ClientError>(());
+                }
+                match tokio::time::timeout(Duration::from_millis(500), c.next_pub()).await {
+                    Ok(Ok(p)) => {
+                        epoch = p["epoch"].as_str().map(String::from);
+                        seen.push(p["offset"].as_u64().unwrap());
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {}
+                }
+            }
+        };
+        match session.await {
+            Ok(()) => return (seen, resets),
+            Err(_) => {
+                k += 1;
+                attempt += 1;
+                // Full jitter, so a node's clients do not all come back at once.
+                let cap = 50u64 * 2u64.pow(attempt.min(5));
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=cap))).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_three_nodes_loses_and_duplicates_nothing_for_a_thousand_clients() {
+    let mut nodes = cluster(3, &[("SWITCHBOARD_LIMITS__ACCEPT_RATE_PER_SEC", "0")]).await;
+    let urls: Vec<String> = nodes.iter().map(|n| n.ws()).collect();
+    let bases: Vec<String> = nodes.iter().map(|n| n.base()).collect();
+    let ch = format!("roll:c{}", fastrand::u32(..));
+    let target = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..1000)
+        .map(|i| tokio::spawn(resilient_client(urls.clone(), i, ch.clone(), target.clone(), done.clone())))
+        .collect();
+    // Wait until all are subscribed somewhere.
+    let http = reqwest::Client::new();
+    for _ in 0..600 {
+        let v: Value = http.get(format!("{}/api/channels", bases[0])).send().await.unwrap().json().await.unwrap();
+        let n = v["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["channel"] == ch.as_str())
+            .map(|c| c["subscribers"].as_u64().unwrap());
+        if n == Some(1000) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A publisher that never gives up on a publication: it retries on another node with
+    // the same idempotency key, so a retried publish is stored once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (bases, ch, stop, http) = (bases.clone(), ch.clone(), stop.clone(), http.clone());
+        tokio::spawn(async move {
+            let mut last = 0u64;
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let key = format!("p{i}");
+                let mut k = i as usize;
+                loop {
+                    match publish(&http, &bases[k % bases.len()], &ch, json!(i), Some(&key)).await {
+                        Ok(v) => {
+                            last = v["offset"].as_u64().unwrap();
+                            break;
+                        }
+                        Err(_) => {
+                            k += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            last
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for node in nodes.iter_mut() {
+        node.stop().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        node.spawn();
+        node.wait_ready().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    let last = publisher.await.unwrap();
+    assert!(last > 50, "the publisher published only {last}");
+    target.store(last, Ordering::SeqCst);
+    done.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (i, c) in clients.into_iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (seen, resets) = tokio::time::timeout(left, c).await.expect("clients caught up in time").unwrap();
+        assert_eq!(resets, 0, "client {i} was told to reset");
+        let first = seen.first().copied().unwrap_or(1);
+        assert_eq!(seen, (first..=last).collect::<Vec<_>>(), "client {i}: gap or duplicate");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_with_sigkill_loses_its_presence_and_its_clients_resume_elsewhere() {
+    let extra = [
+        ("SWITCHBOARD_NAMESPACES__ROOM__PRESENCE", "true"),
+        ("SWITCHBOARD_NAMESPACES__ROOM__PRESENCE_TTL_SECS", "3"),
+        ("SWITCHBOARD_WS__PING_INTERVAL_SECS", "1"),
+        ("SWITCHBOARD_SSE__KEEPALIVE_SECS", "1"),
+    ];
+    let mut nodes = cluster(2, &extra).await;
+    let http = reqwest::Client::new();
+    let ch = format!("room:k{}", fastrand::u32(..));
+    let mut doomed = Connection::connect(&nodes[0].ws()).await.unwrap();
+    let ok = doomed.subscribe(&ch, None).await.unwrap();
+    let epoch = ok["epoch"].as_str().unwrap().to_string();
+    let mut survivor = Connection::connect(&nodes[1].ws()).await.unwrap();
+    survivor.subscribe(&ch, None).await.unwrap();
+    let stats = |base: String| {
+        let http = http.clone();
+        let ch = ch.clone();
+        async move {
+            let v: Value =
+                http.get(format!("{base}/api/presence_stats?channel={ch}")).send().await.unwrap().json().await.unwrap();
+            v["clients"].as_u64().unwrap()
+        }
+    };
+    assert_eq!(stats(nodes[1].base()).await, 2);
+    // Keep the survivor answering pings, so it stays present.
+    let keepalive = tokio::spawn(async move { while survivor.next_push().await.is_ok() {} });
+    publish(&http, &nodes[1].base(), &ch, json!(1), None).await.unwrap();
+    assert_eq!(offsets(&mut doomed, 1).await, vec![1]);
+    nodes[0].kill().await;
+    // Nobody removed the dead node's entry: it lapses within its TTL.
+    let killed = Instant::now();
+    loop {
+        if stats(nodes[1].base()).await == 1 {
+            break;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(15), "the dead node's presence never lapsed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in 2..=4 {
+        publish(&http, &nodes[1].base(), &ch, json!(i), None).await.unwrap();
+    }
+    assert!(doomed.next_pub().await.is_err(), "the killed node's connection is gone");
+    let mut back = Connection::connect(&nodes[1].ws()).await.unwrap();
+    let ok = back.subscribe(&ch, Some(&format!("{epoch}:1"))).await.unwrap();
+    assert_eq!(ok["recovered"], true);
+    assert_eq!(offsets(&mut back, 3).await, vec![2, 3, 4]);
+    keepalive.abort();
+}
+
+/// A private redis-server we can stop and start.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (./scripts/test installs it)");
+        Redis { port, child: Some(child) }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn wait_up(&self) {
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not start");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopping_for_ten_seconds_crashes_nothing_and_clients_end_consistent() {
+    let port = free_port();
+    let mut redis = Redis::start(port);
+    redis.wait_up().await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let p = prefix();
+    let nodes: Vec<Node> = (0..2).map(|_| Node::start(free_port(), &env(&p, &url, &[]))).collect();
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    let http = reqwest::Client::new();
+    let ch = format!("feed:r{}", fastrand::u32(..));
+    let mut clients = Vec::new();
+    for n in &nodes {
+        let mut c = Connection::connect(&n.ws()).await.unwrap();
+        c.subscribe(&ch, None).await.unwrap();
+        clients.push(c);
+    }
+    for i in 1..=5 {
+        publish(&http, &nodes[0].base(), &ch, json!(i), None).await.unwrap();
+    }
+    for c in clients.iter_mut() {
+        assert_eq!(offsets(c, 5).await, vec![1, 2, 3, 4, 5]);
+    }
+    redis.stop();
+    let down = Instant::now();
+    let mut saw_not_ready = false;
+    while down.elapsed() < Duration::from_secs(10) {
+        for n in &nodes {
+            let h = http.get(format!("{}/healthz", n.base())).send().await.unwrap();
+            assert_eq!(h.status(), 200, "a node died while Redis was down");
+            let r = http.get(format!("{}/readyz", n.base())).send().await.unwrap();
+            saw_not_ready |= r.status() == 503;
+        }
+        let failed = publish(&http, &nodes[1].base(), &ch, json!("during"), None).await;
+        assert!(failed.is_err(), "a publish succeeded with Redis down");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(saw_not_ready, "/readyz never reported the outage");
+    // Redis comes back empty (it keeps nothing on disk): history is gone.
+    let redis = Redis::start(port);
+    redis.wait_up().await;
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    let after = publish(&http, &nodes[1].base(), &ch, json!("after"), None).await.unwrap();
+    assert_eq!(after["offset"], 1, "a new epoch starts at 1");
+    for c in clients.iter_mut() {
+        // The connections survived; each client is told its history is gone, then gets
+        // the new epoch's publications — an explicit reset, never a silent gap.
+        let mut reset = None;
+        let p = loop {
+            let v = tokio::time::timeout(Duration::from_secs(20), c.next_push()).await.expect("in time").unwrap();
+            if v.get("reset").is_some() {
+                reset = Some(v["reset"].clone());
+            } else if let Some(p) = v.get("pub") {
+                break p.clone();
+            }
+        };
+        let reset = reset.expect("no reset before the new epoch's publication");
+        assert_eq!(reset["epoch"], after["epoch"]);
+        assert_eq!(p["offset"], 1);
+        assert_eq!(p["data"], "after");
+    }
+}
