@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod app;
+pub mod assets;
 pub mod auth;
 pub mod cluster;
 pub mod config;
@@ -36,7 +37,20 @@ pub struct Server {
 
 impl Server {
     /// Builds the broker and hub named by `config` and binds nothing: `listener` is given.
-    pub async fn new(config: Config, dev: bool, listener: TcpListener) -> anyhow::Result<Server> {
+    pub async fn new(mut config: Config, dev: bool, listener: TcpListener) -> anyhow::Result<Server> {
+        if dev && !config.namespaces.contains_key("demo") {
+            // The demo chat's namespace, unless the config says otherwise.
+            config.namespaces.insert(
+                "demo".into(),
+                config::NamespaceOverride {
+                    history_size: Some(200),
+                    allow_publish: Some(true),
+                    presence: Some(true),
+                    join_leave: Some(true),
+                    ..Default::default()
+                },
+            );
+        }
         let node_id = config.broker.node_id.clone().unwrap_or_else(presence::client_id);
         let idle = Duration::from_secs(config.broker.idle_channel_ttl_secs);
         let (broker, presence): (Arc<dyn Broker>, Arc<dyn PresenceManager>) = match config.broker.kind {

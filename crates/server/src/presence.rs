@@ -29,20 +29,24 @@ pub fn client_id() -> String {
 }
 
 /// Enters `r`'s presence when its namespace keeps presence.
+/// Enters `r`'s presence when its namespace keeps presence. `claimed` is what an
+/// anonymous client said about itself (`connect`'s `client`): shown as its info, under
+/// `"unverified"`, only when there is no token.
 pub async fn join(
     state: &AppState,
     r: &Resolved,
     client: &str,
     who: Option<&Identity>,
+    claimed: Option<&serde_json::Value>,
 ) -> Result<Option<PresenceGuard>, ApiError> {
     if !r.options.presence {
         return Ok(None);
     }
-    let member = Member {
-        client: client.to_string(),
-        user: who.map(|w| w.user.clone()).unwrap_or_default(),
-        info: who.and_then(|w| w.info.clone()),
+    let info = match who {
+        Some(w) => w.info.clone(),
+        None => claimed.map(|c| serde_json::json!({ "unverified": c })),
     };
+    let member = Member { client: client.to_string(), user: who.map(|w| w.user.clone()).unwrap_or_default(), info };
     let ttl = Duration::from_secs(r.options.presence_ttl_secs);
     state.presence.add(&r.channel, member.clone(), ttl).await?;
     if r.options.join_leave {

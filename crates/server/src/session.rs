@@ -177,7 +177,7 @@ pub async fn open(
     let mut guards = Vec::new();
     if let Some(p) = presence {
         for r in channels {
-            guards.extend(crate::presence::join(state, r, p.client, p.who).await?);
+            guards.extend(crate::presence::join(state, r, p.client, p.who, None).await?);
         }
     }
     Ok(Session { queue, starts, presence: guards, _handles: handles })

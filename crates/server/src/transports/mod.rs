@@ -2,6 +2,7 @@
 //! knows another. What they share — admission of a new streaming connection, reading a
 //! token, authorizing channels — lives here.
 
+pub mod client_http;
 pub mod poll;
 pub mod sse;
 pub mod ws;

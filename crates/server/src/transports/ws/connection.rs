@@ -75,6 +75,7 @@ pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
         bucket: Bucket::new(state.config.ws.max_commands_per_sec),
         rejected: 0,
         identity: None,
+        claimed: None,
         registration: None,
         expiry: Expiry::None,
     };
@@ -129,6 +130,8 @@ struct Conn {
     /// Commands refused in a row for the rate limit.
     rejected: u32,
     identity: Option<Identity>,
+    /// What an anonymous client said about itself (shown in presence as unverified).
+    claimed: Option<serde_json::Value>,
     registration: Option<Registration>,
     expiry: Expiry,
 }
@@ -434,7 +437,13 @@ impl Conn {
                 Ok(r) => crate::presence::stats_json(&self.state, &r).await.map(Some),
                 Err(e) => Err(e),
             },
-            Command::Connect { token } => {
+            Command::Connect { token, client } => {
+                if let Some(c) = client {
+                    // Small and public only: it is shown to others in presence.
+                    if c.to_string().len() <= 1024 {
+                        self.claimed = Some(c);
+                    }
+                }
                 if self.identity.is_some() && token.is_some() {
                     Err(ApiError::new(Code::InvalidRequest, "already authenticated; send `refresh` with a new token"))
                 } else {
@@ -514,7 +523,8 @@ impl Conn {
         let pending = self.state.hub.subscribe(r.channel.clone(), self.queue.clone(), req).await?;
         self.reply(reply(pending.outcome(), &r.channel));
         let handle = pending.go_live();
-        let guard = crate::presence::join(&self.state, &r, &self.client, self.identity.as_ref()).await?;
+        let guard =
+            crate::presence::join(&self.state, &r, &self.client, self.identity.as_ref(), self.claimed.as_ref()).await?;
         self.subs.insert(r.channel, (handle, guard));
         Ok(())
     }

@@ -9,7 +9,7 @@ use crate::error::{ApiError, Code};
 /// A command, parsed and checked for its required fields.
 #[derive(Debug)]
 pub enum Command<'a> {
-    Connect { token: Option<String> },
+    Connect { token: Option<String>, client: Option<serde_json::Value> },
     Subscribe { channel: String, since: Option<String>, rewind: Option<u64>, token: Option<String> },
     Refresh { token: String },
     Unsubscribe { channel: String },
@@ -35,7 +35,6 @@ struct Wire<'a> {
     data: Option<&'a RawValue>,
     token: Option<String>,
     #[serde(borrow)]
-    #[allow(dead_code)]
     client: Option<&'a RawValue>,
 }
 
@@ -61,7 +60,10 @@ pub fn parse(text: &str) -> Parsed<'_> {
         field.ok_or_else(|| (id, ApiError::new(Code::InvalidRequest, format!("`{}` needs `{name}`", w.cmd))))
     };
     let cmd = match w.cmd.as_str() {
-        "connect" => Command::Connect { token: w.token },
+        "connect" => {
+            let client = w.client.and_then(|c| serde_json::from_str(c.get()).ok());
+            Command::Connect { token: w.token, client }
+        }
         "subscribe" => Command::Subscribe {
             channel: need(w.channel, "channel")?,
             since: w.since,

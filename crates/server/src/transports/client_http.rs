@@ -1,0 +1,87 @@
+//! Plain-HTTP commands for clients that are not on a WebSocket (SSE and polling
+//! clients, the JavaScript client's fallbacks): publish and presence, authorized with the
+//! client's token exactly as on a WebSocket — not with a server API key.
+
+use axum::extract::{RawQuery, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::app::AppState;
+use crate::auth::{self, Action};
+use crate::error::{ApiError, Code};
+use crate::session::{resolve_channel, Query};
+
+fn json(body: String) -> Response {
+    (StatusCode::OK, [("content-type", "application/json")], body).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody<'a> {
+    channel: String,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    key: Option<String>,
+    volatile: Option<bool>,
+}
+
+/// `POST /publish {"channel","data"[,"key"][,"volatile"]}` with the client's token
+/// (`Authorization: Bearer` or `?token=`): where the namespace allows client publishing.
+pub async fn publish(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let q = Query::parse(raw.as_deref());
+    let who = super::identity(&state, req.headers(), &q)?;
+    let limit = state.config.limits.max_message_bytes * 2 + 64 * 1024;
+    let body = axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::new(Code::MessageTooLarge, format!("request body is larger than {limit} bytes")))?;
+    let b: PublishBody = serde_json::from_slice(&body).map_err(|e| {
+        let code = if e.is_data() { Code::InvalidRequest } else { Code::InvalidJson };
+        ApiError::new(code, format!("request body: {e}"))
+    })?;
+    let r = resolve_channel(&state, &b.channel)?;
+    auth::authorize(who.as_ref(), &r, Action::Publish, None, state.verifier.as_ref(), &state.deny)?;
+    let data = crate::api::payload(&state, b.data)?;
+    Ok(json(crate::api::publish_to(&state, &r, data, b.volatile, b.key).await?))
+}
+
+async fn presence_common(
+    state: &AppState,
+    raw: Option<String>,
+    headers: &axum::http::HeaderMap,
+) -> Result<crate::session::Resolved, ApiError> {
+    let q = Query::parse(raw.as_deref());
+    let [name] = q.channels.as_slice() else {
+        return Err(ApiError::new(Code::InvalidRequest, "name exactly one channel: ?channel=NAME"));
+    };
+    let who = super::identity(state, headers, &q)?;
+    let r = resolve_channel(state, name)?;
+    let sub_token = q.get("sub_token");
+    auth::authorize(who.as_ref(), &r, Action::Subscribe, sub_token, state.verifier.as_ref(), &state.deny)?;
+    Ok(r)
+}
+
+/// `GET /presence?channel=…` (client token): who is in a channel the client may read.
+pub async fn presence(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let r = presence_common(&state, raw, &headers).await?;
+    Ok(json(crate::presence::members_json(&state, &r).await?))
+}
+
+/// `GET /presence_stats?channel=…` (client token).
+pub async fn presence_stats(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let r = presence_common(&state, raw, &headers).await?;
+    Ok(json(crate::presence::stats_json(&state, &r).await?))
+}

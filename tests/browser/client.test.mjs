@@ -1,0 +1,86 @@
+// The JavaScript client in Node: backoff schedule, pattern matching, delivery and resume
+// against a real server, reconnect spread, and malformed frames.
+import test from 'node:test';
+import assert from 'node:assert/strict';
+import WebSocket, { WebSocketServer } from 'ws';
+import { Switchboard, backoffDelay, patternMatches } from '../../clients/js/switchboard.js';
+import { startServer, startProxy, waitFor, sleep } from './helpers.mjs';
+
+test('backoff delays stay within the full-jitter bound and spread across clients', () => {
+  for (let attempt = 0; attempt < 12; attempt++) {
+    const bound = Math.min(30000, 500 * 2 ** attempt);
+    const samples = Array.from({ length: 500 }, () => backoffDelay(attempt, 500, 30000));
+    for (const d of samples) assert.ok(d >= 0 && d < bound, `attempt ${attempt}: ${d} outside [0, ${bound})`);
+    const spread = Math.max(...samples) - Math.min(...samples);
+    assert.ok(spread > bound * 0.8, `attempt ${attempt}: samples bunched (spread ${spread} of ${bound})`);
+  }
+  assert.equal(backoffDelay(3, 500, 30000, () => 0.5), 2000);
+  assert.equal(backoffDelay(20, 500, 30000, () => 0.5), 15000, 'capped');
+});
+
+test('patterns match like MQTT', () => {
+  assert.ok(patternMatches('s:+/temp', 's:a/temp'));
+  assert.ok(!patternMatches('s:+/temp', 's:a/b/temp'));
+  assert.ok(patternMatches('s:#', 's:a/b/c'));
+  assert.ok(patternMatches('s:a/#', 's:a'));
+  assert.ok(!patternMatches('s:#', 't:a'));
+});
+
+test('a Node client receives in order, and resumes after its connection is cut', async (t) => {
+  const server = await startServer();
+  const proxy = await startProxy(server.port);
+  t.after(async () => { proxy.close(); await server.stop(); });
+  const sb = new Switchboard(proxy.url, { WebSocket, backoff: { base: 100, cap: 500 } });
+  t.after(() => sb.close());
+  const got = [];
+  const sub = sb.subscribe('news:node');
+  sub.on('message', (data, pub) => got.push(pub.offset));
+  await waitFor(() => sb.state === 'connected' && sub.position !== null, { what: 'connected' });
+  for (let i = 1; i <= 5; i++) await server.publish('news:node', { i });
+  await waitFor(() => got.length === 5, { what: 'first five' });
+  const states = [];
+  sb.on('state', (s) => states.push(s));
+  proxy.cut();
+  for (let i = 6; i <= 15; i++) await server.publish('news:node', { i });
+  await sleep(300);
+  proxy.restore();
+  await waitFor(() => got.length >= 15, { what: 'all fifteen after the cut' });
+  await sleep(200);
+  assert.deepEqual(got, Array.from({ length: 15 }, (_, i) => i + 1));
+  const lost = states.find((s) => s.state === 'disconnected');
+  assert.ok(lost && lost.willReconnect && lost.nextRetryAt, 'reconnect was scheduled with a retry time');
+  assert.equal(sb.transport, 'websocket');
+});
+
+test('clients cut at once do not all retry at the same instant', async (t) => {
+  const server = await startServer();
+  const proxy = await startProxy(server.port);
+  t.after(async () => { proxy.close(); await server.stop(); });
+  const clients = Array.from({ length: 20 }, () => new Switchboard(proxy.url, { WebSocket, backoff: { base: 500, cap: 30000 } }));
+  t.after(() => clients.forEach((c) => c.close()));
+  clients.forEach((c) => c.subscribe('news:herd'));
+  await waitFor(() => clients.every((c) => c.state === 'connected'), { what: 'all connected' });
+  const retryAt = [];
+  clients.forEach((c) => c.on('state', (s) => { if (s.state === 'disconnected' && s.nextRetryAt) retryAt.push(s.nextRetryAt); }));
+  proxy.cut();
+  await waitFor(() => retryAt.length >= 20, { what: 'every client scheduled a retry' });
+  proxy.restore();
+  const spread = Math.max(...retryAt) - Math.min(...retryAt);
+  assert.ok(new Set(retryAt).size > 15, 'retry times collide');
+  assert.ok(spread > 100, `retries bunched within ${spread} ms`);
+  await waitFor(() => clients.every((c) => c.state === 'connected'), { what: 'all back' });
+});
+
+test('a malformed server frame is reported, never thrown, and the client reconnects', async (t) => {
+  const wss = new WebSocketServer({ port: 0, host: '127.0.0.1' });
+  await new Promise((r) => wss.once('listening', r));
+  let connections = 0;
+  wss.on('connection', (ws) => { connections++; ws.on('message', () => ws.send('this is not json {')); });
+  t.after(() => wss.close());
+  const url = `http://127.0.0.1:${wss.address().port}`;
+  const sb = new Switchboard(url, { WebSocket, transports: ['websocket'], backoff: { base: 50, cap: 100 }, openTimeout: 1000 });
+  t.after(() => sb.close());
+  const errors = [];
+  sb.on('error', (e) => errors.push(e));
+  await waitFor(() => errors.some((e) => e.type === 'protocol') && connections >= 2, { what: 'protocol error and a reconnect' });
+});
