@@ -46,11 +46,29 @@ struct Shard {
     node_ops: tokio::sync::Mutex<()>,
 }
 
+/// Upper bounds (milliseconds) of the publish→fan-out latency buckets.
+pub const LATENCY_BOUNDS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
+
 /// Process-wide fan-out counters (for metrics).
 #[derive(Default)]
 pub struct HubStats {
     pub publications: AtomicU64,
     pub deliveries: AtomicU64,
+    /// Publications by publish→fan-out latency (broker time to dispatch on this node),
+    /// per bucket of [`LATENCY_BOUNDS_MS`] plus one overflow bucket.
+    pub latency: [AtomicU64; 13],
+}
+
+impl HubStats {
+    fn observe_latency(&self, ms: u64) {
+        let i = LATENCY_BOUNDS_MS.iter().position(|b| ms <= *b).unwrap_or(LATENCY_BOUNDS_MS.len());
+        self.latency[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bucket counts (not cumulative).
+    pub fn latency_snapshot(&self) -> Vec<u64> {
+        self.latency.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
 }
 
 pub struct Hub {
@@ -303,6 +321,9 @@ impl Hub {
         }
         if subs.is_none() && by_pattern.is_empty() {
             return;
+        }
+        if publication.is_stored() {
+            self.stats.observe_latency(crate::now_millis().saturating_sub(publication.time));
         }
         let delivery = Delivery::new(publication);
         let mut delivered = 0u64;

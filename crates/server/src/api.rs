@@ -89,11 +89,24 @@ pub(crate) async fn publish_to(
         if key.is_some() {
             return Err(ApiError::new(Code::InvalidRequest, "volatile publications take no idempotency key"));
         }
-        state.hub.broker().publish_volatile(&r.channel, switchboard_core::Kind::Volatile, data).await?;
+        let res = state.hub.broker().publish_volatile(&r.channel, switchboard_core::Kind::Volatile, data).await;
+        if res.is_err() {
+            crate::metrics::METRICS.broker_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        res?;
+        crate::metrics::METRICS.publishes_volatile.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return Ok(r#"{"volatile":true}"#.to_string());
     }
     let window = std::time::Duration::from_secs(state.config.limits.idempotency_window_secs);
-    let pos = state.hub.broker().publish(&r.channel, data, &r.options.publish_options(key, window)).await?;
+    let started = std::time::Instant::now();
+    let res = state.hub.broker().publish(&r.channel, data, &r.options.publish_options(key, window)).await;
+    let m = &*crate::metrics::METRICS;
+    m.broker_publish.observe(started.elapsed());
+    if res.is_err() {
+        m.broker_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let pos = res?;
+    m.publishes_stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(format!("{{\"epoch\":\"{}\",\"offset\":{}}}", pos.epoch, pos.offset))
 }
 
@@ -344,4 +357,10 @@ pub async fn presence_stats(State(state): State<AppState>, RawQuery(raw): RawQue
     };
     let r = resolve_channel(&state, name)?;
     Ok(json(StatusCode::OK, crate::presence::stats_json(&state, &r).await?))
+}
+
+/// `GET /metrics`: Prometheus text format (docs/operations.md lists the metrics).
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (StatusCode::OK, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], crate::metrics::render(&state))
+        .into_response()
 }

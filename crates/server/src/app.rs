@@ -40,6 +40,7 @@ pub struct Inner {
     pub presence: Arc<dyn switchboard_core::presence::PresenceManager>,
     /// This node's id in the cluster.
     pub node_id: String,
+    pub admin: crate::admin::AdminState,
     /// Seconds since the Unix epoch when this node started.
     pub started: u64,
 }
@@ -111,6 +112,7 @@ impl AppState {
                 limits,
                 presence,
                 node_id,
+                admin: Default::default(),
                 started: crate::auth::unix_now(),
                 dev,
                 hub,
@@ -139,10 +141,16 @@ pub fn router(state: AppState) -> Router {
         .route("/disconnect", post(api::disconnect))
         .route("/revoke", post(api::revoke))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
+    let admin_api = Router::new()
+        .route("/stats", get(crate::admin::stats))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .route("/", get(api::index))
+        .route("/admin", get(crate::admin::page))
+        .nest("/admin/api", admin_api)
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
+        .route("/metrics", get(api::metrics))
         .route("/sse", get(transports::sse::handler))
         .route("/poll", get(transports::poll::handler))
         .route("/ws", get(transports::ws::handler))

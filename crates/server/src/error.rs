@@ -168,6 +168,7 @@ impl From<HubError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        crate::metrics::METRICS.error(self.code.as_str());
         let mut r = (self.code.status(), [("content-type", "application/json")], self.body()).into_response();
         if let Some(secs) = self.retry_after {
             r.headers_mut().insert("retry-after", axum::http::HeaderValue::from(secs));

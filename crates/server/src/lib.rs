@@ -1,6 +1,7 @@
 //! The Switchboard server: configuration, the HTTP surface and the transports, over the
 //! core's hub and broker. `main.rs` is only the command line.
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod assets;
@@ -8,8 +9,10 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod cursor;
+pub mod doctor;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod origin;
 pub mod presence;
 pub mod registry;
@@ -33,6 +36,7 @@ pub struct Server {
     pub state: AppState,
     listener: TcpListener,
     shutdown_tx: watch::Sender<bool>,
+    drain_notice: Duration,
 }
 
 impl Server {
@@ -80,7 +84,16 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = AppState::new(config, dev, hub, presence, verifier, shutdown_rx, node_id);
         cluster::start(&state, listener.local_addr()?);
-        Ok(Server { state, listener, shutdown_tx })
+        admin::start_sampler(&state);
+        Ok(Server { state, listener, shutdown_tx, drain_notice: Duration::ZERO })
+    }
+
+    /// On shutdown, first report not-ready (and refuse new streaming connections) for
+    /// this long while still accepting, so load balancers take the node out of rotation
+    /// before it stops listening.
+    pub fn with_drain_notice(mut self, notice: Duration) -> Self {
+        self.drain_notice = notice;
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -98,10 +111,18 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
         drain: Duration,
     ) -> std::io::Result<()> {
-        let Server { state, listener, shutdown_tx } = self;
+        let Server { state, listener, shutdown_tx, drain_notice } = self;
         let app = app::router(state.clone());
         let connections = Arc::new(app::ConnTracker::default());
-        let mut shutdown = std::pin::pin!(shutdown);
+        let draining_state = state.clone();
+        let mut shutdown = std::pin::pin!(async move {
+            shutdown.await;
+            draining_state.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+            if !drain_notice.is_zero() {
+                tracing::info!("draining: not ready; still accepting for {drain_notice:?}");
+                tokio::time::sleep(drain_notice).await;
+            }
+        });
         loop {
             let (tcp, peer) = tokio::select! {
                 r = listener.accept() => match r {

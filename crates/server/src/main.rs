@@ -34,6 +34,10 @@ enum Command {
         /// Seconds to wait for clients to leave after SIGTERM before exiting.
         #[arg(long, default_value_t = 10)]
         drain_secs: u64,
+        /// Seconds to report not-ready (while still accepting) after SIGTERM, before
+        /// telling clients to leave: time for the load balancer to notice.
+        #[arg(long, default_value_t = 0)]
+        drain_notice_secs: u64,
     },
     /// Mint a token for development: a connection token, or with --channel a
     /// subscription token. Signs with the configured algorithm ([auth]).
@@ -61,6 +65,14 @@ enum Command {
         /// Private key (PEM) for RS256/ES256; HS256 uses auth.hmac_secret.
         #[arg(long)]
         private_key: Option<PathBuf>,
+    },
+    /// Check this machine's limits for many connections and say how to raise them.
+    Doctor {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Work with configuration files.
     Config {
@@ -114,6 +126,22 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Doctor { config, json } => {
+            let max = match Config::load(config.as_deref(), std::env::vars()) {
+                Ok(c) => c.limits.max_connections,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let r = switchboard_server::doctor::report(&switchboard_server::doctor::read(), max);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).expect("report serialises"));
+            } else {
+                print!("{}", switchboard_server::doctor::render(&r));
+            }
+            ExitCode::SUCCESS
+        }
         Command::Token { user, channels, ttl, channel, info, jti, config, private_key } => {
             match mint(user, channels, &ttl, channel, info, jti, config, private_key) {
                 Ok(t) => {
@@ -126,7 +154,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Serve { config, listen, dev, log_format, drain_secs } => {
+        Command::Serve { config, listen, dev, log_format, drain_secs, drain_notice_secs } => {
             init_logging(log_format);
             let mut cfg = match Config::load(config.as_deref(), std::env::vars()) {
                 Ok(c) => c,
@@ -152,7 +180,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(serve(cfg, dev, Duration::from_secs(drain_secs))) {
+            match rt.block_on(serve(cfg, dev, Duration::from_secs(drain_secs), Duration::from_secs(drain_notice_secs)))
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -207,16 +236,32 @@ fn mint(
     switchboard_server::auth::sign(&alg, &key, &claims)
 }
 
-async fn serve(cfg: Config, dev: bool, drain: Duration) -> anyhow::Result<()> {
+async fn serve(cfg: Config, dev: bool, drain: Duration, notice: Duration) -> anyhow::Result<()> {
     let listener =
         switchboard_server::bind(cfg.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let (before, after) = switchboard_server::doctor::raise_nofile();
+    if after > before {
+        tracing::info!("raised the open-files limit from {before} to {after}");
+    }
+    let max = cfg.limits.max_connections as u64;
+    if max > 0 && after < max + switchboard_server::doctor::FD_RESERVE {
+        tracing::warn!(
+            "open-files limit {after} is below limits.max_connections {max}: connections will fail past ~{}; run `switchboard doctor`",
+            after.saturating_sub(switchboard_server::doctor::FD_RESERVE)
+        );
+    } else if max == 0 {
+        tracing::info!(
+            "open-files limit {after}: about {} connections; `switchboard doctor` tells more",
+            after.saturating_sub(switchboard_server::doctor::FD_RESERVE)
+        );
+    }
     if dev {
         tracing::warn!("################################################################");
         tracing::warn!("#  DEVELOPMENT MODE (--dev): the server API at /api/* accepts   #");
         tracing::warn!("#  requests WITHOUT an API key. Never expose this server.       #");
         tracing::warn!("################################################################");
     }
-    let server = Server::new(cfg, dev, listener).await?;
+    let server = Server::new(cfg, dev, listener).await?.with_drain_notice(notice);
     tracing::info!("switchboard listening on http://{}", server.local_addr()?);
     server.run(switchboard_server::shutdown_signal(), drain).await?;
     tracing::info!("bye");

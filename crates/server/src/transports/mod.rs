@@ -24,6 +24,9 @@ pub(crate) fn admit(state: &AppState, headers: &HeaderMap, ext: &Extensions) -> 
             format!("origin {:?} is not allowed", origin.unwrap_or("").chars().take(100).collect::<String>()),
         ));
     }
+    if state.is_draining() {
+        return Err(ApiError::new(Code::ServerBusy, "this node is draining; connect to another").retry_after(1));
+    }
     let ip = ext.get::<PeerAddr>().map(|p| p.0.ip());
     state.limits.admit(ip)
 }

@@ -74,11 +74,13 @@ pub async fn handler(
     let period = Duration::from_secs(state.config.sse.keepalive_secs);
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tracing::debug!(channels = channels.len(), patterns = patterns.len(), "sse stream opened");
     let registration = who.as_ref().map(|w| state.registry.register(&w.user, w.jti.clone(), session.queue.clone()));
     // The stream ends when the token does; the client reconnects with a fresh one.
     let expiry = who.as_ref().map(|w| Box::pin(tokio::time::sleep(w.expires_in())));
     let stream =
         SseStream {
+            _gauge: crate::metrics::METRICS.connection(crate::metrics::Transport::Sse),
             patterns: patterns.iter().map(|p| p.pattern.to_string()).collect(),
             _slot: slot,
             _registration: registration,
@@ -108,6 +110,7 @@ pub async fn handler(
         };
     let body = futures_util::stream::unfold(stream, |mut s| async move {
         let chunk = s.next_chunk().await?;
+        crate::metrics::METRICS.bytes_out.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Some((Ok::<_, std::convert::Infallible>(chunk), s))
     });
     Ok(Response::builder()
@@ -125,6 +128,7 @@ enum Phase {
 }
 
 struct SseStream {
+    _gauge: crate::metrics::ConnectionGauge,
     patterns: Vec<String>,
     _slot: ConnSlot,
     _registration: Option<Registration>,

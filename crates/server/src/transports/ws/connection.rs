@@ -59,6 +59,7 @@ pub struct Ctx {
 pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
     let state = ctx.state.clone();
     let _tracked = state.upgraded.enter();
+    let _gauge = crate::metrics::METRICS.connection(crate::metrics::Transport::Ws);
     let _ = stream.set_nodelay(true);
     if state.config.ws.send_buffer_bytes > 0 {
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(state.config.ws.send_buffer_bytes);
@@ -520,7 +521,11 @@ impl Conn {
             ));
         }
         self.queue.raise_bound(r.options.queue_max_bytes);
+        let resuming = req.since.is_some();
         let pending = self.state.hub.subscribe(r.channel.clone(), self.queue.clone(), req).await?;
+        if resuming {
+            crate::metrics::resume(pending.outcome().recovered);
+        }
         self.reply(reply(pending.outcome(), &r.channel));
         let handle = pending.go_live();
         let guard =
@@ -700,6 +705,7 @@ async fn write_all(wr: &mut OwnedWriteHalf, frames: &[Bytes]) -> std::io::Result
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
+        crate::metrics::METRICS.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         while n > 0 && i < frames.len() {
             let left = frames[i].len() - off;
             if n >= left {
