@@ -3,14 +3,19 @@
 //! [`ws::WsStream`] is a lean RFC 6455 client (masking, fragmentation, ping/pong,
 //! permessage-deflate) that exposes raw frames as well as messages, so it serves both
 //! applications and the server's own conformance tests. [`Connection`] speaks the
-//! `switchboard.v1` command protocol on top of it.
+//! `switchboard.v1` command protocol on top of it, one connection, no retries — what
+//! tests want. [`Client`] is what applications want: reconnects with full-jitter
+//! backoff, resume from positions, exactly-once delivery to the application, heartbeat
+//! watchdog (same semantics as the JavaScript client).
 
+pub mod client;
 pub mod ws;
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+pub use client::{backoff_delay, Client, ClientOptions, ConnState, Event, Subscription};
 pub use ws::{ConnectOptions, Message, WsError, WsStream};
 
 /// A `switchboard.v1` session over one WebSocket.
