@@ -1,125 +1,292 @@
-//! `switchboard-bench`: a load generator that holds many lean WebSocket connections.
+//! `switchboard-bench`: a load generator that holds many lean connections.
 //!
-//! Scenarios (see docs/benchmarks.md for the commands behind every published figure):
-//! - `fanout`: N subscribers on one channel, a publisher at a rate, payload size S —
-//!   deliveries/s, publish→deliver latency percentiles, server CPU and RSS.
+//! Scenarios (docs/benchmarks.md has the commands behind every published figure):
+//! - `fanout`: N subscribers on one channel, a publisher at a rate — deliveries/s,
+//!   publish→deliver latency percentiles, server CPU and RSS.
 //! - `idle`: hold N subscribed connections — server RSS per connection, connect rate.
+//! - `chat`: many rooms with a few members each, publishing and receiving.
+//! - `slow`: a fraction of subscribers stop reading — the others' latency against a
+//!   baseline, and server RSS.
+//! - `storm`: N clients, the server restarted under them, all reconnect and resume —
+//!   recovery time, peak handshake rate, messages lost and duplicated.
 //!
-//! Every connection is a small task with a 4 KiB read buffer; connections are spread over
-//! several loopback source addresses (`--sources`) so one box can open more than one
-//! address's ephemeral ports. Traffic goes only to the `--url` given, which must be on
-//! loopback.
+//! Every scenario can target another server: `--subscribe-url` (WebSocket `ws://` or SSE
+//! `http://`, with an optional `--first-frame`) and `--publish-url` + `--publish-body`
+//! (a template where `$DATA` is the timestamped payload). Traffic goes only to loopback.
 
 mod proc_stats;
 mod wsconn;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use wsconn::{Kind, Publisher, Stats, Subscriber, Target};
 
 #[derive(Parser)]
-#[command(name = "switchboard-bench", about = "Load generator for Switchboard")]
+#[command(name = "switchboard-bench", about = "Load generator for Switchboard and its peers")]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Transport {
+    Ws,
+    Sse,
+}
+
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// Server address (loopback only).
+    /// Switchboard server address (loopback only).
     #[arg(long, default_value = "127.0.0.1:8000")]
     server: SocketAddr,
-    /// Local source addresses to spread connections over (comma-separated). Without it
-    /// the kernel picks (one source address has ~28k ephemeral ports per server port;
-    /// binding a source first is much slower to connect, so use it only past that).
-    #[arg(long, value_delimiter = ',')]
-    sources: Vec<IpAddr>,
-    /// PID of the server process, for CPU and RSS figures from /proc.
-    #[arg(long)]
-    server_pid: Option<u32>,
-    /// Channel to use.
+    /// Switchboard transport for subscribers.
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    transport: Transport,
     #[arg(long, default_value = "bench:fanout")]
     channel: String,
+    /// Another server: subscribe URL (`ws://ip:port/path` or SSE `http://ip:port/path`).
+    #[arg(long)]
+    subscribe_url: Option<String>,
+    /// Text frame sent after a WebSocket handshake (Socket.IO: `40`).
+    #[arg(long)]
+    first_frame: Option<String>,
+    /// Another server: publish URL (`http://ip:port/path`).
+    #[arg(long)]
+    publish_url: Option<String>,
+    /// Publish body template: `$DATA` is the payload JSON, `$SEQ` a sequence number.
+    #[arg(long)]
+    publish_body: Option<String>,
+    /// PIDs of the server process(es), for CPU and RSS from /proc (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
+    /// Local source addresses to spread connections over (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    sources: Vec<IpAddr>,
     /// Connections opened at once.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
+    /// Print the summary as JSON too.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// N subscribers on one channel, publisher at a rate.
     Fanout {
         #[command(flatten)]
         common: Common,
         #[arg(long, default_value_t = 1000)]
         subscribers: usize,
-        /// Publications per second (0: as fast as the publish API answers).
+        /// Publications per second (0: as fast as the publish endpoint answers).
         #[arg(long, default_value_t = 100)]
         rate: u64,
-        /// Seconds to publish for.
         #[arg(long, default_value_t = 10)]
         duration: u64,
-        /// Payload size in bytes.
         #[arg(long, default_value_t = 128)]
         payload: usize,
     },
-    /// Hold N idle subscribed connections and report server memory per connection.
     Idle {
         #[command(flatten)]
         common: Common,
         #[arg(long, default_value_t = 1000)]
         connections: usize,
-        /// Seconds to hold them after all are open.
         #[arg(long, default_value_t = 5)]
         hold: u64,
+    },
+    Chat {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 100)]
+        rooms: usize,
+        #[arg(long, default_value_t = 5)]
+        members: usize,
+        /// Messages per second per member.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value_t = 128)]
+        payload: usize,
+    },
+    Slow {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Fraction of subscribers that stop reading.
+        #[arg(long, default_value_t = 0.1)]
+        slow_fraction: f64,
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+        #[arg(long, default_value_t = 1024)]
+        payload: usize,
+    },
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Shell command that starts the server again after the bench stops it
+        /// (SIGTERM to --server-pid). Use the Redis broker for zero loss.
+        #[arg(long)]
+        restart_cmd: String,
+        #[arg(long, default_value_t = 50)]
+        rate: u64,
+        #[arg(long, default_value_t = 128)]
+        payload: usize,
     },
 }
 
 fn main() {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    match cli.scenario {
+    let r = match cli.scenario {
         Scenario::Fanout { common, subscribers, rate, duration, payload } => {
             rt.block_on(fanout(common, subscribers, rate, duration, payload))
         }
         Scenario::Idle { common, connections, hold } => rt.block_on(idle(common, connections, hold)),
+        Scenario::Chat { common, rooms, members, rate, duration, payload } => {
+            rt.block_on(chat(common, rooms, members, rate, duration, payload))
+        }
+        Scenario::Slow { common, subscribers, slow_fraction, rate, duration, payload } => {
+            rt.block_on(slow(common, subscribers, slow_fraction, rate, duration, payload))
+        }
+        Scenario::Storm { common, clients, restart_cmd, rate, payload } => {
+            rt.block_on(storm(common, clients, restart_cmd, rate, payload))
+        }
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e}");
+        std::process::exit(1);
     }
 }
 
-fn check_loopback(addr: &SocketAddr) {
-    if !addr.ip().is_loopback() {
-        eprintln!("refusing to load {addr}: benchmarks only target loopback addresses");
-        std::process::exit(2);
+type Res = Result<(), String>;
+
+/// A summary: printed as a table, and as JSON with `--json`.
+struct Summary {
+    title: String,
+    rows: Vec<(String, serde_like::Value)>,
+}
+
+mod serde_like {
+    /// A tiny value type for the summary (keeps serde out of the generator).
+    #[derive(Clone)]
+    pub enum Value {
+        Num(f64),
+        Text(String),
+    }
+    impl std::fmt::Display for Value {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Value::Num(n) if n.fract() == 0.0 && n.abs() < 1e15 => write!(f, "{}", *n as i64),
+                Value::Num(n) => write!(f, "{n:.2}"),
+                Value::Text(s) => write!(f, "{s}"),
+            }
+        }
+    }
+    impl Value {
+        pub fn json(&self) -> String {
+            match self {
+                Value::Num(n) if n.is_finite() => format!("{n}"),
+                Value::Num(_) => "null".into(),
+                Value::Text(s) => format!("{s:?}"),
+            }
+        }
     }
 }
 
-/// Opens `n` subscribed connections, `concurrency` at a time. Returns them and the
-/// connection rate achieved.
-async fn open_many(common: &Common, n: usize, stats: Arc<wsconn::Stats>) -> (Vec<tokio::task::JoinHandle<()>>, f64) {
+use serde_like::Value;
+
+impl Summary {
+    fn new(title: impl Into<String>) -> Self {
+        Summary { title: title.into(), rows: Vec::new() }
+    }
+    fn num(&mut self, k: &str, v: f64) {
+        self.rows.push((k.into(), Value::Num(v)));
+    }
+    fn text(&mut self, k: &str, v: impl Into<String>) {
+        self.rows.push((k.into(), Value::Text(v.into())));
+    }
+    fn print(&self, json: bool) {
+        println!("\n{}", self.title);
+        for (k, v) in &self.rows {
+            println!("  {k:<28} {v}");
+        }
+        if json {
+            let fields: Vec<String> = self.rows.iter().map(|(k, v)| format!("{k:?}:{}", v.json())).collect();
+            println!("JSON {{{}}}", fields.join(","));
+        }
+    }
+}
+
+fn target(c: &Common, channel: &str) -> Result<Target, String> {
+    if let Some(url) = &c.subscribe_url {
+        let (addr, path, kind) = wsconn::parse_url(url)?;
+        return Ok(Target { addr, path: path.replace("$CHANNEL", channel), kind, first_frame: c.first_frame.clone() });
+    }
+    if !c.server.ip().is_loopback() {
+        return Err(format!("{}: benchmarks only target loopback addresses", c.server));
+    }
+    let (path, kind) = match c.transport {
+        Transport::Ws => (format!("/ws?channel={channel}"), Kind::WebSocket),
+        Transport::Sse => (format!("/sse?channel={channel}"), Kind::Sse),
+    };
+    Ok(Target { addr: c.server, path, kind, first_frame: None })
+}
+
+async fn publisher(c: &Common, channel: &str) -> Result<Publisher, String> {
+    let (addr, path) = match &c.publish_url {
+        Some(u) => {
+            let (addr, path, _) = wsconn::parse_url(u)?;
+            (addr, path)
+        }
+        None => (c.server, "/api/publish".to_string()),
+    };
+    let template = c
+        .publish_body
+        .clone()
+        .unwrap_or_else(|| format!("{{\"channel\":\"{channel}\",\"data\":$DATA}}"))
+        .replace("$CHANNEL", channel);
+    Publisher::connect(addr, &path, &template).await.map_err(|e| format!("publisher: {e}"))
+}
+
+/// Opens `n` connections to `t`, `concurrency` at a time; returns them and the rate.
+async fn open_many(
+    c: &Common,
+    targets: &[Target],
+    n: usize,
+    recv_buffer: Option<u32>,
+    stats: &Arc<Stats>,
+) -> (Vec<Subscriber>, f64) {
     let started = Instant::now();
-    let sem = Arc::new(tokio::sync::Semaphore::new(common.connect_concurrency));
+    let sem = Arc::new(tokio::sync::Semaphore::new(c.connect_concurrency));
     let mut opening = Vec::with_capacity(n);
     for i in 0..n {
         let permit = sem.clone().acquire_owned().await.expect("semaphore");
-        let source = (!common.sources.is_empty()).then(|| common.sources[i % common.sources.len()]);
-        let (server, channel) = (common.server, common.channel.clone());
+        let source = (!c.sources.is_empty()).then(|| c.sources[i % c.sources.len()]);
+        let t = targets[i % targets.len()].clone();
+        let stats = stats.clone();
         opening.push(tokio::spawn(async move {
-            let conn = wsconn::Subscriber::connect(server, source, &channel).await;
+            let r = Subscriber::connect(&t, source, recv_buffer).await;
+            if r.is_ok() {
+                stats.handshakes.fetch_add(1, Ordering::Relaxed);
+            }
             drop(permit);
-            conn
+            r
         }));
     }
-    let mut handles = Vec::with_capacity(n);
+    let mut subs = Vec::with_capacity(n);
     let mut failed = 0;
     for o in opening {
         match o.await.expect("connect task") {
-            Ok(sub) => {
-                let stats = stats.clone();
-                handles.push(tokio::spawn(sub.run(stats)));
-            }
+            Ok(s) => subs.push(s),
             Err(e) => {
                 failed += 1;
                 if failed <= 3 {
@@ -128,44 +295,30 @@ async fn open_many(common: &Common, n: usize, stats: Arc<wsconn::Stats>) -> (Vec
             }
         }
     }
-    let rate = handles.len() as f64 / started.elapsed().as_secs_f64();
     if failed > 0 {
         eprintln!("{failed} of {n} connections failed");
     }
-    (handles, rate)
+    let rate = subs.len() as f64 / started.elapsed().as_secs_f64();
+    (subs, rate)
 }
 
-async fn fanout(common: Common, subscribers: usize, rate: u64, duration: u64, payload: usize) {
-    check_loopback(&common.server);
-    let stats = Arc::new(wsconn::Stats::new());
-    eprintln!("opening {subscribers} subscribers...");
-    let (handles, conn_rate) = open_many(&common, subscribers, stats.clone()).await;
-    eprintln!(
-        "{} open ({conn_rate:.0}/s); publishing for {duration}s at {}",
-        handles.len(),
-        if rate == 0 { "max rate".to_string() } else { format!("{rate}/s") }
-    );
-    let before = common.server_pid.map(proc_stats::read);
-    let delivered_before = stats.delivered.load(Ordering::Relaxed);
-    let started = Instant::now();
-    let mut publisher = wsconn::Publisher::connect(common.server, &common.channel).await.expect("publisher connects");
-    let stop = Arc::new(AtomicBool::new(false));
-    let progress = {
-        let (stats, stop) = (stats.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut last = stats.delivered.load(Ordering::Relaxed);
-            while !stop.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let now = stats.delivered.load(Ordering::Relaxed);
-                eprintln!("  {:>10} deliveries/s", now - last);
-                last = now;
-            }
-        })
-    };
-    let mut sent = 0u64;
+fn server_stats(c: &Common) -> Option<proc_stats::ProcStats> {
+    (!c.server_pid.is_empty()).then(|| proc_stats::read_all(&c.server_pid))
+}
+
+fn latency(s: &mut Summary, stats: &Stats) {
+    let h = stats.latency.lock().expect("histogram").clone();
+    s.num("latency_p50_ms", h.value_at_quantile(0.50) as f64 / 1000.0);
+    s.num("latency_p90_ms", h.value_at_quantile(0.90) as f64 / 1000.0);
+    s.num("latency_p99_ms", h.value_at_quantile(0.99) as f64 / 1000.0);
+    s.num("latency_max_ms", h.max() as f64 / 1000.0);
+}
+
+/// Publishes at `rate` per second (0: flat out) until `stop`; returns how many.
+async fn publish_loop(mut p: Publisher, rate: u64, payload: usize, stop: Arc<AtomicBool>, retry: bool) -> u64 {
     let interval = Duration::from_nanos(1_000_000_000u64.checked_div(rate).unwrap_or(0));
     let mut next = Instant::now();
-    while started.elapsed() < Duration::from_secs(duration) {
+    while !stop.load(Ordering::Relaxed) {
         if rate > 0 {
             let now = Instant::now();
             if next > now {
@@ -173,68 +326,292 @@ async fn fanout(common: Common, subscribers: usize, rate: u64, duration: u64, pa
             }
             next += interval;
         }
-        publisher.publish(payload).await.expect("publish");
-        sent += 1;
+        if let Err(e) = p.publish(payload).await {
+            if !retry {
+                eprintln!("publish failed: {e}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = p.reconnect().await;
+        }
     }
-    let publish_elapsed = started.elapsed();
-    // Wait for the tail to arrive (bounded).
-    let expected = sent * handles.len() as u64;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stats.delivered.load(Ordering::Relaxed) - delivered_before < expected && Instant::now() < deadline {
+    p.published()
+}
+
+fn progress(stats: Arc<Stats>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = stats.delivered.load(Ordering::Relaxed);
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = stats.delivered.load(Ordering::Relaxed);
+            eprintln!("  {:>10} deliveries/s", now - last);
+            last = now;
+        }
+    })
+}
+
+async fn wait_for(stats: &Stats, base: u64, expected: u64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while stats.delivered.load(Ordering::Relaxed) - base < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let elapsed = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let _ = progress.await;
-    let after = common.server_pid.map(proc_stats::read);
-    let delivered = stats.delivered.load(Ordering::Relaxed) - delivered_before;
-    let hist = stats.latency.lock().expect("histogram").clone();
-    println!();
-    println!(
-        "fanout: {} subscribers, {sent} publications of {payload} B in {:.1}s",
-        handles.len(),
-        publish_elapsed.as_secs_f64()
-    );
-    println!(
-        "  deliveries          {delivered} of {expected} expected ({} lost, {} duplicated)",
-        expected.saturating_sub(delivered),
-        stats.duplicates.load(Ordering::Relaxed)
-    );
-    println!("  deliveries/s        {:.0}", delivered as f64 / elapsed.as_secs_f64());
-    println!("  latency p50         {:.2} ms", hist.value_at_quantile(0.50) as f64 / 1000.0);
-    println!("  latency p90         {:.2} ms", hist.value_at_quantile(0.90) as f64 / 1000.0);
-    println!("  latency p99         {:.2} ms", hist.value_at_quantile(0.99) as f64 / 1000.0);
-    println!("  latency max         {:.2} ms", hist.max() as f64 / 1000.0);
-    if let (Some(b), Some(a)) = (before, after) {
-        let cpu = (a.cpu_secs - b.cpu_secs).max(1e-9);
-        println!("  server CPU          {cpu:.2} s ({:.0}% of one core)", cpu / elapsed.as_secs_f64() * 100.0);
-        println!("  deliveries/CPU-s    {:.0}", delivered as f64 / cpu);
-        println!("  server RSS          {:.1} MiB", a.rss_bytes as f64 / 1048576.0);
-    }
-    for h in handles {
-        h.abort();
     }
 }
 
-async fn idle(common: Common, connections: usize, hold: u64) {
-    check_loopback(&common.server);
-    let baseline = common.server_pid.map(proc_stats::read);
-    let stats = Arc::new(wsconn::Stats::new());
-    eprintln!("opening {connections} connections...");
-    let (handles, conn_rate) = open_many(&common, connections, stats).await;
-    eprintln!("{} open ({conn_rate:.0}/s); holding {hold}s", handles.len());
-    tokio::time::sleep(Duration::from_secs(hold)).await;
-    let loaded = common.server_pid.map(proc_stats::read);
-    println!();
-    println!("idle: {} connections open, subscribed to {}", handles.len(), common.channel);
-    println!("  connections/s       {conn_rate:.0}");
-    if let (Some(b), Some(l)) = (baseline, loaded) {
-        let per = (l.rss_bytes as f64 - b.rss_bytes as f64) / handles.len().max(1) as f64;
-        println!("  server RSS before   {:.1} MiB", b.rss_bytes as f64 / 1048576.0);
-        println!("  server RSS after    {:.1} MiB", l.rss_bytes as f64 / 1048576.0);
-        println!("  RSS per connection  {per:.0} B");
+async fn fanout(c: Common, subscribers: usize, rate: u64, duration: u64, payload: usize) -> Res {
+    let stats = Arc::new(Stats::new());
+    let t = target(&c, &c.channel)?;
+    eprintln!("opening {subscribers} subscribers ({:?})...", t.kind);
+    let (subs, conn_rate) = open_many(&c, std::slice::from_ref(&t), subscribers, None, &stats).await;
+    let n = subs.len() as u64;
+    let handles: Vec<_> = subs.into_iter().map(|s| tokio::spawn(s.run(stats.clone()))).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stats.reset_latency();
+    let before = server_stats(&c);
+    let base = stats.delivered.load(Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let prog = progress(stats.clone(), stop.clone());
+    let started = Instant::now();
+    let pubs = tokio::spawn(publish_loop(publisher(&c, &c.channel).await?, rate, payload, stop.clone(), false));
+    tokio::time::sleep(Duration::from_secs(duration)).await;
+    stop.store(true, Ordering::Relaxed);
+    let sent = pubs.await.map_err(|e| e.to_string())?;
+    let expected = sent * n;
+    wait_for(&stats, base, expected, Duration::from_secs(10)).await;
+    let elapsed = started.elapsed();
+    let _ = prog.await;
+    let after = server_stats(&c);
+    let delivered = stats.delivered.load(Ordering::Relaxed) - base;
+    let mut s = Summary::new(format!("fanout: {n} subscribers, {sent} publications of {payload} B"));
+    s.num("subscribers", n as f64);
+    s.num("publications", sent as f64);
+    s.num("connect_per_sec", conn_rate);
+    s.num("deliveries", delivered as f64);
+    s.num("expected", expected as f64);
+    s.num("lost", expected.saturating_sub(delivered) as f64);
+    s.num("duplicates", stats.duplicates.load(Ordering::Relaxed) as f64);
+    s.num("deliveries_per_sec", delivered as f64 / elapsed.as_secs_f64());
+    latency(&mut s, &stats);
+    if let (Some(b), Some(a)) = (before, after) {
+        let cpu = (a.cpu_secs - b.cpu_secs).max(1e-9);
+        s.num("server_cpu_secs", cpu);
+        s.num("deliveries_per_cpu_sec", delivered as f64 / cpu);
+        s.num("server_rss_mib", a.rss_bytes as f64 / 1048576.0);
     }
+    s.print(c.json);
     for h in handles {
         h.abort();
     }
+    Ok(())
+}
+
+async fn idle(c: Common, connections: usize, hold: u64) -> Res {
+    let stats = Arc::new(Stats::new());
+    let t = target(&c, &c.channel)?;
+    let baseline = server_stats(&c);
+    let (subs, conn_rate) = open_many(&c, std::slice::from_ref(&t), connections, None, &stats).await;
+    let n = subs.len();
+    let handles: Vec<_> = subs.into_iter().map(|s| tokio::spawn(s.run(stats.clone()))).collect();
+    tokio::time::sleep(Duration::from_secs(hold)).await;
+    let loaded = server_stats(&c);
+    let mut s = Summary::new(format!("idle: {n} connections"));
+    s.num("connections", n as f64);
+    s.num("connect_per_sec", conn_rate);
+    if let (Some(b), Some(l)) = (baseline, loaded) {
+        s.num("server_rss_before_mib", b.rss_bytes as f64 / 1048576.0);
+        s.num("server_rss_after_mib", l.rss_bytes as f64 / 1048576.0);
+        s.num("rss_per_connection_bytes", (l.rss_bytes as f64 - b.rss_bytes as f64) / n.max(1) as f64);
+    }
+    s.print(c.json);
+    for h in handles {
+        h.abort();
+    }
+    Ok(())
+}
+
+async fn chat(c: Common, rooms: usize, members: usize, rate: f64, duration: u64, payload: usize) -> Res {
+    let stats = Arc::new(Stats::new());
+    let names: Vec<String> = (0..rooms).map(|r| format!("{}-{r}", c.channel)).collect();
+    let targets: Vec<Target> = names.iter().map(|n| target(&c, n)).collect::<Result<_, _>>()?;
+    // Member i of room r is connection r + i * rooms.
+    let (subs, _) = open_many(&c, &targets, rooms * members, None, &stats).await;
+    let handles: Vec<_> = subs.into_iter().map(|s| tokio::spawn(s.run(stats.clone()))).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stats.reset_latency();
+    let before = server_stats(&c);
+    let base = stats.delivered.load(Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    // One publishing task per room speaks for its members.
+    let per_room = ((members as f64) * rate).max(0.1);
+    let mut tasks = Vec::new();
+    for n in &names {
+        let p = publisher(&c, n).await?;
+        tasks.push(tokio::spawn(publish_loop(p, per_room.round().max(1.0) as u64, payload, stop.clone(), false)));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(duration)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = 0;
+    for t in tasks {
+        sent += t.await.map_err(|e| e.to_string())?;
+    }
+    let expected = sent * members as u64;
+    wait_for(&stats, base, expected, Duration::from_secs(10)).await;
+    let elapsed = started.elapsed();
+    let after = server_stats(&c);
+    let delivered = stats.delivered.load(Ordering::Relaxed) - base;
+    let mut s = Summary::new(format!("chat: {rooms} rooms × {members} members, {sent} messages"));
+    s.num("messages", sent as f64);
+    s.num("deliveries", delivered as f64);
+    s.num("lost", expected.saturating_sub(delivered) as f64);
+    s.num("duplicates", stats.duplicates.load(Ordering::Relaxed) as f64);
+    s.num("deliveries_per_sec", delivered as f64 / elapsed.as_secs_f64());
+    latency(&mut s, &stats);
+    if let (Some(b), Some(a)) = (before, after) {
+        s.num("server_cpu_secs", a.cpu_secs - b.cpu_secs);
+        s.num("server_rss_mib", a.rss_bytes as f64 / 1048576.0);
+    }
+    s.print(c.json);
+    for h in handles {
+        h.abort();
+    }
+    Ok(())
+}
+
+async fn slow(c: Common, subscribers: usize, fraction: f64, rate: u64, duration: u64, payload: usize) -> Res {
+    let t = target(&c, &c.channel)?;
+    let n_slow = ((subscribers as f64) * fraction).round() as usize;
+    let n_fast = subscribers - n_slow;
+    let mut s = Summary::new(format!("slow: {n_fast} fast + {n_slow} stalled subscribers"));
+    // Phase 1: fast subscribers alone (baseline). Phase 2: the same with stalled ones.
+    for (phase, stalled) in [("baseline", 0), ("with_slow", n_slow)] {
+        let stats = Arc::new(Stats::new());
+        let (fast, _) = open_many(&c, std::slice::from_ref(&t), n_fast, None, &stats).await;
+        let (stuck, _) = open_many(&c, std::slice::from_ref(&t), stalled, Some(4096), &stats).await;
+        let handles: Vec<_> = fast.into_iter().map(|f| tokio::spawn(f.run(stats.clone()))).collect();
+        let stalls: Vec<_> =
+            stuck.into_iter().map(|f| tokio::spawn(f.stall(Duration::from_secs(duration + 30)))).collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stats.reset_latency();
+        let base = stats.delivered.load(Ordering::Relaxed);
+        let stop = Arc::new(AtomicBool::new(false));
+        let pubs = tokio::spawn(publish_loop(publisher(&c, &c.channel).await?, rate, payload, stop.clone(), false));
+        tokio::time::sleep(Duration::from_secs(duration)).await;
+        stop.store(true, Ordering::Relaxed);
+        let sent = pubs.await.map_err(|e| e.to_string())?;
+        wait_for(&stats, base, sent * n_fast as u64, Duration::from_secs(10)).await;
+        let delivered = stats.delivered.load(Ordering::Relaxed) - base;
+        let h = stats.latency.lock().expect("histogram").clone();
+        s.num(&format!("{phase}_fast_lost"), (sent * n_fast as u64).saturating_sub(delivered) as f64);
+        s.num(&format!("{phase}_fast_p50_ms"), h.value_at_quantile(0.5) as f64 / 1000.0);
+        s.num(&format!("{phase}_fast_p99_ms"), h.value_at_quantile(0.99) as f64 / 1000.0);
+        if let Some(a) = server_stats(&c) {
+            s.num(&format!("{phase}_server_rss_mib"), a.rss_bytes as f64 / 1048576.0);
+        }
+        for h in handles {
+            h.abort();
+        }
+        for h in stalls {
+            h.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    s.print(c.json);
+    Ok(())
+}
+
+async fn storm(c: Common, clients: usize, restart_cmd: String, rate: u64, payload: usize) -> Res {
+    let pid = *c.server_pid.first().ok_or("storm needs --server-pid (the server to restart)")?;
+    if c.subscribe_url.is_some() {
+        return Err("storm drives Switchboard's resume protocol; --subscribe-url is not supported".into());
+    }
+    let stats = Arc::new(Stats::new());
+    let reconnected = Arc::new(AtomicU64::new(0));
+    let per_sec: Arc<std::sync::Mutex<std::collections::BTreeMap<u64, u64>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let origin = Instant::now();
+    // Resumable clients: on any close they come back (full jitter) with `since`.
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (c2, stats, reconnected, per_sec, stop) =
+            (c.clone(), stats.clone(), reconnected.clone(), per_sec.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut last: Option<(String, u64)> = None;
+            let mut attempt = 0u32;
+            let mut first = true;
+            while !stop.load(Ordering::Relaxed) {
+                let mut t = target(&c2, &c2.channel).expect("target");
+                if let Some((e, o)) = &last {
+                    t.path.push_str(&format!("&since={e}:{o}"));
+                }
+                match Subscriber::connect(&t, None, None).await {
+                    Ok(mut sub) => {
+                        *per_sec.lock().unwrap().entry(origin.elapsed().as_secs()).or_default() += 1;
+                        if !first {
+                            reconnected.fetch_add(1, Ordering::Relaxed);
+                        }
+                        first = false;
+                        attempt = 0;
+                        sub.last = last.clone();
+                        last = sub.run(stats.clone()).await;
+                    }
+                    Err(_) => {
+                        attempt += 1;
+                        let cap = 100u64 * 2u64.pow(attempt.min(6));
+                        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=cap))).await;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Retried publishes carry the same idempotency key, so a retry is stored once.
+    let tpl = c
+        .publish_body
+        .clone()
+        .unwrap_or_else(|| format!("{{\"channel\":\"{}\",\"data\":$DATA,\"key\":\"storm-$SEQ\"}}", c.channel));
+    let p = Publisher::connect(c.server, "/api/publish", &tpl).await.map_err(|e| e.to_string())?;
+    let pub_stop = Arc::new(AtomicBool::new(false));
+    let pubs = tokio::spawn(publish_loop(p, rate, payload, pub_stop.clone(), true));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed_at = Instant::now();
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    // Wait for the old process to go, then start the new one.
+    for _ in 0..300 {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::process::Command::new("sh").args(["-c", &restart_cmd]).spawn().map_err(|e| format!("restart: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reconnected.load(Ordering::Relaxed) < clients as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let recovery = killed_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pub_stop.store(true, Ordering::Relaxed);
+    let sent = pubs.await.map_err(|e| e.to_string())?;
+    let expected = sent * clients as u64;
+    wait_for(&stats, 0, expected, Duration::from_secs(20)).await;
+    stop.store(true, Ordering::Relaxed);
+    let delivered = stats.delivered.load(Ordering::Relaxed);
+    let peak = per_sec.lock().unwrap().values().copied().max().unwrap_or(0);
+    let mut s = Summary::new(format!("storm: {clients} clients, server restarted under {sent} publications"));
+    s.num("clients", clients as f64);
+    s.num("reconnected", reconnected.load(Ordering::Relaxed) as f64);
+    s.num("recovery_secs", recovery.as_secs_f64());
+    s.num("peak_handshakes_per_sec", peak as f64);
+    s.num("publications", sent as f64);
+    s.num(
+        "lost",
+        (stats.gaps.load(Ordering::Relaxed) + expected.saturating_sub(delivered + stats.gaps.load(Ordering::Relaxed)))
+            as f64,
+    );
+    s.num("duplicates", stats.duplicates.load(Ordering::Relaxed) as f64);
+    s.text("note", "lost counts gaps in offsets plus missing deliveries; 0 needs a broker that keeps history (redis)");
+    s.print(c.json);
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
 }

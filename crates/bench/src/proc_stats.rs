@@ -23,3 +23,11 @@ pub fn read(pid: u32) -> ProcStats {
         .unwrap_or(0);
     ProcStats { cpu_secs: (utime + stime) / ticks, rss_bytes: rss_kb * 1024 }
 }
+
+/// Sums CPU and RSS over several processes (e.g. nginx workers).
+pub fn read_all(pids: &[u32]) -> ProcStats {
+    pids.iter().map(|p| read(*p)).fold(ProcStats { cpu_secs: 0.0, rss_bytes: 0 }, |a, b| ProcStats {
+        cpu_secs: a.cpu_secs + b.cpu_secs,
+        rss_bytes: a.rss_bytes + b.rss_bytes,
+    })
+}

@@ -1,9 +1,14 @@
-//! Lean WebSocket subscriber and HTTP publisher for the load generator.
+//! Lean subscribers (WebSocket or SSE, Switchboard or any server) and an HTTP publisher.
+//!
+//! Every payload the publisher sends is `{"t":<µs since start>,"p":"xxx…"}`; a
+//! subscriber finds `"t":` in whatever frame carries it (a Switchboard publication, a
+//! Socket.IO event, an Nchan message) to measure latency, and `"offset":` when the server
+//! numbers messages, to count gaps and duplicates.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
@@ -19,6 +24,8 @@ pub fn now_us() -> u64 {
 pub struct Stats {
     pub delivered: AtomicU64,
     pub duplicates: AtomicU64,
+    pub gaps: AtomicU64,
+    pub handshakes: AtomicU64,
     pub latency: Mutex<Histogram<u64>>,
 }
 
@@ -27,42 +34,120 @@ impl Stats {
         Stats {
             delivered: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
-            latency: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
+            gaps: AtomicU64::new(0),
+            handshakes: AtomicU64::new(0),
+            latency: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")),
+        }
+    }
+
+    pub fn reset_latency(&self) {
+        if let Ok(mut h) = self.latency.lock() {
+            h.reset();
         }
     }
 }
 
-async fn connect_from(server: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
-    let s = match source {
-        Some(source) => {
-            let socket = if server.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-            socket.bind(SocketAddr::new(source, 0))?;
-            socket.connect(server).await?
-        }
-        None => TcpStream::connect(server).await?,
+/// What to connect to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// Request path (with query).
+    pub path: String,
+    pub kind: Kind,
+    /// A text frame to send right after the WebSocket handshake (Socket.IO: `40`).
+    pub first_frame: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    WebSocket,
+    /// Server-Sent Events, read from an HTTP/1.0 response (no chunked framing).
+    Sse,
+}
+
+/// Parses `ws://host:port/path` or `http://host:port/path`.
+pub fn parse_url(url: &str) -> Result<(SocketAddr, String, Kind), String> {
+    let (kind, rest) = if let Some(r) = url.strip_prefix("ws://") {
+        (Kind::WebSocket, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (Kind::Sse, r)
+    } else {
+        return Err(format!("{url}: expected ws:// or http://"));
     };
+    let (host, path) = rest.find('/').map_or((rest, "/"), |i| (&rest[..i], &rest[i..]));
+    let addr: SocketAddr = host.parse().map_err(|_| format!("{url}: host must be ip:port"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!("{addr}: benchmarks only target loopback addresses"));
+    }
+    Ok((addr, path.to_string(), kind))
+}
+
+async fn connect_from(
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    recv_buffer: Option<u32>,
+) -> std::io::Result<TcpStream> {
+    let socket = if server.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if let Some(n) = recv_buffer {
+        socket.set_recv_buffer_size(n)?;
+    }
+    if let Some(source) = source {
+        socket.bind(SocketAddr::new(source, 0))?;
+    }
+    let s = socket.connect(server).await?;
     s.set_nodelay(true)?;
     Ok(s)
+}
+
+/// A masked client text frame.
+fn text_frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x81];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&[0, 0, 0, 0]); // zero mask key: payload as is
+    f.extend_from_slice(payload);
+    f
 }
 
 pub struct Subscriber {
     stream: TcpStream,
     buf: BytesMut,
+    kind: Kind,
+    /// (epoch, offset) of the last numbered message seen.
+    pub last: Option<(String, u64)>,
 }
 
 impl Subscriber {
-    pub async fn connect(server: SocketAddr, source: Option<IpAddr>, channel: &str) -> std::io::Result<Subscriber> {
-        let mut stream = connect_from(server, source).await?;
-        let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, fastrand::u128(..).to_le_bytes());
-        let req = format!(
-            "GET /ws?channel={channel} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: switchboard.v1\r\n\r\n"
-        );
+    pub async fn connect(t: &Target, source: Option<IpAddr>, recv_buffer: Option<u32>) -> std::io::Result<Subscriber> {
+        let mut stream = connect_from(t.addr, source, recv_buffer).await?;
+        let req = match t.kind {
+            Kind::WebSocket => {
+                let key = base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    fastrand::u128(..).to_le_bytes(),
+                );
+                format!(
+                    "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                    t.path, t.addr
+                )
+            }
+            Kind::Sse => format!("GET {} HTTP/1.0\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n", t.path, t.addr),
+        };
         stream.write_all(req.as_bytes()).await?;
         let mut buf = BytesMut::with_capacity(4096);
         loop {
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                if !buf.starts_with(b"HTTP/1.1 101") {
+                let ok = match t.kind {
+                    Kind::WebSocket => buf.starts_with(b"HTTP/1.1 101"),
+                    Kind::Sse => buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200"),
+                };
+                if !ok {
                     return Err(std::io::Error::other(String::from_utf8_lossy(&buf[..i]).to_string()));
                 }
                 buf.advance(i + 4);
@@ -72,102 +157,180 @@ impl Subscriber {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
         }
-        Ok(Subscriber { stream, buf })
+        if let (Kind::WebSocket, Some(first)) = (t.kind, &t.first_frame) {
+            stream.write_all(&text_frame(first.as_bytes())).await?;
+        }
+        Ok(Subscriber { stream, buf, kind: t.kind, last: None })
     }
 
-    /// Reads until the connection ends, counting publications and their latency.
-    pub async fn run(mut self, stats: std::sync::Arc<Stats>) {
-        let mut last_offset = 0u64;
-        let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    /// Holds the connection without reading (a slow consumer).
+    pub async fn stall(self, hold: Duration) {
+        tokio::time::sleep(hold).await;
+        drop(self);
+    }
+
+    /// Reads until the connection ends, counting messages and their latency.
+    pub async fn run(mut self, stats: Arc<Stats>) -> Option<(String, u64)> {
+        let mut local = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
         let mut unflushed = 0u64;
         loop {
-            while self.buf.len() >= 2 {
-                let b1 = self.buf[1] & 0x7F;
-                let (len, hdr) = match b1 {
-                    126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
-                    127 if self.buf.len() >= 10 => {
-                        (u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize, 10)
+            let mut replies: Vec<Vec<u8>> = Vec::new();
+            match self.kind {
+                Kind::WebSocket => {
+                    while self.buf.len() >= 2 {
+                        let b1 = self.buf[1] & 0x7F;
+                        let (len, hdr) = match b1 {
+                            126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
+                            127 if self.buf.len() >= 10 => {
+                                (u64::from_be_bytes(self.buf[2..10].try_into().expect("8 bytes")) as usize, 10)
+                            }
+                            126 | 127 => break,
+                            n => (n as usize, 2),
+                        };
+                        if self.buf.len() < hdr + len {
+                            break;
+                        }
+                        let opcode = self.buf[0] & 0x0F;
+                        let frame = self.buf.split_to(hdr + len);
+                        let payload = &frame[hdr..];
+                        match opcode {
+                            0x1 => {
+                                if payload == b"2" {
+                                    replies.push(text_frame(b"3")); // engine.io heartbeat
+                                } else if self.message(payload, &stats, &mut local) {
+                                    unflushed += 1;
+                                }
+                            }
+                            0x9 => {
+                                let mut pong = vec![0x8A, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+                                pong.extend_from_slice(payload);
+                                replies.push(pong);
+                            }
+                            0x8 => {
+                                flush(&stats, &mut local, &mut unflushed);
+                                return self.last;
+                            }
+                            _ => {}
+                        }
                     }
-                    126 | 127 => break,
-                    n => (n as usize, 2),
-                };
-                if self.buf.len() < hdr + len {
-                    break;
                 }
-                let opcode = self.buf[0] & 0x0F;
-                let frame = self.buf.split_to(hdr + len);
-                let payload = &frame[hdr..];
-                match opcode {
-                    0x1 if payload.starts_with(b"{\"pub\":") => {
-                        let offset = field(payload, b"\"offset\":").unwrap_or(0);
-                        if offset <= last_offset {
-                            stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                        }
-                        last_offset = offset;
-                        if let Some(t) = field(payload, b"\"t\":") {
-                            let _ = local.record(now_us().saturating_sub(t).max(1));
-                        }
-                        unflushed += 1;
-                    }
-                    0x9 => {
-                        // Answer pings (masked, empty-keyed pong with the same payload).
-                        let mut pong = vec![0x8A, 0x80 | payload.len() as u8, 0, 0, 0, 0];
-                        pong.extend_from_slice(payload);
-                        if self.stream.write_all(&pong).await.is_err() {
-                            return;
+                Kind::Sse => {
+                    while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                        let line = self.buf.split_to(i + 1);
+                        if let Some(data) = line.strip_prefix(b"data: ") {
+                            if self.message(data, &stats, &mut local) {
+                                unflushed += 1;
+                            }
                         }
                     }
-                    0x8 => return,
-                    _ => {}
                 }
             }
-            if unflushed > 0 {
-                stats.delivered.fetch_add(unflushed, Ordering::Relaxed);
-                unflushed = 0;
-                if local.len() >= 64 {
-                    if let Ok(mut h) = stats.latency.lock() {
-                        let _ = h.add(&local);
-                    }
-                    local.reset();
+            for r in replies {
+                if self.stream.write_all(&r).await.is_err() {
+                    return self.last;
                 }
             }
+            flush(&stats, &mut local, &mut unflushed);
             match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => return self.last,
                 Ok(_) => {}
             }
         }
     }
+
+    /// Counts one message if it carries a timestamp; checks its offset if it has one.
+    fn message(&mut self, payload: &[u8], stats: &Stats, local: &mut Histogram<u64>) -> bool {
+        let Some(t) = field(payload, b"\"t\":") else { return false };
+        if let Some(offset) = field(payload, b"\"offset\":") {
+            let epoch = string_field(payload, b"\"epoch\":\"").unwrap_or_default();
+            if let Some((e, o)) = &self.last {
+                if *e == epoch {
+                    if offset <= *o {
+                        stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        return false;
+                    }
+                    if offset > o + 1 {
+                        stats.gaps.fetch_add(offset - o - 1, Ordering::Relaxed);
+                    }
+                }
+            }
+            self.last = Some((epoch, offset));
+        }
+        let _ = local.record(now_us().saturating_sub(t).max(1));
+        true
+    }
+}
+
+fn flush(stats: &Stats, local: &mut Histogram<u64>, unflushed: &mut u64) {
+    if *unflushed > 0 {
+        stats.delivered.fetch_add(*unflushed, Ordering::Relaxed);
+        *unflushed = 0;
+    }
+    if !local.is_empty() {
+        if let Ok(mut h) = stats.latency.lock() {
+            let _ = h.add(&*local);
+        }
+        local.reset();
+    }
 }
 
 /// Reads the unsigned integer after `key` in `s`.
-fn field(s: &[u8], key: &[u8]) -> Option<u64> {
+pub fn field(s: &[u8], key: &[u8]) -> Option<u64> {
     let i = s.windows(key.len()).position(|w| w == key)? + key.len();
-    let digits = s[i..].iter().take_while(|b| b.is_ascii_digit()).fold(0u64, |n, b| n * 10 + (b - b'0') as u64);
-    Some(digits)
+    let digits: Vec<u8> = s[i..].iter().take_while(|b| b.is_ascii_digit()).copied().collect();
+    if digits.is_empty() {
+        return None;
+    }
+    Some(digits.iter().fold(0u64, |n, b| n * 10 + (b - b'0') as u64))
 }
 
-/// Publishes over one keep-alive HTTP/1.1 connection to `/api/publish`.
+fn string_field(s: &[u8], key: &[u8]) -> Option<String> {
+    let i = s.windows(key.len()).position(|w| w == key)? + key.len();
+    let end = s[i..].iter().position(|b| *b == b'"')?;
+    Some(String::from_utf8_lossy(&s[i..i + end]).to_string())
+}
+
+/// Publishes over one keep-alive HTTP/1.1 connection: `POST <path>` with a body template
+/// in which `$DATA` becomes the timestamped payload and `$SEQ` a sequence number.
 pub struct Publisher {
     stream: TcpStream,
-    server: SocketAddr,
-    channel: String,
+    addr: SocketAddr,
+    path: String,
+    template: String,
     buf: BytesMut,
+    seq: u64,
 }
 
 impl Publisher {
-    pub async fn connect(server: SocketAddr, channel: &str) -> std::io::Result<Publisher> {
-        let stream = connect_from(server, None).await?;
-        Ok(Publisher { stream, server, channel: channel.to_string(), buf: BytesMut::with_capacity(1024) })
+    pub async fn connect(addr: SocketAddr, path: &str, template: &str) -> std::io::Result<Publisher> {
+        let stream = connect_from(addr, None, None).await?;
+        Ok(Publisher {
+            stream,
+            addr,
+            path: path.into(),
+            template: template.into(),
+            buf: BytesMut::with_capacity(1024),
+            seq: 0,
+        })
     }
 
+    pub async fn reconnect(&mut self) -> std::io::Result<()> {
+        self.stream = connect_from(self.addr, None, None).await?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Publishes the next message; on failure the same `$SEQ` is used again by the next
+    /// call (so an idempotency key in the template makes retries safe).
     pub async fn publish(&mut self, payload: usize) -> std::io::Result<()> {
         let stamp = format!("{{\"t\":{},\"p\":\"", now_us());
         let pad = payload.saturating_sub(stamp.len() + 2);
         let data = format!("{stamp}{}\"}}", "x".repeat(pad));
-        let body = format!("{{\"channel\":\"{}\",\"data\":{data}}}", self.channel);
+        let body = self.template.replace("$DATA", &data).replace("$SEQ", &(self.seq + 1).to_string());
         let req = format!(
-            "POST /api/publish HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            self.server,
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.path,
+            self.addr,
             body.len()
         );
         self.stream.write_all(req.as_bytes()).await?;
@@ -180,10 +343,15 @@ impl Publisher {
                     .and_then(|v| v.trim().parse().ok())
                     .unwrap_or(0);
                 if self.buf.len() >= i + 4 + len {
-                    if !head.starts_with("http/1.1 200") {
-                        return Err(std::io::Error::other(format!("publish refused: {head}")));
-                    }
+                    let ok = head.starts_with("http/1.1 2");
                     self.buf.advance(i + 4 + len);
+                    if !ok {
+                        return Err(std::io::Error::other(format!(
+                            "publish refused: {}",
+                            head.lines().next().unwrap_or("")
+                        )));
+                    }
+                    self.seq += 1;
                     return Ok(());
                 }
             }
@@ -191,5 +359,9 @@ impl Publisher {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
         }
+    }
+
+    pub fn published(&self) -> u64 {
+        self.seq
     }
 }

@@ -1,0 +1,181 @@
+//! Every scenario runs at tiny scale and reports sane, non-zero numbers. (Benchmarks
+//! themselves are run by explicit commands: docs/benchmarks.md.)
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+const BENCH: &str = env!("CARGO_BIN_EXE_switchboard-bench");
+
+async fn server(toml: &str) -> std::net::SocketAddr {
+    let path = std::env::temp_dir().join(format!("sbbench-{}-{}.toml", std::process::id(), fastrand_id()));
+    std::fs::write(&path, toml).unwrap();
+    let cfg = switchboard_server::Config::load(Some(&path), Vec::new()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s = switchboard_server::Server::new(cfg, true, listener).await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(s.run(std::future::pending(), Duration::from_secs(1)));
+    addr
+}
+
+fn fastrand_id() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// Runs the bench binary (blocking, in a worker thread) and parses its JSON summary.
+async fn run(args: Vec<String>) -> HashMap<String, Value> {
+    let out = tokio::task::spawn_blocking(move || Command::new(BENCH).args(&args).arg("--json").output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line =
+        stdout.lines().find_map(|l| l.strip_prefix("JSON ")).unwrap_or_else(|| panic!("no JSON summary:\n{stdout}"));
+    serde_json::from_str(line).unwrap()
+}
+
+fn num(m: &HashMap<String, Value>, k: &str) -> f64 {
+    m.get(k).and_then(Value::as_f64).unwrap_or_else(|| panic!("no {k} in {m:?}"))
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_over_websocket_and_sse_delivers_everything() {
+    let addr = server("").await.to_string();
+    let pid = std::process::id().to_string();
+    for transport in ["ws", "sse"] {
+        let m = run(args(&[
+            "fanout",
+            "--server",
+            &addr,
+            "--transport",
+            transport,
+            "--channel",
+            &format!("bench:f{transport}"),
+            "--subscribers",
+            "20",
+            "--rate",
+            "20",
+            "--duration",
+            "1",
+            "--server-pid",
+            &pid,
+        ]))
+        .await;
+        assert!(num(&m, "publications") >= 5.0, "{transport}: {m:?}");
+        assert_eq!(num(&m, "deliveries"), num(&m, "expected"), "{transport}");
+        assert_eq!((num(&m, "lost"), num(&m, "duplicates")), (0.0, 0.0), "{transport}");
+        assert!(num(&m, "latency_p99_ms") > 0.0 && num(&m, "server_cpu_secs") >= 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_chat_and_slow_report_their_numbers() {
+    let addr = server("").await.to_string();
+    let pid = std::process::id().to_string();
+    let m = run(args(&["idle", "--server", &addr, "--connections", "30", "--hold", "1", "--server-pid", &pid])).await;
+    assert_eq!(num(&m, "connections"), 30.0);
+    assert!(num(&m, "connect_per_sec") > 0.0);
+    let m = run(args(&[
+        "chat",
+        "--server",
+        &addr,
+        "--channel",
+        "demo:room",
+        "--rooms",
+        "3",
+        "--members",
+        "3",
+        "--rate",
+        "2",
+        "--duration",
+        "1",
+    ]))
+    .await;
+    assert!(num(&m, "deliveries") > 0.0);
+    assert_eq!((num(&m, "lost"), num(&m, "duplicates")), (0.0, 0.0));
+    let m = run(args(&[
+        "slow",
+        "--server",
+        &addr,
+        "--channel",
+        "bench:slow",
+        "--subscribers",
+        "20",
+        "--slow-fraction",
+        "0.2",
+        "--rate",
+        "20",
+        "--duration",
+        "1",
+        "--server-pid",
+        &pid,
+    ]))
+    .await;
+    assert_eq!(num(&m, "baseline_fast_lost"), 0.0);
+    assert_eq!(num(&m, "with_slow_fast_lost"), 0.0, "stalled subscribers cost the fast ones messages");
+    assert!(num(&m, "with_slow_fast_p99_ms") > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_restarts_a_redis_backed_server_and_loses_nothing() {
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/switchboard");
+    assert!(bin.exists(), "{} is missing (cargo test --workspace builds it)", bin.display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let pidfile = std::env::temp_dir().join(format!("sbstorm-{}.pid", std::process::id()));
+    let redis = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let start = format!(
+        "SWITCHBOARD_BROKER__KIND=redis SWITCHBOARD_BROKER__REDIS_URL={redis} SWITCHBOARD_BROKER__REDIS_PREFIX=sbstorm{} \
+         {} serve --dev --listen 127.0.0.1:{port} --drain-secs 2 >/dev/null 2>&1 & echo $! > {}",
+        std::process::id(),
+        bin.display(),
+        pidfile.display()
+    );
+    assert!(Command::new("sh").args(["-c", &start]).status().unwrap().success());
+    let http = reqwest_like_wait(port).await;
+    assert!(http, "server did not start");
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
+    let m = run(args(&[
+        "storm",
+        "--server",
+        &format!("127.0.0.1:{port}"),
+        "--channel",
+        "bench:storm",
+        "--clients",
+        "30",
+        "--rate",
+        "20",
+        "--server-pid",
+        &pid,
+        "--restart-cmd",
+        &start,
+    ]))
+    .await;
+    let new_pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
+    let _ = Command::new("kill").arg(&new_pid).status();
+    assert_eq!(num(&m, "reconnected"), 30.0);
+    assert!(num(&m, "publications") > 10.0);
+    assert_eq!((num(&m, "lost"), num(&m, "duplicates")), (0.0, 0.0), "{m:?}");
+    assert!(num(&m, "recovery_secs") > 0.0 && num(&m, "peak_handshakes_per_sec") > 0.0);
+}
+
+/// Waits until something answers HTTP on `port`.
+async fn reqwest_like_wait(port: u16) -> bool {
+    for _ in 0..300 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+            let mut buf = [0u8; 12];
+            if s.read_exact(&mut buf).is_ok() && &buf[9..12] == b"200" {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
