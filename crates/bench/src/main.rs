@@ -36,6 +36,7 @@ struct Cli {
 enum Transport {
     Ws,
     Sse,
+    Poll,
 }
 
 #[derive(clap::Args, Clone)]
@@ -237,6 +238,7 @@ fn target(c: &Common, channel: &str) -> Result<Target, String> {
     let (path, kind) = match c.transport {
         Transport::Ws => (format!("/ws?channel={channel}"), Kind::WebSocket),
         Transport::Sse => (format!("/sse?channel={channel}"), Kind::Sse),
+        Transport::Poll => (format!("/poll?channel={channel}"), Kind::Poll),
     };
     Ok(Target { addr: c.server, path, kind, first_frame: None })
 }

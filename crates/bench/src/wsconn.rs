@@ -63,6 +63,8 @@ pub enum Kind {
     WebSocket,
     /// Server-Sent Events, read from an HTTP/1.0 response (no chunked framing).
     Sse,
+    /// Switchboard long polling on one keep-alive connection (`path` is `/poll?channel=…`).
+    Poll,
 }
 
 /// Parses `ws://host:port/path` or `http://host:port/path`.
@@ -120,11 +122,27 @@ pub struct Subscriber {
     kind: Kind,
     /// (epoch, offset) of the last numbered message seen.
     pub last: Option<(String, u64)>,
+    poll_path: String,
+    cursor: Option<String>,
 }
 
 impl Subscriber {
     pub async fn connect(t: &Target, source: Option<IpAddr>, recv_buffer: Option<u32>) -> std::io::Result<Subscriber> {
         let mut stream = connect_from(t.addr, source, recv_buffer).await?;
+        if t.kind == Kind::Poll {
+            let mut sub = Subscriber {
+                stream,
+                buf: BytesMut::with_capacity(4096),
+                kind: Kind::Poll,
+                last: None,
+                poll_path: t.path.clone(),
+                cursor: None,
+            };
+            // The first poll establishes the cursor.
+            let body = sub.poll(0).await?;
+            sub.cursor = string_field(&body, b"\"cursor\":\"");
+            return Ok(sub);
+        }
         let req = match t.kind {
             Kind::WebSocket => {
                 let key = base64::Engine::encode(
@@ -138,6 +156,7 @@ impl Subscriber {
                 )
             }
             Kind::Sse => format!("GET {} HTTP/1.0\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n", t.path, t.addr),
+            Kind::Poll => unreachable!("handled above"),
         };
         stream.write_all(req.as_bytes()).await?;
         let mut buf = BytesMut::with_capacity(4096);
@@ -145,7 +164,7 @@ impl Subscriber {
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let ok = match t.kind {
                     Kind::WebSocket => buf.starts_with(b"HTTP/1.1 101"),
-                    Kind::Sse => buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200"),
+                    _ => buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200"),
                 };
                 if !ok {
                     return Err(std::io::Error::other(String::from_utf8_lossy(&buf[..i]).to_string()));
@@ -160,7 +179,58 @@ impl Subscriber {
         if let (Kind::WebSocket, Some(first)) = (t.kind, &t.first_frame) {
             stream.write_all(&text_frame(first.as_bytes())).await?;
         }
-        Ok(Subscriber { stream, buf, kind: t.kind, last: None })
+        Ok(Subscriber { stream, buf, kind: t.kind, last: None, poll_path: String::new(), cursor: None })
+    }
+
+    /// One long poll on the keep-alive connection; returns the response body.
+    async fn poll(&mut self, wait: u64) -> std::io::Result<Vec<u8>> {
+        let mut path = format!("{}&wait={wait}", self.poll_path);
+        if let Some(c) = &self.cursor {
+            path.push_str(&format!("&since={c}"));
+        }
+        let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
+        self.stream.write_all(req.as_bytes()).await?;
+        loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..i]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if self.buf.len() >= i + 4 + len {
+                    if !head.starts_with("http/1.1 200") {
+                        return Err(std::io::Error::other(head.lines().next().unwrap_or("").to_string()));
+                    }
+                    self.buf.advance(i + 4);
+                    return Ok(self.buf.split_to(len).to_vec());
+                }
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    async fn run_poll(mut self, stats: Arc<Stats>) -> Option<(String, u64)> {
+        let mut local = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
+        loop {
+            let Ok(body) = self.poll(25).await else { return self.last };
+            let mut n = 0u64;
+            let messages_end = body.windows(11).position(|w| w == b"],\"cursor\":").unwrap_or(body.len());
+            let mut rest = &body[..messages_end];
+            while let Some(i) = rest.windows(11).position(|w| w == b"{\"channel\":") {
+                let after = &rest[i + 1..];
+                let end = after.windows(11).position(|w| w == b"{\"channel\":").map_or(after.len(), |j| j);
+                if self.message(&rest[i..i + 1 + end], &stats, &mut local) {
+                    n += 1;
+                }
+                rest = &after[end..];
+            }
+            self.cursor = string_field(&body, b"\"cursor\":\"").or(self.cursor.take());
+            let mut unflushed = n;
+            flush(&stats, &mut local, &mut unflushed);
+        }
     }
 
     /// Holds the connection without reading (a slow consumer).
@@ -171,6 +241,9 @@ impl Subscriber {
 
     /// Reads until the connection ends, counting messages and their latency.
     pub async fn run(mut self, stats: Arc<Stats>) -> Option<(String, u64)> {
+        if self.kind == Kind::Poll {
+            return self.run_poll(stats).await;
+        }
         let mut local = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
         let mut unflushed = 0u64;
         loop {
@@ -214,6 +287,7 @@ impl Subscriber {
                         }
                     }
                 }
+                Kind::Poll => unreachable!("run_poll"),
                 Kind::Sse => {
                     while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
                         let line = self.buf.split_to(i + 1);

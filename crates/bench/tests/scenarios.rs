@@ -45,10 +45,10 @@ fn args(list: &[&str]) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fanout_over_websocket_and_sse_delivers_everything() {
+async fn fanout_over_websocket_sse_and_long_poll_delivers_everything() {
     let addr = server("").await.to_string();
     let pid = std::process::id().to_string();
-    for transport in ["ws", "sse"] {
+    for transport in ["ws", "sse", "poll"] {
         let m = run(args(&[
             "fanout",
             "--server",
