@@ -190,26 +190,11 @@ impl Subscriber {
         }
         let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
         self.stream.write_all(req.as_bytes()).await?;
-        loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&self.buf[..i]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if self.buf.len() >= i + 4 + len {
-                    if !head.starts_with("http/1.1 200") {
-                        return Err(std::io::Error::other(head.lines().next().unwrap_or("").to_string()));
-                    }
-                    self.buf.advance(i + 4);
-                    return Ok(self.buf.split_to(len).to_vec());
-                }
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
+        let (head, body) = read_response(&mut self.stream, &mut self.buf).await?;
+        if !head.starts_with("http/1.1 200") {
+            return Err(std::io::Error::other(head.lines().next().unwrap_or("").to_string()));
         }
+        Ok(body)
     }
 
     async fn run_poll(mut self, stats: Arc<Stats>) -> Option<(String, u64)> {
@@ -408,34 +393,38 @@ impl Publisher {
             body.len()
         );
         self.stream.write_all(req.as_bytes()).await?;
-        loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&self.buf[..i]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if self.buf.len() >= i + 4 + len {
-                    let ok = head.starts_with("http/1.1 2");
-                    self.buf.advance(i + 4 + len);
-                    if !ok {
-                        return Err(std::io::Error::other(format!(
-                            "publish refused: {}",
-                            head.lines().next().unwrap_or("")
-                        )));
-                    }
-                    self.seq += 1;
-                    return Ok(());
-                }
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
+        let (head, _) = read_response(&mut self.stream, &mut self.buf).await?;
+        if !head.starts_with("http/1.1 2") {
+            return Err(std::io::Error::other(format!("publish refused: {}", head.lines().next().unwrap_or(""))));
         }
+        self.seq += 1;
+        Ok(())
     }
 
     pub fn published(&self) -> u64 {
         self.seq
+    }
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body from a keep-alive
+/// connection: (lower-cased head, body).
+async fn read_response(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<(String, Vec<u8>)> {
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= i + 4 + len {
+                buf.advance(i + 4);
+                let body = buf.split_to(len).to_vec();
+                return Ok((head, body));
+            }
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
     }
 }

@@ -35,3 +35,23 @@ pub use queue::{CloseReason, ConnQueue, Event};
 pub fn now_millis() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
+
+/// Runs `f` on what `weak` points to every `every`, until it is dropped. (The sweepers
+/// of the in-memory broker and presence.)
+pub fn spawn_periodic<T: Send + Sync + 'static>(
+    weak: std::sync::Weak<T>,
+    every: std::time::Duration,
+    f: fn(&T),
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match weak.upgrade() {
+                Some(t) => f(&t),
+                None => return,
+            }
+        }
+    })
+}

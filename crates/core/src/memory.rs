@@ -269,18 +269,7 @@ impl Broker for MemoryBroker {
 /// Starts the periodic sweep of idle channels for `broker`; stops when the broker is
 /// dropped.
 pub fn spawn_sweeper(broker: &Arc<MemoryBroker>, every: Duration) -> tokio::task::JoinHandle<()> {
-    let weak = Arc::downgrade(broker);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            match weak.upgrade() {
-                Some(b) => b.sweep(),
-                None => return,
-            }
-        }
-    })
+    crate::spawn_periodic(Arc::downgrade(broker), every, |x| x.sweep())
 }
 
 #[cfg(test)]

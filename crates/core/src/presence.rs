@@ -89,18 +89,7 @@ impl MemoryPresence {
 
 /// Starts the periodic sweep; stops when the presence manager is dropped.
 pub fn spawn_sweeper(p: &Arc<MemoryPresence>, every: Duration) -> tokio::task::JoinHandle<()> {
-    let weak = Arc::downgrade(p);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            match weak.upgrade() {
-                Some(p) => p.sweep(),
-                None => return,
-            }
-        }
-    })
+    crate::spawn_periodic(Arc::downgrade(p), every, |x| x.sweep())
 }
 
 #[async_trait]
