@@ -154,6 +154,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sse", get(transports::sse::handler))
         .route("/poll", get(transports::poll::handler))
         .route("/ws", get(transports::ws::handler))
+        .route("/ws/echo", get(transports::ws::echo_handler))
         .route("/publish", post(transports::client_http::publish))
         .route("/presence", get(transports::client_http::presence))
         .route("/presence_stats", get(transports::client_http::presence_stats))

@@ -466,3 +466,23 @@ async fn a_namespace_can_turn_compression_off() {
     assert!(!rsv1_raw, "deflate = false namespace was compressed");
     assert!(rsv1_zipped);
 }
+
+#[tokio::test]
+async fn the_conformance_echo_endpoint_echoes_text_and_binary_under_dev_only() {
+    let s = TestServer::start(config("")).await;
+    let mut ws = WsStream::connect(&ws_url(&s, "/echo"), ConnectOptions { subprotocol: false, ..Default::default() })
+        .await
+        .unwrap();
+    ws.send_text("hello").await.unwrap();
+    assert_eq!(ws.recv().await.unwrap(), Message::Text("hello".into()));
+    ws.send_frame(true, false, 2, &[0, 1, 2, 255]).await.unwrap();
+    assert_eq!(ws.recv().await.unwrap(), Message::Binary(vec![0, 1, 2, 255]));
+    ws.send_close(1000, "").await.unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(1000));
+    let key = "k-0123456789abcdefgh";
+    let prod = TestServer::start_with(config(&format!("[api]\nkeys = [\"{key}\"]\n")), false).await;
+    match WsStream::connect(&ws_url(&prod, "/echo"), ConnectOptions::default()).await {
+        Err(switchboard_client::WsError::Refused { status, .. }) => assert_eq!(status, 404),
+        other => panic!("echo endpoint served without --dev: {:?}", other.map(|_| ())),
+    }
+}

@@ -237,7 +237,7 @@ impl Conn {
                         }
                     }
                     Incoming::Ping(p) => self.push(frame::frame(frame::OP_PONG, false, &p)),
-                    Incoming::Pong => {}
+                    Incoming::Pong | Incoming::Binary(_) => {}
                     Incoming::Close(code) => {
                         // Echo the peer's code (RFC 6455 §5.5.1) and end.
                         self.push_final(frame::close_frame(code.unwrap_or(close::NORMAL), ""));
@@ -719,4 +719,49 @@ async fn write_all(wr: &mut OwnedWriteHalf, frames: &[Bytes]) -> std::io::Result
         }
     }
     Ok(())
+}
+
+/// The conformance endpoint (`/ws/echo`, `--dev` only): echoes every message with the
+/// same framing code as `/ws`, so independent suites (Autobahn|Testsuite) can check
+/// RFC 6455 / 7692 behaviour. Binary is echoed here; the protocol endpoint refuses it.
+pub async fn serve_echo(mut stream: TcpStream, pre: Bytes, deflate: bool, max_message: usize) {
+    use tokio::io::AsyncReadExt;
+    let _ = stream.set_nodelay(true);
+    let mut reader = FrameReader::new(max_message, deflate).allowing_binary();
+    let mut incoming = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut result = reader.feed(&pre, &mut incoming);
+    loop {
+        if let Err(v) = result {
+            let _ = stream.write_all(&frame::close_frame(v.code, v.reason)).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+        for msg in std::mem::take(&mut incoming) {
+            let out = match msg {
+                Incoming::Text(t) => frame::text_maybe_deflated(t.as_bytes(), deflate),
+                Incoming::Binary(b) => {
+                    let z = if deflate && b.len() >= 64 { Some(super::deflate::compress(&b)) } else { None };
+                    match z {
+                        Some(z) if z.len() < b.len() => frame::frame(frame::OP_BINARY, true, &z),
+                        _ => frame::frame(frame::OP_BINARY, false, &b),
+                    }
+                }
+                Incoming::Ping(p) => frame::frame(frame::OP_PONG, false, &p),
+                Incoming::Pong => continue,
+                Incoming::Close(code) => {
+                    let _ = stream.write_all(&frame::close_frame(code.unwrap_or(close::NORMAL), "")).await;
+                    let _ = stream.shutdown().await;
+                    return;
+                }
+            };
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => result = reader.feed(&buf[..n], &mut incoming),
+            _ => return,
+        }
+    }
 }

@@ -84,6 +84,8 @@ pub const PING: &[u8] = &[0x80 | OP_PING, 0];
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
     Text(String),
+    /// Only in conformance (echo) mode; the protocol itself refuses binary (1003).
+    Binary(Vec<u8>),
     Ping(Bytes),
     Pong,
     /// The peer's close frame: its code (if any) and reason.
@@ -103,6 +105,7 @@ fn violation(code: u16, reason: &'static str) -> Violation {
 
 struct Partial {
     compressed: bool,
+    binary: bool,
     data: Vec<u8>,
 }
 
@@ -113,11 +116,18 @@ pub struct FrameReader {
     max_message: usize,
     deflate: bool,
     closed: bool,
+    allow_binary: bool,
 }
 
 impl FrameReader {
     pub fn new(max_message: usize, deflate: bool) -> Self {
-        FrameReader { buf: Vec::new(), partial: None, max_message, deflate, closed: false }
+        FrameReader { buf: Vec::new(), partial: None, max_message, deflate, closed: false, allow_binary: false }
+    }
+
+    /// Accepts binary messages (the conformance echo endpoint).
+    pub fn allowing_binary(mut self) -> Self {
+        self.allow_binary = true;
+        self
     }
 
     /// Bytes held for incomplete frames or messages.
@@ -231,13 +241,13 @@ impl FrameReader {
                     if self.partial.is_some() {
                         return Err(violation(close::PROTOCOL_ERROR, "new message before the previous one ended"));
                     }
-                    if opcode == OP_BINARY {
+                    if opcode == OP_BINARY && !self.allow_binary {
                         return Err(violation(
                             close::UNSUPPORTED_DATA,
                             "binary frames are not supported; send JSON text",
                         ));
                     }
-                    let p = Partial { compressed: rsv1, data: payload };
+                    let p = Partial { compressed: rsv1, binary: opcode == OP_BINARY, data: payload };
                     if fin {
                         out.push(self.finish(p)?);
                     } else {
@@ -258,6 +268,9 @@ impl FrameReader {
         } else {
             p.data
         };
+        if p.binary {
+            return Ok(Incoming::Binary(data));
+        }
         String::from_utf8(data)
             .map(Incoming::Text)
             .map_err(|_| violation(close::INVALID_PAYLOAD, "text message is not valid UTF-8"))

@@ -43,7 +43,19 @@ pub fn accept_key(key: &str) -> String {
 }
 
 pub async fn handler(State(state): State<AppState>, RawQuery(raw): RawQuery, mut req: Request) -> Response {
-    match upgrade(state, raw, &mut req) {
+    respond(upgrade(state, raw, &mut req, false))
+}
+
+/// `GET /ws/echo` (`--dev` only): the conformance echo endpoint.
+pub async fn echo_handler(State(state): State<AppState>, mut req: Request) -> Response {
+    if !state.dev {
+        return ApiError::new(Code::NotFound, "the echo endpoint exists under --dev only").into_response();
+    }
+    respond(upgrade(state, None, &mut req, true))
+}
+
+fn respond(r: Result<Response, ApiError>) -> Response {
+    match r {
         Ok(r) => r,
         Err(e) => {
             let mut r = e.clone().into_response();
@@ -56,7 +68,7 @@ pub async fn handler(State(state): State<AppState>, RawQuery(raw): RawQuery, mut
     }
 }
 
-fn upgrade(state: AppState, raw: Option<String>, req: &mut Request) -> Result<Response, ApiError> {
+fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) -> Result<Response, ApiError> {
     if !state.config.ws.enabled {
         return Err(ApiError::new(Code::TransportDisabled, "the WebSocket transport is disabled on this server"));
     }
@@ -75,6 +87,32 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request) -> Result<Re
         return Err(ApiError::new(Code::InvalidRequest, "missing or malformed Sec-WebSocket-Key"));
     }
     let accept = accept_key(key);
+    if echo {
+        let deflate = state.config.ws.deflate
+            && deflate::negotiate(
+                headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()),
+            );
+        let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+            return Err(ApiError::new(Code::UpgradeRequired, "this connection cannot be upgraded (HTTP/1.1 required)"));
+        };
+        let max = (state.config.limits.max_message_bytes + 4096).max(16 << 20);
+        tokio::spawn(async move {
+            if let Ok(up) = on_upgrade.await {
+                if let Ok(parts) = up.downcast::<TokioIo<TcpStream>>() {
+                    connection::serve_echo(parts.io.into_inner(), parts.read_buf, deflate, max).await;
+                }
+            }
+        });
+        let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+        let h = r.headers_mut();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header value"));
+        if deflate {
+            h.insert(header::SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(deflate::RESPONSE));
+        }
+        return Ok(r);
+    }
     let protocol_offered = header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
     let deflate = state.config.ws.deflate
         && deflate::negotiate(headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()));
