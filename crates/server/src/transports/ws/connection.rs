@@ -79,6 +79,7 @@ pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
         claimed: None,
         registration: None,
         expiry: Expiry::None,
+        timer: None,
     };
     if let Some(who) = ctx.identity.take() {
         conn.set_identity(who);
@@ -124,17 +125,22 @@ impl Bucket {
 struct Conn {
     state: AppState,
     queue: Arc<ConnQueue>,
-    subs: HashMap<ChannelName, (SubscriptionHandle, Option<PresenceGuard>)>,
+    /// Presence guards are boxed: most subscriptions have none, and a map entry sized
+    /// for one would cost every idle connection hundreds of bytes.
+    subs: HashMap<ChannelName, (SubscriptionHandle, Option<Box<PresenceGuard>>)>,
     patterns: HashMap<String, SubscriptionHandle>,
     client: String,
     bucket: Bucket,
     /// Commands refused in a row for the rate limit.
     rejected: u32,
-    identity: Option<Identity>,
+    // Boxed: rare, and an idle anonymous connection should not carry their size.
+    identity: Option<Box<Identity>>,
     /// What an anonymous client said about itself (shown in presence as unverified).
-    claimed: Option<serde_json::Value>,
-    registration: Option<Registration>,
+    claimed: Option<Box<serde_json::Value>>,
+    registration: Option<Box<Registration>>,
     expiry: Expiry,
+    /// Fires at the expiry deadline; only connections with a token have one.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Where the connection's token stands.
@@ -286,11 +292,11 @@ impl Conn {
                 }
                 _ = shutdown.changed(), if !shutdown_seen => {}
                 _ = self.queue.wait_closed() => return,
-                _ = tokio::time::sleep_until(self.expiry_deadline()), if self.expiry != Expiry::None => {
+                _ = maybe_sleep(&mut self.timer), if self.timer.is_some() => {
                     match self.expiry {
                         Expiry::Until(_) => {
                             let grace = Duration::from_secs(self.state.config.auth.refresh_grace_secs);
-                            self.expiry = Expiry::Grace(Instant::now() + grace);
+                            self.arm(Expiry::Grace(Instant::now() + grace));
                             let v = serde_json::json!({"refresh": {"reason": "token_expired", "grace_ms": grace.as_millis() as u64}});
                             self.push(frame::text(v.to_string().as_bytes()));
                         }
@@ -301,21 +307,23 @@ impl Conn {
         }
     }
 
-    fn expiry_deadline(&self) -> Instant {
-        match self.expiry {
-            Expiry::Until(t) | Expiry::Grace(t) => t,
-            Expiry::None => Instant::now() + Duration::from_secs(86_400),
-        }
+    fn arm(&mut self, expiry: Expiry) {
+        self.expiry = expiry;
+        self.timer = match expiry {
+            Expiry::Until(t) | Expiry::Grace(t) => Some(Box::pin(tokio::time::sleep_until(t))),
+            Expiry::None => None,
+        };
     }
 
     /// Adopts a verified identity: registers the connection under its user (for
     /// `/api/disconnect`) and arms the expiry timer.
     fn set_identity(&mut self, who: Identity) {
-        self.expiry = Expiry::Until(Instant::now() + who.expires_in());
+        self.arm(Expiry::Until(Instant::now() + who.expires_in()));
         if self.registration.is_none() {
-            self.registration = Some(self.state.registry.register(&who.user, who.jti.clone(), self.queue.clone()));
+            self.registration =
+                Some(Box::new(self.state.registry.register(&who.user, who.jti.clone(), self.queue.clone())));
         }
-        self.identity = Some(who);
+        self.identity = Some(Box::new(who));
     }
 
     /// Queues a frame behind what is queued, within the byte bound.
@@ -373,7 +381,7 @@ impl Conn {
                         ));
                     }
                     let p = resolve_pattern(&self.state, &channel)?;
-                    auth::authorize_pattern(self.identity.as_ref(), &p, &self.state.deny)?;
+                    auth::authorize_pattern(self.identity.as_deref(), &p, &self.state.deny)?;
                     Ok(p)
                 }
                 .await;
@@ -391,7 +399,7 @@ impl Conn {
                     let since = since.as_deref().map(cursor::parse_position).transpose()?;
                     let rewind = session::check_rewind(std::slice::from_ref(&resolved), rewind)?;
                     auth::authorize(
-                        self.identity.as_ref(),
+                        self.identity.as_deref(),
                         &resolved,
                         Action::Subscribe,
                         token.as_deref(),
@@ -442,7 +450,7 @@ impl Conn {
                 if let Some(c) = client {
                     // Small and public only: it is shown to others in presence.
                     if c.to_string().len() <= 1024 {
-                        self.claimed = Some(c);
+                        self.claimed = Some(Box::new(c));
                     }
                 }
                 if self.identity.is_some() && token.is_some() {
@@ -453,8 +461,8 @@ impl Conn {
                             if let Some(who) = who {
                                 self.set_identity(who);
                             }
-                            let user = self.identity.as_ref().map(|w| w.user.clone());
-                            let expires = self.identity.as_ref().map(|w| w.expires_in().as_millis() as u64);
+                            let user = self.identity.as_deref().map(|w| w.user.clone());
+                            let expires = self.identity.as_deref().map(|w| w.expires_in().as_millis() as u64);
                             Ok(Some(
                                 serde_json::json!({
                                     "client": self.client, "version": "v1", "user": user,
@@ -479,7 +487,7 @@ impl Conn {
                 }
             }
             Command::Refresh { token } => match super::super::verify(&self.state, &token) {
-                Ok(who) if self.identity.as_ref().is_some_and(|old| old.user != who.user) => {
+                Ok(who) if self.identity.as_deref().is_some_and(|old| old.user != who.user) => {
                     Err(ApiError::new(Code::TokenInvalid, "refresh token is for another user"))
                 }
                 Ok(who) => {
@@ -529,8 +537,9 @@ impl Conn {
         self.reply(reply(pending.outcome(), &r.channel));
         let handle = pending.go_live();
         let guard =
-            crate::presence::join(&self.state, &r, &self.client, self.identity.as_ref(), self.claimed.as_ref()).await?;
-        self.subs.insert(r.channel, (handle, guard));
+            crate::presence::join(&self.state, &r, &self.client, self.identity.as_deref(), self.claimed.as_deref())
+                .await?;
+        self.subs.insert(r.channel, (handle, guard.map(Box::new)));
         Ok(())
     }
 
@@ -559,7 +568,7 @@ impl Conn {
         let r = resolve_channel(&self.state, channel)?;
         if !self.subs.contains_key(&r.channel) {
             auth::authorize(
-                self.identity.as_ref(),
+                self.identity.as_deref(),
                 &r,
                 Action::Subscribe,
                 None,
@@ -579,7 +588,7 @@ impl Conn {
     ) -> Result<String, ApiError> {
         let r = resolve_channel(&self.state, channel)?;
         auth::authorize(
-            self.identity.as_ref(),
+            self.identity.as_deref(),
             &r,
             Action::Publish,
             None,
@@ -763,5 +772,13 @@ pub async fn serve_echo(mut stream: TcpStream, pre: Bytes, deflate: bool, max_me
             Ok(Ok(n)) if n > 0 => result = reader.feed(&buf[..n], &mut incoming),
             _ => return,
         }
+    }
+}
+
+/// Waits on an optional timer (never resolves when there is none).
+async fn maybe_sleep(t: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match t {
+        Some(s) => s.as_mut().await,
+        None => std::future::pending().await,
     }
 }
