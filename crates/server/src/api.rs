@@ -168,9 +168,7 @@ pub async fn broadcast(State(state): State<AppState>, req: Request) -> Result<Re
 /// cannot be continued. Always carries the channel's current `epoch` and `offset`.
 pub async fn history(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Query::parse(raw.as_deref());
-    let [name] = q.channels.as_slice() else {
-        return Err(ApiError::new(Code::InvalidRequest, "name exactly one channel: ?channel=NAME"));
-    };
+    let name = q.single_channel()?;
     let limit = q.int("limit", 1..=state.config.poll.max_limit as u64, Code::BadLimit)?;
     let body = history_json(&state, name, q.get("since"), limit).await?;
     Ok((StatusCode::OK, [("content-type", "application/json")], body).into_response())
@@ -342,9 +340,7 @@ pub async fn revoke(State(state): State<AppState>, req: Request) -> Result<Respo
 /// `GET /api/presence?channel=…` → `{"clients":[{"client","user","info"}…]}`.
 pub async fn presence(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Query::parse(raw.as_deref());
-    let [name] = q.channels.as_slice() else {
-        return Err(ApiError::new(Code::InvalidRequest, "name exactly one channel: ?channel=NAME"));
-    };
+    let name = q.single_channel()?;
     let r = resolve_channel(&state, name)?;
     Ok(json(StatusCode::OK, crate::presence::members_json(&state, &r).await?))
 }
@@ -352,9 +348,7 @@ pub async fn presence(State(state): State<AppState>, RawQuery(raw): RawQuery) ->
 /// `GET /api/presence_stats?channel=…` → `{"clients":N,"users":M}`.
 pub async fn presence_stats(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Query::parse(raw.as_deref());
-    let [name] = q.channels.as_slice() else {
-        return Err(ApiError::new(Code::InvalidRequest, "name exactly one channel: ?channel=NAME"));
-    };
+    let name = q.single_channel()?;
     let r = resolve_channel(&state, name)?;
     Ok(json(StatusCode::OK, crate::presence::stats_json(&state, &r).await?))
 }

@@ -203,6 +203,14 @@ impl Query {
         Query { channels, pairs }
     }
 
+    /// The one `channel` of requests that take exactly one.
+    pub fn single_channel(&self) -> Result<&str, ApiError> {
+        match self.channels.as_slice() {
+            [name] => Ok(name),
+            _ => Err(ApiError::new(Code::InvalidRequest, "name exactly one channel: ?channel=NAME")),
+        }
+    }
+
     /// Every value of a repeated parameter.
     pub fn all(&self, key: &str) -> Vec<String> {
         self.pairs.iter().filter(|(k, _)| k == key).map(|(_, v)| v.clone()).collect()

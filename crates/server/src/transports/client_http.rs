@@ -56,9 +56,7 @@ async fn presence_common(
     headers: &axum::http::HeaderMap,
 ) -> Result<crate::session::Resolved, ApiError> {
     let q = Query::parse(raw.as_deref());
-    let [name] = q.channels.as_slice() else {
-        return Err(ApiError::new(Code::InvalidRequest, "name exactly one channel: ?channel=NAME"));
-    };
+    let name = q.single_channel()?;
     let who = super::identity(state, headers, &q)?;
     let r = resolve_channel(state, name)?;
     let sub_token = q.get("sub_token");

@@ -81,3 +81,12 @@ pub(crate) fn authorize_subscribe_all(
     }
     Ok(())
 }
+
+/// Waits on an optional timer (never resolves when there is none): a `select!` branch
+/// for token expiry that costs nothing on connections without a token.
+pub(crate) async fn maybe_sleep(t: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match t {
+        Some(s) => s.as_mut().await,
+        None => std::future::pending().await,
+    }
+}

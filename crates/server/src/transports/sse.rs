@@ -173,7 +173,7 @@ impl SseStream {
                     return Some(Bytes::from_static(b": keepalive\n\n"));
                 }
                 _ = self.shutdown.changed(), if !self.shutdown_seen => self.begin_shutdown(),
-                _ = maybe_sleep(&mut self.expiry), if self.expiry.is_some() => {
+                _ = super::maybe_sleep(&mut self.expiry), if self.expiry.is_some() => {
                     self.expiry = None;
                     self.session.queue.close(CloseReason::TokenExpired);
                 }
@@ -286,14 +286,6 @@ impl SseStream {
         };
         let data = serde_json::json!({"reason": name, "reconnect": reconnect, "retry_ms": retry});
         Bytes::from(format!("retry: {retry}\nevent: disconnect\ndata: {data}\n\n"))
-    }
-}
-
-/// Waits on an optional timer (never resolves when there is none).
-async fn maybe_sleep(s: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
-    match s {
-        Some(s) => s.as_mut().await,
-        None => std::future::pending().await,
     }
 }
 

@@ -292,7 +292,7 @@ impl Conn {
                 }
                 _ = shutdown.changed(), if !shutdown_seen => {}
                 _ = self.queue.wait_closed() => return,
-                _ = maybe_sleep(&mut self.timer), if self.timer.is_some() => {
+                _ = super::super::maybe_sleep(&mut self.timer), if self.timer.is_some() => {
                     match self.expiry {
                         Expiry::Until(_) => {
                             let grace = Duration::from_secs(self.state.config.auth.refresh_grace_secs);
@@ -748,14 +748,8 @@ pub async fn serve_echo(mut stream: TcpStream, pre: Bytes, deflate: bool, max_me
         }
         for msg in std::mem::take(&mut incoming) {
             let out = match msg {
-                Incoming::Text(t) => frame::text_maybe_deflated(t.as_bytes(), deflate),
-                Incoming::Binary(b) => {
-                    let z = if deflate && b.len() >= 64 { Some(super::deflate::compress(&b)) } else { None };
-                    match z {
-                        Some(z) if z.len() < b.len() => frame::frame(frame::OP_BINARY, true, &z),
-                        _ => frame::frame(frame::OP_BINARY, false, &b),
-                    }
-                }
+                Incoming::Text(t) => frame::data_maybe_deflated(frame::OP_TEXT, t.as_bytes(), deflate),
+                Incoming::Binary(b) => frame::data_maybe_deflated(frame::OP_BINARY, &b, deflate),
                 Incoming::Ping(p) => frame::frame(frame::OP_PONG, false, &p),
                 Incoming::Pong => continue,
                 Incoming::Close(code) => {
@@ -772,13 +766,5 @@ pub async fn serve_echo(mut stream: TcpStream, pre: Bytes, deflate: bool, max_me
             Ok(Ok(n)) if n > 0 => result = reader.feed(&buf[..n], &mut incoming),
             _ => return,
         }
-    }
-}
-
-/// Waits on an optional timer (never resolves when there is none).
-async fn maybe_sleep(t: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
-    match t {
-        Some(s) => s.as_mut().await,
-        None => std::future::pending().await,
     }
 }

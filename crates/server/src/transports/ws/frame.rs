@@ -57,13 +57,19 @@ pub fn text(payload: &[u8]) -> Bytes {
 
 /// A text frame, compressed when that makes it smaller and `deflate` was negotiated.
 pub fn text_maybe_deflated(payload: &[u8], deflate: bool) -> Bytes {
+    data_maybe_deflated(OP_TEXT, payload, deflate)
+}
+
+/// A text or binary frame, compressed when that makes it smaller and `deflate` was
+/// negotiated.
+pub fn data_maybe_deflated(opcode: u8, payload: &[u8], deflate: bool) -> Bytes {
     if deflate && payload.len() >= 64 {
         let z = deflate::compress(payload);
         if z.len() < payload.len() {
-            return frame(OP_TEXT, true, &z);
+            return frame(opcode, true, &z);
         }
     }
-    text(payload)
+    frame(opcode, false, payload)
 }
 
 pub fn close_frame(code: u16, reason: &str) -> Bytes {

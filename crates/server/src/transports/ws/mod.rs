@@ -87,35 +87,15 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
         return Err(ApiError::new(Code::InvalidRequest, "missing or malformed Sec-WebSocket-Key"));
     }
     let accept = accept_key(key);
-    if echo {
-        let deflate = state.config.ws.deflate
-            && deflate::negotiate(
-                headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()),
-            );
-        let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
-            return Err(ApiError::new(Code::UpgradeRequired, "this connection cannot be upgraded (HTTP/1.1 required)"));
-        };
-        let max = (state.config.limits.max_message_bytes + 4096).max(16 << 20);
-        tokio::spawn(async move {
-            if let Ok(up) = on_upgrade.await {
-                if let Ok(parts) = up.downcast::<TokioIo<TcpStream>>() {
-                    connection::serve_echo(parts.io.into_inner(), parts.read_buf, deflate, max).await;
-                }
-            }
-        });
-        let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
-        let h = r.headers_mut();
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header value"));
-        if deflate {
-            h.insert(header::SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(deflate::RESPONSE));
-        }
-        return Ok(r);
-    }
-    let protocol_offered = header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
     let deflate = state.config.ws.deflate
         && deflate::negotiate(headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()));
+    if echo {
+        let on_upgrade = take_upgrade(req)?;
+        let max = (state.config.limits.max_message_bytes + 4096).max(16 << 20);
+        spawn_upgraded(on_upgrade, move |tcp, pre| connection::serve_echo(tcp, pre, deflate, max));
+        return Ok(switching_protocols(&accept, false, deflate));
+    }
+    let protocol_offered = header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
 
     let slot = super::admit(&state, headers, req.extensions())?;
 
@@ -137,11 +117,26 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
         None => None,
     };
 
-    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
-        return Err(ApiError::new(Code::UpgradeRequired, "this connection cannot be upgraded (HTTP/1.1 required)"));
-    };
+    let on_upgrade = take_upgrade(req)?;
     let url_rewind = session::check_rewind(&url_channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
     let ctx = connection::Ctx { state, deflate, url_channels, url_cursor, url_rewind, url_patterns, identity, slot };
+    spawn_upgraded(on_upgrade, move |tcp, pre| connection::serve(tcp, pre, ctx));
+    Ok(switching_protocols(&accept, protocol_offered, deflate))
+}
+
+fn take_upgrade(req: &mut Request) -> Result<hyper::upgrade::OnUpgrade, ApiError> {
+    req.extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or_else(|| ApiError::new(Code::UpgradeRequired, "this connection cannot be upgraded (HTTP/1.1 required)"))
+}
+
+/// Once hyper hands the connection over, takes the plain TCP stream back (and the bytes
+/// hyper already read) and serves it with `serve`.
+fn spawn_upgraded<F, Fut>(on_upgrade: hyper::upgrade::OnUpgrade, serve: F)
+where
+    F: FnOnce(TcpStream, bytes::Bytes) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -151,23 +146,26 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
             }
         };
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => connection::serve(parts.io.into_inner(), parts.read_buf, ctx).await,
+            Ok(parts) => serve(parts.io.into_inner(), parts.read_buf).await,
             Err(_) => tracing::error!("websocket upgrade over a non-TCP stream is not supported"),
         }
     });
+}
 
+/// The 101 answer to a valid handshake.
+fn switching_protocols(accept: &str, protocol: bool, deflate: bool) -> Response {
     let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let h = r.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header value"));
-    if protocol_offered {
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(accept).expect("base64 is a valid header value"));
+    if protocol {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
     }
     if deflate {
         h.insert(header::SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(deflate::RESPONSE));
     }
-    Ok(r)
+    r
 }
 
 #[cfg(test)]
