@@ -15,6 +15,9 @@ use tokio::sync::Notify;
 use crate::channel::ChannelName;
 use crate::publication::{Delivery, StreamPosition};
 
+/// Queue slots a connection keeps between batches (more are released after a burst).
+const RETAINED_EVENTS: usize = 8;
+
 /// Default bound of a connection's queue: 1 MiB.
 pub const DEFAULT_QUEUE_BYTES: usize = 1 << 20;
 
@@ -222,11 +225,17 @@ impl ConnQueue {
                 return Err(r);
             }
         }
-        // Hand over the whole buffer (an idle connection keeps no queue allocation).
-        let events = std::mem::take(&mut st.events);
         st.bytes = 0;
-        drop(st);
-        out.extend(events);
+        if st.events.capacity() <= RETAINED_EVENTS {
+            // Keep a small buffer: fan-out pushes into it for every subscriber, and
+            // reallocating it per delivery would put an allocation on the hot path.
+            out.extend(st.events.drain(..));
+        } else {
+            // After a burst, give the big buffer back: idle connections stay small.
+            let events = std::mem::take(&mut st.events);
+            drop(st);
+            out.extend(events);
+        }
         Ok(())
     }
 
@@ -337,5 +346,26 @@ mod tests {
         assert_eq!(out.len(), 1);
         out.clear();
         assert_eq!(q.next_batch(&mut out).await, Err(CloseReason::Shutdown));
+    }
+}
+
+#[cfg(test)]
+mod retention {
+    use super::*;
+
+    #[test]
+    fn the_queue_keeps_a_small_buffer_and_releases_a_big_one() {
+        let q = ConnQueue::new(1 << 30);
+        let frame = || Event::Frame(bytes::Bytes::from_static(b"x"));
+        q.push(frame()).unwrap();
+        let mut out = Vec::new();
+        q.drain_into(&mut out).unwrap();
+        let kept = q.state().events.capacity();
+        assert!(kept > 0 && kept <= RETAINED_EVENTS, "small buffer kept: {kept}");
+        for _ in 0..1000 {
+            q.push(frame()).unwrap();
+        }
+        q.drain_into(&mut out).unwrap();
+        assert_eq!(q.state().events.capacity(), 0, "burst buffer released");
     }
 }
