@@ -198,7 +198,7 @@ impl Subscriber {
     }
 
     async fn run_poll(mut self, stats: Arc<Stats>) -> Option<(String, u64)> {
-        let mut local = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
+        let mut local: Vec<u64> = Vec::new();
         loop {
             let Ok(body) = self.poll(25).await else { return self.last };
             let mut n = 0u64;
@@ -229,7 +229,7 @@ impl Subscriber {
         if self.kind == Kind::Poll {
             return self.run_poll(stats).await;
         }
-        let mut local = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
+        let mut local: Vec<u64> = Vec::new();
         let mut unflushed = 0u64;
         loop {
             let mut replies: Vec<Vec<u8>> = Vec::new();
@@ -298,12 +298,12 @@ impl Subscriber {
     }
 
     /// Counts one message if it carries a timestamp; checks its offset if it has one.
-    fn message(&mut self, payload: &[u8], stats: &Stats, local: &mut Histogram<u64>) -> bool {
+    fn message(&mut self, payload: &[u8], stats: &Stats, local: &mut Vec<u64>) -> bool {
         let Some(t) = field(payload, b"\"t\":") else { return false };
         if let Some(offset) = field(payload, b"\"offset\":") {
-            let epoch = string_field(payload, b"\"epoch\":\"").unwrap_or_default();
+            let epoch = str_field(payload, b"\"epoch\":\"").unwrap_or_default();
             if let Some((e, o)) = &self.last {
-                if *e == epoch {
+                if e.as_bytes() == epoch {
                     if offset <= *o {
                         stats.duplicates.fetch_add(1, Ordering::Relaxed);
                         return false;
@@ -313,34 +313,48 @@ impl Subscriber {
                     }
                 }
             }
-            self.last = Some((epoch, offset));
+            match &mut self.last {
+                Some((e, o)) if e.as_bytes() == epoch => *o = offset,
+                _ => self.last = Some((String::from_utf8_lossy(epoch).into_owned(), offset)),
+            }
         }
-        let _ = local.record(now_us().saturating_sub(t).max(1));
+        local.push(now_us().saturating_sub(t).max(1));
         true
     }
 }
 
-fn flush(stats: &Stats, local: &mut Histogram<u64>, unflushed: &mut u64) {
+/// Publishes what one read brought: the count, and the latency samples recorded into the
+/// shared histogram (O(1) per sample; merging whole histograms would walk every bucket).
+fn flush(stats: &Stats, local: &mut Vec<u64>, unflushed: &mut u64) {
     if *unflushed > 0 {
         stats.delivered.fetch_add(*unflushed, Ordering::Relaxed);
         *unflushed = 0;
     }
     if !local.is_empty() {
         if let Ok(mut h) = stats.latency.lock() {
-            let _ = h.add(&*local);
+            for v in local.iter() {
+                let _ = h.record(*v);
+            }
         }
-        local.reset();
+        local.clear();
     }
 }
 
 /// Reads the unsigned integer after `key` in `s`.
 pub fn field(s: &[u8], key: &[u8]) -> Option<u64> {
     let i = s.windows(key.len()).position(|w| w == key)? + key.len();
-    let digits: Vec<u8> = s[i..].iter().take_while(|b| b.is_ascii_digit()).copied().collect();
-    if digits.is_empty() {
+    let digits = s[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
         return None;
     }
-    Some(digits.iter().fold(0u64, |n, b| n * 10 + (b - b'0') as u64))
+    Some(s[i..i + digits].iter().fold(0u64, |n, b| n * 10 + (b - b'0') as u64))
+}
+
+/// The bytes of the string value after `key` (no allocation).
+fn str_field<'a>(s: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let i = s.windows(key.len()).position(|w| w == key)? + key.len();
+    let end = s[i..].iter().position(|b| *b == b'"')?;
+    Some(&s[i..i + end])
 }
 
 fn string_field(s: &[u8], key: &[u8]) -> Option<String> {
