@@ -614,9 +614,14 @@ async fn storm(c: Common, clients: usize, restart_cmd: String, rate: u64, payloa
     s.num("peak_handshakes_per_sec", peak as f64);
     s.num("publications", sent as f64);
     s.num("gaps_in_offsets", stats.gaps.load(Ordering::Relaxed) as f64);
+    s.num("resets", stats.resets.load(Ordering::Relaxed) as f64);
     s.num("lost", expected.saturating_sub(delivered) as f64);
     s.num("duplicates", stats.duplicates.load(Ordering::Relaxed) as f64);
-    s.text("note", "lost = publications some client never received; 0 needs a broker that keeps history (redis)");
+    s.text(
+        "note",
+        "lost = publications some client never received; resets = positions the server said were gone \
+         (history shorter than the outage); 0 needs a broker that keeps enough history (redis)",
+    );
     s.print(c.json);
     for t in tasks {
         t.abort();

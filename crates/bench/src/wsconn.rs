@@ -25,6 +25,8 @@ pub struct Stats {
     pub delivered: AtomicU64,
     pub duplicates: AtomicU64,
     pub gaps: AtomicU64,
+    /// Switchboard said a position could not be resumed (`recovered:false`, `reset`).
+    pub resets: AtomicU64,
     pub handshakes: AtomicU64,
     pub latency: Mutex<Histogram<u64>>,
 }
@@ -35,6 +37,7 @@ impl Stats {
             delivered: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
             handshakes: AtomicU64::new(0),
             latency: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")),
         }
@@ -299,6 +302,12 @@ impl Subscriber {
 
     /// Counts one message if it carries a timestamp; checks its offset if it has one.
     fn message(&mut self, payload: &[u8], stats: &Stats, local: &mut Vec<u64>) -> bool {
+        let told_to_reset = payload.starts_with(b"{\"reset\":")
+            || (payload.starts_with(b"{\"subscribed\":") && payload.windows(17).any(|w| w == b"\"recovered\":false"));
+        if told_to_reset {
+            stats.resets.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         let Some(t) = field(payload, b"\"t\":") else { return false };
         if let Some(offset) = field(payload, b"\"offset\":") {
             let epoch = str_field(payload, b"\"epoch\":\"").unwrap_or_default();
