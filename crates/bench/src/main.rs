@@ -73,6 +73,10 @@ struct Common {
     /// Print the summary as JSON too.
     #[arg(long)]
     json: bool,
+    /// How long to wait for deliveries (and reconnects) to arrive before counting what is
+    /// missing as lost. Raise it on a loaded machine: it bounds a wait, it times nothing.
+    #[arg(long, default_value_t = 10)]
+    settle_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -227,20 +231,28 @@ impl Summary {
     }
 }
 
+impl Common {
+    fn settle(&self) -> Duration {
+        Duration::from_secs(self.settle_secs)
+    }
+}
+
 fn target(c: &Common, channel: &str) -> Result<Target, String> {
     if let Some(url) = &c.subscribe_url {
         let (addr, path, kind) = wsconn::parse_url(url)?;
-        return Ok(Target { addr, path: path.replace("$CHANNEL", channel), kind, first_frame: c.first_frame.clone() });
+        let path = path.replace("$CHANNEL", channel);
+        return Ok(Target { addr, path, kind, first_frame: c.first_frame.clone(), ready: None });
     }
     if !c.server.ip().is_loopback() {
         return Err(format!("{}: benchmarks only target loopback addresses", c.server));
     }
-    let (path, kind) = match c.transport {
-        Transport::Ws => (format!("/ws?channel={channel}"), Kind::WebSocket),
-        Transport::Sse => (format!("/sse?channel={channel}"), Kind::Sse),
-        Transport::Poll => (format!("/poll?channel={channel}"), Kind::Poll),
+    let (path, kind, ready): (_, _, Option<&'static [u8]>) = match c.transport {
+        Transport::Ws => (format!("/ws?channel={channel}"), Kind::WebSocket, Some(b"{\"subscribed\":")),
+        Transport::Sse => (format!("/sse?channel={channel}"), Kind::Sse, Some(b"event: subscribed\n")),
+        // The first poll, which `Subscriber::connect` makes, establishes the cursor.
+        Transport::Poll => (format!("/poll?channel={channel}"), Kind::Poll, None),
     };
-    Ok(Target { addr: c.server, path, kind, first_frame: None })
+    Ok(Target { addr: c.server, path, kind, first_frame: None, ready })
 }
 
 async fn publisher(c: &Common, channel: &str) -> Result<Publisher, String> {
@@ -378,7 +390,7 @@ async fn fanout(c: Common, subscribers: usize, rate: u64, duration: u64, payload
     stop.store(true, Ordering::Relaxed);
     let sent = pubs.await.map_err(|e| e.to_string())?;
     let expected = sent * n;
-    wait_for(&stats, base, expected, Duration::from_secs(10)).await;
+    wait_for(&stats, base, expected, c.settle()).await;
     let elapsed = started.elapsed();
     let _ = prog.await;
     let after = server_stats(&c);
@@ -457,7 +469,7 @@ async fn chat(c: Common, rooms: usize, members: usize, rate: f64, duration: u64,
         sent += t.await.map_err(|e| e.to_string())?;
     }
     let expected = sent * members as u64;
-    wait_for(&stats, base, expected, Duration::from_secs(10)).await;
+    wait_for(&stats, base, expected, c.settle()).await;
     let elapsed = started.elapsed();
     let after = server_stats(&c);
     let delivered = stats.delivered.load(Ordering::Relaxed) - base;
@@ -500,7 +512,7 @@ async fn slow(c: Common, subscribers: usize, fraction: f64, rate: u64, duration:
         tokio::time::sleep(Duration::from_secs(duration)).await;
         stop.store(true, Ordering::Relaxed);
         let sent = pubs.await.map_err(|e| e.to_string())?;
-        wait_for(&stats, base, sent * n_fast as u64, Duration::from_secs(10)).await;
+        wait_for(&stats, base, sent * n_fast as u64, c.settle()).await;
         let delivered = stats.delivered.load(Ordering::Relaxed) - base;
         let h = stats.latency.lock().expect("histogram").clone();
         s.num(&format!("{phase}_fast_lost"), (sent * n_fast as u64).saturating_sub(delivered) as f64);
@@ -570,7 +582,7 @@ async fn storm(c: Common, clients: usize, restart_cmd: String, rate: u64, payloa
     }
     // Everyone must be subscribed before the first publication, or a late first connect
     // (which starts at the current position) would look like a loss.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + c.settle().max(Duration::from_secs(60));
     while connected.load(Ordering::Relaxed) < clients as u64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -594,7 +606,7 @@ async fn storm(c: Common, clients: usize, restart_cmd: String, rate: u64, payloa
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     std::process::Command::new("sh").args(["-c", &restart_cmd]).spawn().map_err(|e| format!("restart: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + c.settle().max(Duration::from_secs(60));
     while reconnected.load(Ordering::Relaxed) < clients as u64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -603,7 +615,7 @@ async fn storm(c: Common, clients: usize, restart_cmd: String, rate: u64, payloa
     pub_stop.store(true, Ordering::Relaxed);
     let sent = pubs.await.map_err(|e| e.to_string())?;
     let expected = sent * clients as u64;
-    wait_for(&stats, 0, expected, Duration::from_secs(60)).await;
+    wait_for(&stats, 0, expected, c.settle().max(Duration::from_secs(60))).await;
     stop.store(true, Ordering::Relaxed);
     let delivered = stats.delivered.load(Ordering::Relaxed);
     let peak = per_sec.lock().unwrap().values().copied().max().unwrap_or(0);

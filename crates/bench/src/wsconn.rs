@@ -59,6 +59,10 @@ pub struct Target {
     pub kind: Kind,
     /// A text frame to send right after the WebSocket handshake (Socket.IO: `40`).
     pub first_frame: Option<String>,
+    /// Bytes the server sends once the subscription is live (Switchboard: its
+    /// `subscribed` message); a connection counts as open only after them, so nothing
+    /// published afterwards can be missed. `None` for servers that confirm nothing.
+    pub ready: Option<&'static [u8]>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +185,19 @@ impl Subscriber {
         }
         if let (Kind::WebSocket, Some(first)) = (t.kind, &t.first_frame) {
             stream.write_all(&text_frame(first.as_bytes())).await?;
+        }
+        if let Some(marker) = t.ready {
+            let confirmed = async {
+                while !buf.windows(marker.len()).any(|w| w == marker) {
+                    if stream.read_buf(&mut buf).await? == 0 {
+                        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                    }
+                }
+                Ok(())
+            };
+            tokio::time::timeout(Duration::from_secs(60), confirmed)
+                .await
+                .map_err(|_| std::io::Error::other("no subscription confirmation within 60 s"))??;
         }
         Ok(Subscriber { stream, buf, kind: t.kind, last: None, poll_path: String::new(), cursor: None })
     }

@@ -26,9 +26,13 @@ fn fastrand_id() -> u128 {
 
 /// Runs the bench binary (blocking, in a worker thread) and parses its JSON summary.
 async fn run(args: Vec<String>) -> HashMap<String, Value> {
-    let out = tokio::task::spawn_blocking(move || Command::new(BENCH).args(&args).arg("--json").output().unwrap())
-        .await
-        .unwrap();
+    // A generous settle time: on a loaded machine deliveries may take long to arrive, and
+    // they must not be counted as lost while they are on their way.
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BENCH).args(&args).args(["--json", "--settle-secs", "300"]).output().unwrap()
+    })
+    .await
+    .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let line =
@@ -124,17 +128,18 @@ async fn idle_chat_and_slow_report_their_numbers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_restarts_a_redis_backed_server_and_loses_nothing() {
-    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/switchboard");
-    assert!(bin.exists(), "{} is missing (cargo test --workspace builds it)", bin.display());
+    let bin = switchboard_binary();
+    let log = ServerLog(std::env::temp_dir().join(format!("sbstorm-{}.log", std::process::id())));
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let pidfile = std::env::temp_dir().join(format!("sbstorm-{}.pid", std::process::id()));
     let redis = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let start = format!(
         "SWITCHBOARD_BROKER__KIND=redis SWITCHBOARD_BROKER__REDIS_URL={redis} SWITCHBOARD_BROKER__REDIS_PREFIX=sbstorm{} \
          SWITCHBOARD_DEFAULTS__HISTORY_SIZE=10000 \
-         {} serve --dev --listen 127.0.0.1:{port} --drain-secs 2 >/dev/null 2>&1 & echo $! > {}",
+         {} serve --dev --listen 127.0.0.1:{port} --drain-secs 2 >/dev/null 2>>{} & echo $! > {}",
         std::process::id(),
         bin.display(),
+        log.0.display(),
         pidfile.display()
     );
     assert!(Command::new("sh").args(["-c", &start]).status().unwrap().success());
@@ -165,9 +170,41 @@ async fn storm_restarts_a_redis_backed_server_and_loses_nothing() {
     assert!(num(&m, "recovery_secs") > 0.0 && num(&m, "peak_handshakes_per_sec") > 0.0);
 }
 
+/// A server process's log file: printed if the test fails, removed either way.
+struct ServerLog(std::path::PathBuf);
+
+impl Drop for ServerLog {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", std::fs::read_to_string(&self.0).unwrap_or_default());
+        }
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The `switchboard` binary, from the directory Cargo put this crate's own binary in
+/// (`cargo test --workspace` builds both there, wherever `CARGO_TARGET_DIR` points);
+/// built with Cargo if it is not there yet.
+fn switchboard_binary() -> std::path::PathBuf {
+    let dir = std::path::Path::new(BENCH).parent().expect("the bench binary has a directory");
+    let bin = dir.join(format!("switchboard{}", std::env::consts::EXE_SUFFIX));
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "switchboard", "--bin", "switchboard"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success() && bin.exists(), "could not build {}", bin.display());
+    }
+    bin
+}
+
 /// Waits until something answers HTTP on `port`.
 async fn reqwest_like_wait(port: u16) -> bool {
-    for _ in 0..300 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
             use std::io::{Read, Write};
             let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");

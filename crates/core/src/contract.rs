@@ -42,10 +42,21 @@ impl BrokerEventHandler for Recorder {
 
 /// Generates one `#[tokio::test]` per contract check. `$make` is called with the
 /// recording handler and must return a running `Arc<dyn Broker>`.
+///
+/// `broker_contract_tests!(paused: make)` runs each check on a paused tokio clock, so
+/// the checks that wait for a TTL take no real time. That is for brokers whose every
+/// timer is tokio's (the in-memory one); a broker whose TTLs live elsewhere (Redis)
+/// runs in real time.
 #[macro_export]
 macro_rules! broker_contract_tests {
+    (paused: $make:expr) => {
+        $crate::broker_contract_tests!(@list $make; (start_paused = true));
+    };
     ($make:expr) => {
-        $crate::broker_contract_tests!(@each $make;
+        $crate::broker_contract_tests!(@list $make; ());
+    };
+    (@list $make:expr; $attr:tt) => {
+        $crate::broker_contract_tests!(@each $make; $attr;
             offsets_start_at_one_and_are_gapless,
             concurrent_publishes_get_distinct_gapless_offsets,
             new_channel_is_at_offset_zero_and_publish_continues_its_epoch,
@@ -67,9 +78,9 @@ macro_rules! broker_contract_tests {
             namespace_subscription_receives_every_channel_of_the_namespace,
         );
     };
-    (@each $make:expr; $($name:ident),+ $(,)?) => {
+    (@each $make:expr; $attr:tt; $($name:ident),+ $(,)?) => {
         $(
-            #[tokio::test]
+            #[tokio::test $attr]
             async fn $name() {
                 let (handler, rx) = $crate::contract::Recorder::new();
                 let broker = ($make)(handler).await;

@@ -23,7 +23,7 @@ use crate::broker::{Broker, BrokerError, BrokerEventHandler, HistoryRequest};
 use crate::channel::ChannelName;
 use crate::pattern::{Pattern, PatternIndex};
 use crate::publication::{Delivery, Epoch, Publication, StreamPosition};
-use crate::queue::{ConnQueue, Event};
+use crate::queue::{ConnQueue, Event, QueueStats};
 
 const SHARDS: usize = 64;
 
@@ -49,7 +49,7 @@ struct Shard {
 /// Upper bounds (milliseconds) of the publish→fan-out latency buckets.
 pub const LATENCY_BOUNDS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
 
-/// Process-wide fan-out counters (for metrics).
+/// This hub's fan-out counters (for metrics).
 #[derive(Default)]
 pub struct HubStats {
     pub publications: AtomicU64,
@@ -57,6 +57,8 @@ pub struct HubStats {
     /// Publications by publish→fan-out latency (broker time to dispatch on this node),
     /// per bucket of [`LATENCY_BOUNDS_MS`] plus one overflow bucket.
     pub latency: [AtomicU64; 13],
+    /// What the queues made by [`Hub::queue`] dropped and closed.
+    pub queues: Arc<QueueStats>,
 }
 
 impl HubStats {
@@ -292,6 +294,12 @@ impl Hub {
 
     pub fn broker(&self) -> &Arc<dyn Broker> {
         &self.broker
+    }
+
+    /// A new connection queue bounded at `max_bytes`, counting its drops and
+    /// slow-consumer closes in this hub's [`HubStats::queues`].
+    pub fn queue(&self, max_bytes: usize) -> Arc<ConnQueue> {
+        ConnQueue::with_stats(max_bytes, Some(self.stats.queues.clone()))
     }
 
     /// Sets what handles control messages from other nodes (once).

@@ -124,11 +124,18 @@ impl PresenceManager for MemoryPresence {
 }
 
 /// Generates one `#[tokio::test]` per presence contract check; `$make` returns a fresh
-/// `Arc<dyn PresenceManager>`.
+/// `Arc<dyn PresenceManager>`. `presence_contract_tests!(paused: make)` runs them on a
+/// paused tokio clock (see [`crate::broker_contract_tests!`]).
 #[macro_export]
 macro_rules! presence_contract_tests {
+    (paused: $make:expr) => {
+        $crate::presence_contract_tests!(@list $make; (start_paused = true));
+    };
     ($make:expr) => {
-        $crate::presence_contract_tests!(@each $make;
+        $crate::presence_contract_tests!(@list $make; ());
+    };
+    (@list $make:expr; $attr:tt) => {
+        $crate::presence_contract_tests!(@each $make; $attr;
             added_members_are_listed_once_per_client,
             several_tabs_count_as_one_user,
             removed_members_disappear,
@@ -136,9 +143,9 @@ macro_rules! presence_contract_tests {
             channels_are_independent,
         );
     };
-    (@each $make:expr; $($name:ident),+ $(,)?) => {
+    (@each $make:expr; $attr:tt; $($name:ident),+ $(,)?) => {
         $(
-            #[tokio::test]
+            #[tokio::test $attr]
             async fn $name() {
                 let p = ($make)().await;
                 $crate::presence::contract::$name(p).await;
@@ -196,7 +203,10 @@ pub mod contract {
         p.add(&ch, m("gone", "u1"), Duration::from_secs(1)).await.unwrap();
         p.add(&ch, m("kept", "u2"), Duration::from_secs(1)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(600)).await;
-        p.add(&ch, m("kept", "u2"), Duration::from_secs(2)).await.unwrap();
+        // Refreshed for long enough that no stall before the check can expire it. (A
+        // stall before this refresh only means it re-adds an entry that had lapsed.)
+        p.add(&ch, m("kept", "u2"), LONG).await.unwrap();
+        // Sleeps last at least as long as asked: "gone" is past its second by now.
         tokio::time::sleep(Duration::from_millis(900)).await;
         assert_eq!(p.members(&ch).await.unwrap(), vec![m("kept", "u2")]);
         assert_eq!(p.stats(&ch).await.unwrap(), PresenceStats { clients: 1, users: 1 });

@@ -86,14 +86,21 @@ struct State {
     closed: Option<CloseReason>,
 }
 
-/// Count of connections closed as slow consumers, process-wide (for metrics).
-pub static SLOW_CONSUMER_CLOSES: AtomicU64 = AtomicU64::new(0);
-
-/// Count of volatile events dropped under backpressure, process-wide (for metrics).
-pub static VOLATILE_DROPS: AtomicU64 = AtomicU64::new(0);
+/// What the queues of one server did under backpressure (for its metrics). Each server
+/// (each [`crate::Hub`]) has its own, so two servers in one process never see each
+/// other's numbers.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Connections closed as slow consumers.
+    pub slow_consumer_closes: AtomicU64,
+    /// Volatile events dropped under backpressure.
+    pub volatile_drops: AtomicU64,
+}
 
 pub struct ConnQueue {
     max_bytes: std::sync::atomic::AtomicUsize,
+    /// Where this queue counts its drops and closes; `None` for a queue nobody reports.
+    stats: Option<Arc<QueueStats>>,
     state: Mutex<State>,
     notify: Notify,
     /// Woken (all waiters) when the queue closes.
@@ -101,9 +108,16 @@ pub struct ConnQueue {
 }
 
 impl ConnQueue {
+    /// A queue that reports to no one (tests, benchmarks). Servers use
+    /// [`crate::Hub::queue`], which counts into the hub's [`QueueStats`].
     pub fn new(max_bytes: usize) -> Arc<Self> {
+        Self::with_stats(max_bytes, None)
+    }
+
+    pub fn with_stats(max_bytes: usize, stats: Option<Arc<QueueStats>>) -> Arc<Self> {
         Arc::new(ConnQueue {
             max_bytes: std::sync::atomic::AtomicUsize::new(max_bytes),
+            stats,
             state: Mutex::new(State { events: VecDeque::new(), bytes: 0, closed: None }),
             notify: Notify::new(),
             closed_notify: Notify::new(),
@@ -118,6 +132,12 @@ impl ConnQueue {
 
     pub fn max_bytes(&self) -> usize {
         self.max_bytes.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, f: impl FnOnce(&QueueStats) -> &AtomicU64, n: u64) {
+        if let Some(s) = &self.stats {
+            f(s).fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -137,13 +157,13 @@ impl ConnQueue {
             st.events.retain(Event::is_reliable);
             let dropped = before - st.events.len();
             if dropped > 0 {
-                VOLATILE_DROPS.fetch_add(dropped as u64, Ordering::Relaxed);
+                self.count(|s| &s.volatile_drops, dropped as u64);
                 st.bytes = st.events.iter().map(Event::cost).sum();
             }
         }
         if st.bytes + cost > self.max_bytes() && !st.events.is_empty() {
             if !event.is_reliable() {
-                VOLATILE_DROPS.fetch_add(1, Ordering::Relaxed);
+                self.count(|s| &s.volatile_drops, 1);
                 return Err(PushError::Dropped);
             }
             st.events.clear();
@@ -151,7 +171,7 @@ impl ConnQueue {
             st.bytes = 0;
             st.closed = Some(CloseReason::SlowConsumer);
             drop(st);
-            SLOW_CONSUMER_CLOSES.fetch_add(1, Ordering::Relaxed);
+            self.count(|s| &s.slow_consumer_closes, 1);
             self.notify.notify_one();
             self.closed_notify.notify_waiters();
             return Err(PushError::Overflow);
@@ -182,14 +202,19 @@ impl ConnQueue {
     /// from history); any other close lets the writer flush what is queued first.
     pub fn close(&self, reason: CloseReason) {
         let mut st = self.state();
+        let mut slow = false;
         if st.closed.is_none() {
             st.closed = Some(reason);
             if reason == CloseReason::SlowConsumer {
                 st.events.clear();
                 st.bytes = 0;
+                slow = true;
             }
         }
         drop(st);
+        if slow {
+            self.count(|s| &s.slow_consumer_closes, 1);
+        }
         self.notify.notify_one();
         self.closed_notify.notify_waiters();
     }

@@ -8,4 +8,4 @@ async fn make() -> Arc<dyn PresenceManager> {
     Arc::new(MemoryPresence::default())
 }
 
-switchboard_core::presence_contract_tests!(make);
+switchboard_core::presence_contract_tests!(paused: make);

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::metrics::{Transport, METRICS};
+use crate::metrics::Transport;
 
 const PAGE: &str = include_str!("../assets/admin.html");
 const HISTORY: usize = 300;
@@ -43,8 +43,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn connections() -> i64 {
-    METRICS.open_connections(Transport::Ws) + METRICS.open_connections(Transport::Sse)
+fn connections(state: &AppState) -> i64 {
+    state.metrics.open_connections(Transport::Ws) + state.metrics.open_connections(Transport::Sse)
 }
 
 /// Samples once a second until the server goes away.
@@ -71,7 +71,7 @@ pub fn start_sampler(state: &AppState) {
                     publications_per_sec: (p - lp) as f64,
                     deliveries_per_sec: (d - ld) as f64,
                     p99_ms: crate::metrics::quantile(&bounds, &delta, 0.99).filter(|v| v.is_finite()),
-                    connections: connections(),
+                    connections: connections(&state),
                 };
                 let mut s = lock(&state.admin.series);
                 s.push_back(sample);
@@ -128,14 +128,14 @@ pub async fn stats(State(state): State<AppState>) -> Result<Response, ApiError> 
         "node": state.node_id,
         "draining": state.is_draining(),
         "connections": {
-            "ws": METRICS.open_connections(Transport::Ws),
-            "sse": METRICS.open_connections(Transport::Sse),
-            "poll": METRICS.open_connections(Transport::Poll),
+            "ws": state.metrics.open_connections(Transport::Ws),
+            "sse": state.metrics.open_connections(Transport::Sse),
+            "poll": state.metrics.open_connections(Transport::Poll),
         },
         "totals": {
-            "publications": METRICS.publishes_stored.load(Ordering::Relaxed) + METRICS.publishes_volatile.load(Ordering::Relaxed),
+            "publications": state.metrics.publishes_stored.load(Ordering::Relaxed) + state.metrics.publishes_volatile.load(Ordering::Relaxed),
             "deliveries": state.hub.stats.deliveries.load(Ordering::Relaxed),
-            "slow_consumer_disconnects": switchboard_core::queue::SLOW_CONSUMER_CLOSES.load(Ordering::Relaxed),
+            "slow_consumer_disconnects": state.hub.stats.queues.slow_consumer_closes.load(Ordering::Relaxed),
         },
         "channels": top,
         "nodes": nodes,

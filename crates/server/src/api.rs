@@ -91,16 +91,16 @@ pub(crate) async fn publish_to(
         }
         let res = state.hub.broker().publish_volatile(&r.channel, switchboard_core::Kind::Volatile, data).await;
         if res.is_err() {
-            crate::metrics::METRICS.broker_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state.metrics.broker_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         res?;
-        crate::metrics::METRICS.publishes_volatile.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state.metrics.publishes_volatile.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return Ok(r#"{"volatile":true}"#.to_string());
     }
     let window = std::time::Duration::from_secs(state.config.limits.idempotency_window_secs);
     let started = std::time::Instant::now();
     let res = state.hub.broker().publish(&r.channel, data, &r.options.publish_options(key, window)).await;
-    let m = &*crate::metrics::METRICS;
+    let m = &*state.metrics;
     m.broker_publish.observe(started.elapsed());
     if res.is_err() {
         m.broker_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

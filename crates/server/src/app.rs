@@ -34,6 +34,8 @@ pub struct Inner {
     pub upgraded: ConnTracker,
     /// Token verification; `None` when `[auth]` names no algorithm.
     pub verifier: Option<crate::auth::Verifier>,
+    /// The clock token times are checked against (see [`crate::clock`]).
+    pub clock: Arc<crate::clock::Clock>,
     pub deny: crate::auth::DenyList,
     pub registry: Arc<crate::registry::Registry>,
     pub limits: Arc<crate::limits::ConnLimits>,
@@ -43,6 +45,8 @@ pub struct Inner {
     pub admin: crate::admin::AdminState,
     /// Seconds since the Unix epoch when this node started.
     pub started: u64,
+    /// This server's metrics (never shared with another server in the process).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Counts live upgraded connections so shutdown can wait for them.
@@ -98,15 +102,17 @@ impl AppState {
         dev: bool,
         hub: Arc<Hub>,
         presence: Arc<dyn switchboard_core::presence::PresenceManager>,
-        verifier: Option<crate::auth::Verifier>,
         shutdown: watch::Receiver<bool>,
         node_id: String,
-    ) -> Self {
+    ) -> Result<Self, String> {
         let limits = crate::limits::ConnLimits::new(&config.limits);
-        AppState {
+        let clock = Arc::new(crate::clock::Clock::default());
+        let verifier = crate::auth::Verifier::from_config(&config.auth, clock.clone())?;
+        Ok(AppState {
             inner: Arc::new(Inner {
                 config,
                 verifier,
+                clock,
                 deny: crate::auth::DenyList::default(),
                 registry: Arc::default(),
                 limits,
@@ -114,13 +120,14 @@ impl AppState {
                 node_id,
                 admin: Default::default(),
                 started: crate::auth::unix_now(),
+                metrics: Arc::default(),
                 dev,
                 hub,
                 shutdown,
                 draining: AtomicBool::new(false),
                 upgraded: ConnTracker::default(),
             }),
-        }
+        })
     }
 
     pub fn is_draining(&self) -> bool {
@@ -164,7 +171,17 @@ pub fn router(state: AppState) -> Router {
         .nest("/api", api)
         .fallback(|| async { ApiError::new(Code::NotFound, "no such endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::new(Code::MethodNotAllowed, "method not allowed here") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_errors))
         .with_state(state)
+}
+
+/// Counts every error response by its code in this server's metrics.
+async fn count_errors(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let r = next.run(req).await;
+    if let Some(crate::error::ErrorCode(code)) = r.extensions().get::<crate::error::ErrorCode>() {
+        state.metrics.error(code.as_str());
+    }
+    r
 }
 
 /// `/api/*` needs `Authorization: Bearer <one of api.keys>` unless the server runs with

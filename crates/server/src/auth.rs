@@ -7,23 +7,27 @@
 //! claims, not only the connect. docs/security.md has the threat model and the claims.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::Clock;
 use crate::config::{AuthConfig, NamespaceOptions};
 use crate::error::{ApiError, Code};
 use crate::session::Resolved;
 
 /// The claims Switchboard reads. Unknown claims are ignored.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Claims {
     /// The user id.
     pub sub: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// Not valid before, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     /// Channels (exact names, or prefixes ending in `*`) the client may use. Absent:
     /// whatever the namespaces allow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,9 +54,14 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Seconds until the token expires (0 if it already has).
-    pub fn expires_in(&self) -> Duration {
-        Duration::from_secs(self.exp.saturating_sub(unix_now()))
+    /// When the token expires, in milliseconds since the Unix epoch.
+    pub fn expires_at_ms(&self) -> u64 {
+        self.exp.saturating_mul(1000)
+    }
+
+    /// Milliseconds until the token expires on `clock` (0 if it already has).
+    pub fn expires_in_ms(&self, clock: &Clock) -> u64 {
+        self.expires_at_ms().saturating_sub(clock.now_ms())
     }
 }
 
@@ -60,15 +69,18 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Verifies tokens with the configured algorithm and key.
+/// Verifies tokens with the configured algorithm and key, and their times against the
+/// server's [`Clock`].
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    leeway: u64,
+    clock: Arc<Clock>,
 }
 
 impl Verifier {
     /// `None` when no algorithm is configured (token auth off).
-    pub fn from_config(c: &AuthConfig) -> Result<Option<Verifier>, String> {
+    pub fn from_config(c: &AuthConfig, clock: Arc<Clock>) -> Result<Option<Verifier>, String> {
         let Some(alg) = c.algorithm.as_deref() else { return Ok(None) };
         let (algorithm, key) = match alg {
             "HS256" => {
@@ -98,7 +110,10 @@ impl Verifier {
         };
         let mut validation = Validation::new(algorithm);
         validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = c.leeway_secs;
+        // Times are checked by `check_times`, against the server's clock and with
+        // checked arithmetic.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         match &c.audience {
             Some(a) => validation.set_audience(&[a]),
             None => validation.validate_aud = false,
@@ -106,22 +121,37 @@ impl Verifier {
         if let Some(i) = &c.issuer {
             validation.set_issuer(&[i]);
         }
-        Ok(Some(Verifier { key, validation }))
+        Ok(Some(Verifier { key, validation, leeway: c.leeway_secs, clock }))
+    }
+
+    /// `exp` and `nbf` against the server's clock, each with the configured leeway.
+    fn check_times(&self, c: &Claims) -> Result<(), ApiError> {
+        let now = self.clock.now_secs();
+        if c.exp.saturating_add(self.leeway) < now {
+            return Err(ApiError::new(Code::TokenExpired, "token expired"));
+        }
+        if c.nbf.is_some_and(|nbf| nbf > now.saturating_add(self.leeway)) {
+            return Err(ApiError::new(Code::TokenInvalid, "token not valid yet (nbf is in the future)"));
+        }
+        Ok(())
     }
 
     fn decode(&self, token: &str) -> Result<Claims, ApiError> {
         use jsonwebtoken::errors::ErrorKind as K;
-        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map(|d| d.claims).map_err(|e| {
-            let (code, what) = match e.kind() {
-                K::ExpiredSignature => (Code::TokenExpired, "token expired"),
-                K::InvalidAlgorithm => (Code::TokenInvalid, "token algorithm is not the configured one"),
-                K::InvalidSignature => (Code::TokenInvalid, "token signature does not verify"),
-                K::MissingRequiredClaim(_) => (Code::TokenInvalid, "token lacks a required claim (sub, exp)"),
-                K::InvalidAudience | K::InvalidIssuer => (Code::TokenInvalid, "token audience or issuer mismatch"),
-                _ => (Code::TokenInvalid, "malformed token"),
-            };
-            ApiError::new(code, format!("{what}: {e}"))
-        })
+        let claims =
+            jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map(|d| d.claims).map_err(|e| {
+                let (code, what) = match e.kind() {
+                    K::ExpiredSignature => (Code::TokenExpired, "token expired"),
+                    K::InvalidAlgorithm => (Code::TokenInvalid, "token algorithm is not the configured one"),
+                    K::InvalidSignature => (Code::TokenInvalid, "token signature does not verify"),
+                    K::MissingRequiredClaim(_) => (Code::TokenInvalid, "token lacks a required claim (sub, exp)"),
+                    K::InvalidAudience | K::InvalidIssuer => (Code::TokenInvalid, "token audience or issuer mismatch"),
+                    _ => (Code::TokenInvalid, "malformed token"),
+                };
+                ApiError::new(code, format!("{what}: {e}"))
+            })?;
+        self.check_times(&claims)?;
+        Ok(claims)
     }
 
     /// Checks a connection token.

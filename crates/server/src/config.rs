@@ -6,6 +6,12 @@
 //! comma-separated value becomes a list where the key expects one). Values are read as
 //! TOML scalars when they parse as one (numbers, booleans), else as strings.
 //! Unknown keys are errors, reported with their full path.
+//!
+//! A `SWITCHBOARD_*` variable is configuration only when its first segment names a
+//! top-level key ([`TOP_LEVEL_KEYS`]: `listen`, `limits`, `broker`, …). Any other
+//! (`SWITCHBOARD_TEST_REDIS`, a variable of the user's own) is left alone, and `serve`
+//! logs that it ignored it — so an unrelated variable can never stop a node from
+//! starting, while a typo inside a section (`SWITCHBOARD_BROKER__KNID`) still does.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,6 +24,22 @@ use switchboard_core::channel::ChannelName;
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+/// The top-level keys of [`Config`]; a unit test keeps this list equal to the struct.
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "strict_namespaces",
+    "defaults",
+    "namespaces",
+    "limits",
+    "sse",
+    "poll",
+    "ws",
+    "api",
+    "auth",
+    "security",
+    "broker",
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -38,6 +60,9 @@ pub struct Config {
     pub auth: AuthConfig,
     pub security: SecurityConfig,
     pub broker: BrokerConfig,
+    /// `SWITCHBOARD_*` variables that were not configuration (see the module docs).
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 impl Default for Config {
@@ -55,6 +80,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             security: SecurityConfig::default(),
             broker: BrokerConfig::default(),
+            ignored_env: Vec::new(),
         }
     }
 }
@@ -361,9 +387,14 @@ impl Config {
             None => (toml::Table::new(), "built-in defaults".to_string()),
         };
         let mut overridden = false;
+        let mut ignored = Vec::new();
         for (var, value) in env {
             let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if !TOP_LEVEL_KEYS.contains(&path[0].as_str()) {
+                ignored.push(var);
+                continue;
+            }
             if path.iter().any(|s| s.is_empty()) {
                 return Err(ConfigError::Env { var, message: "empty key segment".into() });
             }
@@ -373,12 +404,14 @@ impl Config {
         }
         let origin = if overridden { format!("{origin} + environment") } else { origin };
         let de = toml::Value::Table(table);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Key {
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Key {
             origin: origin.clone(),
             key: e.path().to_string(),
             message: e.inner().to_string(),
         })?;
         config.validate().map_err(|(key, message)| ConfigError::Key { origin, key, message })?;
+        ignored.sort();
+        config.ignored_env = ignored;
         Ok(config)
     }
 
@@ -440,7 +473,7 @@ impl Config {
         if self.defaults.queue_max_bytes == 0 {
             return Err(("defaults.queue_max_bytes".into(), "must be at least 1".into()));
         }
-        if let Err(e) = crate::auth::Verifier::from_config(&self.auth) {
+        if let Err(e) = crate::auth::Verifier::from_config(&self.auth, Default::default()) {
             return Err(("auth".into(), e));
         }
         for (i, k) in self.api.keys.iter().enumerate() {
@@ -555,6 +588,32 @@ mod tests {
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.namespace("chat").unwrap().history_size, 5);
         assert_eq!(c.api.keys.len(), 2);
+    }
+
+    #[test]
+    fn env_variables_outside_the_config_keys_are_ignored_not_fatal() {
+        let c = load_str(
+            "",
+            &[("SWITCHBOARD_TEST_REDIS", "redis://127.0.0.1:1"), ("SWITCHBOARD_LIMITS__MAX_CONNECTIONS", "7")],
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_connections, 7);
+        assert_eq!(c.ignored_env, vec!["SWITCHBOARD_TEST_REDIS".to_string()]);
+        // A typo inside a real section is still an error, with the variable named.
+        let e = load_str("", &[("SWITCHBOARD_BROKER__KNID", "redis")]).unwrap_err().to_string();
+        assert!(e.contains("knid"), "{e}");
+    }
+
+    #[test]
+    fn top_level_keys_list_every_field_of_the_config() {
+        // serde names the expected fields when it meets an unknown one.
+        let e = toml::from_str::<Config>("zz_not_a_key = 1").unwrap_err().to_string();
+        let expected = e.split("expected one of").nth(1).unwrap_or_else(|| panic!("{e}"));
+        let mut fields: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        let mut listed = TOP_LEVEL_KEYS.to_vec();
+        fields.sort();
+        listed.sort();
+        assert_eq!(fields, listed);
     }
 
     #[test]

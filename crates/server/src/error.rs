@@ -166,10 +166,15 @@ impl From<HubError> for ApiError {
     }
 }
 
+/// Marks a response as carrying this error code, so the router's error-counting layer
+/// ([`crate::app::router`]) can count it in the server's own metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub Code);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        crate::metrics::METRICS.error(self.code.as_str());
         let mut r = (self.code.status(), [("content-type", "application/json")], self.body()).into_response();
+        r.extensions_mut().insert(ErrorCode(self.code));
         if let Some(secs) = self.retry_after {
             r.headers_mut().insert("retry-after", axum::http::HeaderValue::from(secs));
         }

@@ -6,6 +6,7 @@ pub mod api;
 pub mod app;
 pub mod assets;
 pub mod auth;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod cursor;
@@ -80,9 +81,9 @@ impl Server {
             }
         };
         let hub = Hub::start(broker).await?;
-        let verifier = auth::Verifier::from_config(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let state = AppState::new(config, dev, hub, presence, verifier, shutdown_rx, node_id);
+        let state = AppState::new(config, dev, hub, presence, shutdown_rx, node_id)
+            .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         cluster::start(&state, listener.local_addr()?);
         admin::start_sampler(&state);
         Ok(Server { state, listener, shutdown_tx, drain_notice: Duration::ZERO })

@@ -166,6 +166,12 @@ fn main() -> ExitCode {
             if let Some(l) = listen {
                 cfg.listen = l;
             }
+            for var in &cfg.ignored_env {
+                tracing::warn!(
+                    "ignoring environment variable {var}: not configuration (its first segment names no \
+                     top-level key; see switchboard.example.toml)"
+                );
+            }
             if !dev && cfg.api.keys.is_empty() {
                 eprintln!(
                     "error: no server API keys configured. Set api.keys in the config file (or \
@@ -232,6 +238,7 @@ fn mint(
         info,
         jti,
         channel,
+        ..Default::default()
     };
     switchboard_server::auth::sign(&alg, &key, &claims)
 }

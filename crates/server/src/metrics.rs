@@ -1,13 +1,14 @@
-//! Prometheus metrics, in the text exposition format, from process-wide atomics.
+//! Prometheus metrics, in the text exposition format, from the server's own atomics.
 //!
-//! A handful of counters and gauges updated on hot paths with relaxed atomics, and
+//! Every server instance owns its [`Metrics`] (in its `AppState`), so two servers in one
+//! process — tests, embedders — never see each other's numbers. A handful of counters and gauges updated on hot paths with relaxed atomics, and
 //! histograms with fixed, explicit buckets. Rendering reads them (and the hub's own
 //! counters) at scrape time; nothing is allocated per message. Names and meanings are in
 //! docs/operations.md.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::app::AppState;
@@ -90,8 +91,14 @@ pub struct Metrics {
     errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Metrics {
             connections: Default::default(),
             handshakes: Default::default(),
@@ -112,10 +119,16 @@ impl Metrics {
     }
 
     /// Counts an open connection; the guard counts it out.
-    pub fn connection(&'static self, t: Transport) -> ConnectionGauge {
+    pub fn connection(self: &Arc<Self>, t: Transport) -> ConnectionGauge {
         self.connections[Self::idx(t)].fetch_add(1, Ordering::Relaxed);
         self.handshakes[Self::idx(t)].fetch_add(1, Ordering::Relaxed);
-        ConnectionGauge(t)
+        ConnectionGauge(self.clone(), t)
+    }
+
+    /// Counts a resume attempt's outcome.
+    pub fn resume(&self, recovered: bool) {
+        let c = if recovered { &self.resumes_recovered } else { &self.resumes_reset };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn error(&self, code: &'static str) {
@@ -131,22 +144,21 @@ impl Metrics {
     }
 }
 
-/// Counts a resume attempt's outcome.
-pub fn resume(recovered: bool) {
-    let c = if recovered { &METRICS.resumes_recovered } else { &METRICS.resumes_reset };
-    c.fetch_add(1, Ordering::Relaxed);
-}
-
 /// Decrements the connection gauge on drop.
-pub struct ConnectionGauge(Transport);
+pub struct ConnectionGauge(Arc<Metrics>, Transport);
 
-impl Drop for ConnectionGauge {
-    fn drop(&mut self) {
-        METRICS.connections[Metrics::idx(self.0)].fetch_sub(1, Ordering::Relaxed);
+impl ConnectionGauge {
+    /// The metrics this connection counts into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0
     }
 }
 
-pub static METRICS: std::sync::LazyLock<Metrics> = std::sync::LazyLock::new(Metrics::new);
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.connections[Metrics::idx(self.1)].fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -155,7 +167,8 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
 
 /// The whole exposition.
 pub fn render(state: &AppState) -> String {
-    let m = &*METRICS;
+    let m = &*state.metrics;
+    let queues = &state.hub.stats.queues;
     let mut out = String::with_capacity(8192);
     metric(
         &mut out,
@@ -217,11 +230,7 @@ pub fn render(state: &AppState) -> String {
         "counter",
         "Volatile messages dropped under backpressure.",
     );
-    let _ = writeln!(
-        out,
-        "switchboard_queue_dropped_volatile_total {}",
-        switchboard_core::queue::VOLATILE_DROPS.load(Ordering::Relaxed)
-    );
+    let _ = writeln!(out, "switchboard_queue_dropped_volatile_total {}", queues.volatile_drops.load(Ordering::Relaxed));
     metric(
         &mut out,
         "switchboard_slow_consumer_disconnects_total",
@@ -231,7 +240,7 @@ pub fn render(state: &AppState) -> String {
     let _ = writeln!(
         out,
         "switchboard_slow_consumer_disconnects_total {}",
-        switchboard_core::queue::SLOW_CONSUMER_CLOSES.load(Ordering::Relaxed)
+        queues.slow_consumer_closes.load(Ordering::Relaxed)
     );
     metric(
         &mut out,

@@ -160,7 +160,7 @@ pub async fn open(
         .chain(patterns.iter().map(|p| p.options.queue_max_bytes))
         .max()
         .unwrap_or(1 << 20);
-    let queue = ConnQueue::new(bound);
+    let queue = state.hub.queue(bound);
     let mut starts = Vec::with_capacity(channels.len());
     let mut handles = Vec::with_capacity(channels.len());
     for (i, r) in channels.iter().enumerate() {

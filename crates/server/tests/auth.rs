@@ -13,15 +13,11 @@ use switchboard_server::auth::{sign, unix_now, Claims};
 
 const SECRET: &str = "test-secret-0123456789abcdef0123456789";
 
+/// One hour, in milliseconds: how far tests move a server's clock.
+const HOUR_MS: i64 = 3_600_000;
+
 fn claims(user: &str, ttl: i64) -> Claims {
-    Claims {
-        sub: user.into(),
-        exp: (unix_now() as i64 + ttl) as u64,
-        channels: None,
-        info: None,
-        jti: None,
-        channel: None,
-    }
+    Claims { sub: user.into(), exp: (unix_now() as i64 + ttl) as u64, ..Default::default() }
 }
 
 fn hs(c: &Claims) -> String {
@@ -187,9 +183,16 @@ async fn channel_claims_user_channels_and_private_channels_are_enforced() {
 #[tokio::test]
 async fn an_expired_websocket_must_refresh_or_is_closed() {
     let s = TestServer::start(config(&hs_config(""))).await;
-    // Refreshes when asked: stays.
+    // The server's clock runs an hour behind while the clients connect, so no scheduling
+    // stall can expire their one-second tokens before the server has accepted them...
+    s.state.clock.shift(-HOUR_MS);
     let mut good = Connection::connect(&ws_url(&s)).await.unwrap();
     good.call(json!({"cmd": "connect", "token": hs(&claims("dave", 1))})).await.unwrap();
+    let mut lazy = Connection::connect(&ws_url(&s)).await.unwrap();
+    lazy.call(json!({"cmd": "connect", "token": hs(&claims("frank", 1))})).await.unwrap();
+    // ...then it catches up, and both tokens are past their expiry.
+    s.state.clock.shift(HOUR_MS);
+    // Refreshes when asked: stays.
     let ask = good.next_push().await.unwrap();
     assert_eq!(ask["refresh"]["reason"], "token_expired");
     let ok = good.call(json!({"cmd": "refresh", "token": hs(&claims("dave", 600))})).await.unwrap();
@@ -197,8 +200,6 @@ async fn an_expired_websocket_must_refresh_or_is_closed() {
     // Refreshing as someone else is refused.
     assert_eq!(code(good.call(json!({"cmd": "refresh", "token": hs(&claims("eve", 600))})).await), "token_invalid");
     // Does not refresh: closed with 4101 after the grace period.
-    let mut lazy = Connection::connect(&ws_url(&s)).await.unwrap();
-    lazy.call(json!({"cmd": "connect", "token": hs(&claims("frank", 1))})).await.unwrap();
     let closed = loop {
         match lazy.next_push().await {
             Ok(_) => continue,
@@ -213,8 +214,11 @@ async fn an_expired_websocket_must_refresh_or_is_closed() {
 #[tokio::test]
 async fn an_sse_stream_ends_when_its_token_expires() {
     let s = TestServer::start(config(&hs_config(""))).await;
+    s.state.clock.shift(-HOUR_MS);
     let t = hs(&claims("gina", 1));
     let mut sse = Sse::connect(&s, &format!("channel={}&token={t}", channel("secure")), None).await;
+    sse.next_named("subscribed").await;
+    s.state.clock.shift(HOUR_MS);
     let bye = sse.next_named("disconnect").await;
     assert_eq!(bye.json()["reason"], "token_expired");
     assert_eq!(bye.json()["reconnect"], true);

@@ -24,27 +24,51 @@ fn prefix() -> String {
     format!("sbcluster-{}-{}", std::process::id(), fastrand::u32(..))
 }
 
-/// One Switchboard node process.
+/// Polls `check` until it holds; fails the test, saying what it waited for, if it does
+/// not within `limit`. (Limits are generous: they catch a hang, they do not time
+/// anything.)
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One Switchboard node process. Its log goes to a file, printed when a test fails.
 struct Node {
     port: u16,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    log: std::path::PathBuf,
 }
 
 impl Node {
     fn start(port: u16, env: &[(String, String)]) -> Node {
-        let mut n = Node { port, child: None, env: env.to_vec() };
+        let log = std::env::temp_dir().join(format!("sbnode-{}-{port}.log", std::process::id()));
+        let mut n = Node { port, child: None, env: env.to_vec(), log };
         n.spawn();
         n
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(BIN)
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut cmd = Command::new(BIN);
+        // Only the configuration this test gives: nothing the test runner's own
+        // environment happens to hold.
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SWITCHBOARD_")) {
+            cmd.env_remove(k);
+        }
+        let child = cmd
             .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{}", self.port), "--drain-secs", "5"])
             .envs(self.env.iter().cloned())
             .env("SWITCHBOARD_BROKER__KIND", "redis")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         self.child = Some(child);
@@ -60,15 +84,11 @@ impl Node {
 
     async fn wait_ready(&self) {
         let http = reqwest::Client::new();
-        for _ in 0..1500 {
-            if let Ok(r) = http.get(format!("{}/readyz", self.base())).send().await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("node {} never became ready", self.port);
+        let url = format!("{}/readyz", self.base());
+        wait_until(&format!("node {} to report ready", self.port), Duration::from_secs(120), || async {
+            http.get(&url).send().await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
     }
 
     fn signal(&self, sig: &str) {
@@ -97,6 +117,15 @@ impl Drop for Node {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- node {} log (last {} lines) ---", self.port, tail.len());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -138,6 +167,12 @@ async fn publish(
     r.json().await.map_err(|e| e.to_string())
 }
 
+/// Subscribers of `ch` across the cluster, as node `base` reports them.
+async fn subscribers(http: &reqwest::Client, base: &str, ch: &str) -> Option<u64> {
+    let v: Value = http.get(format!("{base}/api/channels")).send().await.ok()?.json().await.ok()?;
+    v["channels"].as_array()?.iter().find(|c| c["channel"] == ch).and_then(|c| c["subscribers"].as_u64())
+}
+
 /// Reads the next `n` publication offsets (or fails on a close).
 async fn offsets(c: &mut Connection, n: usize) -> Vec<u64> {
     let mut v = Vec::new();
@@ -158,14 +193,10 @@ async fn a_publish_on_one_node_reaches_websocket_and_sse_subscribers_on_others_i
     let sse = http.get(format!("{}/sse?channel={ch}", nodes[2].base())).send().await.unwrap();
     let mut sse = futures_util::StreamExt::boxed(sse.bytes_stream());
     // Wait until node C has subscribed on Redis (its channel shows in the cluster view).
-    for _ in 0..500 {
-        let v: Value =
-            http.get(format!("{}/api/channels", nodes[0].base())).send().await.unwrap().json().await.unwrap();
-        if v["channels"].as_array().unwrap().iter().any(|c| c["channel"] == ch.as_str() && c["subscribers"] == 2) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("both subscribers in node A's cluster view", Duration::from_secs(120), || async {
+        subscribers(&http, &nodes[0].base(), &ch).await == Some(2)
+    })
+    .await;
     for i in 1..=50 {
         publish(&http, &nodes[0].base(), &ch, json!(i), None).await.unwrap();
     }
@@ -283,19 +314,10 @@ async fn a_rolling_restart_of_three_nodes_loses_and_duplicates_nothing_for_a_tho
         .collect();
     // Wait until all are subscribed somewhere.
     let http = reqwest::Client::new();
-    for _ in 0..600 {
-        let v: Value = http.get(format!("{}/api/channels", bases[0])).send().await.unwrap().json().await.unwrap();
-        let n = v["channels"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["channel"] == ch.as_str())
-            .map(|c| c["subscribers"].as_u64().unwrap());
-        if n == Some(1000) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until("1,000 clients subscribed across the cluster", Duration::from_secs(300), || async {
+        subscribers(&http, &bases[0], &ch).await == Some(1000)
+    })
+    .await;
     // A publisher that never gives up on a publication: it retries on another node with
     // the same idempotency key, so a retried publish is stored once.
     let stop = Arc::new(AtomicBool::new(false));
@@ -339,10 +361,13 @@ async fn a_rolling_restart_of_three_nodes_loses_and_duplicates_nothing_for_a_tho
     assert!(last > 50, "the publisher published only {last}");
     target.store(last, Ordering::SeqCst);
     done.store(true, Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(300);
     for (i, c) in clients.into_iter().enumerate() {
         let left = deadline.saturating_duration_since(Instant::now());
-        let (seen, resets) = tokio::time::timeout(left, c).await.expect("clients caught up in time").unwrap();
+        let (seen, resets) = tokio::time::timeout(left, c)
+            .await
+            .unwrap_or_else(|_| panic!("client {i} had not caught up to offset {last} after 300 s"))
+            .unwrap();
         assert_eq!(resets, 0, "client {i} was told to reset");
         let first = seen.first().copied().unwrap_or(1);
         assert_eq!(seen, (first..=last).collect::<Vec<_>>(), "client {i}: gap or duplicate");
@@ -381,14 +406,11 @@ async fn a_node_killed_with_sigkill_loses_its_presence_and_its_clients_resume_el
     assert_eq!(offsets(&mut doomed, 1).await, vec![1]);
     nodes[0].kill().await;
     // Nobody removed the dead node's entry: it lapses within its TTL.
-    let killed = Instant::now();
-    loop {
-        if stats(nodes[1].base()).await == 1 {
-            break;
-        }
-        assert!(killed.elapsed() < Duration::from_secs(15), "the dead node's presence never lapsed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until("the dead node's presence to lapse", Duration::from_secs(120), || {
+        let s = stats(nodes[1].base());
+        async move { s.await == 1 }
+    })
+    .await;
     for i in 2..=4 {
         publish(&http, &nodes[1].base(), &ch, json!(i), None).await.unwrap();
     }
@@ -425,13 +447,11 @@ impl Redis {
     }
 
     async fn wait_up(&self) {
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("redis-server did not start");
+        let port = self.port;
+        wait_until(&format!("redis-server to listen on {port}"), Duration::from_secs(60), || async move {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
     }
 }
 
@@ -469,7 +489,9 @@ async fn redis_stopping_for_ten_seconds_crashes_nothing_and_clients_end_consiste
     redis.stop();
     let down = Instant::now();
     let mut saw_not_ready = false;
-    while down.elapsed() < Duration::from_secs(10) {
+    // Down for at least 10 s, and until the nodes have noticed.
+    while down.elapsed() < Duration::from_secs(10) || !saw_not_ready {
+        assert!(down.elapsed() < Duration::from_secs(120), "/readyz never reported the outage (waited 120 s)");
         for n in &nodes {
             let h = http.get(format!("{}/healthz", n.base())).send().await.unwrap();
             assert_eq!(h.status(), 200, "a node died while Redis was down");
@@ -480,7 +502,6 @@ async fn redis_stopping_for_ten_seconds_crashes_nothing_and_clients_end_consiste
         assert!(failed.is_err(), "a publish succeeded with Redis down");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(saw_not_ready, "/readyz never reported the outage");
     // Redis comes back empty (it keeps nothing on disk): history is gone.
     let redis = Redis::start(port);
     redis.wait_up().await;

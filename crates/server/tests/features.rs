@@ -40,8 +40,7 @@ fn token(user: &str, channels: Option<Vec<&str>>) -> String {
         exp: unix_now() + 600,
         channels: channels.map(|v| v.into_iter().map(String::from).collect()),
         info: Some(json!({"name": user.to_uppercase()})),
-        jti: None,
-        channel: None,
+        ..Default::default()
     };
     sign("HS256", SECRET, &c).unwrap()
 }

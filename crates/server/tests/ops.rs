@@ -30,8 +30,8 @@ async fn scrape(s: &TestServer) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_a_scripted_session() {
+    // The metrics belong to this server alone: every count below starts at zero.
     let s = TestServer::start(config("[defaults]\nqueue_max_bytes = 65536\n[ws]\nsend_buffer_bytes = 8192\n")).await;
-    let before = scrape(&s).await;
     let ch = channel("m");
     let mut c = Connection::connect(&format!("ws://{}/ws", s.addr)).await.unwrap();
     let ok = c.subscribe(&ch, None).await.unwrap();
@@ -46,42 +46,72 @@ async fn metrics_follow_a_scripted_session() {
     let mut r = Connection::connect(&format!("ws://{}/ws", s.addr)).await.unwrap();
     r.subscribe(&ch, Some(&format!("{epoch}:2"))).await.unwrap();
     r.subscribe(&channel("m"), Some("otherepoch:3")).await.unwrap();
-    // An error code and a slow consumer.
+    // An error code.
     let _ = r.subscribe("bad name", None).await;
+    // Exactly one slow consumer, made slow on purpose: a tiny receive buffer, a channel
+    // of its own, and it never reads. ~300 KB is far over its 64 KiB queue plus every
+    // socket buffer on the way, on any machine; nobody else is on that channel.
+    let flood = channel("m");
     let mut slow = Connection::connect_with(
         &format!("ws://{}/ws", s.addr),
         ConnectOptions { recv_buffer: Some(4096), ..Default::default() },
     )
     .await
     .unwrap();
-    slow.subscribe(&ch, None).await.unwrap();
+    slow.subscribe(&flood, None).await.unwrap();
     let pad = "x".repeat(1000);
     for _ in 0..300 {
-        s.publish(&ch, json!(pad)).await;
+        s.publish(&flood, json!(pad)).await;
     }
     let after = scrape(&s).await;
-    let d = |series: &str| metric(&after, series) - metric(&before, series);
-    assert_eq!(metric(&after, "switchboard_connections{transport=\"ws\"}"), 3.0);
-    assert!(d("switchboard_handshakes_total{transport=\"ws\"}") >= 3.0);
-    assert!(d("switchboard_publications_total{kind=\"stored\"}") >= 305.0);
-    assert!(d("switchboard_deliveries_total") >= 5.0);
-    assert!(d("switchboard_bytes_out_total") > 0.0);
-    assert!(d("switchboard_resumes_total{outcome=\"recovered\"}") >= 1.0);
-    assert!(d("switchboard_resumes_total{outcome=\"reset\"}") >= 1.0);
-    assert!(d("switchboard_errors_total{code=\"invalid_channel\"}") >= 1.0);
-    assert!(d("switchboard_slow_consumer_disconnects_total") >= 1.0, "no slow-consumer drop counted");
-    assert!(metric(&after, "switchboard_broker_operation_duration_seconds_count{op=\"publish\"}") >= 305.0);
+    let m = |series: &str| metric(&after, series);
+    assert_eq!(m("switchboard_handshakes_total{transport=\"ws\"}"), 3.0);
+    assert_eq!(m("switchboard_publications_total{kind=\"stored\"}"), 305.0);
+    assert!(m("switchboard_deliveries_total") >= 5.0);
+    assert!(m("switchboard_bytes_out_total") > 0.0);
+    assert_eq!(m("switchboard_resumes_total{outcome=\"recovered\"}"), 1.0);
+    assert_eq!(m("switchboard_resumes_total{outcome=\"reset\"}"), 1.0);
+    assert_eq!(m("switchboard_errors_total{code=\"invalid_channel\"}"), 1.0);
+    assert_eq!(m("switchboard_slow_consumer_disconnects_total"), 1.0, "exactly the one slow client is closed");
+    assert_eq!(m("switchboard_broker_operation_duration_seconds_count{op=\"publish\"}"), 305.0);
     assert!(after.contains("switchboard_delivery_latency_seconds_bucket{le=\"+Inf\"}"));
-    assert!(metric(&after, "switchboard_channels") >= 1.0);
-    drop((c, r));
+    assert!(m("switchboard_channels") >= 1.0);
+    // The two well-behaved clients are untouched: still connected, still served.
+    assert_eq!(c.call(json!({"cmd": "ping"})).await.unwrap(), json!({}));
+    assert_eq!(r.call(json!({"cmd": "ping"})).await.unwrap(), json!({}));
+    drop((c, r, slow));
     // Connections leave the gauge when they close.
-    for _ in 0..200 {
-        if metric(&scrape(&s).await, "switchboard_connections{transport=\"ws\"}") <= 1.0 {
-            return;
+    let closed = wait_for_metric(&s, "switchboard_connections{transport=\"ws\"}", |v| v == 0.0).await;
+    assert!(closed, "closed connections still counted in switchboard_connections");
+    // An HTTP error is counted too, by the same code table.
+    let _ = s.http.get(s.url("/nowhere")).send().await.unwrap();
+    let after = scrape(&s).await;
+    assert_eq!(metric(&after, "switchboard_errors_total{code=\"not_found\"}"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_in_one_process_keep_their_own_metrics() {
+    let (a, b) = (TestServer::start(config("")).await, TestServer::start(config("")).await);
+    let mut c = Connection::connect(&format!("ws://{}/ws", a.addr)).await.unwrap();
+    c.subscribe(&channel("m"), None).await.unwrap();
+    a.publish(&channel("m"), json!(1)).await;
+    let (ta, tb) = (scrape(&a).await, scrape(&b).await);
+    assert_eq!(metric(&ta, "switchboard_connections{transport=\"ws\"}"), 1.0);
+    assert_eq!(metric(&tb, "switchboard_connections{transport=\"ws\"}"), 0.0);
+    assert_eq!(metric(&ta, "switchboard_publications_total{kind=\"stored\"}"), 1.0);
+    assert_eq!(metric(&tb, "switchboard_publications_total{kind=\"stored\"}"), 0.0);
+}
+
+/// Scrapes until `series` satisfies `ok` (true), or gives up after a minute (false).
+async fn wait_for_metric(s: &TestServer, series: &str, ok: impl Fn(f64) -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if ok(metric(&scrape(s).await, series)) {
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("closed connections still counted");
+    false
 }
 
 #[tokio::test]

@@ -82,9 +82,19 @@ pub(crate) fn authorize_subscribe_all(
     Ok(())
 }
 
+/// A token-expiry timer on the server's [`crate::clock::Clock`]. Boxed: only connections
+/// with a token carry one.
+pub(crate) type Timer = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>;
+
+/// A timer that fires when the server's clock reaches `deadline_ms` (Unix ms).
+pub(crate) fn timer(state: &AppState, deadline_ms: u64) -> Timer {
+    let clock = state.clock.clone();
+    Box::pin(async move { clock.sleep_until_ms(deadline_ms).await })
+}
+
 /// Waits on an optional timer (never resolves when there is none): a `select!` branch
 /// for token expiry that costs nothing on connections without a token.
-pub(crate) async fn maybe_sleep(t: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+pub(crate) async fn maybe_sleep(t: &mut Option<Timer>) {
     match t {
         Some(s) => s.as_mut().await,
         None => std::future::pending().await,

@@ -34,7 +34,7 @@ pub async fn handler(
     if !cfg.enabled {
         return Err(ApiError::new(Code::TransportDisabled, "the poll transport is disabled on this server"));
     }
-    let _gauge = crate::metrics::METRICS.connection(crate::metrics::Transport::Poll);
+    let _gauge = state.metrics.connection(crate::metrics::Transport::Poll);
     let q = Query::parse(raw.as_deref());
     let channels = session::resolve_channels(&state, &q.channels)?;
     let who = super::identity(&state, &headers, &q)?;

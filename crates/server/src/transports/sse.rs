@@ -77,10 +77,10 @@ pub async fn handler(
     tracing::debug!(channels = channels.len(), patterns = patterns.len(), "sse stream opened");
     let registration = who.as_ref().map(|w| state.registry.register(&w.user, w.jti.clone(), session.queue.clone()));
     // The stream ends when the token does; the client reconnects with a fresh one.
-    let expiry = who.as_ref().map(|w| Box::pin(tokio::time::sleep(w.expires_in())));
+    let expiry = who.as_ref().map(|w| super::timer(&state, w.expires_at_ms()));
     let stream =
         SseStream {
-            _gauge: crate::metrics::METRICS.connection(crate::metrics::Transport::Sse),
+            gauge: state.metrics.connection(crate::metrics::Transport::Sse),
             patterns: patterns.iter().map(|p| p.pattern.to_string()).collect(),
             _slot: slot,
             _registration: registration,
@@ -110,7 +110,7 @@ pub async fn handler(
         };
     let body = futures_util::stream::unfold(stream, |mut s| async move {
         let chunk = s.next_chunk().await?;
-        crate::metrics::METRICS.bytes_out.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        s.gauge.metrics().bytes_out.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Some((Ok::<_, std::convert::Infallible>(chunk), s))
     });
     Ok(Response::builder()
@@ -128,11 +128,11 @@ enum Phase {
 }
 
 struct SseStream {
-    _gauge: crate::metrics::ConnectionGauge,
+    gauge: crate::metrics::ConnectionGauge,
     patterns: Vec<String>,
     _slot: ConnSlot,
     _registration: Option<Registration>,
-    expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    expiry: Option<super::Timer>,
     channels: Vec<ChannelName>,
     positions: Vec<StreamPosition>,
     session: Session,

@@ -11,6 +11,8 @@ use tokio::sync::oneshot;
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The running server's state: its metrics, its clock.
+    pub state: switchboard_server::AppState,
     pub http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -25,6 +27,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server = Server::new(config, dev, listener).await.unwrap();
         let addr = server.local_addr().unwrap();
+        let state = server.state.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -37,7 +40,7 @@ impl TestServer {
                 .await
                 .unwrap();
         });
-        TestServer { addr, http: reqwest::Client::new(), stop: Some(tx), task: Some(task) }
+        TestServer { addr, state, http: reqwest::Client::new(), stop: Some(tx), task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -59,14 +59,15 @@ pub struct Ctx {
 pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
     let state = ctx.state.clone();
     let _tracked = state.upgraded.enter();
-    let _gauge = crate::metrics::METRICS.connection(crate::metrics::Transport::Ws);
+    let _gauge = state.metrics.connection(crate::metrics::Transport::Ws);
     let _ = stream.set_nodelay(true);
     if state.config.ws.send_buffer_bytes > 0 {
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(state.config.ws.send_buffer_bytes);
     }
     let (rd, wr) = stream.into_split();
-    let queue = ConnQueue::new(state.config.defaults.queue_max_bytes);
-    let mut writer = tokio::spawn(write_loop(wr, queue.clone(), ctx.deflate.then(|| state.clone())));
+    let queue = state.hub.queue(state.config.defaults.queue_max_bytes);
+    let mut writer =
+        tokio::spawn(write_loop(wr, queue.clone(), ctx.deflate.then(|| state.clone()), state.metrics.clone()));
     let mut conn = Conn {
         state: state.clone(),
         queue: queue.clone(),
@@ -140,7 +141,7 @@ struct Conn {
     registration: Option<Box<Registration>>,
     expiry: Expiry,
     /// Fires at the expiry deadline; only connections with a token have one.
-    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    timer: Option<super::super::Timer>,
 }
 
 /// Where the connection's token stands.
@@ -148,10 +149,10 @@ struct Conn {
 enum Expiry {
     /// Anonymous: nothing expires.
     None,
-    /// Valid until this instant.
-    Until(Instant),
-    /// Expired; the client was asked to `refresh` before this instant.
-    Grace(Instant),
+    /// Valid until this time (Unix ms on the server's clock).
+    Until(u64),
+    /// Expired; the client was asked to `refresh` before this time (Unix ms).
+    Grace(u64),
 }
 
 enum Read {
@@ -208,7 +209,7 @@ impl Conn {
                 Box::pin(self.subscribe(r, req, |o, ch| format!("{{\"subscribed\":{}}}", outcome_json(ch, o)))).await;
             if let Err(e) = res {
                 // The channel was checked at the handshake; this is the broker failing.
-                self.push_final(frame::text(protocol::error(None, &e).as_bytes()));
+                self.push_final(frame::text(self.error_reply(None, &e).as_bytes()));
                 return self.close_with(close::INTERNAL, "subscribe failed");
             }
         }
@@ -219,7 +220,7 @@ impl Conn {
                     format!("{{\"subscribed\":{{\"channel\":\"{raw}\",\"pattern\":true}}}}").as_bytes(),
                 )),
                 Err(e) => {
-                    self.push_final(frame::text(protocol::error(None, &e).as_bytes()));
+                    self.push_final(frame::text(self.error_reply(None, &e).as_bytes()));
                     return self.close_with(close::INTERNAL, "subscribe failed");
                 }
             }
@@ -261,24 +262,20 @@ impl Conn {
                     if r.is_err() {
                         return self.queue.close(CloseReason::Normal);
                     }
-                    match read_available(&rd, &mut reader, &mut incoming) {
-                        Read::Data => last_seen = Instant::now(),
-                        Read::WouldBlock => {}
-                        Read::Eof | Read::Failed => return self.queue.close(CloseReason::Normal),
-                        Read::Violation(v) => {
-                            // Handle what came before the violation, then close.
-                            for msg in std::mem::take(&mut incoming) {
-                                if let Incoming::Text(t) = msg {
-                                    if !Box::pin(self.command(&t)).await {
-                                        return;
-                                    }
-                                }
-                            }
-                            return self.violate(v);
-                        }
+                    let got = read_available(&rd, &mut reader, &mut incoming);
+                    if !self.after_read(got, &mut incoming, &mut last_seen).await {
+                        return;
                     }
                 }
                 _ = ping.tick() => {
+                    if last_seen.elapsed() >= interval * 3 {
+                        // A stall of this process must not count against the client:
+                        // what its socket already holds is a sign of life.
+                        let got = read_available(&rd, &mut reader, &mut incoming);
+                        if !self.after_read(got, &mut incoming, &mut last_seen).await {
+                            return;
+                        }
+                    }
                     if last_seen.elapsed() >= interval * 3 {
                         return self.close_with(close::HEARTBEAT_TIMEOUT, "heartbeat timeout: no frames for 3 ping intervals");
                     }
@@ -296,7 +293,7 @@ impl Conn {
                     match self.expiry {
                         Expiry::Until(_) => {
                             let grace = Duration::from_secs(self.state.config.auth.refresh_grace_secs);
-                            self.arm(Expiry::Grace(Instant::now() + grace));
+                            self.arm(Expiry::Grace(self.state.clock.now_ms().saturating_add(grace.as_millis() as u64)));
                             let v = serde_json::json!({"refresh": {"reason": "token_expired", "grace_ms": grace.as_millis() as u64}});
                             self.push(frame::text(v.to_string().as_bytes()));
                         }
@@ -307,10 +304,35 @@ impl Conn {
         }
     }
 
+    /// Accounts for one read from the socket. Returns false when the connection is over.
+    async fn after_read(&mut self, got: Read, incoming: &mut Vec<Incoming>, last_seen: &mut Instant) -> bool {
+        match got {
+            Read::Data => *last_seen = Instant::now(),
+            Read::WouldBlock => {}
+            Read::Eof | Read::Failed => {
+                self.queue.close(CloseReason::Normal);
+                return false;
+            }
+            Read::Violation(v) => {
+                // Handle what came before the violation, then close.
+                for msg in std::mem::take(incoming) {
+                    if let Incoming::Text(t) = msg {
+                        if !Box::pin(self.command(&t)).await {
+                            return false;
+                        }
+                    }
+                }
+                self.violate(v);
+                return false;
+            }
+        }
+        true
+    }
+
     fn arm(&mut self, expiry: Expiry) {
         self.expiry = expiry;
         self.timer = match expiry {
-            Expiry::Until(t) | Expiry::Grace(t) => Some(Box::pin(tokio::time::sleep_until(t))),
+            Expiry::Until(t) | Expiry::Grace(t) => Some(super::super::timer(&self.state, t)),
             Expiry::None => None,
         };
     }
@@ -318,7 +340,7 @@ impl Conn {
     /// Adopts a verified identity: registers the connection under its user (for
     /// `/api/disconnect`) and arms the expiry timer.
     fn set_identity(&mut self, who: Identity) {
-        self.arm(Expiry::Until(Instant::now() + who.expires_in()));
+        self.arm(Expiry::Until(who.expires_at_ms()));
         if self.registration.is_none() {
             self.registration =
                 Some(Box::new(self.state.registry.register(&who.user, who.jti.clone(), self.queue.clone())));
@@ -346,6 +368,12 @@ impl Conn {
         self.close_with(v.code, v.reason);
     }
 
+    /// An error reply, counted in the metrics by its code.
+    fn error_reply(&self, id: Option<u64>, e: &ApiError) -> String {
+        self.state.metrics.error(e.code.as_str());
+        protocol::error(id, e)
+    }
+
     fn reply(&self, text: String) {
         self.push(frame::text(text.as_bytes()));
     }
@@ -360,14 +388,14 @@ impl Conn {
             }
             let id = serde_json::from_str::<serde_json::Value>(text).ok().and_then(|v| v["id"].as_u64());
             let e = ApiError::new(Code::RateLimited, "too many commands; slow down");
-            self.reply(protocol::error(id, &e));
+            self.reply(self.error_reply(id, &e));
             return true;
         }
         self.rejected = 0;
         let (id, cmd) = match protocol::parse(text) {
             Ok(x) => x,
             Err((id, e)) => {
-                self.reply(protocol::error(id, &e));
+                self.reply(self.error_reply(id, &e));
                 return true;
             }
         };
@@ -462,7 +490,7 @@ impl Conn {
                                 self.set_identity(who);
                             }
                             let user = self.identity.as_deref().map(|w| w.user.clone());
-                            let expires = self.identity.as_deref().map(|w| w.expires_in().as_millis() as u64);
+                            let expires = self.identity.as_deref().map(|w| w.expires_in_ms(&self.state.clock));
                             Ok(Some(
                                 serde_json::json!({
                                     "client": self.client, "version": "v1", "user": user,
@@ -479,7 +507,7 @@ impl Conn {
                                 Code::TokenRevoked => close::DISCONNECTED,
                                 _ => close::TOKEN_INVALID,
                             };
-                            self.reply(protocol::error(id, &e));
+                            self.reply(self.error_reply(id, &e));
                             self.close_with(code, e.code.as_str());
                             return false;
                         }
@@ -491,7 +519,7 @@ impl Conn {
                     Err(ApiError::new(Code::TokenInvalid, "refresh token is for another user"))
                 }
                 Ok(who) => {
-                    let ms = who.expires_in().as_millis() as u64;
+                    let ms = who.expires_in_ms(&self.state.clock);
                     self.set_identity(who);
                     Ok(Some(format!("{{\"expires_in_ms\":{ms}}}")))
                 }
@@ -502,7 +530,7 @@ impl Conn {
         match result {
             Ok(Some(ok)) => self.reply(protocol::ok(id, &ok)),
             Ok(None) => {}
-            Err(e) => self.reply(protocol::error(id, &e)),
+            Err(e) => self.reply(self.error_reply(id, &e)),
         }
         true
     }
@@ -532,7 +560,7 @@ impl Conn {
         let resuming = req.since.is_some();
         let pending = self.state.hub.subscribe(r.channel.clone(), self.queue.clone(), req).await?;
         if resuming {
-            crate::metrics::resume(pending.outcome().recovered);
+            self.state.metrics.resume(pending.outcome().recovered);
         }
         self.reply(reply(pending.outcome(), &r.channel));
         let handle = pending.go_live();
@@ -653,14 +681,19 @@ fn disconnect_final(code: u16, reason: &str) -> Bytes {
 }
 
 /// The writer: drains everything queued into vectored writes until the queue closes.
-async fn write_loop(mut wr: OwnedWriteHalf, queue: Arc<ConnQueue>, deflate: Option<AppState>) {
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    queue: Arc<ConnQueue>,
+    deflate: Option<AppState>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
     let mut batch = Vec::new();
     let mut frames: Vec<Bytes> = Vec::new();
     loop {
         match queue.next_batch(&mut batch).await {
             Ok(()) => {
                 frames.extend(batch.drain(..).map(|e| encode(e, deflate.as_ref())));
-                let r = write_all(&mut wr, &frames).await;
+                let r = write_all(&mut wr, &frames, &metrics).await;
                 // Give the buffers back: most connections are idle most of the time, and
                 // an idle connection should hold no buffer.
                 batch = Vec::new();
@@ -693,7 +726,7 @@ async fn write_loop(mut wr: OwnedWriteHalf, queue: Arc<ConnQueue>, deflate: Opti
                     ],
                     CloseReason::Normal => Vec::new(),
                 };
-                let _ = write_all(&mut wr, &tail).await;
+                let _ = write_all(&mut wr, &tail, &metrics).await;
                 let _ = wr.shutdown().await;
                 return;
             }
@@ -702,7 +735,11 @@ async fn write_loop(mut wr: OwnedWriteHalf, queue: Arc<ConnQueue>, deflate: Opti
 }
 
 /// Writes every frame, many per system call.
-async fn write_all(wr: &mut OwnedWriteHalf, frames: &[Bytes]) -> std::io::Result<()> {
+async fn write_all(
+    wr: &mut OwnedWriteHalf,
+    frames: &[Bytes],
+    metrics: &crate::metrics::Metrics,
+) -> std::io::Result<()> {
     const MAX_IOV: usize = 256;
     let (mut i, mut off) = (0usize, 0usize);
     while i < frames.len() {
@@ -714,7 +751,7 @@ async fn write_all(wr: &mut OwnedWriteHalf, frames: &[Bytes]) -> std::io::Result
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        crate::metrics::METRICS.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        metrics.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         while n > 0 && i < frames.len() {
             let left = frames[i].len() - off;
             if n >= left {

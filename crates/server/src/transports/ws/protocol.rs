@@ -100,7 +100,6 @@ pub fn ok(id: Option<u64>, ok: &str) -> String {
 
 /// `{"id":…,"error":{"code","message"}}`.
 pub fn error(id: Option<u64>, e: &ApiError) -> String {
-    crate::metrics::METRICS.error(e.code.as_str());
     let err = serde_json::json!({"code": e.code.as_str(), "message": e.message});
     format!("{{\"id\":{},\"error\":{err}}}", id_json(id))
 }
