@@ -170,7 +170,8 @@ pub async fn history(State(state): State<AppState>, RawQuery(raw): RawQuery) -> 
     let q = Query::parse(raw.as_deref());
     let name = q.single_channel()?;
     let limit = q.int("limit", 1..=state.config.poll.max_limit as u64, Code::BadLimit)?;
-    let body = history_json(&state, name, q.get("since"), limit).await?;
+    let resolved = resolve_channel(&state, name)?;
+    let body = history_json(&state, &resolved, q.get("since"), limit).await?;
     Ok((StatusCode::OK, [("content-type", "application/json")], body).into_response())
 }
 
@@ -178,11 +179,10 @@ pub async fn history(State(state): State<AppState>, RawQuery(raw): RawQuery) -> 
 /// `{"publications":[…],"epoch","offset","recovered"}`.
 pub(crate) async fn history_json(
     state: &AppState,
-    channel: &str,
+    resolved: &crate::session::Resolved,
     since: Option<&str>,
     limit: Option<u64>,
 ) -> Result<Vec<u8>, ApiError> {
-    let resolved = resolve_channel(state, channel)?;
     if !resolved.options.keeps_history() {
         return Err(ApiError::new(
             Code::HistoryDisabled,

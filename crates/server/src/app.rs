@@ -4,13 +4,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
 use switchboard_core::Hub;
 use tokio::sync::watch;
 
+use crate::auth::Operation;
 use crate::config::Config;
 use crate::error::{ApiError, Code};
 use crate::{api, transports};
@@ -135,40 +137,90 @@ impl AppState {
     }
 }
 
+/// How a route is guarded. Every route declares one in [`table`], and the authorization
+/// matrix test walks that table: a route that reads or writes a channel cannot be added
+/// without saying which door it goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// Touches no channel's data: pages, assets, health, metrics.
+    Open,
+    /// The server API: `Authorization: Bearer <api key>` (anything goes under `--dev`);
+    /// trusted with every channel.
+    ApiKey,
+    /// A client operation: every channel the request names goes through
+    /// [`crate::auth::gate`] for this operation.
+    Channels(Operation),
+    /// The WebSocket endpoints: channels in the URL are gated as [`Operation::Subscribe`],
+    /// then each command on its own (see `transports::ws::protocol::COMMANDS`).
+    Commands,
+}
+
+/// One route of the HTTP surface.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    pub guard: Guard,
+}
+
+fn route<H, T>(method: Method, path: &'static str, guard: Guard, handler: H) -> (Route, MethodRouter<AppState>)
+where
+    H: axum::handler::Handler<T, AppState>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone()).expect("a method axum can route");
+    (Route { method, path, guard }, axum::routing::on(filter, handler))
+}
+
+/// The whole HTTP surface, in one place: method, path, guard, handler.
+fn table() -> Vec<(Route, MethodRouter<AppState>)> {
+    use Guard::{ApiKey, Channels, Commands, Open};
+    use Method as M;
+    vec![
+        route(M::GET, "/", Open, api::index),
+        route(M::GET, "/admin", Open, crate::admin::page),
+        route(M::GET, "/admin/api/stats", ApiKey, crate::admin::stats),
+        route(M::GET, "/healthz", Open, api::healthz),
+        route(M::GET, "/readyz", Open, api::readyz),
+        route(M::GET, "/metrics", Open, api::metrics),
+        route(M::GET, "/sse", Channels(Operation::Subscribe), transports::sse::handler),
+        route(M::GET, "/poll", Channels(Operation::Subscribe), transports::poll::handler),
+        route(M::GET, "/ws", Commands, transports::ws::handler),
+        route(M::GET, "/ws/echo", Open, transports::ws::echo_handler),
+        route(M::POST, "/publish", Channels(Operation::Publish), transports::client_http::publish),
+        route(M::GET, "/presence", Channels(Operation::Presence), transports::client_http::presence),
+        route(M::GET, "/presence_stats", Channels(Operation::PresenceStats), transports::client_http::presence_stats),
+        route(M::GET, "/client.js", Open, crate::assets::client_js),
+        route(M::GET, "/client.d.ts", Open, crate::assets::client_dts),
+        route(M::GET, "/demo/chat", Open, crate::assets::demo_chat),
+        route(M::POST, "/api/publish", ApiKey, api::publish),
+        route(M::POST, "/api/broadcast", ApiKey, api::broadcast),
+        route(M::GET, "/api/history", ApiKey, api::history),
+        route(M::GET, "/api/channels", ApiKey, api::channels),
+        route(M::GET, "/api/info", ApiKey, api::info),
+        route(M::GET, "/api/presence", ApiKey, api::presence),
+        route(M::GET, "/api/presence_stats", ApiKey, api::presence_stats),
+        route(M::POST, "/api/disconnect", ApiKey, api::disconnect),
+        route(M::POST, "/api/revoke", ApiKey, api::revoke),
+    ]
+}
+
+/// Every route and its guard (for the authorization matrix test and the docs).
+pub fn routes() -> Vec<Route> {
+    table().into_iter().map(|(r, _)| r).collect()
+}
+
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/publish", post(api::publish))
-        .route("/broadcast", post(api::broadcast))
-        .route("/history", get(api::history))
-        .route("/channels", get(api::channels))
-        .route("/info", get(api::info))
-        .route("/presence", get(api::presence))
-        .route("/presence_stats", get(api::presence_stats))
-        .route("/disconnect", post(api::disconnect))
-        .route("/revoke", post(api::revoke))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
-    let admin_api = Router::new()
-        .route("/stats", get(crate::admin::stats))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
-    Router::new()
-        .route("/", get(api::index))
-        .route("/admin", get(crate::admin::page))
-        .nest("/admin/api", admin_api)
-        .route("/healthz", get(api::healthz))
-        .route("/readyz", get(api::readyz))
-        .route("/metrics", get(api::metrics))
-        .route("/sse", get(transports::sse::handler))
-        .route("/poll", get(transports::poll::handler))
-        .route("/ws", get(transports::ws::handler))
-        .route("/ws/echo", get(transports::ws::echo_handler))
-        .route("/publish", post(transports::client_http::publish))
-        .route("/presence", get(transports::client_http::presence))
-        .route("/presence_stats", get(transports::client_http::presence_stats))
-        .route("/client.js", get(crate::assets::client_js))
-        .route("/client.d.ts", get(crate::assets::client_dts))
-        .route("/demo/chat", get(crate::assets::demo_chat))
-        .nest("/api", api)
+    let mut router = Router::new();
+    for (r, handler) in table() {
+        let handler = match r.guard {
+            Guard::ApiKey => handler.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key)),
+            _ => handler,
+        };
+        router = router.route(r.path, handler);
+    }
+    router
         .fallback(|| async { ApiError::new(Code::NotFound, "no such endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::new(Code::MethodNotAllowed, "method not allowed here") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_errors))

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Clock;
 use crate::config::{AuthConfig, NamespaceOptions};
 use crate::error::{ApiError, Code};
-use crate::session::Resolved;
+use crate::session::{Resolved, ResolvedPattern};
+use switchboard_core::pattern::{is_pattern, Pattern};
 
 /// The claims Switchboard reads. Unknown claims are ignored.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -28,6 +29,9 @@ pub struct Claims {
     /// Not valid before, seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
+    /// Issued at, seconds since the Unix epoch (a token from the future is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
     /// Channels (exact names, or prefixes ending in `*`) the client may use. Absent:
     /// whatever the namespaces allow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -38,7 +42,9 @@ pub struct Claims {
     /// Token id, for revocation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
-    /// Subscription tokens only: the one channel this token grants.
+    /// Subscription tokens only: the one channel this token grants. It is what tells
+    /// the two kinds apart: a token with `channel` never opens a connection, and one
+    /// without never grants a private channel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
 }
@@ -124,14 +130,19 @@ impl Verifier {
         Ok(Some(Verifier { key, validation, leeway: c.leeway_secs, clock }))
     }
 
-    /// `exp` and `nbf` against the server's clock, each with the configured leeway.
+    /// `exp`, `nbf` and `iat` against the server's clock, each with the configured
+    /// leeway, in arithmetic that cannot overflow whatever the token says.
     fn check_times(&self, c: &Claims) -> Result<(), ApiError> {
         let now = self.clock.now_secs();
         if c.exp.saturating_add(self.leeway) < now {
             return Err(ApiError::new(Code::TokenExpired, "token expired"));
         }
-        if c.nbf.is_some_and(|nbf| nbf > now.saturating_add(self.leeway)) {
+        let future = |t: Option<u64>| t.is_some_and(|t| t > now.saturating_add(self.leeway));
+        if future(c.nbf) {
             return Err(ApiError::new(Code::TokenInvalid, "token not valid yet (nbf is in the future)"));
+        }
+        if future(c.iat) {
+            return Err(ApiError::new(Code::TokenInvalid, "token issued in the future (iat)"));
         }
         Ok(())
     }
@@ -148,7 +159,9 @@ impl Verifier {
                     K::InvalidAudience | K::InvalidIssuer => (Code::TokenInvalid, "token audience or issuer mismatch"),
                     _ => (Code::TokenInvalid, "malformed token"),
                 };
-                ApiError::new(code, format!("{what}: {e}"))
+                // The library's own wording stays in the debug log: clients get ours.
+                tracing::debug!("token refused: {e}");
+                ApiError::new(code, what)
             })?;
         self.check_times(&claims)?;
         Ok(claims)
@@ -159,6 +172,12 @@ impl Verifier {
         let c = self.decode(token)?;
         if c.sub.is_empty() {
             return Err(ApiError::new(Code::TokenInvalid, "token `sub` is empty"));
+        }
+        if c.channel.is_some() {
+            return Err(ApiError::new(
+                Code::TokenInvalid,
+                "this is a subscription token (it has a `channel` claim): it cannot open a connection",
+            ));
         }
         Ok(Identity { user: c.sub, exp: c.exp, channels: c.channels, info: c.info, jti: c.jti })
     }
@@ -202,32 +221,76 @@ pub fn claim_matches(pattern: &str, channel: &str) -> bool {
     }
 }
 
-/// Why the check is being made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+/// Every operation a client can perform on a channel. Each one, on every transport,
+/// is decided by [`gate`] — and the authorization matrix test walks this list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// Receive a channel's publications (subscribe, SSE, poll).
     Subscribe,
+    /// Read a channel's retained publications.
+    History,
+    /// Read who is in a channel.
+    Presence,
+    /// Read how many are in a channel.
+    PresenceStats,
+    /// Publish to a channel.
     Publish,
 }
 
-/// The one place that decides whether `who` may subscribe to / publish on `r`.
-pub fn authorize(
-    who: Option<&Identity>,
-    r: &Resolved,
-    action: Action,
-    sub_token: Option<&str>,
+impl Operation {
+    pub const ALL: [Operation; 5] =
+        [Operation::Subscribe, Operation::History, Operation::Presence, Operation::PresenceStats, Operation::Publish];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Subscribe => "subscribe",
+            Operation::History => "history",
+            Operation::Presence => "presence",
+            Operation::PresenceStats => "presence_stats",
+            Operation::Publish => "publish",
+        }
+    }
+}
+
+/// What a client presents for one operation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    /// Its connection token, verified.
+    pub who: Option<&'a Identity>,
+    /// Subscription tokens it offers for private channels (the first that fits is used).
+    pub sub_tokens: &'a [String],
+    /// Its connection already holds a subscription to the channel (authorized with a
+    /// subscription token if the channel is private), so it need not show one again.
+    pub subscribed: bool,
+}
+
+/// The one door: may a client with `c` perform `op` on `r`? Every command, endpoint and
+/// transport that reads or writes a channel asks here (docs/security.md has the matrix).
+///
+/// - Namespaces with `require_token`, `user_limited` or `private` need a token.
+/// - A revoked token or user is refused.
+/// - A token with a `channels` claim reaches only the channels the claim lists.
+/// - `user_limited` channels (`ns:<user>`, `ns:<user>/…`) belong to their user alone.
+/// - `private` channels need a subscription token for that channel and user, for reads
+///   and writes alike — unless the connection already subscribed with one.
+/// - Publishing needs a namespace that allows client publishing.
+pub fn gate(
     verifier: Option<&Verifier>,
     deny: &DenyList,
+    op: Operation,
+    r: &Resolved,
+    c: &Credentials<'_>,
 ) -> Result<(), ApiError> {
     let ns: &NamespaceOptions = &r.options;
     let channel = r.channel.as_str();
-    if action == Action::Publish && !ns.allow_publish {
+    if op == Operation::Publish && !ns.allow_publish {
         return Err(ApiError::new(
             Code::PublishNotAllowed,
             format!("clients may not publish in namespace {:?}", r.channel.namespace()),
         ));
     }
     let needs_identity = ns.require_token || ns.user_limited || ns.private;
-    let Some(who) = who else {
+    let Some(who) = c.who else {
         if needs_identity {
             return Err(ApiError::new(
                 Code::TokenRequired,
@@ -250,29 +313,56 @@ pub fn authorize(
             return Err(ApiError::new(Code::PermissionDenied, format!("{channel:?} belongs to another user")));
         }
     }
-    if ns.private && action == Action::Subscribe {
-        let token = sub_token.ok_or_else(|| {
-            ApiError::new(
+    if ns.private && !c.subscribed {
+        if c.sub_tokens.is_empty() {
+            return Err(ApiError::new(
                 Code::SubscriptionTokenRequired,
-                format!("{channel:?} is private: subscribe with a subscription token"),
-            )
-        })?;
+                format!("{channel:?} is private: present a subscription token for it"),
+            ));
+        }
         let verifier =
             verifier.ok_or_else(|| ApiError::new(Code::SubscriptionTokenInvalid, "token auth is not configured"))?;
-        verifier.subscription(token, &who.user, channel)?;
+        let mut last = None;
+        for t in c.sub_tokens {
+            match verifier.subscription(t, &who.user, channel) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        return Err(last.expect("at least one subscription token was tried"));
     }
     Ok(())
 }
 
-/// Authorizes a wildcard subscription: the pattern itself must be covered by the
-/// token's `channels` claim (only prefix claims can cover a pattern), and it may not
-/// reach into private namespaces or other users' channels — which makes every channel it
-/// can match authorized too.
-pub fn authorize_pattern(
-    who: Option<&Identity>,
-    p: &crate::session::ResolvedPattern,
-    deny: &DenyList,
-) -> Result<(), ApiError> {
+impl crate::app::AppState {
+    /// [`gate`] with this server's verifier and deny list.
+    pub fn gate(&self, op: Operation, r: &Resolved, c: &Credentials<'_>) -> Result<(), ApiError> {
+        gate(self.verifier.as_ref(), &self.deny, op, r, c)
+    }
+}
+
+/// The part every channel matched by `p` starts with: its namespace and literal
+/// segments, with the `/` that follows them only when at least one more segment must
+/// come (`+`). `#` also matches zero segments, so `ns:x/#` matches `ns:x` itself: its
+/// common prefix is `ns:x`, not `ns:x/`.
+fn pattern_common_prefix(p: &Pattern) -> String {
+    let raw = p.as_str();
+    let (_, rest) = raw.split_once(':').expect("a pattern has a namespace");
+    let segs: Vec<&str> = rest.split('/').collect();
+    let literal = segs.iter().take_while(|s| !is_pattern(s)).count();
+    let mut out = format!("{}:{}", p.namespace(), segs[..literal].join("/"));
+    if literal > 0 && segs.get(literal) == Some(&"+") {
+        out.push('/');
+    }
+    out
+}
+
+/// Authorizes a wildcard subscription (live-only: patterns only subscribe). A pattern
+/// reaches every channel it can match, so it is allowed only when each of those would
+/// be: a token's `channels` claim must cover them all (only a prefix claim can, and only
+/// one that every match starts with), it may not reach into private namespaces, and in
+/// `user_limited` namespaces it must stay inside the user's own channels.
+pub fn gate_pattern(who: Option<&Identity>, p: &ResolvedPattern, deny: &DenyList) -> Result<(), ApiError> {
     let ns = &p.options;
     let raw = p.pattern.as_str();
     if ns.private {
@@ -290,8 +380,13 @@ pub fn authorize_pattern(
     };
     deny.check(who)?;
     if let Some(allowed) = &who.channels {
-        if !allowed.iter().any(|c| claim_matches(c, raw)) {
-            return Err(ApiError::new(Code::PermissionDenied, format!("the token does not grant the pattern {raw:?}")));
+        let common = pattern_common_prefix(&p.pattern);
+        let covered = allowed.iter().any(|c| c.strip_suffix('*').is_some_and(|prefix| common.starts_with(prefix)));
+        if !covered {
+            return Err(ApiError::new(
+                Code::PermissionDenied,
+                format!("the token does not grant every channel the pattern {raw:?} matches"),
+            ));
         }
     }
     if ns.user_limited && p.pattern.literal_prefix().first().copied() != Some(who.user.as_str()) {

@@ -235,7 +235,17 @@ async fn bad_and_too_broad_patterns_are_refused() {
     let mut limited = Connection::connect(&format!("ws://{}/ws", s.addr)).await.unwrap();
     limited.call(json!({"cmd": "connect", "token": token("jack", Some(vec!["secret:room1/*"]))})).await.unwrap();
     assert_eq!(err_code(limited.subscribe("secret:#", None).await), "permission_denied");
-    limited.subscribe("secret:room1/#", None).await.unwrap();
+    // `#` matches zero segments: `secret:room1/#` would also deliver `secret:room1`,
+    // which `secret:room1/*` does not grant.
+    assert_eq!(err_code(limited.subscribe("secret:room1/#", None).await), "permission_denied");
+    limited.subscribe("secret:room1/+", None).await.unwrap();
+    limited.subscribe("secret:room1/+/#", None).await.unwrap();
+    // A claim that covers the room itself covers the pattern, and delivers the room.
+    let mut wide = Connection::connect(&format!("ws://{}/ws", s.addr)).await.unwrap();
+    wide.call(json!({"cmd": "connect", "token": token("jack", Some(vec!["secret:room1*"]))})).await.unwrap();
+    wide.subscribe("secret:room1/#", None).await.unwrap();
+    s.publish("secret:room1", json!("in the room itself")).await;
+    assert_eq!(wide.next_pub().await.unwrap()["channel"], "secret:room1");
     let mut anon = Connection::connect(&format!("ws://{}/ws", s.addr)).await.unwrap();
     assert_eq!(err_code(anon.subscribe("secret:#", None).await), "token_required");
 }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::app::AppState;
-use crate::auth::{self, Action};
+use crate::auth::{Credentials, Operation};
 use crate::error::{ApiError, Code};
 use crate::session::{resolve_channel, Query};
 
@@ -45,13 +45,19 @@ pub async fn publish(
         ApiError::new(code, format!("request body: {e}"))
     })?;
     let r = resolve_channel(&state, &b.channel)?;
-    auth::authorize(who.as_ref(), &r, Action::Publish, None, state.verifier.as_ref(), &state.deny)?;
+    let sub_tokens = q.all("sub_token");
+    state.gate(
+        Operation::Publish,
+        &r,
+        &Credentials { who: who.as_ref(), sub_tokens: &sub_tokens, subscribed: false },
+    )?;
     let data = crate::api::payload(&state, b.data)?;
     Ok(json(crate::api::publish_to(&state, &r, data, b.volatile, b.key).await?))
 }
 
 async fn presence_common(
     state: &AppState,
+    op: Operation,
     raw: Option<String>,
     headers: &axum::http::HeaderMap,
 ) -> Result<crate::session::Resolved, ApiError> {
@@ -59,8 +65,8 @@ async fn presence_common(
     let name = q.single_channel()?;
     let who = super::identity(state, headers, &q)?;
     let r = resolve_channel(state, name)?;
-    let sub_token = q.get("sub_token");
-    auth::authorize(who.as_ref(), &r, Action::Subscribe, sub_token, state.verifier.as_ref(), &state.deny)?;
+    let sub_tokens = q.all("sub_token");
+    state.gate(op, &r, &Credentials { who: who.as_ref(), sub_tokens: &sub_tokens, subscribed: false })?;
     Ok(r)
 }
 
@@ -70,7 +76,7 @@ pub async fn presence(
     RawQuery(raw): RawQuery,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let r = presence_common(&state, raw, &headers).await?;
+    let r = presence_common(&state, Operation::Presence, raw, &headers).await?;
     Ok(json(crate::presence::members_json(&state, &r).await?))
 }
 
@@ -80,6 +86,6 @@ pub async fn presence_stats(
     RawQuery(raw): RawQuery,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let r = presence_common(&state, raw, &headers).await?;
+    let r = presence_common(&state, Operation::PresenceStats, raw, &headers).await?;
     Ok(json(crate::presence::stats_json(&state, &r).await?))
 }

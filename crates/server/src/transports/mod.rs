@@ -10,7 +10,7 @@ pub mod ws;
 use axum::http::{Extensions, HeaderMap};
 
 use crate::app::AppState;
-use crate::auth::{self, Action, Identity};
+use crate::auth::{self, Identity, Operation};
 use crate::error::{ApiError, Code};
 use crate::limits::{ConnSlot, PeerAddr};
 use crate::session::{Query, Resolved};
@@ -50,36 +50,14 @@ pub(crate) fn verify(state: &AppState, token: &str) -> Result<Identity, ApiError
     Ok(who)
 }
 
-/// Authorizes `who` to subscribe to every channel; private channels take the first of
-/// `sub_tokens` that was issued for them.
-pub(crate) fn authorize_subscribe_all(
+/// Asks the gate ([`auth::gate`]) about `op` on every channel of a request.
+pub(crate) fn gate_all(
     state: &AppState,
-    who: Option<&Identity>,
+    op: Operation,
     channels: &[Resolved],
-    sub_tokens: &[String],
+    c: &auth::Credentials<'_>,
 ) -> Result<(), ApiError> {
-    for r in channels {
-        let mut last_err = None;
-        let candidates: Vec<Option<&str>> = if r.options.private && !sub_tokens.is_empty() {
-            sub_tokens.iter().map(|t| Some(t.as_str())).collect()
-        } else {
-            vec![None]
-        };
-        let mut ok = false;
-        for t in candidates {
-            match auth::authorize(who, r, Action::Subscribe, t, state.verifier.as_ref(), &state.deny) {
-                Ok(()) => {
-                    ok = true;
-                    break;
-                }
-                Err(e) => last_err = Some(e),
-            }
-        }
-        if !ok {
-            return Err(last_err.expect("at least one candidate was tried"));
-        }
-    }
-    Ok(())
+    channels.iter().try_for_each(|r| state.gate(op, r, c))
 }
 
 /// A token-expiry timer on the server's [`crate::clock::Clock`]. Boxed: only connections

@@ -38,7 +38,9 @@ pub async fn handler(
     let q = Query::parse(raw.as_deref());
     let channels = session::resolve_channels(&state, &q.channels)?;
     let who = super::identity(&state, &headers, &q)?;
-    super::authorize_subscribe_all(&state, who.as_ref(), &channels, &q.all("sub_token"))?;
+    let sub_tokens = q.all("sub_token");
+    let cred = crate::auth::Credentials { who: who.as_ref(), sub_tokens: &sub_tokens, subscribed: false };
+    super::gate_all(&state, crate::auth::Operation::Subscribe, &channels, &cred)?;
     if let Some(r) = channels.iter().find(|r| !r.options.keeps_history()) {
         return Err(ApiError::new(
             Code::HistoryDisabled,

@@ -59,9 +59,11 @@ pub async fn handler(
         return Err(ApiError::new(Code::InvalidRequest, "name at least one channel: ?channel=NAME"));
     }
     let who = super::identity(&state, &headers, &q)?;
-    super::authorize_subscribe_all(&state, who.as_ref(), &channels, &q.all("sub_token"))?;
+    let sub_tokens = q.all("sub_token");
+    let cred = crate::auth::Credentials { who: who.as_ref(), sub_tokens: &sub_tokens, subscribed: false };
+    super::gate_all(&state, crate::auth::Operation::Subscribe, &channels, &cred)?;
     for p in &patterns {
-        crate::auth::authorize_pattern(who.as_ref(), p, &state.deny)?;
+        crate::auth::gate_pattern(who.as_ref(), p, &state.deny)?;
     }
     let header_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty());
     let given = header_id.or_else(|| q.get("last_event_id").filter(|s| !s.is_empty()));

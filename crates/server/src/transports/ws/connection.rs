@@ -24,7 +24,7 @@ use super::frame::{self, close, FrameReader, Incoming, Violation};
 use super::protocol::{self, Command};
 use crate::api;
 use crate::app::AppState;
-use crate::auth::{self, Action, Identity};
+use crate::auth::{self, Identity, Operation};
 use crate::cursor;
 use crate::error::{ApiError, Code};
 use crate::limits::ConnSlot;
@@ -409,7 +409,7 @@ impl Conn {
                         ));
                     }
                     let p = resolve_pattern(&self.state, &channel)?;
-                    auth::authorize_pattern(self.identity.as_deref(), &p, &self.state.deny)?;
+                    auth::gate_pattern(self.identity.as_deref(), &p, &self.state.deny)?;
                     Ok(p)
                 }
                 .await;
@@ -423,17 +423,9 @@ impl Conn {
             }
             Command::Subscribe { channel, since, rewind, token } => {
                 let r = async {
-                    let resolved = resolve_channel(&self.state, &channel)?;
+                    let resolved = self.gated(Operation::Subscribe, &channel, token)?;
                     let since = since.as_deref().map(cursor::parse_position).transpose()?;
                     let rewind = session::check_rewind(std::slice::from_ref(&resolved), rewind)?;
-                    auth::authorize(
-                        self.identity.as_deref(),
-                        &resolved,
-                        Action::Subscribe,
-                        token.as_deref(),
-                        self.state.verifier.as_ref(),
-                        &self.state.deny,
-                    )?;
                     let req = session::subscribe_request(&resolved, since, rewind);
                     Ok::<_, ApiError>((resolved, req))
                 }
@@ -458,19 +450,28 @@ impl Conn {
                     None => Err(ApiError::new(Code::NotSubscribed, format!("not subscribed to {channel:?}"))),
                 })
             }
-            Command::Publish { channel, data, volatile, key } => {
-                self.publish(&channel, data, volatile, key).await.map(Some)
+            Command::Publish { channel, data, volatile, key, token } => {
+                match self.gated(Operation::Publish, &channel, token) {
+                    Ok(r) => match api::payload(&self.state, data) {
+                        Ok(data) => api::publish_to(&self.state, &r, data, volatile, key).await.map(Some),
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                }
             }
-            Command::History { channel, since, limit } => {
-                api::history_json(&self.state, &channel, since.as_deref(), limit)
-                    .await
-                    .map(|b| Some(String::from_utf8(b).expect("history JSON is UTF-8")))
+            Command::History { channel, since, limit, token } => {
+                match self.gated(Operation::History, &channel, token) {
+                    Ok(r) => api::history_json(&self.state, &r, since.as_deref(), limit)
+                        .await
+                        .map(|b| Some(String::from_utf8(b).expect("history JSON is UTF-8"))),
+                    Err(e) => Err(e),
+                }
             }
-            Command::Presence { channel } => match self.presence_target(&channel) {
+            Command::Presence { channel, token } => match self.gated(Operation::Presence, &channel, token) {
                 Ok(r) => crate::presence::members_json(&self.state, &r).await.map(Some),
                 Err(e) => Err(e),
             },
-            Command::PresenceStats { channel } => match self.presence_target(&channel) {
+            Command::PresenceStats { channel, token } => match self.gated(Operation::PresenceStats, &channel, token) {
                 Ok(r) => crate::presence::stats_json(&self.state, &r).await.map(Some),
                 Err(e) => Err(e),
             },
@@ -590,41 +591,17 @@ impl Conn {
         Ok(())
     }
 
-    /// A channel whose presence this connection may read: one it is subscribed to, or
-    /// one it would be allowed to subscribe to without a subscription token.
-    fn presence_target(&self, channel: &str) -> Result<Resolved, ApiError> {
+    /// Resolves `channel` and asks the gate whether this connection may perform `op` on
+    /// it: every channel command goes through here. `token` is a subscription token.
+    fn gated(&self, op: Operation, channel: &str, token: Option<String>) -> Result<Resolved, ApiError> {
         let r = resolve_channel(&self.state, channel)?;
-        if !self.subs.contains_key(&r.channel) {
-            auth::authorize(
-                self.identity.as_deref(),
-                &r,
-                Action::Subscribe,
-                None,
-                self.state.verifier.as_ref(),
-                &self.state.deny,
-            )?;
-        }
+        let cred = auth::Credentials {
+            who: self.identity.as_deref(),
+            sub_tokens: token.as_slice(),
+            subscribed: self.subs.contains_key(&r.channel),
+        };
+        self.state.gate(op, &r, &cred)?;
         Ok(r)
-    }
-
-    async fn publish(
-        &self,
-        channel: &str,
-        data: &serde_json::value::RawValue,
-        volatile: Option<bool>,
-        key: Option<String>,
-    ) -> Result<String, ApiError> {
-        let r = resolve_channel(&self.state, channel)?;
-        auth::authorize(
-            self.identity.as_deref(),
-            &r,
-            Action::Publish,
-            None,
-            self.state.verifier.as_ref(),
-            &self.state.deny,
-        )?;
-        let data = api::payload(&self.state, data)?;
-        api::publish_to(&self.state, &r, data, volatile, key).await
     }
 }
 

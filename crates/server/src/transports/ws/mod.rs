@@ -105,9 +105,11 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
     let (url_channels, url_patterns) =
         if q.channels.is_empty() { (Vec::new(), Vec::new()) } else { session::resolve_mixed(&state, &q.channels)? };
     let identity = super::identity(&state, headers, &q)?;
-    super::authorize_subscribe_all(&state, identity.as_ref(), &url_channels, &q.all("sub_token"))?;
+    let sub_tokens = q.all("sub_token");
+    let cred = crate::auth::Credentials { who: identity.as_ref(), sub_tokens: &sub_tokens, subscribed: false };
+    super::gate_all(&state, crate::auth::Operation::Subscribe, &url_channels, &cred)?;
     for p in &url_patterns {
-        crate::auth::authorize_pattern(identity.as_ref(), p, &state.deny)?;
+        crate::auth::gate_pattern(identity.as_ref(), p, &state.deny)?;
     }
     let url_cursor = match q.get("since").filter(|s| !s.is_empty()) {
         Some(_) if url_channels.is_empty() => {

@@ -4,20 +4,43 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::auth::Operation;
 use crate::error::{ApiError, Code};
 
-/// A command, parsed and checked for its required fields.
+/// Every command name. The authorization matrix test walks this list: a new command
+/// must say there whether it touches a channel (and so goes through the gate).
+pub const COMMANDS: &[&str] =
+    &["connect", "refresh", "subscribe", "unsubscribe", "publish", "history", "presence", "presence_stats", "ping"];
+
+/// A command, parsed and checked for its required fields. `token` on a channel command
+/// is a subscription token, for private channels.
 #[derive(Debug)]
 pub enum Command<'a> {
     Connect { token: Option<String>, client: Option<serde_json::Value> },
     Subscribe { channel: String, since: Option<String>, rewind: Option<u64>, token: Option<String> },
     Refresh { token: String },
     Unsubscribe { channel: String },
-    Publish { channel: String, data: &'a RawValue, volatile: Option<bool>, key: Option<String> },
-    PresenceStats { channel: String },
-    History { channel: String, since: Option<String>, limit: Option<u64> },
-    Presence { channel: String },
+    Publish { channel: String, data: &'a RawValue, volatile: Option<bool>, key: Option<String>, token: Option<String> },
+    PresenceStats { channel: String, token: Option<String> },
+    History { channel: String, since: Option<String>, limit: Option<u64>, token: Option<String> },
+    Presence { channel: String, token: Option<String> },
     Ping,
+}
+
+impl Command<'_> {
+    /// The channel operation the command performs — decided by [`crate::auth::gate`] —
+    /// or `None` for commands that read and write no channel.
+    pub fn operation(&self) -> Option<Operation> {
+        match self {
+            Command::Subscribe { .. } => Some(Operation::Subscribe),
+            Command::Publish { .. } => Some(Operation::Publish),
+            Command::History { .. } => Some(Operation::History),
+            Command::Presence { .. } => Some(Operation::Presence),
+            Command::PresenceStats { .. } => Some(Operation::PresenceStats),
+            // Unsubscribe only ends what the gate let in.
+            Command::Connect { .. } | Command::Refresh { .. } | Command::Unsubscribe { .. } | Command::Ping => None,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -75,11 +98,13 @@ pub fn parse(text: &str) -> Parsed<'_> {
         "publish" => {
             let channel = need(w.channel, "channel")?;
             let data = w.data.ok_or_else(|| (id, ApiError::new(Code::InvalidRequest, "`publish` needs `data`")))?;
-            Command::Publish { channel, data, volatile: w.volatile, key: w.key }
+            Command::Publish { channel, data, volatile: w.volatile, key: w.key, token: w.token }
         }
-        "history" => Command::History { channel: need(w.channel, "channel")?, since: w.since, limit: w.limit },
-        "presence" => Command::Presence { channel: need(w.channel, "channel")? },
-        "presence_stats" => Command::PresenceStats { channel: need(w.channel, "channel")? },
+        "history" => {
+            Command::History { channel: need(w.channel, "channel")?, since: w.since, limit: w.limit, token: w.token }
+        }
+        "presence" => Command::Presence { channel: need(w.channel, "channel")?, token: w.token },
+        "presence_stats" => Command::PresenceStats { channel: need(w.channel, "channel")?, token: w.token },
         "ping" => Command::Ping,
         other => {
             let shown: String = other.chars().take(32).collect();
@@ -127,6 +152,19 @@ mod tests {
         assert_eq!((id, e.code), (None, Code::InvalidJson));
         let (_, e) = parse(r#"{"id":1,"cmd":"publish","channel":"a"}"#).unwrap_err();
         assert_eq!(e.code, Code::InvalidRequest);
+    }
+
+    #[test]
+    fn every_listed_command_parses_and_no_other_does() {
+        for name in COMMANDS {
+            let text = format!(r#"{{"id":1,"cmd":"{name}","channel":"a","token":"t","data":1}}"#);
+            match parse(&text) {
+                Err((_, e)) => assert_ne!(e.code, Code::UnknownCommand, "{name}"),
+                Ok(_) => {}
+            }
+        }
+        let (_, e) = parse(r#"{"id":1,"cmd":"unlisted"}"#).unwrap_err();
+        assert_eq!(e.code, Code::UnknownCommand);
     }
 
     #[test]

@@ -1,0 +1,349 @@
+//! The authorization matrix: every operation that reads or writes a channel, on every
+//! transport that offers it, for every kind of namespace and every kind of caller — each
+//! cell with the answer docs/security.md promises. All of them go through one gate
+//! (`auth::gate`); this test is how we know none goes around it.
+//!
+//! The table is also a census: every route of the HTTP surface (`app::routes`) and every
+//! WebSocket command (`protocol::COMMANDS`) must appear below, so a new way to reach a
+//! channel cannot land without its rows.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{config, TestServer};
+use serde_json::{json, Value};
+use switchboard_client::{ClientError, Connection, WsError};
+use switchboard_server::app::{routes, Guard};
+use switchboard_server::auth::{sign, unix_now, Claims, Operation};
+use switchboard_server::transports::ws::protocol::COMMANDS;
+
+const SECRET: &str = "matrix-secret-0123456789abcdef0123456789";
+const API_KEY: &str = "matrix-api-key-0123456789";
+
+/// A namespace of each kind, and the channel of it every cell uses.
+const NAMESPACES: [(&str, &str); 4] = [
+    ("public", "open:room"),
+    ("require_token", "secure:room"),
+    ("user_limited", "user:alice"),
+    ("private", "vip:lounge"),
+];
+
+fn server_config() -> String {
+    format!(
+        r#"
+[api]
+keys = ["{API_KEY}"]
+[auth]
+algorithm = "HS256"
+hmac_secret = "{SECRET}"
+[namespaces.open]
+allow_publish = true
+presence = true
+[namespaces.secure]
+require_token = true
+allow_publish = true
+presence = true
+[namespaces.user]
+user_limited = true
+allow_publish = true
+presence = true
+[namespaces.vip]
+private = true
+allow_publish = true
+presence = true
+"#
+    )
+}
+
+/// Who is asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Caller {
+    /// No token at all.
+    Anonymous,
+    /// alice, with a token whose `channels` claim does not list the channel.
+    TokenWithout,
+    /// alice, with a token that lists the channel.
+    TokenWith,
+    /// alice, with a token that lists the channel, and her subscription token for it.
+    TokenWithSubToken,
+    /// bob, with a token that lists the channel, showing alice's subscription token.
+    OtherUser,
+    /// alice's subscription token, presented as a connection token.
+    SubTokenAsConnection,
+}
+
+const CALLERS: [Caller; 6] = [
+    Caller::Anonymous,
+    Caller::TokenWithout,
+    Caller::TokenWith,
+    Caller::TokenWithSubToken,
+    Caller::OtherUser,
+    Caller::SubTokenAsConnection,
+];
+
+/// What the gate answers `caller` for the channel of `namespace` — the same for every
+/// operation and every transport. `None`: allowed.
+fn expected(namespace: &str, caller: Caller) -> Option<&'static str> {
+    use Caller::*;
+    match (namespace, caller) {
+        (_, SubTokenAsConnection) => Some("token_invalid"),
+        (_, TokenWithout) => Some("permission_denied"),
+        ("public", _) => None,
+        (_, Anonymous) => Some("token_required"),
+        ("require_token", _) => None,
+        ("user_limited", OtherUser) => Some("permission_denied"),
+        ("user_limited", _) => None,
+        ("private", TokenWith) => Some("subscription_token_required"),
+        ("private", OtherUser) => Some("subscription_token_invalid"),
+        ("private", TokenWithSubToken) => None,
+        other => unreachable!("{other:?}"),
+    }
+}
+
+fn token(claims: &Claims) -> String {
+    sign("HS256", SECRET, claims).unwrap()
+}
+
+/// (connection token, subscription tokens) of `caller` for `channel`.
+fn credentials(caller: Caller, channel: &str) -> (Option<String>, Vec<String>) {
+    let base = |user: &str, channels: Vec<String>| Claims {
+        sub: user.into(),
+        exp: unix_now() + 600,
+        channels: Some(channels),
+        ..Default::default()
+    };
+    let sub_token = || {
+        token(&Claims {
+            sub: "alice".into(),
+            exp: unix_now() + 600,
+            channel: Some(channel.into()),
+            ..Default::default()
+        })
+    };
+    match caller {
+        Caller::Anonymous => (None, vec![]),
+        Caller::TokenWithout => (Some(token(&base("alice", vec!["elsewhere:*".into()]))), vec![]),
+        Caller::TokenWith => (Some(token(&base("alice", vec![channel.into()]))), vec![]),
+        Caller::TokenWithSubToken => (Some(token(&base("alice", vec![channel.into()]))), vec![sub_token()]),
+        Caller::OtherUser => (Some(token(&base("bob", vec![channel.into()]))), vec![sub_token()]),
+        Caller::SubTokenAsConnection => (Some(sub_token()), vec![]),
+    }
+}
+
+/// The ways to reach a channel, each with the operation the gate decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Way {
+    WsCommand(&'static str),
+    WsUrl,
+    Sse,
+    Poll,
+    HttpPublish,
+    HttpPresence,
+    HttpPresenceStats,
+}
+
+const WAYS: [(Way, Operation); 11] = [
+    (Way::WsCommand("subscribe"), Operation::Subscribe),
+    (Way::WsCommand("history"), Operation::History),
+    (Way::WsCommand("presence"), Operation::Presence),
+    (Way::WsCommand("presence_stats"), Operation::PresenceStats),
+    (Way::WsCommand("publish"), Operation::Publish),
+    (Way::WsUrl, Operation::Subscribe),
+    (Way::Sse, Operation::Subscribe),
+    (Way::Poll, Operation::Subscribe),
+    (Way::HttpPublish, Operation::Publish),
+    (Way::HttpPresence, Operation::Presence),
+    (Way::HttpPresenceStats, Operation::PresenceStats),
+];
+
+/// WebSocket commands that read or write no channel's data, so have no rows.
+const COMMANDS_WITHOUT_CHANNEL: [&str; 4] = ["connect", "refresh", "unsubscribe", "ping"];
+
+/// A query string. (Channel names and JWTs need no escaping.)
+fn query(channel: Option<&str>, conn: &Option<String>, subs: &[String]) -> String {
+    let mut q: Vec<String> = channel.map(|c| format!("channel={c}")).into_iter().collect();
+    q.extend(conn.iter().map(|t| format!("token={t}")));
+    q.extend(subs.iter().map(|t| format!("sub_token={t}")));
+    q.join("&")
+}
+
+/// The error code of an HTTP answer, or `None` for a 2xx.
+async fn http_outcome(r: reqwest::Response) -> Option<String> {
+    if r.status().is_success() {
+        return None;
+    }
+    let status = r.status();
+    let v: Value = r.json().await.unwrap_or_else(|e| panic!("HTTP {status} without a JSON error: {e}"));
+    Some(v["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {v}")).to_string())
+}
+
+/// Performs `way` on `channel` as `caller`; returns the error code, or `None` if allowed.
+async fn attempt(s: &TestServer, way: Way, channel: &str, caller: Caller) -> Option<String> {
+    let (conn, subs) = credentials(caller, channel);
+    let ws_base = format!("ws://{}/ws", s.addr);
+    match way {
+        Way::WsCommand(cmd) => {
+            let mut c = Connection::connect(&ws_base).await.unwrap();
+            if let Some(t) = &conn {
+                if let Err(e) = c.call(json!({"cmd": "connect", "token": t})).await {
+                    return Some(code(e));
+                }
+            }
+            let mut v = json!({"cmd": cmd, "channel": channel});
+            if cmd == "publish" {
+                v["data"] = json!({"x": 1});
+            }
+            if let Some(t) = subs.first() {
+                v["token"] = json!(t);
+            }
+            c.call(v).await.err().map(code)
+        }
+        Way::WsUrl => match Connection::connect(&format!("{ws_base}?{}", query(Some(channel), &conn, &subs))).await {
+            Ok(_) => None,
+            Err(ClientError::Ws(WsError::Refused { body, .. })) => {
+                let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+                Some(v["error"]["code"].as_str().unwrap().to_string())
+            }
+            Err(e) => panic!("{e}"),
+        },
+        Way::Sse | Way::Poll | Way::HttpPresence | Way::HttpPresenceStats => {
+            let path = match way {
+                Way::Sse => "/sse",
+                Way::Poll => "/poll",
+                Way::HttpPresence => "/presence",
+                _ => "/presence_stats",
+            };
+            let r = s.http.get(s.url(&format!("{path}?{}", query(Some(channel), &conn, &subs)))).send().await.unwrap();
+            http_outcome(r).await
+        }
+        Way::HttpPublish => {
+            let r = s
+                .http
+                .post(s.url(&format!("/publish?{}", query(None, &conn, &subs))))
+                .json(&json!({"channel": channel, "data": {"x": 1}}))
+                .send()
+                .await
+                .unwrap();
+            http_outcome(r).await
+        }
+    }
+}
+
+fn code(e: ClientError) -> String {
+    match e {
+        ClientError::Server(e) => e.code,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_on_every_transport_answers_as_the_matrix_says() {
+    let s = TestServer::start_with(config(&server_config()), false).await;
+    let mut wrong = Vec::new();
+    let mut cells = 0;
+    for (way, op) in WAYS {
+        for (kind, channel) in NAMESPACES {
+            for caller in CALLERS {
+                let got = attempt(&s, way, channel, caller).await;
+                let want = expected(kind, caller).map(str::to_string);
+                cells += 1;
+                if got != want {
+                    wrong.push(format!(
+                        "{way:?} ({}) on {kind} {channel} as {caller:?}: got {got:?}, want {want:?}",
+                        op.as_str()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{} of {cells} cells are wrong:\n{}", wrong.len(), wrong.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_api_takes_its_key_for_every_channel_and_nothing_else() {
+    let s = TestServer::start_with(config(&server_config()), false).await;
+    for route in routes().into_iter().filter(|r| r.guard == Guard::ApiKey) {
+        for (_, channel) in NAMESPACES {
+            let path = format!("{}?channel={channel}", route.path);
+            let body = match route.path {
+                "/api/publish" => json!({"channel": channel, "data": 1}),
+                "/api/broadcast" => json!({"channels": [channel], "data": 1}),
+                "/api/disconnect" => json!({"user": "nobody"}),
+                "/api/revoke" => json!({"user": "nobody", "ttl_secs": 1}),
+                other if route.method == reqwest::Method::POST => panic!("{other}: which body does it take?"),
+                _ => Value::Null,
+            };
+            let send = |key: Option<&str>| {
+                let mut req = s.http.request(route.method.clone(), s.url(&path));
+                if route.method == reqwest::Method::POST {
+                    req = req.json(&body);
+                }
+                if let Some(k) = key {
+                    req = req.bearer_auth(k);
+                }
+                req.send()
+            };
+            let none = send(None).await.unwrap();
+            assert_eq!(none.status(), 401, "{} {} without a key", route.method, route.path);
+            let user_token = credentials(Caller::TokenWith, channel).0.unwrap();
+            let wrong = send(Some(&user_token)).await.unwrap();
+            assert_eq!(wrong.status(), 401, "{} {} with a client token instead of a key", route.method, route.path);
+            let ok = send(Some(API_KEY)).await.unwrap();
+            let status = ok.status();
+            assert!(
+                status.is_success(),
+                "{} {} with the key: {status} {}",
+                route.method,
+                route.path,
+                ok.text().await.unwrap()
+            );
+        }
+    }
+}
+
+#[test]
+fn every_route_and_every_command_is_in_the_matrix() {
+    // Routes that reach channels must be rows of the matrix (or the server API, tested
+    // above, or the WebSocket endpoint whose commands are rows).
+    let rows: BTreeMap<&str, Operation> = [
+        ("/sse", Operation::Subscribe),
+        ("/poll", Operation::Subscribe),
+        ("/publish", Operation::Publish),
+        ("/presence", Operation::Presence),
+        ("/presence_stats", Operation::PresenceStats),
+    ]
+    .into_iter()
+    .collect();
+    let open =
+        ["/", "/admin", "/healthz", "/readyz", "/metrics", "/ws/echo", "/client.js", "/client.d.ts", "/demo/chat"];
+    for r in routes() {
+        match r.guard {
+            Guard::Channels(op) => {
+                assert_eq!(
+                    rows.get(r.path),
+                    Some(&op),
+                    "route {} {} ({op:?}) has no rows in the matrix",
+                    r.method,
+                    r.path
+                )
+            }
+            Guard::Commands => assert_eq!(r.path, "/ws", "a new command endpoint {} needs rows", r.path),
+            Guard::ApiKey => assert!(r.path.starts_with("/api/") || r.path.starts_with("/admin/api/"), "{}", r.path),
+            Guard::Open => {
+                assert!(open.contains(&r.path), "{} {} claims to touch no channel: add it here if so", r.method, r.path)
+            }
+        }
+    }
+    for cmd in COMMANDS {
+        let in_matrix = WAYS.iter().any(|(w, _)| *w == Way::WsCommand(cmd));
+        assert!(
+            in_matrix || COMMANDS_WITHOUT_CHANNEL.contains(cmd),
+            "WebSocket command {cmd:?} is in neither the matrix nor the list of commands without a channel"
+        );
+    }
+    // And every operation has at least one row.
+    for op in Operation::ALL {
+        assert!(WAYS.iter().any(|(_, o)| *o == op), "{op:?} has no rows");
+    }
+}
