@@ -158,9 +158,8 @@ mod tests {
     fn every_listed_command_parses_and_no_other_does() {
         for name in COMMANDS {
             let text = format!(r#"{{"id":1,"cmd":"{name}","channel":"a","token":"t","data":1}}"#);
-            match parse(&text) {
-                Err((_, e)) => assert_ne!(e.code, Code::UnknownCommand, "{name}"),
-                Ok(_) => {}
+            if let Err((_, e)) = parse(&text) {
+                assert_ne!(e.code, Code::UnknownCommand, "{name}");
             }
         }
         let (_, e) = parse(r#"{"id":1,"cmd":"unlisted"}"#).unwrap_err();
