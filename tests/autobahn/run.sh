@@ -7,7 +7,8 @@ cd "$(dirname "$0")"
 PY2=${PY2:-$HOME/.pyenv/versions/2.7.18/bin/python}
 [ -d /tmp/ab/lib/autobahntestsuite ] || "$PY2" -m pip install -q --target /tmp/ab/lib autobahntestsuite
 (cd ../.. && cargo build --release -q -p switchboard)
-../../target/release/switchboard serve --dev --listen 127.0.0.1:8400 >/dev/null 2>&1 &
+# The suite sends messages up to 16 MiB; /ws/echo takes what limits.max_message_bytes allows.
+SWITCHBOARD_LIMITS__MAX_MESSAGE_BYTES=16777216 ../../target/release/switchboard serve --dev --listen 127.0.0.1:8400 >/dev/null 2>&1 &
 SERVER=$!
 trap 'kill $SERVER' EXIT
 sleep 1

@@ -104,7 +104,10 @@ pub struct NodeInfo {
 /// 2. **Epochs.** A channel's history lives in one epoch. When the broker loses it
 ///    (restart of a memory broker, eviction of a Redis key) the channel starts a new epoch
 ///    at offset 0. A channel never seen before is at `(new epoch, 0)`; asking for its
-///    position creates that epoch, so a later publish continues it.
+///    position creates that epoch, so a later publish continues it. (To bound what
+///    readers alone can make it hold, a broker may forget the epoch of a channel that
+///    nothing was published to and no node subscribes to; its next use starts a new
+///    epoch, which a client holding the old one is told about like any other.)
 /// 3. **Bounded history.** At most `history_size` publications, none older than
 ///    `history_ttl`, both taken from the options of the latest publish. Offsets survive
 ///    history expiry: an empty history still knows its top offset and epoch.
@@ -154,6 +157,13 @@ pub trait Broker: Send + Sync + 'static {
     async fn subscribe_namespace(&self, namespace: &str) -> Result<(), BrokerError>;
 
     async fn unsubscribe_namespace(&self, namespace: &str) -> Result<(), BrokerError>;
+
+    /// Channel state held in this process, for metrics: channels kept, and unused
+    /// channels forgotten to stay within a cap. `None` for brokers that keep channel
+    /// state elsewhere.
+    fn memory_stats(&self) -> Option<(usize, u64)> {
+        None
+    }
 
     /// Is the backing store reachable right now? (Readiness probes.)
     async fn ready(&self) -> bool {

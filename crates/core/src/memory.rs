@@ -5,8 +5,21 @@
 //! what makes numbering, history and fan-out one atomic step (guarantee 1 of
 //! [`Broker`]). History is lost when the process exits; the next process makes new
 //! epochs, so clients holding old positions are told to reset.
+//!
+//! # What a stranger can make it hold
+//!
+//! Reading a channel (its position, its history, a subscription that comes and goes)
+//! creates its state, so that the epoch a reader was told stays the same until something
+//! is published. Such *unused* channels — nothing published, no node subscription — are
+//! the ones an anonymous client can create at will, so they are capped
+//! ([`MemoryBroker::with_unused_cap`]): past the cap the oldest is forgotten, and if it
+//! is used again it starts a new epoch (a reader holding the old one is told to reset,
+//! never silently misled). Published channels are bounded by who may publish; they are
+//! forgotten once idle and empty (`idle_ttl`). The map is sharded, so neither lookups nor
+//! the periodic sweep hold one lock over every channel.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -22,6 +35,11 @@ use crate::publication::{new_epoch, Epoch, Kind, Publication, StreamPosition};
 /// epoch and top offset before it is forgotten (and starts a new epoch if used again).
 pub const DEFAULT_IDLE_CHANNEL_TTL: Duration = Duration::from_secs(3600);
 
+/// Default cap on unused channels (nothing published, no node subscription) remembered.
+pub const DEFAULT_UNUSED_CHANNEL_CAP: usize = 100_000;
+
+const SHARDS: usize = 64;
+
 struct Entry {
     publication: Publication,
     expires: Instant,
@@ -33,6 +51,9 @@ struct ChannelLog {
     history: VecDeque<Entry>,
     /// Idempotency keys seen recently: key → (position, forget after).
     keys: HashMap<String, (StreamPosition, Instant)>,
+    /// The same keys in the order they expire (one window for all, so insertion order):
+    /// forgetting expired keys is O(1) per publish, however many are live.
+    key_expiry: VecDeque<(Instant, String)>,
     last_used: Instant,
     /// This node subscribed: publications go to the handler, and the log is never swept.
     subscribed: bool,
@@ -45,6 +66,7 @@ impl ChannelLog {
             top: 0,
             history: VecDeque::new(),
             keys: HashMap::new(),
+            key_expiry: VecDeque::new(),
             last_used: now,
             subscribed: false,
         }
@@ -58,22 +80,46 @@ impl ChannelLog {
         while self.history.front().is_some_and(|e| e.expires <= now) {
             self.history.pop_front();
         }
+        while self.key_expiry.front().is_some_and(|(until, _)| *until <= now) {
+            let (until, key) = self.key_expiry.pop_front().expect("checked");
+            // Only if the map still holds this very entry (not a newer use of the key).
+            if self.keys.get(&key).is_some_and(|(_, u)| *u == until) {
+                self.keys.remove(&key);
+            }
+        }
     }
 
     /// Offset of the oldest retained publication, or `top + 1` when none is retained.
     fn first_retained(&self) -> u64 {
         self.history.front().map_or(self.top + 1, |e| e.publication.offset)
     }
+
+    /// Nothing published, not subscribed: state a mere reader created.
+    fn unused(&self) -> bool {
+        self.top == 0 && !self.subscribed && self.history.is_empty()
+    }
+}
+
+type Log = Arc<Mutex<ChannelLog>>;
+
+#[derive(Default)]
+struct Shard {
+    channels: HashMap<ChannelName, Log>,
+    /// Channels that were unused when last touched, oldest first (entries may have been
+    /// used since: they are skipped when they come up).
+    unused: VecDeque<ChannelName>,
 }
 
 /// The embedded broker. See the module docs.
 pub struct MemoryBroker {
-    channels: Mutex<HashMap<ChannelName, Arc<Mutex<ChannelLog>>>>,
+    shards: Box<[Mutex<Shard>]>,
     /// Namespaces this node subscribed to as a whole (wildcards), with reference counts.
     namespaces: std::sync::RwLock<HashMap<String, usize>>,
     namespace_subs: std::sync::atomic::AtomicUsize,
     handler: OnceLock<Arc<dyn BrokerEventHandler>>,
     idle_ttl: Duration,
+    unused_cap_per_shard: usize,
+    forgotten: AtomicU64,
 }
 
 impl Default for MemoryBroker {
@@ -84,33 +130,81 @@ impl Default for MemoryBroker {
 
 impl MemoryBroker {
     pub fn new(idle_ttl: Duration) -> Self {
+        Self::with_unused_cap(idle_ttl, DEFAULT_UNUSED_CHANNEL_CAP)
+    }
+
+    /// A broker that remembers at most about `unused_cap` unused channels (see the
+    /// module docs; the cap is kept per shard, so it is approximate).
+    pub fn with_unused_cap(idle_ttl: Duration, unused_cap: usize) -> Self {
         MemoryBroker {
-            channels: Mutex::new(HashMap::new()),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             namespaces: Default::default(),
             namespace_subs: Default::default(),
             handler: OnceLock::new(),
             idle_ttl,
+            unused_cap_per_shard: unused_cap.div_ceil(SHARDS).max(1),
+            forgotten: AtomicU64::new(0),
         }
     }
 
-    fn log(&self, channel: &ChannelName) -> Arc<Mutex<ChannelLog>> {
-        let mut map = lock(&self.channels);
-        map.entry(channel.clone()).or_insert_with(|| Arc::new(Mutex::new(ChannelLog::new(Instant::now())))).clone()
+    fn shard(&self, channel: &ChannelName) -> &Mutex<Shard> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        channel.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    fn log(&self, channel: &ChannelName) -> Log {
+        let mut shard = lock(self.shard(channel));
+        if let Some(log) = shard.channels.get(channel) {
+            return log.clone();
+        }
+        let log = Arc::new(Mutex::new(ChannelLog::new(Instant::now())));
+        shard.channels.insert(channel.clone(), log.clone());
+        shard.unused.push_back(channel.clone());
+        self.enforce_cap(&mut shard);
+        log
+    }
+
+    /// Forgets the oldest unused channels until the shard is within its cap. A channel
+    /// someone is using right now (another reference to its log exists; taking one needs
+    /// the shard lock we hold) is never forgotten.
+    fn enforce_cap(&self, shard: &mut Shard) {
+        let mut budget = shard.unused.len();
+        while shard.unused.len() > self.unused_cap_per_shard && budget > 0 {
+            budget -= 1;
+            let name = shard.unused.pop_front().expect("non-empty");
+            let Some(log) = shard.channels.get(&name) else { continue };
+            if !lock(log).unused() {
+                continue; // used since: no longer a candidate
+            }
+            if Arc::strong_count(log) > 1 {
+                shard.unused.push_back(name); // busy: later
+                continue;
+            }
+            shard.channels.remove(&name);
+            self.forgotten.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Forgets channels that are idle, hold no history and have no node subscription.
-    /// Run periodically by the task started in [`Broker::run`]; public for tests.
+    /// Run periodically by the task started in [`Broker::run`]; public for tests. Locks
+    /// one shard at a time.
     pub fn sweep(&self) {
-        let now = Instant::now();
-        let mut map = lock(&self.channels);
-        map.retain(|_, log| {
-            let mut log = lock(log);
-            if log.subscribed {
-                return true;
-            }
-            log.trim_expired(now);
-            !(log.history.is_empty() && now.duration_since(log.last_used) >= self.idle_ttl)
-        });
+        for shard in self.shards.iter() {
+            let now = Instant::now();
+            let mut shard = lock(shard);
+            shard.channels.retain(|_, log| {
+                let mut log = lock(log);
+                if log.subscribed {
+                    return true;
+                }
+                log.trim_expired(now);
+                !(log.history.is_empty() && now.duration_since(log.last_used) >= self.idle_ttl)
+            });
+            let Shard { channels, unused } = &mut *shard;
+            unused.retain(|name| channels.get(name).is_some_and(|log| lock(log).unused()));
+        }
     }
 
     /// Does this node want `channel`'s publications?
@@ -122,7 +216,12 @@ impl MemoryBroker {
 
     /// Number of channels the broker currently keeps state for.
     pub fn channel_count(&self) -> usize {
-        lock(&self.channels).len()
+        self.shards.iter().map(|s| lock(s).channels.len()).sum()
+    }
+
+    /// Unused channels forgotten to stay within the cap, since start.
+    pub fn forgotten_count(&self) -> u64 {
+        self.forgotten.load(Ordering::Relaxed)
     }
 }
 
@@ -139,6 +238,10 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    fn memory_stats(&self) -> Option<(usize, u64)> {
+        Some((self.channel_count(), self.forgotten_count()))
+    }
+
     async fn publish(
         &self,
         channel: &ChannelName,
@@ -148,10 +251,12 @@ impl Broker for MemoryBroker {
         let log = self.log(channel);
         let now = Instant::now();
         let mut log = lock(&log);
+        log.trim_expired(now);
         if let Some(key) = &opts.idempotency_key {
-            log.keys.retain(|_, (_, until)| *until > now);
-            if let Some((pos, _)) = log.keys.get(key) {
-                return Ok(pos.clone());
+            if let Some((pos, until)) = log.keys.get(key) {
+                if *until > now {
+                    return Ok(pos.clone());
+                }
             }
         }
         log.top += 1;
@@ -164,7 +269,6 @@ impl Broker for MemoryBroker {
             time: crate::now_millis(),
             kind: Kind::Stored,
         };
-        log.trim_expired(now);
         if opts.history_size > 0 && !opts.history_ttl.is_zero() {
             log.history.push_back(Entry { publication: publication.clone(), expires: now + opts.history_ttl });
         }
@@ -173,7 +277,9 @@ impl Broker for MemoryBroker {
         }
         let position = log.position();
         if let Some(key) = &opts.idempotency_key {
-            log.keys.insert(key.clone(), (position.clone(), now + opts.idempotency_window));
+            let until = now + opts.idempotency_window;
+            log.keys.insert(key.clone(), (position.clone(), until));
+            log.key_expiry.push_back((until, key.clone()));
         }
         // Fan out while still holding the channel lock: this is what keeps delivery order
         // equal to offset order when several tasks publish to one channel at once.
@@ -242,7 +348,18 @@ impl Broker for MemoryBroker {
     }
 
     async fn unsubscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
-        lock(&self.log(channel)).subscribed = false;
+        let unused = {
+            let log = self.log(channel);
+            let mut log = lock(&log);
+            log.subscribed = false;
+            log.unused()
+        };
+        if unused {
+            // Back among the channels a reader alone keeps: under the cap again.
+            let mut shard = lock(self.shard(channel));
+            shard.unused.push_back(channel.clone());
+            self.enforce_cap(&mut shard);
+        }
         Ok(())
     }
 
@@ -291,6 +408,63 @@ mod tests {
         let again = b.position(&ch).await.unwrap();
         assert_ne!(again.epoch, first.epoch);
         assert_eq!(again.offset, 0);
+    }
+
+    #[tokio::test]
+    async fn readers_alone_cannot_grow_the_broker_past_its_cap() {
+        let b = MemoryBroker::with_unused_cap(Duration::from_secs(3600), 640);
+        for i in 0..100_000 {
+            let ch = ChannelName::parse(&format!("probe:{i}")).unwrap();
+            b.position(&ch).await.unwrap();
+            b.subscribe(&ch).await.unwrap();
+            b.unsubscribe(&ch).await.unwrap();
+        }
+        assert!(b.channel_count() <= 640 + SHARDS, "{} channels kept", b.channel_count());
+        assert!(b.forgotten_count() >= 100_000 - 640 - SHARDS as u64);
+        // A forgotten channel starts a new epoch: a reader holding the old one is told.
+        let ch = ChannelName::parse("probe:0").unwrap();
+        let opts = PublishOptions { history_size: 10, history_ttl: Duration::from_secs(60), ..Default::default() };
+        b.publish(&ch, Bytes::from_static(b"1"), &opts).await.unwrap();
+        let stale = StreamPosition { epoch: new_epoch(), offset: 0 };
+        let r = b.history(&ch, HistoryRequest { since: Some(stale), ..Default::default() }).await;
+        assert!(matches!(r, Err(BrokerError::PositionLost { .. })));
+    }
+
+    #[tokio::test]
+    async fn published_and_subscribed_channels_are_never_forgotten_for_the_cap() {
+        let b = MemoryBroker::with_unused_cap(Duration::from_secs(3600), 64);
+        let opts = PublishOptions { history_size: 10, history_ttl: Duration::from_secs(60), ..Default::default() };
+        let kept = ChannelName::parse("kept:published").unwrap();
+        let first = b.publish(&kept, Bytes::from_static(b"1"), &opts).await.unwrap();
+        let watched = ChannelName::parse("kept:subscribed").unwrap();
+        b.subscribe(&watched).await.unwrap();
+        let watched_at = b.position(&watched).await.unwrap();
+        for i in 0..10_000 {
+            b.position(&ChannelName::parse(&format!("probe:{i}")).unwrap()).await.unwrap();
+        }
+        assert_eq!(b.position(&kept).await.unwrap(), first);
+        assert_eq!(b.position(&watched).await.unwrap(), watched_at);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idempotency_keys_expire_in_order_without_scanning() {
+        let b = MemoryBroker::default();
+        let ch = ChannelName::parse("keys").unwrap();
+        let keyed = |k: String| PublishOptions {
+            history_size: 10,
+            history_ttl: Duration::from_secs(600),
+            idempotency_key: Some(k),
+            idempotency_window: Duration::from_secs(60),
+        };
+        for i in 0..1000 {
+            b.publish(&ch, Bytes::from_static(b"1"), &keyed(format!("k{i}"))).await.unwrap();
+        }
+        let held = |b: &MemoryBroker| lock(&b.log(&ch)).keys.len();
+        assert_eq!(held(&b), 1000);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        b.publish(&ch, Bytes::from_static(b"1"), &keyed("fresh".into())).await.unwrap();
+        assert_eq!(held(&b), 1, "expired keys are forgotten as publishing goes on");
+        assert_eq!(lock(&b.log(&ch)).key_expiry.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

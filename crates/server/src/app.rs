@@ -107,7 +107,13 @@ impl AppState {
         shutdown: watch::Receiver<bool>,
         node_id: String,
     ) -> Result<Self, String> {
-        let limits = crate::limits::ConnLimits::new(&config.limits);
+        let trusted = config
+            .security
+            .trusted_proxies
+            .iter()
+            .map(|p| crate::limits::Cidr::parse(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let limits = crate::limits::ConnLimits::new(&config.limits, trusted, crate::doctor::nofile_soft());
         let clock = Arc::new(crate::clock::Clock::default());
         let verifier = crate::auth::Verifier::from_config(&config.auth, clock.clone())?;
         Ok(AppState {
@@ -223,6 +229,23 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(|| async { ApiError::new(Code::NotFound, "no such endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::new(Code::MethodNotAllowed, "method not allowed here") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_errors))
+        .with_state(state)
+}
+
+/// What a connection on a reserved place (past the total cap) may ask: health and
+/// metrics. Everything else is told the server is full.
+pub fn reserve_router(state: AppState) -> Router {
+    let mut router = Router::new();
+    for (r, handler) in table() {
+        if matches!(r.path, "/healthz" | "/readyz" | "/metrics") {
+            router = router.route(r.path, handler);
+        }
+    }
+    router
+        .fallback(|| async {
+            ApiError::new(Code::TooManyConnections, "the server is at its connection limit").retry_after(5)
+        })
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_errors))
         .with_state(state)
 }

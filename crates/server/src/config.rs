@@ -180,10 +180,12 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Most channels in one SSE/poll request or broadcast.
     pub max_channels_per_request: usize,
-    /// Open streaming connections (WebSocket + SSE) on this node; 0: no cap.
+    /// Open client connections on this node — every TCP connection: streaming, long
+    /// polls and plain HTTP. 0: derived from the open-files limit (minus room for the
+    /// broker, logs and the reserve kept for health checks).
     pub max_connections: usize,
-    /// Open streaming connections from one IP address; 0: no cap (the default, since
-    /// behind a proxy every client shares its address).
+    /// Open connections from one IP address (behind `security.trusted_proxies`: from
+    /// one forwarded client address); 0: no cap (the default).
     pub max_connections_per_ip: usize,
     /// New streaming handshakes per second, sustained (token bucket); 0: no limit.
     pub accept_rate_per_sec: u32,
@@ -191,6 +193,9 @@ pub struct Limits {
     pub accept_burst: u32,
     /// Seconds a publish idempotency key is remembered.
     pub idempotency_window_secs: u64,
+    /// Client `POST /publish` requests per second from one IP address (burst: twice
+    /// that); 0: no limit. WebSocket publishes count under `ws.max_commands_per_sec`.
+    pub client_publishes_per_sec: u32,
 }
 
 impl Default for Limits {
@@ -203,6 +208,7 @@ impl Default for Limits {
             accept_rate_per_sec: 10_000,
             accept_burst: 20_000,
             idempotency_window_secs: 300,
+            client_publishes_per_sec: 50,
         }
     }
 }
@@ -322,6 +328,9 @@ impl Default for AuthConfig {
 pub struct SecurityConfig {
     /// Origins allowed to open `/ws` and `/sse` from a browser. Empty: any.
     pub allowed_origins: Vec<String>,
+    /// Proxies (addresses or CIDRs, `10.0.0.0/8`) whose `X-Forwarded-For` / `Forwarded`
+    /// headers name the client, for per-IP limits and logs. Nobody else's are believed.
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -331,6 +340,10 @@ pub struct BrokerConfig {
     pub kind: BrokerKind,
     /// Seconds an idle channel with no history keeps its epoch and offset.
     pub idle_channel_ttl_secs: u64,
+    /// Memory broker: channels nobody published to or subscribes to (made by reads
+    /// alone) that are remembered; past it the oldest are forgotten (a new epoch if used
+    /// again). Bounds what anonymous readers can make the server hold.
+    pub max_unused_channels: usize,
     /// Redis URL (`kind = "redis"`).
     pub redis_url: String,
     /// Key prefix in Redis; clusters sharing one Redis use different prefixes.
@@ -344,6 +357,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             kind: BrokerKind::Memory,
             idle_channel_ttl_secs: 3600,
+            max_unused_channels: switchboard_core::memory::DEFAULT_UNUSED_CHANNEL_CAP,
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_prefix: "sb".into(),
             node_id: None,
@@ -470,6 +484,9 @@ impl Config {
                 }
             }
         }
+        for (i, p) in self.security.trusted_proxies.iter().enumerate() {
+            crate::limits::Cidr::parse(p).map_err(|e| (format!("security.trusted_proxies[{i}]"), e))?;
+        }
         if self.defaults.queue_max_bytes == 0 {
             return Err(("defaults.queue_max_bytes".into(), "must be at least 1".into()));
         }
@@ -528,7 +545,7 @@ fn env_value(s: &str) -> toml::Value {
 }
 
 /// Keys whose value is a list; an env override of one splits on commas.
-const LIST_KEYS: &[&str] = &["keys", "allowed_origins"];
+const LIST_KEYS: &[&str] = &["keys", "allowed_origins", "trusted_proxies"];
 
 fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
     let (last, parents) = path.split_last().ok_or("empty key")?;
@@ -657,5 +674,6 @@ mod example_file {
         assert_eq!((c.sse.keepalive_secs, c.sse.retry_ms), (d.sse.keepalive_secs, d.sse.retry_ms));
         assert_eq!((c.poll.max_wait_secs, c.poll.default_limit, c.poll.max_limit), (60, 100, 1000));
         assert_eq!(c.broker.idle_channel_ttl_secs, d.broker.idle_channel_ttl_secs);
+        assert_eq!(c.broker.max_unused_channels, d.broker.max_unused_channels);
     }
 }

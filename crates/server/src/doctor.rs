@@ -39,6 +39,11 @@ fn read_one(path: &str) -> u64 {
     read_nums(path).first().copied().unwrap_or(0)
 }
 
+/// This process's open-files limit (soft), if it can be read.
+pub fn nofile_soft() -> Option<u64> {
+    Some(nofile().0).filter(|n| *n > 0)
+}
+
 /// Parses `Max open files` from /proc/self/limits (`unlimited` as u64::MAX).
 fn nofile() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();

@@ -60,7 +60,7 @@ impl Server {
         let idle = Duration::from_secs(config.broker.idle_channel_ttl_secs);
         let (broker, presence): (Arc<dyn Broker>, Arc<dyn PresenceManager>) = match config.broker.kind {
             config::BrokerKind::Memory => {
-                let b = Arc::new(MemoryBroker::new(idle));
+                let b = Arc::new(MemoryBroker::with_unused_cap(idle, config.broker.max_unused_channels.max(1)));
                 switchboard_core::memory::spawn_sweeper(&b, Duration::from_secs(60));
                 let p = Arc::new(switchboard_core::presence::MemoryPresence::default());
                 switchboard_core::presence::spawn_sweeper(&p, Duration::from_secs(30));
@@ -124,34 +124,62 @@ impl Server {
                 tokio::time::sleep(drain_notice).await;
             }
         });
+        let reserve_app = app::reserve_router(state.clone());
+        let mut failed_accepts = 0u32;
         loop {
             let (tcp, peer) = tokio::select! {
                 r = listener.accept() => match r {
-                    Ok(x) => x,
+                    Ok(x) => {
+                        if failed_accepts > 0 {
+                            tracing::info!("accepting again after {failed_accepts} failed accepts");
+                            failed_accepts = 0;
+                        }
+                        x
+                    }
                     Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Out of file descriptors and the like: back off (up to a second)
+                        // instead of spinning, and say so once per streak.
+                        failed_accepts += 1;
+                        if failed_accepts == 1 {
+                            tracing::warn!("accept failed: {e}; backing off until accepts succeed again");
+                        }
+                        tokio::time::sleep(Duration::from_millis((10u64 << failed_accepts.min(7)).min(1000))).await;
                         continue;
                     }
                 },
                 _ = &mut shutdown => break,
             };
             let _ = tcp.set_nodelay(true);
-            let app = app.clone();
+            let (app, slot, reserve) = match state.limits.admit_tcp(peer.ip()) {
+                limits::Admission::Full(slot) => (app.clone(), slot, false),
+                limits::Admission::Reserve(slot) => (reserve_app.clone(), slot, true),
+                limits::Admission::Refused(e) => {
+                    let counter = match e.code {
+                        error::Code::TooManyConnectionsFromIp => &state.metrics.refused_ip_cap,
+                        _ => &state.metrics.refused_total_cap,
+                    };
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::spawn(limits::refuse(tcp, e));
+                    continue;
+                }
+            };
+            let slot = Arc::new(slot);
             let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(limits::PeerAddr(peer));
+                req.extensions_mut().insert(limits::TcpSlot(slot.clone()));
                 tower::ServiceExt::oneshot(app.clone(), req.map(axum::body::Body::new))
             });
             let mut stop = state.shutdown.clone();
             let connections = connections.clone();
-            tokio::spawn(async move {
+            tokio::spawn(guarded(state.metrics.clone(), "http connection", async move {
                 let _tracked = connections.enter();
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .with_upgrades();
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+                if reserve {
+                    // A health probe on a reserved place: one quick request, then gone.
+                    builder.keep_alive(false).header_read_timeout(Duration::from_secs(5));
+                }
+                let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service).with_upgrades();
                 let mut conn = std::pin::pin!(conn);
                 tokio::select! {
                     _ = conn.as_mut() => return,
@@ -159,7 +187,7 @@ impl Server {
                 }
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
-            });
+            }));
         }
         drop(listener);
         tracing::info!("shutting down: telling clients to reconnect");
@@ -176,6 +204,18 @@ impl Server {
             );
         }
         Ok(())
+    }
+}
+
+/// Runs a task that serves one connection so that a panic in it cannot leak anything:
+/// whatever the task owns — its socket first — is dropped as it unwinds, and the panic
+/// is counted (`switchboard_task_panics_total`). The panic itself is logged once, by the
+/// panic hook (`serve` routes it to the log with its location).
+pub(crate) async fn guarded<F: Future<Output = ()>>(metrics: Arc<metrics::Metrics>, what: &'static str, task: F) {
+    use futures_util::FutureExt;
+    if std::panic::AssertUnwindSafe(task).catch_unwind().await.is_err() {
+        metrics.task_panics.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(task = what, "a connection task panicked; its connection is closed");
     }
 }
 

@@ -156,6 +156,9 @@ fn main() -> ExitCode {
         }
         Command::Serve { config, listen, dev, log_format, drain_secs, drain_notice_secs } => {
             init_logging(log_format);
+            // One log line per panic, with its location, in the server's log format. (A
+            // panic in a connection's task closes that connection: see `guarded`.)
+            std::panic::set_hook(Box::new(|info| tracing::error!("panic: {info}")));
             let mut cfg = match Config::load(config.as_deref(), std::env::vars()) {
                 Ok(c) => c,
                 Err(e) => {

@@ -87,6 +87,11 @@ pub struct Metrics {
     pub broker_errors: AtomicU64,
     pub broker_publish: Histogram,
     pub broker_history: Histogram,
+    /// Connection tasks that panicked (their connections were closed).
+    pub task_panics: AtomicU64,
+    /// Connections refused at accept, by the total cap or the per-IP cap.
+    pub refused_total_cap: AtomicU64,
+    pub refused_ip_cap: AtomicU64,
     /// Errors by code, as returned to clients (HTTP and WebSocket replies).
     errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -110,6 +115,9 @@ impl Metrics {
             broker_errors: AtomicU64::new(0),
             broker_publish: Histogram::new(LATENCY_BUCKETS),
             broker_history: Histogram::new(LATENCY_BUCKETS),
+            task_panics: AtomicU64::new(0),
+            refused_total_cap: AtomicU64::new(0),
+            refused_ip_cap: AtomicU64::new(0),
             errors: Mutex::new(Default::default()),
         }
     }
@@ -289,6 +297,37 @@ pub fn render(state: &AppState) -> String {
     for (code, n) in m.errors() {
         let _ = writeln!(out, "switchboard_errors_total{{code=\"{code}\"}} {n}");
     }
+    if let Some((channels, forgotten)) = state.hub.broker().memory_stats() {
+        metric(&mut out, "switchboard_broker_channels", "gauge", "Channels the in-memory broker keeps state for.");
+        let _ = writeln!(out, "switchboard_broker_channels {channels}");
+        metric(
+            &mut out,
+            "switchboard_broker_unused_channels_forgotten_total",
+            "counter",
+            "Channels made by reads alone, forgotten to stay within broker.max_unused_channels.",
+        );
+        let _ = writeln!(out, "switchboard_broker_unused_channels_forgotten_total {forgotten}");
+    }
+    metric(
+        &mut out,
+        "switchboard_tcp_connections",
+        "gauge",
+        "Open TCP connections of every kind (what limits.max_connections caps).",
+    );
+    let _ = writeln!(out, "switchboard_tcp_connections {}", state.limits.open());
+    metric(&mut out, "switchboard_connections_refused_total", "counter", "Connections refused at accept, by cap.");
+    let _ = writeln!(
+        out,
+        "switchboard_connections_refused_total{{cap=\"total\"}} {}",
+        m.refused_total_cap.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "switchboard_connections_refused_total{{cap=\"ip\"}} {}",
+        m.refused_ip_cap.load(Ordering::Relaxed)
+    );
+    metric(&mut out, "switchboard_task_panics_total", "counter", "Connection tasks that panicked (connection closed).");
+    let _ = writeln!(out, "switchboard_task_panics_total {}", m.task_panics.load(Ordering::Relaxed));
     metric(&mut out, "switchboard_draining", "gauge", "1 while the node drains.");
     let _ = writeln!(out, "switchboard_draining {}", state.is_draining() as u8);
     out

@@ -35,6 +35,9 @@ pub async fn publish(
     req: Request,
 ) -> Result<Response, ApiError> {
     let q = Query::parse(raw.as_deref());
+    if let Some(ip) = super::client_ip(&state, req.headers(), req.extensions()) {
+        state.limits.take_publish(ip)?;
+    }
     let who = super::identity(&state, req.headers(), &q)?;
     let limit = state.config.limits.max_message_bytes * 2 + 64 * 1024;
     let body = axum::body::to_bytes(req.into_body(), limit)

@@ -12,11 +12,19 @@ use axum::http::{Extensions, HeaderMap};
 use crate::app::AppState;
 use crate::auth::{self, Identity, Operation};
 use crate::error::{ApiError, Code};
-use crate::limits::{ConnSlot, PeerAddr};
+use crate::limits::{ConnSlot, PeerAddr, TcpSlot};
 use crate::session::{Query, Resolved};
 
 /// Origin check and connection limits for a new streaming connection (`/ws`, `/sse`).
-pub(crate) fn admit(state: &AppState, headers: &HeaderMap, ext: &Extensions) -> Result<ConnSlot, ApiError> {
+/// A streaming connection's places under the connection limits, held for its life: its
+/// TCP connection's (kept past a WebSocket upgrade) and, behind a trusted proxy, the
+/// forwarded client's.
+pub struct Admitted {
+    _tcp: Option<TcpSlot>,
+    _forwarded: Option<ConnSlot>,
+}
+
+pub(crate) fn admit(state: &AppState, headers: &HeaderMap, ext: &Extensions) -> Result<Admitted, ApiError> {
     let origin = headers.get("origin").and_then(|v| v.to_str().ok());
     if !crate::origin::allowed(&state.config.security.allowed_origins, origin) {
         return Err(ApiError::new(
@@ -27,8 +35,28 @@ pub(crate) fn admit(state: &AppState, headers: &HeaderMap, ext: &Extensions) -> 
     if state.is_draining() {
         return Err(ApiError::new(Code::ServerBusy, "this node is draining; connect to another").retry_after(1));
     }
-    let ip = ext.get::<PeerAddr>().map(|p| p.0.ip());
-    state.limits.admit(ip)
+    state.limits.take_handshake()?;
+    let forwarded = forwarded_slot(state, headers, ext)?;
+    Ok(Admitted { _tcp: ext.get::<TcpSlot>().cloned(), _forwarded: forwarded })
+}
+
+/// The client's address: the peer's, or the one a trusted proxy forwards.
+pub(crate) fn client_ip(state: &AppState, headers: &HeaderMap, ext: &Extensions) -> Option<std::net::IpAddr> {
+    ext.get::<PeerAddr>().map(|p| state.limits.client_ip(p.0.ip(), headers))
+}
+
+/// Behind a trusted proxy, a per-IP place for the client it forwards (the proxy's own
+/// TCP connection is not capped per IP).
+pub(crate) fn forwarded_slot(
+    state: &AppState,
+    headers: &HeaderMap,
+    ext: &Extensions,
+) -> Result<Option<ConnSlot>, ApiError> {
+    let Some(peer) = ext.get::<PeerAddr>().map(|p| p.0.ip()) else { return Ok(None) };
+    if !state.limits.is_trusted_proxy(peer) {
+        return Ok(None);
+    }
+    state.limits.admit_forwarded(state.limits.client_ip(peer, headers)).map(Some)
 }
 
 /// The connection token of an HTTP request: `?token=` or `Authorization: Bearer`.

@@ -29,11 +29,15 @@ pub async fn handler(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
     headers: axum::http::HeaderMap,
+    ext: axum::http::Extensions,
 ) -> Result<Response, ApiError> {
     let cfg = &state.config.poll;
     if !cfg.enabled {
         return Err(ApiError::new(Code::TransportDisabled, "the poll transport is disabled on this server"));
     }
+    // Directly connected, a poll is counted with its TCP connection; through a trusted
+    // proxy, against the client the proxy names, for as long as it waits.
+    let _forwarded = super::forwarded_slot(&state, &headers, &ext)?;
     let _gauge = state.metrics.connection(crate::metrics::Transport::Poll);
     let q = Query::parse(raw.as_deref());
     let channels = session::resolve_channels(&state, &q.channels)?;

@@ -33,7 +33,6 @@ use tokio::time::{Interval, MissedTickBehavior};
 use crate::app::AppState;
 use crate::cursor;
 use crate::error::{ApiError, Code};
-use crate::limits::ConnSlot;
 use crate::registry::Registration;
 use crate::session::{self, Query, Session};
 
@@ -132,7 +131,7 @@ enum Phase {
 struct SseStream {
     gauge: crate::metrics::ConnectionGauge,
     patterns: Vec<String>,
-    _slot: ConnSlot,
+    _slot: super::Admitted,
     _registration: Option<Registration>,
     expiry: Option<super::Timer>,
     channels: Vec<ChannelName>,

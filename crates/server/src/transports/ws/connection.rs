@@ -27,7 +27,6 @@ use crate::app::AppState;
 use crate::auth::{self, Identity, Operation};
 use crate::cursor;
 use crate::error::{ApiError, Code};
-use crate::limits::ConnSlot;
 use crate::presence::PresenceGuard;
 use crate::registry::Registration;
 use crate::session::{self, resolve_channel, resolve_pattern, Resolved, ResolvedPattern};
@@ -40,7 +39,7 @@ const SLOT_DEFLATE: usize = 3;
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Room for the command envelope around a payload at the size limit.
-const ENVELOPE_BYTES: usize = 4096;
+pub const ENVELOPE_BYTES: usize = 4096;
 
 /// What the handshake decided.
 pub struct Ctx {
@@ -52,8 +51,8 @@ pub struct Ctx {
     pub url_patterns: Vec<ResolvedPattern>,
     /// From `?token=` on the handshake, if any.
     pub identity: Option<Identity>,
-    /// This connection's place under the connection limits.
-    pub slot: ConnSlot,
+    /// This connection's places under the connection limits.
+    pub slot: super::super::Admitted,
 }
 
 pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
@@ -66,8 +65,15 @@ pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
     }
     let (rd, wr) = stream.into_split();
     let queue = state.hub.queue(state.config.defaults.queue_max_bytes);
-    let mut writer =
-        tokio::spawn(write_loop(wr, queue.clone(), ctx.deflate.then(|| state.clone()), state.metrics.clone()));
+    // Whichever of the two tasks ends — even by a panic — closes the queue, which ends the
+    // other: the socket cannot be left half-served.
+    let writer = write_loop(wr, queue.clone(), ctx.deflate.then(|| state.clone()), state.metrics.clone());
+    let writer_closes = CloseOnDrop(queue.clone());
+    let mut writer = tokio::spawn(crate::guarded(state.metrics.clone(), "websocket writer", async move {
+        let _closes = writer_closes;
+        writer.await
+    }));
+    let _reader_closes = CloseOnDrop(queue.clone());
     let mut conn = Conn {
         state: state.clone(),
         queue: queue.clone(),
@@ -94,6 +100,15 @@ pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
         writer.abort();
     }
     tracing::debug!(client = %conn.client, "websocket closed");
+}
+
+/// Closes a connection's queue when dropped (see `serve`).
+struct CloseOnDrop(Arc<ConnQueue>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(CloseReason::Normal);
+    }
 }
 
 /// Token bucket for commands per connection.
@@ -747,7 +762,13 @@ async fn write_all(
 /// The conformance endpoint (`/ws/echo`, `--dev` only): echoes every message with the
 /// same framing code as `/ws`, so independent suites (Autobahn|Testsuite) can check
 /// RFC 6455 / 7692 behaviour. Binary is echoed here; the protocol endpoint refuses it.
-pub async fn serve_echo(mut stream: TcpStream, pre: Bytes, deflate: bool, max_message: usize) {
+pub async fn serve_echo(
+    mut stream: TcpStream,
+    pre: Bytes,
+    deflate: bool,
+    max_message: usize,
+    _slot: super::super::Admitted,
+) {
     use tokio::io::AsyncReadExt;
     let _ = stream.set_nodelay(true);
     let mut reader = FrameReader::new(max_message, deflate).allowing_binary();

@@ -89,15 +89,17 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
     let accept = accept_key(key);
     let deflate = state.config.ws.deflate
         && deflate::negotiate(headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()));
+    // The same door as every streaming connection: origin, draining, rate and caps.
+    let slot = super::admit(&state, headers, req.extensions())?;
     if echo {
         let on_upgrade = take_upgrade(req)?;
-        let max = (state.config.limits.max_message_bytes + 4096).max(16 << 20);
-        spawn_upgraded(on_upgrade, move |tcp, pre| connection::serve_echo(tcp, pre, deflate, max));
+        // The same message limit as `/ws` (Autobahn|Testsuite runs raise it to 16 MiB).
+        let max = state.config.limits.max_message_bytes + connection::ENVELOPE_BYTES;
+        let metrics = state.metrics.clone();
+        spawn_upgraded(&metrics, on_upgrade, move |tcp, pre| connection::serve_echo(tcp, pre, deflate, max, slot));
         return Ok(switching_protocols(&accept, false, deflate));
     }
     let protocol_offered = header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
-
-    let slot = super::admit(&state, headers, req.extensions())?;
 
     // Zero-library mode: channels in the URL are subscribed at connect (with `?token=`
     // for protected ones). Their errors are ordinary HTTP errors, before the upgrade.
@@ -121,8 +123,9 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
 
     let on_upgrade = take_upgrade(req)?;
     let url_rewind = session::check_rewind(&url_channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
+    let metrics = state.metrics.clone();
     let ctx = connection::Ctx { state, deflate, url_channels, url_cursor, url_rewind, url_patterns, identity, slot };
-    spawn_upgraded(on_upgrade, move |tcp, pre| connection::serve(tcp, pre, ctx));
+    spawn_upgraded(&metrics, on_upgrade, move |tcp, pre| connection::serve(tcp, pre, ctx));
     Ok(switching_protocols(&accept, protocol_offered, deflate))
 }
 
@@ -133,13 +136,16 @@ fn take_upgrade(req: &mut Request) -> Result<hyper::upgrade::OnUpgrade, ApiError
 }
 
 /// Once hyper hands the connection over, takes the plain TCP stream back (and the bytes
-/// hyper already read) and serves it with `serve`.
-fn spawn_upgraded<F, Fut>(on_upgrade: hyper::upgrade::OnUpgrade, serve: F)
-where
+/// hyper already read) and serves it with `serve` — guarded, so a panic closes it.
+fn spawn_upgraded<F, Fut>(
+    metrics: &std::sync::Arc<crate::metrics::Metrics>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    serve: F,
+) where
     F: FnOnce(TcpStream, bytes::Bytes) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    tokio::spawn(async move {
+    tokio::spawn(crate::guarded(metrics.clone(), "websocket", async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -151,7 +157,7 @@ where
             Ok(parts) => serve(parts.io.into_inner(), parts.read_buf).await,
             Err(_) => tracing::error!("websocket upgrade over a non-TCP stream is not supported"),
         }
-    });
+    }));
 }
 
 /// The 101 answer to a valid handshake.
