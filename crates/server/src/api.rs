@@ -142,6 +142,11 @@ pub async fn broadcast(State(state): State<AppState>, req: Request) -> Result<Re
     if r.channels.len() > max {
         return Err(ApiError::new(Code::TooManyChannels, format!("{} channels; the limit is {max}", r.channels.len())));
     }
+    let mut seen = std::collections::HashSet::with_capacity(r.channels.len());
+    if let Some(twice) = r.channels.iter().find(|c| !seen.insert(c.as_str())) {
+        let shown: String = twice.chars().take(64).collect();
+        return Err(ApiError::new(Code::InvalidRequest, format!("channel {shown:?} named twice")));
+    }
     let data = payload(&state, r.data)?;
     let mut results = Vec::with_capacity(r.channels.len());
     for name in &r.channels {

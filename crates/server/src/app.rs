@@ -229,8 +229,42 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(|| async { ApiError::new(Code::NotFound, "no such endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::new(Code::MethodNotAllowed, "method not allowed here") })
+        .layer(axum::middleware::from_fn(limit_request_head))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_errors))
         .with_state(state)
+}
+
+/// Longest request target (path and query) accepted, in bytes.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// Most request header fields accepted, and their total size in bytes.
+pub const MAX_HEADERS: usize = 100;
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Refuses request heads past the limits above with the documented JSON errors. (The
+/// HTTP layer is configured with looser limits of its own — see `Server::run` — so
+/// that these, not its bare status lines, are what a client meets.)
+async fn limit_request_head(req: Request, next: Next) -> Response {
+    let uri = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if uri > MAX_URI_BYTES {
+        return ApiError::new(
+            Code::UriTooLong,
+            format!("the request target is {uri} bytes; the limit is {MAX_URI_BYTES}"),
+        )
+        .into_response();
+    }
+    let headers = req.headers();
+    let bytes: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return ApiError::new(
+            Code::HeadersTooLarge,
+            format!(
+                "{} header fields, {bytes} bytes; the limits are {MAX_HEADERS} fields and {MAX_HEADER_BYTES} bytes",
+                headers.len()
+            ),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// What a connection on a reserved place (past the total cap) may ask: health and

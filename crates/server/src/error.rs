@@ -45,9 +45,54 @@ pub enum Code {
     ServerBusy,
     TooManyConnections,
     TooManyConnectionsFromIp,
+    UriTooLong,
+    HeadersTooLarge,
 }
 
 impl Code {
+    /// Every code (docs/errors.md must list each).
+    pub const ALL: [Code; 39] = [
+        Code::InvalidJson,
+        Code::InvalidRequest,
+        Code::InvalidChannel,
+        Code::UnknownNamespace,
+        Code::TooManyChannels,
+        Code::MessageTooLarge,
+        Code::BadCursor,
+        Code::BadWait,
+        Code::BadLimit,
+        Code::BadRewind,
+        Code::InvalidIdempotencyKey,
+        Code::InvalidPattern,
+        Code::HistoryDisabled,
+        Code::TokenRequired,
+        Code::Unauthorized,
+        Code::TransportDisabled,
+        Code::NotFound,
+        Code::MethodNotAllowed,
+        Code::BrokerUnavailable,
+        Code::UpgradeRequired,
+        Code::UnknownCommand,
+        Code::AlreadySubscribed,
+        Code::NotSubscribed,
+        Code::PublishNotAllowed,
+        Code::TooManySubscriptions,
+        Code::RateLimited,
+        Code::PresenceDisabled,
+        Code::TokenInvalid,
+        Code::TokenExpired,
+        Code::TokenRevoked,
+        Code::PermissionDenied,
+        Code::SubscriptionTokenRequired,
+        Code::SubscriptionTokenInvalid,
+        Code::OriginNotAllowed,
+        Code::ServerBusy,
+        Code::TooManyConnections,
+        Code::TooManyConnectionsFromIp,
+        Code::UriTooLong,
+        Code::HeadersTooLarge,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Code::InvalidJson => "invalid_json",
@@ -87,6 +132,8 @@ impl Code {
             Code::ServerBusy => "server_busy",
             Code::TooManyConnections => "too_many_connections",
             Code::TooManyConnectionsFromIp => "too_many_connections_from_ip",
+            Code::UriTooLong => "uri_too_long",
+            Code::HeadersTooLarge => "headers_too_large",
         }
     }
 
@@ -119,6 +166,8 @@ impl Code {
             | Code::SubscriptionTokenInvalid
             | Code::OriginNotAllowed => StatusCode::FORBIDDEN,
             Code::ServerBusy | Code::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
+            Code::UriTooLong => StatusCode::URI_TOO_LONG,
+            Code::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 }
@@ -182,5 +231,18 @@ impl IntoResponse for ApiError {
             r.headers_mut().insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Code;
+
+    #[test]
+    fn every_code_is_documented_in_errors_md() {
+        let doc = include_str!("../../../docs/errors.md");
+        for c in Code::ALL {
+            assert!(doc.contains(&format!("`{}`", c.as_str())), "docs/errors.md does not list `{}`", c.as_str());
+        }
     }
 }

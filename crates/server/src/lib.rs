@@ -174,7 +174,12 @@ impl Server {
             tokio::spawn(guarded(state.metrics.clone(), "http connection", async move {
                 let _tracked = connections.enter();
                 let mut builder = hyper::server::conn::http1::Builder::new();
-                builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+                // Looser than the limits `app` enforces with JSON errors, so those are what
+                // clients meet; only far larger heads get hyper's bare 431/414.
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .max_headers(app::MAX_HEADERS * 5);
                 if reserve {
                     // A health probe on a reserved place: one quick request, then gone.
                     builder.keep_alive(false).header_read_timeout(Duration::from_secs(5));

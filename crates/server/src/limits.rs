@@ -72,6 +72,36 @@ pub async fn refuse(mut tcp: tokio::net::TcpStream, e: ApiError) {
 /// Connections past the total cap that may still ask for health and metrics.
 pub const RESERVED_CONNECTIONS: usize = 32;
 
+/// Counts refusals over a sliding window (the current fixed window plus the previous
+/// one, weighted by how much of it still overlaps): a steady flood is seen as one,
+/// however its refusals are spaced.
+pub(crate) struct SlidingCount {
+    window_start: Instant,
+    current: u32,
+    previous: u32,
+}
+
+impl SlidingCount {
+    pub(crate) fn new() -> Self {
+        SlidingCount { window_start: Instant::now(), current: 0, previous: 0 }
+    }
+
+    /// Counts one event; returns how many fell within the last `window`.
+    pub(crate) fn add(&mut self, window: std::time::Duration) -> f64 {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.window_start);
+        if elapsed >= window * 2 {
+            (self.previous, self.current, self.window_start) = (0, 0, now);
+        } else if elapsed >= window {
+            (self.previous, self.current) = (self.current, 0);
+            self.window_start += window;
+        }
+        self.current += 1;
+        let into = now.duration_since(self.window_start).as_secs_f64() / window.as_secs_f64();
+        self.previous as f64 * (1.0 - into).max(0.0) + self.current as f64
+    }
+}
+
 /// An IPv4 or IPv6 network, `10.0.0.0/8` or `::1/128` (a bare address is a /32 or /128).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -121,18 +151,20 @@ fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
     }
 }
 
-struct Bucket {
+/// A token bucket; its rate and burst are the owner's to pass (they are per server, not
+/// per bucket, so a bucket per connection or per IP stays small).
+pub(crate) struct Bucket {
     tokens: f64,
     last: Instant,
 }
 
 impl Bucket {
-    fn full(burst: f64) -> Self {
+    pub(crate) fn full(burst: f64) -> Self {
         Bucket { tokens: burst, last: Instant::now() }
     }
 
     /// Takes a token, or says how many seconds until one is there.
-    fn take(&mut self, rate: f64, burst: f64) -> Result<(), f64> {
+    pub(crate) fn take(&mut self, rate: f64, burst: f64) -> Result<(), f64> {
         let now = Instant::now();
         self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
         self.last = now;

@@ -80,8 +80,8 @@ pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
         subs: HashMap::new(),
         patterns: HashMap::new(),
         client: crate::presence::client_id(),
-        bucket: Bucket::new(state.config.ws.max_commands_per_sec),
-        rejected: 0,
+        bucket: crate::limits::Bucket::full(state.config.ws.max_commands_per_sec as f64 * 2.0),
+        rejected: crate::limits::SlidingCount::new(),
         identity: None,
         claimed: None,
         registration: None,
@@ -111,32 +111,8 @@ impl Drop for CloseOnDrop {
     }
 }
 
-/// Token bucket for commands per connection.
-struct Bucket {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn new(rate: u32) -> Self {
-        let rate = rate as f64;
-        Bucket { tokens: rate * 2.0, rate, burst: rate * 2.0, last: Instant::now() }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
+/// How far back refused commands are counted to tell a flood.
+const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 
 struct Conn {
     state: AppState,
@@ -146,9 +122,10 @@ struct Conn {
     subs: HashMap<ChannelName, (SubscriptionHandle, Option<Box<PresenceGuard>>)>,
     patterns: HashMap<String, SubscriptionHandle>,
     client: String,
-    bucket: Bucket,
-    /// Commands refused in a row for the rate limit.
-    rejected: u32,
+    /// Commands per second: `ws.max_commands_per_sec`, bursts of twice that.
+    bucket: crate::limits::Bucket,
+    /// Commands refused for the rate limit, over the last [`FLOOD_WINDOW`].
+    rejected: crate::limits::SlidingCount,
     // Boxed: rare, and an idle anonymous connection should not carry their size.
     identity: Option<Box<Identity>>,
     /// What an anonymous client said about itself (shown in presence as unverified).
@@ -395,9 +372,11 @@ impl Conn {
 
     /// Handles one command. Returns false when the connection is closing.
     async fn command(&mut self, text: &str) -> bool {
-        if !self.bucket.take() {
-            self.rejected += 1;
-            if self.rejected as f64 > self.bucket.burst {
+        let rate = self.state.config.ws.max_commands_per_sec as f64;
+        if self.bucket.take(rate, rate * 2.0).is_err() {
+            // A client that keeps sending past the limit is closed, however many of its
+            // commands get through in between: refusals are counted over a window.
+            if self.rejected.add(FLOOD_WINDOW) > rate * 2.0 {
                 self.close_with(close::POLICY, "command flood");
                 return false;
             }
@@ -406,7 +385,6 @@ impl Conn {
             self.reply(self.error_reply(id, &e));
             return true;
         }
-        self.rejected = 0;
         let (id, cmd) = match protocol::parse(text) {
             Ok(x) => x,
             Err((id, e)) => {
