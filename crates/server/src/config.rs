@@ -388,18 +388,33 @@ pub enum ConfigError {
 impl Config {
     /// Loads `path` (if given), applies `SWITCHBOARD_*` overrides from `env`, validates.
     pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
-        let (mut table, origin) = match path {
+        match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
-                let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
-                    path: p.display().to_string(),
-                    message: e.to_string(),
-                })?;
-                (table, p.display().to_string())
+                Self::parse(&text, &p.display().to_string(), env)
             }
-            None => (toml::Table::new(), "built-in defaults".to_string()),
-        };
+            None => Self::from_table(toml::Table::new(), "built-in defaults".to_string(), env),
+        }
+    }
+
+    /// [`Config::load`] on the text of a file (`origin` names it in errors).
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax { path: origin.to_string(), message: e.to_string() })?;
+        Self::from_table(table, origin.to_string(), env)
+    }
+
+    fn from_table(
+        mut table: toml::Table,
+        origin: String,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let mut overridden = false;
         let mut ignored = Vec::new();
         for (var, value) in env {

@@ -173,6 +173,13 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// One series per value of `label`: `name{label="value"} n`.
+fn by_label(out: &mut String, name: &str, label: &str, values: &[(&str, u64)]) {
+    for (value, n) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+    }
+}
+
 /// The whole exposition.
 pub fn render(state: &AppState) -> String {
     let m = &*state.metrics;
@@ -215,15 +222,14 @@ pub fn render(state: &AppState) -> String {
         "counter",
         "Publications accepted on this node (API and clients) by kind.",
     );
-    let _ = writeln!(
-        out,
-        "switchboard_publications_total{{kind=\"stored\"}} {}",
-        m.publishes_stored.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "switchboard_publications_total{{kind=\"volatile\"}} {}",
-        m.publishes_volatile.load(Ordering::Relaxed)
+    by_label(
+        &mut out,
+        "switchboard_publications_total",
+        "kind",
+        &[
+            ("stored", m.publishes_stored.load(Ordering::Relaxed)),
+            ("volatile", m.publishes_volatile.load(Ordering::Relaxed)),
+        ],
     );
     metric(&mut out, "switchboard_hub_publications_total", "counter", "Publications fanned out to local subscribers.");
     let _ =
@@ -256,12 +262,15 @@ pub fn render(state: &AppState) -> String {
         "counter",
         "Subscriptions that asked to resume from a position, by outcome.",
     );
-    let _ = writeln!(
-        out,
-        "switchboard_resumes_total{{outcome=\"recovered\"}} {}",
-        m.resumes_recovered.load(Ordering::Relaxed)
+    by_label(
+        &mut out,
+        "switchboard_resumes_total",
+        "outcome",
+        &[
+            ("recovered", m.resumes_recovered.load(Ordering::Relaxed)),
+            ("reset", m.resumes_reset.load(Ordering::Relaxed)),
+        ],
     );
-    let _ = writeln!(out, "switchboard_resumes_total{{outcome=\"reset\"}} {}", m.resumes_reset.load(Ordering::Relaxed));
     metric(
         &mut out,
         "switchboard_broker_errors_total",
@@ -316,15 +325,11 @@ pub fn render(state: &AppState) -> String {
     );
     let _ = writeln!(out, "switchboard_tcp_connections {}", state.limits.open());
     metric(&mut out, "switchboard_connections_refused_total", "counter", "Connections refused at accept, by cap.");
-    let _ = writeln!(
-        out,
-        "switchboard_connections_refused_total{{cap=\"total\"}} {}",
-        m.refused_total_cap.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "switchboard_connections_refused_total{{cap=\"ip\"}} {}",
-        m.refused_ip_cap.load(Ordering::Relaxed)
+    by_label(
+        &mut out,
+        "switchboard_connections_refused_total",
+        "cap",
+        &[("total", m.refused_total_cap.load(Ordering::Relaxed)), ("ip", m.refused_ip_cap.load(Ordering::Relaxed))],
     );
     metric(&mut out, "switchboard_task_panics_total", "counter", "Connection tasks that panicked (connection closed).");
     let _ = writeln!(out, "switchboard_task_panics_total {}", m.task_panics.load(Ordering::Relaxed));
