@@ -75,7 +75,8 @@ pub async fn handler(
     let period = Duration::from_secs(state.config.sse.keepalive_secs);
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    tracing::debug!(channels = channels.len(), patterns = patterns.len(), "sse stream opened");
+    let ip = super::client_ip(&state, &headers, &ext);
+    tracing::debug!(client_ip = ?ip, channels = channels.len(), patterns = patterns.len(), "sse stream opened");
     let registration = who.as_ref().map(|w| state.registry.register(&w.user, w.jti.clone(), session.queue.clone()));
     // The stream ends when the token does; the client reconnects with a fresh one.
     let expiry = who.as_ref().map(|w| super::timer(&state, w.expires_at_ms()));

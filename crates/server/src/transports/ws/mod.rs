@@ -121,6 +121,8 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
         None => None,
     };
 
+    let ip = super::client_ip(&state, headers, req.extensions());
+    tracing::debug!(client_ip = ?ip, channels = url_channels.len(), "websocket handshake accepted");
     let on_upgrade = take_upgrade(req)?;
     let url_rewind = session::check_rewind(&url_channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
     let metrics = state.metrics.clone();
