@@ -246,3 +246,37 @@ async fn volatile_publications_are_delivered_live_and_never_replayed() {
     b.publish_volatile(&c, switchboard_core::Kind::Volatile, Bytes::from_static(b"\"typing\"")).await.unwrap();
     assert_eq!(drain(&q), vec![0], "live volatile publications are delivered (offset 0)");
 }
+
+#[tokio::test]
+async fn a_join_and_leave_storm_keeps_the_subscriber_list_exact() {
+    let (hub, b) = setup().await;
+    let c = ch("storm:1");
+    let mut queues = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..5000 {
+        let q = ConnQueue::new(1 << 20);
+        handles.push(hub.subscribe(c.clone(), q.clone(), SubscribeRequest::default()).await.unwrap().go_live());
+        queues.push(q);
+    }
+    assert_eq!(hub.subscriber_count(&c), 5000);
+    // Every third leaves, from all over the list (swap-removes inside chunks).
+    let mut kept = Vec::new();
+    for (i, (h, q)) in handles.into_iter().zip(queues).enumerate() {
+        if i % 3 == 0 {
+            drop(h);
+        } else {
+            kept.push((h, q));
+        }
+    }
+    assert_eq!(hub.subscriber_count(&c), kept.len());
+    // More join into the freed room.
+    for _ in 0..700 {
+        let q = ConnQueue::new(1 << 20);
+        kept.push((hub.subscribe(c.clone(), q.clone(), SubscribeRequest::default()).await.unwrap().go_live(), q));
+    }
+    assert_eq!(hub.subscriber_count(&c), kept.len());
+    publish(&b, &c, 1).await;
+    for (_, q) in &kept {
+        assert_eq!(drain(q), vec![1], "each remaining subscriber gets the publication exactly once");
+    }
+}
