@@ -1,10 +1,14 @@
 //! The per-connection outgoing queue, bounded in bytes.
 //!
-//! The hub pushes [`Event`]s from whatever task publishes; one writer task per connection
-//! drains everything queued at once and turns it into its wire format. The bound is what
-//! keeps a slow consumer from growing server memory (guarantee 5): when a reliable event
-//! does not fit, the queue is cleared and closed with [`CloseReason::SlowConsumer`], and
-//! the client resumes from history instead.
+//! The hub pushes [`Event`]s from whatever task publishes. When the connection is keeping
+//! up, an event does not wait here at all: a transport that registered a [`DirectWrite`]
+//! gets it written to its socket right away by the pushing task, if the queue is empty,
+//! nothing is being written and the socket takes the bytes without blocking — no wake-up,
+//! no context switch per delivery. Otherwise the event is queued and the connection's own
+//! task drains everything queued at once into one vectored write. The bound is what keeps
+//! a slow consumer from growing server memory (guarantee 5): when a reliable event does
+//! not fit, the queue is cleared and closed with [`CloseReason::SlowConsumer`], and the
+//! client resumes from history instead.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,6 +88,30 @@ struct State {
     events: VecDeque<Event>,
     bytes: usize,
     closed: Option<CloseReason>,
+    /// The connection's task holds a batch it has not finished writing: nothing may be
+    /// written around it.
+    writing: bool,
+    /// Dropped when the queue closes, so the socket it holds goes with the connection.
+    direct: Option<Arc<dyn DirectWrite>>,
+}
+
+/// What [`DirectWrite::try_write`] managed.
+#[derive(Debug)]
+pub enum Written {
+    /// All of the event's bytes.
+    All,
+    /// Some: these bytes of it are still to be written, before anything else.
+    Part(bytes::Bytes),
+    /// Nothing: the socket would block.
+    Blocked,
+    /// The connection is broken.
+    Failed,
+}
+
+/// A transport's way to write an event to its socket without blocking, used by
+/// [`ConnQueue::push`] when nothing is queued before the event.
+pub trait DirectWrite: Send + Sync + 'static {
+    fn try_write(&self, event: &Event) -> Written;
 }
 
 /// What the queues of one server did under backpressure (for its metrics). Each server
@@ -118,10 +146,18 @@ impl ConnQueue {
         Arc::new(ConnQueue {
             max_bytes: std::sync::atomic::AtomicUsize::new(max_bytes),
             stats,
-            state: Mutex::new(State { events: VecDeque::new(), bytes: 0, closed: None }),
+            state: Mutex::new(State { events: VecDeque::new(), bytes: 0, closed: None, writing: false, direct: None }),
             notify: Notify::new(),
             closed_notify: Notify::new(),
         })
+    }
+
+    /// Lets pushes write straight to the connection's socket (see the module docs).
+    pub fn set_direct(&self, direct: Arc<dyn DirectWrite>) {
+        let mut st = self.state();
+        if st.closed.is_none() {
+            st.direct = Some(direct);
+        }
     }
 
     /// Raises the bound to `max_bytes` if it is lower (a connection subscribing to a
@@ -145,12 +181,31 @@ impl ConnQueue {
     }
 
     /// Queues a live event, enforcing the byte bound.
-    pub fn push(&self, event: Event) -> Result<(), PushError> {
-        let cost = event.cost();
+    pub fn push(&self, mut event: Event) -> Result<(), PushError> {
         let mut st = self.state();
         if st.closed.is_some() {
             return Err(PushError::Closed);
         }
+        if st.events.is_empty() && !st.writing {
+            if let Some(direct) = &st.direct {
+                // Under the queue lock: nothing can be pushed or drained in between, so
+                // what reaches the socket keeps the queue's order.
+                match direct.try_write(&event) {
+                    Written::All => return Ok(()),
+                    Written::Part(rest) => event = Event::Frame(rest),
+                    Written::Blocked => {}
+                    Written::Failed => {
+                        st.closed = Some(CloseReason::Normal);
+                        st.direct = None;
+                        drop(st);
+                        self.notify.notify_one();
+                        self.closed_notify.notify_waiters();
+                        return Err(PushError::Closed);
+                    }
+                }
+            }
+        }
+        let cost = event.cost();
         if st.bytes + cost > self.max_bytes() && !st.events.is_empty() {
             // Make room by dropping what may be dropped: queued volatile events first.
             let before = st.events.len();
@@ -170,6 +225,7 @@ impl ConnQueue {
             st.events.shrink_to_fit();
             st.bytes = 0;
             st.closed = Some(CloseReason::SlowConsumer);
+            st.direct = None;
             drop(st);
             self.count(|s| &s.slow_consumer_closes, 1);
             self.notify.notify_one();
@@ -203,6 +259,7 @@ impl ConnQueue {
     pub fn close(&self, reason: CloseReason) {
         let mut st = self.state();
         let mut slow = false;
+        st.direct = None;
         if st.closed.is_none() {
             st.closed = Some(reason);
             if reason == CloseReason::SlowConsumer {
@@ -251,6 +308,7 @@ impl ConnQueue {
             }
         }
         st.bytes = 0;
+        st.writing = !st.events.is_empty();
         if st.events.capacity() <= RETAINED_EVENTS {
             // Keep a small buffer: fan-out pushes into it for every subscriber, and
             // reallocating it per delivery would put an allocation on the hot path.
@@ -262,6 +320,20 @@ impl ConnQueue {
             out.extend(events);
         }
         Ok(())
+    }
+
+    /// The connection's task has written the batch it drained. Returns whether more is
+    /// queued (then it is still the writer); otherwise pushes may write directly again.
+    pub fn write_done(&self) -> bool {
+        let mut st = self.state();
+        st.writing = !st.events.is_empty();
+        st.writing
+    }
+
+    /// Resolves after something was queued or the queue closed since the last call (a
+    /// notification sent while nobody waited is kept for the next call).
+    pub async fn changed(&self) {
+        self.notify.notified().await;
     }
 
     /// Waits until something is queued (or the queue is closed), then moves everything
@@ -392,5 +464,87 @@ mod retention {
         }
         q.drain_into(&mut out).unwrap();
         assert_eq!(q.state().events.capacity(), 0, "burst buffer released");
+    }
+}
+
+#[cfg(test)]
+mod direct {
+    use super::*;
+    use bytes::Bytes;
+
+    /// A socket that takes `room` more bytes, then blocks; records what it took.
+    struct FakeSocket {
+        room: Mutex<usize>,
+        took: Mutex<Vec<u8>>,
+    }
+
+    impl DirectWrite for FakeSocket {
+        fn try_write(&self, event: &Event) -> Written {
+            let Event::Frame(b) = event else { panic!("frames only in this test") };
+            let mut room = self.room.lock().unwrap();
+            let n = b.len().min(*room);
+            if n == 0 {
+                return Written::Blocked;
+            }
+            *room -= n;
+            self.took.lock().unwrap().extend_from_slice(&b[..n]);
+            if n == b.len() {
+                Written::All
+            } else {
+                Written::Part(b.slice(n..))
+            }
+        }
+    }
+
+    fn frame(s: &'static str) -> Event {
+        Event::Frame(Bytes::from_static(s.as_bytes()))
+    }
+
+    fn frames(out: &[Event]) -> String {
+        out.iter()
+            .map(|e| match e {
+                Event::Frame(b) => String::from_utf8(b.to_vec()).unwrap(),
+                _ => panic!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_go_straight_to_the_socket_until_it_blocks_then_queue_in_order() {
+        let q = ConnQueue::new(1 << 20);
+        let sock = Arc::new(FakeSocket { room: Mutex::new(6), took: Mutex::new(Vec::new()) });
+        q.set_direct(sock.clone());
+        q.push(frame("abc")).unwrap();
+        assert_eq!(q.queued_bytes(), 0, "written directly");
+        // Half of "def!" fits: the rest waits, and everything after it queues behind.
+        q.push(frame("defg")).unwrap();
+        *sock.room.lock().unwrap() = 100;
+        q.push(frame("hij")).unwrap();
+        assert_eq!(&*sock.took.lock().unwrap(), b"abcdef");
+        let mut out = Vec::new();
+        q.drain_into(&mut out).unwrap();
+        assert_eq!(frames(&out), "ghij");
+        // While the writer holds a batch, pushes queue even though the socket has room.
+        q.push(frame("k")).unwrap();
+        assert_eq!(q.queued_bytes(), 1);
+        assert!(q.write_done(), "more is queued: the writer goes on");
+        out.clear();
+        q.drain_into(&mut out).unwrap();
+        assert_eq!(frames(&out), "k");
+        assert!(!q.write_done());
+        // Idle again: direct writes resume.
+        q.push(frame("l")).unwrap();
+        assert_eq!(q.queued_bytes(), 0);
+        assert_eq!(&*sock.took.lock().unwrap(), b"abcdefl");
+    }
+
+    #[test]
+    fn closing_lets_go_of_the_socket() {
+        let q = ConnQueue::new(1 << 20);
+        let sock = Arc::new(FakeSocket { room: Mutex::new(0), took: Mutex::new(Vec::new()) });
+        q.set_direct(sock.clone());
+        assert_eq!(Arc::strong_count(&sock), 2);
+        q.close(CloseReason::Normal);
+        assert_eq!(Arc::strong_count(&sock), 1);
     }
 }

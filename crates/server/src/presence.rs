@@ -28,10 +28,12 @@ pub fn client_id() -> String {
     (0..12).map(|_| A[fastrand::usize(..A.len())] as char).collect()
 }
 
-/// Enters `r`'s presence when its namespace keeps presence.
 /// Enters `r`'s presence when its namespace keeps presence. `claimed` is what an
 /// anonymous client said about itself (`connect`'s `client`): shown as its info, under
-/// `"unverified"`, only when there is no token.
+/// `"unverified"`, only when there is no token. The join event (in `join_leave`
+/// namespaces) is sent by [`PresenceGuard::announce`], so a transport can enter presence
+/// before it confirms a subscribe and announce after the subscriber is live (it sees its
+/// own join).
 pub async fn join(
     state: &AppState,
     r: &Resolved,
@@ -49,10 +51,6 @@ pub async fn join(
     let member = Member { client: client.to_string(), user: who.map(|w| w.user.clone()).unwrap_or_default(), info };
     let ttl = Duration::from_secs(r.options.presence_ttl_secs);
     state.presence.add(&r.channel, member.clone(), ttl).await?;
-    if r.options.join_leave {
-        let data = serde_json::to_vec(&member).expect("member serialises");
-        state.hub.broker().publish_volatile(&r.channel, Kind::Join, data.into()).await?;
-    }
     Ok(Some(PresenceGuard {
         state: state.clone(),
         channel: r.channel.clone(),
@@ -63,6 +61,15 @@ pub async fn join(
 }
 
 impl PresenceGuard {
+    /// Publishes the join event, in namespaces with `join_leave`.
+    pub async fn announce(&self) -> Result<(), ApiError> {
+        if self.join_leave {
+            let data = serde_json::to_vec(&self.member).expect("member serialises");
+            self.state.hub.broker().publish_volatile(&self.channel, Kind::Join, data.into()).await?;
+        }
+        Ok(())
+    }
+
     /// Extends the entry's TTL (called on every heartbeat of the connection).
     pub async fn refresh(&self) {
         let _ = self.state.presence.add(&self.channel, self.member.clone(), self.ttl).await;

@@ -177,7 +177,12 @@ pub async fn open(
     let mut guards = Vec::new();
     if let Some(p) = presence {
         for r in channels {
-            guards.extend(crate::presence::join(state, r, p.client, p.who, None).await?);
+            if let Some(g) = crate::presence::join(state, r, p.client, p.who, None).await? {
+                if let Err(e) = g.announce().await {
+                    tracing::debug!("join event not published: {}", e.message);
+                }
+                guards.push(g);
+            }
         }
     }
     Ok(Session { queue, starts, presence: guards, _handles: handles })

@@ -1,5 +1,9 @@
-//! One WebSocket connection: a reader (this task: frames in, commands handled, heartbeats)
-//! and a writer task that drains the connection's bounded queue into vectored writes.
+//! One WebSocket connection, served by one task: frames in, commands handled, heartbeats
+//! — and writing. A publication or reply normally never waits: the task that pushes it
+//! writes it straight to the socket ([`Sink`], the queue's direct path) when nothing is
+//! queued before it and the socket takes it. Only when the socket would block does it
+//! wait in the connection's bounded queue, which this task drains into vectored writes
+//! as the socket becomes writable.
 //!
 //! Replies, pings and publications all go through the one queue, so a `subscribe` reply
 //! always precedes the publications it replays, and a client that reads nothing — replies
@@ -13,10 +17,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use switchboard_core::hub::{SubscribeOutcome, SubscribeRequest, SubscriptionHandle};
 use switchboard_core::pattern::is_pattern;
-use switchboard_core::queue::Event;
+use switchboard_core::queue::{DirectWrite, Event, Written};
 use switchboard_core::{ChannelName, CloseReason, ConnQueue, Delivery, Kind, StreamPosition};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -63,20 +66,23 @@ pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
     if state.config.ws.send_buffer_bytes > 0 {
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(state.config.ws.send_buffer_bytes);
     }
-    let (rd, wr) = stream.into_split();
+    let stream = Arc::new(stream);
     let queue = state.hub.queue(state.config.defaults.queue_max_bytes);
-    // Whichever of the two tasks ends — even by a panic — closes the queue, which ends the
-    // other: the socket cannot be left half-served.
-    let writer = write_loop(wr, queue.clone(), ctx.deflate.then(|| state.clone()), state.metrics.clone());
-    let writer_closes = CloseOnDrop(queue.clone());
-    let mut writer = tokio::spawn(crate::guarded(state.metrics.clone(), "websocket writer", async move {
-        let _closes = writer_closes;
-        writer.await
+    let deflate = ctx.deflate.then(|| state.clone());
+    queue.set_direct(Arc::new(Sink {
+        stream: stream.clone(),
+        deflate: deflate.clone(),
+        metrics: state.metrics.clone(),
     }));
-    let _reader_closes = CloseOnDrop(queue.clone());
+    // However this task ends — even by a panic — the queue closes, which also drops the
+    // direct path's hold on the socket.
+    let _closes = CloseOnDrop(queue.clone());
     let mut conn = Conn {
         state: state.clone(),
         queue: queue.clone(),
+        stream,
+        outbox: Outbox::default(),
+        deflate,
         subs: HashMap::new(),
         patterns: HashMap::new(),
         client: crate::presence::client_id(),
@@ -92,14 +98,47 @@ pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
         conn.set_identity(who);
     }
     tracing::debug!(client = %conn.client, deflate = ctx.deflate, "websocket connected");
-    conn.run(rd, pre, ctx).await;
-    // (The connection slot in `ctx` was released when `run` consumed it.)
-    // The reader is done; give the writer a moment to flush the close, then make sure
-    // the socket goes away even if the peer stopped reading.
-    if tokio::time::timeout(CLOSE_GRACE, &mut writer).await.is_err() {
-        writer.abort();
-    }
+    conn.run(pre, ctx).await;
+    // Whatever ended it, the queue is closed now: write what it still holds and the
+    // goodbye its close reason calls for, within a grace period — a peer that stopped
+    // reading does not keep the socket.
+    conn.queue.close(CloseReason::Normal);
+    let _ = tokio::time::timeout(CLOSE_GRACE, conn.flush_and_close()).await;
     tracing::debug!(client = %conn.client, "websocket closed");
+}
+
+/// The queue's direct path: writes an event to the socket now if it takes all or part
+/// of it without blocking (see `switchboard_core::queue`).
+struct Sink {
+    stream: Arc<TcpStream>,
+    /// The server state when this connection negotiated permessage-deflate.
+    deflate: Option<AppState>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl DirectWrite for Sink {
+    fn try_write(&self, event: &Event) -> Written {
+        let bytes = encode(event, self.deflate.as_ref());
+        match self.stream.try_write(&bytes) {
+            Ok(n) => {
+                self.metrics.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                if n == bytes.len() {
+                    Written::All
+                } else {
+                    Written::Part(bytes.slice(n..))
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Written::Blocked,
+            Err(_) => Written::Failed,
+        }
+    }
+}
+
+/// Encoded frames waiting for the socket, and how much of the first one it already took.
+#[derive(Default)]
+struct Outbox {
+    frames: Vec<Bytes>,
+    written: usize,
 }
 
 /// Closes a connection's queue when dropped (see `serve`).
@@ -117,6 +156,10 @@ const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 struct Conn {
     state: AppState,
     queue: Arc<ConnQueue>,
+    stream: Arc<TcpStream>,
+    outbox: Outbox,
+    /// The server state when this connection negotiated permessage-deflate.
+    deflate: Option<AppState>,
     /// Presence guards are boxed: most subscriptions have none, and a map entry sized
     /// for one would cost every idle connection hundreds of bytes.
     subs: HashMap<ChannelName, (SubscriptionHandle, Option<Box<PresenceGuard>>)>,
@@ -157,7 +200,7 @@ enum Read {
 
 /// Reads what the socket has into the frame parser. The read buffer lives only on this
 /// synchronous stack frame: an idle connection holds none.
-fn read_available(rd: &OwnedReadHalf, reader: &mut FrameReader, out: &mut Vec<Incoming>) -> Read {
+fn read_available(rd: &TcpStream, reader: &mut FrameReader, out: &mut Vec<Incoming>) -> Read {
     let mut buf = [0u8; 8192];
     let mut got = false;
     for _ in 0..8 {
@@ -184,7 +227,7 @@ fn read_available(rd: &OwnedReadHalf, reader: &mut FrameReader, out: &mut Vec<In
 }
 
 impl Conn {
-    async fn run(&mut self, rd: OwnedReadHalf, pre: Bytes, ctx: Ctx) {
+    async fn run(&mut self, pre: Bytes, ctx: Ctx) {
         // Holds this connection's place under the connection limits until `run` returns.
         let _slot = ctx.slot;
         let max_message = self.state.config.limits.max_message_bytes + ENVELOPE_BYTES;
@@ -249,12 +292,19 @@ impl Conn {
                 shutdown_seen = true;
                 self.queue.close(CloseReason::Shutdown);
             }
+            // What is queued goes out as far as the socket takes it now.
+            match self.write_queued() {
+                Ok(true) => {}
+                Ok(false) => return, // the queue closed: `serve` says goodbye
+                Err(_) => return self.queue.close(CloseReason::Normal),
+            }
+            let stream = self.stream.clone();
             tokio::select! {
-                r = rd.readable() => {
+                r = stream.readable() => {
                     if r.is_err() {
                         return self.queue.close(CloseReason::Normal);
                     }
-                    let got = read_available(&rd, &mut reader, &mut incoming);
+                    let got = read_available(&stream, &mut reader, &mut incoming);
                     if !self.after_read(got, &mut incoming, &mut last_seen).await {
                         return;
                     }
@@ -263,7 +313,7 @@ impl Conn {
                     if last_seen.elapsed() >= interval * 3 {
                         // A stall of this process must not count against the client:
                         // what its socket already holds is a sign of life.
-                        let got = read_available(&rd, &mut reader, &mut incoming);
+                        let got = read_available(&stream, &mut reader, &mut incoming);
                         if !self.after_read(got, &mut incoming, &mut last_seen).await {
                             return;
                         }
@@ -279,8 +329,13 @@ impl Conn {
                         }
                     }
                 }
+                r = stream.writable(), if !self.outbox.frames.is_empty() => {
+                    if r.is_err() {
+                        return self.queue.close(CloseReason::Normal);
+                    }
+                }
+                _ = self.queue.changed(), if self.outbox.frames.is_empty() => {}
                 _ = shutdown.changed(), if !shutdown_seen => {}
-                _ = self.queue.wait_closed() => return,
                 _ = super::super::maybe_sleep(&mut self.timer), if self.timer.is_some() => {
                     match self.expiry {
                         Expiry::Until(_) => {
@@ -292,6 +347,108 @@ impl Conn {
                         _ => return self.queue.close(CloseReason::TokenExpired),
                     }
                 }
+            }
+        }
+    }
+
+    /// Moves what is queued into the outbox, encoded. `Err` once the queue is closed and
+    /// empty.
+    fn refill(&mut self) -> Result<(), CloseReason> {
+        let mut batch = Vec::new();
+        self.queue.drain_into(&mut batch)?;
+        let deflate = self.deflate.as_ref();
+        self.outbox.frames.extend(batch.iter().map(|e| encode(e, deflate)));
+        Ok(())
+    }
+
+    /// Writes what is queued until the socket would block or nothing is left. `Ok(false)`
+    /// when the queue has closed (everything before the close was written or is in the
+    /// outbox).
+    fn write_queued(&mut self) -> std::io::Result<bool> {
+        loop {
+            if self.outbox.frames.is_empty() {
+                if self.refill().is_err() {
+                    return Ok(false);
+                }
+                if self.outbox.frames.is_empty() {
+                    return Ok(true);
+                }
+            }
+            if !self.write_some()? {
+                return Ok(true); // blocked: the select waits for the socket
+            }
+            if !self.queue.write_done() {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Writes the outbox, many frames per system call, until the socket would block
+    /// (`Ok(false)`) or the outbox is empty (`Ok(true)`; its buffer is given back).
+    fn write_some(&mut self) -> std::io::Result<bool> {
+        const MAX_IOV: usize = 256;
+        let frames = &mut self.outbox.frames;
+        while !frames.is_empty() {
+            let end = frames.len().min(MAX_IOV);
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(end);
+            slices.push(IoSlice::new(&frames[0][self.outbox.written..]));
+            slices.extend(frames[1..end].iter().map(|f| IoSlice::new(f)));
+            let mut n = match self.stream.try_write_vectored(&slices) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            self.state.metrics.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            let mut done = 0;
+            while n > 0 {
+                let left = frames[done].len() - self.outbox.written;
+                if n >= left {
+                    n -= left;
+                    done += 1;
+                    self.outbox.written = 0;
+                } else {
+                    self.outbox.written += n;
+                    n = 0;
+                }
+            }
+            frames.drain(..done);
+        }
+        *frames = Vec::new();
+        Ok(true)
+    }
+
+    /// After the queue closed: writes what it still held, then the goodbye its close
+    /// reason calls for, and shuts the socket's write side.
+    async fn flush_and_close(&mut self) {
+        let reason = self.queue.closed().unwrap_or(CloseReason::Normal);
+        while self.refill().is_ok() {}
+        self.outbox.frames.extend(goodbye(reason));
+        loop {
+            match self.write_some() {
+                Ok(true) | Err(_) => break,
+                Ok(false) => {
+                    if self.stream.writable().await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = socket2::SockRef::from(&*self.stream).shutdown(std::net::Shutdown::Write);
+        // Read (and drop) what the peer still sends until it closes its side: closing a
+        // socket with unread input resets the connection, and the reset can destroy the
+        // close frame before the peer reads it. Bounded by the caller's grace period.
+        let mut sink = [0u8; 4096];
+        loop {
+            match self.stream.try_read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.stream.readable().await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
             }
         }
     }
@@ -556,11 +713,20 @@ impl Conn {
         if resuming {
             self.state.metrics.resume(pending.outcome().recovered);
         }
-        self.reply(reply(pending.outcome(), &r.channel));
-        let handle = pending.go_live();
+        // In presence before the reply says subscribed; the join event after going live,
+        // so the subscriber sees its own.
         let guard =
             crate::presence::join(&self.state, &r, &self.client, self.identity.as_deref(), self.claimed.as_deref())
                 .await?;
+        self.reply(reply(pending.outcome(), &r.channel));
+        let handle = pending.go_live();
+        if let Some(g) = &guard {
+            // The subscribe succeeded and was confirmed; a join event lost to a broker
+            // hiccup is not worth failing it for (presence itself is in place).
+            if let Err(e) = g.announce().await {
+                tracing::debug!("join event not published: {}", e.message);
+            }
+        }
         self.subs.insert(r.channel, (handle, guard.map(Box::new)));
         Ok(())
     }
@@ -620,7 +786,7 @@ fn pub_payload(d: &Delivery) -> Vec<u8> {
 
 /// `deflate`: the server state when this connection negotiated permessage-deflate (to
 /// read the publication's namespace setting).
-fn encode(e: Event, deflate: Option<&AppState>) -> Bytes {
+fn encode(e: &Event, deflate: Option<&AppState>) -> Bytes {
     match e {
         // Built once per publication, shared by every subscriber with the same setting.
         Event::Publication(d) if deflate.is_some() => d.encoded(SLOT_DEFLATE, |d| {
@@ -635,7 +801,7 @@ fn encode(e: Event, deflate: Option<&AppState>) -> Bytes {
             }});
             frame::text(v.to_string().as_bytes())
         }
-        Event::Frame(b) => b,
+        Event::Frame(b) => b.clone(),
     }
 }
 
@@ -650,91 +816,32 @@ fn disconnect_final(code: u16, reason: &str) -> Bytes {
     frame::text(v.to_string().as_bytes())
 }
 
-/// The writer: drains everything queued into vectored writes until the queue closes.
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    queue: Arc<ConnQueue>,
-    deflate: Option<AppState>,
-    metrics: Arc<crate::metrics::Metrics>,
-) {
-    let mut batch = Vec::new();
-    let mut frames: Vec<Bytes> = Vec::new();
-    loop {
-        match queue.next_batch(&mut batch).await {
-            Ok(()) => {
-                frames.extend(batch.drain(..).map(|e| encode(e, deflate.as_ref())));
-                let r = write_all(&mut wr, &frames, &metrics).await;
-                // Give the buffers back: most connections are idle most of the time, and
-                // an idle connection should hold no buffer.
-                batch = Vec::new();
-                frames = Vec::new();
-                if r.is_err() {
-                    queue.close(CloseReason::Normal);
-                    return;
-                }
-            }
-            Err(reason) => {
-                let tail = match reason {
-                    CloseReason::SlowConsumer => vec![
-                        disconnect(close::SLOW_CONSUMER, "slow_consumer", 0),
-                        frame::close_frame(close::SLOW_CONSUMER, "slow consumer: reconnect and resume"),
-                    ],
-                    CloseReason::Shutdown => {
-                        let retry = fastrand::u64(500..=5000);
-                        vec![
-                            disconnect(close::GOING_AWAY, "shutdown", retry),
-                            frame::close_frame(close::GOING_AWAY, "server shutting down: reconnect"),
-                        ]
-                    }
-                    CloseReason::TokenExpired => vec![
-                        disconnect(close::TOKEN_EXPIRED, "token_expired", 0),
-                        frame::close_frame(close::TOKEN_EXPIRED, "token expired: reconnect with a new token"),
-                    ],
-                    CloseReason::Disconnected => vec![
-                        disconnect_final(close::DISCONNECTED, "disconnected"),
-                        frame::close_frame(close::DISCONNECTED, "disconnected by the server"),
-                    ],
-                    CloseReason::Normal => Vec::new(),
-                };
-                let _ = write_all(&mut wr, &tail, &metrics).await;
-                let _ = wr.shutdown().await;
-                return;
-            }
+/// The last frames of a connection closed for `reason`: a `disconnect` push saying
+/// whether to reconnect, and the close frame (nothing more for a normal close, whose close
+/// frame is already queued).
+fn goodbye(reason: CloseReason) -> Vec<Bytes> {
+    match reason {
+        CloseReason::SlowConsumer => vec![
+            disconnect(close::SLOW_CONSUMER, "slow_consumer", 0),
+            frame::close_frame(close::SLOW_CONSUMER, "slow consumer: reconnect and resume"),
+        ],
+        CloseReason::Shutdown => {
+            let retry = fastrand::u64(500..=5000);
+            vec![
+                disconnect(close::GOING_AWAY, "shutdown", retry),
+                frame::close_frame(close::GOING_AWAY, "server shutting down: reconnect"),
+            ]
         }
+        CloseReason::TokenExpired => vec![
+            disconnect(close::TOKEN_EXPIRED, "token_expired", 0),
+            frame::close_frame(close::TOKEN_EXPIRED, "token expired: reconnect with a new token"),
+        ],
+        CloseReason::Disconnected => vec![
+            disconnect_final(close::DISCONNECTED, "disconnected"),
+            frame::close_frame(close::DISCONNECTED, "disconnected by the server"),
+        ],
+        CloseReason::Normal => Vec::new(),
     }
-}
-
-/// Writes every frame, many per system call.
-async fn write_all(
-    wr: &mut OwnedWriteHalf,
-    frames: &[Bytes],
-    metrics: &crate::metrics::Metrics,
-) -> std::io::Result<()> {
-    const MAX_IOV: usize = 256;
-    let (mut i, mut off) = (0usize, 0usize);
-    while i < frames.len() {
-        let end = (i + MAX_IOV).min(frames.len());
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(end - i);
-        slices.push(IoSlice::new(&frames[i][off..]));
-        slices.extend(frames[i + 1..end].iter().map(|f| IoSlice::new(f)));
-        let mut n = wr.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        metrics.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        while n > 0 && i < frames.len() {
-            let left = frames[i].len() - off;
-            if n >= left {
-                n -= left;
-                i += 1;
-                off = 0;
-            } else {
-                off += n;
-                n = 0;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The conformance endpoint (`/ws/echo`, `--dev` only): echoes every message with the
