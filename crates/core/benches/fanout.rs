@@ -3,7 +3,8 @@
 //!
 //! Run: `cargo bench -p switchboard-core --bench fanout -- [subscribers] [publications] [payload]`
 //! (defaults 10000, 2000, 128). The time measured is `publish` → broker → hub → every
-//! subscriber's queue; draining the queues (the writers' job) is timed separately.
+//! subscriber's queue (through the channel's lane task: one worker here); draining the
+//! queues (the writers' job) is timed separately.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,9 +62,22 @@ async fn run(subscribers: usize, publications: usize, payload: usize) {
     let data = Bytes::from(format!("\"{}\"", "x".repeat(payload.saturating_sub(2))));
     let opts = PublishOptions::default();
     let mut batch = Vec::with_capacity(16);
+    // A channel this big fans out in a lane task after `publish` returns: a publication
+    // counts as delivered once the hub has queued it for every subscriber.
+    let delivered = |n: u64| {
+        let hub = hub.clone();
+        async move {
+            while hub.stats.deliveries.load(Ordering::Relaxed) < n {
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    let mut expected = 0u64;
     // Warm up: let every queue reach its steady-state capacity.
     for _ in 0..10 {
         broker.publish(&ch, data.clone(), &opts).await.unwrap();
+        expected += subscribers as u64;
+        delivered(expected).await;
         for q in &queues {
             let _ = q.drain_into(&mut batch);
             batch.clear();
@@ -75,6 +89,8 @@ async fn run(subscribers: usize, publications: usize, payload: usize) {
         let (b0, a0) = (ALLOCATED.load(Ordering::Relaxed), ALLOCATIONS.load(Ordering::Relaxed));
         let t = Instant::now();
         broker.publish(&ch, data.clone(), &opts).await.unwrap();
+        expected += subscribers as u64;
+        delivered(expected).await;
         publish_time += t.elapsed();
         bytes += ALLOCATED.load(Ordering::Relaxed) - b0;
         allocs += ALLOCATIONS.load(Ordering::Relaxed) - a0;

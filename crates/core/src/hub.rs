@@ -46,11 +46,41 @@ struct ChannelEntry {
     roomy: Vec<usize>,
     len: usize,
     node_active: bool,
+    /// Set once the channel fans out in parallel (see [`Lane`]).
+    lanes: Option<Arc<[Lane]>>,
+}
+
+/// Channels with at most this many local subscriptions are delivered to by the task
+/// that dispatches (under the broker's channel lock for the memory broker: it is short).
+/// Bigger ones fan out in [`Lane`]s, off any lock and on every worker.
+const INLINE_MAX: usize = 64;
+
+/// One share of a big channel's fan-out: chunk `i` of the channel belongs to lane
+/// `i % lanes`, and each lane delivers in publication order from its own mailbox, drained
+/// by at most one task at a time — so every subscriber still sees offset order, while
+/// the lanes run on different workers at once.
+#[derive(Default)]
+struct Lane {
+    mailbox: Mutex<LaneState>,
+}
+
+#[derive(Default)]
+struct LaneState {
+    pending: std::collections::VecDeque<Arc<Delivery>>,
+    /// A task is draining this lane.
+    running: bool,
+}
+
+impl Lane {
+    fn idle(&self) -> bool {
+        let st = lock(&self.mailbox);
+        st.pending.is_empty() && !st.running
+    }
 }
 
 impl ChannelEntry {
     fn new() -> Self {
-        ChannelEntry { chunks: Vec::new(), roomy: Vec::new(), len: 0, node_active: false }
+        ChannelEntry { chunks: Vec::new(), roomy: Vec::new(), len: 0, node_active: false, lanes: None }
     }
 
     fn insert(&mut self, sub: Arc<Subscription>) {
@@ -304,6 +334,35 @@ impl PendingSubscription {
     }
 }
 
+/// Delivers what lane `i` of a channel has pending, in order, until it has none.
+fn drain_lane(hub: Weak<Hub>, channel: ChannelName, lanes: Arc<[Lane]>, i: usize) {
+    let lane = &lanes[i];
+    loop {
+        let batch: Vec<Arc<Delivery>> = {
+            let mut st = lock(&lane.mailbox);
+            if st.pending.is_empty() {
+                st.running = false;
+                return;
+            }
+            st.pending.drain(..).collect()
+        };
+        let Some(hub) = hub.upgrade() else {
+            lock(&lane.mailbox).running = false;
+            return;
+        };
+        // The subscribers as they are now: one that joined after the publication was
+        // dispatched is recovering, and its offset check keeps it exact.
+        let chunks = hub.lane_chunks(&channel, lanes.len(), i);
+        let mut delivered = 0u64;
+        for d in &batch {
+            for s in chunks.iter().flat_map(|c| c.iter()) {
+                delivered += s.deliver(d) as u64;
+            }
+        }
+        hub.stats.deliveries.fetch_add(delivered, Ordering::Relaxed);
+    }
+}
+
 struct Dispatcher(Weak<Hub>);
 
 impl BrokerEventHandler for Dispatcher {
@@ -367,12 +426,19 @@ impl Hub {
     }
 
     /// Fans a publication out to this node's subscriptions on its channel: one encoding,
-    /// shared by all.
-    pub fn dispatch(&self, publication: Publication) {
+    /// shared by all. Called in offset order per channel (the broker's guarantee 1); a
+    /// big channel's fan-out is handed to its lanes and happens after this returns.
+    pub fn dispatch(self: &Arc<Self>, publication: Publication) {
+        let workers = tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers()).max(1);
         let subs = {
-            let map = lock(&self.shard(&publication.channel).channels);
-            match map.get(&publication.channel) {
-                Some(e) if !e.is_empty() => Some(e.chunks.clone()),
+            let mut map = lock(&self.shard(&publication.channel).channels);
+            match map.get_mut(&publication.channel) {
+                Some(e) if !e.is_empty() => {
+                    if e.len > INLINE_MAX {
+                        e.lanes.get_or_insert_with(|| (0..workers).map(|_| Lane::default()).collect());
+                    }
+                    Some((e.chunks.clone(), e.lanes.clone()))
+                }
                 _ => None,
             }
         };
@@ -386,13 +452,47 @@ impl Hub {
         if publication.is_stored() {
             self.stats.observe_latency(crate::now_millis().saturating_sub(publication.time));
         }
+        let channel = publication.channel.clone();
         let delivery = Delivery::new(publication);
         let mut delivered = 0u64;
-        for s in subs.iter().flatten().flat_map(|chunk| chunk.iter()).chain(by_pattern.iter()) {
+        for s in by_pattern.iter() {
             delivered += s.deliver(&delivery) as u64;
         }
         self.stats.publications.fetch_add(1, Ordering::Relaxed);
+        let inline = |chunks: &[Arc<Vec<Arc<Subscription>>>]| {
+            chunks.iter().flat_map(|chunk| chunk.iter()).map(|s| s.deliver(&delivery) as u64).sum::<u64>()
+        };
+        match subs {
+            None => {}
+            Some((chunks, None)) => delivered += inline(&chunks),
+            // A big channel that shrank, once its lanes have caught up: deliver here again
+            // (nothing of it can be pending in a lane, so order holds).
+            Some((chunks, Some(lanes)))
+                if chunks.iter().map(|c| c.len()).sum::<usize>() <= INLINE_MAX && lanes.iter().all(Lane::idle) =>
+            {
+                delivered += inline(&chunks)
+            }
+            Some((_, Some(lanes))) => {
+                for (i, lane) in lanes.iter().enumerate() {
+                    let start = {
+                        let mut st = lock(&lane.mailbox);
+                        st.pending.push_back(delivery.clone());
+                        !std::mem::replace(&mut st.running, true)
+                    };
+                    if start {
+                        let (hub, channel, lanes) = (Arc::downgrade(self), channel.clone(), lanes.clone());
+                        tokio::spawn(async move { drain_lane(hub, channel, lanes, i) });
+                    }
+                }
+            }
+        }
         self.stats.deliveries.fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    /// The chunks of `channel` that lane `i` of `lanes` delivers to, as they are now.
+    fn lane_chunks(&self, channel: &ChannelName, lanes: usize, i: usize) -> Vec<Arc<Vec<Arc<Subscription>>>> {
+        let map = lock(&self.shard(channel).channels);
+        map.get(channel).map(|e| e.chunks.iter().skip(i).step_by(lanes).cloned().collect()).unwrap_or_default()
     }
 
     /// Subscribes `queue` to `channel`, race-free (see the module docs). The returned

@@ -276,7 +276,52 @@ async fn a_join_and_leave_storm_keeps_the_subscriber_list_exact() {
     }
     assert_eq!(hub.subscriber_count(&c), kept.len());
     publish(&b, &c, 1).await;
+    // A channel this big fans out in lanes, after the publish returned: wait for them.
     for (_, q) in &kept {
-        assert_eq!(drain(q), vec![1], "each remaining subscriber gets the publication exactly once");
+        assert_eq!(drain_eventually(q, 1).await, vec![1], "each remaining subscriber gets the publication once");
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(kept.iter().all(|(_, q)| drain(q).is_empty()), "and only once");
+}
+
+/// Drains until `n` events arrived (a lane delivers after the publish returned). Fails
+/// the test, saying so, after a minute.
+async fn drain_eventually(q: &ConnQueue, n: usize) -> Vec<u64> {
+    let mut got = Vec::new();
+    for _ in 0..60_000 {
+        got.extend(drain(q));
+        if got.len() >= n {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("only {got:?} of {n} events arrived within a minute");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_on_a_big_channel_keep_every_subscriber_in_offset_order() {
+    let (hub, b) = setup().await;
+    let c = ch("big:1");
+    let mut subs = Vec::new();
+    for _ in 0..600 {
+        let q = ConnQueue::new(1 << 24);
+        subs.push((hub.subscribe(c.clone(), q.clone(), SubscribeRequest::default()).await.unwrap().go_live(), q));
+    }
+    // Four publishers at once: the broker numbers them; the lanes must keep that order.
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (b, c) = (b.clone(), c.clone());
+            tokio::spawn(async move {
+                for i in 0..100 {
+                    publish(&b, &c, i).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for (_, q) in &subs {
+        assert_eq!(drain_eventually(q, 400).await, (1..=400).collect::<Vec<u64>>());
     }
 }
