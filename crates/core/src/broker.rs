@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::channel::ChannelName;
-use crate::publication::{Kind, Publication, StreamPosition};
+use crate::publication::{Delivery, Kind, StreamPosition};
 
 /// How a publication is stored. Comes from the channel's namespace options.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,8 +54,10 @@ pub struct HistoryRequest {
 /// The answer to a history read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryResult {
-    /// Publications in strictly ascending offset order, all of the current epoch.
-    pub publications: Vec<Publication>,
+    /// Publications in strictly ascending offset order, all of the current epoch — as
+    /// shared deliveries, so a broker that keeps them (the in-memory one) hands every
+    /// resuming subscriber the same encoded bytes.
+    pub publications: Vec<Arc<Delivery>>,
     /// The channel's current top: its epoch and the offset of its latest publication.
     pub position: StreamPosition,
 }
@@ -75,7 +77,7 @@ pub enum BrokerError {
 pub trait BrokerEventHandler: Send + Sync + 'static {
     /// A publication on a channel this node subscribed to. For each channel, calls come
     /// one at a time in strictly ascending offset order (within an epoch). Must not block.
-    fn handle_publication(&self, publication: Publication);
+    fn handle_publication(&self, delivery: Arc<Delivery>);
 
     /// A control message another node sent with [`Broker::publish_control`]. Must not
     /// block.

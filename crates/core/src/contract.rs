@@ -35,8 +35,8 @@ impl Recorder {
 }
 
 impl BrokerEventHandler for Recorder {
-    fn handle_publication(&self, publication: Publication) {
-        let _ = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(publication);
+    fn handle_publication(&self, delivery: Arc<crate::publication::Delivery>) {
+        let _ = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(delivery.publication.clone());
     }
 }
 
@@ -112,7 +112,7 @@ async fn publish_n(b: &Arc<dyn Broker>, ch: &ChannelName, n: u64, o: &PublishOpt
     out
 }
 
-fn offsets(p: &[Publication]) -> Vec<u64> {
+fn offsets(p: &[Arc<crate::publication::Delivery>]) -> Vec<u64> {
     p.iter().map(|p| p.offset).collect()
 }
 

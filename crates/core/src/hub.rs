@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, Weak};
 use crate::broker::{Broker, BrokerError, BrokerEventHandler, HistoryRequest};
 use crate::channel::ChannelName;
 use crate::pattern::{Pattern, PatternIndex};
-use crate::publication::{Delivery, Epoch, Publication, StreamPosition};
+use crate::publication::{Delivery, Epoch, StreamPosition};
 use crate::queue::{ConnQueue, Event, QueueStats};
 
 const SHARDS: usize = 64;
@@ -192,6 +192,10 @@ pub struct SubscribeRequest {
     /// Without `since`: first replay the newest `rewind` retained publications (initial
     /// state: a ticker's last price, a chat's last messages).
     pub rewind: Option<usize>,
+    /// With `since`: replay at most this many publications. A client further behind is
+    /// told it cannot resume (`recovered: false`, an explicit reset) instead of being sent
+    /// an unbounded replay. `None`: whatever history holds.
+    pub recovery_max: Option<usize>,
 }
 
 struct SubState {
@@ -304,7 +308,7 @@ impl Drop for SubscriptionHandle {
 /// its own reply (which must precede the replay) before calling [`Self::go_live`].
 pub struct PendingSubscription {
     handle: SubscriptionHandle,
-    history: Vec<Publication>,
+    history: Vec<Arc<Delivery>>,
     outcome: SubscribeOutcome,
 }
 
@@ -320,9 +324,9 @@ impl PendingSubscription {
         let mut st = lock(&sub.state);
         st.epoch = Some(self.outcome.position.epoch.clone());
         st.offset = self.outcome.position.offset;
-        for p in self.history {
-            let d = Delivery::new(p);
-            sub.accept(&mut st, &d, true);
+        // The broker's own deliveries: encoded once, the same bytes for every resumer.
+        for d in &self.history {
+            sub.accept(&mut st, d, true);
         }
         let buffered = st.recovering.take().unwrap_or_default();
         st.recovering_bytes = 0;
@@ -366,9 +370,9 @@ fn drain_lane(hub: Weak<Hub>, channel: ChannelName, lanes: Arc<[Lane]>, i: usize
 struct Dispatcher(Weak<Hub>);
 
 impl BrokerEventHandler for Dispatcher {
-    fn handle_publication(&self, publication: Publication) {
+    fn handle_publication(&self, delivery: Arc<Delivery>) {
         if let Some(hub) = self.0.upgrade() {
-            hub.dispatch(publication);
+            hub.dispatch(delivery);
         }
     }
 
@@ -428,7 +432,8 @@ impl Hub {
     /// Fans a publication out to this node's subscriptions on its channel: one encoding,
     /// shared by all. Called in offset order per channel (the broker's guarantee 1); a
     /// big channel's fan-out is handed to its lanes and happens after this returns.
-    pub fn dispatch(self: &Arc<Self>, publication: Publication) {
+    pub fn dispatch(self: &Arc<Self>, delivery: Arc<Delivery>) {
+        let publication = &delivery.publication;
         let workers = tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers()).max(1);
         let subs = {
             let mut map = lock(&self.shard(&publication.channel).channels);
@@ -453,7 +458,6 @@ impl Hub {
             self.stats.observe_latency(crate::now_millis().saturating_sub(publication.time));
         }
         let channel = publication.channel.clone();
-        let delivery = Delivery::new(publication);
         let mut delivered = 0u64;
         for s in by_pattern.iter() {
             delivered += s.deliver(&delivery) as u64;
@@ -530,9 +534,15 @@ impl Hub {
         }
         let (history, outcome) = match req.since {
             Some(since) => {
-                let read =
-                    self.broker.history(&channel, HistoryRequest { since: Some(since.clone()), ..Default::default() });
+                let limit = req.recovery_max.map(|n| n.saturating_add(1));
+                let read = self
+                    .broker
+                    .history(&channel, HistoryRequest { since: Some(since.clone()), limit, ..Default::default() });
                 match read.await {
+                    Ok(h) if req.recovery_max.is_some_and(|max| h.publications.len() > max) => {
+                        // Too far behind to replay: the client reloads, from the top.
+                        (Vec::new(), SubscribeOutcome { position: h.position, recovered: false, replayed: 0 })
+                    }
                     Ok(h) => {
                         let replayed = h.publications.len();
                         (h.publications, SubscribeOutcome { position: since, recovered: true, replayed })

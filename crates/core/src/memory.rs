@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::broker::{Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, PublishOptions};
 use crate::channel::ChannelName;
-use crate::publication::{new_epoch, Epoch, Kind, Publication, StreamPosition};
+use crate::publication::{new_epoch, Delivery, Epoch, Kind, Publication, StreamPosition};
 
 /// How long an idle channel with no retained history and no node subscription keeps its
 /// epoch and top offset before it is forgotten (and starts a new epoch if used again).
@@ -40,8 +40,10 @@ pub const DEFAULT_UNUSED_CHANNEL_CAP: usize = 100_000;
 
 const SHARDS: usize = 64;
 
+/// A retained publication, kept as the delivery the hub fans out — encoded once, at
+/// publish, for live subscribers and every later replay alike.
 struct Entry {
-    publication: Publication,
+    delivery: Arc<Delivery>,
     expires: Instant,
 }
 
@@ -91,7 +93,7 @@ impl ChannelLog {
 
     /// Offset of the oldest retained publication, or `top + 1` when none is retained.
     fn first_retained(&self) -> u64 {
-        self.history.front().map_or(self.top + 1, |e| e.publication.offset)
+        self.history.front().map_or(self.top + 1, |e| e.delivery.offset)
     }
 
     /// Nothing published, not subscribed: state a mere reader created.
@@ -261,16 +263,16 @@ impl Broker for MemoryBroker {
         }
         log.top += 1;
         log.last_used = now;
-        let publication = Publication {
+        let delivery = Delivery::new(Publication {
             channel: channel.clone(),
             offset: log.top,
             epoch: log.epoch.clone(),
             data,
             time: crate::now_millis(),
             kind: Kind::Stored,
-        };
+        });
         if opts.history_size > 0 && !opts.history_ttl.is_zero() {
-            log.history.push_back(Entry { publication: publication.clone(), expires: now + opts.history_ttl });
+            log.history.push_back(Entry { delivery: delivery.clone(), expires: now + opts.history_ttl });
         }
         while log.history.len() > opts.history_size {
             log.history.pop_front();
@@ -281,11 +283,12 @@ impl Broker for MemoryBroker {
             log.keys.insert(key.clone(), (position.clone(), until));
             log.key_expiry.push_back((until, key.clone()));
         }
-        // Fan out while still holding the channel lock: this is what keeps delivery order
-        // equal to offset order when several tasks publish to one channel at once.
+        // Hand it to the node while still holding the channel lock: this is what keeps
+        // delivery order equal to offset order when several tasks publish to one channel
+        // at once. (The hub fans big channels out in its lanes, after this returns.)
         if self.routed(&log, channel) {
             if let Some(handler) = self.handler.get() {
-                handler.handle_publication(publication);
+                handler.handle_publication(delivery);
             }
         }
         Ok(position)
@@ -296,14 +299,14 @@ impl Broker for MemoryBroker {
         let log = lock(&log);
         if self.routed(&log, channel) {
             if let Some(handler) = self.handler.get() {
-                handler.handle_publication(Publication {
+                handler.handle_publication(Delivery::new(Publication {
                     channel: channel.clone(),
                     offset: 0,
                     epoch: log.epoch.clone(),
                     data,
                     time: crate::now_millis(),
                     kind,
-                });
+                }));
             }
         }
         Ok(())
@@ -314,22 +317,22 @@ impl Broker for MemoryBroker {
         let mut log = lock(&log);
         log.trim_expired(Instant::now());
         let position = log.position();
-        let publications: Vec<Publication> = match &req.since {
+        let publications: Vec<Arc<Delivery>> = match &req.since {
             Some(since) => {
                 let continuous =
                     since.epoch == log.epoch && since.offset <= log.top && since.offset + 1 >= log.first_retained();
                 if !continuous {
                     return Err(BrokerError::PositionLost { current: position });
                 }
-                let skip = log.history.iter().take_while(|e| e.publication.offset <= since.offset).count();
+                let skip = log.history.iter().take_while(|e| e.delivery.offset <= since.offset).count();
                 let take = req.limit.unwrap_or(usize::MAX);
-                log.history.iter().skip(skip).take(take).map(|e| e.publication.clone()).collect()
+                log.history.iter().skip(skip).take(take).map(|e| e.delivery.clone()).collect()
             }
             None => {
                 let len = log.history.len();
                 let take = req.limit.unwrap_or(len).min(len);
                 let skip = if req.latest { len - take } else { 0 };
-                log.history.iter().skip(skip).take(take).map(|e| e.publication.clone()).collect()
+                log.history.iter().skip(skip).take(take).map(|e| e.delivery.clone()).collect()
             }
         };
         Ok(HistoryResult { publications, position })

@@ -154,6 +154,23 @@ impl Delivery {
     }
 }
 
+/// Two deliveries are equal when their publications are (the encodings follow from it).
+impl PartialEq for Delivery {
+    fn eq(&self, other: &Self) -> bool {
+        self.publication == other.publication
+    }
+}
+
+impl Eq for Delivery {}
+
+/// A delivery reads as its publication (`d.offset`, `d.channel`, …).
+impl std::ops::Deref for Delivery {
+    type Target = Publication;
+    fn deref(&self) -> &Publication {
+        &self.publication
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -182,7 +182,8 @@ async fn rewind_replays_exactly_the_last_n_then_goes_live() {
         publish(&b, &c, i).await;
     }
     let q = ConnQueue::new(1 << 20);
-    let pending = hub.subscribe(c.clone(), q.clone(), SubscribeRequest { since: None, rewind: Some(3) }).await.unwrap();
+    let pending =
+        hub.subscribe(c.clone(), q.clone(), SubscribeRequest { rewind: Some(3), ..Default::default() }).await.unwrap();
     assert_eq!(pending.outcome().position.offset, 7);
     assert_eq!(pending.outcome().replayed, 3);
     let _h = pending.go_live();
@@ -191,7 +192,7 @@ async fn rewind_replays_exactly_the_last_n_then_goes_live() {
     // More than retained: what there is.
     let q2 = ConnQueue::new(1 << 20);
     let _h2 = hub
-        .subscribe(c.clone(), q2.clone(), SubscribeRequest { since: None, rewind: Some(500) })
+        .subscribe(c.clone(), q2.clone(), SubscribeRequest { rewind: Some(500), ..Default::default() })
         .await
         .unwrap()
         .go_live();
@@ -324,4 +325,29 @@ async fn concurrent_publishers_on_a_big_channel_keep_every_subscriber_in_offset_
     for (_, q) in &subs {
         assert_eq!(drain_eventually(q, 400).await, (1..=400).collect::<Vec<u64>>());
     }
+}
+
+#[tokio::test]
+async fn a_resume_past_recovery_max_is_told_to_reset_and_a_resume_within_it_is_not() {
+    let (hub, b) = setup().await;
+    let c = ch("deep:1");
+    let first = publish(&b, &c, 1).await;
+    for i in 2..=50 {
+        publish(&b, &c, i).await;
+    }
+    let since = StreamPosition { epoch: first.epoch.clone(), offset: 1 };
+    let resume = |max| SubscribeRequest { since: Some(since.clone()), recovery_max: Some(max), ..Default::default() };
+    // 49 missed, 10 allowed: an explicit reset, at the top, with nothing replayed.
+    let q = ConnQueue::new(1 << 20);
+    let pending = hub.subscribe(c.clone(), q.clone(), resume(10)).await.unwrap();
+    assert!(!pending.outcome().recovered);
+    assert_eq!(pending.outcome().position.offset, 50);
+    let _h = pending.go_live();
+    assert!(drain(&q).is_empty());
+    // 49 missed, 49 allowed: all of them, in order.
+    let q = ConnQueue::new(1 << 20);
+    let pending = hub.subscribe(c.clone(), q.clone(), resume(49)).await.unwrap();
+    assert!(pending.outcome().recovered);
+    let _h2 = pending.go_live();
+    assert_eq!(drain(&q), (2..=50).collect::<Vec<_>>());
 }

@@ -28,7 +28,7 @@ use switchboard_core::broker::{
     Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, NodeInfo, PublishOptions,
 };
 use switchboard_core::publication::new_epoch;
-use switchboard_core::{ChannelName, Kind, Publication, StreamPosition};
+use switchboard_core::{ChannelName, Delivery, Kind, Publication, StreamPosition};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::scripts;
@@ -187,14 +187,14 @@ impl RedisBroker {
             let offset: u64 = s(i)?.parse().map_err(unavailable)?;
             let time: u64 = s(i + 1)?.parse().map_err(unavailable)?;
             let data: Vec<u8> = redis::from_redis_value_ref(&reply[i + 2]).map_err(unavailable)?;
-            publications.push(Publication {
+            publications.push(Delivery::new(Publication {
                 channel: channel.clone(),
                 offset,
                 epoch: epoch.clone(),
                 data: Bytes::from(data),
                 time,
                 kind: Kind::Stored,
-            });
+            }));
             i += 3;
         }
         Ok(HistoryResult { publications, position })
@@ -391,7 +391,7 @@ impl RedisBroker {
     async fn deliver(&self, p: Publication) {
         let Some(handler) = self.inner.handler.get().cloned() else { return };
         if p.kind != Kind::Stored {
-            handler.handle_publication(p);
+            handler.handle_publication(Delivery::new(p));
             return;
         }
         let key = p.channel.as_str().to_string();
@@ -413,7 +413,7 @@ impl RedisBroker {
             }
             lock(&self.inner.last).insert(key, (p.epoch.clone(), p.offset));
         }
-        handler.handle_publication(p);
+        handler.handle_publication(Delivery::new(p));
     }
 
     /// Delivers what the stream holds after the last offset delivered on `channel`.

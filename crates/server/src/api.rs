@@ -214,7 +214,7 @@ pub(crate) async fn history_json(
         if i > 0 {
             body.push(b',');
         }
-        body.extend_from_slice(&p.to_json());
+        body.extend_from_slice(p.json());
     }
     body.extend_from_slice(
         format!("],\"epoch\":\"{}\",\"offset\":{},\"recovered\":{recovered}}}", position.epoch, position.offset)

@@ -106,6 +106,10 @@ pub struct NamespaceOptions {
     /// Publications replayed to a new subscriber that gives no position (1: "send the
     /// latest on subscribe", e.g. a ticker's price). At most `history_size`.
     pub rewind_on_subscribe: usize,
+    /// Most publications replayed to a client resuming from a position; one further
+    /// behind is told it cannot resume (`recovered: false`, an explicit reset) rather than
+    /// sent an unbounded replay. 0: no cap beyond `history_size`.
+    pub recovery_max: usize,
     /// Compress this namespace's publications for WebSocket clients that negotiated
     /// permessage-deflate (turn off for already-compressed or tiny payloads).
     pub deflate: bool,
@@ -130,6 +134,7 @@ impl Default for NamespaceOptions {
             private: false,
             queue_max_bytes: switchboard_core::queue::DEFAULT_QUEUE_BYTES,
             rewind_on_subscribe: 0,
+            recovery_max: 1000,
             deflate: true,
             presence: false,
             join_leave: false,
@@ -166,6 +171,7 @@ pub struct NamespaceOverride {
     pub private: Option<bool>,
     pub queue_max_bytes: Option<usize>,
     pub rewind_on_subscribe: Option<usize>,
+    pub recovery_max: Option<usize>,
     pub deflate: Option<bool>,
     pub presence: Option<bool>,
     pub join_leave: Option<bool>,
@@ -530,6 +536,7 @@ impl Config {
                     private: o.private.unwrap_or(d.private),
                     queue_max_bytes: o.queue_max_bytes.unwrap_or(d.queue_max_bytes),
                     rewind_on_subscribe: o.rewind_on_subscribe.unwrap_or(d.rewind_on_subscribe),
+                    recovery_max: o.recovery_max.unwrap_or(d.recovery_max),
                     deflate: o.deflate.unwrap_or(d.deflate),
                     presence: o.presence.unwrap_or(d.presence),
                     join_leave: o.join_leave.unwrap_or(d.join_leave),

@@ -139,7 +139,8 @@ pub fn check_rewind(channels: &[Resolved], rewind: Option<u64>) -> Result<Option
 /// else the namespace's `rewind_on_subscribe`.
 pub fn subscribe_request(r: &Resolved, since: Option<StreamPosition>, rewind: Option<usize>) -> SubscribeRequest {
     let rewind = rewind.or((r.options.rewind_on_subscribe > 0).then_some(r.options.rewind_on_subscribe));
-    SubscribeRequest { since, rewind }
+    let recovery_max = (r.options.recovery_max > 0).then_some(r.options.recovery_max);
+    SubscribeRequest { since, rewind, recovery_max }
 }
 
 /// Subscribes a new queue to `channels`, resuming from `cursor` when given (one position

@@ -101,6 +101,25 @@ async fn position_older_than_history_gets_an_explicit_reset() {
 }
 
 #[tokio::test]
+async fn a_resume_further_behind_than_recovery_max_gets_a_reset_not_a_long_replay() {
+    let s = TestServer::start(config("[namespaces.deep]\nhistory_size = 100\nrecovery_max = 3\n")).await;
+    let ch = channel("deep");
+    let (epoch, _) = s.publish(&ch, json!(1)).await;
+    for i in 2..=10 {
+        s.publish(&ch, json!(i)).await;
+    }
+    // Seven behind, three allowed: told to reset, at the top.
+    let mut sse = Sse::connect(&s, &format!("channel={ch}"), Some(&format!("{epoch}:3"))).await;
+    let reset = sse.next_named("reset").await;
+    assert_eq!((reset.json()["offset"].as_u64(), reset.json()["reason"].as_str()), (Some(10), Some("position_lost")));
+    s.publish(&ch, json!(11)).await;
+    assert_eq!(sse.offsets(1).await, vec![11]);
+    // Three behind: replayed.
+    let mut sse = Sse::connect(&s, &format!("channel={ch}"), Some(&format!("{epoch}:8"))).await;
+    assert_eq!(sse.offsets(3).await, vec![9, 10, 11]);
+}
+
+#[tokio::test]
 async fn position_from_another_epoch_gets_an_explicit_reset() {
     let s = TestServer::start(config("")).await;
     let ch = channel("chat");
