@@ -108,6 +108,7 @@ pub async fn handler(
             shutdown_seen: false,
             retry_ms: state.config.sse.retry_ms,
             batch: Vec::new(),
+            ready: Default::default(),
             phase: Phase::Preamble,
         };
     let body = futures_util::stream::unfold(stream, |mut s| async move {
@@ -143,11 +144,20 @@ struct SseStream {
     shutdown_seen: bool,
     retry_ms: u64,
     batch: Vec<Event>,
+    /// Chunks rendered and not yet handed to hyper: mostly the publications' own shared
+    /// encodings, passed on as they are — nothing is copied per subscriber.
+    ready: std::collections::VecDeque<Bytes>,
     phase: Phase,
 }
 
 impl SseStream {
     async fn next_chunk(&mut self) -> Option<Bytes> {
+        if let Some(b) = self.ready.pop_front() {
+            if self.ready.is_empty() && self.ready.capacity() > 64 {
+                self.ready = Default::default(); // a burst is over: idle streams hold little
+            }
+            return Some(b);
+        }
         match self.phase {
             Phase::Preamble => {
                 self.phase = Phase::Live;
@@ -162,7 +172,12 @@ impl SseStream {
         loop {
             tokio::select! {
                 r = self.session.queue.next_batch(&mut self.batch) => match r {
-                    Ok(()) => return Some(self.render_batch()),
+                    Ok(()) => {
+                        self.render_batch();
+                        if let Some(b) = self.ready.pop_front() {
+                            return Some(b);
+                        }
+                    }
                     Err(reason) => {
                         self.phase = Phase::Done;
                         return Some(self.disconnect(reason));
@@ -229,23 +244,24 @@ impl SseStream {
         out.put_slice(format!("id: {}\nevent: reset\ndata: {data}\n\n", self.cursor()).as_bytes());
     }
 
-    fn render_batch(&mut self) -> Bytes {
+    /// Turns a batch of events into chunks in `ready`: shared encodings as they are;
+    /// only what is this stream's own (a multi-channel cursor, a reset) is built here.
+    fn render_batch(&mut self) {
         let batch = std::mem::take(&mut self.batch);
-        let mut out = BytesMut::with_capacity(batch.iter().map(event_size).sum());
         for e in &batch {
             match e {
                 Event::Publication(d) if !d.publication.is_stored() => {
                     // Volatile and presence events: no id, so the cursor stays put.
-                    match d.publication.kind {
-                        Kind::Join => out.put_slice(&d.encoded(SLOT_OTHER_EVENT, |d| named_event("join", d))),
-                        Kind::Leave => out.put_slice(&d.encoded(SLOT_OTHER_EVENT, |d| named_event("leave", d))),
-                        _ => out.put_slice(&d.encoded(SLOT_EVENT_BODY, event_body)),
-                    }
+                    self.ready.push_back(match d.publication.kind {
+                        Kind::Join => d.encoded(SLOT_OTHER_EVENT, |d| named_event("join", d)),
+                        Kind::Leave => d.encoded(SLOT_OTHER_EVENT, |d| named_event("leave", d)),
+                        _ => d.encoded(SLOT_EVENT_BODY, event_body),
+                    });
                 }
                 Event::Publication(d) => {
                     let Some(i) = self.channels.iter().position(|c| *c == d.publication.channel) else {
                         // Matched by a pattern only: live-only, outside the cursor.
-                        out.put_slice(&d.encoded(SLOT_EVENT_BODY, event_body));
+                        self.ready.push_back(d.encoded(SLOT_EVENT_BODY, event_body));
                         continue;
                     };
                     let p = &d.publication;
@@ -256,25 +272,24 @@ impl SseStream {
                     if self.channels.len() == 1 {
                         // One channel: the id is the publication's own position, so the
                         // whole event is the same for every subscriber — built once.
-                        out.put_slice(&d.encoded(SLOT_FULL_EVENT, full_event));
+                        self.ready.push_back(d.encoded(SLOT_FULL_EVENT, full_event));
                     } else {
-                        out.put_slice(b"id: ");
-                        out.put_slice(self.cursor().as_bytes());
-                        out.put_u8(b'\n');
-                        out.put_slice(&d.encoded(SLOT_EVENT_BODY, event_body));
+                        self.ready.push_back(Bytes::from(format!("id: {}\n", self.cursor())));
+                        self.ready.push_back(d.encoded(SLOT_EVENT_BODY, event_body));
                     }
                 }
                 Event::Reset { channel, position } => {
                     if let Some(i) = self.channels.iter().position(|c| c == channel) {
+                        let mut out = BytesMut::new();
                         self.write_reset(&mut out, i, position.clone(), "stream_reset");
+                        self.ready.push_back(out.freeze());
                     }
                 }
-                Event::Frame(b) => out.put_slice(b),
+                Event::Frame(b) => self.ready.push_back(b.clone()),
             }
         }
         self.batch = batch;
         self.batch.clear();
-        out.freeze()
     }
 
     fn disconnect(&self, reason: CloseReason) -> Bytes {
@@ -288,14 +303,6 @@ impl SseStream {
         };
         let data = serde_json::json!({"reason": name, "reconnect": reconnect, "retry_ms": retry});
         Bytes::from(format!("retry: {retry}\nevent: disconnect\ndata: {data}\n\n"))
-    }
-}
-
-fn event_size(e: &Event) -> usize {
-    match e {
-        Event::Publication(d) => d.json().len() + 96,
-        Event::Reset { .. } => 160,
-        Event::Frame(b) => b.len(),
     }
 }
 

@@ -103,6 +103,10 @@ pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
     // goodbye its close reason calls for, within a grace period — a peer that stopped
     // reading does not keep the socket.
     conn.queue.close(CloseReason::Normal);
+    // Leave channels and presence now, not after the goodbye: others see the leave at once.
+    conn.subs.clear();
+    conn.patterns.clear();
+    conn.registration = None;
     let _ = tokio::time::timeout(CLOSE_GRACE, conn.flush_and_close()).await;
     tracing::debug!(client = %conn.client, "websocket closed");
 }
