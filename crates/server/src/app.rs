@@ -85,9 +85,33 @@ impl ConnTracker {
 
 impl Drop for ConnGuard<'_> {
     fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
+        self.0.leave();
+    }
+}
+
+impl ConnTracker {
+    fn leave(&self) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
         }
+    }
+}
+
+/// An upgraded connection's place in [`Inner::upgraded`], owned (it lives in the
+/// connection's task, not in a borrow).
+pub struct UpgradedGuard(AppState);
+
+impl AppState {
+    /// Counts an upgraded connection until the guard drops.
+    pub fn track_upgraded(&self) -> UpgradedGuard {
+        self.upgraded.count.fetch_add(1, Ordering::SeqCst);
+        UpgradedGuard(self.clone())
+    }
+}
+
+impl Drop for UpgradedGuard {
+    fn drop(&mut self) {
+        self.0.upgraded.leave();
     }
 }
 

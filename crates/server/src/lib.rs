@@ -216,12 +216,21 @@ impl Server {
 /// whatever the task owns — its socket first — is dropped as it unwinds, and the panic
 /// is counted (`switchboard_task_panics_total`). The panic itself is logged once, by the
 /// panic hook (`serve` routes it to the log with its location).
-pub(crate) async fn guarded<F: Future<Output = ()>>(metrics: Arc<metrics::Metrics>, what: &'static str, task: F) {
+///
+/// A combinator, not an `async fn`: an async fn would keep its `task` argument beside the
+/// future it wraps, and every idle connection would pay for its future twice.
+pub(crate) fn guarded<F: Future<Output = ()>>(
+    metrics: Arc<metrics::Metrics>,
+    what: &'static str,
+    task: F,
+) -> impl Future<Output = ()> {
     use futures_util::FutureExt;
-    if std::panic::AssertUnwindSafe(task).catch_unwind().await.is_err() {
-        metrics.task_panics.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::debug!(task = what, "a connection task panicked; its connection is closed");
-    }
+    std::panic::AssertUnwindSafe(task).catch_unwind().map(move |r| {
+        if r.is_err() {
+            metrics.task_panics.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(task = what, "a connection task panicked; its connection is closed");
+        }
+    })
 }
 
 /// Listen backlog: deep enough that a reconnect storm queues instead of having SYNs

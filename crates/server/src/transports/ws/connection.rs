@@ -58,10 +58,16 @@ pub struct Ctx {
     pub slot: super::super::Admitted,
 }
 
-pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
+/// Serves an upgraded connection until it ends.
+///
+/// Every idle connection keeps this future (and its task) for its whole life, so it is
+/// kept small: the setup is done here, outside it; the handshake's leftovers (`pre`, the
+/// URL's channels in `ctx`) are used up before the first wait; the one-off work of
+/// subscribing is boxed and freed once done.
+pub fn serve(stream: TcpStream, pre: Bytes, mut ctx: Box<Ctx>) -> impl std::future::Future<Output = ()> + Send {
     let state = ctx.state.clone();
-    let _tracked = state.upgraded.enter();
-    let _gauge = state.metrics.connection(crate::metrics::Transport::Ws);
+    let tracked = state.track_upgraded();
+    let gauge = state.metrics.connection(crate::metrics::Transport::Ws);
     let _ = stream.set_nodelay(true);
     if state.config.ws.send_buffer_bytes > 0 {
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(state.config.ws.send_buffer_bytes);
@@ -74,12 +80,12 @@ pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
         deflate: deflate.clone(),
         metrics: state.metrics.clone(),
     }));
-    // However this task ends — even by a panic — the queue closes, which also drops the
+    // However the task ends — even by a panic — the queue closes, which also drops the
     // direct path's hold on the socket.
-    let _closes = CloseOnDrop(queue.clone());
-    let mut conn = Conn {
+    let closes = CloseOnDrop(queue.clone());
+    let mut conn = Box::new(Conn {
         state: state.clone(),
-        queue: queue.clone(),
+        queue,
         stream,
         outbox: Outbox::default(),
         deflate,
@@ -93,22 +99,30 @@ pub async fn serve(stream: TcpStream, pre: Bytes, mut ctx: Ctx) {
         registration: None,
         expiry: Expiry::None,
         timer: None,
-    };
+        reader: FrameReader::new(state.config.limits.max_message_bytes + ENVELOPE_BYTES, ctx.deflate),
+        _slot: None,
+    });
     if let Some(who) = ctx.identity.take() {
         conn.set_identity(who);
     }
     tracing::debug!(client = %conn.client, deflate = ctx.deflate, "websocket connected");
-    conn.run(pre, ctx).await;
-    // Whatever ended it, the queue is closed now: write what it still holds and the
-    // goodbye its close reason calls for, within a grace period — a peer that stopped
-    // reading does not keep the socket.
-    conn.queue.close(CloseReason::Normal);
-    // Leave channels and presence now, not after the goodbye: others see the leave at once.
-    conn.subs.clear();
-    conn.patterns.clear();
-    conn.registration = None;
-    let _ = tokio::time::timeout(CLOSE_GRACE, conn.flush_and_close()).await;
-    tracing::debug!(client = %conn.client, "websocket closed");
+    async move {
+        let (_tracked, _gauge, _closes) = (tracked, gauge, closes);
+        let mut incoming = Vec::new();
+        if conn.start(pre, ctx, &mut incoming).await {
+            conn.run(incoming).await;
+        }
+        // Whatever ended it, the queue is closed now: write what it still holds and the
+        // goodbye its close reason calls for, within a grace period — a peer that stopped
+        // reading does not keep the socket.
+        conn.queue.close(CloseReason::Normal);
+        // Leave channels and presence now, not after the goodbye: others see the leave at once.
+        conn.subs.clear();
+        conn.patterns.clear();
+        conn.registration = None;
+        let _ = tokio::time::timeout(CLOSE_GRACE, conn.flush_and_close()).await;
+        tracing::debug!(client = %conn.client, "websocket closed");
+    }
 }
 
 /// The queue's direct path: writes an event to the socket now if it takes all or part
@@ -181,6 +195,9 @@ struct Conn {
     expiry: Expiry,
     /// Fires at the expiry deadline; only connections with a token have one.
     timer: Option<super::super::Timer>,
+    reader: FrameReader,
+    /// This connection's places under the connection limits.
+    _slot: Option<super::super::Admitted>,
 }
 
 /// Where the connection's token stands.
@@ -200,6 +217,21 @@ enum Read {
     WouldBlock,
     Failed,
     Violation(Violation),
+}
+
+/// Reads and drops what the socket has. `Ok(true)` once the peer has closed its side.
+/// (A plain function, so its buffer lives on the stack only while it runs — never in
+/// the connection's future.)
+fn discard_input(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut sink = [0u8; 4096];
+    loop {
+        match stream.try_read(&mut sink) {
+            Ok(0) => return Ok(true),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Reads what the socket has into the frame parser. The read buffer lives only on this
@@ -231,40 +263,48 @@ fn read_available(rd: &TcpStream, reader: &mut FrameReader, out: &mut Vec<Incomi
 }
 
 impl Conn {
-    async fn run(&mut self, pre: Bytes, ctx: Ctx) {
-        // Holds this connection's place under the connection limits until `run` returns.
-        let _slot = ctx.slot;
-        let max_message = self.state.config.limits.max_message_bytes + ENVELOPE_BYTES;
-        let mut reader = FrameReader::new(max_message, ctx.deflate);
-        let mut incoming = Vec::new();
-        if let Err(v) = reader.feed(&pre, &mut incoming) {
-            return self.violate(v);
-        }
-        drop(pre);
-        for (i, r) in ctx.url_channels.into_iter().enumerate() {
-            let since = ctx.url_cursor.as_ref().map(|c| c[i].clone());
-            let req = session::subscribe_request(&r, since, ctx.url_rewind);
-            let res =
-                Box::pin(self.subscribe(r, req, |o, ch| format!("{{\"subscribed\":{}}}", outcome_json(ch, o)))).await;
-            if let Err(e) = res {
-                // The channel was checked at the handshake; this is the broker failing.
-                self.push_final(frame::text(self.error_reply(None, &e).as_bytes()));
-                return self.close_with(close::INTERNAL, "subscribe failed");
+    /// Takes over what the handshake left: the bytes hyper read past it and the URL's
+    /// channels, subscribed here. Boxed: one-off work whose state no idle connection
+    /// should keep. Returns false when the connection is already over.
+    async fn start(&mut self, pre: Bytes, ctx: Box<Ctx>, incoming: &mut Vec<Incoming>) -> bool {
+        Box::pin(async move {
+            // Holds this connection's place under the connection limits from now on.
+            let Ctx { slot, url_channels, url_cursor, url_rewind, url_patterns, .. } = *ctx;
+            self._slot = Some(slot);
+            if let Err(v) = self.reader.feed(&pre, incoming) {
+                self.violate(v);
+                return false;
             }
-        }
-        for p in ctx.url_patterns {
-            let raw = p.pattern.to_string();
-            match Box::pin(self.subscribe_pattern(p)).await {
-                Ok(()) => self.push(frame::text(
-                    format!("{{\"subscribed\":{{\"channel\":\"{raw}\",\"pattern\":true}}}}").as_bytes(),
-                )),
-                Err(e) => {
+            for (i, r) in url_channels.into_iter().enumerate() {
+                let since = url_cursor.as_ref().map(|c| c[i].clone());
+                let req = session::subscribe_request(&r, since, url_rewind);
+                let res = self.subscribe(r, req, |o, ch| format!("{{\"subscribed\":{}}}", outcome_json(ch, o))).await;
+                if let Err(e) = res {
+                    // The channel was checked at the handshake; this is the broker failing.
                     self.push_final(frame::text(self.error_reply(None, &e).as_bytes()));
-                    return self.close_with(close::INTERNAL, "subscribe failed");
+                    self.close_with(close::INTERNAL, "subscribe failed");
+                    return false;
                 }
             }
-        }
+            for p in url_patterns {
+                let raw = p.pattern.to_string();
+                match self.subscribe_pattern(p).await {
+                    Ok(()) => self.push(frame::text(
+                        format!("{{\"subscribed\":{{\"channel\":\"{raw}\",\"pattern\":true}}}}").as_bytes(),
+                    )),
+                    Err(e) => {
+                        self.push_final(frame::text(self.error_reply(None, &e).as_bytes()));
+                        self.close_with(close::INTERNAL, "subscribe failed");
+                        return false;
+                    }
+                }
+            }
+            true
+        })
+        .await
+    }
 
+    async fn run(&mut self, mut incoming: Vec<Incoming>) {
         let interval = Duration::from_secs(self.state.config.ws.ping_interval_secs);
         let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -308,7 +348,7 @@ impl Conn {
                     if r.is_err() {
                         return self.queue.close(CloseReason::Normal);
                     }
-                    let got = read_available(&stream, &mut reader, &mut incoming);
+                    let got = read_available(&stream, &mut self.reader, &mut incoming);
                     if !self.after_read(got, &mut incoming, &mut last_seen).await {
                         return;
                     }
@@ -317,7 +357,7 @@ impl Conn {
                     if last_seen.elapsed() >= interval * 3 {
                         // A stall of this process must not count against the client:
                         // what its socket already holds is a sign of life.
-                        let got = read_available(&stream, &mut reader, &mut incoming);
+                        let got = read_available(&stream, &mut self.reader, &mut incoming);
                         if !self.after_read(got, &mut incoming, &mut last_seen).await {
                             return;
                         }
@@ -442,17 +482,9 @@ impl Conn {
         // Read (and drop) what the peer still sends until it closes its side: closing a
         // socket with unread input resets the connection, and the reset can destroy the
         // close frame before the peer reads it. Bounded by the caller's grace period.
-        let mut sink = [0u8; 4096];
-        loop {
-            match self.stream.try_read(&mut sink) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if self.stream.readable().await.is_err() {
-                        break;
-                    }
-                }
-                Err(_) => break,
+        while let Ok(false) = discard_input(&self.stream) {
+            if self.stream.readable().await.is_err() {
+                break;
             }
         }
     }

@@ -126,7 +126,18 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
     let on_upgrade = take_upgrade(req)?;
     let url_rewind = session::check_rewind(&url_channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
     let metrics = state.metrics.clone();
-    let ctx = connection::Ctx { state, deflate, url_channels, url_cursor, url_rewind, url_patterns, identity, slot };
+    // Boxed: the closure that waits for the upgrade carries it, and an idle connection's
+    // task should not (see `connection::serve`).
+    let ctx = Box::new(connection::Ctx {
+        state,
+        deflate,
+        url_channels,
+        url_cursor,
+        url_rewind,
+        url_patterns,
+        identity,
+        slot,
+    });
     spawn_upgraded(&metrics, on_upgrade, move |tcp, pre| connection::serve(tcp, pre, ctx));
     Ok(switching_protocols(&accept, protocol_offered, deflate))
 }
