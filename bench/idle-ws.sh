@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Server RSS per idle WebSocket connection at N connections, opened by several load
-# generator processes (one process may hold < 20,000 files here).
-# Usage: bench/idle-ws.sh [TOTAL=19000] [PROCS=2]
+# Server RSS per idle WebSocket (or, with TRANSPORT=sse, SSE) connection at N
+# connections, opened by several load generator processes (one process may hold < 20,000
+# files here).
+# Usage: [TRANSPORT=ws|sse] bench/idle-ws.sh [TOTAL=19000] [PROCS=2]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOTAL=${1:-19000}
 PROCS=${2:-2}
+TRANSPORT=${TRANSPORT:-ws}
 PORT=8190
 ulimit -n "$(ulimit -Hn)"
 cargo build --release -q -p switchboard -p switchboard-bench
@@ -17,7 +19,7 @@ rss() { awk '/VmRSS/ {print $2}' /proc/$SERVER/status; }
 BEFORE=$(rss)
 PER=$((TOTAL / PROCS))
 for _ in $(seq "$PROCS"); do
-  taskset -c 1 ./target/release/switchboard-bench idle --server 127.0.0.1:$PORT --connections "$PER" --hold 30 >/tmp/sb-idle-bench.$_.log 2>&1 &
+  taskset -c 1 ./target/release/switchboard-bench idle --server 127.0.0.1:$PORT --transport "$TRANSPORT" --connections "$PER" --hold 30 >/tmp/sb-idle-bench.$_.log 2>&1 &
 done
 START=$(date +%s.%N)
 # Wait until the server holds every connection (its fds), bounded at 60 s.

@@ -174,12 +174,11 @@ impl Server {
             tokio::spawn(guarded(state.metrics.clone(), "http connection", async move {
                 let _tracked = connections.enter();
                 let mut builder = hyper::server::conn::http1::Builder::new();
-                // Looser than the limits `app` enforces with JSON errors, so those are what
-                // clients meet; only far larger heads get hyper's bare 431/414.
-                builder
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
-                    .max_headers(app::MAX_HEADERS * 5);
+                // hyper's own limits (100 header fields, ~400 KiB of head, 64 KiB of
+                // target) are looser than the ones `app` answers with JSON, so those are
+                // what clients meet. (Raising hyper's header count costs every connection
+                // a buffer of that size: ~6 KB per idle SSE stream at 500.)
+                builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
                 if reserve {
                     // A health probe on a reserved place: one quick request, then gone.
                     builder.keep_alive(false).header_read_timeout(Duration::from_secs(5));
