@@ -242,19 +242,65 @@ impl Subscription {
             return self.queue.push(Event::Publication(d.clone())).is_ok();
         }
         let mut st = lock(&self.state);
-        if let Some(buf) = st.recovering.as_mut() {
-            buf.push(d.clone());
-            st.recovering_bytes += d.cost();
-            if st.recovering_bytes > 4 * self.queue.max_bytes().max(crate::queue::DEFAULT_QUEUE_BYTES) {
-                // A recovery that takes so long that the buffer outgrows any sane queue:
-                // treat like a slow consumer rather than grow without bound.
-                st.recovering = Some(Vec::new());
-                drop(st);
-                self.queue.close(crate::queue::CloseReason::SlowConsumer);
-            }
+        if st.recovering.is_some() {
+            self.buffer(st, d);
             return false;
         }
         self.accept(&mut st, d, false)
+    }
+
+    /// Keeps `d` for [`PendingSubscription::go_live`] while the subscription recovers.
+    fn buffer(&self, mut st: std::sync::MutexGuard<'_, SubState>, d: &Arc<Delivery>) {
+        let Some(buf) = st.recovering.as_mut() else { return };
+        buf.push(d.clone());
+        st.recovering_bytes += d.cost();
+        if st.recovering_bytes > 4 * self.queue.max_bytes().max(crate::queue::DEFAULT_QUEUE_BYTES) {
+            // A recovery that takes so long that the buffer outgrows any sane queue:
+            // treat like a slow consumer rather than grow without bound.
+            st.recovering = Some(Vec::new());
+            drop(st);
+            self.queue.close(crate::queue::CloseReason::SlowConsumer);
+        }
+    }
+
+    /// [`Self::deliver`] for several publications at once (a lane that fell behind): the
+    /// same checks, one push — so they can leave in one write. Returns how many were
+    /// queued or written.
+    fn deliver_batch(&self, ds: &[Arc<Delivery>]) -> u64 {
+        let mut out = Vec::with_capacity(ds.len());
+        let mut st = lock(&self.state);
+        for d in ds {
+            let p = &d.publication;
+            if self.pattern.is_some() || !p.is_stored() {
+                if self.pattern.is_none() && st.recovering.is_some() {
+                    continue;
+                }
+                out.push(Event::Publication(d.clone()));
+                continue;
+            }
+            if st.recovering.is_some() {
+                self.buffer(st, d);
+                st = lock(&self.state);
+                continue;
+            }
+            let same_epoch = st.epoch.as_deref() == Some(&*p.epoch);
+            if same_epoch && p.offset <= st.offset {
+                continue; // duplicate
+            }
+            if !same_epoch || p.offset != st.offset + 1 {
+                let position = StreamPosition { epoch: p.epoch.clone(), offset: p.offset - 1 };
+                out.push(Event::Reset { channel: self.channel.clone(), position });
+                st.epoch = Some(p.epoch.clone());
+            }
+            st.offset = p.offset;
+            out.push(Event::Publication(d.clone()));
+        }
+        drop(st);
+        let n = out.iter().filter(|e| matches!(e, Event::Publication(_))).count() as u64;
+        if out.is_empty() || self.queue.push_batch(out).is_err() {
+            return 0;
+        }
+        n
     }
 
     /// Queues `d` if it is new to this subscription. A publication from another epoch, or
@@ -338,8 +384,11 @@ impl PendingSubscription {
     }
 }
 
-/// Delivers what lane `i` of a channel has pending, in order, until it has none.
-fn drain_lane(hub: Weak<Hub>, channel: ChannelName, lanes: Arc<[Lane]>, i: usize) {
+/// Delivers what lane `i` of a channel has pending, in order, until it has none. It
+/// yields to the runtime after every chunk, so that a big fan-out never starves the
+/// tasks that accept publications and serve connections: a publisher keeps its pace,
+/// and a lane that falls behind delivers several publications per write instead.
+async fn drain_lane(hub: Weak<Hub>, channel: ChannelName, lanes: Arc<[Lane]>, i: usize) {
     let lane = &lanes[i];
     loop {
         let batch: Vec<Arc<Delivery>> = {
@@ -357,13 +406,22 @@ fn drain_lane(hub: Weak<Hub>, channel: ChannelName, lanes: Arc<[Lane]>, i: usize
         // The subscribers as they are now: one that joined after the publication was
         // dispatched is recovering, and its offset check keeps it exact.
         let chunks = hub.lane_chunks(&channel, lanes.len(), i);
-        let mut delivered = 0u64;
-        for d in &batch {
-            for s in chunks.iter().flat_map(|c| c.iter()) {
-                delivered += s.deliver(d) as u64;
+        let stats = &hub.stats;
+        for chunk in &chunks {
+            let mut delivered = 0u64;
+            if let [d] = batch.as_slice() {
+                for s in chunk.iter() {
+                    delivered += s.deliver(d) as u64;
+                }
+            } else {
+                // Behind by several: each subscriber gets them together, in one write.
+                for s in chunk.iter() {
+                    delivered += s.deliver_batch(&batch);
+                }
             }
+            stats.deliveries.fetch_add(delivered, Ordering::Relaxed);
+            tokio::task::yield_now().await;
         }
-        hub.stats.deliveries.fetch_add(delivered, Ordering::Relaxed);
     }
 }
 
@@ -485,7 +543,7 @@ impl Hub {
                     };
                     if start {
                         let (hub, channel, lanes) = (Arc::downgrade(self), channel.clone(), lanes.clone());
-                        tokio::spawn(async move { drain_lane(hub, channel, lanes, i) });
+                        tokio::spawn(drain_lane(hub, channel, lanes, i));
                     }
                 }
             }

@@ -108,10 +108,25 @@ pub enum Written {
     Failed,
 }
 
-/// A transport's way to write an event to its socket without blocking, used by
-/// [`ConnQueue::push`] when nothing is queued before the event.
+/// A transport's way to write events to its socket without blocking, used by
+/// [`ConnQueue::push`] and [`ConnQueue::push_batch`] when nothing is queued before them.
 pub trait DirectWrite: Send + Sync + 'static {
     fn try_write(&self, event: &Event) -> Written;
+
+    /// Writes as many of `events` as the socket takes now — several per system call where
+    /// the transport can. Returns how many went whole, and what is left of the next one if
+    /// it went in part (`Err` when the connection is broken).
+    fn try_write_many(&self, events: &[Event]) -> Result<(usize, Option<bytes::Bytes>), ()> {
+        for (i, e) in events.iter().enumerate() {
+            match self.try_write(e) {
+                Written::All => {}
+                Written::Part(rest) => return Ok((i, Some(rest))),
+                Written::Blocked => return Ok((i, None)),
+                Written::Failed => return Err(()),
+            }
+        }
+        Ok((events.len(), None))
+    }
 }
 
 /// What the queues of one server did under backpressure (for its metrics). Each server
@@ -180,7 +195,8 @@ impl ConnQueue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a live event, enforcing the byte bound.
+    /// Queues a live event, enforcing the byte bound — or, when the connection keeps up,
+    /// writes it straight to its socket (see the module docs).
     pub fn push(&self, mut event: Event) -> Result<(), PushError> {
         let mut st = self.state();
         if st.closed.is_some() {
@@ -195,16 +211,77 @@ impl ConnQueue {
                     Written::Part(rest) => event = Event::Frame(rest),
                     Written::Blocked => {}
                     Written::Failed => {
-                        st.closed = Some(CloseReason::Normal);
-                        st.direct = None;
-                        drop(st);
-                        self.notify.notify_one();
-                        self.closed_notify.notify_waiters();
+                        self.fail(st);
                         return Err(PushError::Closed);
                     }
                 }
             }
         }
+        let r = self.enqueue(&mut st, event);
+        drop(st);
+        self.after_enqueue(&r);
+        r
+    }
+
+    /// Pushes several events for this connection at once: with the direct path they leave
+    /// in as few writes as the socket allows (one, usually) — a fan-out that fell behind
+    /// catches up in bigger writes instead of one system call per event. What the socket
+    /// does not take is queued as [`ConnQueue::push`] would queue it.
+    pub fn push_batch(&self, mut events: Vec<Event>) -> Result<(), PushError> {
+        if events.len() == 1 {
+            return self.push(events.pop().expect("one"));
+        }
+        let mut st = self.state();
+        if st.closed.is_some() {
+            return Err(PushError::Closed);
+        }
+        let mut skip = 0;
+        if st.events.is_empty() && !st.writing {
+            if let Some(direct) = &st.direct {
+                match direct.try_write_many(&events) {
+                    Ok((n, rest)) => {
+                        if let Some(rest) = rest {
+                            events[n] = Event::Frame(rest);
+                        }
+                        skip = n;
+                    }
+                    Err(()) => {
+                        self.fail(st);
+                        return Err(PushError::Closed);
+                    }
+                }
+            }
+        }
+        let (mut r, mut queued) = (Ok(()), false);
+        for e in events.into_iter().skip(skip) {
+            match self.enqueue(&mut st, e) {
+                Ok(()) => queued = true,
+                Err(PushError::Dropped) => {}
+                Err(e) => {
+                    r = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(st);
+        if queued || r.is_err() {
+            self.after_enqueue(&r);
+        }
+        r
+    }
+
+    /// The direct path found the connection broken: close, and let go of the socket.
+    fn fail(&self, mut st: std::sync::MutexGuard<'_, State>) {
+        st.closed = Some(CloseReason::Normal);
+        st.direct = None;
+        drop(st);
+        self.notify.notify_one();
+        self.closed_notify.notify_waiters();
+    }
+
+    /// Queues `event` behind what is queued, within the bound. The caller holds the lock
+    /// and calls [`Self::after_enqueue`] once it has let go of it.
+    fn enqueue(&self, st: &mut State, event: Event) -> Result<(), PushError> {
         let cost = event.cost();
         if st.bytes + cost > self.max_bytes() && !st.events.is_empty() {
             // Make room by dropping what may be dropped: queued volatile events first.
@@ -226,17 +303,23 @@ impl ConnQueue {
             st.bytes = 0;
             st.closed = Some(CloseReason::SlowConsumer);
             st.direct = None;
-            drop(st);
             self.count(|s| &s.slow_consumer_closes, 1);
-            self.notify.notify_one();
-            self.closed_notify.notify_waiters();
             return Err(PushError::Overflow);
         }
         st.bytes += cost;
         st.events.push_back(event);
-        drop(st);
-        self.notify.notify_one();
         Ok(())
+    }
+
+    fn after_enqueue(&self, r: &Result<(), PushError>) {
+        match r {
+            Ok(()) => self.notify.notify_one(),
+            Err(PushError::Overflow) => {
+                self.notify.notify_one();
+                self.closed_notify.notify_waiters();
+            }
+            Err(_) => {}
+        }
     }
 
     /// Queues a replayed event without enforcing the bound. Replay is bounded by the
@@ -536,6 +619,27 @@ mod direct {
         q.push(frame("l")).unwrap();
         assert_eq!(q.queued_bytes(), 0);
         assert_eq!(&*sock.took.lock().unwrap(), b"abcdefl");
+    }
+
+    #[test]
+    fn a_batch_goes_out_as_far_as_the_socket_takes_it_and_queues_the_rest_in_order() {
+        let q = ConnQueue::new(1 << 20);
+        let sock = Arc::new(FakeSocket { room: Mutex::new(5), took: Mutex::new(Vec::new()) });
+        q.set_direct(sock.clone());
+        q.push_batch(vec![frame("ab"), frame("cd"), frame("ef"), frame("gh")]).unwrap();
+        assert_eq!(&*sock.took.lock().unwrap(), b"abcde");
+        let mut out = Vec::new();
+        q.drain_into(&mut out).unwrap();
+        assert_eq!(frames(&out), "fgh");
+        assert!(!q.write_done());
+        // A batch behind queued events queues whole.
+        *sock.room.lock().unwrap() = 0;
+        q.push(frame("i")).unwrap();
+        *sock.room.lock().unwrap() = 100;
+        q.push_batch(vec![frame("j"), frame("k")]).unwrap();
+        out.clear();
+        q.drain_into(&mut out).unwrap();
+        assert_eq!(frames(&out), "ijk");
     }
 
     #[test]

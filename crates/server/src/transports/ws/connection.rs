@@ -150,6 +150,25 @@ impl DirectWrite for Sink {
             Err(_) => Written::Failed,
         }
     }
+
+    fn try_write_many(&self, events: &[Event]) -> Result<(usize, Option<Bytes>), ()> {
+        const MAX_IOV: usize = 256;
+        let frames: Vec<Bytes> = events.iter().take(MAX_IOV).map(|e| encode(e, self.deflate.as_ref())).collect();
+        let slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
+        let mut n = match self.stream.try_write_vectored(&slices) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((0, None)),
+            Err(_) => return Err(()),
+        };
+        self.metrics.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        for (i, f) in frames.iter().enumerate() {
+            if n < f.len() {
+                return Ok((i, (n > 0).then(|| f.slice(n..))));
+            }
+            n -= f.len();
+        }
+        Ok((frames.len(), None))
+    }
 }
 
 /// Encoded frames waiting for the socket, and how much of the first one it already took.
