@@ -108,6 +108,10 @@ pub enum Written {
     Failed,
 }
 
+/// The connection's socket is broken (a write failed for another reason than blocking).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Broken;
+
 /// A transport's way to write events to its socket without blocking, used by
 /// [`ConnQueue::push`] and [`ConnQueue::push_batch`] when nothing is queued before them.
 pub trait DirectWrite: Send + Sync + 'static {
@@ -116,13 +120,13 @@ pub trait DirectWrite: Send + Sync + 'static {
     /// Writes as many of `events` as the socket takes now — several per system call where
     /// the transport can. Returns how many went whole, and what is left of the next one if
     /// it went in part (`Err` when the connection is broken).
-    fn try_write_many(&self, events: &[Event]) -> Result<(usize, Option<bytes::Bytes>), ()> {
+    fn try_write_many(&self, events: &[Event]) -> Result<(usize, Option<bytes::Bytes>), Broken> {
         for (i, e) in events.iter().enumerate() {
             match self.try_write(e) {
                 Written::All => {}
                 Written::Part(rest) => return Ok((i, Some(rest))),
                 Written::Blocked => return Ok((i, None)),
-                Written::Failed => return Err(()),
+                Written::Failed => return Err(Broken),
             }
         }
         Ok((events.len(), None))
@@ -245,7 +249,7 @@ impl ConnQueue {
                         }
                         skip = n;
                     }
-                    Err(()) => {
+                    Err(Broken) => {
                         self.fail(st);
                         return Err(PushError::Closed);
                     }

@@ -151,14 +151,14 @@ impl DirectWrite for Sink {
         }
     }
 
-    fn try_write_many(&self, events: &[Event]) -> Result<(usize, Option<Bytes>), ()> {
+    fn try_write_many(&self, events: &[Event]) -> Result<(usize, Option<Bytes>), switchboard_core::queue::Broken> {
         const MAX_IOV: usize = 256;
         let frames: Vec<Bytes> = events.iter().take(MAX_IOV).map(|e| encode(e, self.deflate.as_ref())).collect();
         let slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
         let mut n = match self.stream.try_write_vectored(&slices) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((0, None)),
-            Err(_) => return Err(()),
+            Err(_) => return Err(switchboard_core::queue::Broken),
         };
         self.metrics.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         for (i, f) in frames.iter().enumerate() {
