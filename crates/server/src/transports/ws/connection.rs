@@ -137,7 +137,11 @@ struct Sink {
 impl DirectWrite for Sink {
     fn try_write(&self, event: &Event) -> Written {
         let bytes = encode(event, self.deflate.as_ref());
-        match self.stream.try_write(&bytes) {
+        // A plain send(2) on the socket: tokio's `try_write` would first consult and then
+        // update its readiness bookkeeping, a measurable share of a delivery's CPU. If
+        // the socket would block, the connection's task learns it from its own
+        // (possibly stale, so retried) `writable()` and a `try_write` that blocks.
+        match socket2::SockRef::from(&*self.stream).send(&bytes) {
             Ok(n) => {
                 self.metrics.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 if n == bytes.len() {
@@ -155,7 +159,7 @@ impl DirectWrite for Sink {
         const MAX_IOV: usize = 256;
         let frames: Vec<Bytes> = events.iter().take(MAX_IOV).map(|e| encode(e, self.deflate.as_ref())).collect();
         let slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
-        let mut n = match self.stream.try_write_vectored(&slices) {
+        let mut n = match socket2::SockRef::from(&*self.stream).send_vectored(&slices) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((0, None)),
             Err(_) => return Err(switchboard_core::queue::Broken),
