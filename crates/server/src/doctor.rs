@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 /// Bytes of user-space memory per idle WebSocket (measured: docs/benchmarks.md).
-pub const USER_BYTES_PER_CONNECTION: u64 = 5_900;
+pub const USER_BYTES_PER_CONNECTION: u64 = 4_500;
 /// Kernel memory per idle TCP connection (socket structures, no queued data).
 pub const KERNEL_BYTES_PER_CONNECTION: u64 = 4_096;
 /// File descriptors the process needs besides connections.
