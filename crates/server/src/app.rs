@@ -220,6 +220,7 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
         route(M::POST, "/publish", Channels(Operation::Publish), transports::client_http::publish),
         route(M::GET, "/presence", Channels(Operation::Presence), transports::client_http::presence),
         route(M::GET, "/presence_stats", Channels(Operation::PresenceStats), transports::client_http::presence_stats),
+        route(M::GET, "/history", Channels(Operation::History), transports::client_http::history),
         route(M::GET, "/client.js", Open, crate::assets::client_js),
         route(M::GET, "/client.d.ts", Open, crate::assets::client_dts),
         route(M::GET, "/demo/chat", Open, crate::assets::demo_chat),
@@ -246,6 +247,11 @@ pub fn router(state: AppState) -> Router {
     for (r, handler) in table() {
         let handler = match r.guard {
             Guard::ApiKey => handler.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key)),
+            // Browser-facing: CORS for the pages of allowed origins, a refusal for others,
+            // and the preflight answer.
+            Guard::Channels(_) => handler
+                .options(crate::cors::preflight)
+                .layer(axum::middleware::from_fn_with_state(state.clone(), crate::cors::layer)),
             _ => handler,
         };
         router = router.route(r.path, handler);

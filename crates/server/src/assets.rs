@@ -16,12 +16,20 @@ fn file(content_type: &'static str, body: &'static str) -> Response {
     (StatusCode::OK, [("content-type", content_type), ("cache-control", "no-cache")], body).into_response()
 }
 
+/// A public file any page may load — `import` of a module script from another origin
+/// needs CORS like any cross-origin read.
+fn public_file(content_type: &'static str, body: &'static str) -> Response {
+    let mut r = file(content_type, body);
+    r.headers_mut().insert("access-control-allow-origin", axum::http::HeaderValue::from_static("*"));
+    r
+}
+
 pub async fn client_js() -> Response {
-    file("text/javascript; charset=utf-8", CLIENT_JS)
+    public_file("text/javascript; charset=utf-8", CLIENT_JS)
 }
 
 pub async fn client_dts() -> Response {
-    file("application/typescript; charset=utf-8", CLIENT_DTS)
+    public_file("application/typescript; charset=utf-8", CLIENT_DTS)
 }
 
 pub async fn demo_chat(State(state): State<AppState>) -> Result<Response, ApiError> {

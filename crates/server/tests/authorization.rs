@@ -141,9 +141,10 @@ enum Way {
     HttpPublish,
     HttpPresence,
     HttpPresenceStats,
+    HttpHistory,
 }
 
-const WAYS: [(Way, Operation); 11] = [
+const WAYS: [(Way, Operation); 12] = [
     (Way::WsCommand("subscribe"), Operation::Subscribe),
     (Way::WsCommand("history"), Operation::History),
     (Way::WsCommand("presence"), Operation::Presence),
@@ -155,6 +156,7 @@ const WAYS: [(Way, Operation); 11] = [
     (Way::HttpPublish, Operation::Publish),
     (Way::HttpPresence, Operation::Presence),
     (Way::HttpPresenceStats, Operation::PresenceStats),
+    (Way::HttpHistory, Operation::History),
 ];
 
 /// WebSocket commands that read or write no channel's data, so have no rows.
@@ -207,11 +209,12 @@ async fn attempt(s: &TestServer, way: Way, channel: &str, caller: Caller) -> Opt
             }
             Err(e) => panic!("{e}"),
         },
-        Way::Sse | Way::Poll | Way::HttpPresence | Way::HttpPresenceStats => {
+        Way::Sse | Way::Poll | Way::HttpPresence | Way::HttpPresenceStats | Way::HttpHistory => {
             let path = match way {
                 Way::Sse => "/sse",
                 Way::Poll => "/poll",
                 Way::HttpPresence => "/presence",
+                Way::HttpHistory => "/history",
                 _ => "/presence_stats",
             };
             let r = s.http.get(s.url(&format!("{path}?{}", query(Some(channel), &conn, &subs)))).send().await.unwrap();
@@ -312,6 +315,7 @@ fn every_route_and_every_command_is_in_the_matrix() {
         ("/publish", Operation::Publish),
         ("/presence", Operation::Presence),
         ("/presence_stats", Operation::PresenceStats),
+        ("/history", Operation::History),
     ]
     .into_iter()
     .collect();

@@ -58,7 +58,8 @@ pub async fn publish(
     Ok(json(crate::api::publish_to(&state, &r, data, b.volatile, b.key).await?))
 }
 
-async fn presence_common(
+/// The one channel a client HTTP read names, once the gate lets `op` through.
+async fn gated_channel(
     state: &AppState,
     op: Operation,
     raw: Option<String>,
@@ -73,13 +74,27 @@ async fn presence_common(
     Ok(r)
 }
 
+/// `GET /history?channel=…[&since=…][&limit=…]` (client token): a channel's retained
+/// publications, as `GET /api/history` answers them, for a channel the client may read.
+pub async fn history(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let q = Query::parse(raw.as_deref());
+    let r = gated_channel(&state, Operation::History, raw, &headers).await?;
+    let limit = q.int("limit", 1..=state.config.poll.max_limit as u64, Code::BadLimit)?;
+    let body = crate::api::history_json(&state, &r, q.get("since"), limit).await?;
+    Ok((StatusCode::OK, [("content-type", "application/json")], body).into_response())
+}
+
 /// `GET /presence?channel=…` (client token): who is in a channel the client may read.
 pub async fn presence(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let r = presence_common(&state, Operation::Presence, raw, &headers).await?;
+    let r = gated_channel(&state, Operation::Presence, raw, &headers).await?;
     Ok(json(crate::presence::members_json(&state, &r).await?))
 }
 
@@ -89,6 +104,6 @@ pub async fn presence_stats(
     RawQuery(raw): RawQuery,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let r = presence_common(&state, Operation::PresenceStats, raw, &headers).await?;
+    let r = gated_channel(&state, Operation::PresenceStats, raw, &headers).await?;
     Ok(json(crate::presence::stats_json(&state, &r).await?))
 }
