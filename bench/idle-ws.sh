@@ -10,7 +10,7 @@ PROCS=${2:-2}
 TRANSPORT=${TRANSPORT:-ws}
 PORT=8190
 ulimit -n "$(ulimit -Hn)"
-cargo build --release -q -p switchboard -p switchboard-bench
+cargo build --release -q -p switchboard
 taskset -c 0 ./target/release/switchboard serve --dev --listen 127.0.0.1:$PORT >/tmp/sb-idle.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; kill $(jobs -p) 2>/dev/null || true' EXIT
@@ -19,7 +19,7 @@ rss() { awk '/VmRSS/ {print $2}' /proc/$SERVER/status; }
 BEFORE=$(rss)
 PER=$((TOTAL / PROCS))
 for _ in $(seq "$PROCS"); do
-  taskset -c 1 ./target/release/switchboard-bench idle --server 127.0.0.1:$PORT --transport "$TRANSPORT" --connections "$PER" --hold 30 >/tmp/sb-idle-bench.$_.log 2>&1 &
+  taskset -c 1 ./target/release/switchboard bench idle --server 127.0.0.1:$PORT --transport "$TRANSPORT" --connections "$PER" --hold 30 >/tmp/sb-idle-bench.$_.log 2>&1 &
 done
 START=$(date +%s.%N)
 # Wait until the server holds every connection (its fds), bounded at 60 s.

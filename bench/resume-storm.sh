@@ -10,7 +10,7 @@ N=${1:-5000}
 M=${2:-100}
 PORT=8191
 ulimit -n "$(ulimit -Hn)"
-cargo build --release -q -p switchboard -p switchboard-bench
+cargo build --release -q -p switchboard
 ./target/release/switchboard serve --dev --listen 127.0.0.1:$PORT >/tmp/sb-resume.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
@@ -25,7 +25,7 @@ rss() { awk "/$1/ {print \$2}" /proc/$SERVER/status; }
 metric() { curl -sf http://127.0.0.1:$PORT/metrics | awk -v m="$1" '$1 == m {print $2}'; }
 BEFORE=$(rss VmRSS)
 BYTES0=$(metric switchboard_bytes_out_total)
-./target/release/switchboard-bench idle --server 127.0.0.1:$PORT --connections "$N" --hold 5 \
+./target/release/switchboard bench idle --server 127.0.0.1:$PORT --connections "$N" --hold 5 \
   --subscribe-url "ws://127.0.0.1:$PORT/ws?channel=bench:resume&since=$EPOCH:0" >/tmp/sb-resume-bench.log 2>&1
 PEAK=$(rss VmHWM)
 BYTES=$(metric switchboard_bytes_out_total)

@@ -25,10 +25,10 @@ fi
 need_pkg() { dpkg -s "$1" >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"; }; }
 need_pkg nginx libnginx-mod-nchan
 [ -d bench/peers/socketio/node_modules/socket.io ] || (cd bench/peers/socketio && npm install --no-audit --no-fund --silent)
-cargo build --release -q -p switchboard -p switchboard-bench
+cargo build --release -q -p switchboard
 
 OUT=$(mktemp -d)
-BENCH=./target/release/switchboard-bench
+BENCH="./target/release/switchboard bench"
 cleanup() {
   [ -f /tmp/sb-nchan.pid ] && kill "$(cat /tmp/sb-nchan.pid)" 2>/dev/null || true
   kill "${SPID:-}" 2>/dev/null || true
@@ -41,7 +41,7 @@ run_peer() { # name, bench-args…
   local name=$1; shift
   for i in $(seq "$RUNS"); do
     echo "== $name run $i/$RUNS" >&2
-    $PIN_BENCH "$BENCH" fanout --subscribers "$SUBS" --rate "$RATE" --duration "$DURATION" --payload "$PAYLOAD" --json "$@" \
+    $PIN_BENCH $BENCH fanout --subscribers "$SUBS" --rate "$RATE" --duration "$DURATION" --payload "$PAYLOAD" --json "$@" \
       | sed -n 's/^JSON //p' >> "$OUT/$name.jsonl" || true
   done
 }

@@ -28,6 +28,8 @@ pub struct Stats {
     /// Switchboard said a position could not be resumed (`recovered:false`, `reset`).
     pub resets: AtomicU64,
     pub handshakes: AtomicU64,
+    /// Connections that could not be opened: the run did not do what was asked.
+    pub failed_connects: AtomicU64,
     pub latency: Mutex<Histogram<u64>>,
 }
 
@@ -39,6 +41,7 @@ impl Stats {
             gaps: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             handshakes: AtomicU64::new(0),
+            failed_connects: AtomicU64::new(0),
             latency: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")),
         }
     }
@@ -72,6 +75,16 @@ pub enum Kind {
     Sse,
     /// Switchboard long polling on one keep-alive connection (`path` is `/poll?channel=…`).
     Poll,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::WebSocket => "WebSocket",
+            Kind::Sse => "SSE",
+            Kind::Poll => "long polling",
+        })
+    }
 }
 
 /// Parses `ws://host:port/path` or `http://host:port/path`.
@@ -396,18 +409,26 @@ pub struct Publisher {
     addr: SocketAddr,
     path: String,
     template: String,
+    /// `Authorization: Bearer …` header line, if an API key was given.
+    auth: String,
     buf: BytesMut,
     seq: u64,
 }
 
 impl Publisher {
-    pub async fn connect(addr: SocketAddr, path: &str, template: &str) -> std::io::Result<Publisher> {
+    pub async fn connect(
+        addr: SocketAddr,
+        path: &str,
+        template: &str,
+        api_key: Option<&str>,
+    ) -> std::io::Result<Publisher> {
         let stream = connect_from(addr, None, None).await?;
         Ok(Publisher {
             stream,
             addr,
             path: path.into(),
             template: template.into(),
+            auth: api_key.map_or_else(String::new, |k| format!("Authorization: Bearer {k}\r\n")),
             buf: BytesMut::with_capacity(1024),
             seq: 0,
         })
@@ -427,9 +448,10 @@ impl Publisher {
         let data = format!("{stamp}{}\"}}", "x".repeat(pad));
         let body = self.template.replace("$DATA", &data).replace("$SEQ", &(self.seq + 1).to_string());
         let req = format!(
-            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {} HTTP/1.1\r\nHost: {}\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             self.path,
             self.addr,
+            self.auth,
             body.len()
         );
         self.stream.write_all(req.as_bytes()).await?;

@@ -79,6 +79,9 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Load generator: fan-out, idle connections, chat, slow consumers, reconnect storms —
+    /// against this server or a peer (docs/benchmarks.md has every command behind a figure).
+    Bench(switchboard_bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -110,6 +113,7 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench(args) => switchboard_bench::run(args),
         Command::Config { command: ConfigCommand::Check { file } } => match Config::load(Some(&file), std::env::vars())
         {
             Ok(c) => {

@@ -1,4 +1,4 @@
-//! `switchboard-bench`: a load generator that holds many lean connections.
+//! `switchboard bench`: a load generator that holds many lean connections.
 //!
 //! Scenarios (docs/benchmarks.md has the commands behind every published figure):
 //! - `fanout`: N subscribers on one channel, a publisher at a rate — deliveries/s,
@@ -22,12 +22,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Subcommand, ValueEnum};
 use wsconn::{Kind, Publisher, Stats, Subscriber, Target};
 
-#[derive(Parser)]
-#[command(name = "switchboard-bench", about = "Load generator for Switchboard and its peers")]
-struct Cli {
+/// `switchboard bench <scenario> …` (the binary's subcommand embeds these arguments).
+#[derive(clap::Args)]
+pub struct BenchArgs {
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -41,15 +41,20 @@ enum Transport {
 
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// Switchboard server address (loopback only).
+    /// Switchboard server address, IP:port (loopback only).
     #[arg(long, default_value = "127.0.0.1:8000")]
     server: SocketAddr,
     /// Switchboard transport for subscribers.
     #[arg(long, value_enum, default_value_t = Transport::Ws)]
     transport: Transport,
+    /// Channel name (a prefix for the rooms of `chat`).
     #[arg(long, default_value = "bench:fanout")]
     channel: String,
-    /// Another server: subscribe URL (`ws://ip:port/path` or SSE `http://ip:port/path`).
+    /// Server API key for publishing (`Authorization: Bearer`); not needed under `--dev`.
+    #[arg(long, env = "SWITCHBOARD_BENCH_API_KEY")]
+    api_key: Option<String>,
+    /// Another server: subscribe URL (`ws://ip:port/path` or SSE `http://ip:port/path`;
+    /// `$CHANNEL` is replaced).
     #[arg(long)]
     subscribe_url: Option<String>,
     /// Text frame sent after a WebSocket handshake (Socket.IO: `40`).
@@ -61,19 +66,19 @@ struct Common {
     /// Publish body template: `$DATA` is the payload JSON, `$SEQ` a sequence number.
     #[arg(long)]
     publish_body: Option<String>,
-    /// PIDs of the server process(es), for CPU and RSS from /proc (comma-separated).
+    /// PIDs of the server process(es), for CPU seconds and RSS from /proc (comma-separated).
     #[arg(long, value_delimiter = ',')]
     server_pid: Vec<u32>,
-    /// Local source addresses to spread connections over (comma-separated).
+    /// Local source IP addresses to spread connections over (comma-separated).
     #[arg(long, value_delimiter = ',')]
     sources: Vec<IpAddr>,
-    /// Connections opened at once.
+    /// Connections opened at once (count).
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
-    /// Print the summary as JSON too.
+    /// Also print the summary as one `JSON {…}` line, for machines.
     #[arg(long)]
     json: bool,
-    /// How long to wait for deliveries (and reconnects) to arrive before counting what is
+    /// Seconds to wait for deliveries (and reconnects) to arrive before counting what is
     /// missing as lost. Raise it on a loaded machine: it bounds a wait, it times nothing.
     #[arg(long, default_value_t = 10)]
     settle_secs: u64,
@@ -81,77 +86,107 @@ struct Common {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// N subscribers on one channel, a publisher at a rate: deliveries/s, latency, server
+    /// CPU and RSS.
     Fanout {
         #[command(flatten)]
         common: Common,
+        /// Subscribers (connections).
         #[arg(long, default_value_t = 1000)]
         subscribers: usize,
         /// Publications per second (0: as fast as the publish endpoint answers).
         #[arg(long, default_value_t = 100)]
         rate: u64,
+        /// Seconds of publishing.
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// Payload bytes per publication.
         #[arg(long, default_value_t = 128)]
         payload: usize,
     },
+    /// Hold N subscribed connections: server RSS per connection, connect rate.
     Idle {
         #[command(flatten)]
         common: Common,
+        /// Connections.
         #[arg(long, default_value_t = 1000)]
         connections: usize,
+        /// Seconds to hold them.
         #[arg(long, default_value_t = 5)]
         hold: u64,
     },
+    /// Many rooms with a few members each, publishing and receiving.
     Chat {
         #[command(flatten)]
         common: Common,
+        /// Rooms (channels).
         #[arg(long, default_value_t = 100)]
         rooms: usize,
+        /// Members (connections) per room.
         #[arg(long, default_value_t = 5)]
         members: usize,
         /// Messages per second per member.
         #[arg(long, default_value_t = 1.0)]
         rate: f64,
+        /// Seconds of chatting.
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// Payload bytes per message.
         #[arg(long, default_value_t = 128)]
         payload: usize,
     },
+    /// A fraction of subscribers stop reading: the others' latency against a baseline.
     Slow {
         #[command(flatten)]
         common: Common,
+        /// Subscribers (connections), fast and stalled together.
         #[arg(long, default_value_t = 1000)]
         subscribers: usize,
-        /// Fraction of subscribers that stop reading.
+        /// Fraction of subscribers that stop reading (0 to 1).
         #[arg(long, default_value_t = 0.1)]
         slow_fraction: f64,
+        /// Publications per second.
         #[arg(long, default_value_t = 100)]
         rate: u64,
+        /// Seconds of publishing, per phase.
         #[arg(long, default_value_t = 5)]
         duration: u64,
+        /// Payload bytes per publication.
         #[arg(long, default_value_t = 1024)]
         payload: usize,
     },
+    /// N clients; the server is restarted under them and they all come back and resume:
+    /// recovery time, peak handshake rate, messages lost and duplicated.
     Storm {
         #[command(flatten)]
         common: Common,
+        /// Clients (connections).
         #[arg(long, default_value_t = 1000)]
         clients: usize,
         /// Shell command that starts the server again after the bench stops it
         /// (SIGTERM to --server-pid). Use the Redis broker for zero loss.
         #[arg(long)]
         restart_cmd: String,
+        /// Publications per second.
         #[arg(long, default_value_t = 50)]
         rate: u64,
+        /// Payload bytes per publication.
         #[arg(long, default_value_t = 128)]
         payload: usize,
     },
 }
 
-fn main() {
-    let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    let r = match cli.scenario {
+/// Runs a scenario; the process's exit code: 0 when the run did what was asked, 1 when
+/// it could not (a refused publish, connections that failed, a server that went away).
+pub fn run(args: BenchArgs) -> std::process::ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let r = match args.scenario {
         Scenario::Fanout { common, subscribers, rate, duration, payload } => {
             rt.block_on(fanout(common, subscribers, rate, duration, payload))
         }
@@ -166,9 +201,12 @@ fn main() {
             rt.block_on(storm(common, clients, restart_cmd, rate, payload))
         }
     };
-    if let Err(e) = r {
-        eprintln!("error: {e}");
-        std::process::exit(1);
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
@@ -268,7 +306,7 @@ async fn publisher(c: &Common, channel: &str) -> Result<Publisher, String> {
         .clone()
         .unwrap_or_else(|| format!("{{\"channel\":\"{channel}\",\"data\":$DATA}}"))
         .replace("$CHANNEL", channel);
-    Publisher::connect(addr, &path, &template).await.map_err(|e| format!("publisher: {e}"))
+    Publisher::connect(addr, &path, &template, c.api_key.as_deref()).await.map_err(|e| format!("publisher: {e}"))
 }
 
 /// Opens `n` connections to `t`, `concurrency` at a time; returns them and the rate.
@@ -311,9 +349,19 @@ async fn open_many(
     }
     if failed > 0 {
         eprintln!("{failed} of {n} connections failed");
+        stats.failed_connects.fetch_add(failed, Ordering::Relaxed);
     }
     let rate = subs.len() as f64 / started.elapsed().as_secs_f64();
     (subs, rate)
+}
+
+/// The verdict after the summary is printed: connections that failed mean the run did
+/// not measure what was asked.
+fn verdict(stats: &Stats) -> Res {
+    match stats.failed_connects.load(Ordering::Relaxed) {
+        0 => Ok(()),
+        n => Err(format!("{n} connections could not be opened: the figures above are not the asked-for load")),
+    }
 }
 
 fn server_stats(c: &Common) -> Option<proc_stats::ProcStats> {
@@ -329,7 +377,15 @@ fn latency(s: &mut Summary, stats: &Stats) {
 }
 
 /// Publishes at `rate` per second (0: flat out) until `stop`; returns how many.
-async fn publish_loop(mut p: Publisher, rate: u64, payload: usize, stop: Arc<AtomicBool>, retry: bool) -> u64 {
+/// Publishes at `rate` until `stop`. A refused publish ends the run with an error unless
+/// `retry` (the storm, where the server is down on purpose for a while).
+async fn publish_loop(
+    mut p: Publisher,
+    rate: u64,
+    payload: usize,
+    stop: Arc<AtomicBool>,
+    retry: bool,
+) -> Result<u64, String> {
     let interval = Duration::from_nanos(1_000_000_000u64.checked_div(rate).unwrap_or(0));
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -342,23 +398,31 @@ async fn publish_loop(mut p: Publisher, rate: u64, payload: usize, stop: Arc<Ato
         }
         if let Err(e) = p.publish(payload).await {
             if !retry {
-                eprintln!("publish failed: {e}");
-                break;
+                return Err(format!("publish failed after {} publications: {e}", p.published()));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
             let _ = p.reconnect().await;
         }
     }
-    p.published()
+    Ok(p.published())
 }
 
+/// A live line on stderr every second: connections, deliveries/s, p99 latency so far.
 fn progress(stats: Arc<Stats>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last = stats.delivered.load(Ordering::Relaxed);
+        let started = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let now = stats.delivered.load(Ordering::Relaxed);
-            eprintln!("  {:>10} deliveries/s", now - last);
+            let p99 = stats.latency.lock().map(|h| h.value_at_quantile(0.99) as f64 / 1000.0).unwrap_or(0.0);
+            eprintln!(
+                "  {:>4.0} s  {:>7} connections  {:>10} deliveries/s  p99 {:>8.1} ms so far",
+                started.elapsed().as_secs_f64(),
+                stats.handshakes.load(Ordering::Relaxed),
+                now - last,
+                p99
+            );
             last = now;
         }
     })
@@ -374,7 +438,7 @@ async fn wait_for(stats: &Stats, base: u64, expected: u64, limit: Duration) {
 async fn fanout(c: Common, subscribers: usize, rate: u64, duration: u64, payload: usize) -> Res {
     let stats = Arc::new(Stats::new());
     let t = target(&c, &c.channel)?;
-    eprintln!("opening {subscribers} subscribers ({:?})...", t.kind);
+    eprintln!("opening {subscribers} subscribers ({})...", t.kind);
     let (subs, conn_rate) = open_many(&c, std::slice::from_ref(&t), subscribers, None, &stats).await;
     let n = subs.len() as u64;
     let handles: Vec<_> = subs.into_iter().map(|s| tokio::spawn(s.run(stats.clone()))).collect();
@@ -388,7 +452,7 @@ async fn fanout(c: Common, subscribers: usize, rate: u64, duration: u64, payload
     let pubs = tokio::spawn(publish_loop(publisher(&c, &c.channel).await?, rate, payload, stop.clone(), false));
     tokio::time::sleep(Duration::from_secs(duration)).await;
     stop.store(true, Ordering::Relaxed);
-    let sent = pubs.await.map_err(|e| e.to_string())?;
+    let sent = pubs.await.map_err(|e| e.to_string())??;
     let expected = sent * n;
     wait_for(&stats, base, expected, c.settle()).await;
     let elapsed = started.elapsed();
@@ -415,7 +479,7 @@ async fn fanout(c: Common, subscribers: usize, rate: u64, duration: u64, payload
     for h in handles {
         h.abort();
     }
-    Ok(())
+    verdict(&stats)
 }
 
 async fn idle(c: Common, connections: usize, hold: u64) -> Res {
@@ -439,7 +503,7 @@ async fn idle(c: Common, connections: usize, hold: u64) -> Res {
     for h in handles {
         h.abort();
     }
-    Ok(())
+    verdict(&stats)
 }
 
 async fn chat(c: Common, rooms: usize, members: usize, rate: f64, duration: u64, payload: usize) -> Res {
@@ -466,7 +530,7 @@ async fn chat(c: Common, rooms: usize, members: usize, rate: f64, duration: u64,
     stop.store(true, Ordering::Relaxed);
     let mut sent = 0;
     for t in tasks {
-        sent += t.await.map_err(|e| e.to_string())?;
+        sent += t.await.map_err(|e| e.to_string())??;
     }
     let expected = sent * members as u64;
     wait_for(&stats, base, expected, c.settle()).await;
@@ -488,7 +552,7 @@ async fn chat(c: Common, rooms: usize, members: usize, rate: f64, duration: u64,
     for h in handles {
         h.abort();
     }
-    Ok(())
+    verdict(&stats)
 }
 
 async fn slow(c: Common, subscribers: usize, fraction: f64, rate: u64, duration: u64, payload: usize) -> Res {
@@ -497,6 +561,7 @@ async fn slow(c: Common, subscribers: usize, fraction: f64, rate: u64, duration:
     let n_fast = subscribers - n_slow;
     let mut s = Summary::new(format!("slow: {n_fast} fast + {n_slow} stalled subscribers"));
     // Phase 1: fast subscribers alone (baseline). Phase 2: the same with stalled ones.
+    let mut failed = 0;
     for (phase, stalled) in [("baseline", 0), ("with_slow", n_slow)] {
         let stats = Arc::new(Stats::new());
         let (fast, _) = open_many(&c, std::slice::from_ref(&t), n_fast, None, &stats).await;
@@ -511,7 +576,7 @@ async fn slow(c: Common, subscribers: usize, fraction: f64, rate: u64, duration:
         let pubs = tokio::spawn(publish_loop(publisher(&c, &c.channel).await?, rate, payload, stop.clone(), false));
         tokio::time::sleep(Duration::from_secs(duration)).await;
         stop.store(true, Ordering::Relaxed);
-        let sent = pubs.await.map_err(|e| e.to_string())?;
+        let sent = pubs.await.map_err(|e| e.to_string())??;
         wait_for(&stats, base, sent * n_fast as u64, c.settle()).await;
         let delivered = stats.delivered.load(Ordering::Relaxed) - base;
         let h = stats.latency.lock().expect("histogram").clone();
@@ -527,10 +592,14 @@ async fn slow(c: Common, subscribers: usize, fraction: f64, rate: u64, duration:
         for h in stalls {
             h.abort();
         }
+        failed += stats.failed_connects.load(Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     s.print(c.json);
-    Ok(())
+    match failed {
+        0 => Ok(()),
+        n => Err(format!("{n} connections could not be opened: the figures above are not the asked-for load")),
+    }
 }
 
 async fn storm(c: Common, clients: usize, restart_cmd: String, rate: u64, payload: usize) -> Res {
@@ -592,7 +661,8 @@ async fn storm(c: Common, clients: usize, restart_cmd: String, rate: u64, payloa
         .publish_body
         .clone()
         .unwrap_or_else(|| format!("{{\"channel\":\"{}\",\"data\":$DATA,\"key\":\"storm-$SEQ\"}}", c.channel));
-    let p = Publisher::connect(c.server, "/api/publish", &tpl).await.map_err(|e| e.to_string())?;
+    let p =
+        Publisher::connect(c.server, "/api/publish", &tpl, c.api_key.as_deref()).await.map_err(|e| e.to_string())?;
     let pub_stop = Arc::new(AtomicBool::new(false));
     let pubs = tokio::spawn(publish_loop(p, rate, payload, pub_stop.clone(), true));
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -613,7 +683,7 @@ async fn storm(c: Common, clients: usize, restart_cmd: String, rate: u64, payloa
     let recovery = killed_at.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     pub_stop.store(true, Ordering::Relaxed);
-    let sent = pubs.await.map_err(|e| e.to_string())?;
+    let sent = pubs.await.map_err(|e| e.to_string())??;
     let expected = sent * clients as u64;
     wait_for(&stats, 0, expected, c.settle().max(Duration::from_secs(60))).await;
     stop.store(true, Ordering::Relaxed);
@@ -638,5 +708,5 @@ async fn storm(c: Common, clients: usize, restart_cmd: String, rate: u64, payloa
     for t in tasks {
         t.abort();
     }
-    Ok(())
+    verdict(&stats)
 }

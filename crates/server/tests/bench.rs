@@ -1,5 +1,6 @@
-//! Every scenario runs at tiny scale and reports sane, non-zero numbers. (Benchmarks
-//! themselves are run by explicit commands: docs/benchmarks.md.)
+//! `switchboard bench`: every scenario runs at tiny scale and reports sane, non-zero
+//! numbers, and a run that cannot do what it was asked says so with its exit code.
+//! (Benchmarks themselves are run by explicit commands: docs/benchmarks.md.)
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -7,14 +8,18 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-const BENCH: &str = env!("CARGO_BIN_EXE_switchboard-bench");
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 
 async fn server(toml: &str) -> std::net::SocketAddr {
+    server_with(toml, true).await
+}
+
+async fn server_with(toml: &str, dev: bool) -> std::net::SocketAddr {
     let path = std::env::temp_dir().join(format!("sbbench-{}-{}.toml", std::process::id(), fastrand_id()));
     std::fs::write(&path, toml).unwrap();
     let cfg = switchboard_server::Config::load(Some(&path), Vec::new()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let s = switchboard_server::Server::new(cfg, true, listener).await.unwrap();
+    let s = switchboard_server::Server::new(cfg, dev, listener).await.unwrap();
     let addr = s.local_addr().unwrap();
     tokio::spawn(s.run(std::future::pending(), Duration::from_secs(1)));
     addr
@@ -29,7 +34,7 @@ async fn run(args: Vec<String>) -> HashMap<String, Value> {
     // A generous settle time: on a loaded machine deliveries may take long to arrive, and
     // they must not be counted as lost while they are on their way.
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(BENCH).args(&args).args(["--json", "--settle-secs", "300"]).output().unwrap()
+        Command::new(BIN).arg("bench").args(&args).args(["--json", "--settle-secs", "300"]).output().unwrap()
     })
     .await
     .unwrap();
@@ -128,7 +133,7 @@ async fn idle_chat_and_slow_report_their_numbers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_restarts_a_redis_backed_server_and_loses_nothing() {
-    let bin = switchboard_binary();
+    let bin = std::path::Path::new(BIN);
     let log = ServerLog(std::env::temp_dir().join(format!("sbstorm-{}.log", std::process::id())));
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let pidfile = std::env::temp_dir().join(format!("sbstorm-{}.pid", std::process::id()));
@@ -182,25 +187,6 @@ impl Drop for ServerLog {
     }
 }
 
-/// The `switchboard` binary, from the directory Cargo put this crate's own binary in
-/// (`cargo test --workspace` builds both there, wherever `CARGO_TARGET_DIR` points);
-/// built with Cargo if it is not there yet.
-fn switchboard_binary() -> std::path::PathBuf {
-    let dir = std::path::Path::new(BENCH).parent().expect("the bench binary has a directory");
-    let bin = dir.join(format!("switchboard{}", std::env::consts::EXE_SUFFIX));
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "switchboard", "--bin", "switchboard"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("cargo runs");
-        assert!(status.success() && bin.exists(), "could not build {}", bin.display());
-    }
-    bin
-}
-
 /// Waits until something answers HTTP on `port`.
 async fn reqwest_like_wait(port: u16) -> bool {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
@@ -216,4 +202,44 @@ async fn reqwest_like_wait(port: u16) -> bool {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_publishes_to_a_keyed_server_with_its_key_and_fails_loudly_without() {
+    const KEY: &str = "bench-api-key-0123456789";
+    let addr = server_with(&format!("[api]\nkeys = [\"{KEY}\"]\n"), false).await.to_string();
+    let fanout = |key: Option<&str>| {
+        let mut a = args(&["fanout", "--server", &addr, "--subscribers", "5", "--rate", "20", "--duration", "1"]);
+        if let Some(k) = key {
+            a.extend(["--api-key".to_string(), k.to_string()]);
+        }
+        a
+    };
+    let m = run(fanout(Some(KEY))).await;
+    assert!(num(&m, "publications") >= 5.0);
+    assert_eq!(num(&m, "deliveries"), num(&m, "expected"));
+    // Without the key every publish is refused: the run says so and exits non-zero.
+    let a = fanout(None);
+    let out =
+        tokio::task::spawn_blocking(move || Command::new(BIN).arg("bench").args(&a).output().unwrap()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a run whose publishes were refused exited 0");
+    assert!(stderr.contains("401"), "{stderr}");
+}
+
+#[test]
+fn every_bench_flag_says_its_unit_or_meaning() {
+    let out = Command::new(BIN).args(["bench", "fanout", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (flag, words) in [
+        ("--subscribers", "connections"),
+        ("--rate", "per second"),
+        ("--duration", "Seconds"),
+        ("--payload", "bytes"),
+        ("--settle-secs", "Seconds"),
+        ("--api-key", "API key"),
+    ] {
+        let line = help.lines().skip_while(|l| !l.contains(flag)).take(3).collect::<Vec<_>>().join(" ");
+        assert!(line.contains(words), "{flag}: {line:?}");
+    }
 }
