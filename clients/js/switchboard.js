@@ -480,6 +480,8 @@ class SseTransport {
     }
     for (const s of exact) if (s.subscriptionToken) q.append('sub_token', s.subscriptionToken);
     if (this.c.token) q.set('token', this.c.token);
+    // Who this client says it is, for presence (as `connect` does on a WebSocket).
+    else if (this.c.opts.client) q.set('client', JSON.stringify(this.c.opts.client));
     if (!subs.length) return Promise.resolve(); // nothing to stream yet
     return new Promise((resolve, reject) => {
       let opened = false;

@@ -25,11 +25,28 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
         .map_err(|_| ApiError::new(Code::MessageTooLarge, format!("request body is larger than {limit} bytes")))
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        let code = if e.is_data() { Code::InvalidRequest } else { Code::InvalidJson };
-        ApiError::new(code, format!("request body: {e}"))
-    })
+pub(crate) fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| json_error("request body", &e))
+}
+
+/// A JSON error in words for people: where the text stops being JSON, or which field is
+/// missing or wrong — not the parser's own vocabulary.
+pub(crate) fn json_error(what: &str, e: &serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Data => {
+            // "missing field `channel`", "unknown field `x`, expected one of …": already
+            // about the request's own fields; drop the parser's position suffix.
+            let text = e.to_string();
+            let text = text.split(" at line ").next().unwrap_or(&text).to_string();
+            ApiError::new(Code::InvalidRequest, format!("{what}: {text}"))
+        }
+        Category::Eof => ApiError::new(Code::InvalidJson, format!("{what} is not valid JSON: it ends too early")),
+        Category::Syntax | Category::Io => ApiError::new(
+            Code::InvalidJson,
+            format!("{what} is not valid JSON (line {}, column {})", e.line(), e.column()),
+        ),
+    }
 }
 
 /// Checks a payload against the size limit and returns it as single-line JSON text (SSE

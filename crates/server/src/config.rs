@@ -22,6 +22,10 @@ use serde::Deserialize;
 use switchboard_core::broker::PublishOptions;
 use switchboard_core::channel::ChannelName;
 
+/// The signing key `serve --dev` uses when no `[auth]` is configured. Public by nature:
+/// anyone can mint tokens for a development server.
+pub const DEV_HMAC_SECRET: &str = "switchboard-development-key-never-use-it-in-production";
+
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "SWITCHBOARD_";
 
@@ -520,6 +524,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `--dev` without an `[auth]` section: HS256 with [`DEV_HMAC_SECRET`], so that
+    /// `switchboard token --dev` mints tokens the development server accepts. A
+    /// configured `[auth]` is left as it is.
+    pub fn use_dev_auth(&mut self) {
+        if self.auth.algorithm.is_none() {
+            self.auth.algorithm = Some("HS256".into());
+            self.auth.hmac_secret = Some(DEV_HMAC_SECRET.into());
+        }
     }
 
     /// The options of `namespace`, or `None` when strict namespaces reject it.

@@ -203,7 +203,9 @@ impl ApiError {
 
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
-        ApiError::new(Code::BrokerUnavailable, e.to_string())
+        // The backing store's own words (a socket error, a Redis reply) go to the log.
+        tracing::debug!("broker error: {e}");
+        ApiError::new(Code::BrokerUnavailable, "the broker cannot be reached right now; retry with backoff")
     }
 }
 

@@ -22,10 +22,13 @@ enum Command {
         /// TOML configuration file (every key can also be set by SWITCHBOARD_* variables).
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Address to listen on (overrides `listen`).
-        #[arg(long)]
+        /// Address to listen on, overriding `listen`: `127.0.0.1:8000`, `localhost:8000`,
+        /// or `:8000` for every interface.
+        #[arg(long, value_parser = parse_listen)]
         listen: Option<SocketAddr>,
-        /// Development mode: the server API needs no key. Never in production.
+        /// Development mode: the server API needs no key, any page may connect, tokens
+        /// can be minted with `switchboard token --dev`, the demo is served. Never in
+        /// production.
         #[arg(long)]
         dev: bool,
         /// Log format.
@@ -60,14 +63,20 @@ enum Command {
         /// Token id (`jti`), for revocation.
         #[arg(long)]
         jti: Option<String>,
+        /// TOML configuration file whose `[auth]` signs the token.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Sign with the development key `serve --dev` accepts when no `[auth]` is
+        /// configured.
+        #[arg(long)]
+        dev: bool,
         /// Private key (PEM) for RS256/ES256; HS256 uses auth.hmac_secret.
         #[arg(long)]
         private_key: Option<PathBuf>,
     },
     /// Check this machine's limits for many connections and say how to raise them.
     Doctor {
+        /// TOML configuration file (for `limits.max_connections`).
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Machine-readable output.
@@ -86,9 +95,15 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Validate a configuration file (with SWITCHBOARD_* overrides applied) and explain
-    /// any error with its key path.
-    Check { file: PathBuf },
+    /// Validate a configuration file (with SWITCHBOARD_* overrides applied) as `serve`
+    /// would — every check it makes, its warnings too — and explain any error with its
+    /// key path.
+    Check {
+        file: PathBuf,
+        /// Check it for `serve --dev` (which needs no API keys).
+        #[arg(long)]
+        dev: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,32 +119,93 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|| "info".parse().expect("literal filter"));
     use tracing_subscriber::prelude::*;
     let registry = tracing_subscriber::registry().with(filter);
+    // Colours only for a terminal: never escape codes in a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     match format {
-        LogFormat::Human => registry.with(tracing_subscriber::fmt::layer()).init(),
+        LogFormat::Human => registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi)).init(),
         LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).init(),
     }
+}
+
+/// `--listen`: an address, a host name with a port (`localhost:8000`), or `:8000` for
+/// every interface.
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = s.strip_prefix(':') {
+        let port: u16 = port.parse().map_err(|_| format!("{s:?}: the port after `:` is not a number"))?;
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(s)
+        .map_err(|e| format!("{s:?}: {e} (give HOST:PORT, IP:PORT or :PORT)"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+/// What `serve` refuses to start with, and what it warns about, for `config` in `dev`
+/// mode or not — shared with `config check`, so a file it passes also starts.
+fn preflight(config: &Config, dev: bool) -> (Vec<String>, Vec<String>) {
+    let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+    if dev {
+        return (errors, warnings);
+    }
+    if config.api.keys.is_empty() {
+        errors.push(
+            "no server API keys configured. Set api.keys in the config file (or SWITCHBOARD_API__KEYS=key1,key2), \
+             or run with --dev for local development."
+                .to_string(),
+        );
+    }
+    if config.security.allowed_origins.is_empty() {
+        warnings.push(
+            "security.allowed_origins is empty: a page on any origin may open WebSockets and SSE streams and use \
+             the browser endpoints (without credentials). List your application's origins."
+                .to_string(),
+        );
+    }
+    if !config.listen.ip().is_loopback() && config.auth.algorithm.is_none() {
+        warnings.push(format!(
+            "listening on {} without [auth]: every client is anonymous; namespaces that require tokens refuse them",
+            config.listen
+        ));
+    }
+    (errors, warnings)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => switchboard_bench::run(args),
-        Command::Config { command: ConfigCommand::Check { file } } => match Config::load(Some(&file), std::env::vars())
-        {
-            Ok(c) => {
-                println!(
-                    "{}: OK (listen {}, {} namespace(s) configured)",
-                    file.display(),
-                    c.listen,
-                    c.namespaces.len()
-                );
-                ExitCode::SUCCESS
+        Command::Config { command: ConfigCommand::Check { file, dev } } => {
+            match Config::load(Some(&file), std::env::vars()) {
+                Ok(c) => {
+                    let (errors, warnings) = preflight(&c, dev);
+                    for w in &warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    for e in &errors {
+                        eprintln!("error: {e}");
+                    }
+                    if !errors.is_empty() {
+                        return ExitCode::from(2);
+                    }
+                    println!(
+                        "{}: OK for `serve{}` (listen {}, {} namespace(s) configured, {} warning(s))",
+                        file.display(),
+                        if dev { " --dev" } else { "" },
+                        c.listen,
+                        c.namespaces.len(),
+                        warnings.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
+        }
         Command::Doctor { config, json } => {
             let max = match Config::load(config.as_deref(), std::env::vars()) {
                 Ok(c) => c.limits.max_connections,
@@ -146,8 +222,8 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Token { user, channels, ttl, channel, info, jti, config, private_key } => {
-            match mint(user, channels, &ttl, channel, info, jti, config, private_key) {
+        Command::Token { user, channels, ttl, channel, info, jti, config, dev, private_key } => {
+            match mint(user, channels, &ttl, channel, info, jti, config, dev, private_key) {
                 Ok(t) => {
                     println!("{t}");
                     ExitCode::SUCCESS
@@ -173,18 +249,19 @@ fn main() -> ExitCode {
             if let Some(l) = listen {
                 cfg.listen = l;
             }
+            let (errors, warnings) = preflight(&cfg, dev);
+            if let Some(e) = errors.first() {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
             for var in &cfg.ignored_env {
                 tracing::warn!(
                     "ignoring environment variable {var}: not configuration (its first segment names no \
                      top-level key; see switchboard.example.toml)"
                 );
             }
-            if !dev && cfg.api.keys.is_empty() {
-                eprintln!(
-                    "error: no server API keys configured. Set api.keys in the config file (or \
-                     SWITCHBOARD_API__KEYS=key1,key2), or run with --dev for local development."
-                );
-                return ExitCode::from(2);
+            for w in &warnings {
+                tracing::warn!("{w}");
             }
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
@@ -228,10 +305,18 @@ fn mint(
     info: Option<String>,
     jti: Option<String>,
     config: Option<PathBuf>,
+    dev: bool,
     private_key: Option<PathBuf>,
 ) -> Result<String, String> {
-    let cfg = Config::load(config.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
-    let alg = cfg.auth.algorithm.clone().ok_or("no auth.algorithm configured (set [auth] in the config)")?;
+    let mut cfg = Config::load(config.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
+    if dev {
+        cfg.use_dev_auth();
+    }
+    let alg = cfg
+        .auth
+        .algorithm
+        .clone()
+        .ok_or("no auth.algorithm configured: set [auth] in the config, or pass --dev to sign for `serve --dev`")?;
     let key = match (alg.as_str(), private_key) {
         ("HS256", _) => cfg.auth.hmac_secret.clone().ok_or("auth.hmac_secret is not set")?,
         (_, Some(p)) => std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?,
@@ -270,14 +355,64 @@ async fn serve(cfg: Config, dev: bool, drain: Duration, notice: Duration) -> any
         );
     }
     if dev {
-        tracing::warn!("################################################################");
-        tracing::warn!("#  DEVELOPMENT MODE (--dev): the server API at /api/* accepts   #");
-        tracing::warn!("#  requests WITHOUT an API key. Never expose this server.       #");
-        tracing::warn!("################################################################");
+        // One record, so a JSON log keeps it whole.
+        tracing::warn!(
+            "DEVELOPMENT MODE (--dev): the server API at /api/* accepts requests WITHOUT an API key, any page \
+             may connect, and tokens signed with the development key (`switchboard token --dev`) are accepted \
+             unless [auth] is configured. Never expose this server."
+        );
     }
+    let broker = match cfg.broker.kind {
+        switchboard_server::config::BrokerKind::Memory => "in-memory (this process only)".to_string(),
+        switchboard_server::config::BrokerKind::Redis => {
+            format!("redis at {} (prefix {:?})", redact(&cfg.broker.redis_url), cfg.broker.redis_prefix)
+        }
+    };
     let server = Server::new(cfg, dev, listener).await?.with_drain_notice(notice);
-    tracing::info!("switchboard listening on http://{}", server.local_addr()?);
+    let addr = server.local_addr()?;
+    tracing::info!("switchboard listening on http://{addr}; broker: {broker}");
+    let admin = format!("http://{addr}/admin");
+    if dev {
+        tracing::info!("demo chat: http://{addr}/demo/chat; admin dashboard: {admin}; metrics: http://{addr}/metrics");
+    } else {
+        tracing::info!("admin dashboard: {admin}; metrics: http://{addr}/metrics");
+    }
     server.run(switchboard_server::shutdown_signal(), drain).await?;
     tracing::info!("bye");
     Ok(())
+}
+
+/// A URL with its password (if any) replaced, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_takes_addresses_host_names_and_a_bare_port() {
+        assert_eq!(parse_listen("127.0.0.1:9000").unwrap(), "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(parse_listen(":9000").unwrap(), "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(parse_listen("localhost:9000").unwrap().port(), 9000);
+        assert!(parse_listen("localhost").is_err());
+        assert!(parse_listen(":http").is_err());
+    }
+
+    #[test]
+    fn passwords_stay_out_of_the_log() {
+        assert_eq!(redact("redis://:hunter2@10.0.0.5:6379/0"), "redis://:***@10.0.0.5:6379/0");
+        assert_eq!(redact("redis://app:hunter2@h:6379"), "redis://app:***@h:6379");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
 }

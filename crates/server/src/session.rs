@@ -115,6 +115,8 @@ pub struct Session {
 pub struct Presence<'a> {
     pub client: &'a str,
     pub who: Option<&'a Identity>,
+    /// What an anonymous client said about itself (shown as unverified).
+    pub claimed: Option<&'a serde_json::Value>,
 }
 
 /// Checks a requested rewind against every channel's history size.
@@ -169,6 +171,11 @@ pub async fn open(
         let pending =
             state.hub.subscribe(r.channel.clone(), queue.clone(), subscribe_request(r, since, rewind)).await?;
         let outcome = pending.outcome().clone();
+        if cursor.is_some() {
+            // SSE `Last-Event-ID` and poll `since` are resumes too (the WebSocket counts
+            // its own).
+            state.metrics.resume(outcome.recovered);
+        }
         handles.push(pending.go_live());
         starts.push(Start { channel: r.channel.clone(), position: outcome.position, reset: !outcome.recovered });
     }
@@ -178,7 +185,7 @@ pub async fn open(
     let mut guards = Vec::new();
     if let Some(p) = presence {
         for r in channels {
-            if let Some(g) = crate::presence::join(state, r, p.client, p.who, None).await? {
+            if let Some(g) = crate::presence::join(state, r, p.client, p.who, p.claimed).await? {
                 if let Err(e) = g.announce().await {
                     tracing::debug!("join event not published: {}", e.message);
                 }

@@ -166,7 +166,29 @@ fn config_check_accepts_good_files_and_explains_bad_ones() {
     let dir = std::env::temp_dir();
     let good = dir.join(format!("sb-good-{}.toml", std::process::id()));
     std::fs::write(&good, "listen = \"127.0.0.1:9000\"\n[namespaces.chat]\nhistory_size = 50\n").unwrap();
+    // Every check `serve` makes: without API keys it would not start, so this is no OK…
     let out = Command::new(BIN).args(["config", "check"]).arg(&good).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no server API keys"));
+    // …unless it is for `serve --dev`.
+    let out = Command::new(BIN).args(["config", "check", "--dev"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // With keys it starts; an empty origin allowlist is worth a warning.
+    std::fs::write(&good, "[api]\nkeys = [\"check-key-0123456789\"]\n").unwrap();
+    let out = Command::new(BIN).args(["config", "check"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("allowed_origins is empty"));
+    std::fs::write(
+        &good,
+        "[api]\nkeys = [\"check-key-0123456789\"]\n[security]\nallowed_origins = [\"https://app.example.com\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["config", "check"]).arg(&good).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 warning(s)"));
+    // The example file is valid for `serve --dev`, the README's first command.
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../switchboard.example.toml");
+    let out = Command::new(BIN).args(["config", "check", "--dev"]).arg(&example).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let bad = dir.join(format!("sb-bad-{}.toml", std::process::id()));
@@ -222,4 +244,31 @@ async fn the_token_helper_mints_tokens_the_server_accepts() {
     let r = http.get(format!("{base}/poll?channel=news:1&token={token}")).send().await.unwrap();
     assert_eq!(r.status(), 403, "outside the token's channels");
     let _ = std::fs::remove_file(&cfg);
+}
+
+#[tokio::test]
+async fn a_dev_token_works_against_the_dev_server_as_the_readme_shows() {
+    let out = Command::new(BIN)
+        .args(["token", "--dev", "--user", "alice", "--channels", "chat:*", "--ttl", "1h"])
+        .env_remove("SWITCHBOARD_AUTH__ALGORITHM")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let port = free_port();
+    let child = Command::new(BIN)
+        .args(["serve", "--dev", "--listen", &format!("localhost:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _proc = Proc(child);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&base).await;
+    let http = reqwest::Client::new();
+    let r = http.get(format!("{base}/poll?channel=chat:1&token={token}")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // The token's claim still limits it.
+    let r = http.get(format!("{base}/poll?channel=news:1&token={token}")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
 }

@@ -268,3 +268,14 @@ async fn a_publish_retried_with_the_same_key_is_stored_once() {
     let (st, v) = s.post_raw("/api/publish", json!({"channel": ch, "data": 1, "key": long}).to_string()).await;
     assert_eq!((st, v["error"]["code"].as_str().unwrap()), (400, "invalid_idempotency_key"));
 }
+
+#[tokio::test]
+async fn an_anonymous_sse_client_can_say_who_it_is_for_presence() {
+    let s = start().await;
+    let ch = channel("room");
+    let client = "%7B%22name%22%3A%22ada%22%7D"; // {"name":"ada"}
+    let mut sse = common::Sse::connect(&s, &format!("channel={ch}&client={client}"), None).await;
+    sse.next_named("subscribed").await;
+    let (_, v) = s.get_json(&format!("/api/presence?channel={ch}")).await;
+    assert_eq!(v["clients"][0]["info"]["unverified"]["name"], "ada", "{v}");
+}

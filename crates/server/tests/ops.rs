@@ -211,3 +211,27 @@ fn doctor_reads_this_machines_limits() {
     let text = String::from_utf8(text.stdout).unwrap();
     assert!(text.contains("this box can hold about"), "{text}");
 }
+
+#[tokio::test]
+async fn resumes_over_sse_and_polling_are_counted_too() {
+    let s = TestServer::start(config("")).await;
+    let ch = channel("m");
+    let (epoch, _) = s.publish(&ch, json!(1)).await;
+    s.publish(&ch, json!(2)).await;
+    // SSE with Last-Event-ID inside history: recovered.
+    let r = s
+        .http
+        .get(s.url(&format!("/sse?channel={ch}")))
+        .header("last-event-id", format!("{epoch}:1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    drop(r);
+    // Poll with a position from another epoch: reset.
+    let (st, _) = s.get_json(&format!("/poll?channel={ch}&since=otherepoch:1")).await;
+    assert_eq!(st, 200);
+    let text = scrape(&s).await;
+    assert_eq!(metric(&text, "switchboard_resumes_total{outcome=\"recovered\"}"), 1.0);
+    assert_eq!(metric(&text, "switchboard_resumes_total{outcome=\"reset\"}"), 1.0);
+}

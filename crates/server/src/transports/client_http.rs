@@ -43,10 +43,7 @@ pub async fn publish(
     let body = axum::body::to_bytes(req.into_body(), limit)
         .await
         .map_err(|_| ApiError::new(Code::MessageTooLarge, format!("request body is larger than {limit} bytes")))?;
-    let b: PublishBody = serde_json::from_slice(&body).map_err(|e| {
-        let code = if e.is_data() { Code::InvalidRequest } else { Code::InvalidJson };
-        ApiError::new(code, format!("request body: {e}"))
-    })?;
+    let b: PublishBody = crate::api::parse_json(&body)?;
     let r = resolve_channel(&state, &b.channel)?;
     let sub_tokens = q.all("sub_token");
     state.gate(

@@ -69,7 +69,18 @@ pub async fn handler(
     let asked = given.map(|s| cursor::parse(s, channels.len())).transpose()?;
     let rewind = session::check_rewind(&channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
     let client = crate::presence::client_id();
-    let presence = Some(session::Presence { client: &client, who: who.as_ref() });
+    // `&client=<JSON>`: an anonymous client's own description for presence (unverified).
+    let claimed = match q.get("client") {
+        Some(c) if c.len() > 1024 => {
+            return Err(ApiError::new(Code::InvalidRequest, "`client` is at most 1024 bytes of JSON"));
+        }
+        Some(c) => Some(
+            serde_json::from_str::<serde_json::Value>(c)
+                .map_err(|_| ApiError::new(Code::InvalidRequest, "`client` is not JSON"))?,
+        ),
+        None => None,
+    };
+    let presence = Some(session::Presence { client: &client, who: who.as_ref(), claimed: claimed.as_ref() });
     let session = session::open(&state, &channels, asked.clone(), rewind, &patterns, presence).await?;
 
     let period = Duration::from_secs(state.config.sse.keepalive_secs);

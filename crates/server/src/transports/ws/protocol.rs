@@ -74,8 +74,7 @@ pub fn parse(text: &str) -> Parsed<'_> {
         Ok(w) => w,
         Err(e) => {
             let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|i| i.id);
-            let code = if e.is_data() { Code::InvalidRequest } else { Code::InvalidJson };
-            return Err((id, ApiError::new(code, format!("command: {e}"))));
+            return Err((id, crate::api::json_error("command", &e)));
         }
     };
     let id = w.id;
