@@ -427,6 +427,9 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut overridden = false;
         let mut ignored = Vec::new();
+        // Each variable set, with the readings of its text still to try if the one chosen
+        // does not fit its key (`REDIS_PREFIX=123` is a string, `HISTORY_SIZE=5` a number).
+        let mut from_env: Vec<(Vec<String>, String, Vec<toml::Value>)> = Vec::new();
         for (var, value) in env {
             let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -437,17 +440,41 @@ impl Config {
             if path.iter().any(|s| s.is_empty()) {
                 return Err(ConfigError::Env { var, message: "empty key segment".into() });
             }
-            set_path(&mut table, &path, env_value(&value))
-                .map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+            let mut readings = env_readings(&value);
+            let first = readings.remove(0);
+            set_path(&mut table, &path, first).map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+            from_env.push((path, var, readings));
             overridden = true;
         }
         let origin = if overridden { format!("{origin} + environment") } else { origin };
-        let de = toml::Value::Table(table);
-        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Key {
-            origin: origin.clone(),
-            key: e.path().to_string(),
-            message: e.inner().to_string(),
-        })?;
+        let mut config: Config = loop {
+            match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
+                Ok(c) => break c,
+                Err(e) => {
+                    let key = e.path().to_string();
+                    // A key set from the environment whose text can be read another way
+                    // (as a string, say): try that before calling it an error.
+                    let next = from_env
+                        .iter_mut()
+                        .find(|(path, _, readings)| path.join(".") == key && !readings.is_empty())
+                        .map(|(path, _, readings)| (path.clone(), readings.remove(0)));
+                    match next {
+                        Some((path, reading)) => {
+                            set_path(&mut table, &path, reading)
+                                .map_err(|message| ConfigError::Env { var: key.clone(), message })?;
+                        }
+                        None => {
+                            let var = from_env.iter().find(|(path, _, _)| path.join(".") == key).map(|(_, v, _)| v);
+                            let message = match var {
+                                Some(v) => format!("{} (from {v})", e.inner()),
+                                None => e.inner().to_string(),
+                            };
+                            return Err(ConfigError::Key { origin: origin.clone(), key, message });
+                        }
+                    }
+                }
+            }
+        };
         config.validate().map_err(|(key, message)| ConfigError::Key { origin, key, message })?;
         ignored.sort();
         config.ignored_env = ignored;
@@ -564,20 +591,26 @@ impl Config {
     }
 }
 
-fn env_value(s: &str) -> toml::Value {
+/// The ways an environment variable's text can be read, most specific first: a number
+/// or a boolean if it looks like one, and always, last, the string itself. The loader
+/// tries them in turn against the key's type.
+fn env_readings(s: &str) -> Vec<toml::Value> {
+    let mut out = Vec::new();
     if let Ok(v) = s.parse::<i64>() {
-        return toml::Value::Integer(v);
+        out.push(toml::Value::Integer(v));
     }
     if let Ok(v) = s.parse::<f64>() {
-        if s.contains('.') {
-            return toml::Value::Float(v);
+        if v.is_finite() {
+            out.push(toml::Value::Float(v));
         }
     }
     match s {
-        "true" => toml::Value::Boolean(true),
-        "false" => toml::Value::Boolean(false),
-        _ => toml::Value::String(s.to_string()),
+        "true" => out.push(toml::Value::Boolean(true)),
+        "false" => out.push(toml::Value::Boolean(false)),
+        _ => {}
     }
+    out.push(toml::Value::String(s.to_string()));
+    out
 }
 
 /// Keys whose value is a list; an env override of one splits on commas.
@@ -641,6 +674,34 @@ mod tests {
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.namespace("chat").unwrap().history_size, 5);
         assert_eq!(c.api.keys.len(), 2);
+    }
+
+    #[test]
+    fn env_values_are_read_as_their_key_expects() {
+        let c = load_str(
+            "",
+            &[
+                ("SWITCHBOARD_BROKER__REDIS_PREFIX", "12345"), // a string that looks like a number
+                ("SWITCHBOARD_BROKER__NODE_ID", "7"),          // an optional string
+                ("SWITCHBOARD_NAMESPACES__CHAT__HISTORY_SIZE", "42"), // a number, nested
+                ("SWITCHBOARD_NAMESPACES__CHAT__PRESENCE", "true"), // a boolean
+                ("SWITCHBOARD_AUTH__AUDIENCE", "false"),       // a string that looks like a boolean
+                ("SWITCHBOARD_API__KEYS", "1234567890123456,abcdefghijklmnop"), // a list
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.broker.redis_prefix, "12345");
+        assert_eq!(c.broker.node_id.as_deref(), Some("7"));
+        assert_eq!(c.namespace("chat").unwrap().history_size, 42);
+        assert!(c.namespace("chat").unwrap().presence);
+        assert_eq!(c.auth.audience.as_deref(), Some("false"));
+        assert_eq!(c.api.keys, vec!["1234567890123456".to_string(), "abcdefghijklmnop".to_string()]);
+        // A value no reading fits is still an error that names the key and the variable.
+        let e = load_str("", &[("SWITCHBOARD_NAMESPACES__CHAT__HISTORY_SIZE", "lots")]).unwrap_err().to_string();
+        assert!(
+            e.contains("namespaces.chat.history_size") && e.contains("SWITCHBOARD_NAMESPACES__CHAT__HISTORY_SIZE"),
+            "{e}"
+        );
     }
 
     #[test]
