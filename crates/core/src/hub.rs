@@ -138,6 +138,8 @@ pub struct HubStats {
     /// Publications by publish→fan-out latency (broker time to dispatch on this node),
     /// per bucket of [`LATENCY_BOUNDS_MS`] plus one overflow bucket.
     pub latency: [AtomicU64; 13],
+    /// The sum of those latencies, in milliseconds (a histogram's `_sum`).
+    pub latency_sum_ms: AtomicU64,
     /// What the queues made by [`Hub::queue`] dropped and closed.
     pub queues: Arc<QueueStats>,
 }
@@ -146,6 +148,7 @@ impl HubStats {
     fn observe_latency(&self, ms: u64) {
         let i = LATENCY_BOUNDS_MS.iter().position(|b| ms <= *b).unwrap_or(LATENCY_BOUNDS_MS.len());
         self.latency[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_ms.fetch_add(ms, Ordering::Relaxed);
     }
 
     /// Bucket counts (not cumulative).

@@ -376,7 +376,8 @@ pub async fn presence_stats(State(state): State<AppState>, RawQuery(raw): RawQue
 }
 
 /// `GET /metrics`: Prometheus text format (docs/operations.md lists the metrics).
-pub async fn metrics(State(state): State<AppState>) -> Response {
-    (StatusCode::OK, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], crate::metrics::render(&state))
-        .into_response()
+pub async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    let accept = headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = crate::metrics::Format::from_accept(accept);
+    (StatusCode::OK, [("content-type", format.content_type())], crate::metrics::render(&state, format)).into_response()
 }

@@ -49,6 +49,9 @@ pub struct Inner {
     pub started: u64,
     /// This server's metrics (never shared with another server in the process).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The registry `/metrics` encodes: this server's series and the process's. An
+    /// embedder may add its own.
+    pub exposition: prometheus_client::registry::Registry,
 }
 
 /// Counts live upgraded connections so shutdown can wait for them.
@@ -141,7 +144,8 @@ impl AppState {
         let clock = Arc::new(crate::clock::Clock::default());
         let verifier = crate::auth::Verifier::from_config(&config.auth, clock.clone())?;
         Ok(AppState {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
+                exposition: crate::metrics::registry(me.clone()),
                 config,
                 verifier,
                 clock,
@@ -161,7 +165,9 @@ impl AppState {
             }),
         })
     }
+}
 
+impl Inner {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed) || *self.shutdown.borrow()
     }

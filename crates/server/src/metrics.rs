@@ -1,15 +1,24 @@
-//! Prometheus metrics, in the text exposition format, from the server's own atomics.
+//! Prometheus metrics, exposed through `prometheus-client` (Prometheus text, or
+//! OpenMetrics when the scraper asks for it).
 //!
-//! Every server instance owns its [`Metrics`] (in its `AppState`), so two servers in one
-//! process — tests, embedders — never see each other's numbers. A handful of counters and gauges updated on hot paths with relaxed atomics, and
-//! histograms with fixed, explicit buckets. Rendering reads them (and the hub's own
-//! counters) at scrape time; nothing is allocated per message. Names and meanings are in
-//! docs/operations.md.
+//! Every server instance owns its [`Metrics`] and its registry (in its `AppState`), so two
+//! servers in one process — tests, embedders — never see each other's numbers. The hot
+//! paths only bump relaxed atomics (counters, gauges, histograms with fixed, explicit
+//! buckets); a collector reads them, the hub's own counters and /proc at scrape time, so
+//! nothing is allocated per message. Names and meanings are in docs/operations.md.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    prometheus_text, text, DescriptorEncoder, EncodeGaugeValue, MetricEncoder, NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use switchboard_core::hub::LATENCY_BOUNDS_MS;
 
 use crate::app::AppState;
 
@@ -24,11 +33,11 @@ pub enum Transport {
 const TRANSPORTS: [(&str, Transport); 3] = [("ws", Transport::Ws), ("sse", Transport::Sse), ("poll", Transport::Poll)];
 
 /// Histogram with explicit upper bounds (seconds).
+#[derive(Debug)]
 pub struct Histogram {
     bounds: &'static [f64],
     counts: Vec<AtomicU64>,
     sum_micros: AtomicU64,
-    count: AtomicU64,
 }
 
 impl Histogram {
@@ -37,7 +46,6 @@ impl Histogram {
             bounds,
             counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
             sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
         }
     }
 
@@ -46,7 +54,6 @@ impl Histogram {
         let i = self.bounds.iter().position(|b| secs <= *b).unwrap_or(self.bounds.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Bucket counts (non-cumulative) — for computing quantiles over a window.
@@ -56,20 +63,6 @@ impl Histogram {
 
     pub fn bounds(&self) -> &'static [f64] {
         self.bounds
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (i, b) in self.bounds.iter().enumerate() {
-            cumulative += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
-        }
-        cumulative += self.counts[self.bounds.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count{braces} {}", self.count.load(Ordering::Relaxed));
     }
 }
 
@@ -168,174 +161,314 @@ impl Drop for ConnectionGauge {
     }
 }
 
-fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+/// The exposition formats a scrape can ask for (`Accept`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text 0.0.4, what every scraper reads.
+    Prometheus,
+    /// OpenMetrics 1.0 text, for scrapers that ask for it.
+    OpenMetrics,
 }
 
-/// One series per value of `label`: `name{label="value"} n`.
-fn by_label(out: &mut String, name: &str, label: &str, values: &[(&str, u64)]) {
-    for (value, n) in values {
-        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+impl Format {
+    /// The format an `Accept` header asks for.
+    pub fn from_accept(accept: Option<&str>) -> Self {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
+            _ => Format::Prometheus,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
     }
 }
 
-/// The whole exposition.
-pub fn render(state: &AppState) -> String {
-    let m = &*state.metrics;
-    let queues = &state.hub.stats.queues;
+/// A server's metrics registry: the server's own series (read from its atomics at scrape
+/// time) and the process's. Embedders can register their own metrics in it.
+pub fn registry(state: std::sync::Weak<crate::app::Inner>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(ServerCollector(state)));
+    r.register_collector(Box::new(ProcessCollector));
+    r
+}
+
+/// The whole exposition, in `format`.
+pub fn render(state: &AppState, format: Format) -> String {
     let mut out = String::with_capacity(8192);
-    metric(
-        &mut out,
-        "switchboard_connections",
-        "gauge",
-        "Open client connections by transport (poll: requests in flight).",
-    );
-    for (name, t) in TRANSPORTS {
-        let _ = writeln!(out, "switchboard_connections{{transport=\"{name}\"}} {}", m.open_connections(t));
+    let r = match format {
+        Format::Prometheus => prometheus_text::encode(&mut out, &state.exposition),
+        Format::OpenMetrics => text::encode(&mut out, &state.exposition),
+    };
+    if r.is_err() {
+        tracing::error!("metrics exposition failed to encode");
     }
-    metric(
-        &mut out,
-        "switchboard_handshakes_total",
-        "counter",
-        "Accepted connections (handshakes, poll requests) by transport.",
-    );
-    for (name, t) in TRANSPORTS {
-        let _ = writeln!(
-            out,
-            "switchboard_handshakes_total{{transport=\"{name}\"}} {}",
-            m.handshakes[Metrics::idx(t)].load(Ordering::Relaxed)
-        );
-    }
-    let channels = state.hub.channels();
-    metric(&mut out, "switchboard_channels", "gauge", "Channels with local subscribers.");
-    let _ = writeln!(out, "switchboard_channels {}", channels.len());
-    metric(&mut out, "switchboard_subscriptions", "gauge", "Local subscriptions (channels and patterns).");
-    let _ = writeln!(
-        out,
-        "switchboard_subscriptions {}",
-        channels.iter().map(|(_, n)| n).sum::<usize>() + state.hub.pattern_subscriptions()
-    );
-    metric(
-        &mut out,
-        "switchboard_publications_total",
-        "counter",
-        "Publications accepted on this node (API and clients) by kind.",
-    );
-    by_label(
-        &mut out,
-        "switchboard_publications_total",
-        "kind",
-        &[
-            ("stored", m.publishes_stored.load(Ordering::Relaxed)),
-            ("volatile", m.publishes_volatile.load(Ordering::Relaxed)),
-        ],
-    );
-    metric(&mut out, "switchboard_hub_publications_total", "counter", "Publications fanned out to local subscribers.");
-    let _ =
-        writeln!(out, "switchboard_hub_publications_total {}", state.hub.stats.publications.load(Ordering::Relaxed));
-    metric(&mut out, "switchboard_deliveries_total", "counter", "Publications queued to subscriber connections.");
-    let _ = writeln!(out, "switchboard_deliveries_total {}", state.hub.stats.deliveries.load(Ordering::Relaxed));
-    metric(&mut out, "switchboard_bytes_out_total", "counter", "Bytes written to WebSocket and SSE clients.");
-    let _ = writeln!(out, "switchboard_bytes_out_total {}", m.bytes_out.load(Ordering::Relaxed));
-    metric(
-        &mut out,
-        "switchboard_queue_dropped_volatile_total",
-        "counter",
-        "Volatile messages dropped under backpressure.",
-    );
-    let _ = writeln!(out, "switchboard_queue_dropped_volatile_total {}", queues.volatile_drops.load(Ordering::Relaxed));
-    metric(
-        &mut out,
-        "switchboard_slow_consumer_disconnects_total",
-        "counter",
-        "Connections closed because their queue overflowed.",
-    );
-    let _ = writeln!(
-        out,
-        "switchboard_slow_consumer_disconnects_total {}",
-        queues.slow_consumer_closes.load(Ordering::Relaxed)
-    );
-    metric(
-        &mut out,
-        "switchboard_resumes_total",
-        "counter",
-        "Subscriptions that asked to resume from a position, by outcome.",
-    );
-    by_label(
-        &mut out,
-        "switchboard_resumes_total",
-        "outcome",
-        &[
-            ("recovered", m.resumes_recovered.load(Ordering::Relaxed)),
-            ("reset", m.resumes_reset.load(Ordering::Relaxed)),
-        ],
-    );
-    metric(
-        &mut out,
-        "switchboard_broker_errors_total",
-        "counter",
-        "Broker operations that failed (e.g. Redis unreachable).",
-    );
-    let _ = writeln!(out, "switchboard_broker_errors_total {}", m.broker_errors.load(Ordering::Relaxed));
-    metric(
-        &mut out,
-        "switchboard_broker_operation_duration_seconds",
-        "histogram",
-        "Broker publish and history latency.",
-    );
-    m.broker_publish.render(&mut out, "switchboard_broker_operation_duration_seconds", "op=\"publish\"");
-    m.broker_history.render(&mut out, "switchboard_broker_operation_duration_seconds", "op=\"history\"");
-    metric(
-        &mut out,
-        "switchboard_delivery_latency_seconds",
-        "histogram",
-        "From a publication's acceptance by the broker to its fan-out on this node.",
-    );
-    let snap = state.hub.stats.latency_snapshot();
-    let mut cumulative = 0;
-    for (i, b) in switchboard_core::hub::LATENCY_BOUNDS_MS.iter().enumerate() {
-        cumulative += snap[i];
-        let _ =
-            writeln!(out, "switchboard_delivery_latency_seconds_bucket{{le=\"{}\"}} {cumulative}", *b as f64 / 1000.0);
-    }
-    cumulative += snap[snap.len() - 1];
-    let _ = writeln!(out, "switchboard_delivery_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
-    let _ = writeln!(out, "switchboard_delivery_latency_seconds_count {cumulative}");
-    metric(&mut out, "switchboard_errors_total", "counter", "Errors returned to clients, by code (token_* are auth failures; server_busy and rate_limited are rate-limit rejections).");
-    for (code, n) in m.errors() {
-        let _ = writeln!(out, "switchboard_errors_total{{code=\"{code}\"}} {n}");
-    }
-    if let Some((channels, forgotten)) = state.hub.broker().memory_stats() {
-        metric(&mut out, "switchboard_broker_channels", "gauge", "Channels the in-memory broker keeps state for.");
-        let _ = writeln!(out, "switchboard_broker_channels {channels}");
-        metric(
-            &mut out,
-            "switchboard_broker_unused_channels_forgotten_total",
-            "counter",
-            "Channels made by reads alone, forgotten to stay within broker.max_unused_channels.",
-        );
-        let _ = writeln!(out, "switchboard_broker_unused_channels_forgotten_total {forgotten}");
-    }
-    metric(
-        &mut out,
-        "switchboard_tcp_connections",
-        "gauge",
-        "Open TCP connections of every kind (what limits.max_connections caps).",
-    );
-    let _ = writeln!(out, "switchboard_tcp_connections {}", state.limits.open());
-    metric(&mut out, "switchboard_connections_refused_total", "counter", "Connections refused at accept, by cap.");
-    by_label(
-        &mut out,
-        "switchboard_connections_refused_total",
-        "cap",
-        &[("total", m.refused_total_cap.load(Ordering::Relaxed)), ("ip", m.refused_ip_cap.load(Ordering::Relaxed))],
-    );
-    metric(&mut out, "switchboard_task_panics_total", "counter", "Connection tasks that panicked (connection closed).");
-    let _ = writeln!(out, "switchboard_task_panics_total {}", m.task_panics.load(Ordering::Relaxed));
-    metric(&mut out, "switchboard_draining", "gauge", "1 while the node drains.");
-    let _ = writeln!(out, "switchboard_draining {}", state.is_draining() as u8);
     out
+}
+
+/// Reads a server's counters when scraped. Holds the server weakly: the registry lives
+/// in the server's state.
+struct ServerCollector(std::sync::Weak<crate::app::Inner>);
+
+impl std::fmt::Debug for ServerCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerCollector")
+    }
+}
+
+/// `encode_descriptor` for one series without labels. Counters are named without
+/// `_total`; the encoder adds it.
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    e.encode_descriptor(name, help, None, MetricType::Counter)?.encode_counter::<NoLabelSet, _, u64>(&v, None)
+}
+
+fn gauge<V: EncodeGaugeValue>(e: &mut DescriptorEncoder, name: &str, help: &str, v: V) -> fmt::Result {
+    e.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&v)
+}
+
+/// One counter series per value of `label`.
+fn counter_by(e: &mut DescriptorEncoder, name: &str, help: &str, label: &str, values: &[(&str, u64)]) -> fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (value, n) in values {
+        m.encode_family(&[(label, *value)])?.encode_counter::<NoLabelSet, _, u64>(n, None)?;
+    }
+    Ok(())
+}
+
+/// Per-bucket counts (not cumulative) paired with their upper bounds; the last count is
+/// the overflow bucket.
+fn buckets(bounds: impl Iterator<Item = f64>, counts: &[u64]) -> Vec<(f64, u64)> {
+    bounds.chain(std::iter::once(f64::INFINITY)).zip(counts.iter().copied()).collect()
+}
+
+impl Histogram {
+    fn encode(&self, m: &mut MetricEncoder) -> fmt::Result {
+        let counts = self.snapshot();
+        let count = counts.iter().sum();
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        m.encode_histogram::<NoLabelSet>(sum, count, &buckets(self.bounds.iter().copied(), &counts), None)
+    }
+}
+
+impl Collector for ServerCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let Some(state) = self.0.upgrade() else { return Ok(()) };
+        let e = &mut e;
+        let m = &*state.metrics;
+        let stats = &state.hub.stats;
+        let queues = &stats.queues;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+
+        let mut g = e.encode_descriptor(
+            "switchboard_connections",
+            "Open client connections by transport (poll: requests in flight).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, t) in TRANSPORTS {
+            g.encode_family(&[("transport", name)])?.encode_gauge(&m.open_connections(t))?;
+        }
+        let handshakes: Vec<(&str, u64)> =
+            TRANSPORTS.iter().map(|(name, t)| (*name, load(&m.handshakes[Metrics::idx(*t)]))).collect();
+        counter_by(
+            e,
+            "switchboard_handshakes",
+            "Accepted connections (handshakes, poll requests) by transport.",
+            "transport",
+            &handshakes,
+        )?;
+        let channels = state.hub.channels();
+        gauge(e, "switchboard_channels", "Channels with local subscribers.", channels.len() as u64)?;
+        let subscriptions = channels.iter().map(|(_, n)| n).sum::<usize>() + state.hub.pattern_subscriptions();
+        gauge(e, "switchboard_subscriptions", "Local subscriptions (channels and patterns).", subscriptions as u64)?;
+        counter_by(
+            e,
+            "switchboard_publications",
+            "Publications accepted on this node (API and clients) by kind.",
+            "kind",
+            &[("stored", load(&m.publishes_stored)), ("volatile", load(&m.publishes_volatile))],
+        )?;
+        counter(
+            e,
+            "switchboard_hub_publications",
+            "Publications fanned out to local subscribers.",
+            load(&stats.publications),
+        )?;
+        counter(
+            e,
+            "switchboard_deliveries",
+            "Publications queued to subscriber connections.",
+            load(&stats.deliveries),
+        )?;
+        counter(e, "switchboard_bytes_out", "Bytes written to WebSocket and SSE clients.", load(&m.bytes_out))?;
+        counter(
+            e,
+            "switchboard_queue_dropped_volatile",
+            "Volatile messages dropped under backpressure.",
+            load(&queues.volatile_drops),
+        )?;
+        counter(
+            e,
+            "switchboard_slow_consumer_disconnects",
+            "Connections closed because their queue overflowed.",
+            load(&queues.slow_consumer_closes),
+        )?;
+        counter_by(
+            e,
+            "switchboard_resumes",
+            "Subscriptions that asked to resume from a position, by outcome.",
+            "outcome",
+            &[("recovered", load(&m.resumes_recovered)), ("reset", load(&m.resumes_reset))],
+        )?;
+        counter(
+            e,
+            "switchboard_broker_errors",
+            "Broker operations that failed (e.g. Redis unreachable).",
+            load(&m.broker_errors),
+        )?;
+        let mut h = e.encode_descriptor(
+            "switchboard_broker_operation_duration_seconds",
+            "Broker publish and history latency.",
+            None,
+            MetricType::Histogram,
+        )?;
+        m.broker_publish.encode(&mut h.encode_family(&[("op", "publish")])?)?;
+        m.broker_history.encode(&mut h.encode_family(&[("op", "history")])?)?;
+        let latency = stats.latency_snapshot();
+        e.encode_descriptor(
+            "switchboard_delivery_latency_seconds",
+            "From a publication's acceptance by the broker to its fan-out on this node.",
+            None,
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(
+            load(&stats.latency_sum_ms) as f64 / 1000.0,
+            latency.iter().sum(),
+            &buckets(LATENCY_BOUNDS_MS.iter().map(|b| *b as f64 / 1000.0), &latency),
+            None,
+        )?;
+        counter_by(
+            e,
+            "switchboard_errors",
+            "Errors returned to clients, by code (token_* are auth failures; server_busy and rate_limited are rate-limit rejections).",
+            "code",
+            &m.errors(),
+        )?;
+        if let Some((channels, forgotten)) = state.hub.broker().memory_stats() {
+            gauge(e, "switchboard_broker_channels", "Channels the in-memory broker keeps state for.", channels as u64)?;
+            counter(
+                e,
+                "switchboard_broker_unused_channels_forgotten",
+                "Channels made by reads alone, forgotten to stay within broker.max_unused_channels.",
+                forgotten,
+            )?;
+        }
+        gauge(
+            e,
+            "switchboard_tcp_connections",
+            "Open TCP connections of every kind (what limits.max_connections caps).",
+            state.limits.open() as u64,
+        )?;
+        counter_by(
+            e,
+            "switchboard_connections_refused",
+            "Connections refused at accept, by cap.",
+            "cap",
+            &[("total", load(&m.refused_total_cap)), ("ip", load(&m.refused_ip_cap))],
+        )?;
+        counter(
+            e,
+            "switchboard_task_panics",
+            "Connection tasks that panicked (connection closed).",
+            load(&m.task_panics),
+        )?;
+        gauge(e, "switchboard_draining", "1 while the node drains.", u64::from(state.is_draining()))?;
+        e.encode_descriptor("switchboard_build", "This server's version.", None, MetricType::Info)?
+            .encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
+        gauge(
+            e,
+            "switchboard_start_time_seconds",
+            "When this server started, in seconds since the Unix epoch.",
+            state.started,
+        )
+    }
+}
+
+/// The standard `process_*` series, read from /proc at scrape time (Linux; elsewhere
+/// none are reported). They describe the whole process, which may hold several servers.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let Some(p) = ProcessStats::read() else { return Ok(()) };
+        let e = &mut e;
+        e.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds.",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<NoLabelSet, _, f64>(&p.cpu_seconds, None)?;
+        gauge(e, "process_resident_memory_bytes", "Resident memory size in bytes.", p.resident_bytes)?;
+        gauge(e, "process_virtual_memory_bytes", "Virtual memory size in bytes.", p.virtual_bytes)?;
+        gauge(e, "process_open_fds", "Number of open file descriptors.", p.open_fds)?;
+        if let Some(max) = p.max_fds {
+            gauge(e, "process_max_fds", "Maximum number of open file descriptors.", max)?;
+        }
+        gauge(e, "process_threads", "Number of OS threads in the process.", p.threads)?;
+        gauge(
+            e,
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            p.start_time_seconds,
+        )
+    }
+}
+
+struct ProcessStats {
+    cpu_seconds: f64,
+    resident_bytes: u64,
+    virtual_bytes: u64,
+    open_fds: u64,
+    max_fds: Option<u64>,
+    threads: u64,
+    start_time_seconds: f64,
+}
+
+impl ProcessStats {
+    #[cfg(target_os = "linux")]
+    fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name (field 2) is in parentheses and may hold spaces: fields are
+        // counted from after its closing one, field 3 first.
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+        // SAFETY: sysconf only reads a configuration value.
+        let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+        let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok()))?;
+        Some(ProcessStats {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
+            threads: field(20)?,
+            start_time_seconds: boot as f64 + field(22)? as f64 / ticks,
+            virtual_bytes: field(23)?,
+            resident_bytes: field(24)? * page.max(1) as u64,
+            open_fds: std::fs::read_dir("/proc/self/fd").ok()?.count() as u64,
+            max_fds: crate::doctor::nofile_soft().filter(|n| *n != u64::MAX),
+        })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn read() -> Option<Self> {
+        None
+    }
 }
 
 /// Quantile of the observations counted in `delta` (bucket counts), as the bucket's
@@ -360,17 +493,29 @@ pub fn quantile(bounds: &[f64], delta: &[u64], q: f64) -> Option<f64> {
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
+    struct One(Histogram);
+
+    impl Collector for One {
+        fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+            self.0.encode(&mut e.encode_descriptor("x", "h", None, MetricType::Histogram)?)
+        }
+    }
+
     #[test]
-    fn histogram_buckets_are_cumulative_in_the_exposition() {
+    fn histograms_are_complete_in_the_exposition() {
         let h = Histogram::new(&[0.01, 0.1]);
         h.observe(Duration::from_millis(5));
         h.observe(Duration::from_millis(50));
         h.observe(Duration::from_secs(1));
+        let mut r = Registry::default();
+        r.register_collector(Box::new(One(h)));
         let mut out = String::new();
-        h.render(&mut out, "x", "");
+        prometheus_text::encode(&mut out, &r).unwrap();
         assert!(out.contains("x_bucket{le=\"0.01\"} 1\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"0.1\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_sum 1.055\n"), "{out}");
         assert!(out.contains("x_count 3\n"), "{out}");
     }
 

@@ -74,8 +74,20 @@ async fn metrics_follow_a_scripted_session() {
     assert_eq!(m("switchboard_errors_total{code=\"invalid_channel\"}"), 1.0);
     assert_eq!(m("switchboard_slow_consumer_disconnects_total"), 1.0, "exactly the one slow client is closed");
     assert_eq!(m("switchboard_broker_operation_duration_seconds_count{op=\"publish\"}"), 305.0);
-    assert!(after.contains("switchboard_delivery_latency_seconds_bucket{le=\"+Inf\"}"));
+    // Histograms are complete: buckets up to +Inf, a sum and a count that agree.
+    let fanned = m("switchboard_delivery_latency_seconds_count");
+    assert!(fanned >= 5.0, "{after}");
+    assert_eq!(m("switchboard_delivery_latency_seconds_bucket{le=\"+Inf\"}"), fanned);
+    assert!(after.contains("\nswitchboard_delivery_latency_seconds_sum "), "{after}");
+    assert!(after.contains("\nswitchboard_broker_operation_duration_seconds_sum{op=\"publish\"} "), "{after}");
     assert!(m("switchboard_channels") >= 1.0);
+    // The process's standard series.
+    if cfg!(target_os = "linux") {
+        assert!(m("process_resident_memory_bytes") > 0.0, "{after}");
+        assert!(m("process_open_fds") >= 3.0, "{after}");
+        assert!(m("process_cpu_seconds_total") > 0.0, "{after}");
+        assert!(m("process_start_time_seconds") > 1.6e9, "{after}");
+    }
     // The two well-behaved clients are untouched: still connected, still served.
     assert_eq!(c.call(json!({"cmd": "ping"})).await.unwrap(), json!({}));
     assert_eq!(r.call(json!({"cmd": "ping"})).await.unwrap(), json!({}));
@@ -100,6 +112,31 @@ async fn two_servers_in_one_process_keep_their_own_metrics() {
     assert_eq!(metric(&tb, "switchboard_connections{transport=\"ws\"}"), 0.0);
     assert_eq!(metric(&ta, "switchboard_publications_total{kind=\"stored\"}"), 1.0);
     assert_eq!(metric(&tb, "switchboard_publications_total{kind=\"stored\"}"), 0.0);
+}
+
+#[tokio::test]
+async fn scrapers_that_ask_for_openmetrics_get_it() {
+    let s = TestServer::start(config("")).await;
+    let r = s
+        .http
+        .get(s.url("/metrics"))
+        .header("accept", "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text; version=1.0.0"));
+    let text = r.text().await.unwrap();
+    // OpenMetrics names a counter family without `_total`, its samples with it, and ends
+    // every exposition with `# EOF`.
+    assert!(text.contains("# TYPE switchboard_resumes counter\n"), "{text}");
+    assert!(text.contains("\nswitchboard_resumes_total{outcome=\"reset\"} 0\n"), "{text}");
+    assert!(text.contains("# TYPE switchboard_build info\n"), "{text}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    // Without asking, the Prometheus text format every scraper reads.
+    let plain = scrape(&s).await;
+    assert!(plain.contains("# TYPE switchboard_resumes_total counter\n"), "{plain}");
+    assert!(!plain.contains("# EOF"), "{plain}");
 }
 
 /// Scrapes until `series` satisfies `ok` (true), or gives up after a minute (false).
