@@ -272,3 +272,219 @@ async fn a_dev_token_works_against_the_dev_server_as_the_readme_shows() {
     let r = http.get(format!("{base}/poll?channel=news:1&token={token}")).send().await.unwrap();
     assert_eq!(r.status(), 403);
 }
+
+/// The README's ```sh blocks, in order.
+fn readme_sh_blocks() -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let mut blocks = Vec::new();
+    let mut rest = readme.as_str();
+    while let Some(i) = rest.find("```sh\n") {
+        let body = &rest[i + 6..];
+        let end = body.find("```").expect("an unclosed block in README.md");
+        blocks.push(body[..end].to_string());
+        rest = &body[end + 3..];
+    }
+    blocks
+}
+
+/// The JSON objects in a block's `# {...}` comments: what the README says comes out.
+fn shown_outputs(block: &str) -> Vec<Value> {
+    block
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("# {").map(|j| format!("{{{j}")))
+        .map(|j| {
+            serde_json::from_str(&j.replace('…', "0")).unwrap_or_else(|e| panic!("README shows bad JSON {j}: {e}"))
+        })
+        .collect()
+}
+
+/// The keys of an object and of the objects inside it, as paths: what a shown output
+/// and a real one must share.
+fn shape(v: &Value, at: &str, out: &mut Vec<String>) {
+    if let Value::Object(m) = v {
+        for (k, v) in m {
+            let path = format!("{at}/{k}");
+            shape(v, &path, out);
+            out.push(path);
+        }
+    }
+    out.sort();
+}
+
+fn shape_of(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    shape(v, "", &mut out);
+    out
+}
+
+/// A README command run by `sh` as a reader would run it — the same text, pointed at
+/// the test's port and at the epoch the server really has — with `switchboard` on PATH.
+struct Reader {
+    port: u16,
+    epoch: Option<String>,
+}
+
+impl Reader {
+    fn command(&self, block: &str) -> tokio::process::Command {
+        let mut text = block.replace("127.0.0.1:8000", &format!("127.0.0.1:{}", self.port));
+        if let Some(epoch) = &self.epoch {
+            text = text.replace("k3f9x0a1bz", epoch);
+        }
+        let bin_dir = std::path::Path::new(BIN).parent().unwrap();
+        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let mut c = tokio::process::Command::new("sh");
+        c.arg("-c").arg(text).env("PATH", path).stdin(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SWITCHBOARD_")) {
+            c.env_remove(k);
+        }
+        c
+    }
+
+    /// Runs a block to its end; its standard output.
+    async fn run(&self, block: &str) -> String {
+        let out = tokio::time::timeout(Duration::from_secs(60), self.command(block).output())
+            .await
+            .expect("a README command hung")
+            .unwrap();
+        assert!(out.status.success(), "README command failed: {block}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Starts a block that streams (`curl -N`): its lines as they come.
+    fn stream(&self, block: &str) -> Stream {
+        let mut child = self.command(block).stdout(Stdio::piped()).spawn().unwrap();
+        let out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+        Stream { _child: child, lines: tokio::io::AsyncBufReadExt::lines(out) }
+    }
+}
+
+struct Stream {
+    _child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Stream {
+    /// The next SSE event of type `event`, as its `id` and `data` (others are skipped).
+    async fn next_event(&mut self, event: &str) -> (String, Value) {
+        let (mut id, mut name, mut data) = (String::new(), String::new(), String::new());
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(60), self.lines.next_line())
+                .await
+                .expect("no event from the README's curl")
+                .unwrap()
+                .expect("curl ended");
+            if line.is_empty() {
+                if name == event {
+                    return (id, serde_json::from_str(&data).unwrap());
+                }
+                (id, name, data) = (String::new(), String::new(), String::new());
+            } else if let Some(v) = line.strip_prefix("id: ") {
+                id = v.into();
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                name = v.into();
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data = v.into();
+            }
+        }
+    }
+}
+
+/// Waits until `channel` has a subscriber on the server (the README's curl is connected).
+async fn wait_subscribed(base: &str, channel: &str) {
+    let http = reqwest::Client::new();
+    for _ in 0..3000 {
+        let v: Value = http.get(format!("{base}/api/channels")).send().await.unwrap().json().await.unwrap();
+        if v["channels"].as_array().unwrap().iter().any(|c| c["channel"] == channel) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the README's curl never subscribed to {channel}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_walkthrough_runs_as_written() {
+    let blocks = readme_sh_blocks();
+    let anchors = [
+        "serve --dev",
+        "curl -N 'http://127.0.0.1:8000/sse?channel=news:1'",
+        "curl -X POST http://127.0.0.1:8000/api/publish",
+        "Last-Event-ID: k3f9x0a1bz:1",
+        "/poll?channel=news:1&since=k3f9x0a1bz:1&wait=30",
+        "ws://127.0.0.1:8000/ws?channel=news:1",
+        "TOKEN=$(switchboard token --dev",
+    ];
+    assert_eq!(blocks.len(), anchors.len(), "README.md's sh blocks changed: update this walkthrough");
+    for (b, a) in blocks.iter().zip(anchors) {
+        assert!(b.contains(a), "README block {b:?} no longer has {a:?}: update this walkthrough");
+    }
+    // 1. The server, as the first command starts it (on a free port).
+    let port = free_port();
+    let child = Command::new(BIN)
+        .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}")])
+        .env_remove("SWITCHBOARD_AUTH__ALGORITHM")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Proc(child);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&base).await;
+    let mut reader = Reader { port, epoch: None };
+
+    // Subscribe with SSE, publish from "another terminal": the subscriber prints the
+    // event the README shows.
+    let mut sse = reader.stream(&blocks[1]);
+    wait_subscribed(&base, "news:1").await;
+    let out = reader.run(&blocks[2]).await;
+    let published: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(shape_of(&published), shape_of(&shown_outputs(&blocks[2])[0]), "publish output: {out}");
+    assert_eq!(published["offset"], 1);
+    let epoch = published["epoch"].as_str().unwrap().to_string();
+    let (id, data) = sse.next_event("message").await;
+    assert_eq!(id, format!("{epoch}:1"));
+    assert_eq!(data["data"], json!({"text": "hello"}));
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let shown = readme.lines().find_map(|l| l.strip_prefix("data: ")).expect("the README shows an SSE event");
+    assert_eq!(shape_of(&data), shape_of(&serde_json::from_str(shown).unwrap()));
+    drop(sse); // "Kill curl"
+
+    // "Publish a few more, and resume from the last id you saw": exactly what was missed.
+    reader.epoch = Some(epoch.clone());
+    reader.run(&blocks[2]).await;
+    reader.run(&blocks[2]).await;
+    let mut resumed = reader.stream(&blocks[3]);
+    assert_eq!(resumed.next_event("message").await.0, format!("{epoch}:2"));
+    assert_eq!(resumed.next_event("message").await.0, format!("{epoch}:3"));
+    drop(resumed);
+
+    // Polling: a cursor first, then what came after the README's `since`.
+    let out = reader.run(&blocks[4]).await;
+    // (One answer after the other, as curl prints them.)
+    let answers: Vec<Value> = serde_json::Deserializer::from_str(&out).into_iter().map(Result::unwrap).collect();
+    assert_eq!(answers.len(), 2, "{out}");
+    assert_eq!(shape_of(&answers[0]), shape_of(&shown_outputs(&blocks[4])[0]));
+    assert_eq!(answers[0]["cursor"], format!("{epoch}:3"));
+    let offsets: Vec<&Value> = answers[1]["messages"].as_array().unwrap().iter().map(|m| &m["offset"]).collect();
+    assert_eq!(offsets, [&json!(2), &json!(3)], "{out}");
+
+    // The bare WebSocket (any client; the URL as written): subscribed, then a publication.
+    let url = blocks[5].split('\'').nth(1).unwrap().replace("127.0.0.1:8000", &format!("127.0.0.1:{port}"));
+    let mut ws = switchboard_client::Connection::connect(&url).await.unwrap();
+    let subscribed = ws.next_push().await.unwrap();
+    let shown = shown_outputs(&blocks[5]);
+    assert_eq!(shape_of(&subscribed), shape_of(&shown[0]), "{subscribed}");
+    reader.run(&blocks[2]).await;
+    let publication = ws.next_push().await.unwrap();
+    assert_eq!(shape_of(&publication), shape_of(&shown[1]), "{publication}");
+    assert_eq!(publication["pub"]["offset"], 4);
+
+    // Tokens: minted by the README's command, accepted by the README's server.
+    let mut tokened = reader.stream(&blocks[6]);
+    wait_subscribed(&base, "chat:1").await;
+    let http = reqwest::Client::new();
+    let r = http.post(format!("{base}/api/publish")).body(r#"{"channel":"chat:1","data":"hi"}"#).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, data) = tokened.next_event("message").await;
+    assert_eq!(data["data"], "hi");
+}
