@@ -37,6 +37,19 @@ async fn wait_healthy(base: &str) {
     panic!("server at {base} never became healthy");
 }
 
+/// Starts the binary on a free port — `configure` gives it its arguments and environment
+/// — and waits until it is healthy: the process and its base URL.
+async fn serve(configure: impl FnOnce(&mut Command, u16)) -> (Proc, String) {
+    let port = free_port();
+    let mut cmd = Command::new(BIN);
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    configure(&mut cmd, port);
+    let proc = Proc(cmd.spawn().unwrap());
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&base).await;
+    (proc, base)
+}
+
 /// Reads SSE events from a raw byte stream until `n` message events were seen.
 async fn read_messages(
     stream: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
@@ -70,16 +83,11 @@ async fn read_messages(
 
 #[tokio::test]
 async fn serve_dev_streams_resumes_after_reconnect_and_exits_cleanly_on_sigterm() {
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let child = Command::new(BIN)
-        .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}"), "--drain-secs", "5"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut proc = Proc(child);
-    wait_healthy(&base).await;
+    let (mut proc, base) = serve(|c, port| {
+        c.args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}"), "--drain-secs", "5"])
+            .stderr(Stdio::piped());
+    })
+    .await;
     let http = reqwest::Client::new();
     let publish = |i: u64| {
         let http = http.clone();
@@ -140,18 +148,12 @@ fn serve_without_dev_or_api_keys_refuses_to_start() {
 
 #[tokio::test]
 async fn env_overrides_reach_the_server() {
-    let port = free_port();
-    let child = Command::new(BIN)
-        .args(["serve"])
-        .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
-        .env("SWITCHBOARD_API__KEYS", "env-key-0123456789")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _proc = Proc(child);
-    let base = format!("http://127.0.0.1:{port}");
-    wait_healthy(&base).await;
+    let (_proc, base) = serve(|c, port| {
+        c.args(["serve"])
+            .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SWITCHBOARD_API__KEYS", "env-key-0123456789");
+    })
+    .await;
     let r = reqwest::Client::new()
         .get(format!("{base}/api/channels"))
         .bearer_auth("env-key-0123456789")
@@ -225,17 +227,10 @@ async fn the_token_helper_mints_tokens_the_server_accepts() {
         Command::new(BIN).args(["token", "--user", "a", "--ttl", "soon", "--config"]).arg(&cfg).output().unwrap();
     assert_eq!(bad_ttl.status.code(), Some(2));
 
-    let port = free_port();
-    let child = Command::new(BIN)
-        .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}"), "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _proc = Proc(child);
-    let base = format!("http://127.0.0.1:{port}");
-    wait_healthy(&base).await;
+    let (_proc, base) = serve(|c, port| {
+        c.args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}"), "--config"]).arg(&cfg);
+    })
+    .await;
     let http = reqwest::Client::new();
     let r = http.get(format!("{base}/poll?channel=chat:1&token={token}")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -255,16 +250,10 @@ async fn a_dev_token_works_against_the_dev_server_as_the_readme_shows() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let port = free_port();
-    let child = Command::new(BIN)
-        .args(["serve", "--dev", "--listen", &format!("localhost:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _proc = Proc(child);
-    let base = format!("http://127.0.0.1:{port}");
-    wait_healthy(&base).await;
+    let (_proc, base) = serve(|c, port| {
+        c.args(["serve", "--dev", "--listen", &format!("localhost:{port}")]);
+    })
+    .await;
     let http = reqwest::Client::new();
     let r = http.get(format!("{base}/poll?channel=chat:1&token={token}")).send().await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
@@ -419,17 +408,11 @@ async fn the_readme_walkthrough_runs_as_written() {
         assert!(b.contains(a), "README block {b:?} no longer has {a:?}: update this walkthrough");
     }
     // 1. The server, as the first command starts it (on a free port).
-    let port = free_port();
-    let child = Command::new(BIN)
-        .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}")])
-        .env_remove("SWITCHBOARD_AUTH__ALGORITHM")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _server = Proc(child);
-    let base = format!("http://127.0.0.1:{port}");
-    wait_healthy(&base).await;
+    let (_server, base) = serve(|c, port| {
+        c.args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}")]).env_remove("SWITCHBOARD_AUTH__ALGORITHM");
+    })
+    .await;
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
     let mut reader = Reader { port, epoch: None };
 
     // Subscribe with SSE, publish from "another terminal": the subscriber prints the
