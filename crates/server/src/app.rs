@@ -61,13 +61,13 @@ pub struct ConnTracker {
     idle: tokio::sync::Notify,
 }
 
-/// Held by one upgraded connection; dropping it counts the connection out.
-pub struct ConnGuard<'a>(&'a ConnTracker);
+/// Held by one connection; dropping it counts the connection out.
+pub struct ConnGuard(Arc<ConnTracker>);
 
 impl ConnTracker {
-    pub fn enter(&self) -> ConnGuard<'_> {
+    pub fn enter(self: &Arc<Self>) -> ConnGuard {
         self.count.fetch_add(1, Ordering::SeqCst);
-        ConnGuard(self)
+        ConnGuard(self.clone())
     }
 
     pub fn count(&self) -> usize {
@@ -86,7 +86,7 @@ impl ConnTracker {
     }
 }
 
-impl Drop for ConnGuard<'_> {
+impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.leave();
     }

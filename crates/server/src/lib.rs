@@ -168,15 +168,34 @@ impl Server {
                 }
             };
             let slot = Arc::new(slot);
+            let mut stop = state.shutdown.clone();
+            let connections = connections.clone();
+            let (sse_state, sse_app, sse_slot) = (state.clone(), app.clone(), slot.clone());
             let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(limits::PeerAddr(peer));
                 req.extensions_mut().insert(limits::TcpSlot(slot.clone()));
                 tower::ServiceExt::oneshot(app.clone(), req.map(axum::body::Body::new))
             });
-            let mut stop = state.shutdown.clone();
-            let connections = connections.clone();
             tokio::spawn(guarded(state.metrics.clone(), "http connection", async move {
-                let _tracked = connections.enter();
+                let tracked = connections.enter();
+                if !reserve {
+                    // An SSE request on a fresh connection is served outside hyper, by a
+                    // task of its own (this one's future is hyper's size).
+                    match transports::sse_direct::sniff(&tcp).await {
+                        transports::sse_direct::Sniffed::Other => {}
+                        transports::sse_direct::Sniffed::Gone => return,
+                        transports::sse_direct::Sniffed::Sse => {
+                            let metrics = sse_state.metrics.clone();
+                            let (app, slot) = (sse_app.clone(), sse_slot.clone());
+                            tokio::spawn(guarded(metrics, "sse stream", async move {
+                                let _tracked = tracked;
+                                transports::sse_direct::serve(tcp, app, sse_state, peer, slot).await
+                            }));
+                            return;
+                        }
+                    }
+                }
+                let _tracked = tracked;
                 let mut builder = hyper::server::conn::http1::Builder::new();
                 // hyper's own limits (100 header fields, ~400 KiB of head, 64 KiB of
                 // target) are looser than the ones `app` answers with JSON, so those are

@@ -272,3 +272,214 @@ async fn rewind_sends_the_last_n_before_live() {
     let (st, v) = s.get_json(&format!("/sse?channel={}&rewind=4", channel("small"))).await;
     assert_eq!((st, v["error"]["code"].as_str().unwrap()), (400, "bad_rewind"));
 }
+
+/// A bare HTTP/1.x client on one TCP connection, to see the bytes a browser or curl sees.
+struct RawHttp {
+    tcp: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawHttp {
+    async fn connect(s: &TestServer) -> RawHttp {
+        RawHttp { tcp: tokio::net::TcpStream::connect(s.addr).await.unwrap(), buf: Vec::new() }
+    }
+
+    async fn send(&mut self, head: &str) {
+        use tokio::io::AsyncWriteExt;
+        self.tcp.write_all(head.as_bytes()).await.unwrap();
+    }
+
+    /// Reads more; false at the end of the stream.
+    async fn fill(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(20), self.tcp.read(&mut chunk))
+            .await
+            .expect("nothing from the server within 20 s")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// The next response head: its status line and headers (names lowercased).
+    async fn head(&mut self) -> (String, Vec<(String, String)>) {
+        loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head: Vec<u8> = self.buf.drain(..i + 4).collect();
+                let text = String::from_utf8(head).unwrap();
+                let mut lines = text.split("\r\n").filter(|l| !l.is_empty());
+                let status = lines.next().unwrap().to_string();
+                let headers = lines
+                    .map(|l| {
+                        let (k, v) = l.split_once(':').unwrap();
+                        (k.trim().to_ascii_lowercase(), v.trim().to_string())
+                    })
+                    .collect();
+                return (status, headers);
+            }
+            assert!(self.fill().await, "connection closed before a response head");
+        }
+    }
+
+    /// Exactly `n` body bytes.
+    async fn bytes(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(self.fill().await, "connection closed inside a body");
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// One chunk of a chunked body (empty: the last).
+    async fn chunk(&mut self) -> Vec<u8> {
+        let line = loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..i + 2).collect();
+                break String::from_utf8(line).unwrap();
+            }
+            assert!(self.fill().await, "connection closed inside a chunked body");
+        };
+        let size = usize::from_str_radix(line.trim(), 16).unwrap_or_else(|_| panic!("bad chunk size {line:?}"));
+        let data = self.bytes(size + 2).await;
+        assert_eq!(&data[size..], b"\r\n");
+        data[..size].to_vec()
+    }
+
+    /// Body text from chunks until it holds `needle`.
+    async fn chunks_until(&mut self, needle: &str) -> String {
+        let mut text = String::new();
+        while !text.contains(needle) {
+            let c = self.chunk().await;
+            assert!(!c.is_empty(), "the stream ended before {needle:?}: {text}");
+            text.push_str(std::str::from_utf8(&c).unwrap());
+        }
+        text
+    }
+
+    /// Everything until the server closes.
+    async fn rest(&mut self) -> String {
+        while self.fill().await {}
+        String::from_utf8(std::mem::take(&mut self.buf)).unwrap()
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// Waits (a minute at most) until `channel` has no subscriber left on the server.
+async fn until_unsubscribed(s: &TestServer, channel: &str) -> bool {
+    for _ in 0..3000 {
+        let (_, v) = s.get_json("/api/channels").await;
+        if !v["channels"].as_array().unwrap().iter().any(|c| c["channel"] == channel) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_stream_on_a_fresh_connection_is_chunked_and_its_client_leaving_is_seen_at_once() {
+    // Keepalives an hour apart: nothing is written that could reveal the client's leaving.
+    let s = TestServer::start(config("[sse]\nkeepalive_secs = 3600\n")).await;
+    let ch = channel("news");
+    let mut c = RawHttp::connect(&s).await;
+    c.send(&format!("GET /sse?channel={ch} HTTP/1.1\r\nHost: x\r\nOrigin: http://example.com\r\n\r\n")).await;
+    let (status, headers) = c.head().await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(header(&headers, "content-type"), Some("text/event-stream"));
+    assert_eq!(header(&headers, "transfer-encoding"), Some("chunked"));
+    assert_eq!(header(&headers, "access-control-allow-origin"), Some("*"), "the router's CORS layer ran");
+    assert!(header(&headers, "date").is_some());
+    c.chunks_until("event: subscribed").await;
+    s.publish(&ch, json!("hello")).await;
+    let text = c.chunks_until("event: message").await;
+    assert!(text.contains("\"data\":\"hello\""), "{text}");
+    drop(c);
+    assert!(until_unsubscribed(&s, &ch).await, "a closed SSE client still subscribed after a minute");
+    let after = s.http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(after.contains("switchboard_connections{transport=\"sse\"} 0\n"), "{after}");
+}
+
+#[tokio::test]
+async fn http_1_0_clients_get_the_stream_delimited_by_the_close() {
+    let s = TestServer::start(config("")).await;
+    let ch = channel("news");
+    s.publish(&ch, json!(1)).await;
+    let mut c = RawHttp::connect(&s).await;
+    c.send(&format!("GET /sse?channel={ch}&rewind=1 HTTP/1.0\r\n\r\n")).await;
+    let (status, headers) = c.head().await;
+    assert_eq!(status, "HTTP/1.0 200 OK");
+    assert_eq!(header(&headers, "transfer-encoding"), None);
+    assert_eq!(header(&headers, "connection"), Some("close"));
+    while !String::from_utf8_lossy(&c.buf).contains("event: message") {
+        assert!(c.fill().await);
+    }
+    s.shutdown().await;
+    // The server's goodbye, unframed, and then the close.
+    assert!(c.rest().await.contains("event: disconnect"));
+}
+
+#[tokio::test]
+async fn an_sse_request_after_another_on_one_connection_is_served_too() {
+    let s = TestServer::start(config("")).await;
+    let ch = channel("news");
+    let mut c = RawHttp::connect(&s).await;
+    c.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (status, headers) = c.head().await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let len: usize = header(&headers, "content-length").unwrap().parse().unwrap();
+    c.bytes(len).await;
+    c.send(&format!("GET /sse?channel={ch} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
+    let (status, headers) = c.head().await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(header(&headers, "content-type"), Some("text/event-stream"));
+    c.chunks_until("event: subscribed").await;
+    s.publish(&ch, json!("hello")).await;
+    assert!(c.chunks_until("event: message").await.contains("\"data\":\"hello\""));
+}
+
+#[tokio::test]
+async fn bad_heads_on_a_fresh_connection_get_json_errors_in_full() {
+    let s = TestServer::start(config("")).await;
+    let cases = [
+        (
+            "GET /sse?channel=bad%20name HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+            "HTTP/1.1 400 Bad Request",
+            "invalid_channel",
+        ),
+        (
+            format!("GET /sse?channel=a&pad={} HTTP/1.1\r\nHost: x\r\n\r\n", "x".repeat(9000)),
+            "HTTP/1.1 414 URI Too Long",
+            "uri_too_long",
+        ),
+        (
+            format!("GET /sse?channel=a HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "x".repeat(40_000)),
+            "HTTP/1.1 431 Request Header Fields Too Large",
+            "headers_too_large",
+        ),
+        (
+            "GET /sse?channel=a HTTP/1.1\r\nBad Header: x\r\n\r\n".to_string(),
+            "HTTP/1.1 400 Bad Request",
+            "invalid_request",
+        ),
+    ];
+    for (request, want_status, want_code) in cases {
+        let mut c = RawHttp::connect(&s).await;
+        c.send(&request).await;
+        let (status, headers) = c.head().await;
+        assert_eq!(status, want_status, "{want_code}");
+        assert_eq!(header(&headers, "connection"), Some("close"));
+        let len: usize = header(&headers, "content-length").unwrap().parse().unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&c.bytes(len).await).unwrap();
+        assert_eq!(body["error"]["code"], want_code);
+        assert_eq!(c.rest().await, "", "nothing after the response but the close");
+    }
+    let text = s.http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for code in ["invalid_channel", "uri_too_long", "headers_too_large", "invalid_request"] {
+        assert!(
+            text.contains(&format!("switchboard_errors_total{{code=\"{code}\"}} 1\n")),
+            "{code} not counted: {text}"
+        );
+    }
+}

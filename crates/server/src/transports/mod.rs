@@ -5,6 +5,7 @@
 pub mod client_http;
 pub mod poll;
 pub mod sse;
+pub mod sse_direct;
 pub mod ws;
 
 use axum::http::{Extensions, HeaderMap};

@@ -143,7 +143,10 @@ pub struct Sse {
 
 impl Sse {
     pub async fn connect(server: &TestServer, query: &str, last_event_id: Option<&str>) -> Sse {
-        let mut req = server.http.get(server.url(&format!("/sse?{query}")));
+        // A connection of its own, as an EventSource opens: the stream is served outside
+        // hyper (tests/sse.rs covers one that follows another request on a connection).
+        let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        let mut req = fresh.get(server.url(&format!("/sse?{query}")));
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id);
         }
