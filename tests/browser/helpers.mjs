@@ -29,11 +29,27 @@ export async function waitFor(fn, { timeout = 20000, every = 50, what = 'conditi
   }
 }
 
-/** A `switchboard serve --dev` process. */
-export async function startServer({ env = {}, port } = {}) {
+/**
+ * A `switchboard serve --dev` process. With `tls: { cert, key }` it serves HTTPS (h2 and
+ * HTTP/1.1) at `httpsUrl`, and plain HTTP at `url` on a second listener for the test's
+ * own requests (Node's fetch does not take a CA of its own).
+ */
+export async function startServer({ env = {}, port, tls } = {}) {
   if (!fs.existsSync(BIN)) throw new Error(`${BIN} is missing: run cargo build first (./scripts/test does)`);
   port ??= await freePort();
   const s = { port, url: `http://127.0.0.1:${port}`, child: null, env };
+  if (tls) {
+    const plain = await freePort();
+    s.httpsUrl = `https://localhost:${port}`;
+    s.url = `http://127.0.0.1:${plain}`;
+    env = {
+      ...env,
+      SWITCHBOARD_TLS__CERT: tls.cert,
+      SWITCHBOARD_TLS__KEY: tls.key,
+      SWITCHBOARD_TLS__HTTP_LISTEN: `127.0.0.1:${plain}`,
+      SWITCHBOARD_TLS__HTTP_MODE: 'serve',
+    };
+  }
   s.start = async () => {
     s.child = spawn(BIN, ['serve', '--dev', '--listen', `127.0.0.1:${port}`, '--drain-secs', '3'], {
       env: { ...process.env, RUST_LOG: 'warn', ...env }, stdio: ['ignore', 'ignore', 'inherit'],
@@ -76,12 +92,12 @@ export async function startProxy(targetPort) {
   };
 }
 
-export async function launchBrowser() {
+export async function launchBrowser(extraArgs = []) {
   const { chromium } = await import('playwright-core');
   return chromium.launch({
     executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--disable-quic'],
+      '--disable-component-update', '--disable-sync', '--disable-quic', ...extraArgs],
   });
 }
 

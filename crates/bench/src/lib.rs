@@ -75,6 +75,11 @@ struct Common {
     /// Connections opened at once (count).
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
+    /// Subscribers connect with TLS (`wss://`, `https://`) to `--server`, as `localhost`,
+    /// trusting the CA certificate (PEM) in this file — e.g. the one `switchboard cert
+    /// dev` writes. (Publish through a plain listener with `--publish-url`.)
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
     /// Also print the summary as one `JSON {…}` line, for machines.
     #[arg(long)]
     json: bool,
@@ -279,7 +284,7 @@ fn target(c: &Common, channel: &str) -> Result<Target, String> {
     if let Some(url) = &c.subscribe_url {
         let (addr, path, kind) = wsconn::parse_url(url)?;
         let path = path.replace("$CHANNEL", channel);
-        return Ok(Target { addr, path, kind, first_frame: c.first_frame.clone(), ready: None });
+        return Ok(Target { addr, path, kind, first_frame: c.first_frame.clone(), ready: None, tls: None });
     }
     if !c.server.ip().is_loopback() {
         return Err(format!("{}: benchmarks only target loopback addresses", c.server));
@@ -290,7 +295,14 @@ fn target(c: &Common, channel: &str) -> Result<Target, String> {
         // The first poll, which `Subscriber::connect` makes, establishes the cursor.
         Transport::Poll => (format!("/poll?channel={channel}"), Kind::Poll, None),
     };
-    Ok(Target { addr: c.server, path, kind, first_frame: None, ready })
+    let tls = match &c.tls_ca {
+        Some(ca) => {
+            let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+            Some(wsconn::tls_connector(&pem)?)
+        }
+        None => None,
+    };
+    Ok(Target { addr: c.server, path, kind, first_frame: None, ready, tls })
 }
 
 async fn publisher(c: &Common, channel: &str) -> Result<Publisher, String> {

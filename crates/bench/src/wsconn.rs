@@ -12,8 +12,29 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+
+/// A subscriber's byte stream: plain TCP, or TLS over it.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// TLS settings for `wss://` / `https://` subscribers: trusting the CA in `ca_pem`,
+/// HTTP/1.1 by ALPN, the server named `localhost`.
+pub fn tls_connector(ca_pem: &[u8]) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
 
 /// Microseconds since the process started: publishers stamp it, subscribers subtract.
 pub fn now_us() -> u64 {
@@ -54,7 +75,7 @@ impl Stats {
 }
 
 /// What to connect to.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Target {
     pub addr: SocketAddr,
     /// Request path (with query).
@@ -66,6 +87,8 @@ pub struct Target {
     /// `subscribed` message); a connection counts as open only after them, so nothing
     /// published afterwards can be missed. `None` for servers that confirm nothing.
     pub ready: Option<&'static [u8]>,
+    /// Connect with TLS (`wss://`, `https://`).
+    pub tls: Option<tokio_rustls::TlsConnector>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +160,7 @@ fn text_frame(payload: &[u8]) -> Vec<u8> {
 }
 
 pub struct Subscriber {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     buf: BytesMut,
     kind: Kind,
     /// (epoch, offset) of the last numbered message seen.
@@ -148,7 +171,14 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub async fn connect(t: &Target, source: Option<IpAddr>, recv_buffer: Option<u32>) -> std::io::Result<Subscriber> {
-        let mut stream = connect_from(t.addr, source, recv_buffer).await?;
+        let tcp = connect_from(t.addr, source, recv_buffer).await?;
+        let mut stream: Box<dyn Io> = match &t.tls {
+            Some(tls) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost").expect("a valid name");
+                Box::new(tls.connect(name, tcp).await?)
+            }
+            None => Box::new(tcp),
+        };
         if t.kind == Kind::Poll {
             let mut sub = Subscriber {
                 stream,
@@ -470,7 +500,10 @@ impl Publisher {
 
 /// Reads one HTTP/1.1 response with a `Content-Length` body from a keep-alive
 /// connection: (lower-cased head, body).
-async fn read_response(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<(String, Vec<u8>)> {
+async fn read_response(
+    stream: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> std::io::Result<(String, Vec<u8>)> {
     loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();

@@ -26,7 +26,8 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::ws::{ConnectOptions, Message, WsStream};
+use crate::socket::WebSocket;
+use crate::ws::{ConnectOptions, Message};
 use crate::{ClientError, ServerError};
 
 /// Full-jitter backoff: a delay in `[0, min(cap, base * 2^attempt))`.
@@ -37,7 +38,7 @@ pub fn backoff_delay(attempt: u32, base: Duration, cap: Duration) -> Duration {
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// Node URLs (`ws://host:port/ws`), tried in turn on every reconnect.
+    /// Node URLs (`ws://host:port/ws` or `wss://…`), tried in turn on every reconnect.
     pub urls: Vec<String>,
     pub token: Option<String>,
     pub backoff_base: Duration,
@@ -247,7 +248,7 @@ async fn session(
     waiting: &mut Vec<(Value, oneshot::Sender<Result<Value, ClientError>>)>,
     attempt: &mut u32,
 ) -> Outcome {
-    let mut ws = match WsStream::connect(url, opts.connect.clone()).await {
+    let mut ws = match WebSocket::connect(url, &opts.connect).await {
         Ok(ws) => ws,
         Err(e) => return Outcome::Retry(format!("connect: {e}"), None),
     };
@@ -291,7 +292,6 @@ async fn session(
                 };
                 last_heard = Instant::now();
                 match msg {
-                    Message::Ping(p) => { let _ = ws.send_pong(&p).await; }
                     Message::Close(code, reason) => {
                         if code == Some(4102) || no_reconnect {
                             return Outcome::Closed(format!("server closed ({code:?}): {reason}"));
@@ -338,7 +338,7 @@ async fn session(
                             no_reconnect = d["reconnect"] == false;
                         }
                     }
-                    Message::Binary(_) | Message::Pong(_) => {}
+                    Message::Binary(_) | Message::Ping(_) | Message::Pong(_) => {}
                 }
             }
             cmd = cmds.recv() => match cmd {

@@ -1,14 +1,17 @@
 //! Rust client for Switchboard.
 //!
-//! [`ws::WsStream`] is a lean RFC 6455 client (masking, fragmentation, ping/pong,
-//! permessage-deflate) that exposes raw frames as well as messages, so it serves both
-//! applications and the server's own conformance tests. [`Connection`] speaks the
-//! `switchboard.v1` command protocol on top of it, one connection, no retries — what
-//! tests want. [`Client`] is what applications want: reconnects with full-jitter
-//! backoff, resume from positions, exactly-once delivery to the application, heartbeat
-//! watchdog (same semantics as the JavaScript client).
+//! [`Client`] is what applications want: reconnects with full-jitter backoff, resume
+//! from positions, exactly-once delivery to the application, heartbeat watchdog (same
+//! semantics as the JavaScript client). [`Connection`] speaks the `switchboard.v1`
+//! command protocol over one connection, no retries — what tests want. Both run on
+//! [`socket::WebSocket`]: tokio-tungstenite with rustls, `ws://` and `wss://`, the
+//! platform's roots and a CA of your own ([`ConnectOptions::ca_pem`]).
+//!
+//! [`ws::WsStream`] is a separate raw RFC 6455 client over plain TCP that exposes frames
+//! (malformed ones included): the server's conformance and bad-input tests use it.
 
 pub mod client;
+pub mod socket;
 pub mod ws;
 
 use std::time::Duration;
@@ -16,11 +19,12 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 pub use client::{backoff_delay, Client, ClientOptions, ConnState, Event, Subscription};
+pub use socket::WebSocket;
 pub use ws::{ConnectOptions, Message, WsError, WsStream};
 
 /// A `switchboard.v1` session over one WebSocket.
 pub struct Connection {
-    pub ws: WsStream,
+    pub ws: WebSocket,
     next_id: u64,
     /// Pushes (publications, resets, …) that arrived while waiting for a reply.
     pending: std::collections::VecDeque<Value>,
@@ -47,13 +51,13 @@ pub enum ClientError {
 }
 
 impl Connection {
-    /// Connects to `url` (`ws://host:port/ws[?channel=…]`).
+    /// Connects to `url` (`ws://host:port/ws[?channel=…]`, or `wss://…`).
     pub async fn connect(url: &str) -> Result<Connection, ClientError> {
         Self::connect_with(url, ConnectOptions::default()).await
     }
 
     pub async fn connect_with(url: &str, opts: ConnectOptions) -> Result<Connection, ClientError> {
-        let ws = WsStream::connect(url, opts).await?;
+        let ws = WebSocket::connect(url, &opts).await?;
         Ok(Connection { ws, next_id: 1, pending: Default::default() })
     }
 
@@ -93,7 +97,7 @@ impl Connection {
         self.call(json!({"cmd": "publish", "channel": channel, "data": data})).await
     }
 
-    /// The next push (a message without `id`), answering pings on the way.
+    /// The next push (a message without `id`).
     pub async fn next_push(&mut self) -> Result<Value, ClientError> {
         if let Some(v) = self.pending.pop_front() {
             return Ok(v);
@@ -126,8 +130,7 @@ impl Connection {
                     return serde_json::from_str(&t)
                         .map_err(|e| ClientError::Protocol(format!("bad JSON from server: {e}")))
                 }
-                Message::Ping(p) => self.ws.send_pong(&p).await?,
-                Message::Pong(_) => {}
+                Message::Ping(_) | Message::Pong(_) => {}
                 Message::Binary(_) => return Err(ClientError::Protocol("binary frame from server".into())),
                 Message::Close(code, _) => return Err(ClientError::Closed(code)),
             }

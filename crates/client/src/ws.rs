@@ -1,4 +1,8 @@
-//! A small RFC 6455 client: handshake, masked frames, reassembly, permessage-deflate.
+//! A small RFC 6455 client over plain TCP (`ws://` only): handshake, masked frames,
+//! reassembly, permessage-deflate — and raw frames, malformed ones included. It is the
+//! server's conformance and bad-input test client; applications use
+//! [`crate::Connection`] or [`crate::Client`], which run on tokio-tungstenite and speak
+//! `wss://` too. [`ConnectOptions`] and [`Message`] are shared by both.
 
 use std::time::Duration;
 
@@ -9,8 +13,10 @@ use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WsError {
-    #[error("bad url {0:?}: expected ws://host:port/path")]
+    #[error("bad url {0:?}: expected ws://host:port/path or wss://host:port/path")]
     Url(String),
+    #[error("tls: {0}")]
+    Tls(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     #[error("handshake refused: HTTP {status}: {body}")]
@@ -28,13 +34,18 @@ pub enum WsError {
 pub struct ConnectOptions {
     /// Offer `switchboard.v1`.
     pub subprotocol: bool,
-    /// Offer permessage-deflate.
+    /// Offer permessage-deflate (the raw [`WsStream`] only).
     pub deflate: bool,
     /// Extra request headers (e.g. `Origin`).
     pub headers: Vec<(String, String)>,
     /// SO_RCVBUF for the socket (tests use a small one to simulate a slow reader).
     pub recv_buffer: Option<usize>,
     pub timeout: Duration,
+    /// `wss://`: PEM certificates of CAs to trust besides the platform's (a private CA,
+    /// or the one `switchboard cert dev` writes).
+    pub ca_pem: Option<Vec<u8>>,
+    /// `wss://`: trust the platform's roots (the system certificate store).
+    pub platform_roots: bool,
 }
 
 impl Default for ConnectOptions {
@@ -45,6 +56,8 @@ impl Default for ConnectOptions {
             headers: Vec::new(),
             recv_buffer: None,
             timeout: Duration::from_secs(10),
+            ca_pem: None,
+            platform_roots: true,
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct Inner {
     pub started: u64,
     /// This server's metrics (never shared with another server in the process).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// TLS on the listener, when configured.
+    pub tls: Option<Arc<crate::tls::Tls>>,
     /// The registry `/metrics` encodes: this server's series and the process's. An
     /// embedder may add its own.
     pub exposition: prometheus_client::registry::Registry,
@@ -142,10 +144,13 @@ impl AppState {
             .collect::<Result<Vec<_>, _>>()?;
         let limits = crate::limits::ConnLimits::new(&config.limits, trusted, crate::doctor::nofile_soft());
         let clock = Arc::new(crate::clock::Clock::default());
-        let verifier = crate::auth::Verifier::from_config(&config.auth, clock.clone())?;
+        let verifier =
+            crate::auth::Verifier::from_config(&config.auth, clock.clone()).map_err(|e| format!("auth: {e}"))?;
+        let tls = crate::tls::Tls::from_config(&config.tls, config.http2.enabled).map_err(|e| format!("tls: {e}"))?;
         Ok(AppState {
             inner: Arc::new_cyclic(|me| Inner {
                 exposition: crate::metrics::registry(me.clone()),
+                tls,
                 config,
                 verifier,
                 clock,
@@ -222,6 +227,8 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
         route(M::GET, "/sse", Channels(Operation::Subscribe), transports::sse::handler),
         route(M::GET, "/poll", Channels(Operation::Subscribe), transports::poll::handler),
         route(M::GET, "/ws", Commands, transports::ws::handler),
+        // WebSocket over HTTP/2 (RFC 8441 extended CONNECT): the same handler and gate.
+        route(M::CONNECT, "/ws", Commands, transports::ws::handler),
         route(M::GET, "/ws/echo", Open, transports::ws::echo_handler),
         route(M::POST, "/publish", Channels(Operation::Publish), transports::client_http::publish),
         route(M::GET, "/presence", Channels(Operation::Presence), transports::client_http::presence),
@@ -333,6 +340,18 @@ async fn count_errors(State(state): State<AppState>, req: Request, next: Next) -
 /// `/api/*` needs `Authorization: Bearer <one of api.keys>` unless the server runs with
 /// `--dev`.
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    // Mutual TLS: with a client CA configured, the server API needs a client certificate
+    // it verified (on top of the key), whatever the mode.
+    if state.tls.as_ref().is_some_and(|t| t.api_needs_client_cert) {
+        let verified = req.extensions().get::<crate::listener::ConnInfo>().is_some_and(|c| c.client_cert);
+        if !verified {
+            return ApiError::new(
+                Code::ClientCertificateRequired,
+                "the server API needs a client certificate signed by tls.client_ca",
+            )
+            .into_response();
+        }
+    }
     if state.dev {
         return next.run(req).await;
     }

@@ -43,6 +43,8 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "auth",
     "security",
     "broker",
+    "tls",
+    "http2",
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -64,6 +66,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub security: SecurityConfig,
     pub broker: BrokerConfig,
+    pub tls: TlsConfig,
+    pub http2: Http2Config,
     /// `SWITCHBOARD_*` variables that were not configuration (see the module docs).
     #[serde(skip)]
     pub ignored_env: Vec<String>,
@@ -84,6 +88,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             security: SecurityConfig::default(),
             broker: BrokerConfig::default(),
+            tls: TlsConfig::default(),
+            http2: Http2Config::default(),
             ignored_env: Vec::new(),
         }
     }
@@ -283,6 +289,89 @@ impl Default for WsConfig {
             max_commands_per_sec: 100,
             max_subscriptions: 1000,
             send_buffer_bytes: 0,
+        }
+    }
+}
+
+/// HTTPS on `listen`: TLS is on when `cert` and `key` are set (see docs/operations.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert: Option<std::path::PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<std::path::PathBuf>,
+    /// PEM CA certificates: the server API (`/api/*`) then requires a client
+    /// certificate signed by one of them (mutual TLS), on top of its API key.
+    pub client_ca: Option<std::path::PathBuf>,
+    /// A plain-HTTP listener beside the TLS one (e.g. `0.0.0.0:80`).
+    pub http_listen: Option<SocketAddr>,
+    /// What the plain-HTTP listener does: `redirect` (to https, 308) or `serve`.
+    pub http_mode: HttpMode,
+    /// Seconds between checks of `cert` and `key` for changes (0: only on SIGHUP).
+    pub reload_check_secs: u64,
+    /// Seconds a client has to complete its TLS handshake.
+    pub handshake_timeout_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            client_ca: None,
+            http_listen: None,
+            http_mode: HttpMode::Redirect,
+            reload_check_secs: 10,
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || self.key.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpMode {
+    Redirect,
+    Serve,
+}
+
+/// HTTP/2 (negotiated by ALPN over TLS): limits sized for many long-lived streams.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Config {
+    pub enabled: bool,
+    /// Streams one connection may have open at once (each SSE stream, poll, WebSocket).
+    pub max_concurrent_streams: u32,
+    /// Flow-control window of one stream for what clients send (bytes).
+    pub stream_window_bytes: u32,
+    /// Flow-control window of a whole connection for what clients send (bytes).
+    pub connection_window_bytes: u32,
+    /// Bytes buffered per stream for a client that is not reading, past which the
+    /// stream waits (and its queue fills: a slow consumer).
+    pub max_send_buffer_bytes: usize,
+    /// Largest header list a client may send (bytes).
+    pub max_header_list_bytes: u32,
+    /// Seconds between HTTP/2 pings on an idle connection; one unanswered for as long
+    /// closes it (0: none).
+    pub keepalive_secs: u64,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Http2Config {
+            enabled: true,
+            max_concurrent_streams: 256,
+            stream_window_bytes: 256 * 1024,
+            connection_window_bytes: 1024 * 1024,
+            max_send_buffer_bytes: 256 * 1024,
+            max_header_list_bytes: 32 * 1024,
+            keepalive_secs: 30,
         }
     }
 }
@@ -492,6 +581,20 @@ impl Config {
         }
         if self.limits.max_channels_per_request == 0 {
             return Err(("limits.max_channels_per_request".into(), "must be at least 1".into()));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            let missing = if self.tls.cert.is_none() { "tls.cert" } else { "tls.key" };
+            return Err((missing.into(), "TLS needs both tls.cert and tls.key".into()));
+        }
+        if !self.tls.enabled() && (self.tls.client_ca.is_some() || self.tls.http_listen.is_some()) {
+            let key = if self.tls.client_ca.is_some() { "tls.client_ca" } else { "tls.http_listen" };
+            return Err((key.into(), "needs tls.cert and tls.key".into()));
+        }
+        if self.tls.handshake_timeout_secs == 0 {
+            return Err(("tls.handshake_timeout_secs".into(), "must be at least 1".into()));
+        }
+        if self.http2.max_concurrent_streams == 0 {
+            return Err(("http2.max_concurrent_streams".into(), "must be at least 1".into()));
         }
         if self.ws.ping_interval_secs == 0 {
             return Err(("ws.ping_interval_secs".into(), "must be at least 1".into()));

@@ -295,3 +295,64 @@ mod tests {
         assert!(r.capacity >= TARGET);
     }
 }
+
+/// The configured TLS certificate, as `doctor` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CertificateReport {
+    pub path: String,
+    /// Readable, and valid now.
+    pub ok: bool,
+    pub subject: Option<String>,
+    pub names: Vec<String>,
+    pub not_after: Option<String>,
+    pub days_left: Option<i64>,
+    /// What is wrong, or what is soon to be.
+    pub problem: Option<String>,
+}
+
+/// Reads the certificate at `path` and says how long it has left.
+pub fn certificate(path: &std::path::Path) -> CertificateReport {
+    let mut r = CertificateReport {
+        path: path.display().to_string(),
+        ok: false,
+        subject: None,
+        names: Vec::new(),
+        not_after: None,
+        days_left: None,
+        problem: None,
+    };
+    match crate::tls::CertInfo::from_pem_file(path) {
+        Ok(info) => {
+            let left = info.expires_in();
+            r.subject = Some(info.subject.clone());
+            r.names = info.names.clone();
+            r.not_after = Some(crate::tls::format_time(info.not_after));
+            r.days_left = Some(left.div_euclid(86_400));
+            let now = info.not_after - left;
+            r.ok = left > 0 && info.not_before <= now;
+            r.problem = if left <= 0 {
+                Some("expired: the server refuses to start with it".into())
+            } else if left < 14 * 86_400 {
+                Some("expires in less than 14 days: renew it".into())
+            } else {
+                None
+            };
+        }
+        Err(e) => r.problem = Some(e),
+    }
+    r
+}
+
+pub fn render_certificate(c: &CertificateReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "\nTLS certificate ({})", c.path);
+    if let (Some(subject), Some(after), Some(days)) = (&c.subject, &c.not_after, c.days_left) {
+        let _ = writeln!(s, "  subject                     {subject}");
+        let _ = writeln!(s, "  names                       {}", c.names.join(", "));
+        let _ = writeln!(s, "  expires                     {after} ({days} days left)");
+    }
+    if let Some(p) = &c.problem {
+        let _ = writeln!(s, "  problem                     {p}");
+    }
+    s
+}

@@ -47,11 +47,13 @@ pub enum Code {
     TooManyConnectionsFromIp,
     UriTooLong,
     HeadersTooLarge,
+    TlsRequired,
+    ClientCertificateRequired,
 }
 
 impl Code {
     /// Every code (docs/errors.md must list each).
-    pub const ALL: [Code; 39] = [
+    pub const ALL: [Code; 41] = [
         Code::InvalidJson,
         Code::InvalidRequest,
         Code::InvalidChannel,
@@ -91,6 +93,8 @@ impl Code {
         Code::TooManyConnectionsFromIp,
         Code::UriTooLong,
         Code::HeadersTooLarge,
+        Code::TlsRequired,
+        Code::ClientCertificateRequired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -134,6 +138,8 @@ impl Code {
             Code::TooManyConnectionsFromIp => "too_many_connections_from_ip",
             Code::UriTooLong => "uri_too_long",
             Code::HeadersTooLarge => "headers_too_large",
+            Code::TlsRequired => "tls_required",
+            Code::ClientCertificateRequired => "client_certificate_required",
         }
     }
 
@@ -168,6 +174,8 @@ impl Code {
             Code::ServerBusy | Code::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             Code::UriTooLong => StatusCode::URI_TOO_LONG,
             Code::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Code::TlsRequired => StatusCode::BAD_REQUEST,
+            Code::ClientCertificateRequired => StatusCode::UNAUTHORIZED,
         }
     }
 }

@@ -14,11 +14,13 @@ pub mod cursor;
 pub mod doctor;
 pub mod error;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod origin;
 pub mod presence;
 pub mod registry;
 pub mod session;
+pub mod tls;
 pub mod transports;
 
 use std::future::Future;
@@ -37,6 +39,8 @@ pub use config::Config;
 pub struct Server {
     pub state: AppState,
     listener: TcpListener,
+    /// `tls.http_listen`: plain HTTP beside the TLS listener.
+    http_listener: Option<TcpListener>,
     shutdown_tx: watch::Sender<bool>,
     drain_notice: Duration,
 }
@@ -86,11 +90,15 @@ impl Server {
         };
         let hub = Hub::start(broker).await?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let state = AppState::new(config, dev, hub, presence, shutdown_rx, node_id)
-            .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+        let state =
+            AppState::new(config, dev, hub, presence, shutdown_rx, node_id).map_err(|e| anyhow::anyhow!("{e}"))?;
         cluster::start(&state, listener.local_addr()?);
         admin::start_sampler(&state);
-        Ok(Server { state, listener, shutdown_tx, drain_notice: Duration::ZERO })
+        let http_listener = match state.config.tls.http_listen {
+            Some(addr) => Some(bind(addr).map_err(|e| anyhow::anyhow!("tls.http_listen {addr}: {e}"))?),
+            None => None,
+        };
+        Ok(Server { state, listener, http_listener, shutdown_tx, drain_notice: Duration::ZERO })
     }
 
     /// On shutdown, first report not-ready (and refuse new streaming connections) for
@@ -105,19 +113,24 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// The plain-HTTP listener's address beside a TLS one (`tls.http_listen`).
+    pub fn http_local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` resolves, then stops accepting, tells every streaming
     /// client to reconnect, lets them go (at most `drain` long) and returns.
     ///
-    /// The accept loop is our own (hyper's HTTP/1 connection per socket) rather than
-    /// `axum::serve`, so that an upgraded WebSocket gets its plain `TcpStream` back and
-    /// every connection is counted for the drain.
+    /// The accept loop is our own rather than `axum::serve`: an upgraded WebSocket gets
+    /// its plain `TcpStream` back, SSE streams on fresh connections are served outside
+    /// hyper, TLS and HTTP/2 are chosen per connection, and every connection is counted
+    /// for the drain (see [`listener`]).
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
         drain: Duration,
     ) -> std::io::Result<()> {
-        let Server { state, listener, shutdown_tx, drain_notice } = self;
-        let app = app::router(state.clone());
+        let Server { state, listener, http_listener, shutdown_tx, drain_notice } = self;
         let connections = Arc::new(app::ConnTracker::default());
         let draining_state = state.clone();
         let mut shutdown = std::pin::pin!(async move {
@@ -128,35 +141,38 @@ impl Server {
                 tokio::time::sleep(drain_notice).await;
             }
         });
-        let reserve_app = app::reserve_router(state.clone());
+        if let Some(tls) = &state.tls {
+            tls.spawn_reloader(state.shutdown.clone());
+        }
+        let conns = listener::Conns {
+            state: state.clone(),
+            app: app::router(state.clone()),
+            reserve_app: app::reserve_router(state.clone()),
+            connections: connections.clone(),
+            https_port: listener.local_addr()?.port(),
+        };
+        let plain_mode = listener::Listener::Plain(state.config.tls.http_mode);
         let mut failed_accepts = 0u32;
         loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => {
-                        if failed_accepts > 0 {
-                            tracing::info!("accepting again after {failed_accepts} failed accepts");
-                            failed_accepts = 0;
-                        }
-                        x
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off (up to a second)
-                        // instead of spinning, and say so once per streak.
-                        failed_accepts += 1;
-                        if failed_accepts == 1 {
-                            tracing::warn!("accept failed: {e}; backing off until accepts succeed again");
-                        }
-                        tokio::time::sleep(Duration::from_millis((10u64 << failed_accepts.min(7)).min(1000))).await;
-                        continue;
-                    }
+            let ((tcp, peer), which) = tokio::select! {
+                r = accept(Some(&listener)) => match r {
+                    Ok(x) => (x, listener::Listener::Main),
+                    Err(e) => { backoff(&mut failed_accepts, e).await; continue; }
+                },
+                r = accept(http_listener.as_ref()) => match r {
+                    Ok(x) => (x, plain_mode),
+                    Err(e) => { backoff(&mut failed_accepts, e).await; continue; }
                 },
                 _ = &mut shutdown => break,
             };
+            if failed_accepts > 0 {
+                tracing::info!("accepting again after {failed_accepts} failed accepts");
+                failed_accepts = 0;
+            }
             let _ = tcp.set_nodelay(true);
-            let (app, slot, reserve) = match state.limits.admit_tcp(peer.ip()) {
-                limits::Admission::Full(slot) => (app.clone(), slot, false),
-                limits::Admission::Reserve(slot) => (reserve_app.clone(), slot, true),
+            let (slot, reserve) = match state.limits.admit_tcp(peer.ip()) {
+                limits::Admission::Full(slot) => (slot, false),
+                limits::Admission::Reserve(slot) => (slot, true),
                 limits::Admission::Refused(e) => {
                     let counter = match e.code {
                         error::Code::TooManyConnectionsFromIp => &state.metrics.refused_ip_cap,
@@ -167,55 +183,9 @@ impl Server {
                     continue;
                 }
             };
-            let slot = Arc::new(slot);
-            let mut stop = state.shutdown.clone();
-            let connections = connections.clone();
-            let (sse_state, sse_app, sse_slot) = (state.clone(), app.clone(), slot.clone());
-            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(limits::PeerAddr(peer));
-                req.extensions_mut().insert(limits::TcpSlot(slot.clone()));
-                tower::ServiceExt::oneshot(app.clone(), req.map(axum::body::Body::new))
-            });
-            tokio::spawn(guarded(state.metrics.clone(), "http connection", async move {
-                let tracked = connections.enter();
-                if !reserve {
-                    // An SSE request on a fresh connection is served outside hyper, by a
-                    // task of its own (this one's future is hyper's size).
-                    match transports::sse_direct::sniff(&tcp).await {
-                        transports::sse_direct::Sniffed::Other => {}
-                        transports::sse_direct::Sniffed::Gone => return,
-                        transports::sse_direct::Sniffed::Sse => {
-                            let metrics = sse_state.metrics.clone();
-                            let (app, slot) = (sse_app.clone(), sse_slot.clone());
-                            tokio::spawn(guarded(metrics, "sse stream", async move {
-                                let _tracked = tracked;
-                                transports::sse_direct::serve(tcp, app, sse_state, peer, slot).await
-                            }));
-                            return;
-                        }
-                    }
-                }
-                let _tracked = tracked;
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                // hyper's own limits (100 header fields, ~400 KiB of head, 64 KiB of
-                // target) are looser than the ones `app` answers with JSON, so those are
-                // what clients meet. (Raising hyper's header count costs every connection
-                // a buffer of that size: ~6 KB per idle SSE stream at 500.)
-                builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
-                if reserve {
-                    // A health probe on a reserved place: one quick request, then gone.
-                    builder.keep_alive(false).header_read_timeout(Duration::from_secs(5));
-                }
-                let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service).with_upgrades();
-                let mut conn = std::pin::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => return,
-                    _ = stop.wait_for(|s| *s) => {}
-                }
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }));
+            conns.spawn(tcp, peer, slot, reserve, which);
         }
+        drop(http_listener);
         drop(listener);
         tracing::info!("shutting down: telling clients to reconnect");
         let _ = shutdown_tx.send(true);
@@ -232,6 +202,24 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Accepts on `listener`, or never when there is none.
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Out of file descriptors and the like: back off (up to a second) instead of spinning,
+/// and say so once per streak.
+async fn backoff(failed_accepts: &mut u32, e: std::io::Error) {
+    *failed_accepts += 1;
+    if *failed_accepts == 1 {
+        tracing::warn!("accept failed: {e}; backing off until accepts succeed again");
+    }
+    tokio::time::sleep(Duration::from_millis((10u64 << (*failed_accepts).min(7)).min(1000))).await;
 }
 
 /// Runs a task that serves one connection so that a panic in it cannot leak anything:

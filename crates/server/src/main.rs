@@ -31,6 +31,11 @@ enum Command {
         /// production.
         #[arg(long)]
         dev: bool,
+        /// Serve HTTPS (HTTP/2 and HTTP/1.1) on the listen address. With --dev and no
+        /// [tls] configured, with the development certificate of `switchboard cert dev`
+        /// (made if missing).
+        #[arg(long)]
+        tls: bool,
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
@@ -83,6 +88,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Certificates: `cert dev` makes a local CA and a certificate for localhost.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -103,6 +113,22 @@ enum ConfigCommand {
         /// Check it for `serve --dev` (which needs no API keys).
         #[arg(long)]
         dev: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Write a development CA and a certificate it signs for localhost, 127.0.0.1 and
+    /// ::1 (what `serve --dev --tls` uses). Trust the CA in your browser or system to use
+    /// https://localhost without warnings. Kept while valid unless --force.
+    Dev {
+        /// Directory for ca.pem, ca-key.pem, cert.pem and key.pem (default:
+        /// ~/.local/share/switchboard/dev-tls).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Make new ones even if the existing ones are still valid.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -147,6 +173,17 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 /// mode or not — shared with `config check`, so a file it passes also starts.
 fn preflight(config: &Config, dev: bool) -> (Vec<String>, Vec<String>) {
     let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+    if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
+        match switchboard_server::tls::load_certified_key(cert, key) {
+            Ok((_, info)) if info.expires_in() < 14 * 86_400 => warnings.push(format!(
+                "the TLS certificate {} expires on {}: renew it",
+                cert.display(),
+                switchboard_server::tls::format_time(info.not_after)
+            )),
+            Ok(_) => {}
+            Err(e) => errors.push(format!("tls: {e}")),
+        }
+    }
     if dev {
         return (errors, warnings);
     }
@@ -207,20 +244,42 @@ fn main() -> ExitCode {
             }
         }
         Command::Doctor { config, json } => {
-            let max = match Config::load(config.as_deref(), std::env::vars()) {
-                Ok(c) => c.limits.max_connections,
+            let cfg = match Config::load(config.as_deref(), std::env::vars()) {
+                Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::from(2);
                 }
             };
-            let r = switchboard_server::doctor::report(&switchboard_server::doctor::read(), max);
+            let r = switchboard_server::doctor::report(&switchboard_server::doctor::read(), cfg.limits.max_connections);
+            let cert = cfg.tls.cert.as_deref().map(switchboard_server::doctor::certificate);
             if json {
-                println!("{}", serde_json::to_string_pretty(&r).expect("report serialises"));
+                let mut v = serde_json::to_value(&r).expect("report serialises");
+                v["tls_certificate"] = serde_json::to_value(&cert).expect("report serialises");
+                println!("{}", serde_json::to_string_pretty(&v).expect("report serialises"));
             } else {
                 print!("{}", switchboard_server::doctor::render(&r));
+                if let Some(c) = &cert {
+                    print!("{}", switchboard_server::doctor::render_certificate(c));
+                }
             }
-            ExitCode::SUCCESS
+            match cert {
+                Some(c) if !c.ok => ExitCode::FAILURE,
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Command::Cert { command: CertCommand::Dev { dir, force } } => {
+            let dir = dir.unwrap_or_else(switchboard_server::tls::dev_dir);
+            match switchboard_server::tls::dev_certificate(&dir, force) {
+                Ok(d) => {
+                    print_dev_cert(&d);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Token { user, channels, ttl, channel, info, jti, config, dev, private_key } => {
             match mint(user, channels, &ttl, channel, info, jti, config, dev, private_key) {
@@ -234,7 +293,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Serve { config, listen, dev, log_format, drain_secs, drain_notice_secs } => {
+        Command::Serve { config, listen, dev, tls, log_format, drain_secs, drain_notice_secs } => {
             init_logging(log_format);
             // One log line per panic, with its location, in the server's log format. (A
             // panic in a connection's task closes that connection: see `guarded`.)
@@ -248,6 +307,28 @@ fn main() -> ExitCode {
             };
             if let Some(l) = listen {
                 cfg.listen = l;
+            }
+            if tls && !cfg.tls.enabled() {
+                if !dev {
+                    eprintln!(
+                        "error: --tls needs [tls] cert and key in the configuration (or --dev, for the development \
+                         certificate of `switchboard cert dev`)"
+                    );
+                    return ExitCode::from(2);
+                }
+                match switchboard_server::tls::dev_certificate(&switchboard_server::tls::dev_dir(), false) {
+                    Ok(d) => {
+                        if d.created {
+                            print_dev_cert(&d);
+                        }
+                        cfg.tls.cert = Some(d.cert);
+                        cfg.tls.key = Some(d.key);
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
             }
             let (errors, warnings) = preflight(&cfg, dev);
             if let Some(e) = errors.first() {
@@ -280,6 +361,26 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Says where the development certificate is and how to make a browser trust it.
+fn print_dev_cert(d: &switchboard_server::tls::DevCert) {
+    let verb = if d.created { "wrote" } else { "kept (still valid)" };
+    println!("{verb} a development CA and a certificate for {} in {}", d.info.names.join(", "), d.dir.display());
+    println!("  CA certificate:      {}", d.ca.display());
+    println!(
+        "  server certificate:  {} (expires {})",
+        d.cert.display(),
+        switchboard_server::tls::format_time(d.info.not_after)
+    );
+    println!("  server key:          {}", d.key.display());
+    println!("Trust the CA once, then `switchboard serve --dev --tls` works at https://localhost:8000:");
+    println!("  Debian/Ubuntu: sudo cp {} /usr/local/share/ca-certificates/switchboard-dev.crt && sudo update-ca-certificates", d.ca.display());
+    println!(
+        "  Chrome/Chromium: Settings → Privacy and security → Security → Manage certificates → Authorities → Import"
+    );
+    println!("  curl: --cacert {}", d.ca.display());
+    println!("  or start Chromium with --ignore-certificate-errors-spki-list={}", d.info.spki_sha256);
 }
 
 /// Parses `90s`, `30m`, `1h`, `7d` or plain seconds.
@@ -368,14 +469,37 @@ async fn serve(cfg: Config, dev: bool, drain: Duration, notice: Duration) -> any
             format!("redis at {} (prefix {:?})", redact(&cfg.broker.redis_url), cfg.broker.redis_prefix)
         }
     };
+    let scheme = if cfg.tls.enabled() { "https" } else { "http" };
+    let protocols = match (cfg.tls.enabled(), cfg.http2.enabled) {
+        (true, true) => "HTTP/2 and HTTP/1.1 over TLS",
+        (true, false) => "HTTP/1.1 over TLS",
+        _ => "HTTP/1.1",
+    };
     let server = Server::new(cfg, dev, listener).await?.with_drain_notice(notice);
     let addr = server.local_addr()?;
-    tracing::info!("switchboard listening on http://{addr}; broker: {broker}");
-    let admin = format!("http://{addr}/admin");
+    tracing::info!("switchboard listening on {scheme}://{addr} ({protocols}); broker: {broker}");
+    if let Some(plain) = server.http_local_addr() {
+        let mode = match server.state.config.tls.http_mode {
+            switchboard_server::config::HttpMode::Redirect => "redirecting to https",
+            switchboard_server::config::HttpMode::Serve => "serving",
+        };
+        tracing::info!("plain HTTP on http://{plain} ({mode})");
+    }
+    if let Some(tls) = &server.state.tls {
+        let info = tls.info();
+        tracing::info!(
+            "TLS certificate for {} expires {}; reloaded on SIGHUP and when its files change",
+            info.names.join(", "),
+            switchboard_server::tls::format_time(info.not_after)
+        );
+    }
+    let admin = format!("{scheme}://{addr}/admin");
     if dev {
-        tracing::info!("demo chat: http://{addr}/demo/chat; admin dashboard: {admin}; metrics: http://{addr}/metrics");
+        tracing::info!(
+            "demo chat: {scheme}://{addr}/demo/chat; admin dashboard: {admin}; metrics: {scheme}://{addr}/metrics"
+        );
     } else {
-        tracing::info!("admin dashboard: {admin}; metrics: http://{addr}/metrics");
+        tracing::info!("admin dashboard: {admin}; metrics: {scheme}://{addr}/metrics");
     }
     server.run(switchboard_server::shutdown_signal(), drain).await?;
     tracing::info!("bye");

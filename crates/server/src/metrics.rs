@@ -85,6 +85,11 @@ pub struct Metrics {
     /// Connections refused at accept, by the total cap or the per-IP cap.
     pub refused_total_cap: AtomicU64,
     pub refused_ip_cap: AtomicU64,
+    /// TLS handshakes completed, and failed or timed out.
+    pub tls_handshakes: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    /// WebSockets opened over HTTP/2 (extended CONNECT, RFC 8441).
+    pub ws_over_http2: AtomicU64,
     /// Errors by code, as returned to clients (HTTP and WebSocket replies).
     errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -111,6 +116,9 @@ impl Metrics {
             task_panics: AtomicU64::new(0),
             refused_total_cap: AtomicU64::new(0),
             refused_ip_cap: AtomicU64::new(0),
+            tls_handshakes: AtomicU64::new(0),
+            tls_handshake_failures: AtomicU64::new(0),
+            ws_over_http2: AtomicU64::new(0),
             errors: Mutex::new(Default::default()),
         }
     }
@@ -386,6 +394,27 @@ impl Collector for ServerCollector {
             load(&m.task_panics),
         )?;
         gauge(e, "switchboard_draining", "1 while the node drains.", u64::from(state.is_draining()))?;
+        if let Some(tls) = &state.tls {
+            counter_by(
+                e,
+                "switchboard_tls_handshakes",
+                "TLS handshakes on the listener, by outcome.",
+                "outcome",
+                &[("ok", load(&m.tls_handshakes)), ("failed", load(&m.tls_handshake_failures))],
+            )?;
+            gauge(
+                e,
+                "switchboard_tls_certificate_not_after_seconds",
+                "When the certificate presented now expires (Unix seconds).",
+                tls.info().not_after,
+            )?;
+        }
+        counter(
+            e,
+            "switchboard_ws_over_http2",
+            "WebSockets opened over HTTP/2 (extended CONNECT, RFC 8441).",
+            load(&m.ws_over_http2),
+        )?;
         e.encode_descriptor("switchboard_build", "This server's version.", None, MetricType::Info)?
             .encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
         gauge(

@@ -471,3 +471,79 @@ async fn the_readme_walkthrough_runs_as_written() {
     let (_, data) = tokened.next_event("message").await;
     assert_eq!(data["data"], "hi");
 }
+
+/// `curl --cacert ca https://localhost:port/healthz` succeeds: the server presents a
+/// certificate that CA signed.
+fn curl_trusts(ca: &std::path::Path, port: u16) -> bool {
+    Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "--max-time", "30", "--cacert"])
+        .arg(ca)
+        .arg(format!("https://localhost:{port}/healthz"))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[tokio::test]
+async fn cert_dev_doctor_and_serve_tls_with_a_reload_on_sighup() {
+    let root = std::env::temp_dir().join(format!("sb-cli-tls-{}", std::process::id()));
+    let (first, second, live) = (root.join("first"), root.join("second"), root.join("live"));
+    std::fs::create_dir_all(&live).unwrap();
+    // `cert dev` writes a CA and a certificate, and says how to trust them.
+    for dir in [&first, &second] {
+        let out = Command::new(BIN).args(["cert", "dev", "--dir"]).arg(dir).output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("--ignore-certificate-errors-spki-list="), "{text}");
+        for f in ["ca.pem", "cert.pem", "key.pem"] {
+            assert!(dir.join(f).exists(), "{f}");
+        }
+    }
+    std::fs::copy(first.join("cert.pem"), live.join("cert.pem")).unwrap();
+    std::fs::copy(first.join("key.pem"), live.join("key.pem")).unwrap();
+
+    // `doctor` reports the certificate's expiry (397 days for a development one).
+    let out = Command::new(BIN)
+        .args(["doctor", "--json"])
+        .env("SWITCHBOARD_TLS__CERT", live.join("cert.pem"))
+        .env("SWITCHBOARD_TLS__KEY", live.join("key.pem"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let days = v["tls_certificate"]["days_left"].as_i64().unwrap();
+    assert!((395..=397).contains(&days), "{v}");
+    assert_eq!(v["tls_certificate"]["ok"], true);
+
+    // `serve` over TLS, certificate checks on SIGHUP only.
+    // (The helper's port is the plain listener beside TLS, serving: it waits on that.)
+    let port = free_port();
+    let (mut proc, _) = serve(|cmd, plain| {
+        cmd.args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}")])
+            .env("SWITCHBOARD_TLS__CERT", live.join("cert.pem"))
+            .env("SWITCHBOARD_TLS__KEY", live.join("key.pem"))
+            .env("SWITCHBOARD_TLS__HTTP_LISTEN", format!("127.0.0.1:{plain}"))
+            .env("SWITCHBOARD_TLS__HTTP_MODE", "serve")
+            .env("SWITCHBOARD_TLS__RELOAD_CHECK_SECS", "0");
+    })
+    .await;
+    assert!(curl_trusts(&first.join("ca.pem"), port));
+    // Renewed files, then SIGHUP: new connections get the new certificate.
+    std::fs::copy(second.join("key.pem"), live.join("key.pem")).unwrap();
+    std::fs::copy(second.join("cert.pem"), live.join("cert.pem")).unwrap();
+    assert!(curl_trusts(&first.join("ca.pem"), port), "no reload before the signal");
+    let pid = proc.0.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let mut reloaded = false;
+    for _ in 0..300 {
+        if curl_trusts(&second.join("ca.pem"), port) {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "the certificate was not reloaded on SIGHUP");
+    assert!(proc.0.try_wait().unwrap().is_none(), "SIGHUP must not stop the server");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -3,57 +3,11 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{channel, config, TestServer};
+use common::{channel, config, Proxy, TestServer};
 use serde_json::json;
 use switchboard_client::{Client, ClientOptions, ConnState, Event};
-use tokio::net::{TcpListener, TcpStream};
-
-/// A TCP proxy whose connections can be cut.
-struct Proxy {
-    port: u16,
-    cut: Arc<AtomicBool>,
-    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(target: std::net::SocketAddr) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (c2, cut2) = (conns.clone(), cut.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = l.accept().await else { return };
-                if cut2.load(Ordering::SeqCst) {
-                    continue; // dropped: refused
-                }
-                let h = tokio::spawn(async move {
-                    if let Ok(mut out) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
-                c2.lock().unwrap().push(h);
-            }
-        });
-        Proxy { port, cut, conns }
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for h in self.conns.lock().unwrap().drain(..) {
-            h.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
 
 async fn offsets(sub: &mut switchboard_client::Subscription, n: usize) -> Vec<u64> {
     let mut v = Vec::new();

@@ -11,6 +11,8 @@ use tokio::sync::oneshot;
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The plain-HTTP listener beside a TLS one (`[tls] http_listen`), if configured.
+    pub plain: Option<SocketAddr>,
     /// The running server's state: its metrics, its clock.
     pub state: switchboard_server::AppState,
     pub http: reqwest::Client,
@@ -27,6 +29,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server = Server::new(config, dev, listener).await.unwrap();
         let addr = server.local_addr().unwrap();
+        let plain = server.http_local_addr();
         let state = server.state.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -40,11 +43,17 @@ impl TestServer {
                 .await
                 .unwrap();
         });
-        TestServer { addr, state, http: reqwest::Client::new(), stop: Some(tx), task: Some(task) }
+        TestServer { addr, plain, state, http: reqwest::Client::new(), stop: Some(tx), task: Some(task) }
     }
 
+    /// A plain-HTTP URL of the server: the main listener, or for a TLS server the plain
+    /// listener beside it (the helpers' reqwest client speaks no TLS; TLS tests use
+    /// curl and the Rust client).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        match (&self.state.tls, self.plain) {
+            (Some(_), Some(plain)) => format!("http://{plain}{path}"),
+            _ => format!("http://{}{}", self.addr, path),
+        }
     }
 
     /// Publishes and returns `(epoch, offset)`.
@@ -229,5 +238,48 @@ impl Sse {
             out.push(e.json()["offset"].as_u64().unwrap());
         }
         out
+    }
+}
+
+/// A TCP proxy whose connections can be cut.
+pub struct Proxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    pub async fn start(target: std::net::SocketAddr) -> Proxy {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = std::sync::Arc::default();
+        let (c2, cut2) = (conns.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = l.accept().await else { return };
+                if cut2.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let h = tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                c2.lock().unwrap().push(h);
+            }
+        });
+        Proxy { port, cut, conns }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }

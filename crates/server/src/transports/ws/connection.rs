@@ -19,11 +19,12 @@ use switchboard_core::hub::{SubscribeOutcome, SubscribeRequest, SubscriptionHand
 use switchboard_core::pattern::is_pattern;
 use switchboard_core::queue::{DirectWrite, Event, Written};
 use switchboard_core::{ChannelName, CloseReason, ConnQueue, Delivery, Kind, StreamPosition};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::frame::{self, close, FrameReader, Incoming, Violation};
+use super::io::{Read, Rx, Socket, Tx};
 use super::protocol::{self, Command};
 use crate::api;
 use crate::app::AppState;
@@ -64,29 +65,34 @@ pub struct Ctx {
 /// kept small: the setup is done here, outside it; the handshake's leftovers (`pre`, the
 /// URL's channels in `ctx`) are used up before the first wait; the one-off work of
 /// subscribing is boxed and freed once done.
-pub fn serve(stream: TcpStream, pre: Bytes, mut ctx: Box<Ctx>) -> impl std::future::Future<Output = ()> + Send {
+pub fn serve(socket: Socket, pre: Bytes, mut ctx: Box<Ctx>) -> impl std::future::Future<Output = ()> + Send {
     let state = ctx.state.clone();
     let tracked = state.track_upgraded();
     let gauge = state.metrics.connection(crate::metrics::Transport::Ws);
-    let _ = stream.set_nodelay(true);
-    if state.config.ws.send_buffer_bytes > 0 {
-        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(state.config.ws.send_buffer_bytes);
+    if let Socket::Tcp(stream) = &socket {
+        let _ = stream.set_nodelay(true);
+        if state.config.ws.send_buffer_bytes > 0 {
+            let _ = socket2::SockRef::from(stream).set_send_buffer_size(state.config.ws.send_buffer_bytes);
+        }
     }
-    let stream = Arc::new(stream);
+    let (rx, tx) = socket.split();
     let queue = state.hub.queue(state.config.defaults.queue_max_bytes);
     let deflate = ctx.deflate.then(|| state.clone());
-    queue.set_direct(Arc::new(Sink {
-        stream: stream.clone(),
-        deflate: deflate.clone(),
-        metrics: state.metrics.clone(),
-    }));
+    if let Some(stream) = tx.tcp() {
+        queue.set_direct(Arc::new(Sink {
+            stream: stream.clone(),
+            deflate: deflate.clone(),
+            metrics: state.metrics.clone(),
+        }));
+    }
     // However the task ends — even by a panic — the queue closes, which also drops the
     // direct path's hold on the socket.
     let closes = CloseOnDrop(queue.clone());
     let mut conn = Box::new(Conn {
         state: state.clone(),
         queue,
-        stream,
+        rx,
+        tx,
         outbox: Outbox::default(),
         deflate,
         subs: HashMap::new(),
@@ -182,6 +188,43 @@ struct Outbox {
     written: usize,
 }
 
+/// Writes the outbox, many frames per system call, until the socket would block
+/// (`Ok(false)`) or the outbox is written (its buffer given back) and flushed (`Ok(true)`).
+fn write_outbox(
+    tx: &mut Tx,
+    outbox: &mut Outbox,
+    metrics: &crate::metrics::Metrics,
+    cx: &mut std::task::Context<'_>,
+) -> std::io::Result<bool> {
+    const MAX_IOV: usize = 256;
+    let frames = &mut outbox.frames;
+    while !frames.is_empty() {
+        let end = frames.len().min(MAX_IOV);
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(end);
+        slices.push(IoSlice::new(&frames[0][outbox.written..]));
+        slices.extend(frames[1..end].iter().map(|f| IoSlice::new(f)));
+        let Some(mut n) = tx.write_vectored(cx, &slices)? else {
+            return Ok(false);
+        };
+        metrics.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        let mut done = 0;
+        while n > 0 {
+            let left = frames[done].len() - outbox.written;
+            if n >= left {
+                n -= left;
+                done += 1;
+                outbox.written = 0;
+            } else {
+                outbox.written += n;
+                n = 0;
+            }
+        }
+        frames.drain(..done);
+    }
+    *frames = Vec::new();
+    tx.flush(cx)
+}
+
 /// Closes a connection's queue when dropped (see `serve`).
 struct CloseOnDrop(Arc<ConnQueue>);
 
@@ -197,7 +240,8 @@ const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 struct Conn {
     state: AppState,
     queue: Arc<ConnQueue>,
-    stream: Arc<TcpStream>,
+    rx: Rx,
+    tx: Tx,
     outbox: Outbox,
     /// The server state when this connection negotiated permessage-deflate.
     deflate: Option<AppState>,
@@ -232,57 +276,6 @@ enum Expiry {
     Until(u64),
     /// Expired; the client was asked to `refresh` before this time (Unix ms).
     Grace(u64),
-}
-
-enum Read {
-    Data,
-    Eof,
-    WouldBlock,
-    Failed,
-    Violation(Violation),
-}
-
-/// Reads and drops what the socket has. `Ok(true)` once the peer has closed its side.
-/// (A plain function, so its buffer lives on the stack only while it runs — never in
-/// the connection's future.)
-fn discard_input(stream: &TcpStream) -> std::io::Result<bool> {
-    let mut sink = [0u8; 4096];
-    loop {
-        match stream.try_read(&mut sink) {
-            Ok(0) => return Ok(true),
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Reads what the socket has into the frame parser. The read buffer lives only on this
-/// synchronous stack frame: an idle connection holds none.
-fn read_available(rd: &TcpStream, reader: &mut FrameReader, out: &mut Vec<Incoming>) -> Read {
-    let mut buf = [0u8; 8192];
-    let mut got = false;
-    for _ in 0..8 {
-        match rd.try_read(&mut buf) {
-            Ok(0) => return if got { Read::Data } else { Read::Eof },
-            Ok(n) => {
-                got = true;
-                if let Err(v) = reader.feed(&buf[..n], out) {
-                    return Read::Violation(v);
-                }
-                if n < buf.len() {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(_) => return Read::Failed,
-        }
-    }
-    if got {
-        Read::Data
-    } else {
-        Read::WouldBlock
-    }
 }
 
 impl Conn {
@@ -360,18 +353,14 @@ impl Conn {
                 self.queue.close(CloseReason::Shutdown);
             }
             // What is queued goes out as far as the socket takes it now.
-            match self.write_queued() {
+            match std::future::poll_fn(|cx| std::task::Poll::Ready(self.write_queued(cx))).await {
                 Ok(true) => {}
                 Ok(false) => return, // the queue closed: `serve` says goodbye
                 Err(_) => return self.queue.close(CloseReason::Normal),
             }
-            let stream = self.stream.clone();
+            let waiting_to_write = !self.outbox.frames.is_empty() || self.tx.unflushed();
             tokio::select! {
-                r = stream.readable() => {
-                    if r.is_err() {
-                        return self.queue.close(CloseReason::Normal);
-                    }
-                    let got = read_available(&stream, &mut self.reader, &mut incoming);
+                got = std::future::poll_fn(|cx| self.rx.poll_read(cx, &mut self.reader, &mut incoming)) => {
                     if !self.after_read(got, &mut incoming, &mut last_seen).await {
                         return;
                     }
@@ -380,7 +369,10 @@ impl Conn {
                     if last_seen.elapsed() >= interval * 3 {
                         // A stall of this process must not count against the client:
                         // what its socket already holds is a sign of life.
-                        let got = read_available(&stream, &mut self.reader, &mut incoming);
+                        let got = std::future::poll_fn(|cx| {
+                            std::task::Poll::Ready(self.rx.read_now(cx, &mut self.reader, &mut incoming))
+                        })
+                        .await;
                         if !self.after_read(got, &mut incoming, &mut last_seen).await {
                             return;
                         }
@@ -396,12 +388,21 @@ impl Conn {
                         }
                     }
                 }
-                r = stream.writable(), if !self.outbox.frames.is_empty() => {
+                // TCP: wait for room, then write at the top of the loop. A stream: write
+                // (and flush) here, as it takes the bytes.
+                r = std::future::poll_fn(|cx| match &self.tx {
+                    Tx::Tcp(_) => self.tx.poll_writable(cx),
+                    Tx::Stream { .. } => match write_outbox(&mut self.tx, &mut self.outbox, &self.state.metrics, cx) {
+                        Ok(true) => std::task::Poll::Ready(Ok(())),
+                        Ok(false) => std::task::Poll::Pending,
+                        Err(e) => std::task::Poll::Ready(Err(e)),
+                    },
+                }), if waiting_to_write => {
                     if r.is_err() {
                         return self.queue.close(CloseReason::Normal);
                     }
                 }
-                _ = self.queue.changed(), if self.outbox.frames.is_empty() => {}
+                _ = self.queue.changed(), if !waiting_to_write => {}
                 _ = shutdown.changed(), if !shutdown_seen => {}
                 _ = super::super::maybe_sleep(&mut self.timer), if self.timer.is_some() => {
                     match self.expiry {
@@ -431,58 +432,25 @@ impl Conn {
     /// Writes what is queued until the socket would block or nothing is left. `Ok(false)`
     /// when the queue has closed (everything before the close was written or is in the
     /// outbox).
-    fn write_queued(&mut self) -> std::io::Result<bool> {
+    fn write_queued(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<bool> {
         loop {
             if self.outbox.frames.is_empty() {
                 if self.refill().is_err() {
                     return Ok(false);
                 }
                 if self.outbox.frames.is_empty() {
+                    // Nothing left: what a stream buffered goes out now.
+                    self.tx.flush(cx)?;
                     return Ok(true);
                 }
             }
-            if !self.write_some()? {
+            if !write_outbox(&mut self.tx, &mut self.outbox, &self.state.metrics, cx)? {
                 return Ok(true); // blocked: the select waits for the socket
             }
             if !self.queue.write_done() {
                 return Ok(true);
             }
         }
-    }
-
-    /// Writes the outbox, many frames per system call, until the socket would block
-    /// (`Ok(false)`) or the outbox is empty (`Ok(true)`; its buffer is given back).
-    fn write_some(&mut self) -> std::io::Result<bool> {
-        const MAX_IOV: usize = 256;
-        let frames = &mut self.outbox.frames;
-        while !frames.is_empty() {
-            let end = frames.len().min(MAX_IOV);
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(end);
-            slices.push(IoSlice::new(&frames[0][self.outbox.written..]));
-            slices.extend(frames[1..end].iter().map(|f| IoSlice::new(f)));
-            let mut n = match self.stream.try_write_vectored(&slices) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e),
-            };
-            self.state.metrics.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            let mut done = 0;
-            while n > 0 {
-                let left = frames[done].len() - self.outbox.written;
-                if n >= left {
-                    n -= left;
-                    done += 1;
-                    self.outbox.written = 0;
-                } else {
-                    self.outbox.written += n;
-                    n = 0;
-                }
-            }
-            frames.drain(..done);
-        }
-        *frames = Vec::new();
-        Ok(true)
     }
 
     /// After the queue closed: writes what it still held, then the goodbye its close
@@ -492,24 +460,24 @@ impl Conn {
         while self.refill().is_ok() {}
         self.outbox.frames.extend(goodbye(reason));
         loop {
-            match self.write_some() {
-                Ok(true) | Err(_) => break,
-                Ok(false) => {
-                    if self.stream.writable().await.is_err() {
-                        break;
-                    }
+            let r = std::future::poll_fn(|cx| {
+                match write_outbox(&mut self.tx, &mut self.outbox, &self.state.metrics, cx) {
+                    Ok(true) => std::task::Poll::Ready(Ok(true)),
+                    // TCP: wait for room and try again. A stream's write registered the wake-up.
+                    Ok(false) => self.tx.poll_writable(cx).map_ok(|()| false),
+                    Err(e) => std::task::Poll::Ready(Err(e)),
                 }
-            }
-        }
-        let _ = socket2::SockRef::from(&*self.stream).shutdown(std::net::Shutdown::Write);
-        // Read (and drop) what the peer still sends until it closes its side: closing a
-        // socket with unread input resets the connection, and the reset can destroy the
-        // close frame before the peer reads it. Bounded by the caller's grace period.
-        while let Ok(false) = discard_input(&self.stream) {
-            if self.stream.readable().await.is_err() {
+            })
+            .await;
+            if !matches!(r, Ok(false)) {
                 break;
             }
         }
+        let _ = std::future::poll_fn(|cx| self.tx.poll_shutdown(cx)).await;
+        // Read (and drop) what the peer still sends until it closes its side: closing a
+        // socket with unread input resets the connection, and the reset can destroy the
+        // close frame before the peer reads it. Bounded by the caller's grace period.
+        let _ = std::future::poll_fn(|cx| self.rx.poll_discard(cx)).await;
     }
 
     /// Accounts for one read from the socket. Returns false when the connection is over.
@@ -906,15 +874,18 @@ fn goodbye(reason: CloseReason) -> Vec<Bytes> {
 /// The conformance endpoint (`/ws/echo`, `--dev` only): echoes every message with the
 /// same framing code as `/ws`, so independent suites (Autobahn|Testsuite) can check
 /// RFC 6455 / 7692 behaviour. Binary is echoed here; the protocol endpoint refuses it.
-pub async fn serve_echo(
-    mut stream: TcpStream,
-    pre: Bytes,
-    deflate: bool,
-    max_message: usize,
-    _slot: super::super::Admitted,
-) {
+pub async fn serve_echo(socket: Socket, pre: Bytes, deflate: bool, max_message: usize, _slot: super::super::Admitted) {
+    match socket {
+        Socket::Tcp(s) => {
+            let _ = s.set_nodelay(true);
+            echo(s, pre, deflate, max_message).await
+        }
+        Socket::Stream(s) => echo(s, pre, deflate, max_message).await,
+    }
+}
+
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, pre: Bytes, deflate: bool, max_message: usize) {
     use tokio::io::AsyncReadExt;
-    let _ = stream.set_nodelay(true);
     let mut reader = FrameReader::new(max_message, deflate).allowing_binary();
     let mut incoming = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];

@@ -8,6 +8,7 @@
 pub mod connection;
 pub mod deflate;
 pub mod frame;
+pub mod io;
 pub mod protocol;
 
 use axum::extract::{RawQuery, Request, State};
@@ -21,6 +22,7 @@ use crate::app::AppState;
 use crate::cursor;
 use crate::error::{ApiError, Code};
 use crate::session::{self, Query};
+use io::Socket;
 
 pub const SUBPROTOCOL: &str = "switchboard.v1";
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -73,7 +75,15 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
         return Err(ApiError::new(Code::TransportDisabled, "the WebSocket transport is disabled on this server"));
     }
     let headers = req.headers();
-    if !header_has_token(headers, header::UPGRADE, "websocket")
+    // HTTP/2 (RFC 8441): an extended CONNECT with `:protocol = websocket` on a stream of
+    // the connection, answered 200; HTTP/1.1 (RFC 6455): an Upgrade, answered 101.
+    let over_h2 = req.method() == axum::http::Method::CONNECT;
+    if over_h2 {
+        let protocol = req.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str());
+        if !protocol.is_some_and(|p| p.eq_ignore_ascii_case("websocket")) {
+            return Err(ApiError::new(Code::UpgradeRequired, "CONNECT here needs `:protocol websocket` (RFC 8441)"));
+        }
+    } else if !header_has_token(headers, header::UPGRADE, "websocket")
         || !header_has_token(headers, header::CONNECTION, "upgrade")
     {
         return Err(ApiError::new(Code::UpgradeRequired, "this endpoint speaks WebSocket: send an Upgrade request"));
@@ -81,12 +91,16 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
     if headers.get("sec-websocket-version").and_then(|v| v.to_str().ok()) != Some("13") {
         return Err(ApiError::new(Code::UpgradeRequired, "unsupported Sec-WebSocket-Version; this server speaks 13"));
     }
-    let key = headers.get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::trim).unwrap_or("");
-    let key_ok = base64::engine::general_purpose::STANDARD.decode(key).is_ok_and(|k| k.len() == 16);
-    if !key_ok {
-        return Err(ApiError::new(Code::InvalidRequest, "missing or malformed Sec-WebSocket-Key"));
-    }
-    let accept = accept_key(key);
+    let accept = if over_h2 {
+        None
+    } else {
+        let key = headers.get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::trim).unwrap_or("");
+        let key_ok = base64::engine::general_purpose::STANDARD.decode(key).is_ok_and(|k| k.len() == 16);
+        if !key_ok {
+            return Err(ApiError::new(Code::InvalidRequest, "missing or malformed Sec-WebSocket-Key"));
+        }
+        Some(accept_key(key))
+    };
     let deflate = state.config.ws.deflate
         && deflate::negotiate(headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()));
     // The same door as every streaming connection: origin, draining, rate and caps.
@@ -96,8 +110,8 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
         // The same message limit as `/ws` (Autobahn|Testsuite runs raise it to 16 MiB).
         let max = state.config.limits.max_message_bytes + connection::ENVELOPE_BYTES;
         let metrics = state.metrics.clone();
-        spawn_upgraded(&metrics, on_upgrade, move |tcp, pre| connection::serve_echo(tcp, pre, deflate, max, slot));
-        return Ok(switching_protocols(&accept, false, deflate));
+        spawn_upgraded(&metrics, on_upgrade, move |io, pre| connection::serve_echo(io, pre, deflate, max, slot));
+        return Ok(accepted(&state, accept.as_deref(), false, deflate));
     }
     let protocol_offered = header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
 
@@ -126,6 +140,7 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
     let on_upgrade = take_upgrade(req)?;
     let url_rewind = session::check_rewind(&url_channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
     let metrics = state.metrics.clone();
+    let response = accepted(&state, accept.as_deref(), protocol_offered, deflate);
     // Boxed: the closure that waits for the upgrade carries it, and an idle connection's
     // task should not (see `connection::serve`).
     let ctx = Box::new(connection::Ctx {
@@ -138,8 +153,8 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
         identity,
         slot,
     });
-    spawn_upgraded(&metrics, on_upgrade, move |tcp, pre| connection::serve(tcp, pre, ctx));
-    Ok(switching_protocols(&accept, protocol_offered, deflate))
+    spawn_upgraded(&metrics, on_upgrade, move |io, pre| connection::serve(io, pre, ctx));
+    Ok(response)
 }
 
 fn take_upgrade(req: &mut Request) -> Result<hyper::upgrade::OnUpgrade, ApiError> {
@@ -148,14 +163,15 @@ fn take_upgrade(req: &mut Request) -> Result<hyper::upgrade::OnUpgrade, ApiError
         .ok_or_else(|| ApiError::new(Code::UpgradeRequired, "this connection cannot be upgraded (HTTP/1.1 required)"))
 }
 
-/// Once hyper hands the connection over, takes the plain TCP stream back (and the bytes
-/// hyper already read) and serves it with `serve` — guarded, so a panic closes it.
+/// Once hyper hands the connection over, serves it with `serve` — guarded, so a panic
+/// closes it. A plain TCP stream is taken back from hyper (with the bytes it already
+/// read); TLS or an HTTP/2 stream is served through hyper's upgraded stream.
 fn spawn_upgraded<F, Fut>(
     metrics: &std::sync::Arc<crate::metrics::Metrics>,
     on_upgrade: hyper::upgrade::OnUpgrade,
     serve: F,
 ) where
-    F: FnOnce(TcpStream, bytes::Bytes) -> Fut + Send + 'static,
+    F: FnOnce(Socket, bytes::Bytes) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     tokio::spawn(crate::guarded(metrics.clone(), "websocket", async move {
@@ -167,19 +183,33 @@ fn spawn_upgraded<F, Fut>(
             }
         };
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => serve(parts.io.into_inner(), parts.read_buf).await,
-            Err(_) => tracing::error!("websocket upgrade over a non-TCP stream is not supported"),
+            Ok(parts) => serve(Socket::Tcp(parts.io.into_inner()), parts.read_buf).await,
+            Err(upgraded) => serve(Socket::Stream(Box::new(TokioIo::new(upgraded))), bytes::Bytes::new()).await,
         }
     }));
 }
 
-/// The 101 answer to a valid handshake.
-fn switching_protocols(accept: &str, protocol: bool, deflate: bool) -> Response {
-    let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+/// The answer to a valid handshake: 101 with `Sec-WebSocket-Accept` over HTTP/1.1, 200
+/// over HTTP/2 (RFC 8441 has no key and no accept).
+fn accepted(state: &AppState, accept: Option<&str>, protocol: bool, deflate: bool) -> Response {
+    let mut r = match accept {
+        Some(accept) => {
+            let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+            let h = r.headers_mut();
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert(
+                header::SEC_WEBSOCKET_ACCEPT,
+                HeaderValue::from_str(accept).expect("base64 is a valid header value"),
+            );
+            r
+        }
+        None => {
+            state.metrics.ws_over_http2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            StatusCode::OK.into_response()
+        }
+    };
     let h = r.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(accept).expect("base64 is a valid header value"));
     if protocol {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
     }
