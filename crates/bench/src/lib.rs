@@ -13,6 +13,11 @@
 //! Every scenario can target another server: `--subscribe-url` (WebSocket `ws://` or SSE
 //! `http://`, with an optional `--first-frame`) and `--publish-url` + `--publish-body`
 //! (a template where `$DATA` is the timestamped payload). Traffic goes only to loopback.
+//!
+//! Its clients are its own lean ones (a socket and a small buffer per connection, one
+//! read loop), not `crates/client`'s tokio-tungstenite stack: that is what lets one
+//! process hold thousands of connections and still measure the server. `--tls-ca`
+//! connects Switchboard subscribers over TLS (`wss://`, `https://`).
 
 mod proc_stats;
 mod wsconn;

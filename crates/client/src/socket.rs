@@ -1,30 +1,38 @@
 //! The WebSocket under [`crate::Connection`] and [`crate::Client`]: `ws://` and `wss://`
 //! on tokio-tungstenite, TLS by rustls (ring) trusting the platform's roots and any CA
-//! given in [`ConnectOptions::ca_pem`]. Proxies are the platform's business: the
-//! connection goes to the URL's host directly.
+//! given in [`ConnectOptions::ca_pem`]; over HTTP/1.1 (upgrade) or, with
+//! [`ConnectOptions::http2`], as an HTTP/2 stream (RFC 8441 extended CONNECT, hyper's
+//! client). Proxies are the platform's business: the connection goes to the URL's host
+//! directly.
 
 use std::sync::{Arc, OnceLock};
 
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
-use tokio::net::TcpStream;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::http::{self, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::{self, Error as TError};
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
 
 use crate::ws::{ConnectOptions, Message, WsError};
 
+/// What a WebSocket runs on: TCP, TLS over it, or an HTTP/2 stream.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 /// An open `ws://` or `wss://` connection.
 pub struct WebSocket {
-    inner: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    inner: WebSocketStream<Box<dyn Io>>,
     /// The handshake response headers (lower-case names).
     pub response_headers: Vec<(String, String)>,
     /// Whether the connection is encrypted.
     pub tls: bool,
+    /// Whether it is a stream of an HTTP/2 connection (RFC 8441).
+    pub http2: bool,
 }
 
 /// The platform's trusted roots, read once per process.
@@ -39,8 +47,9 @@ fn platform_roots() -> &'static rustls::RootCertStore {
     })
 }
 
-/// The TLS settings for `opts`: the platform's roots plus `ca_pem`, HTTP/1.1 by ALPN (a
-/// WebSocket upgrade is an HTTP/1.1 request).
+/// The TLS settings for `opts`: the platform's roots plus `ca_pem`; by ALPN `h2` with
+/// [`ConnectOptions::http2`], else `http/1.1` (a WebSocket upgrade is an HTTP/1.1
+/// request).
 pub fn tls_config(opts: &ConnectOptions) -> Result<Arc<rustls::ClientConfig>, WsError> {
     let mut roots = if opts.platform_roots { platform_roots().clone() } else { rustls::RootCertStore::empty() };
     if let Some(pem) = &opts.ca_pem {
@@ -60,7 +69,7 @@ pub fn tls_config(opts: &ConnectOptions) -> Result<Arc<rustls::ClientConfig>, Ws
         .map_err(|e| WsError::Tls(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![if opts.http2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
     Ok(Arc::new(config))
 }
 
@@ -101,18 +110,80 @@ impl WebSocket {
         if let Some(n) = opts.recv_buffer {
             socket.set_recv_buffer_size(n as u32)?;
         }
-        let stream = socket.connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let connector = if tls { Connector::Rustls(tls_config(opts)?) } else { Connector::Plain };
-        let (inner, response) = tokio_tungstenite::client_async_tls_with_config(request, stream, None, Some(connector))
-            .await
-            .map_err(handshake_error)?;
-        let response_headers = response
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.as_str().to_ascii_lowercase(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
-            .collect();
-        Ok(WebSocket { inner, response_headers, tls })
+        let tcp = socket.connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        if opts.http2 && !tls {
+            return Err(WsError::Handshake("WebSocket over HTTP/2 needs wss://".into()));
+        }
+        let stream: Box<dyn Io> = if tls {
+            let name = ServerName::try_from(host.clone()).map_err(|_| WsError::Url(url.into()))?;
+            let connector = tokio_rustls::TlsConnector::from(tls_config(opts)?);
+            let tls_stream = connector.connect(name, tcp).await.map_err(|e| match e.to_string() {
+                // Offered only h2, and the server speaks no HTTP/2.
+                m if opts.http2 && m.contains("NoApplicationProtocol") => {
+                    WsError::Handshake("the server does not speak HTTP/2 (ALPN h2 refused)".into())
+                }
+                m => WsError::Tls(m),
+            })?;
+            if opts.http2 {
+                if tls_stream.get_ref().1.alpn_protocol() != Some(b"h2".as_slice()) {
+                    return Err(WsError::Handshake("the server does not speak HTTP/2 (ALPN)".into()));
+                }
+                return Self::connect_h2(request, Box::new(tls_stream)).await;
+            }
+            Box::new(tls_stream)
+        } else {
+            Box::new(tcp)
+        };
+        let (inner, response) =
+            tokio_tungstenite::client_async_with_config(request, stream, None).await.map_err(handshake_error)?;
+        Ok(WebSocket { inner, response_headers: lower_headers(response.headers()), tls, http2: false })
+    }
+
+    /// RFC 8441: an extended CONNECT (`:protocol websocket`) on a new HTTP/2 connection;
+    /// a `200` answer makes the stream the WebSocket.
+    async fn connect_h2(request: http::Request<()>, io: Box<dyn Io>) -> Result<WebSocket, WsError> {
+        use http_body_util::{BodyExt, Empty};
+        let h2err = |e: hyper::Error| WsError::Protocol(format!("HTTP/2: {e}"));
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(io),
+        )
+        .await
+        .map_err(h2err)?;
+        // The connection is driven by a task of its own; it ends with the stream.
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let (parts, ()) = request.into_parts();
+        let uri: http::Uri = format!(
+            "https://{}{}",
+            parts.uri.authority().map(|a| a.as_str()).unwrap_or_default(),
+            parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+        )
+        .parse()
+        .map_err(|_| WsError::Url(parts.uri.to_string()))?;
+        let mut req = http::Request::builder().method(http::Method::CONNECT).uri(uri).version(http::Version::HTTP_2);
+        for (k, v) in parts.headers.iter() {
+            // The HTTP/1.1 handshake's own fields have no place in RFC 8441.
+            let own = ["host", "connection", "upgrade", "sec-websocket-key"];
+            if !own.contains(&k.as_str()) {
+                req = req.header(k, v);
+            }
+        }
+        let mut req = req.body(Empty::<bytes::Bytes>::new()).map_err(|e| WsError::Handshake(e.to_string()))?;
+        req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+        let mut response = sender.send_request(req).await.map_err(h2err)?;
+        let headers = lower_headers(response.headers());
+        if response.status() != http::StatusCode::OK {
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            return Err(WsError::Refused { status, body: String::from_utf8_lossy(&body).into_owned() });
+        }
+        let upgraded = hyper::upgrade::on(&mut response).await.map_err(h2err)?;
+        let io: Box<dyn Io> = Box::new(hyper_util::rt::TokioIo::new(upgraded));
+        let inner = WebSocketStream::from_raw_socket(io, Role::Client, None).await;
+        Ok(WebSocket { inner, response_headers: headers, tls: true, http2: true })
     }
 
     pub async fn send_text(&mut self, text: &str) -> Result<(), WsError> {
@@ -146,6 +217,12 @@ impl WebSocket {
             });
         }
     }
+}
+
+fn lower_headers(h: &http::HeaderMap) -> Vec<(String, String)> {
+    h.iter()
+        .map(|(k, v)| (k.as_str().to_ascii_lowercase(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect()
 }
 
 fn handshake_error(e: TError) -> WsError {

@@ -46,6 +46,10 @@ pub struct ConnectOptions {
     pub ca_pem: Option<Vec<u8>>,
     /// `wss://`: trust the platform's roots (the system certificate store).
     pub platform_roots: bool,
+    /// `wss://`: open the WebSocket as a stream of an HTTP/2 connection (RFC 8441
+    /// extended CONNECT) instead of an HTTP/1.1 upgrade; refused if the server does not
+    /// offer it.
+    pub http2: bool,
 }
 
 impl Default for ConnectOptions {
@@ -58,6 +62,7 @@ impl Default for ConnectOptions {
             timeout: Duration::from_secs(10),
             ca_pem: None,
             platform_roots: true,
+            http2: false,
         }
     }
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use common::{config, TestServer};
 use serde_json::{json, Value};
-use switchboard_client::{ClientError, Connection, WsError};
+use switchboard_client::{ClientError, ConnectOptions, Connection, WsError};
 use switchboard_server::app::{routes, Guard};
 use switchboard_server::auth::{sign, unix_now, Claims, Operation};
 use switchboard_server::transports::ws::protocol::COMMANDS;
@@ -180,13 +180,108 @@ async fn http_outcome(r: reqwest::Response) -> Option<String> {
     Some(v["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {v}")).to_string())
 }
 
+/// How the test reaches the server.
+enum Link {
+    /// Plain HTTP/1.1, WebSockets by upgrade.
+    Plain,
+    /// TLS: every request a stream of one HTTP/2 connection, WebSockets by extended
+    /// CONNECT (RFC 8441).
+    Http2(H2),
+}
+
+/// One HTTP/2 connection over TLS (hyper's client), trusting the test's CA.
+struct H2 {
+    sender: hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    authority: String,
+    ca: std::path::PathBuf,
+}
+
+impl H2 {
+    async fn connect(s: &TestServer, ca: &std::path::Path) -> H2 {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+        let io = hyper_util::rt::TokioIo::new(tls);
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+        tokio::spawn(conn);
+        H2 { sender, authority: format!("localhost:{}", s.addr.port()), ca: ca.to_path_buf() }
+    }
+
+    /// The error code of the answer, or `None` for a 2xx (whose body, an SSE stream
+    /// perhaps, is not read).
+    async fn outcome(&mut self, method: axum::http::Method, path: &str, body: Option<Value>) -> Option<String> {
+        use http_body_util::BodyExt;
+        let mut req = axum::http::Request::builder()
+            .method(method)
+            .uri(format!("https://{}{path}", self.authority))
+            .version(axum::http::Version::HTTP_2);
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let bytes = body.map(|b| bytes::Bytes::from(b.to_string())).unwrap_or_default();
+        let r = self.sender.send_request(req.body(http_body_util::Full::new(bytes)).unwrap()).await.unwrap();
+        let status = r.status();
+        if status.is_success() {
+            return None;
+        }
+        let b = r.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&b).unwrap_or_else(|e| panic!("HTTP {status} without a JSON error: {e}"));
+        Some(v["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {v}")).to_string())
+    }
+}
+
 /// Performs `way` on `channel` as `caller`; returns the error code, or `None` if allowed.
-async fn attempt(s: &TestServer, way: Way, channel: &str, caller: Caller) -> Option<String> {
+async fn attempt(s: &TestServer, link: &mut Link, way: Way, channel: &str, caller: Caller) -> Option<String> {
     let (conn, subs) = credentials(caller, channel);
-    let ws_base = format!("ws://{}/ws", s.addr);
+    let (ws_base, ws_options) = match link {
+        Link::Plain => (format!("ws://{}/ws", s.addr), ConnectOptions::default()),
+        Link::Http2(h2) => (
+            format!("wss://localhost:{}/ws", s.addr.port()),
+            ConnectOptions {
+                ca_pem: Some(std::fs::read(&h2.ca).unwrap()),
+                platform_roots: false,
+                http2: true,
+                ..Default::default()
+            },
+        ),
+    };
+    if let (Link::Http2(h2), Way::Sse | Way::Poll | Way::HttpPresence | Way::HttpPresenceStats | Way::HttpHistory) =
+        (&mut *link, way)
+    {
+        let path = match way {
+            Way::Sse => "/sse",
+            Way::Poll => "/poll",
+            Way::HttpPresence => "/presence",
+            Way::HttpHistory => "/history",
+            _ => "/presence_stats",
+        };
+        return h2
+            .outcome(axum::http::Method::GET, &format!("{path}?{}", query(Some(channel), &conn, &subs)), None)
+            .await;
+    }
+    if let (Link::Http2(h2), Way::HttpPublish) = (&mut *link, way) {
+        let path = format!("/publish?{}", query(None, &conn, &subs));
+        return h2.outcome(axum::http::Method::POST, &path, Some(json!({"channel": channel, "data": {"x": 1}}))).await;
+    }
+    let over_h2 = matches!(link, Link::Http2(_));
     match way {
         Way::WsCommand(cmd) => {
-            let mut c = Connection::connect(&ws_base).await.unwrap();
+            let mut c = Connection::connect_with(&ws_base, ws_options).await.unwrap();
+            assert_eq!(c.ws.http2, over_h2);
             if let Some(t) = &conn {
                 if let Err(e) = c.call(json!({"cmd": "connect", "token": t})).await {
                     return Some(code(e));
@@ -201,14 +296,21 @@ async fn attempt(s: &TestServer, way: Way, channel: &str, caller: Caller) -> Opt
             }
             c.call(v).await.err().map(code)
         }
-        Way::WsUrl => match Connection::connect(&format!("{ws_base}?{}", query(Some(channel), &conn, &subs))).await {
-            Ok(_) => None,
-            Err(ClientError::Ws(WsError::Refused { body, .. })) => {
-                let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-                Some(v["error"]["code"].as_str().unwrap().to_string())
+        Way::WsUrl => {
+            match Connection::connect_with(&format!("{ws_base}?{}", query(Some(channel), &conn, &subs)), ws_options)
+                .await
+            {
+                Ok(c) => {
+                    assert_eq!(c.ws.http2, over_h2);
+                    None
+                }
+                Err(ClientError::Ws(WsError::Refused { body, .. })) => {
+                    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+                    Some(v["error"]["code"].as_str().unwrap().to_string())
+                }
+                Err(e) => panic!("{e}"),
             }
-            Err(e) => panic!("{e}"),
-        },
+        }
         Way::Sse | Way::Poll | Way::HttpPresence | Way::HttpPresenceStats | Way::HttpHistory => {
             let path = match way {
                 Way::Sse => "/sse",
@@ -240,15 +342,14 @@ fn code(e: ClientError) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_operation_on_every_transport_answers_as_the_matrix_says() {
-    let s = TestServer::start_with(config(&server_config()), false).await;
+/// Runs every cell of the matrix through `link`; returns the wrong ones and the count.
+async fn run_matrix(s: &TestServer, link: &mut Link) -> (Vec<String>, usize) {
     let mut wrong = Vec::new();
     let mut cells = 0;
     for (way, op) in WAYS {
         for (kind, channel) in NAMESPACES {
             for caller in CALLERS {
-                let got = attempt(&s, way, channel, caller).await;
+                let got = attempt(s, link, way, channel, caller).await;
                 let want = expected(kind, caller).map(str::to_string);
                 cells += 1;
                 if got != want {
@@ -260,7 +361,34 @@ async fn every_operation_on_every_transport_answers_as_the_matrix_says() {
             }
         }
     }
+    (wrong, cells)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_on_every_transport_answers_as_the_matrix_says() {
+    let s = TestServer::start_with(config(&server_config()), false).await;
+    let (wrong, cells) = run_matrix(&s, &mut Link::Plain).await;
     assert!(wrong.is_empty(), "{} of {cells} cells are wrong:\n{}", wrong.len(), wrong.join("\n"));
+}
+
+/// The same matrix over TLS and HTTP/2: every request a stream of one connection, every
+/// WebSocket an extended CONNECT (RFC 8441) — the same door.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_matrix_holds_over_tls_and_http2_with_websockets_by_extended_connect() {
+    let dir = std::env::temp_dir().join(format!("sb-matrix-tls-{}", std::process::id()));
+    let d = switchboard_server::tls::dev_certificate(&dir, false).unwrap();
+    let toml = format!("{}\n[tls]\ncert = {:?}\nkey = {:?}\n", server_config(), d.cert, d.key);
+    let s = TestServer::start_with(config(&toml), false).await;
+    let mut link = Link::Http2(H2::connect(&s, &d.ca).await);
+    let (wrong, cells) = run_matrix(&s, &mut link).await;
+    assert!(wrong.is_empty(), "{} of {cells} cells are wrong:\n{}", wrong.len(), wrong.join("\n"));
+    // Every WebSocket of the matrix came by extended CONNECT.
+    let ws_cells = (WAYS.iter().filter(|(w, _)| matches!(w, Way::WsCommand(_) | Way::WsUrl)).count()
+        * NAMESPACES.len()
+        * CALLERS.len()) as u64;
+    let over_h2 = s.state.metrics.ws_over_http2.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(over_h2 > 0 && over_h2 <= ws_cells, "{over_h2} WebSockets over HTTP/2 for {ws_cells} cells");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -445,3 +445,36 @@ async fn a_reloaded_certificate_serves_new_connections_and_live_ones_stay_up() {
     assert!(presented_by(&s, &b.ca).await);
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_rust_client_speaks_rfc_8441_subscribing_and_resuming_over_an_http2_stream() {
+    let dir = tempdir("rfc8441");
+    let s = tls_server(&dir, "").await;
+    let h2 = ConnectOptions { http2: true, ..trusting(&dir) };
+    let ch = channel("h2");
+    let mut c = Connection::connect_with(&wss(&s, "/ws"), h2.clone()).await.unwrap();
+    assert!(c.ws.http2 && c.ws.tls);
+    let ok = c.subscribe(&ch, None).await.unwrap();
+    let (epoch, _) = s.publish(&ch, json!(1)).await;
+    assert_eq!(c.next_pub().await.unwrap()["data"], 1);
+    drop(c);
+    // Published while away; resumed on a new stream from offset 1.
+    s.publish(&ch, json!(2)).await;
+    s.publish(&ch, json!(3)).await;
+    let mut c = Connection::connect_with(&wss(&s, "/ws"), h2.clone()).await.unwrap();
+    let resumed = c.subscribe(&ch, Some(&format!("{epoch}:1"))).await.unwrap();
+    assert_eq!((resumed["recovered"].clone(), resumed["replayed"].clone()), (json!(true), json!(2)), "{ok} {resumed}");
+    assert_eq!(c.next_pub().await.unwrap()["data"], 2);
+    assert_eq!(c.next_pub().await.unwrap()["data"], 3);
+    assert_eq!(s.state.metrics.ws_over_http2.load(std::sync::atomic::Ordering::Relaxed), 2);
+    s.shutdown().await;
+
+    // A server with HTTP/2 off offers only HTTP/1.1: the client says so.
+    let s = tls_server(&dir, "[http2]\nenabled = false\n").await;
+    match Connection::connect_with(&wss(&s, "/ws"), h2).await {
+        Err(switchboard_client::ClientError::Ws(WsError::Handshake(m))) => assert!(m.contains("HTTP/2"), "{m}"),
+        Err(e) => panic!("expected a handshake error, got {e}"),
+        Ok(_) => panic!("RFC 8441 without HTTP/2"),
+    }
+    s.shutdown().await;
+}
