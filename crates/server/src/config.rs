@@ -586,10 +586,6 @@ impl Config {
             let missing = if self.tls.cert.is_none() { "tls.cert" } else { "tls.key" };
             return Err((missing.into(), "TLS needs both tls.cert and tls.key".into()));
         }
-        if !self.tls.enabled() && (self.tls.client_ca.is_some() || self.tls.http_listen.is_some()) {
-            let key = if self.tls.client_ca.is_some() { "tls.client_ca" } else { "tls.http_listen" };
-            return Err((key.into(), "needs tls.cert and tls.key".into()));
-        }
         if self.tls.handshake_timeout_secs == 0 {
             return Err(("tls.handshake_timeout_secs".into(), "must be at least 1".into()));
         }

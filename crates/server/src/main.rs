@@ -173,6 +173,11 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 /// mode or not — shared with `config check`, so a file it passes also starts.
 fn preflight(config: &Config, dev: bool) -> (Vec<String>, Vec<String>) {
     let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+    // (Checked here, not when the file loads: `serve --dev --tls` supplies the pair.)
+    if !config.tls.enabled() && (config.tls.client_ca.is_some() || config.tls.http_listen.is_some()) {
+        let key = if config.tls.client_ca.is_some() { "tls.client_ca" } else { "tls.http_listen" };
+        errors.push(format!("{key} needs tls.cert and tls.key (or `serve --dev --tls`)"));
+    }
     if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
         match switchboard_server::tls::load_certified_key(cert, key) {
             Ok((_, info)) if info.expires_in() < 14 * 86_400 => warnings.push(format!(

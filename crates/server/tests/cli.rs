@@ -547,3 +547,22 @@ async fn cert_dev_doctor_and_serve_tls_with_a_reload_on_sighup() {
     assert!(proc.0.try_wait().unwrap().is_none(), "SIGHUP must not stop the server");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[tokio::test]
+async fn serve_dev_tls_makes_the_development_certificate_and_serves_https() {
+    let data = std::env::temp_dir().join(format!("sb-cli-devtls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let port = free_port();
+    // The helper waits on the plain listener beside TLS; `--tls` itself needs no config.
+    let (_proc, _) = serve(|cmd, plain| {
+        cmd.args(["serve", "--dev", "--tls", "--listen", &format!("127.0.0.1:{port}")])
+            .env("XDG_DATA_HOME", &data)
+            .env("SWITCHBOARD_TLS__HTTP_LISTEN", format!("127.0.0.1:{plain}"))
+            .env("SWITCHBOARD_TLS__HTTP_MODE", "serve");
+    })
+    .await;
+    let ca = data.join("switchboard/dev-tls/ca.pem");
+    assert!(ca.exists(), "serve --dev --tls writes the development CA where `cert dev` would");
+    assert!(curl_trusts(&ca, port));
+    let _ = std::fs::remove_dir_all(&data);
+}

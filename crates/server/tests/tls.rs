@@ -118,6 +118,13 @@ async fn curl_publishes_polls_and_streams_sse_over_http2_and_http11() {
         }
         assert_eq!(data, vec![json!({"via": flag}), json!({"live": true})]);
         child.kill().await.unwrap();
+
+        // The served files and the admin page, over the same protocol.
+        for (path, marker) in [("/client.js", "Switchboard"), ("/client.d.ts", "Switchboard"), ("/admin", "<html")] {
+            let (v, body) = curl_tls(flag, &ca, &[], &https(&s, path)).await;
+            assert_eq!(v, version, "{path}");
+            assert!(body.contains(marker), "{path}: {}", &body[..body.len().min(200)]);
+        }
     }
     s.shutdown().await;
 }
