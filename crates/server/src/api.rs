@@ -7,10 +7,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use switchboard_core::{BrokerError, HistoryRequest};
 
 use crate::app::AppState;
-use crate::cursor;
+use crate::commands::ops::{history_json, payload, publish_to};
 use crate::error::{ApiError, Code};
 use crate::session::{resolve_channel, Query};
 
@@ -49,22 +48,6 @@ pub(crate) fn json_error(what: &str, e: &serde_json::Error) -> ApiError {
     }
 }
 
-/// Checks a payload against the size limit and returns it as single-line JSON text (SSE
-/// `data:` lines and the canonical encoding rely on it having no raw newlines).
-pub(crate) fn payload(state: &AppState, data: &RawValue) -> Result<Bytes, ApiError> {
-    let max = state.config.limits.max_message_bytes;
-    let text = data.get();
-    if text.len() > max {
-        return Err(ApiError::new(Code::MessageTooLarge, format!("data is {} bytes; the limit is {max}", text.len())));
-    }
-    if text.contains(['\n', '\r']) {
-        let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| ApiError::new(Code::InvalidJson, e.to_string()))?;
-        return Ok(Bytes::from(v.to_string()));
-    }
-    Ok(Bytes::copy_from_slice(text.as_bytes()))
-}
-
 fn body_limit(state: &AppState) -> usize {
     // Room for the envelope and for JSON escapes around a payload at the limit.
     state.config.limits.max_message_bytes * 2 + 64 * 1024
@@ -80,51 +63,6 @@ struct PublishRequest<'a> {
     key: Option<String>,
     /// Volatile: no offset, not stored, never replayed (defaults to the namespace's).
     volatile: Option<bool>,
-}
-
-/// Longest idempotency key accepted, in bytes.
-pub const MAX_IDEMPOTENCY_KEY: usize = 128;
-
-/// Publishes for the API and for clients: returns the reply JSON, `{"epoch","offset"}`
-/// or, for a volatile publication, `{"volatile":true}`.
-pub(crate) async fn publish_to(
-    state: &AppState,
-    r: &crate::session::Resolved,
-    data: Bytes,
-    volatile: Option<bool>,
-    key: Option<String>,
-) -> Result<String, ApiError> {
-    if let Some(k) = &key {
-        if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
-            return Err(ApiError::new(
-                Code::InvalidIdempotencyKey,
-                format!("an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY} bytes; this one is {}", k.len()),
-            ));
-        }
-    }
-    if volatile.unwrap_or(r.options.volatile) {
-        if key.is_some() {
-            return Err(ApiError::new(Code::InvalidRequest, "volatile publications take no idempotency key"));
-        }
-        let res = state.hub.broker().publish_volatile(&r.channel, switchboard_core::Kind::Volatile, data).await;
-        if res.is_err() {
-            state.metrics.broker_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        res?;
-        state.metrics.publishes_volatile.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return Ok(r#"{"volatile":true}"#.to_string());
-    }
-    let window = std::time::Duration::from_secs(state.config.limits.idempotency_window_secs);
-    let started = std::time::Instant::now();
-    let res = state.hub.broker().publish(&r.channel, data, &r.options.publish_options(key, window)).await;
-    let m = &*state.metrics;
-    m.broker_publish.observe(started.elapsed());
-    if res.is_err() {
-        m.broker_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    let pos = res?;
-    m.publishes_stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Ok(format!("{{\"epoch\":\"{}\",\"offset\":{}}}", pos.epoch, pos.offset))
 }
 
 /// `POST /api/publish {"channel":…, "data":…[, "key":…][, "volatile":true]}` →
@@ -195,49 +133,6 @@ pub async fn history(State(state): State<AppState>, RawQuery(raw): RawQuery) -> 
     let resolved = resolve_channel(&state, name)?;
     let body = history_json(&state, &resolved, q.get("since"), limit).await?;
     Ok((StatusCode::OK, [("content-type", "application/json")], body).into_response())
-}
-
-/// The history answer shared by `GET /api/history` and the WebSocket `history` command:
-/// `{"publications":[…],"epoch","offset","recovered"}`.
-pub(crate) async fn history_json(
-    state: &AppState,
-    resolved: &crate::session::Resolved,
-    since: Option<&str>,
-    limit: Option<u64>,
-) -> Result<Vec<u8>, ApiError> {
-    if !resolved.options.keeps_history() {
-        return Err(ApiError::new(
-            Code::HistoryDisabled,
-            format!("namespace {:?} keeps no history", resolved.channel.namespace()),
-        ));
-    }
-    let max = state.config.poll.max_limit as u64;
-    let limit = match limit {
-        None => state.config.poll.default_limit,
-        Some(n) if (1..=max).contains(&n) => n as usize,
-        Some(n) => return Err(ApiError::new(Code::BadLimit, format!("limit {n}: expected 1 to {max}"))),
-    };
-    let since = since.map(cursor::parse_position).transpose()?;
-    let latest = since.is_none();
-    let req = HistoryRequest { since, limit: Some(limit), latest };
-    let (pubs, position, recovered) = match state.hub.broker().history(&resolved.channel, req).await {
-        Ok(h) => (h.publications, h.position, true),
-        Err(BrokerError::PositionLost { current }) => (Vec::new(), current, false),
-        Err(e) => return Err(e.into()),
-    };
-    let mut body = Vec::with_capacity(64 + pubs.iter().map(|p| p.data.len() + 100).sum::<usize>());
-    body.extend_from_slice(b"{\"publications\":[");
-    for (i, p) in pubs.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(p.json());
-    }
-    body.extend_from_slice(
-        format!("],\"epoch\":\"{}\",\"offset\":{},\"recovered\":{recovered}}}", position.epoch, position.offset)
-            .as_bytes(),
-    );
-    Ok(body)
 }
 
 /// `GET /api/channels` → active channels with their subscriber counts: summed over the

@@ -8,6 +8,7 @@ pub mod assets;
 pub mod auth;
 pub mod clock;
 pub mod cluster;
+pub mod commands;
 pub mod config;
 pub mod cors;
 pub mod cursor;

@@ -51,8 +51,8 @@ pub async fn publish(
         &r,
         &Credentials { who: who.as_ref(), sub_tokens: &sub_tokens, subscribed: false },
     )?;
-    let data = crate::api::payload(&state, b.data)?;
-    Ok(json(crate::api::publish_to(&state, &r, data, b.volatile, b.key).await?))
+    let data = crate::commands::ops::payload(&state, b.data)?;
+    Ok(json(crate::commands::ops::publish_to(&state, &r, data, b.volatile, b.key).await?))
 }
 
 /// The one channel a client HTTP read names, once the gate lets `op` through.
@@ -81,7 +81,7 @@ pub async fn history(
     let q = Query::parse(raw.as_deref());
     let r = gated_channel(&state, Operation::History, raw, &headers).await?;
     let limit = q.int("limit", 1..=state.config.poll.max_limit as u64, Code::BadLimit)?;
-    let body = crate::api::history_json(&state, &r, q.get("since"), limit).await?;
+    let body = crate::commands::ops::history_json(&state, &r, q.get("since"), limit).await?;
     Ok((StatusCode::OK, [("content-type", "application/json")], body).into_response())
 }
 

@@ -9,7 +9,8 @@ pub mod connection;
 pub mod deflate;
 pub mod frame;
 pub mod io;
-pub mod protocol;
+/// The `switchboard.v1` commands (transport-neutral: [`crate::commands`]).
+pub use crate::commands::protocol;
 
 use axum::extract::{RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};

@@ -1,0 +1,428 @@
+//! The `switchboard.v1` command set, apart from any transport: a client's session — its
+//! identity, its subscriptions and presence, its token's expiry, its command rate — and
+//! the commands that act on it (connect, subscribe, unsubscribe, publish, history,
+//! presence, presence_stats, refresh, ping; docs/protocol.md). Every channel operation
+//! goes through [`Session::gated`], the one door ([`crate::auth::gate`]).
+//!
+//! A transport is framing and I/O: it reads messages and hands their text to
+//! [`Session::command`]; replies and pushes come back through the session's queue as
+//! bytes its [`Wire`] framed; a close is a close code of the protocol
+//! (docs/protocol.md, "Close codes"). The WebSocket is one such transport
+//! (`transports::ws::connection`); a WebTransport stream can be another, and MQTT maps
+//! its packets onto the same operations ([`ops`], [`Session::subscribe`], …).
+
+pub mod ops;
+pub mod protocol;
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use switchboard_core::hub::{SubscribeOutcome, SubscribeRequest, SubscriptionHandle};
+use switchboard_core::pattern::is_pattern;
+use switchboard_core::queue::Event;
+use switchboard_core::{ChannelName, CloseReason, ConnQueue};
+
+use self::protocol::Command;
+use crate::app::AppState;
+use crate::auth::{self, Identity, Operation};
+use crate::cursor;
+use crate::error::{ApiError, Code};
+use crate::presence::PresenceGuard;
+use crate::registry::Registration;
+use crate::session::{self, resolve_channel, resolve_pattern, Resolved, ResolvedPattern};
+use crate::transports::ws::frame::close;
+
+/// How a transport frames the protocol's messages.
+pub trait Wire: Send + Sync + 'static {
+    /// One JSON message, as the bytes to queue (a WebSocket text frame, …).
+    fn text(json: &[u8]) -> Bytes;
+    /// The last bytes of a session closed with a protocol close code.
+    fn close(code: u16, reason: &str) -> Bytes;
+}
+
+/// How far back refused commands are counted to tell a flood.
+const FLOOD_WINDOW: Duration = Duration::from_secs(10);
+
+/// Where the session's token stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Expiry {
+    /// Anonymous: nothing expires.
+    None,
+    /// Valid until this time (Unix ms on the server's clock).
+    Until(u64),
+    /// Expired; the client was asked to `refresh` before this time (Unix ms).
+    Grace(u64),
+}
+
+/// One client's session. (Fields the transport's event loop waits on are visible to it.)
+pub struct Session<W: Wire> {
+    pub state: AppState,
+    /// Replies, pushes and publications, in order, bounded in bytes.
+    pub queue: Arc<ConnQueue>,
+    /// Presence guards are boxed: most subscriptions have none, and a map entry sized
+    /// for one would cost every idle connection hundreds of bytes.
+    subs: HashMap<ChannelName, (SubscriptionHandle, Option<Box<PresenceGuard>>)>,
+    patterns: HashMap<String, SubscriptionHandle>,
+    pub client: String,
+    /// Commands per second: `ws.max_commands_per_sec`, bursts of twice that.
+    bucket: crate::limits::Bucket,
+    /// Commands refused for the rate limit, over the last [`FLOOD_WINDOW`].
+    rejected: crate::limits::SlidingCount,
+    // Boxed: rare, and an idle anonymous connection should not carry their size.
+    identity: Option<Box<Identity>>,
+    /// What an anonymous client said about itself (shown in presence as unverified).
+    claimed: Option<Box<serde_json::Value>>,
+    registration: Option<Box<Registration>>,
+    pub expiry: Expiry,
+    /// Fires at the expiry deadline; only sessions with a token have one.
+    pub timer: Option<crate::transports::Timer>,
+    wire: PhantomData<W>,
+}
+
+impl<W: Wire> Session<W> {
+    pub fn new(state: AppState, queue: Arc<ConnQueue>) -> Self {
+        let rate = state.config.ws.max_commands_per_sec as f64 * 2.0;
+        Session {
+            state,
+            queue,
+            subs: HashMap::new(),
+            patterns: HashMap::new(),
+            client: crate::presence::client_id(),
+            bucket: crate::limits::Bucket::full(rate),
+            rejected: crate::limits::SlidingCount::new(),
+            identity: None,
+            claimed: None,
+            registration: None,
+            expiry: Expiry::None,
+            timer: None,
+            wire: PhantomData,
+        }
+    }
+
+    /// The expiry timer fired: first a `refresh` request with a grace period, then the
+    /// close (4101). Returns false when the session is over.
+    pub fn on_expiry(&mut self) -> bool {
+        match self.expiry {
+            Expiry::Until(_) => {
+                let grace = Duration::from_secs(self.state.config.auth.refresh_grace_secs);
+                self.arm(Expiry::Grace(self.state.clock.now_ms().saturating_add(grace.as_millis() as u64)));
+                let v =
+                    serde_json::json!({"refresh": {"reason": "token_expired", "grace_ms": grace.as_millis() as u64}});
+                self.push(W::text(v.to_string().as_bytes()));
+                true
+            }
+            _ => {
+                self.queue.close(CloseReason::TokenExpired);
+                false
+            }
+        }
+    }
+
+    /// The client is alive: keeps its presence entries from expiring.
+    pub async fn refresh_presence(&self) {
+        for (_, guard) in self.subs.values() {
+            if let Some(g) = guard {
+                g.refresh().await;
+            }
+        }
+    }
+
+    /// Leaves every channel and presence, and the user registry, now.
+    pub fn leave_all(&mut self) {
+        self.subs.clear();
+        self.patterns.clear();
+        self.registration = None;
+    }
+
+    pub fn arm(&mut self, expiry: Expiry) {
+        self.expiry = expiry;
+        self.timer = match expiry {
+            Expiry::Until(t) | Expiry::Grace(t) => Some(crate::transports::timer(&self.state, t)),
+            Expiry::None => None,
+        };
+    }
+
+    /// Adopts a verified identity: registers the connection under its user (for
+    /// `/api/disconnect`) and arms the expiry timer.
+    pub fn set_identity(&mut self, who: Identity) {
+        self.arm(Expiry::Until(who.expires_at_ms()));
+        if self.registration.is_none() {
+            self.registration =
+                Some(Box::new(self.state.registry.register(&who.user, who.jti.clone(), self.queue.clone())));
+        }
+        self.identity = Some(Box::new(who));
+    }
+
+    /// Queues a frame behind what is queued, within the byte bound.
+    pub fn push(&self, frame: Bytes) {
+        let _ = self.queue.push(Event::Frame(frame));
+    }
+
+    /// Queues a last frame regardless of the bound (a close must get out).
+    pub fn push_final(&self, frame: Bytes) {
+        self.queue.push_replay(Event::Frame(frame));
+    }
+
+    pub fn close_with(&self, code: u16, reason: &str) {
+        self.push_final(W::close(code, reason));
+        self.queue.close(CloseReason::Normal);
+    }
+
+    /// An error reply, counted in the metrics by its code.
+    pub fn error_reply(&self, id: Option<u64>, e: &ApiError) -> String {
+        self.state.metrics.error(e.code.as_str());
+        protocol::error(id, e)
+    }
+
+    pub fn reply(&self, text: String) {
+        self.push(W::text(text.as_bytes()));
+    }
+
+    /// Handles one command. Returns false when the connection is closing.
+    pub async fn command(&mut self, text: &str) -> bool {
+        let rate = self.state.config.ws.max_commands_per_sec as f64;
+        if self.bucket.take(rate, rate * 2.0).is_err() {
+            // A client that keeps sending past the limit is closed, however many of its
+            // commands get through in between: refusals are counted over a window.
+            if self.rejected.add(FLOOD_WINDOW) > rate * 2.0 {
+                self.close_with(close::POLICY, "command flood");
+                return false;
+            }
+            let id = serde_json::from_str::<serde_json::Value>(text).ok().and_then(|v| v["id"].as_u64());
+            let e = ApiError::new(Code::RateLimited, "too many commands; slow down");
+            self.reply(self.error_reply(id, &e));
+            return true;
+        }
+        let (id, cmd) = match protocol::parse(text) {
+            Ok(x) => x,
+            Err((id, e)) => {
+                self.reply(self.error_reply(id, &e));
+                return true;
+            }
+        };
+        let result = match cmd {
+            Command::Subscribe { channel, since, rewind, token: _ } if is_pattern(&channel) => {
+                let r = async {
+                    if since.is_some() || rewind.is_some() {
+                        return Err(ApiError::new(
+                            Code::InvalidPattern,
+                            "pattern subscriptions are live-only: no since or rewind",
+                        ));
+                    }
+                    let p = resolve_pattern(&self.state, &channel)?;
+                    auth::gate_pattern(self.identity.as_deref(), &p, &self.state.deny)?;
+                    Ok(p)
+                }
+                .await;
+                match r {
+                    Ok(p) => self
+                        .subscribe_pattern(p)
+                        .await
+                        .map(|()| Some(serde_json::json!({"channel": channel, "pattern": true}).to_string())),
+                    Err(e) => Err(e),
+                }
+            }
+            Command::Subscribe { channel, since, rewind, token } => {
+                let r = async {
+                    let resolved = self.gated(Operation::Subscribe, &channel, token)?;
+                    let since = since.as_deref().map(cursor::parse_position).transpose()?;
+                    let rewind = session::check_rewind(std::slice::from_ref(&resolved), rewind)?;
+                    let req = session::subscribe_request(&resolved, since, rewind);
+                    Ok::<_, ApiError>((resolved, req))
+                }
+                .await;
+                let res = match r {
+                    Ok((resolved, req)) => {
+                        self.subscribe(resolved, req, |o, ch| protocol::ok(id, &outcome_json(ch, o))).await
+                    }
+                    Err(e) => Err(e),
+                };
+                // Success replied inside `subscribe`, before the replay.
+                res.map(|()| None)
+            }
+            Command::Unsubscribe { channel } if is_pattern(&channel) => match self.patterns.remove(&channel) {
+                Some(_) => Ok(Some("{}".to_string())),
+                None => Err(ApiError::new(Code::NotSubscribed, format!("not subscribed to {channel:?}"))),
+            },
+            Command::Unsubscribe { channel } => {
+                let ch = ChannelName::parse(&channel).map_err(|e| ApiError::channel(&channel, e));
+                ch.and_then(|ch| match self.subs.remove(&ch) {
+                    Some(_) => Ok(Some("{}".to_string())),
+                    None => Err(ApiError::new(Code::NotSubscribed, format!("not subscribed to {channel:?}"))),
+                })
+            }
+            Command::Publish { channel, data, volatile, key, token } => {
+                match self.gated(Operation::Publish, &channel, token) {
+                    Ok(r) => match ops::payload(&self.state, data) {
+                        Ok(data) => ops::publish_to(&self.state, &r, data, volatile, key).await.map(Some),
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+            Command::History { channel, since, limit, token } => {
+                match self.gated(Operation::History, &channel, token) {
+                    Ok(r) => ops::history_json(&self.state, &r, since.as_deref(), limit)
+                        .await
+                        .map(|b| Some(String::from_utf8(b).expect("history JSON is UTF-8"))),
+                    Err(e) => Err(e),
+                }
+            }
+            Command::Presence { channel, token } => match self.gated(Operation::Presence, &channel, token) {
+                Ok(r) => crate::presence::members_json(&self.state, &r).await.map(Some),
+                Err(e) => Err(e),
+            },
+            Command::PresenceStats { channel, token } => match self.gated(Operation::PresenceStats, &channel, token) {
+                Ok(r) => crate::presence::stats_json(&self.state, &r).await.map(Some),
+                Err(e) => Err(e),
+            },
+            Command::Connect { token, client } => {
+                if let Some(c) = client {
+                    // Small and public only: it is shown to others in presence.
+                    if c.to_string().len() <= 1024 {
+                        self.claimed = Some(Box::new(c));
+                    }
+                }
+                if self.identity.is_some() && token.is_some() {
+                    Err(ApiError::new(Code::InvalidRequest, "already authenticated; send `refresh` with a new token"))
+                } else {
+                    match token.as_deref().map(|t| crate::transports::verify(&self.state, t)).transpose() {
+                        Ok(who) => {
+                            if let Some(who) = who {
+                                self.set_identity(who);
+                            }
+                            let user = self.identity.as_deref().map(|w| w.user.clone());
+                            let expires = self.identity.as_deref().map(|w| w.expires_in_ms(&self.state.clock));
+                            Ok(Some(
+                                serde_json::json!({
+                                    "client": self.client, "version": "v1", "user": user,
+                                    "expires_in_ms": expires,
+                                    "ping_interval_ms": self.state.config.ws.ping_interval_secs * 1000,
+                                })
+                                .to_string(),
+                            ))
+                        }
+                        Err(e) => {
+                            // A bad connection token ends the connection, with its code.
+                            let code = match e.code {
+                                Code::TokenExpired => close::TOKEN_EXPIRED,
+                                Code::TokenRevoked => close::DISCONNECTED,
+                                _ => close::TOKEN_INVALID,
+                            };
+                            self.reply(self.error_reply(id, &e));
+                            self.close_with(code, e.code.as_str());
+                            return false;
+                        }
+                    }
+                }
+            }
+            Command::Refresh { token } => match crate::transports::verify(&self.state, &token) {
+                Ok(who) if self.identity.as_deref().is_some_and(|old| old.user != who.user) => {
+                    Err(ApiError::new(Code::TokenInvalid, "refresh token is for another user"))
+                }
+                Ok(who) => {
+                    let ms = who.expires_in_ms(&self.state.clock);
+                    self.set_identity(who);
+                    Ok(Some(format!("{{\"expires_in_ms\":{ms}}}")))
+                }
+                Err(e) => Err(e),
+            },
+            Command::Ping => Ok(Some("{}".to_string())),
+        };
+        match result {
+            Ok(Some(ok)) => self.reply(protocol::ok(id, &ok)),
+            Ok(None) => {}
+            Err(e) => self.reply(self.error_reply(id, &e)),
+        }
+        true
+    }
+
+    /// Subscribes race-free; `reply` renders what is queued before the replay.
+    /// The caller has authorized the subscription.
+    pub async fn subscribe(
+        &mut self,
+        r: Resolved,
+        req: SubscribeRequest,
+        reply: impl FnOnce(&SubscribeOutcome, &ChannelName) -> String,
+    ) -> Result<(), ApiError> {
+        if self.subs.contains_key(&r.channel) {
+            return Err(ApiError::new(
+                Code::AlreadySubscribed,
+                format!("already subscribed to {:?}", r.channel.as_str()),
+            ));
+        }
+        let max = self.state.config.ws.max_subscriptions;
+        if self.subs.len() + self.patterns.len() >= max {
+            return Err(ApiError::new(
+                Code::TooManySubscriptions,
+                format!("at most {max} subscriptions per connection"),
+            ));
+        }
+        self.queue.raise_bound(r.options.queue_max_bytes);
+        let resuming = req.since.is_some();
+        let pending = self.state.hub.subscribe(r.channel.clone(), self.queue.clone(), req).await?;
+        if resuming {
+            self.state.metrics.resume(pending.outcome().recovered);
+        }
+        // In presence before the reply says subscribed; the join event after going live,
+        // so the subscriber sees its own.
+        let guard =
+            crate::presence::join(&self.state, &r, &self.client, self.identity.as_deref(), self.claimed.as_deref())
+                .await?;
+        self.reply(reply(pending.outcome(), &r.channel));
+        let handle = pending.go_live();
+        if let Some(g) = &guard {
+            // The subscribe succeeded and was confirmed; a join event lost to a broker
+            // hiccup is not worth failing it for (presence itself is in place).
+            if let Err(e) = g.announce().await {
+                tracing::debug!("join event not published: {}", e.message);
+            }
+        }
+        self.subs.insert(r.channel, (handle, guard.map(Box::new)));
+        Ok(())
+    }
+
+    /// The caller has authorized the pattern.
+    pub async fn subscribe_pattern(&mut self, p: ResolvedPattern) -> Result<(), ApiError> {
+        let raw = p.pattern.to_string();
+        if self.patterns.contains_key(&raw) {
+            return Err(ApiError::new(Code::AlreadySubscribed, format!("already subscribed to {raw:?}")));
+        }
+        let max = self.state.config.ws.max_subscriptions;
+        if self.subs.len() + self.patterns.len() >= max {
+            return Err(ApiError::new(
+                Code::TooManySubscriptions,
+                format!("at most {max} subscriptions per connection"),
+            ));
+        }
+        self.queue.raise_bound(p.options.queue_max_bytes);
+        let handle = self.state.hub.subscribe_pattern(p.pattern, self.queue.clone()).await?;
+        self.patterns.insert(raw, handle);
+        Ok(())
+    }
+
+    /// Resolves `channel` and asks the gate whether this connection may perform `op` on
+    /// it: every channel command goes through here. `token` is a subscription token.
+    pub fn gated(&self, op: Operation, channel: &str, token: Option<String>) -> Result<Resolved, ApiError> {
+        let r = resolve_channel(&self.state, channel)?;
+        let cred = auth::Credentials {
+            who: self.identity.as_deref(),
+            sub_tokens: token.as_slice(),
+            subscribed: self.subs.contains_key(&r.channel),
+        };
+        self.state.gate(op, &r, &cred)?;
+        Ok(r)
+    }
+}
+
+/// A subscription's outcome as the protocol shows it.
+pub fn outcome_json(channel: &ChannelName, o: &SubscribeOutcome) -> String {
+    serde_json::json!({
+        "channel": channel, "epoch": &*o.position.epoch, "offset": o.position.offset,
+        "recovered": o.recovered, "replayed": o.replayed,
+    })
+    .to_string()
+}
