@@ -115,8 +115,9 @@ impl Publication {
     }
 }
 
-/// Number of per-transport encoding slots in a [`Delivery`].
-pub const ENCODING_SLOTS: usize = 4;
+/// Number of per-transport encoding slots in a [`Delivery`]: SSE 0–1, WebSocket 2–3 (text,
+/// deflate), MQTT 4–5 (3.1.1, 5).
+pub const ENCODING_SLOTS: usize = 6;
 
 /// A publication on its way to local subscribers, with its encodings.
 ///

@@ -40,6 +40,8 @@ pub struct Inner {
     pub clock: Arc<crate::clock::Clock>,
     pub deny: crate::auth::DenyList,
     pub registry: Arc<crate::registry::Registry>,
+    /// MQTT client ids connected to this node (a new connection takes an id over).
+    pub mqtt_clients: crate::registry::ClientIds,
     pub limits: Arc<crate::limits::ConnLimits>,
     pub presence: Arc<dyn switchboard_core::presence::PresenceManager>,
     /// This node's id in the cluster.
@@ -156,6 +158,7 @@ impl AppState {
                 clock,
                 deny: crate::auth::DenyList::default(),
                 registry: Arc::default(),
+                mqtt_clients: Default::default(),
                 limits,
                 presence,
                 node_id,

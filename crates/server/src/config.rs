@@ -45,6 +45,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "broker",
     "tls",
     "http2",
+    "mqtt",
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +69,7 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub tls: TlsConfig,
     pub http2: Http2Config,
+    pub mqtt: MqttConfig,
     /// `SWITCHBOARD_*` variables that were not configuration (see the module docs).
     #[serde(skip)]
     pub ignored_env: Vec<String>,
@@ -90,6 +92,7 @@ impl Default for Config {
             broker: BrokerConfig::default(),
             tls: TlsConfig::default(),
             http2: Http2Config::default(),
+            mqtt: MqttConfig::default(),
             ignored_env: Vec::new(),
         }
     }
@@ -341,6 +344,23 @@ pub enum HttpMode {
     Serve,
 }
 
+/// MQTT 3.1.1 and 5 (docs/mqtt.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// The MQTT listener (e.g. `0.0.0.0:1883`); none unless set (`serve --dev` tries
+    /// `127.0.0.1:1883`).
+    pub listen: Option<SocketAddr>,
+    /// Largest packet a client may send, in bytes (announced in MQTT 5's CONNACK).
+    pub max_packet_bytes: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig { listen: None, max_packet_bytes: 256 * 1024 }
+    }
+}
+
 /// HTTP/2 (negotiated by ALPN over TLS): limits sized for many long-lived streams.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -585,6 +605,9 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             let missing = if self.tls.cert.is_none() { "tls.cert" } else { "tls.key" };
             return Err((missing.into(), "TLS needs both tls.cert and tls.key".into()));
+        }
+        if self.mqtt.max_packet_bytes < 1024 || self.mqtt.max_packet_bytes > 268_435_455 {
+            return Err(("mqtt.max_packet_bytes".into(), "must be 1024 to 268435455 (MQTT's limit)".into()));
         }
         if self.tls.handshake_timeout_secs == 0 {
             return Err(("tls.handshake_timeout_secs".into(), "must be at least 1".into()));

@@ -42,6 +42,8 @@ pub struct Server {
     listener: TcpListener,
     /// `tls.http_listen`: plain HTTP beside the TLS listener.
     http_listener: Option<TcpListener>,
+    /// `mqtt.listen`: MQTT 3.1.1 / 5.
+    mqtt_listener: Option<TcpListener>,
     shutdown_tx: watch::Sender<bool>,
     drain_notice: Duration,
 }
@@ -99,7 +101,11 @@ impl Server {
             Some(addr) => Some(bind(addr).map_err(|e| anyhow::anyhow!("tls.http_listen {addr}: {e}"))?),
             None => None,
         };
-        Ok(Server { state, listener, http_listener, shutdown_tx, drain_notice: Duration::ZERO })
+        let mqtt_listener = match state.config.mqtt.listen {
+            Some(addr) => Some(bind(addr).map_err(|e| anyhow::anyhow!("mqtt.listen {addr}: {e}"))?),
+            None => None,
+        };
+        Ok(Server { state, listener, http_listener, mqtt_listener, shutdown_tx, drain_notice: Duration::ZERO })
     }
 
     /// On shutdown, first report not-ready (and refuse new streaming connections) for
@@ -112,6 +118,11 @@ impl Server {
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The MQTT listener's address (`mqtt.listen`).
+    pub fn mqtt_local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.mqtt_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The plain-HTTP listener's address beside a TLS one (`tls.http_listen`).
@@ -131,7 +142,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
         drain: Duration,
     ) -> std::io::Result<()> {
-        let Server { state, listener, http_listener, shutdown_tx, drain_notice } = self;
+        let Server { state, listener, http_listener, mqtt_listener, shutdown_tx, drain_notice } = self;
         let connections = Arc::new(app::ConnTracker::default());
         let draining_state = state.clone();
         let mut shutdown = std::pin::pin!(async move {
@@ -164,6 +175,10 @@ impl Server {
                     Ok(x) => (x, plain_mode),
                     Err(e) => { backoff(&mut failed_accepts, e).await; continue; }
                 },
+                r = accept(mqtt_listener.as_ref()) => match r {
+                    Ok(x) => (x, listener::Listener::Mqtt),
+                    Err(e) => { backoff(&mut failed_accepts, e).await; continue; }
+                },
                 _ = &mut shutdown => break,
             };
             if failed_accepts > 0 {
@@ -184,9 +199,22 @@ impl Server {
                     continue;
                 }
             };
+            if matches!(which, listener::Listener::Mqtt) {
+                if reserve {
+                    // The reserved places are for health probes; MQTT has none.
+                    state.metrics.refused_total_cap.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
+                let state = state.clone();
+                tokio::spawn(guarded(state.metrics.clone(), "mqtt connection", async move {
+                    transports::mqtt::connection::serve(tcp, state, peer, slot).await
+                }));
+                continue;
+            }
             conns.spawn(tcp, peer, slot, reserve, which);
         }
         drop(http_listener);
+        drop(mqtt_listener);
         drop(listener);
         tracing::info!("shutting down: telling clients to reconnect");
         let _ = shutdown_tx.send(true);

@@ -39,6 +39,8 @@ pub enum Listener {
     Main,
     /// `tls.http_listen`: plain HTTP beside the TLS listener.
     Plain(HttpMode),
+    /// `mqtt.listen` (served by `transports::mqtt`, not here).
+    Mqtt,
 }
 
 /// What every connection task needs from the accept loop.

@@ -335,7 +335,22 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            let (errors, warnings) = preflight(&cfg, dev);
+            // MQTT on its usual port under --dev, unless something (a Mosquitto) holds it.
+            let mut mqtt_note = None;
+            if dev && cfg.mqtt.listen.is_none() {
+                let addr: std::net::SocketAddr = ([127, 0, 0, 1], 1883).into();
+                match std::net::TcpListener::bind(addr) {
+                    Ok(l) => {
+                        drop(l);
+                        cfg.mqtt.listen = Some(addr);
+                    }
+                    Err(e) => {
+                        mqtt_note = Some(format!("MQTT not started: {addr}: {e}; set mqtt.listen to another port"))
+                    }
+                }
+            }
+            let (errors, mut warnings) = preflight(&cfg, dev);
+            warnings.extend(mqtt_note);
             if let Some(e) = errors.first() {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
@@ -489,6 +504,9 @@ async fn serve(cfg: Config, dev: bool, drain: Duration, notice: Duration) -> any
             switchboard_server::config::HttpMode::Serve => "serving",
         };
         tracing::info!("plain HTTP on http://{plain} ({mode})");
+    }
+    if let Some(mqtt) = server.mqtt_local_addr() {
+        tracing::info!("MQTT 3.1.1 and 5 on {mqtt} (mqtt://{mqtt})");
     }
     if let Some(tls) = &server.state.tls {
         let info = tls.info();

@@ -28,9 +28,11 @@ pub enum Transport {
     Ws,
     Sse,
     Poll,
+    Mqtt,
 }
 
-const TRANSPORTS: [(&str, Transport); 3] = [("ws", Transport::Ws), ("sse", Transport::Sse), ("poll", Transport::Poll)];
+const TRANSPORTS: [(&str, Transport); 4] =
+    [("ws", Transport::Ws), ("sse", Transport::Sse), ("poll", Transport::Poll), ("mqtt", Transport::Mqtt)];
 
 /// Histogram with explicit upper bounds (seconds).
 #[derive(Debug)]
@@ -70,8 +72,8 @@ const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 
 /// Every metric the server keeps.
 pub struct Metrics {
-    pub connections: [AtomicI64; 3],
-    pub handshakes: [AtomicU64; 3],
+    pub connections: [AtomicI64; 4],
+    pub handshakes: [AtomicU64; 4],
     pub publishes_stored: AtomicU64,
     pub publishes_volatile: AtomicU64,
     pub bytes_out: AtomicU64,

@@ -70,3 +70,22 @@ impl Drop for Registration {
         }
     }
 }
+
+/// Connected MQTT client ids on this node: MQTT allows one connection per client id, and
+/// a new one takes the id over (the old connection is closed).
+#[derive(Default)]
+pub struct ClientIds(std::sync::Mutex<HashMap<String, std::sync::Weak<ConnQueue>>>);
+
+impl ClientIds {
+    /// Registers `queue` under `id`, closing the connection that held it.
+    pub fn take_over(&self, id: &str, queue: &Arc<ConnQueue>) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = m.insert(id.to_string(), Arc::downgrade(queue)).and_then(|w| w.upgrade()) {
+            old.close(CloseReason::Normal);
+        }
+        // Forget the ids of connections that are gone, now and then.
+        if m.len() > 64 && m.len().is_power_of_two() {
+            m.retain(|_, w| w.strong_count() > 0);
+        }
+    }
+}

@@ -11,6 +11,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use common::mqtt::Mqtt;
 use common::{config, TestServer};
 use serde_json::{json, Value};
 use switchboard_client::{ClientError, ConnectOptions, Connection, WsError};
@@ -32,6 +33,8 @@ const NAMESPACES: [(&str, &str); 4] = [
 fn server_config() -> String {
     format!(
         r#"
+[mqtt]
+listen = "127.0.0.1:0"
 [api]
 keys = ["{API_KEY}"]
 [auth]
@@ -142,9 +145,13 @@ enum Way {
     HttpPresence,
     HttpPresenceStats,
     HttpHistory,
+    /// MQTT 5 SUBSCRIBE / PUBLISH (QoS 1): the connection token as CONNECT's password,
+    /// a subscription token as the user property `token`.
+    MqttSubscribe,
+    MqttPublish,
 }
 
-const WAYS: [(Way, Operation); 12] = [
+const WAYS: [(Way, Operation); 14] = [
     (Way::WsCommand("subscribe"), Operation::Subscribe),
     (Way::WsCommand("history"), Operation::History),
     (Way::WsCommand("presence"), Operation::Presence),
@@ -157,6 +164,8 @@ const WAYS: [(Way, Operation); 12] = [
     (Way::HttpPresence, Operation::Presence),
     (Way::HttpPresenceStats, Operation::PresenceStats),
     (Way::HttpHistory, Operation::History),
+    (Way::MqttSubscribe, Operation::Subscribe),
+    (Way::MqttPublish, Operation::Publish),
 ];
 
 /// WebSocket commands that read or write no channel's data, so have no rows.
@@ -279,6 +288,9 @@ async fn attempt(s: &TestServer, link: &mut Link, way: Way, channel: &str, calle
     }
     let over_h2 = matches!(link, Link::Http2(_));
     match way {
+        Way::MqttSubscribe | Way::MqttPublish => {
+            mqtt_attempt(s, way, channel, conn.as_deref(), subs.first().map(String::as_str)).await
+        }
         Way::WsCommand(cmd) => {
             let mut c = Connection::connect_with(&ws_base, ws_options).await.unwrap();
             assert_eq!(c.ws.http2, over_h2);
@@ -335,6 +347,32 @@ async fn attempt(s: &TestServer, link: &mut Link, way: Way, channel: &str, calle
     }
 }
 
+/// An MQTT way: the error code from the reason string (`code: message`), or `None`.
+async fn mqtt_attempt(
+    s: &TestServer,
+    way: Way,
+    channel: &str,
+    conn: Option<&str>,
+    sub: Option<&str>,
+) -> Option<String> {
+    let code_of = |why: &str| Some(why.split(':').next().unwrap_or_default().to_string());
+    let id = format!("matrix-{}", fastrand::u64(..));
+    let mut m = match Mqtt::connect(s.mqtt.expect("an MQTT listener"), true, &id, conn).await {
+        Ok(m) => m,
+        Err((_, why)) => return code_of(&why),
+    };
+    let topic = channel.replacen(':', "/", 1);
+    let (code, why) = match way {
+        Way::MqttSubscribe => m.subscribe(&topic, sub).await,
+        _ => m.publish(&topic, b"{\"x\":1}", 1, sub).await.expect("a PUBACK"),
+    };
+    if code == 0 {
+        None
+    } else {
+        code_of(&why)
+    }
+}
+
 fn code(e: ClientError) -> String {
     match e {
         ClientError::Server(e) => e.code,
@@ -347,6 +385,9 @@ async fn run_matrix(s: &TestServer, link: &mut Link) -> (Vec<String>, usize) {
     let mut wrong = Vec::new();
     let mut cells = 0;
     for (way, op) in WAYS {
+        if matches!(way, Way::MqttSubscribe | Way::MqttPublish) && s.mqtt.is_none() {
+            continue; // a server without an MQTT listener (the TLS run)
+        }
         for (kind, channel) in NAMESPACES {
             for caller in CALLERS {
                 let got = attempt(s, link, way, channel, caller).await;

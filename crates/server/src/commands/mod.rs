@@ -121,6 +121,18 @@ impl<W: Wire> Session<W> {
         }
     }
 
+    /// Counts one command against `ws.max_commands_per_sec` (bursts of twice that).
+    /// `Err(false)`: refuse this one; `Err(true)`: a flood — the client keeps sending past
+    /// the limit, however many of its commands get through in between (refusals are
+    /// counted over a window): close it.
+    pub fn take_command(&mut self) -> Result<(), bool> {
+        let rate = self.state.config.ws.max_commands_per_sec as f64;
+        if self.bucket.take(rate, rate * 2.0).is_ok() {
+            return Ok(());
+        }
+        Err(self.rejected.add(FLOOD_WINDOW) > rate * 2.0)
+    }
+
     /// The client is alive: keeps its presence entries from expiring.
     pub async fn refresh_presence(&self) {
         for (_, guard) in self.subs.values() {
@@ -183,11 +195,8 @@ impl<W: Wire> Session<W> {
 
     /// Handles one command. Returns false when the connection is closing.
     pub async fn command(&mut self, text: &str) -> bool {
-        let rate = self.state.config.ws.max_commands_per_sec as f64;
-        if self.bucket.take(rate, rate * 2.0).is_err() {
-            // A client that keeps sending past the limit is closed, however many of its
-            // commands get through in between: refusals are counted over a window.
-            if self.rejected.add(FLOOD_WINDOW) > rate * 2.0 {
+        if let Err(flood) = self.take_command() {
+            if flood {
                 self.close_with(close::POLICY, "command flood");
                 return false;
             }
@@ -205,18 +214,11 @@ impl<W: Wire> Session<W> {
         };
         let result = match cmd {
             Command::Subscribe { channel, since, rewind, token: _ } if is_pattern(&channel) => {
-                let r = async {
-                    if since.is_some() || rewind.is_some() {
-                        return Err(ApiError::new(
-                            Code::InvalidPattern,
-                            "pattern subscriptions are live-only: no since or rewind",
-                        ));
-                    }
-                    let p = resolve_pattern(&self.state, &channel)?;
-                    auth::gate_pattern(self.identity.as_deref(), &p, &self.state.deny)?;
-                    Ok(p)
-                }
-                .await;
+                let r = if since.is_some() || rewind.is_some() {
+                    Err(ApiError::new(Code::InvalidPattern, "pattern subscriptions are live-only: no since or rewind"))
+                } else {
+                    self.gated_pattern(&channel)
+                };
                 match r {
                     Ok(p) => self
                         .subscribe_pattern(p)
@@ -372,7 +374,11 @@ impl<W: Wire> Session<W> {
         let guard =
             crate::presence::join(&self.state, &r, &self.client, self.identity.as_deref(), self.claimed.as_deref())
                 .await?;
-        self.reply(reply(pending.outcome(), &r.channel));
+        // (An empty reply is none: a transport that answers in its own packets.)
+        let text = reply(pending.outcome(), &r.channel);
+        if !text.is_empty() {
+            self.reply(text);
+        }
         let handle = pending.go_live();
         if let Some(g) = &guard {
             // The subscribe succeeded and was confirmed; a join event lost to a broker
@@ -402,6 +408,22 @@ impl<W: Wire> Session<W> {
         let handle = self.state.hub.subscribe_pattern(p.pattern, self.queue.clone()).await?;
         self.patterns.insert(raw, handle);
         Ok(())
+    }
+
+    /// Resolves a wildcard pattern and asks the gate whether this session may subscribe
+    /// to every channel it can match.
+    pub fn gated_pattern(&self, pattern: &str) -> Result<ResolvedPattern, ApiError> {
+        let p = resolve_pattern(&self.state, pattern)?;
+        auth::gate_pattern(self.identity.as_deref(), &p, &self.state.deny)?;
+        Ok(p)
+    }
+
+    /// Ends the subscription to a channel or pattern; false if there was none.
+    pub fn unsubscribe(&mut self, name: &str) -> bool {
+        if is_pattern(name) {
+            return self.patterns.remove(name).is_some();
+        }
+        ChannelName::parse(name).is_ok_and(|ch| self.subs.remove(&ch).is_some())
     }
 
     /// Resolves `channel` and asks the gate whether this connection may perform `op` on

@@ -3,6 +3,7 @@
 //! token, authorizing channels — lives here.
 
 pub mod client_http;
+pub mod mqtt;
 pub mod poll;
 pub mod sse;
 pub mod sse_direct;

@@ -9,10 +9,14 @@ use serde_json::Value;
 use switchboard_server::{Config, Server};
 use tokio::sync::oneshot;
 
+pub mod mqtt;
+
 pub struct TestServer {
     pub addr: SocketAddr,
     /// The plain-HTTP listener beside a TLS one (`[tls] http_listen`), if configured.
     pub plain: Option<SocketAddr>,
+    /// The MQTT listener (`[mqtt] listen`), if configured.
+    pub mqtt: Option<SocketAddr>,
     /// The running server's state: its metrics, its clock.
     pub state: switchboard_server::AppState,
     pub http: reqwest::Client,
@@ -30,6 +34,7 @@ impl TestServer {
         let server = Server::new(config, dev, listener).await.unwrap();
         let addr = server.local_addr().unwrap();
         let plain = server.http_local_addr();
+        let mqtt = server.mqtt_local_addr();
         let state = server.state.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -43,7 +48,7 @@ impl TestServer {
                 .await
                 .unwrap();
         });
-        TestServer { addr, plain, state, http: reqwest::Client::new(), stop: Some(tx), task: Some(task) }
+        TestServer { addr, plain, mqtt, state, http: reqwest::Client::new(), stop: Some(tx), task: Some(task) }
     }
 
     /// A plain-HTTP URL of the server: the main listener, or for a TLS server the plain

@@ -1,0 +1,667 @@
+//! One MQTT connection: CONNECT, then packets in and publications out, served by one
+//! task. Subscriptions, presence, publishing and the gate are the `switchboard.v1`
+//! session's ([`crate::commands::Session`]); this file is MQTT's framing and rules.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use switchboard_core::queue::Event;
+use switchboard_core::{ChannelName, CloseReason, Kind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::codec::{self, Connect, Packet, Version};
+use crate::app::AppState;
+use crate::auth::Operation;
+use crate::commands::{ops, Session, Wire};
+use crate::error::{ApiError, Code};
+use crate::limits::ConnSlot;
+
+/// MQTT replies are packets the connection writes itself; the session's own text pushes
+/// (WebSocket-protocol replies) have no MQTT form.
+pub struct MqttWire;
+
+impl Wire for MqttWire {
+    fn text(_: &[u8]) -> Bytes {
+        Bytes::new()
+    }
+    fn close(_: u16, _: &str) -> Bytes {
+        Bytes::new()
+    }
+}
+
+/// Encoding slots in `Delivery` owned by this transport (QoS 0, not retained).
+const SLOT_V311: usize = 4;
+const SLOT_V5: usize = 5;
+/// How long a client has to send CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Topic aliases a client may define (MQTT 5).
+const TOPIC_ALIASES: u16 = 16;
+/// QoS 2 publications a client may have between PUBREC and PUBREL (its receive maximum).
+const RECEIVE_MAXIMUM: u16 = 64;
+
+/// How the connection ended, for the will and the goodbye.
+enum End {
+    /// DISCONNECT from the client (the reason code; 0x04 asks for the will).
+    Client(u8),
+    /// The socket closed or failed, or keep-alive ran out: publish the will.
+    Lost,
+    /// A protocol error: MQTT 5 gets a DISCONNECT with this reason.
+    Protocol(u8, String),
+    /// The server closed the queue (shutdown, slow consumer, token expiry, the API).
+    Server(CloseReason),
+}
+
+/// A subscription that passed its checks.
+enum Target {
+    Channel(crate::session::Resolved),
+    Pattern(crate::session::ResolvedPattern),
+}
+
+struct Conn {
+    session: Session<MqttWire>,
+    version: Version,
+    client_id: String,
+    tcp: TcpStream,
+    buf: BytesMut,
+    max_packet: usize,
+    /// QoS 2 packet ids received and acknowledged with PUBREC, awaiting PUBREL.
+    qos2: HashSet<u16>,
+    aliases: HashMap<u16, String>,
+    /// Per channel subscribed with a retained publication: the offset up to which what
+    /// arrives is that retained publication (sent with the retain flag).
+    retained: Vec<(ChannelName, u64)>,
+    /// MQTT filter → the channel or pattern it subscribed.
+    filters: HashMap<String, String>,
+    /// Seconds; 0: no keep-alive.
+    keep_alive: u16,
+}
+
+/// Serves an accepted MQTT connection until it ends.
+pub async fn serve(mut tcp: TcpStream, state: AppState, peer: SocketAddr, slot: ConnSlot) {
+    let _tracked = state.track_upgraded();
+    let _slot = slot;
+    let max_packet = state.config.mqtt.max_packet_bytes;
+    let mut buf = BytesMut::with_capacity(512);
+    let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut tcp, &mut buf, max_packet)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(Some((version, e)))) => {
+            tracing::debug!(%peer, "MQTT CONNECT refused: {}", e.message());
+            let code = e.reason_code();
+            let message = e.message();
+            let props = server_props(&state, None, None, Some(&message));
+            let _ = tcp.write_all(&codec::connack(version, false, code, &props)).await;
+            return;
+        }
+        Ok(Err(None)) | Err(_) => return,
+    };
+    let _gauge = state.metrics.connection(crate::metrics::Transport::Mqtt);
+    let version = connect.version;
+    let Some(mut conn) = accept(tcp, buf, &state, *connect).await else { return };
+    let end = conn.c.run().await;
+    let will = conn.will_allowed.take();
+    let publish_will = matches!(end, End::Lost | End::Client(0x04) | End::Protocol(..));
+    conn.c.goodbye(&end).await;
+    conn.c.session.leave_all();
+    if let (true, Some((will, resolved))) = (publish_will, will) {
+        let state = state.clone();
+        // (The will's delay runs after the connection is gone: no session outlives it.)
+        tokio::spawn(async move {
+            if will.delay_secs > 0 {
+                tokio::time::sleep(Duration::from_secs(will.delay_secs.min(86_400) as u64)).await;
+            }
+            if let Some(data) = super::data_of(&will.payload) {
+                if let Err(e) = ops::publish_to(&state, &resolved, data, None, None).await {
+                    tracing::debug!("MQTT will not published: {}", e.message);
+                }
+            }
+        });
+    }
+    tracing::debug!(client = %conn.c.client_id, ?version, "MQTT connection closed");
+}
+
+/// Reads the CONNECT packet. `Err(Some)`: a CONNECT-level error to answer with CONNACK;
+/// `Err(None)`: nothing worth answering (not MQTT, or gone).
+async fn read_connect(
+    tcp: &mut TcpStream,
+    buf: &mut BytesMut,
+    max_packet: usize,
+) -> Result<Box<Connect>, Option<(Version, codec::Error)>> {
+    loop {
+        match codec::decode(buf, None, max_packet) {
+            Ok(Some((Packet::Connect(c), n))) => {
+                let _ = buf.split_to(n);
+                return Ok(c);
+            }
+            Ok(Some(_)) => return Err(None),
+            Ok(None) => {}
+            // A CONNECT naming a level we do not speak gets a 3.1.1-shaped answer (MQTT
+            // 3.1.1 §3.1.2.2); other garbage, none.
+            Err(e @ codec::Error::UnsupportedVersion(_)) => return Err(Some((Version::V311, e))),
+            // An MQTT 5 CONNECT (its level byte after the fixed header and the name
+            // "MQTT") with an error gets a CONNACK saying which.
+            Err(e) if level_of(buf) == Some(5) => return Err(Some((Version::V5, e))),
+            Err(_) => return Err(None),
+        }
+        match tcp.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The protocol level byte of a CONNECT at the front of `buf`, if there is one.
+fn level_of(buf: &[u8]) -> Option<u8> {
+    let n = buf.iter().skip(1).take(4).position(|b| b & 0x80 == 0)? + 1;
+    (buf.get(1 + n..1 + n + 6)? == b"\0\x04MQTT").then(|| buf.get(1 + n + 6).copied())?
+}
+
+fn server_props<'a>(
+    state: &AppState,
+    assigned: Option<&'a str>,
+    keep_alive: Option<u16>,
+    reason: Option<&'a str>,
+) -> codec::ServerProps<'a> {
+    codec::ServerProps {
+        assigned_client_id: assigned,
+        keep_alive,
+        receive_maximum: RECEIVE_MAXIMUM,
+        maximum_packet_size: state.config.mqtt.max_packet_bytes as u32,
+        reason,
+        topic_alias_maximum: TOPIC_ALIASES,
+        session_expiry_override: None,
+    }
+}
+
+/// A connection past CONNACK, with its will (already authorized) if it has one.
+struct Accepted {
+    c: Conn,
+    will_allowed: Option<(codec::Will, crate::session::Resolved)>,
+}
+
+/// Checks a CONNECT — credentials, client id, will — and answers it.
+async fn accept(mut tcp: TcpStream, buf: BytesMut, state: &AppState, connect: Connect) -> Option<Accepted> {
+    let version = connect.version;
+    let refuse = |code: u8, why: String| {
+        let props = server_props(state, None, None, Some(&why));
+        codec::connack(version, false, code, &props)
+    };
+    if state.is_draining() {
+        let _ = tcp.write_all(&refuse(0x89, "server_busy: this node is draining; connect to another".into())).await;
+        return None;
+    }
+    if let Err(e) = state.limits.take_handshake() {
+        let _ = tcp.write_all(&refuse(0x89, format!("{}: {}", e.code.as_str(), e.message))).await;
+        return None;
+    }
+    // The connection token travels as the password (the user name is free: MQTT
+    // clients want one).
+    let identity = match &connect.password {
+        None => None,
+        Some(p) => {
+            let verified = std::str::from_utf8(p)
+                .map_err(|_| ApiError::new(Code::TokenInvalid, "the password is not UTF-8"))
+                .and_then(|t| crate::transports::verify(state, t));
+            match verified {
+                Ok(who) => Some(who),
+                Err(e) => {
+                    state.metrics.error(e.code.as_str());
+                    let code = if e.code == Code::TokenRevoked { 0x8A } else { 0x86 };
+                    let _ = tcp.write_all(&refuse(code, format!("{}: {}", e.code.as_str(), e.message))).await;
+                    return None;
+                }
+            }
+        }
+    };
+    let (client_id, assigned) = if connect.client_id.is_empty() {
+        if version == Version::V311 && !connect.clean_start {
+            let _ =
+                tcp.write_all(&refuse(0x85, "invalid_request: an empty client id needs a clean session".into())).await;
+            return None;
+        }
+        let id = format!("sb-{}", crate::presence::client_id());
+        (id.clone(), Some(id))
+    } else {
+        (connect.client_id.clone(), None)
+    };
+    let queue = state.hub.queue(state.config.defaults.queue_max_bytes);
+    let mut session = Session::<MqttWire>::new(state.clone(), queue);
+    if let Some(who) = identity {
+        session.set_identity(who);
+    }
+    // The will is a publication like any other: authorized now, not when it fires.
+    let will_allowed = match connect.will {
+        None => None,
+        Some(w) => {
+            let r = super::channel_of(state, &w.topic)
+                .map_err(|why| ApiError::new(Code::InvalidChannel, why))
+                .and_then(|ch| session.gated(Operation::Publish, &ch, None));
+            match r {
+                Ok(resolved) => Some((w, resolved)),
+                Err(e) => {
+                    let code = if e.code.as_str().contains("channel") { 0x90 } else { 0x87 };
+                    let _ = tcp.write_all(&refuse(code, format!("{}: will: {}", e.code.as_str(), e.message))).await;
+                    return None;
+                }
+            }
+        }
+    };
+    // A new connection with a client id takes the id over (MQTT 3.1.4-3).
+    state.mqtt_clients.take_over(&client_id, &session.queue);
+    // No persistent sessions yet: say so (MQTT 5 session expiry 0; session present 0).
+    let mut props = server_props(state, assigned.as_deref(), None, None);
+    props.session_expiry_override = (connect.session_expiry > 0).then_some(0);
+    if tcp.write_all(&codec::connack(version, false, 0, &props)).await.is_err() {
+        return None;
+    }
+    tracing::debug!(client = %client_id, ?version, "MQTT connected");
+    Some(Accepted {
+        c: Conn {
+            session,
+            version,
+            client_id,
+            tcp,
+            buf,
+            max_packet: connect.maximum_packet_size.map_or(usize::MAX, |m| m as usize),
+            qos2: HashSet::new(),
+            aliases: HashMap::new(),
+            retained: Vec::new(),
+            filters: HashMap::new(),
+            keep_alive: connect.keep_alive,
+        },
+        will_allowed,
+    })
+}
+
+impl Conn {
+    async fn run(&mut self) -> End {
+        let keep_alive = Duration::from_secs(self.keep_alive as u64);
+        // MQTT 3.1.2.10: one and a half keep-alive periods of silence end the connection.
+        let allowed = keep_alive + keep_alive / 2;
+        let mut last_seen = Instant::now();
+        let mut shutdown = self.session.state.shutdown.clone();
+        let server_max = self.session.state.config.mqtt.max_packet_bytes;
+        loop {
+            // Packets already buffered first.
+            loop {
+                let version = Some(self.version);
+                match codec::decode(&self.buf, version, server_max) {
+                    Ok(Some((p, n))) => {
+                        let _ = self.buf.split_to(n);
+                        last_seen = Instant::now();
+                        if let Some(end) = self.packet(p).await {
+                            return end;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return End::Protocol(e.reason_code(), e.message()),
+                }
+            }
+            if let Err(end) = self.write_queued().await {
+                return end;
+            }
+            let expires = async {
+                if keep_alive.is_zero() {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep_until(last_seen + allowed).await
+                }
+            };
+            tokio::select! {
+                r = self.tcp.read_buf(&mut self.buf) => match r {
+                    Ok(0) | Err(_) => return End::Lost,
+                    Ok(_) => {}
+                },
+                _ = self.session.queue.changed() => {}
+                _ = expires => return End::Lost,
+                _ = crate::transports::maybe_sleep(&mut self.session.timer), if self.session.timer.is_some() => {
+                    self.session.queue.close(CloseReason::TokenExpired);
+                }
+                _ = shutdown.wait_for(|s| *s) => self.session.queue.close(CloseReason::Shutdown),
+            }
+        }
+    }
+
+    /// Writes what the queue holds: publications as PUBLISH packets, acknowledgements
+    /// as they were queued (in order with the publications). `Err` when it is over.
+    async fn write_queued(&mut self) -> Result<(), End> {
+        let mut batch = Vec::new();
+        let closed = self.session.queue.drain_into(&mut batch).err();
+        if !batch.is_empty() {
+            let mut out = Vec::with_capacity(batch.len());
+            for e in &batch {
+                match e {
+                    Event::Publication(d) if matches!(d.publication.kind, Kind::Join | Kind::Leave) => {}
+                    Event::Publication(d) => {
+                        let retained = self.take_retained(d);
+                        let p = if retained {
+                            encode(self.version, d, true)
+                        } else {
+                            let slot = if self.version == Version::V5 { SLOT_V5 } else { SLOT_V311 };
+                            d.encoded(slot, |d| encode(self.version, d, false))
+                        };
+                        if p.len() <= self.max_packet {
+                            out.push(p);
+                        }
+                    }
+                    Event::Frame(b) => out.push(b.clone()),
+                    Event::Reset { .. } => {}
+                }
+            }
+            for b in out {
+                if self.tcp.write_all(&b).await.is_err() {
+                    return Err(End::Lost);
+                }
+            }
+            self.session.queue.write_done();
+        }
+        match closed {
+            Some(reason) => Err(End::Server(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `d` is the retained publication of a channel just subscribed to.
+    fn take_retained(&mut self, d: &switchboard_core::Delivery) -> bool {
+        let ch = &d.publication.channel;
+        match self.retained.iter().position(|(c, _)| c == ch) {
+            Some(i) => {
+                let upto = self.retained[i].1;
+                if d.publication.offset >= upto {
+                    self.retained.swap_remove(i);
+                }
+                d.publication.offset <= upto
+            }
+            None => false,
+        }
+    }
+
+    fn send(&self, packet: Bytes) {
+        // In the queue, so acknowledgements keep their place among publications.
+        let _ = self.session.queue.push(Event::Frame(packet));
+    }
+
+    /// Handles one packet; `Some` ends the connection.
+    async fn packet(&mut self, p: Packet) -> Option<End> {
+        let v = self.version;
+        // PUBLISH, SUBSCRIBE and UNSUBSCRIBE count against the command rate, as the
+        // WebSocket's commands do; past it they are refused (0x96), and a client that
+        // keeps on is closed.
+        if matches!(p, Packet::Publish(_) | Packet::Subscribe(_) | Packet::Unsubscribe(_)) {
+            if let Err(flood) = self.session.take_command() {
+                self.session.state.metrics.error(Code::RateLimited.as_str());
+                if flood || v == Version::V311 {
+                    return Some(End::Protocol(0x96, "rate_limited: message rate too high".into()));
+                }
+                let why = "rate_limited: too many packets; slow down";
+                match p {
+                    Packet::Publish(codec::Publish { qos: 1, packet_id: Some(id), .. }) => {
+                        self.send(codec::ack(v, 4, id, 0x96, why))
+                    }
+                    Packet::Publish(codec::Publish { qos: 2, packet_id: Some(id), .. }) => {
+                        self.send(codec::ack(v, 5, id, 0x96, why))
+                    }
+                    Packet::Subscribe(s) => {
+                        self.send(codec::sub_ack(v, 9, s.packet_id, &vec![0x96; s.filters.len()], why))
+                    }
+                    Packet::Unsubscribe(u) => {
+                        self.send(codec::sub_ack(v, 11, u.packet_id, &vec![0x80; u.filters.len()], why))
+                    }
+                    _ => {}
+                }
+                return None;
+            }
+        }
+        match p {
+            Packet::PingReq => self.send(codec::pingresp()),
+            Packet::Disconnect(reason) => return Some(End::Client(reason)),
+            Packet::Publish(p) => return self.publish(p).await,
+            Packet::PubRel(id) => {
+                self.qos2.remove(&id);
+                self.send(codec::ack(v, 7, id, 0, ""));
+            }
+            // Outgoing publications are QoS 0 (subscriptions are granted QoS 0).
+            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
+            Packet::Subscribe(s) => return self.subscribe_all(s).await,
+            Packet::Unsubscribe(u) => {
+                let codes: Vec<u8> = u
+                    .filters
+                    .iter()
+                    .map(|f| match self.filters.remove(f) {
+                        Some(ch) => {
+                            self.session.unsubscribe(&ch);
+                            0
+                        }
+                        None => 0x11, // no subscription existed
+                    })
+                    .collect();
+                self.send(codec::sub_ack(v, 11, u.packet_id, &codes, ""));
+            }
+            Packet::Auth => return Some(End::Protocol(0x8C, "re-authentication is not supported".into())),
+            Packet::Connect(_) => return Some(End::Protocol(0x82, "a second CONNECT".into())),
+        }
+        None
+    }
+
+    /// SUBSCRIBE: every filter is checked (form, gate, limits) and answered in SUBACK
+    /// first, then subscribed — so the SUBACK precedes the retained publications. A
+    /// subscription that fails after its check (the broker) ends the connection.
+    async fn subscribe_all(&mut self, s: codec::Subscribe) -> Option<End> {
+        let v5 = self.version == Version::V5;
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut why = String::new();
+        let mut todo = Vec::new();
+        let max = self.session.state.config.ws.max_subscriptions;
+        for (filter, _qos) in &s.filters {
+            match self.check_filter(filter, s.token.clone()) {
+                Ok(None) => codes.push(0), // a repeated filter: the subscription stands
+                Ok(Some(t)) if self.filters.len() + todo.len() >= max => {
+                    drop(t);
+                    codes.push(if v5 { 0x97 } else { 0x80 });
+                    if why.is_empty() {
+                        why = format!("too_many_subscriptions: at most {max} per connection");
+                    }
+                }
+                Ok(Some(t)) => {
+                    codes.push(0);
+                    todo.push((filter.clone(), t));
+                }
+                Err((code, e)) => {
+                    tracing::debug!(client = %self.client_id, filter, "MQTT subscribe refused: {}", e.message);
+                    self.session.state.metrics.error(e.code.as_str());
+                    if why.is_empty() {
+                        why = format!("{}: {}", e.code.as_str(), e.message);
+                    }
+                    codes.push(code);
+                }
+            }
+        }
+        self.send(codec::sub_ack(self.version, 9, s.packet_id, &codes, &why));
+        for (filter, target) in todo {
+            let name = match &target {
+                Target::Channel(r) => r.channel.to_string(),
+                Target::Pattern(p) => p.pattern.to_string(),
+            };
+            let r = match target {
+                Target::Pattern(p) => self.session.subscribe_pattern(p).await,
+                Target::Channel(resolved) => {
+                    // The channel's latest publication is its retained message.
+                    let rewind = (resolved.options.keeps_history() && resolved.options.history_size > 0).then_some(1);
+                    let req = crate::session::subscribe_request(&resolved, None, rewind);
+                    let channel = resolved.channel.clone();
+                    let mut upto = None;
+                    let r = self
+                        .session
+                        .subscribe(resolved, req, |o, _| {
+                            // (With a rewind the position is just before the replay.)
+                            upto = Some((o.position.offset + o.replayed as u64, o.replayed));
+                            String::new()
+                        })
+                        .await;
+                    if let Some((offset, replayed)) = upto {
+                        if replayed > 0 {
+                            self.retained.push((channel, offset));
+                        }
+                    }
+                    r
+                }
+            };
+            match r {
+                Ok(()) => {
+                    self.filters.insert(filter, name);
+                }
+                Err(e) => {
+                    return Some(End::Protocol(0x80, format!("{}: subscribe failed: {}", e.code.as_str(), e.message)))
+                }
+            }
+        }
+        None
+    }
+
+    /// A filter's channel or pattern, through the gate: `Ok(None)` when this connection
+    /// already has it; `Err` with the SUBACK code.
+    fn check_filter(&self, filter: &str, token: Option<String>) -> Result<Option<Target>, (u8, ApiError)> {
+        let v5 = self.version == Version::V5;
+        let invalid = if v5 { 0x8F } else { 0x80 };
+        if filter.starts_with("$share/") {
+            let e = ApiError::new(Code::InvalidPattern, "shared subscriptions are not supported yet");
+            return Err((if v5 { 0x9E } else { 0x80 }, e));
+        }
+        let name = super::channel_of(&self.session.state, filter)
+            .map_err(|why| (invalid, ApiError::new(Code::InvalidChannel, why)))?;
+        if self.filters.contains_key(filter) {
+            return Ok(None);
+        }
+        let target = if switchboard_core::pattern::is_pattern(&name) {
+            self.session.gated_pattern(&name).map(Target::Pattern)
+        } else {
+            self.session.gated(Operation::Subscribe, &name, token).map(Target::Channel)
+        };
+        target.map(Some).map_err(|e| {
+            // A filter's form is "Topic Filter invalid" (a name's is 0x90).
+            let code = match reason_for(self.version, &e) {
+                0x90 => invalid,
+                c => c,
+            };
+            (code, e)
+        })
+    }
+
+    async fn publish(&mut self, p: codec::Publish) -> Option<End> {
+        let v = self.version;
+        // Topic aliases (MQTT 5): a topic with an alias defines it, an empty one uses it.
+        let topic = match (p.topic_alias, p.topic.is_empty()) {
+            (Some(a), _) if a > TOPIC_ALIASES => return Some(End::Protocol(0x94, "topic alias out of range".into())),
+            (Some(a), false) => {
+                self.aliases.insert(a, p.topic.clone());
+                p.topic.clone()
+            }
+            (Some(a), true) => match self.aliases.get(&a) {
+                Some(t) => t.clone(),
+                None => return Some(End::Protocol(0x82, "unknown topic alias".into())),
+            },
+            (None, true) => return Some(End::Protocol(0x82, "PUBLISH without a topic".into())),
+            (None, false) => p.topic.clone(),
+        };
+        if p.qos == 2 {
+            let id = p.packet_id.expect("QoS 2 has an id");
+            if !self.qos2.contains(&id) && self.qos2.len() >= RECEIVE_MAXIMUM as usize {
+                return Some(End::Protocol(0x93, "receive maximum exceeded".into()));
+            }
+        }
+        let result = self.store(&topic, &p).await;
+        let (code, why) = match &result {
+            Ok(()) => (0, String::new()),
+            Err(e) => {
+                self.session.state.metrics.error(e.code.as_str());
+                (reason_for(v, e), format!("{}: {}", e.code.as_str(), e.message))
+            }
+        };
+        match (p.qos, p.packet_id) {
+            (1, Some(id)) if v == Version::V5 || code == 0 => self.send(codec::ack(v, 4, id, code, &why)),
+            (2, Some(id)) if v == Version::V5 || code == 0 => {
+                if code == 0 {
+                    self.qos2.insert(id);
+                }
+                self.send(codec::ack(v, 5, id, code, &why));
+            }
+            // MQTT 3.1.1 has no negative acknowledgement: a refused publication closes.
+            // (MQTT 5 at QoS 0 has no answer at all: refused quietly, counted.)
+            _ if v == Version::V311 && code != 0 => return Some(End::Protocol(code, why)),
+            _ => {}
+        }
+        None
+    }
+
+    /// Publishes an MQTT PUBLISH to its channel, through the gate.
+    async fn store(&mut self, topic: &str, p: &codec::Publish) -> Result<(), ApiError> {
+        let name = super::channel_of(&self.session.state, topic).map_err(|w| ApiError::new(Code::InvalidChannel, w))?;
+        if switchboard_core::pattern::is_pattern(&name) {
+            return Err(ApiError::new(Code::InvalidChannel, "a topic name cannot hold wildcards"));
+        }
+        let resolved = self.session.gated(Operation::Publish, &name, p.token.clone())?;
+        let data = super::data_of(&p.payload).ok_or_else(|| {
+            ApiError::new(Code::InvalidJson, "binary payloads are not supported: send UTF-8 text or JSON")
+        })?;
+        if data.len() > self.session.state.config.limits.max_message_bytes {
+            return Err(ApiError::new(Code::MessageTooLarge, "the payload is over limits.max_message_bytes"));
+        }
+        // QoS 2: exactly once, even when the client sends the PUBLISH again (DUP) — the
+        // packet id keys an idempotent publish.
+        let key = (p.qos == 2).then(|| format!("mqtt:{}:{}", self.client_id, p.packet_id.unwrap_or(0)));
+        let volatile = (p.qos == 0 && resolved.options.volatile).then_some(true);
+        ops::publish_to(&self.session.state, &resolved, data, volatile, key).await.map(|_| ())
+    }
+
+    /// The last word: MQTT 5 gets a DISCONNECT saying why the server ends it.
+    async fn goodbye(&mut self, end: &End) {
+        let _ = self.write_queued().await;
+        if self.version == Version::V5 {
+            let (code, text) = match end {
+                End::Protocol(code, text) => (*code, text.as_str()),
+                End::Server(CloseReason::Shutdown) => (0x8B, "server shutting down"),
+                End::Server(CloseReason::SlowConsumer) => (0x97, "slow consumer: publications were not read in time"),
+                End::Server(CloseReason::TokenExpired) => (0xA0, "the connection token expired"),
+                End::Server(CloseReason::Disconnected) => (0x98, "disconnected by the server"),
+                End::Server(CloseReason::Normal) => (0x8E, "session taken over by another connection"),
+                End::Client(_) | End::Lost => (0, ""),
+            };
+            if code != 0 {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), self.tcp.write_all(&codec::disconnect(code, text)))
+                        .await;
+            }
+        }
+        let _ = self.tcp.shutdown().await;
+    }
+}
+
+/// The MQTT reason code for an error of the gate or the broker.
+fn reason_for(version: Version, e: &ApiError) -> u8 {
+    if version == Version::V311 {
+        return 0x80;
+    }
+    match e.code {
+        Code::TokenRequired
+        | Code::PermissionDenied
+        | Code::SubscriptionTokenRequired
+        | Code::SubscriptionTokenInvalid
+        | Code::PublishNotAllowed
+        | Code::TokenInvalid => 0x87,
+        Code::InvalidChannel | Code::UnknownNamespace | Code::InvalidPattern => 0x90,
+        Code::MessageTooLarge => 0x95,
+        Code::InvalidJson => 0x99,
+        Code::RateLimited => 0x96,
+        Code::TooManySubscriptions => 0x97,
+        _ => 0x80,
+    }
+}
+
+/// A PUBLISH for a delivery (QoS 0).
+fn encode(version: Version, d: &switchboard_core::Delivery, retain: bool) -> Bytes {
+    let topic = super::topic_of(&d.publication.channel);
+    codec::publish(version, &topic, &super::payload_of(&d.publication.data), 0, 0, retain)
+}

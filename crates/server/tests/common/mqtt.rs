@@ -1,0 +1,286 @@
+//! A small MQTT 3.1.1 / 5 client for tests that need what command-line clients do not
+//! show: reason codes and reason strings, raw packets, exact bytes. (End-to-end tests use
+//! Mosquitto's own clients as well.)
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub struct Mqtt {
+    pub tcp: TcpStream,
+    buf: Vec<u8>,
+    pub v5: bool,
+    next_id: u16,
+}
+
+fn varint(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn str16(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    varint(&mut p, body.len());
+    p.extend_from_slice(body);
+    p
+}
+
+/// MQTT 5 properties holding a user property `token` (or none).
+fn token_props(token: Option<&str>) -> Vec<u8> {
+    let mut p = Vec::new();
+    if let Some(t) = token {
+        p.push(0x26);
+        str16(&mut p, b"token");
+        str16(&mut p, t.as_bytes());
+    }
+    let mut out = Vec::new();
+    varint(&mut out, p.len());
+    out.extend(p);
+    out
+}
+
+/// The reason string (0x1F) in a properties block, if any.
+fn reason_string(props: &[u8]) -> String {
+    let mut i = 0;
+    while i < props.len() {
+        let id = props[i];
+        i += 1;
+        match id {
+            0x1F | 0x12 | 0x03 | 0x08 | 0x15 | 0x1A | 0x1C => {
+                let n = u16::from_be_bytes([props[i], props[i + 1]]) as usize;
+                let s = &props[i + 2..i + 2 + n];
+                if id == 0x1F {
+                    return String::from_utf8_lossy(s).into_owned();
+                }
+                i += 2 + n;
+            }
+            0x11 | 0x27 | 0x02 | 0x18 => i += 4,
+            0x13 | 0x21 | 0x22 | 0x23 => i += 2,
+            0x24 | 0x25 | 0x28 | 0x29 | 0x2A | 0x01 | 0x17 | 0x19 => i += 1,
+            0x26 => {
+                for _ in 0..2 {
+                    let n = u16::from_be_bytes([props[i], props[i + 1]]) as usize;
+                    i += 2 + n;
+                }
+            }
+            _ => return String::new(),
+        }
+    }
+    String::new()
+}
+
+/// Splits a properties block (varint length first) off `body[at..]`: (props, next index).
+fn props_at(body: &[u8], at: usize) -> (&[u8], usize) {
+    let (mut len, mut shift, mut i) = (0usize, 0, at);
+    loop {
+        let b = body[i];
+        len |= ((b & 0x7f) as usize) << shift;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    (&body[i..i + len], i + len)
+}
+
+impl Mqtt {
+    /// Connects and sends CONNECT; `Err((code, reason string))` when refused (the
+    /// connection then closed).
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        v5: bool,
+        client_id: &str,
+        password: Option<&str>,
+    ) -> Result<Mqtt, (u8, String)> {
+        Self::connect_with(addr, v5, client_id, password, 60, None).await
+    }
+
+    /// CONNECT with a keep-alive and a will (topic, payload).
+    pub async fn connect_with(
+        addr: std::net::SocketAddr,
+        v5: bool,
+        client_id: &str,
+        password: Option<&str>,
+        keep_alive: u16,
+        will: Option<(&str, &[u8])>,
+    ) -> Result<Mqtt, (u8, String)> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut m = Mqtt { tcp, buf: Vec::new(), v5, next_id: 1 };
+        let mut flags = 0x02u8;
+        if will.is_some() {
+            flags |= 0x04;
+        }
+        if password.is_some() {
+            flags |= 0xC0;
+        }
+        let mut body = Vec::new();
+        str16(&mut body, b"MQTT");
+        body.push(if v5 { 5 } else { 4 });
+        body.push(flags);
+        body.extend_from_slice(&keep_alive.to_be_bytes());
+        if v5 {
+            body.push(0);
+        }
+        str16(&mut body, client_id.as_bytes());
+        if let Some((topic, payload)) = will {
+            if v5 {
+                body.push(0);
+            }
+            str16(&mut body, topic.as_bytes());
+            str16(&mut body, payload);
+        }
+        if let Some(p) = password {
+            str16(&mut body, b"user");
+            str16(&mut body, p.as_bytes());
+        }
+        m.send(&packet(0x10, &body)).await;
+        let (first, body) = m.read().await.ok_or((0xff, "closed before CONNACK".to_string()))?;
+        assert_eq!(first, 0x20, "expected CONNACK");
+        let code = body[1];
+        let reason = if v5 { reason_string(props_at(&body, 2).0) } else { String::new() };
+        if code != 0 {
+            return Err((code, reason));
+        }
+        Ok(m)
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.tcp.write_all(bytes).await.unwrap();
+    }
+
+    /// The next packet: (first byte, body); `None` once the server closed.
+    pub async fn read(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 2 {
+                let (mut len, mut shift, mut i) = (0usize, 0, 1);
+                let mut complete = false;
+                while i < self.buf.len() && i < 5 {
+                    let b = self.buf[i];
+                    len |= ((b & 0x7f) as usize) << shift;
+                    i += 1;
+                    if b & 0x80 == 0 {
+                        complete = true;
+                        break;
+                    }
+                    shift += 7;
+                }
+                if complete && self.buf.len() >= i + len {
+                    let first = self.buf[0];
+                    let body = self.buf[i..i + len].to_vec();
+                    self.buf.drain(..i + len);
+                    return Some((first, body));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout(Duration::from_secs(30), self.tcp.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(_) => panic!("no packet from the server within 30 s"),
+            }
+        }
+    }
+
+    fn id(&mut self) -> u16 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        id
+    }
+
+    /// SUBSCRIBE one filter: (SUBACK code, reason string).
+    pub async fn subscribe(&mut self, filter: &str, token: Option<&str>) -> (u8, String) {
+        let id = self.id();
+        let mut body = id.to_be_bytes().to_vec();
+        if self.v5 {
+            body.extend(token_props(token));
+        }
+        str16(&mut body, filter.as_bytes());
+        body.push(1);
+        self.send(&packet(0x82, &body)).await;
+        loop {
+            let (first, body) = self.read().await.expect("SUBACK");
+            if first >> 4 != 9 {
+                continue; // a retained publication may come first
+            }
+            assert_eq!(u16::from_be_bytes([body[0], body[1]]), id);
+            if self.v5 {
+                let (props, at) = props_at(&body, 2);
+                return (body[at], reason_string(props));
+            }
+            return (body[2], String::new());
+        }
+    }
+
+    /// PUBLISH; for QoS 1 and 2 waits for PUBACK / PUBREC (and completes QoS 2): (code,
+    /// reason string). `None` when the server closed the connection instead.
+    pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: u8, token: Option<&str>) -> Option<(u8, String)> {
+        let id = self.id();
+        let mut body = Vec::new();
+        str16(&mut body, topic.as_bytes());
+        if qos > 0 {
+            body.extend_from_slice(&id.to_be_bytes());
+        }
+        if self.v5 {
+            body.extend(token_props(token));
+        }
+        body.extend_from_slice(payload);
+        self.send(&packet(0x30 | (qos << 1), &body)).await;
+        if qos == 0 {
+            return Some((0, String::new()));
+        }
+        loop {
+            let (first, body) = self.read().await?;
+            let kind = first >> 4;
+            if kind != 4 && kind != 5 {
+                continue;
+            }
+            assert_eq!(u16::from_be_bytes([body[0], body[1]]), id);
+            let (code, reason) = if self.v5 && body.len() > 2 {
+                let reason = if body.len() > 3 { reason_string(props_at(&body, 3).0) } else { String::new() };
+                (body[2], reason)
+            } else {
+                (0, String::new())
+            };
+            if kind == 5 && code < 0x80 {
+                // QoS 2: PUBREL, then PUBCOMP.
+                self.send(&packet(0x62, &id.to_be_bytes())).await;
+                let (first, _) = self.read().await?;
+                assert_eq!(first >> 4, 7, "PUBCOMP");
+            }
+            return Some((code, reason));
+        }
+    }
+
+    /// The next PUBLISH: (topic, payload, retain).
+    pub async fn next_publish(&mut self) -> Option<(String, Vec<u8>, bool)> {
+        loop {
+            let (first, body) = self.read().await?;
+            if first >> 4 != 3 {
+                continue;
+            }
+            let qos = (first >> 1) & 3;
+            let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+            let topic = String::from_utf8(body[2..2 + n].to_vec()).unwrap();
+            let mut at = 2 + n + if qos > 0 { 2 } else { 0 };
+            if self.v5 {
+                at = props_at(&body, at).1;
+            }
+            return Some((topic, body[at..].to_vec(), first & 1 == 1));
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! MQTT 3.1.1 and 5 on the server's channels, with Mosquitto's own clients
+//! (`mosquitto_pub`, `mosquitto_sub`) end to end beside SSE and WebSocket subscribers, and
+//! a raw client (tests/common/mqtt.rs) for reason codes, retained flags, QoS flows, wills
+//! and malformed packets.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::mqtt::{packet, Mqtt};
+use common::{channel, config, Sse, TestServer};
+use serde_json::{json, Value};
+use switchboard_client::Connection;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const CONFIG: &str = "[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+    [namespaces.sensors]\nallow_publish = true\nhistory_size = 100\n\
+    [namespaces.readonly]\nhistory_size = 10\n";
+
+async fn server() -> TestServer {
+    TestServer::start(config(CONFIG)).await
+}
+
+/// `mosquitto_sub` printing `topic payload` lines, for `count` messages.
+fn mosquitto_sub(s: &TestServer, version: &str, filter: &str, count: usize) -> tokio::process::Child {
+    let port = s.mqtt.unwrap().port().to_string();
+    tokio::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-t", filter, "-v", "-C", &count.to_string()])
+        .args(["-W", "60"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mosquitto_sub (Debian: mosquitto-clients; ./scripts/test installs it)")
+}
+
+async fn mosquitto_pub(s: &TestServer, version: &str, topic: &str, message: &str, qos: u8) -> bool {
+    let port = s.mqtt.unwrap().port().to_string();
+    tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-t", topic, "-m", message, "-q", &qos.to_string()])
+        .status()
+        .await
+        .unwrap()
+        .success()
+}
+
+/// Waits until `channel` has `n` subscribers on this node (subscriptions are live).
+async fn subscribers(s: &TestServer, channel: &str, n: u64) {
+    for _ in 0..600 {
+        let (_, v) = s.get_json("/api/channels?scope=node").await;
+        let count = v["channels"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["channel"] == channel).and_then(|c| c["subscribers"].as_u64()));
+        if count.unwrap_or(0) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{channel} never had {n} subscribers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_of_both_versions_share_channels_with_sse_and_websocket() {
+    let s = server().await;
+    let id = channel("x").replace("x:", "");
+    let ch = format!("sensors:{id}/temp");
+    let topic = format!("sensors/{id}/temp");
+    // Subscribers: MQTT 3.1.1 on a wildcard, MQTT 5 on the topic, SSE, WebSocket.
+    let mut v311 = mosquitto_sub(&s, "mqttv311", &format!("sensors/{id}/+"), 4);
+    let mut v5 = mosquitto_sub(&s, "mqttv5", &topic, 4);
+    let mut sse = Sse::connect(&s, &format!("channel={ch}"), None).await;
+    let mut ws = Connection::connect(&format!("ws://{}/ws", s.addr)).await.unwrap();
+    ws.subscribe(&ch, None).await.unwrap();
+    subscribers(&s, &ch, 3).await; // the pattern subscription is not counted per channel
+                                   // Publishers: MQTT 3.1.1 at QoS 0 and 1, MQTT 5 at QoS 2, the server API.
+    assert!(mosquitto_pub(&s, "mqttv311", &topic, "hello", 0).await);
+    assert!(mosquitto_pub(&s, "mqttv311", &topic, "{\"c\":21.5}", 1).await);
+    assert!(mosquitto_pub(&s, "mqttv5", &topic, "42", 2).await);
+    s.publish(&ch, json!("from the API")).await;
+    let want_data = vec![json!("hello"), json!({"c": 21.5}), json!(42), json!("from the API")];
+    let want_lines: Vec<String> =
+        ["hello", "{\"c\":21.5}", "42", "from the API"].iter().map(|p| format!("{topic} {p}")).collect();
+    for (name, child) in [("3.1.1", &mut v311), ("5", &mut v5)] {
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut got = Vec::new();
+        while let Some(l) = lines.next_line().await.unwrap() {
+            got.push(l);
+        }
+        assert_eq!(got, want_lines, "mosquitto_sub MQTT {name}");
+    }
+    let events: Vec<Value> = {
+        let mut v = Vec::new();
+        while v.len() < 4 {
+            let e = sse.next().await.expect("SSE event");
+            if e.event == "message" {
+                v.push(e.json()["data"].clone());
+            }
+        }
+        v
+    };
+    assert_eq!(events, want_data, "SSE");
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(ws.next_pub().await.unwrap()["data"].clone());
+    }
+    assert_eq!(got, want_data, "WebSocket");
+}
+
+#[tokio::test]
+async fn retained_publications_qos_flows_and_exactly_once_for_qos2() {
+    let s = server().await;
+    let addr = s.mqtt.unwrap();
+    let id = channel("x").replace("x:", "");
+    let topic = format!("sensors/{id}");
+    s.publish(&format!("sensors:{id}"), json!({"v": 1})).await;
+    s.publish(&format!("sensors:{id}"), json!({"v": 2})).await;
+    let mut latest = b"{\"v\":2}".to_vec();
+    for v5 in [false, true] {
+        let mut c = Mqtt::connect(addr, v5, &format!("ret-{v5}"), None).await.unwrap();
+        assert_eq!(c.subscribe(&topic, None).await.0, 0);
+        // The latest publication, flagged retained; then live ones, not.
+        assert_eq!(c.next_publish().await.unwrap(), (topic.clone(), latest.clone(), true));
+        let mut p = Mqtt::connect(addr, v5, &format!("pub-{v5}"), None).await.unwrap();
+        assert_eq!(p.publish(&topic, b"live", 1, None).await.unwrap().0, 0);
+        assert_eq!(c.next_publish().await.unwrap(), (topic.clone(), b"live".to_vec(), false));
+        assert_eq!(p.publish(&topic, b"twice?", 2, None).await.unwrap().0, 0);
+        assert_eq!(c.next_publish().await.unwrap().1, b"twice?");
+        latest = b"twice?".to_vec();
+    }
+    // A QoS 2 PUBLISH sent again with DUP (a client that lost the PUBREC) is stored once.
+    let (_, before) = s.get_json(&format!("/api/history?channel=sensors:{id}")).await;
+    let mut p = Mqtt::connect(addr, true, "dup", None).await.unwrap();
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&77u16.to_be_bytes());
+    body.push(0);
+    body.extend_from_slice(b"once");
+    p.send(&packet(0x34, &body)).await;
+    assert_eq!(p.read().await.unwrap().0 >> 4, 5, "PUBREC");
+    p.send(&packet(0x3C, &body)).await; // DUP
+    assert_eq!(p.read().await.unwrap().0 >> 4, 5, "PUBREC again");
+    p.send(&packet(0x62, &77u16.to_be_bytes())).await;
+    assert_eq!(p.read().await.unwrap().0 >> 4, 7, "PUBCOMP");
+    let (_, after) = s.get_json(&format!("/api/history?channel=sensors:{id}")).await;
+    assert_eq!(after["offset"].as_u64().unwrap(), before["offset"].as_u64().unwrap() + 1);
+}
+
+#[tokio::test]
+async fn refusals_carry_mqtt_reason_codes_and_the_servers_error() {
+    let s = server().await;
+    let addr = s.mqtt.unwrap();
+    let mut c = Mqtt::connect(addr, true, "refused", None).await.unwrap();
+    assert_eq!(c.subscribe("$share/g/sensors/x", None).await.0, 0x9E);
+    assert_eq!(c.subscribe("#", None).await.0, 0x8F);
+    assert_eq!(c.subscribe("sensors/bad name", None).await.0, 0x8F);
+    let (code, why) = c.publish("readonly/x", b"1", 1, None).await.unwrap();
+    assert_eq!((code, why.split(':').next().unwrap()), (0x87, "publish_not_allowed"), "{why}");
+    let (code, why) = c.publish("sensors/x", &[0xff, 0xfe], 1, None).await.unwrap();
+    assert_eq!((code, why.split(':').next().unwrap()), (0x99, "invalid_json"), "{why}");
+    let big = vec![b'x'; 70 * 1024];
+    let (code, _) = c.publish("sensors/x", &big, 1, None).await.unwrap();
+    assert_eq!(code, 0x95);
+    // The connection is still usable after refusals.
+    assert_eq!(c.publish("sensors/x", b"ok", 1, None).await.unwrap().0, 0);
+    // MQTT 3.1.1 has no negative PUBACK: a refused QoS 1 publication closes.
+    let mut old = Mqtt::connect(addr, false, "refused-311", None).await.unwrap();
+    assert_eq!(old.subscribe("#", None).await.0, 0x80);
+    assert!(old.publish("readonly/x", b"1", 1, None).await.is_none());
+    // A bad connection token: CONNACK 0x86 (3.1.1: 4), with the reason.
+    let (code, why) = Mqtt::connect(addr, true, "t", Some("not.a.jwt")).await.err().unwrap();
+    assert_eq!((code, why.split(':').next().unwrap()), (0x86, "token_invalid"), "{why}");
+    assert_eq!(Mqtt::connect(addr, false, "t", Some("not.a.jwt")).await.err().unwrap().0, 4);
+}
+
+#[tokio::test]
+async fn the_will_is_published_when_a_client_vanishes_not_when_it_disconnects() {
+    let s = server().await;
+    let addr = s.mqtt.unwrap();
+    let id = channel("x").replace("x:", "");
+    let will_topic = format!("sensors/{id}/status");
+    let mut watcher = Mqtt::connect(addr, true, "watcher", None).await.unwrap();
+    assert_eq!(watcher.subscribe(&will_topic, None).await.0, 0);
+    // A clean DISCONNECT: no will.
+    let mut polite =
+        Mqtt::connect_with(addr, true, "polite", None, 60, Some((&will_topic, b"polite gone"))).await.unwrap();
+    polite.send(&packet(0xE0, &[0, 0])).await;
+    assert!(polite.read().await.is_none());
+    // Vanishing (the socket closes without DISCONNECT): the will, to the watcher.
+    let rude = Mqtt::connect_with(addr, false, "rude", None, 60, Some((&will_topic, b"offline"))).await.unwrap();
+    drop(rude);
+    assert_eq!(watcher.next_publish().await.unwrap().1, b"offline");
+    // Keep-alive: a client silent for 1.5 × its keep-alive is closed, and its will sent.
+    let mut quiet = Mqtt::connect_with(addr, true, "quiet", None, 1, Some((&will_topic, b"timed out"))).await.unwrap();
+    assert!(quiet.read().await.is_none(), "closed by the server");
+    assert_eq!(watcher.next_publish().await.unwrap().1, b"timed out");
+    let (_, h) = s.get_json(&format!("/api/history?channel=sensors:{id}/status")).await;
+    let data: Vec<Value> = h["publications"].as_array().unwrap().iter().map(|p| p["data"].clone()).collect();
+    assert_eq!(data, vec![json!("offline"), json!("timed out")]);
+}
+
+#[tokio::test]
+async fn a_second_connection_with_the_same_client_id_takes_it_over() {
+    let s = server().await;
+    let addr = s.mqtt.unwrap();
+    let mut first = Mqtt::connect(addr, true, "same-id", None).await.unwrap();
+    let _second = Mqtt::connect(addr, true, "same-id", None).await.unwrap();
+    let (kind, body) = first.read().await.expect("a DISCONNECT");
+    assert_eq!((kind, body[0]), (0xE0, 0x8E), "DISCONNECT, session taken over");
+    assert!(first.read().await.is_none());
+}
+
+#[tokio::test]
+async fn malformed_packets_end_the_connection_with_a_reason_and_nothing_else_breaks() {
+    let s = server().await;
+    let addr = s.mqtt.unwrap();
+    let raw = |bytes: Vec<u8>| async move {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut c, &bytes).await.unwrap();
+        let mut out = Vec::new();
+        let r =
+            tokio::time::timeout(Duration::from_secs(30), tokio::io::AsyncReadExt::read_to_end(&mut c, &mut out)).await;
+        assert!(r.is_ok(), "the server left the connection open");
+        out
+    };
+    // Not MQTT at all: closed without an answer.
+    assert!(raw(b"GET / HTTP/1.1\r\n\r\n".to_vec()).await.is_empty());
+    // A packet before CONNECT: closed.
+    assert!(raw(packet(0xC0, &[])).await.is_empty());
+    // CONNECT of an unknown protocol level: CONNACK "unacceptable protocol version".
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 3, 2, 0, 60, 0, 1, b'a'];
+    assert_eq!(raw(packet(0x10, &body)).await, vec![0x20, 2, 0, 1]);
+    // MQTT 5 CONNECT with the reserved flag: CONNACK 0x81 Malformed Packet.
+    body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 3, 0, 60, 0, 0, 1, b'a'];
+    let out = raw(packet(0x10, &body)).await;
+    assert_eq!(&out[..4], &[0x20, out[1], 0, 0x81]);
+    // After CONNECT: a packet over the size limit, and a malformed SUBSCRIBE.
+    for bad in [vec![0x30, 0xff, 0xff, 0xff, 0x7f], packet(0x80, &[0, 1, 0, 1, b'x', 0])] {
+        let mut c = Mqtt::connect(addr, true, "bad", None).await.unwrap();
+        c.send(&bad).await;
+        let (kind, body) = c.read().await.expect("a DISCONNECT");
+        assert_eq!(kind, 0xE0);
+        assert!(body[0] == 0x95 || body[0] == 0x81, "reason {:#x}", body[0]);
+        assert!(c.read().await.is_none());
+    }
+    assert_eq!(s.state.metrics.task_panics.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let mut ok = Mqtt::connect(addr, true, "still-fine", None).await.unwrap();
+    assert_eq!(ok.publish("sensors/x", b"1", 1, None).await.unwrap().0, 0);
+}
+
+#[tokio::test]
+async fn a_packet_flood_is_refused_then_closed() {
+    let s = TestServer::start(config(&format!("{CONFIG}[ws]\nmax_commands_per_sec = 1\n"))).await;
+    let mut c = Mqtt::connect(s.mqtt.unwrap(), true, "flood", None).await.unwrap();
+    // 20 QoS 1 PUBLISH packets at once: a burst of 2 passes, then refusals, then the close.
+    for id in 1..=20u16 {
+        let mut body = vec![0, 9];
+        body.extend_from_slice(b"sensors/f");
+        body.extend_from_slice(&id.to_be_bytes());
+        body.push(0);
+        body.extend_from_slice(b"1");
+        c.send(&packet(0x32, &body)).await;
+    }
+    let (mut ok, mut refused, mut disconnect) = (0, 0, None);
+    while let Some((kind, body)) = c.read().await {
+        match kind >> 4 {
+            4 if body.len() > 2 && body[2] == 0x96 => refused += 1,
+            4 => ok += 1,
+            14 => disconnect = Some(body[0]),
+            _ => {}
+        }
+    }
+    assert!(ok >= 1 && refused >= 1, "{ok} accepted, {refused} refused");
+    assert_eq!(disconnect, Some(0x96), "closed for its rate");
+}
