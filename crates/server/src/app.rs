@@ -233,6 +233,8 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
         // WebSocket over HTTP/2 (RFC 8441 extended CONNECT): the same handler and gate.
         route(M::CONNECT, "/ws", Commands, transports::ws::handler),
         route(M::GET, "/ws/echo", Open, transports::ws::echo_handler),
+        // MQTT over WebSocket: each SUBSCRIBE and PUBLISH through the gate, as on TCP.
+        route(M::GET, "/mqtt", Commands, transports::mqtt::ws::handler),
         route(M::POST, "/publish", Channels(Operation::Publish), transports::client_http::publish),
         route(M::GET, "/presence", Channels(Operation::Presence), transports::client_http::presence),
         route(M::GET, "/presence_stats", Channels(Operation::PresenceStats), transports::client_http::presence_stats),
@@ -348,11 +350,11 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
     if state.tls.as_ref().is_some_and(|t| t.api_needs_client_cert) {
         let verified = req.extensions().get::<crate::listener::ConnInfo>().is_some_and(|c| c.client_cert);
         if !verified {
-            return ApiError::new(
+            let e = ApiError::new(
                 Code::ClientCertificateRequired,
                 "the server API needs a client certificate signed by tls.client_ca",
-            )
-            .into_response();
+            );
+            return refuse_after_body(req, e).await;
         }
     }
     if state.dev {
@@ -365,7 +367,8 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(presented) = presented else {
-        return ApiError::new(Code::Unauthorized, "missing API key: send Authorization: Bearer <key>").into_response();
+        let e = ApiError::new(Code::Unauthorized, "missing API key: send Authorization: Bearer <key>");
+        return refuse_after_body(req, e).await;
     };
     // Check every key, in constant time per key, so timing reveals neither which key
     // matched nor how much of one did.
@@ -374,9 +377,19 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
         ok |= constant_time_eq(presented.as_bytes(), k.as_bytes());
     }
     if !ok {
-        return ApiError::new(Code::Unauthorized, "invalid API key").into_response();
+        return refuse_after_body(req, ApiError::new(Code::Unauthorized, "invalid API key")).await;
     }
     next.run(req).await
+}
+
+/// Refuses a request before its handler, having read (and dropped) a small body first:
+/// over HTTP/2 an answer sent while the client is still sending is followed by a stream
+/// reset, which some clients (curl) report instead of the answer. Bounded: at most 64 KiB
+/// and 2 seconds are spent on it.
+async fn refuse_after_body(req: Request, e: ApiError) -> Response {
+    let body = req.into_body();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), axum::body::to_bytes(body, 64 * 1024)).await;
+    e.into_response()
 }
 
 /// Compares two byte strings in time that depends only on their lengths.
