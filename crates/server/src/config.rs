@@ -351,13 +351,15 @@ pub struct MqttConfig {
     /// The MQTT listener (e.g. `0.0.0.0:1883`); none unless set (`serve --dev` tries
     /// `127.0.0.1:1883`).
     pub listen: Option<SocketAddr>,
+    /// MQTT over TLS (e.g. `0.0.0.0:8883`), with the `[tls]` certificate.
+    pub tls_listen: Option<SocketAddr>,
     /// Largest packet a client may send, in bytes (announced in MQTT 5's CONNACK).
     pub max_packet_bytes: usize,
 }
 
 impl Default for MqttConfig {
     fn default() -> Self {
-        MqttConfig { listen: None, max_packet_bytes: 256 * 1024 }
+        MqttConfig { listen: None, tls_listen: None, max_packet_bytes: 256 * 1024 }
     }
 }
 

@@ -44,6 +44,8 @@ pub struct Server {
     http_listener: Option<TcpListener>,
     /// `mqtt.listen`: MQTT 3.1.1 / 5.
     mqtt_listener: Option<TcpListener>,
+    /// `mqtt.tls_listen`: MQTT over TLS.
+    mqtt_tls_listener: Option<TcpListener>,
     shutdown_tx: watch::Sender<bool>,
     drain_notice: Duration,
 }
@@ -105,7 +107,20 @@ impl Server {
             Some(addr) => Some(bind(addr).map_err(|e| anyhow::anyhow!("mqtt.listen {addr}: {e}"))?),
             None => None,
         };
-        Ok(Server { state, listener, http_listener, mqtt_listener, shutdown_tx, drain_notice: Duration::ZERO })
+        let mqtt_tls_listener = match state.config.mqtt.tls_listen {
+            Some(_) if state.tls.is_none() => anyhow::bail!("mqtt.tls_listen needs [tls] cert and key"),
+            Some(addr) => Some(bind(addr).map_err(|e| anyhow::anyhow!("mqtt.tls_listen {addr}: {e}"))?),
+            None => None,
+        };
+        Ok(Server {
+            state,
+            listener,
+            http_listener,
+            mqtt_listener,
+            mqtt_tls_listener,
+            shutdown_tx,
+            drain_notice: Duration::ZERO,
+        })
     }
 
     /// On shutdown, first report not-ready (and refuse new streaming connections) for
@@ -118,6 +133,11 @@ impl Server {
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The MQTT-over-TLS listener's address (`mqtt.tls_listen`).
+    pub fn mqtt_tls_local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.mqtt_tls_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The MQTT listener's address (`mqtt.listen`).
@@ -142,7 +162,8 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
         drain: Duration,
     ) -> std::io::Result<()> {
-        let Server { state, listener, http_listener, mqtt_listener, shutdown_tx, drain_notice } = self;
+        let Server { state, listener, http_listener, mqtt_listener, mqtt_tls_listener, shutdown_tx, drain_notice } =
+            self;
         let connections = Arc::new(app::ConnTracker::default());
         let draining_state = state.clone();
         let mut shutdown = std::pin::pin!(async move {
@@ -176,7 +197,11 @@ impl Server {
                     Err(e) => { backoff(&mut failed_accepts, e).await; continue; }
                 },
                 r = accept(mqtt_listener.as_ref()) => match r {
-                    Ok(x) => (x, listener::Listener::Mqtt),
+                    Ok(x) => (x, listener::Listener::Mqtt { tls: false }),
+                    Err(e) => { backoff(&mut failed_accepts, e).await; continue; }
+                },
+                r = accept(mqtt_tls_listener.as_ref()) => match r {
+                    Ok(x) => (x, listener::Listener::Mqtt { tls: true }),
                     Err(e) => { backoff(&mut failed_accepts, e).await; continue; }
                 },
                 _ = &mut shutdown => break,
@@ -199,7 +224,7 @@ impl Server {
                     continue;
                 }
             };
-            if matches!(which, listener::Listener::Mqtt) {
+            if let listener::Listener::Mqtt { tls } = which {
                 if reserve {
                     // The reserved places are for health probes; MQTT has none.
                     state.metrics.refused_total_cap.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -207,7 +232,14 @@ impl Server {
                 }
                 let state = state.clone();
                 tokio::spawn(guarded(state.metrics.clone(), "mqtt connection", async move {
-                    transports::mqtt::connection::serve(tcp, state, peer, slot).await
+                    let io: transports::mqtt::connection::Io = match (tls, state.tls.clone()) {
+                        (true, Some(t)) => match listener::tls_handshake(tcp, &t, &state, peer).await {
+                            Some(s) => Box::new(s),
+                            None => return,
+                        },
+                        _ => Box::new(tcp),
+                    };
+                    transports::mqtt::connection::serve(io, state, peer, slot).await
                 }));
                 continue;
             }
@@ -215,6 +247,7 @@ impl Server {
         }
         drop(http_listener);
         drop(mqtt_listener);
+        drop(mqtt_tls_listener);
         drop(listener);
         tracing::info!("shutting down: telling clients to reconnect");
         let _ = shutdown_tx.send(true);

@@ -39,8 +39,8 @@ pub enum Listener {
     Main,
     /// `tls.http_listen`: plain HTTP beside the TLS listener.
     Plain(HttpMode),
-    /// `mqtt.listen` (served by `transports::mqtt`, not here).
-    Mqtt,
+    /// `mqtt.listen` / `mqtt.tls_listen` (served by `transports::mqtt`, not here).
+    Mqtt { tls: bool },
 }
 
 /// What every connection task needs from the accept loop.
@@ -152,20 +152,7 @@ async fn serve_tls(
         Ok(Ok(1)) => {}
         _ => return,
     }
-    let stream = match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            state.metrics.tls_handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::debug!(%peer, "TLS handshake failed: {e}");
-            return;
-        }
-        Err(_) => {
-            state.metrics.tls_handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::debug!(%peer, "TLS handshake timed out");
-            return;
-        }
-    };
-    state.metrics.tls_handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let Some(stream) = tls_handshake(tcp, &tls, &state, peer).await else { return };
     let (_, session) = stream.get_ref();
     let h2 = session.alpn_protocol() == Some(b"h2".as_slice());
     let info = ConnInfo { tls: true, client_cert: session.peer_certificates().is_some_and(|c| !c.is_empty()) };
@@ -174,6 +161,30 @@ async fn serve_tls(
         serve_h2(TokioIo::new(stream), service, &state).await
     } else {
         serve_h1(TokioIo::new(stream), service, &state, reserve).await
+    }
+}
+
+/// The server side of a TLS handshake, within the handshake timeout, counted.
+pub(crate) async fn tls_handshake(
+    tcp: TcpStream,
+    tls: &crate::tls::Tls,
+    state: &AppState,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let r = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(tcp)).await;
+    let ok = matches!(r, Ok(Ok(_)));
+    let counter = if ok { &state.metrics.tls_handshakes } else { &state.metrics.tls_handshake_failures };
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    match r {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
     }
 }
 

@@ -174,6 +174,9 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 fn preflight(config: &Config, dev: bool) -> (Vec<String>, Vec<String>) {
     let (mut errors, mut warnings) = (Vec::new(), Vec::new());
     // (Checked here, not when the file loads: `serve --dev --tls` supplies the pair.)
+    if !config.tls.enabled() && config.mqtt.tls_listen.is_some() {
+        errors.push("mqtt.tls_listen needs tls.cert and tls.key (or `serve --dev --tls`)".to_string());
+    }
     if !config.tls.enabled() && (config.tls.client_ca.is_some() || config.tls.http_listen.is_some()) {
         let key = if config.tls.client_ca.is_some() { "tls.client_ca" } else { "tls.http_listen" };
         errors.push(format!("{key} needs tls.cert and tls.key (or `serve --dev --tls`)"));
@@ -507,6 +510,9 @@ async fn serve(cfg: Config, dev: bool, drain: Duration, notice: Duration) -> any
     }
     if let Some(mqtt) = server.mqtt_local_addr() {
         tracing::info!("MQTT 3.1.1 and 5 on {mqtt} (mqtt://{mqtt})");
+    }
+    if let Some(mqtts) = server.mqtt_tls_local_addr() {
+        tracing::info!("MQTT over TLS on {mqtts} (mqtts://{mqtts})");
     }
     if let Some(tls) = &server.state.tls {
         let info = tls.info();

@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::mqtt::Mqtt;
+use common::mqtt::{Mqtt, Via};
 use common::{config, TestServer};
 use serde_json::{json, Value};
 use switchboard_client::{ClientError, ConnectOptions, Connection, WsError};
@@ -149,9 +149,12 @@ enum Way {
     /// a subscription token as the user property `token`.
     MqttSubscribe,
     MqttPublish,
+    /// The same over MQTT's WebSocket endpoint (`/mqtt`).
+    MqttWsSubscribe,
+    MqttWsPublish,
 }
 
-const WAYS: [(Way, Operation); 14] = [
+const WAYS: [(Way, Operation); 16] = [
     (Way::WsCommand("subscribe"), Operation::Subscribe),
     (Way::WsCommand("history"), Operation::History),
     (Way::WsCommand("presence"), Operation::Presence),
@@ -166,6 +169,8 @@ const WAYS: [(Way, Operation); 14] = [
     (Way::HttpHistory, Operation::History),
     (Way::MqttSubscribe, Operation::Subscribe),
     (Way::MqttPublish, Operation::Publish),
+    (Way::MqttWsSubscribe, Operation::Subscribe),
+    (Way::MqttWsPublish, Operation::Publish),
 ];
 
 /// WebSocket commands that read or write no channel's data, so have no rows.
@@ -288,7 +293,7 @@ async fn attempt(s: &TestServer, link: &mut Link, way: Way, channel: &str, calle
     }
     let over_h2 = matches!(link, Link::Http2(_));
     match way {
-        Way::MqttSubscribe | Way::MqttPublish => {
+        Way::MqttSubscribe | Way::MqttPublish | Way::MqttWsSubscribe | Way::MqttWsPublish => {
             mqtt_attempt(s, way, channel, conn.as_deref(), subs.first().map(String::as_str)).await
         }
         Way::WsCommand(cmd) => {
@@ -357,13 +362,17 @@ async fn mqtt_attempt(
 ) -> Option<String> {
     let code_of = |why: &str| Some(why.split(':').next().unwrap_or_default().to_string());
     let id = format!("matrix-{}", fastrand::u64(..));
-    let mut m = match Mqtt::connect(s.mqtt.expect("an MQTT listener"), true, &id, conn).await {
+    let via = match way {
+        Way::MqttWsSubscribe | Way::MqttWsPublish => Via::WebSocket(s.addr),
+        _ => Via::Tcp(s.mqtt.expect("an MQTT listener")),
+    };
+    let mut m = match Mqtt::connect_via(via, true, &id, conn).await {
         Ok(m) => m,
         Err((_, why)) => return code_of(&why),
     };
     let topic = channel.replacen(':', "/", 1);
     let (code, why) = match way {
-        Way::MqttSubscribe => m.subscribe(&topic, sub).await,
+        Way::MqttSubscribe | Way::MqttWsSubscribe => m.subscribe(&topic, sub).await,
         _ => m.publish(&topic, b"{\"x\":1}", 1, sub).await.expect("a PUBACK"),
     };
     if code == 0 {
@@ -386,7 +395,10 @@ async fn run_matrix(s: &TestServer, link: &mut Link) -> (Vec<String>, usize) {
     let mut cells = 0;
     for (way, op) in WAYS {
         if matches!(way, Way::MqttSubscribe | Way::MqttPublish) && s.mqtt.is_none() {
-            continue; // a server without an MQTT listener (the TLS run)
+            continue; // a server without an MQTT listener
+        }
+        if matches!(way, Way::MqttWsSubscribe | Way::MqttWsPublish) && s.state.tls.is_some() {
+            continue; // the test's raw MQTT client speaks ws://, not wss://
         }
         for (kind, channel) in NAMESPACES {
             for caller in CALLERS {
@@ -501,7 +513,14 @@ fn every_route_and_every_command_is_in_the_matrix() {
                     r.path
                 )
             }
-            Guard::Commands => assert_eq!(r.path, "/ws", "a new command endpoint {} needs rows", r.path),
+            Guard::Commands => {
+                let rows = match r.path {
+                    "/ws" => WAYS.iter().any(|(w, _)| matches!(w, Way::WsCommand(_))),
+                    "/mqtt" => WAYS.iter().any(|(w, _)| matches!(w, Way::MqttWsSubscribe)),
+                    _ => false,
+                };
+                assert!(rows, "a new command endpoint {} needs rows", r.path)
+            }
             Guard::ApiKey => assert!(r.path.starts_with("/api/") || r.path.starts_with("/admin/api/"), "{}", r.path),
             Guard::Open => {
                 assert!(open.contains(&r.path), "{} {} claims to touch no channel: add it here if so", r.method, r.path)

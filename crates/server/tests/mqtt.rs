@@ -273,3 +273,60 @@ async fn a_packet_flood_is_refused_then_closed() {
     assert!(ok >= 1 && refused >= 1, "{ok} accepted, {refused} refused");
     assert_eq!(disconnect, Some(0x96), "closed for its rate");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_over_tls_and_paho_over_websocket_exchange_messages() {
+    let dir = std::env::temp_dir().join(format!("sb-mqtt-tls-{}", std::process::id()));
+    let d = switchboard_server::tls::dev_certificate(&dir, false).unwrap();
+    let s = TestServer::start(config(
+        &format!(
+            "{CONFIG}[tls]\ncert = {:?}\nkey = {:?}\nhttp_listen = \"127.0.0.1:0\"\nhttp_mode = \"serve\"\n",
+            d.cert, d.key
+        )
+        .replace(
+            "[mqtt]\nlisten = \"127.0.0.1:0\"\n",
+            "[mqtt]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n",
+        ),
+    ))
+    .await;
+    let ca = d.ca.to_str().unwrap().to_string();
+    let mqtts = s.mqtt_tls.unwrap().port().to_string();
+    let id = channel("x").replace("x:", "");
+    let topic = format!("sensors/{id}");
+    // mosquitto_sub over mqtts://.
+    let mut sub = tokio::process::Command::new("mosquitto_sub")
+        .args(["-h", "localhost", "-p", &mqtts, "--cafile", &ca, "-t", &topic, "-C", "2", "-W", "60"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    subscribers(&s, &format!("sensors:{id}"), 1).await;
+    // Paho over wss://…/mqtt: subscribes, publishes "from paho", waits for both.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/mqtt_paho.py");
+    let port = s.addr.port().to_string();
+    let paho = tokio::process::Command::new("python3")
+        .args([script, "localhost", &port, &topic, &ca, "from paho", "from mqtts"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 with paho-mqtt (./scripts/test installs it)");
+    subscribers(&s, &format!("sensors:{id}"), 2).await;
+    let status = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "localhost", "-p", &mqtts, "--cafile", &ca, "-t", &topic, "-m", "from mqtts", "-q", "1"])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let out = paho.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "paho: {}", String::from_utf8_lossy(&out.stdout));
+    let mut lines = BufReader::new(sub.stdout.take().unwrap()).lines();
+    let mut got = Vec::new();
+    while let Some(l) = lines.next_line().await.unwrap() {
+        got.push(l);
+    }
+    got.sort();
+    assert_eq!(got, vec!["from mqtts", "from paho"]);
+    // Both came over TLS: the plain MQTT listener saw nobody.
+    assert!(s.state.metrics.tls_handshakes.load(std::sync::atomic::Ordering::Relaxed) >= 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}

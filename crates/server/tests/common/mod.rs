@@ -17,6 +17,8 @@ pub struct TestServer {
     pub plain: Option<SocketAddr>,
     /// The MQTT listener (`[mqtt] listen`), if configured.
     pub mqtt: Option<SocketAddr>,
+    /// The MQTT-over-TLS listener (`[mqtt] tls_listen`), if configured.
+    pub mqtt_tls: Option<SocketAddr>,
     /// The running server's state: its metrics, its clock.
     pub state: switchboard_server::AppState,
     pub http: reqwest::Client,
@@ -35,6 +37,7 @@ impl TestServer {
         let addr = server.local_addr().unwrap();
         let plain = server.http_local_addr();
         let mqtt = server.mqtt_local_addr();
+        let mqtt_tls = server.mqtt_tls_local_addr();
         let state = server.state.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -48,7 +51,16 @@ impl TestServer {
                 .await
                 .unwrap();
         });
-        TestServer { addr, plain, mqtt, state, http: reqwest::Client::new(), stop: Some(tx), task: Some(task) }
+        TestServer {
+            addr,
+            plain,
+            mqtt,
+            mqtt_tls,
+            state,
+            http: reqwest::Client::new(),
+            stop: Some(tx),
+            task: Some(task),
+        }
     }
 
     /// A plain-HTTP URL of the server: the main listener, or for a TLS server the plain

@@ -4,11 +4,26 @@
 
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// MQTT over TCP, or over a WebSocket (`/mqtt`, binary messages).
+pub enum Link {
+    Tcp(TcpStream),
+    Ws(Box<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>>),
+}
+
+/// Where to connect: the MQTT listener, or the server's `/mqtt` WebSocket endpoint.
+#[derive(Clone, Copy, Debug)]
+pub enum Via {
+    Tcp(std::net::SocketAddr),
+    WebSocket(std::net::SocketAddr),
+}
 
 pub struct Mqtt {
-    pub tcp: TcpStream,
+    pub link: Link,
     buf: Vec<u8>,
     pub v5: bool,
     next_id: u16,
@@ -111,6 +126,26 @@ impl Mqtt {
         Self::connect_with(addr, v5, client_id, password, 60, None).await
     }
 
+    /// CONNECT over TCP or over the WebSocket endpoint.
+    pub async fn connect_via(
+        via: Via,
+        v5: bool,
+        client_id: &str,
+        password: Option<&str>,
+    ) -> Result<Mqtt, (u8, String)> {
+        match via {
+            Via::Tcp(addr) => Self::connect(addr, v5, client_id, password).await,
+            Via::WebSocket(http) => {
+                use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+                let mut req = format!("ws://{http}/mqtt").into_client_request().unwrap();
+                req.headers_mut().insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+                let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("the /mqtt handshake");
+                let link = Link::Ws(Box::new(ws));
+                Self::handshake(Mqtt { link, buf: Vec::new(), v5, next_id: 1 }, client_id, password, 60, None).await
+            }
+        }
+    }
+
     /// CONNECT with a keep-alive and a will (topic, payload).
     pub async fn connect_with(
         addr: std::net::SocketAddr,
@@ -121,7 +156,24 @@ impl Mqtt {
         will: Option<(&str, &[u8])>,
     ) -> Result<Mqtt, (u8, String)> {
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut m = Mqtt { tcp, buf: Vec::new(), v5, next_id: 1 };
+        Self::handshake(
+            Mqtt { link: Link::Tcp(tcp), buf: Vec::new(), v5, next_id: 1 },
+            client_id,
+            password,
+            keep_alive,
+            will,
+        )
+        .await
+    }
+
+    async fn handshake(
+        mut m: Mqtt,
+        client_id: &str,
+        password: Option<&str>,
+        keep_alive: u16,
+        will: Option<(&str, &[u8])>,
+    ) -> Result<Mqtt, (u8, String)> {
+        let v5 = m.v5;
         let mut flags = 0x02u8;
         if will.is_some() {
             flags |= 0x04;
@@ -161,7 +213,10 @@ impl Mqtt {
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
-        self.tcp.write_all(bytes).await.unwrap();
+        match &mut self.link {
+            Link::Tcp(t) => t.write_all(bytes).await.unwrap(),
+            Link::Ws(w) => w.send(Message::binary(bytes.to_vec())).await.unwrap(),
+        }
     }
 
     /// The next packet: (first byte, body); `None` once the server closed.
@@ -187,11 +242,21 @@ impl Mqtt {
                     return Some((first, body));
                 }
             }
-            let mut chunk = [0u8; 4096];
-            match tokio::time::timeout(Duration::from_secs(30), self.tcp.read(&mut chunk)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return None,
-                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(_) => panic!("no packet from the server within 30 s"),
+            match &mut self.link {
+                Link::Tcp(t) => {
+                    let mut chunk = [0u8; 4096];
+                    match tokio::time::timeout(Duration::from_secs(30), t.read(&mut chunk)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => return None,
+                        Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                        Err(_) => panic!("no packet from the server within 30 s"),
+                    }
+                }
+                Link::Ws(w) => match tokio::time::timeout(Duration::from_secs(30), w.next()).await {
+                    Ok(Some(Ok(Message::Binary(b)))) => self.buf.extend_from_slice(&b),
+                    Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => return None,
+                    Ok(Some(Ok(_))) => {}
+                    Err(_) => panic!("no packet from the server within 30 s"),
+                },
             }
         }
     }

@@ -10,7 +10,6 @@ use bytes::{Bytes, BytesMut};
 use switchboard_core::queue::Event;
 use switchboard_core::{ChannelName, CloseReason, Kind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::codec::{self, Connect, Packet, Version};
@@ -18,7 +17,6 @@ use crate::app::AppState;
 use crate::auth::Operation;
 use crate::commands::{ops, Session, Wire};
 use crate::error::{ApiError, Code};
-use crate::limits::ConnSlot;
 
 /// MQTT replies are packets the connection writes itself; the session's own text pushes
 /// (WebSocket-protocol replies) have no MQTT form.
@@ -65,7 +63,7 @@ struct Conn {
     session: Session<MqttWire>,
     version: Version,
     client_id: String,
-    tcp: TcpStream,
+    tcp: Io,
     buf: BytesMut,
     max_packet: usize,
     /// QoS 2 packet ids received and acknowledged with PUBREC, awaiting PUBREL.
@@ -81,7 +79,10 @@ struct Conn {
 }
 
 /// Serves an accepted MQTT connection until it ends.
-pub async fn serve(mut tcp: TcpStream, state: AppState, peer: SocketAddr, slot: ConnSlot) {
+/// What an MQTT connection runs on: TCP, TLS, or a WebSocket's binary messages.
+pub type Io = Box<dyn crate::transports::ws::io::Stream>;
+
+pub async fn serve(mut tcp: Io, state: AppState, peer: SocketAddr, slot: impl Send + 'static) {
     let _tracked = state.track_upgraded();
     let _slot = slot;
     let max_packet = state.config.mqtt.max_packet_bytes;
@@ -126,7 +127,7 @@ pub async fn serve(mut tcp: TcpStream, state: AppState, peer: SocketAddr, slot: 
 /// Reads the CONNECT packet. `Err(Some)`: a CONNECT-level error to answer with CONNACK;
 /// `Err(None)`: nothing worth answering (not MQTT, or gone).
 async fn read_connect(
-    tcp: &mut TcpStream,
+    tcp: &mut Io,
     buf: &mut BytesMut,
     max_packet: usize,
 ) -> Result<Box<Connect>, Option<(Version, codec::Error)>> {
@@ -183,7 +184,7 @@ struct Accepted {
 }
 
 /// Checks a CONNECT — credentials, client id, will — and answers it.
-async fn accept(mut tcp: TcpStream, buf: BytesMut, state: &AppState, connect: Connect) -> Option<Accepted> {
+async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) -> Option<Accepted> {
     let version = connect.version;
     let refuse = |code: u8, why: String| {
         let props = server_props(state, None, None, Some(&why));
