@@ -42,6 +42,8 @@ pub struct Inner {
     pub registry: Arc<crate::registry::Registry>,
     /// MQTT client ids connected to this node (a new connection takes an id over).
     pub mqtt_clients: crate::registry::ClientIds,
+    /// Persistent MQTT sessions kept on this node between connections.
+    pub mqtt_sessions: crate::transports::mqtt::sessions::Sessions,
     pub limits: Arc<crate::limits::ConnLimits>,
     pub presence: Arc<dyn switchboard_core::presence::PresenceManager>,
     /// This node's id in the cluster.
@@ -159,6 +161,7 @@ impl AppState {
                 deny: crate::auth::DenyList::default(),
                 registry: Arc::default(),
                 mqtt_clients: Default::default(),
+                mqtt_sessions: Default::default(),
                 limits,
                 presence,
                 node_id,

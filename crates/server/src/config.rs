@@ -355,11 +355,14 @@ pub struct MqttConfig {
     pub tls_listen: Option<SocketAddr>,
     /// Largest packet a client may send, in bytes (announced in MQTT 5's CONNACK).
     pub max_packet_bytes: usize,
+    /// How long a persistent session is kept after its connection ends: 3.1.1's clean
+    /// session 0 gets this, MQTT 5 at most this (seconds).
+    pub session_expiry_secs: u64,
 }
 
 impl Default for MqttConfig {
     fn default() -> Self {
-        MqttConfig { listen: None, tls_listen: None, max_packet_bytes: 256 * 1024 }
+        MqttConfig { listen: None, tls_listen: None, max_packet_bytes: 256 * 1024, session_expiry_secs: 86_400 }
     }
 }
 

@@ -84,8 +84,17 @@ impl ClientIds {
             old.close(CloseReason::Normal);
         }
         // Forget the ids of connections that are gone, now and then.
+        // (A gone connection's entry only ever answers `holds` with false.)
         if m.len() > 64 && m.len().is_power_of_two() {
             m.retain(|_, w| w.strong_count() > 0);
         }
+    }
+}
+
+impl ClientIds {
+    /// Whether `queue`'s connection still holds `id` (no other connection took it over).
+    pub fn holds(&self, id: &str, queue: &Arc<ConnQueue>) -> bool {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(id).and_then(|w| w.upgrade()).is_some_and(|q| Arc::ptr_eq(&q, queue))
     }
 }

@@ -330,3 +330,73 @@ async fn mosquitto_over_tls_and_paho_over_websocket_exchange_messages() {
     assert!(s.state.metrics.tls_handshakes.load(std::sync::atomic::Ordering::Relaxed) >= 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_persistent_session_resumes_with_what_was_published_meanwhile() {
+    let s = server().await;
+    let addr = s.mqtt.unwrap();
+    for v5 in [false, true] {
+        let id = channel("x").replace("x:", "");
+        let (ch, topic, client) = (format!("sensors:{id}"), format!("sensors/{id}"), format!("device-{id}"));
+        // 3.1.1: clean session 0. MQTT 5: clean start 0 and a session expiry.
+        let (mut c, present) = Mqtt::connect_session(addr, v5, &client, false, 3600).await;
+        assert!(!present, "a new session");
+        assert_eq!(c.subscribe(&topic, None).await.0, 0);
+        s.publish(&ch, json!(1)).await;
+        assert_eq!(c.next_publish().await.unwrap().1, b"1");
+        c.disconnect().await;
+        // Published while the device is away.
+        s.publish(&ch, json!(2)).await;
+        s.publish(&ch, json!(3)).await;
+        // Back: the session is there, its subscription too, and the two it missed come,
+        // in order, then live ones — without subscribing again.
+        let (mut c, present) = Mqtt::connect_session(addr, v5, &client, false, 3600).await;
+        assert!(present, "session present");
+        assert_eq!(c.next_publish().await.unwrap().1, b"2");
+        assert_eq!(c.next_publish().await.unwrap().1, b"3");
+        s.publish(&ch, json!(4)).await;
+        assert_eq!(c.next_publish().await.unwrap().1, b"4");
+        c.disconnect().await;
+        // Clean start throws the session away.
+        let (c, present) = Mqtt::connect_session(addr, v5, &client, true, 0).await;
+        assert!(!present);
+        c.disconnect().await;
+        let (c, present) = Mqtt::connect_session(addr, v5, &client, false, 3600).await;
+        assert!(!present, "nothing kept after a clean session");
+        c.disconnect().await;
+    }
+    // MQTT 5 with session expiry 0: nothing is kept.
+    let (mut c, _) = Mqtt::connect_session(addr, true, "no-expiry", false, 0).await;
+    assert_eq!(c.subscribe("sensors/none", None).await.0, 0);
+    c.disconnect().await;
+    assert!(!Mqtt::connect_session(addr, true, "no-expiry", false, 0).await.1);
+}
+
+#[tokio::test]
+async fn mosquitto_sub_with_a_persistent_session_gets_what_it_missed() {
+    let s = server().await;
+    let port = s.mqtt.unwrap().port().to_string();
+    let id = channel("x").replace("x:", "");
+    let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
+    let sub = |count: &str| {
+        let (port, topic, id) = (port.clone(), topic.clone(), id.clone());
+        let count = count.to_string();
+        async move {
+            let out = tokio::process::Command::new("mosquitto_sub")
+                .args(["-h", "127.0.0.1", "-p", &port, "-c", "-i", &format!("m-{id}"), "-q", "1", "-t", &topic])
+                .args(["-C", &count, "-W", "60"])
+                .output()
+                .await
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    let first = tokio::spawn(sub("1"));
+    subscribers(&s, &ch, 1).await;
+    s.publish(&ch, json!("a")).await;
+    assert_eq!(first.await.unwrap(), "a\n");
+    s.publish(&ch, json!("b")).await;
+    s.publish(&ch, json!("c")).await;
+    // `-c` (clean session off) with the same client id: what it missed, in order.
+    assert_eq!(sub("2").await, "b\nc\n");
+}

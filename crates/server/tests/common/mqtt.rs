@@ -166,6 +166,39 @@ impl Mqtt {
         .await
     }
 
+    /// CONNECT with clean session / clean start off or on, and (MQTT 5) a session expiry:
+    /// the connection and CONNACK's session-present flag.
+    pub async fn connect_session(
+        addr: std::net::SocketAddr,
+        v5: bool,
+        client_id: &str,
+        clean: bool,
+        expiry: u32,
+    ) -> (Mqtt, bool) {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut m = Mqtt { link: Link::Tcp(tcp), buf: Vec::new(), v5, next_id: 1 };
+        let mut body = Vec::new();
+        str16(&mut body, b"MQTT");
+        body.push(if v5 { 5 } else { 4 });
+        body.push(if clean { 0x02 } else { 0 });
+        body.extend_from_slice(&60u16.to_be_bytes());
+        if v5 {
+            body.extend_from_slice(&[5, 0x11]);
+            body.extend_from_slice(&expiry.to_be_bytes());
+        }
+        str16(&mut body, client_id.as_bytes());
+        m.send(&packet(0x10, &body)).await;
+        let (first, body) = m.read().await.expect("CONNACK");
+        assert_eq!((first, body[1]), (0x20, 0), "CONNACK accepted");
+        (m, body[0] & 1 == 1)
+    }
+
+    /// DISCONNECT, then waits until the server closes.
+    pub async fn disconnect(mut self) {
+        self.send(&packet(0xE0, &[0, 0][..if self.v5 { 2 } else { 0 }])).await;
+        while self.read().await.is_some() {}
+    }
+
     async fn handshake(
         mut m: Mqtt,
         client_id: &str,

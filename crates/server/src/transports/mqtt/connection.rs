@@ -76,6 +76,11 @@ struct Conn {
     filters: HashMap<String, String>,
     /// Seconds; 0: no keep-alive.
     keep_alive: u16,
+    /// Where each subscribed channel stands for this client: its subscribe position, then
+    /// each publication written — what a persistent session resumes from.
+    positions: HashMap<ChannelName, switchboard_core::StreamPosition>,
+    /// Keep the session after the connection ends, for this long.
+    persist: Option<Duration>,
 }
 
 /// Serves an accepted MQTT connection until it ends.
@@ -102,10 +107,17 @@ pub async fn serve(mut tcp: Io, state: AppState, peer: SocketAddr, slot: impl Se
     let _gauge = state.metrics.connection(crate::metrics::Transport::Mqtt);
     let version = connect.version;
     let Some(mut conn) = accept(tcp, buf, &state, *connect).await else { return };
-    let end = conn.c.run().await;
+    let end = match conn.resumed.take() {
+        Some(kept) => match conn.c.resume(kept).await {
+            Some(end) => end,
+            None => conn.c.run().await,
+        },
+        None => conn.c.run().await,
+    };
     let will = conn.will_allowed.take();
     let publish_will = matches!(end, End::Lost | End::Client(0x04) | End::Protocol(..));
     conn.c.goodbye(&end).await;
+    conn.c.keep_session();
     conn.c.session.leave_all();
     if let (true, Some((will, resolved))) = (publish_will, will) {
         let state = state.clone();
@@ -181,6 +193,8 @@ fn server_props<'a>(
 struct Accepted {
     c: Conn,
     will_allowed: Option<(codec::Will, crate::session::Resolved)>,
+    /// The kept session this connection resumes.
+    resumed: Option<super::sessions::Kept>,
 }
 
 /// Checks a CONNECT — credentials, client id, will — and answers it.
@@ -252,10 +266,27 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
     };
     // A new connection with a client id takes the id over (MQTT 3.1.4-3).
     state.mqtt_clients.take_over(&client_id, &session.queue);
-    // No persistent sessions yet: say so (MQTT 5 session expiry 0; session present 0).
+    // Persistent sessions: 3.1.1's clean session 0 keeps one (for `mqtt.session_expiry_secs`),
+    // MQTT 5's session expiry interval says for how long (at most that). Clean start
+    // discards what was kept.
+    let max_expiry = state.config.mqtt.session_expiry_secs;
+    let (persist, granted) = match version {
+        Version::V311 => ((!connect.clean_start).then_some(max_expiry), None),
+        Version::V5 => {
+            let asked = connect.session_expiry as u64;
+            let granted = asked.min(max_expiry);
+            ((granted > 0).then_some(granted), (granted != asked).then_some(granted as u32))
+        }
+    };
+    let resumed = if connect.clean_start {
+        state.mqtt_sessions.discard(&client_id);
+        None
+    } else {
+        state.mqtt_sessions.take(&client_id)
+    };
     let mut props = server_props(state, assigned.as_deref(), None, None);
-    props.session_expiry_override = (connect.session_expiry > 0).then_some(0);
-    if tcp.write_all(&codec::connack(version, false, 0, &props)).await.is_err() {
+    props.session_expiry_override = granted;
+    if tcp.write_all(&codec::connack(version, resumed.is_some(), 0, &props)).await.is_err() {
         return None;
     }
     tracing::debug!(client = %client_id, ?version, "MQTT connected");
@@ -272,8 +303,11 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
             retained: Vec::new(),
             filters: HashMap::new(),
             keep_alive: connect.keep_alive,
+            positions: HashMap::new(),
+            persist: persist.map(Duration::from_secs),
         },
         will_allowed,
+        resumed,
     })
 }
 
@@ -337,6 +371,11 @@ impl Conn {
                 match e {
                     Event::Publication(d) if matches!(d.publication.kind, Kind::Join | Kind::Leave) => {}
                     Event::Publication(d) => {
+                        if let Some(p) = self.positions.get_mut(&d.publication.channel) {
+                            if d.publication.kind == Kind::Stored {
+                                *p = d.publication.position();
+                            }
+                        }
                         let retained = self.take_retained(d);
                         let p = if retained {
                             encode(self.version, d, true)
@@ -434,6 +473,9 @@ impl Conn {
                     .map(|f| match self.filters.remove(f) {
                         Some(ch) => {
                             self.session.unsubscribe(&ch);
+                            if let Ok(c) = ChannelName::parse(&ch) {
+                                self.positions.remove(&c);
+                            }
                             0
                         }
                         None => 0x11, // no subscription existed
@@ -498,14 +540,17 @@ impl Conn {
                         .session
                         .subscribe(resolved, req, |o, _| {
                             // (With a rewind the position is just before the replay.)
-                            upto = Some((o.position.offset + o.replayed as u64, o.replayed));
+                            let mut at = o.position.clone();
+                            at.offset += o.replayed as u64;
+                            upto = Some((at, o.replayed));
                             String::new()
                         })
                         .await;
-                    if let Some((offset, replayed)) = upto {
+                    if let Some((position, replayed)) = upto {
                         if replayed > 0 {
-                            self.retained.push((channel, offset));
+                            self.retained.push((channel.clone(), position.offset));
                         }
+                        self.positions.entry(channel).or_insert(position);
                     }
                     r
                 }
@@ -520,6 +565,71 @@ impl Conn {
             }
         }
         None
+    }
+
+    /// Resumes a kept session: its subscriptions again, each channel from where this
+    /// client stood — what was published meanwhile (within the channel's history) comes
+    /// first, in order. Still through the gate: a token may allow less than before.
+    async fn resume(&mut self, kept: super::sessions::Kept) -> Option<End> {
+        for sub in kept.subs {
+            let r = if switchboard_core::pattern::is_pattern(&sub.name) {
+                match self.session.gated_pattern(&sub.name) {
+                    Ok(p) => self.session.subscribe_pattern(p).await,
+                    Err(e) => Err(e),
+                }
+            } else {
+                match self.session.gated(Operation::Subscribe, &sub.name, None) {
+                    Ok(resolved) => {
+                        let channel = resolved.channel.clone();
+                        let req = crate::session::subscribe_request(&resolved, sub.position.clone(), None);
+                        let mut at = None;
+                        let r = self
+                            .session
+                            .subscribe(resolved, req, |o, _| {
+                                at = Some((o.position.clone(), o.recovered));
+                                String::new()
+                            })
+                            .await;
+                        if let Some((position, recovered)) = at {
+                            if !recovered {
+                                tracing::debug!(client = %self.client_id, %channel, "MQTT session: history no longer reaches its position");
+                            }
+                            self.positions.insert(channel, position);
+                        }
+                        r
+                    }
+                    Err(e) => Err(e),
+                }
+            };
+            match r {
+                Ok(()) => {
+                    self.filters.insert(sub.filter, sub.name);
+                }
+                Err(e) => {
+                    tracing::debug!(client = %self.client_id, filter = %sub.filter, "MQTT session: not resubscribed: {}", e.message);
+                }
+            }
+        }
+        None
+    }
+
+    /// Keeps this session for the next connection with its client id, when it asked
+    /// for that — unless another connection took the id over meanwhile.
+    fn keep_session(&mut self) {
+        let Some(expiry) = self.persist else { return };
+        if !self.session.state.mqtt_clients.holds(&self.client_id, &self.session.queue) {
+            return;
+        }
+        let subs = self
+            .filters
+            .iter()
+            .map(|(filter, name)| super::sessions::KeptSub {
+                filter: filter.clone(),
+                name: name.clone(),
+                position: ChannelName::parse(name).ok().and_then(|c| self.positions.get(&c).cloned()),
+            })
+            .collect();
+        self.session.state.mqtt_sessions.keep(&self.client_id, super::sessions::Kept { subs }, expiry);
     }
 
     /// A filter's channel or pattern, through the gate: `Ok(None)` when this connection

@@ -16,6 +16,7 @@
 
 pub mod codec;
 pub mod connection;
+pub mod sessions;
 pub mod ws;
 
 use switchboard_core::ChannelName;
