@@ -22,6 +22,16 @@ pub enum Via {
     WebSocket(std::net::SocketAddr),
 }
 
+/// A PUBLISH as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    pub qos: u8,
+    pub packet_id: Option<u16>,
+}
+
 pub struct Mqtt {
     pub link: Link,
     buf: Vec<u8>,
@@ -175,6 +185,18 @@ impl Mqtt {
         clean: bool,
         expiry: u32,
     ) -> (Mqtt, bool) {
+        Self::connect_session_with(addr, v5, client_id, clean, expiry, None).await
+    }
+
+    /// [`Self::connect_session`] with an MQTT 5 receive maximum.
+    pub async fn connect_session_with(
+        addr: std::net::SocketAddr,
+        v5: bool,
+        client_id: &str,
+        clean: bool,
+        expiry: u32,
+        receive_maximum: Option<u16>,
+    ) -> (Mqtt, bool) {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let mut m = Mqtt { link: Link::Tcp(tcp), buf: Vec::new(), v5, next_id: 1 };
         let mut body = Vec::new();
@@ -183,8 +205,14 @@ impl Mqtt {
         body.push(if clean { 0x02 } else { 0 });
         body.extend_from_slice(&60u16.to_be_bytes());
         if v5 {
-            body.extend_from_slice(&[5, 0x11]);
-            body.extend_from_slice(&expiry.to_be_bytes());
+            let mut props = vec![0x11];
+            props.extend_from_slice(&expiry.to_be_bytes());
+            if let Some(r) = receive_maximum {
+                props.push(0x21);
+                props.extend_from_slice(&r.to_be_bytes());
+            }
+            body.push(props.len() as u8);
+            body.extend(props);
         }
         str16(&mut body, client_id.as_bytes());
         m.send(&packet(0x10, &body)).await;
@@ -300,15 +328,20 @@ impl Mqtt {
         id
     }
 
-    /// SUBSCRIBE one filter: (SUBACK code, reason string).
+    /// SUBSCRIBE one filter at QoS 0: (SUBACK code, reason string).
     pub async fn subscribe(&mut self, filter: &str, token: Option<&str>) -> (u8, String) {
+        self.subscribe_qos(filter, token, 0).await
+    }
+
+    /// SUBSCRIBE one filter at `qos`: (SUBACK code — the granted QoS —, reason string).
+    pub async fn subscribe_qos(&mut self, filter: &str, token: Option<&str>, qos: u8) -> (u8, String) {
         let id = self.id();
         let mut body = id.to_be_bytes().to_vec();
         if self.v5 {
             body.extend(token_props(token));
         }
         str16(&mut body, filter.as_bytes());
-        body.push(1);
+        body.push(qos);
         self.send(&packet(0x82, &body)).await;
         loop {
             let (first, body) = self.read().await.expect("SUBACK");
@@ -364,8 +397,17 @@ impl Mqtt {
         }
     }
 
-    /// The next PUBLISH: (topic, payload, retain).
+    /// The next PUBLISH, acknowledged if it is QoS 1: (topic, payload, retain).
     pub async fn next_publish(&mut self) -> Option<(String, Vec<u8>, bool)> {
+        let p = self.next_publish_unacked().await?;
+        if let Some(id) = p.packet_id {
+            self.send(&packet(0x40, &id.to_be_bytes())).await;
+        }
+        Some((p.topic, p.payload, p.retain))
+    }
+
+    /// The next PUBLISH, not acknowledged.
+    pub async fn next_publish_unacked(&mut self) -> Option<Received> {
         loop {
             let (first, body) = self.read().await?;
             if first >> 4 != 3 {
@@ -374,11 +416,17 @@ impl Mqtt {
             let qos = (first >> 1) & 3;
             let n = u16::from_be_bytes([body[0], body[1]]) as usize;
             let topic = String::from_utf8(body[2..2 + n].to_vec()).unwrap();
+            let packet_id = (qos > 0).then(|| u16::from_be_bytes([body[2 + n], body[3 + n]]));
             let mut at = 2 + n + if qos > 0 { 2 } else { 0 };
             if self.v5 {
                 at = props_at(&body, at).1;
             }
-            return Some((topic, body[at..].to_vec(), first & 1 == 1));
+            return Some(Received { topic, payload: body[at..].to_vec(), retain: first & 1 == 1, qos, packet_id });
         }
+    }
+
+    /// PUBACK for a received QoS 1 publication.
+    pub async fn puback(&mut self, id: u16) {
+        self.send(&packet(0x40, &id.to_be_bytes())).await;
     }
 }

@@ -40,6 +40,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TOPIC_ALIASES: u16 = 16;
 /// QoS 2 publications a client may have between PUBREC and PUBREL (its receive maximum).
 const RECEIVE_MAXIMUM: u16 = 64;
+/// QoS 1 publications in flight to an MQTT 3.1.1 client (MQTT 5 clients say theirs).
+const OUTGOING_WINDOW_V311: usize = 32;
 
 /// How the connection ended, for the will and the goodbye.
 enum End {
@@ -81,6 +83,17 @@ struct Conn {
     positions: HashMap<ChannelName, switchboard_core::StreamPosition>,
     /// Keep the session after the connection ends, for this long.
     persist: Option<Duration>,
+    /// The QoS granted to each subscribed channel or pattern (0 or 1).
+    qos: HashMap<String, u8>,
+    /// QoS 1 publications sent and not yet acknowledged, in order: their packet id and,
+    /// for a stored publication, the position its PUBACK confirms.
+    inflight: std::collections::VecDeque<(u16, Option<(ChannelName, switchboard_core::StreamPosition)>)>,
+    /// The client's receive maximum: QoS 1 publications it takes unacknowledged.
+    window: usize,
+    /// Publications drained from the queue while the window was full, and their bytes.
+    held: std::collections::VecDeque<Event>,
+    held_bytes: usize,
+    next_packet_id: u16,
 }
 
 /// Serves an accepted MQTT connection until it ends.
@@ -117,7 +130,6 @@ pub async fn serve(mut tcp: Io, state: AppState, peer: SocketAddr, slot: impl Se
     let will = conn.will_allowed.take();
     let publish_will = matches!(end, End::Lost | End::Client(0x04) | End::Protocol(..));
     conn.c.goodbye(&end).await;
-    conn.c.keep_session();
     conn.c.session.leave_all();
     if let (true, Some((will, resolved))) = (publish_will, will) {
         let state = state.clone();
@@ -305,6 +317,15 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
             keep_alive: connect.keep_alive,
             positions: HashMap::new(),
             persist: persist.map(Duration::from_secs),
+            qos: HashMap::new(),
+            inflight: Default::default(),
+            window: match version {
+                Version::V5 => connect.receive_maximum.max(1) as usize,
+                Version::V311 => OUTGOING_WINDOW_V311,
+            },
+            held: Default::default(),
+            held_bytes: 0,
+            next_packet_id: 1,
         },
         will_allowed,
         resumed,
@@ -365,42 +386,109 @@ impl Conn {
     async fn write_queued(&mut self) -> Result<(), End> {
         let mut batch = Vec::new();
         let closed = self.session.queue.drain_into(&mut batch).err();
-        if !batch.is_empty() {
-            let mut out = Vec::with_capacity(batch.len());
-            for e in &batch {
-                match e {
-                    Event::Publication(d) if matches!(d.publication.kind, Kind::Join | Kind::Leave) => {}
-                    Event::Publication(d) => {
-                        if let Some(p) = self.positions.get_mut(&d.publication.channel) {
-                            if d.publication.kind == Kind::Stored {
+        let drained = !batch.is_empty();
+        for e in batch {
+            if let Event::Publication(d) = &e {
+                self.held_bytes += d.json().len();
+            }
+            self.held.push_back(e);
+        }
+        let mut out = Vec::new();
+        let mut waiting = std::collections::VecDeque::new();
+        while let Some(e) = self.held.pop_front() {
+            match e {
+                Event::Publication(ref d) if matches!(d.publication.kind, Kind::Join | Kind::Leave) => {
+                    self.held_bytes -= d.json().len();
+                }
+                Event::Publication(ref d) => {
+                    let qos = self.qos_for(&d.publication.channel);
+                    if qos == 1 && (self.inflight.len() >= self.window || !waiting.is_empty()) {
+                        // The client's window is full: it waits here, in order.
+                        waiting.push_back(e);
+                        continue;
+                    }
+                    self.held_bytes -= d.json().len();
+                    let retained = self.take_retained(d);
+                    let stored = d.publication.kind == Kind::Stored;
+                    let p = if qos == 1 {
+                        let id = self.packet_id();
+                        let confirms = stored.then(|| (d.publication.channel.clone(), d.publication.position()));
+                        self.inflight.push_back((id, confirms));
+                        let topic = super::topic_of(&d.publication.channel);
+                        codec::publish(self.version, &topic, &super::payload_of(&d.publication.data), 1, id, retained)
+                    } else {
+                        if stored {
+                            if let Some(p) = self.positions.get_mut(&d.publication.channel) {
                                 *p = d.publication.position();
                             }
                         }
-                        let retained = self.take_retained(d);
-                        let p = if retained {
+                        if retained {
                             encode(self.version, d, true)
                         } else {
                             let slot = if self.version == Version::V5 { SLOT_V5 } else { SLOT_V311 };
                             d.encoded(slot, |d| encode(self.version, d, false))
-                        };
-                        if p.len() <= self.max_packet {
-                            out.push(p);
                         }
+                    };
+                    if p.len() <= self.max_packet {
+                        out.push(p);
                     }
-                    Event::Frame(b) => out.push(b.clone()),
-                    Event::Reset { .. } => {}
                 }
+                // Acknowledgements and pings never wait behind the window.
+                Event::Frame(b) => out.push(b),
+                Event::Reset { .. } => {}
             }
-            for b in out {
-                if self.tcp.write_all(&b).await.is_err() {
-                    return Err(End::Lost);
-                }
+        }
+        self.held = waiting;
+        for b in out {
+            if self.tcp.write_all(&b).await.is_err() {
+                return Err(End::Lost);
             }
+        }
+        if drained {
             self.session.queue.write_done();
+        }
+        // What waits for the window counts against the same bound as the queue.
+        if self.held_bytes > self.session.queue.max_bytes() {
+            return Err(End::Server(CloseReason::SlowConsumer));
         }
         match closed {
             Some(reason) => Err(End::Server(reason)),
             None => Ok(()),
+        }
+    }
+
+    fn packet_id(&mut self) -> u16 {
+        let id = self.next_packet_id;
+        self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+        id
+    }
+
+    /// The QoS a publication on `channel` goes out with: its channel subscription's, else
+    /// the highest of the patterns'.
+    fn qos_for(&self, channel: &ChannelName) -> u8 {
+        match self.qos.get(channel.as_str()) {
+            Some(q) => *q,
+            None => self
+                .qos
+                .iter()
+                .filter(|(name, _)| switchboard_core::pattern::is_pattern(name))
+                .map(|(_, q)| *q)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// PUBACK for an outgoing QoS 1 publication: it leaves the window, and the session's
+    /// position on its channel moves past it.
+    fn acked(&mut self, id: u16) {
+        let Some(i) = self.inflight.iter().position(|(p, _)| *p == id) else { return };
+        let Some((_, confirms)) = self.inflight.remove(i) else { return };
+        if let Some((channel, position)) = confirms {
+            if let Some(p) = self.positions.get_mut(&channel) {
+                if p.epoch != position.epoch || p.offset < position.offset {
+                    *p = position;
+                }
+            }
         }
     }
 
@@ -463,8 +551,9 @@ impl Conn {
                 self.qos2.remove(&id);
                 self.send(codec::ack(v, 7, id, 0, ""));
             }
-            // Outgoing publications are QoS 0 (subscriptions are granted QoS 0).
-            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
+            Packet::PubAck(id) => self.acked(id),
+            // Outgoing publications are QoS 0 or 1: nothing to answer.
+            Packet::PubRec(_) | Packet::PubComp(_) => {}
             Packet::Subscribe(s) => return self.subscribe_all(s).await,
             Packet::Unsubscribe(u) => {
                 let codes: Vec<u8> = u
@@ -473,6 +562,7 @@ impl Conn {
                     .map(|f| match self.filters.remove(f) {
                         Some(ch) => {
                             self.session.unsubscribe(&ch);
+                            self.qos.remove(&ch);
                             if let Ok(c) = ChannelName::parse(&ch) {
                                 self.positions.remove(&c);
                             }
@@ -498,9 +588,17 @@ impl Conn {
         let mut why = String::new();
         let mut todo = Vec::new();
         let max = self.session.state.config.ws.max_subscriptions;
-        for (filter, _qos) in &s.filters {
+        for (filter, asked) in &s.filters {
+            // Granted: QoS 0, or 1 for 1 and 2 (outgoing QoS 2 is not offered).
+            let granted = (*asked).min(1);
             match self.check_filter(filter, s.token.clone()) {
-                Ok(None) => codes.push(0), // a repeated filter: the subscription stands
+                Ok(None) => {
+                    // A repeated filter: the subscription stands, with the new QoS.
+                    if let Some(name) = self.filters.get(filter) {
+                        self.qos.insert(name.clone(), granted);
+                    }
+                    codes.push(granted)
+                }
                 Ok(Some(t)) if self.filters.len() + todo.len() >= max => {
                     drop(t);
                     codes.push(if v5 { 0x97 } else { 0x80 });
@@ -509,8 +607,8 @@ impl Conn {
                     }
                 }
                 Ok(Some(t)) => {
-                    codes.push(0);
-                    todo.push((filter.clone(), t));
+                    codes.push(granted);
+                    todo.push((filter.clone(), t, granted));
                 }
                 Err((code, e)) => {
                     tracing::debug!(client = %self.client_id, filter, "MQTT subscribe refused: {}", e.message);
@@ -523,7 +621,7 @@ impl Conn {
             }
         }
         self.send(codec::sub_ack(self.version, 9, s.packet_id, &codes, &why));
-        for (filter, target) in todo {
+        for (filter, target, granted) in todo {
             let name = match &target {
                 Target::Channel(r) => r.channel.to_string(),
                 Target::Pattern(p) => p.pattern.to_string(),
@@ -557,6 +655,7 @@ impl Conn {
             };
             match r {
                 Ok(()) => {
+                    self.qos.insert(name.clone(), granted);
                     self.filters.insert(filter, name);
                 }
                 Err(e) => {
@@ -603,6 +702,7 @@ impl Conn {
             };
             match r {
                 Ok(()) => {
+                    self.qos.insert(sub.name.clone(), sub.qos);
                     self.filters.insert(sub.filter, sub.name);
                 }
                 Err(e) => {
@@ -626,6 +726,7 @@ impl Conn {
             .map(|(filter, name)| super::sessions::KeptSub {
                 filter: filter.clone(),
                 name: name.clone(),
+                qos: self.qos.get(name).copied().unwrap_or(0),
                 position: ChannelName::parse(name).ok().and_then(|c| self.positions.get(&c).cloned()),
             })
             .collect();
@@ -730,6 +831,9 @@ impl Conn {
     /// The last word: MQTT 5 gets a DISCONNECT saying why the server ends it.
     async fn goodbye(&mut self, end: &End) {
         let _ = self.write_queued().await;
+        // Kept before the socket closes: a client that reconnects as soon as it sees the
+        // close finds its session.
+        self.keep_session();
         if self.version == Version::V5 {
             let (code, text) = match end {
                 End::Protocol(code, text) => (*code, text.as_str()),

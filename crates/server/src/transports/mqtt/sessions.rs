@@ -16,7 +16,10 @@ pub struct KeptSub {
     pub filter: String,
     /// The channel or pattern the filter maps to.
     pub name: String,
-    /// Where the client stood on the channel (none for patterns: they are live-only).
+    /// The QoS granted.
+    pub qos: u8,
+    /// Where the client stood on the channel: the last publication written (QoS 0) or
+    /// acknowledged (QoS 1). None for patterns: they are live-only.
     pub position: Option<StreamPosition>,
 }
 
