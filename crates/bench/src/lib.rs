@@ -10,9 +10,10 @@
 //! - `storm`: N clients, the server restarted under them, all reconnect and resume —
 //!   recovery time, peak handshake rate, messages lost and duplicated.
 //!
-//! Every scenario can target another server: `--subscribe-url` (WebSocket `ws://` or SSE
-//! `http://`, with an optional `--first-frame`) and `--publish-url` + `--publish-body`
-//! (a template where `$DATA` is the timestamped payload). Traffic goes only to loopback.
+//! Every scenario can target another server: `--subscribe-url` (WebSocket `ws://`, SSE
+//! `http://` or MQTT `mqtt://host:port/topic`, with an optional `--first-frame`) and
+//! `--publish-url` + `--publish-body` (a template where `$DATA` is the timestamped
+//! payload; or `mqtt://host:port/topic`, QoS 0). Traffic goes only to loopback.
 //!
 //! Its clients are its own lean ones (a socket and a small buffer per connection, one
 //! read loop), not `crates/client`'s tokio-tungstenite stack: that is what lets one
@@ -313,7 +314,11 @@ fn target(c: &Common, channel: &str) -> Result<Target, String> {
 async fn publisher(c: &Common, channel: &str) -> Result<Publisher, String> {
     let (addr, path) = match &c.publish_url {
         Some(u) => {
-            let (addr, path, _) = wsconn::parse_url(u)?;
+            let (addr, path, kind) = wsconn::parse_url(u)?;
+            if kind == Kind::Mqtt {
+                let topic = path.replace("$CHANNEL", channel);
+                return Publisher::connect_mqtt(addr, &topic).await.map_err(|e| format!("publisher: {e}"));
+            }
             (addr, path)
         }
         None => (c.server, "/api/publish".to_string()),

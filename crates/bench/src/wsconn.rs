@@ -98,6 +98,8 @@ pub enum Kind {
     Sse,
     /// Switchboard long polling on one keep-alive connection (`path` is `/poll?channel=…`).
     Poll,
+    /// MQTT 3.1.1 at QoS 0 (`path` is the topic): Switchboard's MQTT listener or any broker.
+    Mqtt,
 }
 
 impl std::fmt::Display for Kind {
@@ -106,18 +108,21 @@ impl std::fmt::Display for Kind {
             Kind::WebSocket => "WebSocket",
             Kind::Sse => "SSE",
             Kind::Poll => "long polling",
+            Kind::Mqtt => "MQTT",
         })
     }
 }
 
-/// Parses `ws://host:port/path` or `http://host:port/path`.
+/// Parses `ws://host:port/path`, `http://host:port/path` or `mqtt://host:port/topic`.
 pub fn parse_url(url: &str) -> Result<(SocketAddr, String, Kind), String> {
     let (kind, rest) = if let Some(r) = url.strip_prefix("ws://") {
         (Kind::WebSocket, r)
     } else if let Some(r) = url.strip_prefix("http://") {
         (Kind::Sse, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (Kind::Mqtt, r)
     } else {
-        return Err(format!("{url}: expected ws:// or http://"));
+        return Err(format!("{url}: expected ws://, http:// or mqtt://"));
     };
     let (host, path) = rest.find('/').map_or((rest, "/"), |i| (&rest[..i], &rest[i..]));
     let addr: SocketAddr = host.parse().map_err(|_| format!("{url}: host must be ip:port"))?;
@@ -193,6 +198,43 @@ impl Subscriber {
             sub.cursor = string_field(&body, b"\"cursor\":\"");
             return Ok(sub);
         }
+        if t.kind == Kind::Mqtt {
+            let topic = t.path.trim_start_matches('/');
+            let id = format!("bench-{:x}", fastrand::u64(..));
+            stream.write_all(&mqtt_connect(&id)).await?;
+            let mut body = 1u16.to_be_bytes().to_vec();
+            body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+            body.extend_from_slice(topic.as_bytes());
+            body.push(0);
+            stream.write_all(&mqtt_packet(0x82, &body)).await?;
+            // CONNACK, then SUBACK: the subscription is live.
+            let mut buf = BytesMut::with_capacity(4096);
+            let ready = async {
+                let mut seen = 0;
+                loop {
+                    while let Some((first, n)) = mqtt_next(&buf) {
+                        if first == 0x20 && buf[3] != 0 {
+                            return Err(std::io::Error::other(format!("CONNACK refused: {}", buf[3])));
+                        }
+                        let _ = buf.split_to(n);
+                        if first >> 4 == 9 {
+                            return Ok(());
+                        }
+                        seen += 1;
+                        if seen > 100 {
+                            return Err(std::io::Error::other("no SUBACK"));
+                        }
+                    }
+                    if stream.read_buf(&mut buf).await? == 0 {
+                        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(60), ready)
+                .await
+                .map_err(|_| std::io::Error::other("no SUBACK within 60 s"))??;
+            return Ok(Subscriber { stream, buf, kind: Kind::Mqtt, last: None, poll_path: String::new(), cursor: None });
+        }
         let req = match t.kind {
             Kind::WebSocket => {
                 let key = base64::Engine::encode(
@@ -206,7 +248,7 @@ impl Subscriber {
                 )
             }
             Kind::Sse => format!("GET {} HTTP/1.0\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n", t.path, t.addr),
-            Kind::Poll => unreachable!("handled above"),
+            Kind::Poll | Kind::Mqtt => unreachable!("handled above"),
         };
         stream.write_all(req.as_bytes()).await?;
         let mut buf = BytesMut::with_capacity(4096);
@@ -336,6 +378,19 @@ impl Subscriber {
                     }
                 }
                 Kind::Poll => unreachable!("run_poll"),
+                Kind::Mqtt => {
+                    while let Some((first, n)) = mqtt_next(&self.buf) {
+                        let packet = self.buf.split_to(n);
+                        if first >> 4 == 3 {
+                            // QoS 0 PUBLISH: topic, then the payload.
+                            let h = n - mqtt_body_len(&packet);
+                            let tl = u16::from_be_bytes([packet[h], packet[h + 1]]) as usize;
+                            if self.message(&packet[h + 2 + tl..], &stats, &mut local) {
+                                unflushed += 1;
+                            }
+                        }
+                    }
+                }
                 Kind::Sse => {
                     while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
                         let line = self.buf.split_to(i + 1);
@@ -392,6 +447,58 @@ impl Subscriber {
     }
 }
 
+/// An MQTT 3.1.1 CONNECT: clean session, keep-alive off.
+fn mqtt_connect(client_id: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0];
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    mqtt_packet(0x10, &body)
+}
+
+fn mqtt_packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    let mut n = body.len();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        p.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+    p.extend_from_slice(body);
+    p
+}
+
+/// The first byte and total length of the MQTT packet at the front of `buf`, if whole.
+fn mqtt_next(buf: &[u8]) -> Option<(u8, usize)> {
+    let mut len = 0usize;
+    for i in 1..5 {
+        let b = *buf.get(i)?;
+        len |= ((b & 0x7f) as usize) << (7 * (i - 1));
+        if b & 0x80 == 0 {
+            let total = i + 1 + len;
+            return (buf.len() >= total).then_some((buf[0], total));
+        }
+    }
+    None
+}
+
+/// The body length of a whole packet (its total minus the fixed header).
+fn mqtt_body_len(packet: &[u8]) -> usize {
+    let mut len = 0usize;
+    for (i, b) in packet.iter().skip(1).take(4).enumerate() {
+        len |= ((b & 0x7f) as usize) << (7 * i);
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    len
+}
+
 /// Publishes what one read brought: the count, and the latency samples recorded into the
 /// shared histogram (O(1) per sample; merging whole histograms would walk every bucket).
 fn flush(stats: &Stats, local: &mut Vec<u64>, unflushed: &mut u64) {
@@ -435,6 +542,8 @@ fn string_field(s: &[u8], key: &[u8]) -> Option<String> {
 /// Publishes over one keep-alive HTTP/1.1 connection: `POST <path>` with a body template
 /// in which `$DATA` becomes the timestamped payload and `$SEQ` a sequence number.
 pub struct Publisher {
+    /// MQTT 3.1.1 QoS 0 instead of HTTP: `path` is the topic.
+    mqtt: bool,
     stream: TcpStream,
     addr: SocketAddr,
     path: String,
@@ -454,6 +563,7 @@ impl Publisher {
     ) -> std::io::Result<Publisher> {
         let stream = connect_from(addr, None, None).await?;
         Ok(Publisher {
+            mqtt: false,
             stream,
             addr,
             path: path.into(),
@@ -464,9 +574,30 @@ impl Publisher {
         })
     }
 
+    /// An MQTT publisher (QoS 0) of `topic` at `addr`.
+    pub async fn connect_mqtt(addr: SocketAddr, topic: &str) -> std::io::Result<Publisher> {
+        let mut p = Publisher::connect(addr, topic.trim_start_matches('/'), "", None).await?;
+        p.mqtt = true;
+        p.mqtt_hello().await?;
+        Ok(p)
+    }
+
+    async fn mqtt_hello(&mut self) -> std::io::Result<()> {
+        self.stream.write_all(&mqtt_connect(&format!("bench-pub-{:x}", fastrand::u64(..)))).await?;
+        let mut buf = [0u8; 4];
+        self.stream.read_exact(&mut buf).await?;
+        if buf[0] != 0x20 || buf[3] != 0 {
+            return Err(std::io::Error::other("MQTT CONNECT refused"));
+        }
+        Ok(())
+    }
+
     pub async fn reconnect(&mut self) -> std::io::Result<()> {
         self.stream = connect_from(self.addr, None, None).await?;
         self.buf.clear();
+        if self.mqtt {
+            self.mqtt_hello().await?;
+        }
         Ok(())
     }
 
@@ -476,6 +607,14 @@ impl Publisher {
         let stamp = format!("{{\"t\":{},\"p\":\"", now_us());
         let pad = payload.saturating_sub(stamp.len() + 2);
         let data = format!("{stamp}{}\"}}", "x".repeat(pad));
+        if self.mqtt {
+            let mut body = (self.path.len() as u16).to_be_bytes().to_vec();
+            body.extend_from_slice(self.path.as_bytes());
+            body.extend_from_slice(data.as_bytes());
+            self.stream.write_all(&mqtt_packet(0x30, &body)).await?;
+            self.seq += 1;
+            return Ok(());
+        }
         let body = self.template.replace("$DATA", &data).replace("$SEQ", &(self.seq + 1).to_string());
         let req = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
