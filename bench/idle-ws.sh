@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Server RSS per idle WebSocket (or, with TRANSPORT=sse, SSE) connection at N
-# connections, opened by several load generator processes (one process may hold < 20,000
-# files here).
-# Usage: [TRANSPORT=ws|sse] bench/idle-ws.sh [TOTAL=19000] [PROCS=2]
+# Server RSS per idle WebSocket (or, with TRANSPORT=sse, SSE; TRANSPORT=mqtt, MQTT 3.1.1)
+# connection at N connections, opened by several load generator processes (one process
+# may hold < 20,000 files here).
+# Usage: [TRANSPORT=ws|sse|mqtt] bench/idle-ws.sh [TOTAL=19000] [PROCS=2]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOTAL=${1:-19000}
@@ -11,7 +11,8 @@ TRANSPORT=${TRANSPORT:-ws}
 PORT=8190
 ulimit -n "$(ulimit -Hn)"
 cargo build --release -q -p switchboard
-taskset -c 0 ./target/release/switchboard serve --dev --listen 127.0.0.1:$PORT >/tmp/sb-idle.log 2>&1 &
+MQTT_PORT=8191
+SWITCHBOARD_MQTT__LISTEN=127.0.0.1:$MQTT_PORT taskset -c 0 ./target/release/switchboard serve --dev --listen 127.0.0.1:$PORT >/tmp/sb-idle.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; kill $(jobs -p) 2>/dev/null || true' EXIT
 sleep 0.5
@@ -19,7 +20,12 @@ rss() { awk '/VmRSS/ {print $2}' /proc/$SERVER/status; }
 BEFORE=$(rss)
 PER=$((TOTAL / PROCS))
 for _ in $(seq "$PROCS"); do
-  taskset -c 1 ./target/release/switchboard bench idle --server 127.0.0.1:$PORT --transport "$TRANSPORT" --connections "$PER" --hold 30 >/tmp/sb-idle-bench.$_.log 2>&1 &
+  if [ "$TRANSPORT" = mqtt ]; then
+    TARGET=(--subscribe-url "mqtt://127.0.0.1:$MQTT_PORT/idle")
+  else
+    TARGET=(--server 127.0.0.1:$PORT --transport "$TRANSPORT")
+  fi
+  taskset -c 1 ./target/release/switchboard bench idle "${TARGET[@]}" --connections "$PER" --hold 30 >/tmp/sb-idle-bench.$_.log 2>&1 &
 done
 START=$(date +%s.%N)
 # Wait until the server holds every connection (its fds), bounded at 60 s.

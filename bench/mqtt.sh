@@ -33,10 +33,11 @@ run() { # name, server pid, subscribe url, publish url
 }
 
 # (One publisher connection at RATE/s: the per-connection command rate is raised for it.)
-SWITCHBOARD_WS__MAX_COMMANDS_PER_SEC=100000 SWITCHBOARD_MQTT__LISTEN=127.0.0.1:$SB_MQTT $PIN_SERVER $B serve --dev --listen 127.0.0.1:$SB_PORT >"$DIR/sb.log" 2>&1 &
+SWITCHBOARD_NAMESPACES__MQTTBENCH__ALLOW_PUBLISH=true SWITCHBOARD_WS__MAX_COMMANDS_PER_SEC=100000 SWITCHBOARD_MQTT__LISTEN=127.0.0.1:$SB_MQTT $PIN_SERVER $B serve --dev --listen 127.0.0.1:$SB_PORT >"$DIR/sb.log" 2>&1 &
 SPID=$!
 wait_port $SB_MQTT
-run switchboard $SPID "mqtt://127.0.0.1:$SB_MQTT/demo/\$CHANNEL" "mqtt://127.0.0.1:$SB_MQTT/demo/\$CHANNEL"
+# (Namespace `mqttbench`: clients may publish, no presence — no join events at connect.)
+run switchboard $SPID "mqtt://127.0.0.1:$SB_MQTT/mqttbench/\$CHANNEL" "mqtt://127.0.0.1:$SB_MQTT/mqttbench/\$CHANNEL"
 kill $SPID; wait $SPID 2>/dev/null || true; SPID=
 
 cat >"$DIR/mosquitto.conf" <<EOF
@@ -49,4 +50,4 @@ EOF
 $PIN_SERVER mosquitto -c "$DIR/mosquitto.conf" >"$DIR/mosq.log" 2>&1 &
 MPID=$!
 wait_port $MOSQ_PORT
-run mosquitto $MPID "mqtt://127.0.0.1:$MOSQ_PORT/demo/\$CHANNEL" "mqtt://127.0.0.1:$MOSQ_PORT/demo/\$CHANNEL"
+run mosquitto $MPID "mqtt://127.0.0.1:$MOSQ_PORT/mqttbench/\$CHANNEL" "mqtt://127.0.0.1:$MOSQ_PORT/mqttbench/\$CHANNEL"

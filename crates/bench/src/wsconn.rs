@@ -233,7 +233,14 @@ impl Subscriber {
             tokio::time::timeout(Duration::from_secs(60), ready)
                 .await
                 .map_err(|_| std::io::Error::other("no SUBACK within 60 s"))??;
-            return Ok(Subscriber { stream, buf, kind: Kind::Mqtt, last: None, poll_path: String::new(), cursor: None });
+            return Ok(Subscriber {
+                stream,
+                buf,
+                kind: Kind::Mqtt,
+                last: None,
+                poll_path: String::new(),
+                cursor: None,
+            });
         }
         let req = match t.kind {
             Kind::WebSocket => {

@@ -119,9 +119,12 @@ pub async fn serve(mut tcp: Io, state: AppState, peer: SocketAddr, slot: impl Se
     };
     let _gauge = state.metrics.connection(crate::metrics::Transport::Mqtt);
     let version = connect.version;
-    let Some(mut conn) = accept(tcp, buf, &state, *connect).await else { return };
+    // One-off work is boxed: its state must not sit in every idle connection's future
+    // (the handshake, resuming a session, packet handling, the goodbye).
+    let Some(conn) = Box::pin(accept(tcp, buf, &state, *connect)).await else { return };
+    let mut conn = Box::new(conn);
     let end = match conn.resumed.take() {
-        Some(kept) => match conn.c.resume(kept).await {
+        Some(kept) => match Box::pin(conn.c.resume(kept)).await {
             Some(end) => end,
             None => conn.c.run().await,
         },
@@ -129,7 +132,7 @@ pub async fn serve(mut tcp: Io, state: AppState, peer: SocketAddr, slot: impl Se
     };
     let will = conn.will_allowed.take();
     let publish_will = matches!(end, End::Lost | End::Client(0x04) | End::Protocol(..));
-    conn.c.goodbye(&end).await;
+    Box::pin(conn.c.goodbye(&end)).await;
     conn.c.session.leave_all();
     if let (true, Some((will, resolved))) = (publish_will, will) {
         let state = state.clone();
@@ -340,6 +343,11 @@ impl Conn {
         let mut last_seen = Instant::now();
         let mut shutdown = self.session.state.shutdown.clone();
         let server_max = self.session.state.config.mqtt.max_packet_bytes;
+        // Presence entries expire unless refreshed, as the WebSocket's pings refresh them.
+        let every = Duration::from_secs(self.session.state.config.ws.ping_interval_secs.max(1));
+        let mut presence = tokio::time::interval_at(Instant::now() + every, every);
+        presence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refresh = false;
         loop {
             // Packets already buffered first.
             loop {
@@ -348,7 +356,7 @@ impl Conn {
                     Ok(Some((p, n))) => {
                         let _ = self.buf.split_to(n);
                         last_seen = Instant::now();
-                        if let Some(end) = self.packet(p).await {
+                        if let Some(end) = Box::pin(self.packet(p)).await {
                             return end;
                         }
                     }
@@ -377,6 +385,10 @@ impl Conn {
                     self.session.queue.close(CloseReason::TokenExpired);
                 }
                 _ = shutdown.wait_for(|s| *s) => self.session.queue.close(CloseReason::Shutdown),
+                _ = presence.tick() => refresh = true,
+            }
+            if std::mem::take(&mut refresh) {
+                Box::pin(self.session.refresh_presence()).await;
             }
         }
     }
