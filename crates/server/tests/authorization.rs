@@ -184,6 +184,17 @@ fn query(channel: Option<&str>, conn: &Option<String>, subs: &[String]) -> Strin
     q.join("&")
 }
 
+/// The endpoint of a way that reads with a GET.
+fn read_path(way: Way) -> &'static str {
+    match way {
+        Way::Sse => "/sse",
+        Way::Poll => "/poll",
+        Way::HttpPresence => "/presence",
+        Way::HttpHistory => "/history",
+        _ => "/presence_stats",
+    }
+}
+
 /// The error code of an HTTP answer, or `None` for a 2xx.
 async fn http_outcome(r: reqwest::Response) -> Option<String> {
     if r.status().is_success() {
@@ -276,13 +287,7 @@ async fn attempt(s: &TestServer, link: &mut Link, way: Way, channel: &str, calle
     if let (Link::Http2(h2), Way::Sse | Way::Poll | Way::HttpPresence | Way::HttpPresenceStats | Way::HttpHistory) =
         (&mut *link, way)
     {
-        let path = match way {
-            Way::Sse => "/sse",
-            Way::Poll => "/poll",
-            Way::HttpPresence => "/presence",
-            Way::HttpHistory => "/history",
-            _ => "/presence_stats",
-        };
+        let path = read_path(way);
         return h2
             .outcome(axum::http::Method::GET, &format!("{path}?{}", query(Some(channel), &conn, &subs)), None)
             .await;
@@ -329,13 +334,7 @@ async fn attempt(s: &TestServer, link: &mut Link, way: Way, channel: &str, calle
             }
         }
         Way::Sse | Way::Poll | Way::HttpPresence | Way::HttpPresenceStats | Way::HttpHistory => {
-            let path = match way {
-                Way::Sse => "/sse",
-                Way::Poll => "/poll",
-                Way::HttpPresence => "/presence",
-                Way::HttpHistory => "/history",
-                _ => "/presence_stats",
-            };
+            let path = read_path(way);
             let r = s.http.get(s.url(&format!("{path}?{}", query(Some(channel), &conn, &subs)))).send().await.unwrap();
             http_outcome(r).await
         }

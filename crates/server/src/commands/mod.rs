@@ -356,13 +356,7 @@ impl<W: Wire> Session<W> {
                 format!("already subscribed to {:?}", r.channel.as_str()),
             ));
         }
-        let max = self.state.config.ws.max_subscriptions;
-        if self.subs.len() + self.patterns.len() >= max {
-            return Err(ApiError::new(
-                Code::TooManySubscriptions,
-                format!("at most {max} subscriptions per connection"),
-            ));
-        }
+        self.check_room()?;
         self.queue.raise_bound(r.options.queue_max_bytes);
         let resuming = req.since.is_some();
         let pending = self.state.hub.subscribe(r.channel.clone(), self.queue.clone(), req).await?;
@@ -391,12 +385,8 @@ impl<W: Wire> Session<W> {
         Ok(())
     }
 
-    /// The caller has authorized the pattern.
-    pub async fn subscribe_pattern(&mut self, p: ResolvedPattern) -> Result<(), ApiError> {
-        let raw = p.pattern.to_string();
-        if self.patterns.contains_key(&raw) {
-            return Err(ApiError::new(Code::AlreadySubscribed, format!("already subscribed to {raw:?}")));
-        }
+    /// Room for one more subscription under `ws.max_subscriptions`.
+    fn check_room(&self) -> Result<(), ApiError> {
         let max = self.state.config.ws.max_subscriptions;
         if self.subs.len() + self.patterns.len() >= max {
             return Err(ApiError::new(
@@ -404,6 +394,16 @@ impl<W: Wire> Session<W> {
                 format!("at most {max} subscriptions per connection"),
             ));
         }
+        Ok(())
+    }
+
+    /// The caller has authorized the pattern.
+    pub async fn subscribe_pattern(&mut self, p: ResolvedPattern) -> Result<(), ApiError> {
+        let raw = p.pattern.to_string();
+        if self.patterns.contains_key(&raw) {
+            return Err(ApiError::new(Code::AlreadySubscribed, format!("already subscribed to {raw:?}")));
+        }
+        self.check_room()?;
         self.queue.raise_bound(p.options.queue_max_bytes);
         let handle = self.state.hub.subscribe_pattern(p.pattern, self.queue.clone()).await?;
         self.patterns.insert(raw, handle);

@@ -34,14 +34,7 @@ pub async fn handler(State(state): State<AppState>, mut req: Request) -> Respons
 
 fn upgrade(state: AppState, req: &mut Request) -> Result<Response, ApiError> {
     let headers = req.headers();
-    let token = |name, want: &str| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(want))
-    };
+    let token = |name, want: &str| crate::transports::ws::header_has_token(headers, name, want);
     if !token(header::UPGRADE, "websocket") || !token(header::CONNECTION, "upgrade") {
         return Err(ApiError::new(Code::UpgradeRequired, "this endpoint speaks MQTT over WebSocket: send an Upgrade"));
     }

@@ -28,7 +28,8 @@ use io::Socket;
 pub const SUBPROTOCOL: &str = "switchboard.v1";
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
-fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+/// Whether a comma-separated header (`Upgrade`, `Connection`, …) lists `token`.
+pub(crate) fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
