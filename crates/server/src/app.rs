@@ -44,6 +44,8 @@ pub struct Inner {
     pub mqtt_clients: crate::registry::ClientIds,
     /// Persistent MQTT sessions kept on this node between connections.
     pub mqtt_sessions: crate::transports::mqtt::sessions::Sessions,
+    /// MQTT shared subscription groups on this node.
+    pub mqtt_groups: crate::transports::mqtt::shared::Groups,
     pub limits: Arc<crate::limits::ConnLimits>,
     pub presence: Arc<dyn switchboard_core::presence::PresenceManager>,
     /// This node's id in the cluster.
@@ -162,6 +164,7 @@ impl AppState {
                 registry: Arc::default(),
                 mqtt_clients: Default::default(),
                 mqtt_sessions: Default::default(),
+                mqtt_groups: Default::default(),
                 limits,
                 presence,
                 node_id,

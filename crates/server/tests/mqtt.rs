@@ -151,7 +151,8 @@ async fn refusals_carry_mqtt_reason_codes_and_the_servers_error() {
     let s = server().await;
     let addr = s.mqtt.unwrap();
     let mut c = Mqtt::connect(addr, true, "refused", None).await.unwrap();
-    assert_eq!(c.subscribe("$share/g/sensors/x", None).await.0, 0x9E);
+    assert_eq!(c.subscribe("$share//sensors/x", None).await.0, 0x8F);
+    assert_eq!(c.subscribe("$share/g+/sensors/x", None).await.0, 0x8F);
     assert_eq!(c.subscribe("#", None).await.0, 0x8F);
     assert_eq!(c.subscribe("sensors/bad name", None).await.0, 0x8F);
     let (code, why) = c.publish("readonly/x", b"1", 1, None).await.unwrap();
@@ -448,4 +449,56 @@ async fn qos_1_subscriptions_are_acknowledged_within_the_clients_window_and_rede
     assert_eq!(again, vec![b"2".to_vec(), b"3".to_vec(), b"4".to_vec()]);
     s.publish(&ch, json!(5)).await;
     assert_eq!(c.next_publish().await.unwrap().1, b"5");
+}
+
+#[tokio::test]
+async fn a_shared_subscription_deals_each_publication_to_one_member_in_turn() {
+    let s = server().await;
+    let addr = s.mqtt.unwrap();
+    let id = channel("x").replace("x:", "");
+    let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
+    let shared = format!("$share/workers/{topic}");
+    let mut workers = Vec::new();
+    for (n, v5) in [(1, true), (2, true), (3, false)] {
+        let mut w = Mqtt::connect(addr, v5, &format!("worker-{n}"), None).await.unwrap();
+        assert_eq!(w.subscribe(&shared, None).await.0, 0);
+        workers.push(w);
+    }
+    // An ordinary subscriber beside the group gets everything.
+    let mut watcher = Mqtt::connect(addr, true, "watcher", None).await.unwrap();
+    assert_eq!(watcher.subscribe(&topic, None).await.0, 0);
+    // The group is one subscription at the hub (plus the watcher's).
+    subscribers(&s, &ch, 2).await;
+    for n in 0..30 {
+        s.publish(&ch, json!(n)).await;
+    }
+    for n in 0..30 {
+        assert_eq!(watcher.next_publish().await.unwrap().1, n.to_string().into_bytes());
+    }
+    // Each worker gets its turn: 10 each, in order, and together every one once.
+    let mut all = Vec::new();
+    for w in workers.iter_mut() {
+        let mut mine = Vec::new();
+        for _ in 0..10 {
+            let p = w.next_publish().await.unwrap().1;
+            mine.push(String::from_utf8(p).unwrap().parse::<u32>().unwrap());
+        }
+        assert!(mine.windows(2).all(|p| p[0] < p[1]), "in order: {mine:?}");
+        all.extend(mine);
+    }
+    all.sort();
+    assert_eq!(all, (0..30).collect::<Vec<_>>());
+    // Members leave; the last one standing gets everything.
+    let last = workers.pop().unwrap();
+    drop(workers);
+    let mut last = last;
+    for _ in 0..600 {
+        let n = s.state.mqtt_groups.members(&ch);
+        if n == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.publish(&ch, json!("only")).await;
+    assert_eq!(last.next_publish().await.unwrap().1, b"only");
 }

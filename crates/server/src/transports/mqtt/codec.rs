@@ -524,11 +524,11 @@ pub fn connack(version: Version, session_present: bool, code: u8, props: &Server
             }
             p.put_u8(0x22);
             p.put_u16(props.topic_alias_maximum);
-            // No shared subscriptions or subscription identifiers yet: said, so clients
-            // do not rely on them. (Subscriptions are granted QoS 0 in SUBACK; retained
-            // messages are a channel's latest publication.)
+            // Shared subscriptions yes; subscription identifiers not yet: said, so
+            // clients do not rely on them. (Retained messages are a channel's latest
+            // publication.)
             p.put_u8(0x2A);
-            p.put_u8(0);
+            p.put_u8(1);
             p.put_u8(0x29);
             p.put_u8(0);
             if let Some(r) = props.reason {

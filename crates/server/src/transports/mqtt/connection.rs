@@ -59,6 +59,8 @@ enum End {
 enum Target {
     Channel(crate::session::Resolved),
     Pattern(crate::session::ResolvedPattern),
+    /// `$share/{group}/{filter}`.
+    Shared(String, super::shared::Target),
 }
 
 struct Conn {
@@ -76,6 +78,8 @@ struct Conn {
     retained: Vec<(ChannelName, u64)>,
     /// MQTT filter → the channel or pattern it subscribed.
     filters: HashMap<String, String>,
+    /// `$share/…` filter → this connection's place in the group.
+    shared: HashMap<String, super::shared::Membership>,
     /// Seconds; 0: no keep-alive.
     keep_alive: u16,
     /// Where each subscribed channel stands for this client: its subscribe position, then
@@ -317,6 +321,7 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
             aliases: HashMap::new(),
             retained: Vec::new(),
             filters: HashMap::new(),
+            shared: HashMap::new(),
             keep_alive: connect.keep_alive,
             positions: HashMap::new(),
             persist: persist.map(Duration::from_secs),
@@ -571,7 +576,8 @@ impl Conn {
                 let codes: Vec<u8> = u
                     .filters
                     .iter()
-                    .map(|f| match self.filters.remove(f) {
+                    .map(|f| match self.filters.remove(f).or_else(|| self.shared.remove(f).map(|_| String::new())) {
+                        Some(ch) if ch.is_empty() => 0, // a shared subscription: left
                         Some(ch) => {
                             self.session.unsubscribe(&ch);
                             self.qos.remove(&ch);
@@ -635,10 +641,20 @@ impl Conn {
         self.send(codec::sub_ack(self.version, 9, s.packet_id, &codes, &why));
         for (filter, target, granted) in todo {
             let name = match &target {
-                Target::Channel(r) => r.channel.to_string(),
-                Target::Pattern(p) => p.pattern.to_string(),
+                Target::Channel(r) | Target::Shared(_, super::shared::Target::Channel(r)) => r.channel.to_string(),
+                Target::Pattern(p) | Target::Shared(_, super::shared::Target::Pattern(p)) => p.pattern.to_string(),
             };
             let r = match target {
+                Target::Shared(group, t) => {
+                    match super::shared::join(&self.session.state, &group, t, &self.session.queue).await {
+                        Ok(m) => {
+                            self.qos.insert(name, granted);
+                            self.shared.insert(filter, m);
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
                 Target::Pattern(p) => self.session.subscribe_pattern(p).await,
                 Target::Channel(resolved) => {
                     // The channel's latest publication is its retained message.
@@ -750,19 +766,30 @@ impl Conn {
     fn check_filter(&self, filter: &str, token: Option<String>) -> Result<Option<Target>, (u8, ApiError)> {
         let v5 = self.version == Version::V5;
         let invalid = if v5 { 0x8F } else { 0x80 };
-        if filter.starts_with("$share/") {
-            let e = ApiError::new(Code::InvalidPattern, "shared subscriptions are not supported yet");
-            return Err((if v5 { 0x9E } else { 0x80 }, e));
-        }
-        let name = super::channel_of(&self.session.state, filter)
+        let (group, topic_filter) = match filter.strip_prefix("$share/") {
+            Some(rest) => match rest.split_once('/') {
+                Some((g, f)) if !g.is_empty() && !g.contains(['+', '#']) && !f.is_empty() => (Some(g), f),
+                _ => {
+                    let e = ApiError::new(Code::InvalidPattern, "a shared subscription is $share/{group}/{filter}");
+                    return Err((invalid, e));
+                }
+            },
+            None => (None, filter),
+        };
+        let name = super::channel_of(&self.session.state, topic_filter)
             .map_err(|why| (invalid, ApiError::new(Code::InvalidChannel, why)))?;
-        if self.filters.contains_key(filter) {
+        if self.filters.contains_key(filter) || self.shared.contains_key(filter) {
             return Ok(None);
         }
         let target = if switchboard_core::pattern::is_pattern(&name) {
             self.session.gated_pattern(&name).map(Target::Pattern)
         } else {
             self.session.gated(Operation::Subscribe, &name, token).map(Target::Channel)
+        };
+        let target = match (group, target) {
+            (Some(g), Ok(Target::Channel(r))) => Ok(Target::Shared(g.to_string(), super::shared::Target::Channel(r))),
+            (Some(g), Ok(Target::Pattern(p))) => Ok(Target::Shared(g.to_string(), super::shared::Target::Pattern(p))),
+            (_, t) => t,
         };
         target.map(Some).map_err(|e| {
             // A filter's form is "Topic Filter invalid" (a name's is 0x90).

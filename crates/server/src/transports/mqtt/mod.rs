@@ -17,6 +17,7 @@
 pub mod codec;
 pub mod connection;
 pub mod sessions;
+pub mod shared;
 pub mod ws;
 
 use switchboard_core::ChannelName;
