@@ -13,8 +13,10 @@
 //! Switchboard clusters can share one Redis.
 
 mod broker;
+mod kv;
 mod presence;
 mod scripts;
 
 pub use broker::{RedisBroker, RedisConfig};
+pub use kv::RedisKv;
 pub use presence::RedisPresence;

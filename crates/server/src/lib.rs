@@ -97,6 +97,12 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state =
             AppState::new(config, dev, hub, presence, shutdown_rx, node_id).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if config_is_redis(&state) {
+            // MQTT persistent sessions in Redis: a client may resume on any node.
+            let b = &state.config.broker;
+            let kv = switchboard_redis::RedisKv::new(&b.redis_url, &b.redis_prefix, "mqtt-session")?;
+            state.mqtt_sessions.use_redis(kv);
+        }
         cluster::start(&state, listener.local_addr()?);
         admin::start_sampler(&state);
         let http_listener = match state.config.tls.http_listen {
@@ -264,6 +270,10 @@ impl Server {
         }
         Ok(())
     }
+}
+
+fn config_is_redis(state: &AppState) -> bool {
+    matches!(state.config.broker.kind, config::BrokerKind::Redis)
 }
 
 /// Accepts on `listener`, or never when there is none.

@@ -502,3 +502,30 @@ async fn a_shared_subscription_deals_each_publication_to_one_member_in_turn() {
     s.publish(&ch, json!("only")).await;
     assert_eq!(last.next_publish().await.unwrap().1, b"only");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_redis_broker_a_session_resumes_on_another_node() {
+    let url = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("sbmqtt-{}-{}", std::process::id(), fastrand::u32(..));
+    let cfg = format!("{CONFIG}[broker]\nkind = \"redis\"\nredis_url = \"{url}\"\nredis_prefix = \"{prefix}\"\n");
+    let (a, b) = (TestServer::start(config(&cfg)).await, TestServer::start(config(&cfg)).await);
+    let id = channel("x").replace("x:", "");
+    let (ch, topic, client) = (format!("sensors:{id}"), format!("sensors/{id}"), format!("roamer-{id}"));
+    // On node A: a persistent session, one publication received, then gone.
+    let (mut c, present) = Mqtt::connect_session(a.mqtt.unwrap(), true, &client, false, 600).await;
+    assert!(!present);
+    assert_eq!(c.subscribe_qos(&topic, None, 1).await.0, 1);
+    a.publish(&ch, json!(1)).await;
+    assert_eq!(c.next_publish().await.unwrap().1, b"1");
+    c.disconnect().await;
+    // Published on node B while the device is away.
+    b.publish(&ch, json!(2)).await;
+    b.publish(&ch, json!(3)).await;
+    // The device comes back to node B: its session is there (kept in Redis).
+    let (mut c, present) = Mqtt::connect_session(b.mqtt.unwrap(), true, &client, false, 600).await;
+    assert!(present, "the session resumes on another node");
+    assert_eq!(c.next_publish().await.unwrap().1, b"2");
+    assert_eq!(c.next_publish().await.unwrap().1, b"3");
+    a.publish(&ch, json!(4)).await;
+    assert_eq!(c.next_publish().await.unwrap().1, b"4", "live, from the other node");
+}

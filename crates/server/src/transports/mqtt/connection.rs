@@ -298,10 +298,10 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
         }
     };
     let resumed = if connect.clean_start {
-        state.mqtt_sessions.discard(&client_id);
+        state.mqtt_sessions.discard(&client_id).await;
         None
     } else {
-        state.mqtt_sessions.take(&client_id)
+        state.mqtt_sessions.take(&client_id).await
     };
     let mut props = server_props(state, assigned.as_deref(), None, None);
     props.session_expiry_override = granted;
@@ -743,7 +743,7 @@ impl Conn {
 
     /// Keeps this session for the next connection with its client id, when it asked
     /// for that — unless another connection took the id over meanwhile.
-    fn keep_session(&mut self) {
+    async fn keep_session(&mut self) {
         let Some(expiry) = self.persist else { return };
         if !self.session.state.mqtt_clients.holds(&self.client_id, &self.session.queue) {
             return;
@@ -758,7 +758,8 @@ impl Conn {
                 position: ChannelName::parse(name).ok().and_then(|c| self.positions.get(&c).cloned()),
             })
             .collect();
-        self.session.state.mqtt_sessions.keep(&self.client_id, super::sessions::Kept { subs }, expiry);
+        let kept = super::sessions::Kept { subs };
+        self.session.state.mqtt_sessions.keep(&self.client_id, kept, expiry).await;
     }
 
     /// A filter's channel or pattern, through the gate: `Ok(None)` when this connection
@@ -872,7 +873,7 @@ impl Conn {
         let _ = self.write_queued().await;
         // Kept before the socket closes: a client that reconnects as soon as it sees the
         // close finds its session.
-        self.keep_session();
+        self.keep_session().await;
         if self.version == Version::V5 {
             let (code, text) = match end {
                 End::Protocol(code, text) => (*code, text.as_str()),

@@ -1,13 +1,15 @@
-//! Persistent MQTT sessions, kept on this node between a client's connections: its
-//! subscriptions and, for each channel, the position it had reached — so a device that
-//! reconnects with clean session 0 (MQTT 5: clean start 0 within its session expiry)
-//! gets what was published meanwhile, from the channel's history, without subscribing
-//! again. Kept in memory on the node the client last used (docs/mqtt.md).
+//! Persistent MQTT sessions, kept between a client's connections: its subscriptions and,
+//! for each channel, the position it had reached — so a device that reconnects with clean
+//! session 0 (MQTT 5: clean start 0 within its session expiry) gets what was published
+//! meanwhile, from the channel's history, without subscribing again. With the Redis
+//! broker they are kept in Redis, and the client may come back to any node; otherwise in
+//! this node's memory (docs/mqtt.md).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
 use switchboard_core::StreamPosition;
 
 /// One subscription of a kept session.
@@ -28,20 +30,65 @@ pub struct Kept {
     pub subs: Vec<KeptSub>,
 }
 
-/// Sessions kept, by client id, with their expiry.
-#[derive(Default)]
-pub struct Sessions(Mutex<HashMap<String, (Kept, Instant)>>);
+impl Kept {
+    fn to_json(&self) -> String {
+        let subs: Vec<Value> = self
+            .subs
+            .iter()
+            .map(|s| {
+                json!({"filter": s.filter, "name": s.name, "qos": s.qos,
+                    "position": s.position.as_ref().map(|p| format!("{}:{}", p.epoch, p.offset))})
+            })
+            .collect();
+        json!({ "subs": subs }).to_string()
+    }
 
-/// Most sessions kept at once; past it the soonest to expire goes first.
+    fn from_json(text: &str) -> Option<Kept> {
+        let v: Value = serde_json::from_str(text).ok()?;
+        let subs = v["subs"]
+            .as_array()?
+            .iter()
+            .filter_map(|s| {
+                Some(KeptSub {
+                    filter: s["filter"].as_str()?.to_string(),
+                    name: s["name"].as_str()?.to_string(),
+                    qos: s["qos"].as_u64().unwrap_or(0).min(1) as u8,
+                    position: s["position"].as_str().and_then(|p| crate::cursor::parse_position(p).ok()),
+                })
+            })
+            .collect();
+        Some(Kept { subs })
+    }
+}
+
+/// Sessions kept, by client id: in Redis when the broker is Redis, else in memory.
+#[derive(Default)]
+pub struct Sessions {
+    memory: Mutex<HashMap<String, (Kept, Instant)>>,
+    redis: OnceLock<switchboard_redis::RedisKv>,
+}
+
+/// Most sessions kept in memory at once; past it the soonest to expire goes first.
 const MAX_SESSIONS: usize = 100_000;
 
 impl Sessions {
+    /// Keeps sessions in Redis from now on (the Redis broker's server).
+    pub fn use_redis(&self, kv: switchboard_redis::RedisKv) {
+        let _ = self.redis.set(kv);
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Kept, Instant)>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Keeps `kept` for `expiry`.
-    pub fn keep(&self, client_id: &str, kept: Kept, expiry: Duration) {
+    pub async fn keep(&self, client_id: &str, kept: Kept, expiry: Duration) {
+        if let Some(kv) = self.redis.get() {
+            if let Err(e) = kv.set(client_id, &kept.to_json(), expiry).await {
+                tracing::warn!(client = client_id, "MQTT session not kept in Redis: {e}");
+            }
+            return;
+        }
         let mut m = self.map();
         let now = Instant::now();
         if m.len() >= MAX_SESSIONS {
@@ -56,15 +103,29 @@ impl Sessions {
     }
 
     /// Takes the session kept for `client_id`, if it has not expired.
-    pub fn take(&self, client_id: &str) -> Option<Kept> {
+    pub async fn take(&self, client_id: &str) -> Option<Kept> {
+        if let Some(kv) = self.redis.get() {
+            return match kv.take(client_id).await {
+                Ok(v) => v.as_deref().and_then(Kept::from_json),
+                Err(e) => {
+                    tracing::warn!(client = client_id, "MQTT session not read from Redis: {e}");
+                    None
+                }
+            };
+        }
         let (kept, until) = self.map().remove(client_id)?;
         (until > Instant::now()).then_some(kept)
     }
 
-    pub fn discard(&self, client_id: &str) {
+    pub async fn discard(&self, client_id: &str) {
+        if let Some(kv) = self.redis.get() {
+            let _ = kv.delete(client_id).await;
+            return;
+        }
         self.map().remove(client_id);
     }
 
+    /// Sessions kept in this node's memory (none when they are in Redis).
     pub fn len(&self) -> usize {
         self.map().len()
     }
