@@ -408,9 +408,9 @@ async fn qos_1_subscriptions_are_acknowledged_within_the_clients_window_and_rede
     let addr = s.mqtt.unwrap();
     let id = channel("x").replace("x:", "");
     let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
-    // QoS 1 and 2 requests are granted QoS 1 (3.1.1 and 5).
+    // QoS 1 is granted as asked (3.1.1 and 5).
     let mut old = Mqtt::connect(addr, false, "q-311", None).await.unwrap();
-    assert_eq!(old.subscribe_qos(&topic, None, 2).await.0, 1);
+    assert_eq!(old.subscribe_qos(&topic, None, 1).await.0, 1);
     // MQTT 5 with a receive maximum of 2 and a persistent session.
     let (mut c, _) = Mqtt::connect_session_with(addr, true, "q-5", false, 3600, Some(2)).await;
     assert_eq!(c.subscribe_qos(&topic, None, 1).await.0, 1);
@@ -528,4 +528,61 @@ async fn with_the_redis_broker_a_session_resumes_on_another_node() {
     assert_eq!(c.next_publish().await.unwrap().1, b"3");
     a.publish(&ch, json!(4)).await;
     assert_eq!(c.next_publish().await.unwrap().1, b"4", "live, from the other node");
+}
+
+/// Waits until the server keeps a session in memory (it does when it sees the close).
+async fn kept(s: &TestServer) {
+    for _ in 0..600 {
+        if !s.state.mqtt_sessions.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no session kept");
+}
+
+#[tokio::test]
+async fn qos_2_to_subscribers_completes_once_and_resumes_with_dup_and_the_same_packet_id() {
+    let s = server().await;
+    let addr = s.mqtt.unwrap();
+    let id = channel("x").replace("x:", "");
+    let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
+    let (mut c, _) = Mqtt::connect_session(addr, true, "q2", false, 600).await;
+    assert_eq!(c.subscribe_qos(&topic, None, 2).await.0, 2, "QoS 2 granted");
+    s.publish(&ch, json!("one")).await;
+    // PUBLISH (QoS 2) → PUBREC → PUBREL → PUBCOMP.
+    let p = c.next_publish_unacked().await.unwrap();
+    assert_eq!((p.qos, &p.payload[..]), (2, &b"one"[..]));
+    let pid = p.packet_id.unwrap();
+    c.send(&packet(0x50, &pid.to_be_bytes())).await;
+    let (kind, body) = c.read().await.unwrap();
+    assert_eq!((kind, u16::from_be_bytes([body[0], body[1]])), (0x62, pid), "PUBREL");
+    c.send(&packet(0x70, &pid.to_be_bytes())).await;
+    // Next: received but not acknowledged when the connection drops.
+    s.publish(&ch, json!("two")).await;
+    let p = c.next_publish_unacked().await.unwrap();
+    assert_eq!(p.payload, b"two");
+    let two = p.packet_id.unwrap();
+    drop(c);
+    kept(&s).await;
+    // Resumed: "two" again, DUP set, the same packet id; PUBREC, then it drops again.
+    let (mut c, present) = Mqtt::connect_session(addr, true, "q2", false, 600).await;
+    assert!(present);
+    let (kind, body) = c.read().await.unwrap();
+    assert_eq!(kind & 0xF8, 0x38, "PUBLISH with DUP");
+    assert_eq!(u16::from_be_bytes([body[2 + topic.len()], body[3 + topic.len()]]), two);
+    c.send(&packet(0x50, &two.to_be_bytes())).await;
+    let (kind, _) = c.read().await.unwrap();
+    assert_eq!(kind, 0x62, "PUBREL");
+    drop(c);
+    kept(&s).await;
+    // Resumed after PUBREL: only PUBREL comes again (the message is not sent twice).
+    let (mut c, present) = Mqtt::connect_session(addr, true, "q2", false, 600).await;
+    assert!(present);
+    let (kind, body) = c.read().await.unwrap();
+    assert_eq!((kind, u16::from_be_bytes([body[0], body[1]])), (0x62, two), "PUBREL again");
+    c.send(&packet(0x70, &two.to_be_bytes())).await;
+    s.publish(&ch, json!("three")).await;
+    let p = c.next_publish_unacked().await.unwrap();
+    assert_eq!((p.qos, &p.payload[..], p.retain), (2, &b"three"[..], false));
 }

@@ -546,8 +546,20 @@ pub fn connack(version: Version, session_present: bool, code: u8, props: &Server
     packet(0x20, &b)
 }
 
-/// A server PUBLISH.
+/// A server PUBLISH (DUP: a retransmission of an unacknowledged one, same packet id).
 pub fn publish(version: Version, topic: &str, payload: &[u8], qos: u8, packet_id: u16, retain: bool) -> Bytes {
+    publish_dup(version, topic, payload, qos, packet_id, retain, false)
+}
+
+pub fn publish_dup(
+    version: Version,
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    packet_id: u16,
+    retain: bool,
+    dup: bool,
+) -> Bytes {
     let mut b = BytesMut::with_capacity(topic.len() + payload.len() + 8);
     put_str(&mut b, topic);
     if qos > 0 {
@@ -557,7 +569,7 @@ pub fn publish(version: Version, topic: &str, payload: &[u8], qos: u8, packet_id
         b.put_u8(0); // no properties
     }
     b.put_slice(payload);
-    packet(0x30 | (qos << 1) | retain as u8, &b)
+    packet(0x30 | if dup { 0x08 } else { 0 } | (qos << 1) | retain as u8, &b)
 }
 
 fn reason_string(out: &mut BytesMut, text: &str) {

@@ -55,6 +55,16 @@ enum End {
     Server(CloseReason),
 }
 
+/// An outgoing QoS 1 or 2 publication not yet complete.
+struct Inflight {
+    id: u16,
+    qos: u8,
+    /// QoS 2: PUBREC came and PUBREL went; PUBCOMP completes it.
+    released: bool,
+    /// For a stored publication: the position its completion confirms.
+    confirms: Option<(ChannelName, switchboard_core::StreamPosition)>,
+}
+
 /// A subscription that passed its checks.
 enum Target {
     Channel(crate::session::Resolved),
@@ -89,9 +99,12 @@ struct Conn {
     persist: Option<Duration>,
     /// The QoS granted to each subscribed channel or pattern (0 or 1).
     qos: HashMap<String, u8>,
-    /// QoS 1 publications sent and not yet acknowledged, in order: their packet id and,
-    /// for a stored publication, the position its PUBACK confirms.
-    inflight: std::collections::VecDeque<(u16, Option<(ChannelName, switchboard_core::StreamPosition)>)>,
+    /// QoS 1 and 2 publications sent and not yet complete, in order.
+    inflight: std::collections::VecDeque<Inflight>,
+    /// From a resumed session: publications that were in flight when it was kept, by
+    /// (channel, offset) — sent again with their packet id and DUP (or, for a QoS 2 one
+    /// already released, its PUBREL again) as the resume replays them.
+    again: HashMap<(ChannelName, u64), (u16, bool)>,
     /// The client's receive maximum: QoS 1 publications it takes unacknowledged.
     window: usize,
     /// Publications drained from the queue while the window was full, and their bytes.
@@ -327,6 +340,7 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
             persist: persist.map(Duration::from_secs),
             qos: HashMap::new(),
             inflight: Default::default(),
+            again: HashMap::new(),
             window: match version {
                 Version::V5 => connect.receive_maximum.max(1) as usize,
                 Version::V311 => OUTGOING_WINDOW_V311,
@@ -419,7 +433,7 @@ impl Conn {
                 }
                 Event::Publication(ref d) => {
                     let qos = self.qos_for(&d.publication.channel);
-                    if qos == 1 && (self.inflight.len() >= self.window || !waiting.is_empty()) {
+                    if qos >= 1 && (self.inflight.len() >= self.window || !waiting.is_empty()) {
                         // The client's window is full: it waits here, in order.
                         waiting.push_back(e);
                         continue;
@@ -427,12 +441,26 @@ impl Conn {
                     self.held_bytes -= d.json().len();
                     let retained = self.take_retained(d);
                     let stored = d.publication.kind == Kind::Stored;
-                    let p = if qos == 1 {
-                        let id = self.packet_id();
+                    let p = if qos >= 1 {
                         let confirms = stored.then(|| (d.publication.channel.clone(), d.publication.position()));
-                        self.inflight.push_back((id, confirms));
-                        let topic = super::topic_of(&d.publication.channel);
-                        codec::publish(self.version, &topic, &super::payload_of(&d.publication.data), 1, id, retained)
+                        let key = (d.publication.channel.clone(), d.publication.offset);
+                        match self.again.remove(&key) {
+                            // Released before the session was kept: only PUBCOMP is missing.
+                            Some((id, true)) => {
+                                self.inflight.push_back(Inflight { id, qos: 2, released: true, confirms });
+                                codec::ack(self.version, 6, id, 0, "")
+                            }
+                            again => {
+                                let (id, dup) = match again {
+                                    Some((id, _)) => (id, true),
+                                    None => (self.packet_id(), false),
+                                };
+                                self.inflight.push_back(Inflight { id, qos, released: false, confirms });
+                                let topic = super::topic_of(&d.publication.channel);
+                                let payload = super::payload_of(&d.publication.data);
+                                codec::publish_dup(self.version, &topic, &payload, qos, id, retained, dup)
+                            }
+                        }
                     } else {
                         if stored {
                             if let Some(p) = self.positions.get_mut(&d.publication.channel) {
@@ -474,10 +502,16 @@ impl Conn {
         }
     }
 
+    /// The next packet id not in flight (nor waiting to be sent again).
     fn packet_id(&mut self) -> u16 {
-        let id = self.next_packet_id;
-        self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-        id
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            let busy = self.inflight.iter().any(|f| f.id == id) || self.again.values().any(|(a, _)| *a == id);
+            if !busy {
+                return id;
+            }
+        }
     }
 
     /// The QoS a publication on `channel` goes out with: its channel subscription's, else
@@ -495,12 +529,20 @@ impl Conn {
         }
     }
 
-    /// PUBACK for an outgoing QoS 1 publication: it leaves the window, and the session's
-    /// position on its channel moves past it.
-    fn acked(&mut self, id: u16) {
-        let Some(i) = self.inflight.iter().position(|(p, _)| *p == id) else { return };
-        let Some((_, confirms)) = self.inflight.remove(i) else { return };
-        if let Some((channel, position)) = confirms {
+    /// PUBREC for an outgoing QoS 2 publication: PUBREL, and it waits for PUBCOMP.
+    fn received(&mut self, id: u16) {
+        if let Some(f) = self.inflight.iter_mut().find(|f| f.id == id && f.qos == 2) {
+            f.released = true;
+            self.send(codec::ack(self.version, 6, id, 0, ""));
+        }
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2): the publication leaves the window, and the
+    /// session's position on its channel moves past it.
+    fn acked(&mut self, id: u16, qos: u8) {
+        let Some(i) = self.inflight.iter().position(|f| f.id == id && f.qos == qos) else { return };
+        let Some(f) = self.inflight.remove(i) else { return };
+        if let Some((channel, position)) = f.confirms {
             if let Some(p) = self.positions.get_mut(&channel) {
                 if p.epoch != position.epoch || p.offset < position.offset {
                     *p = position;
@@ -568,9 +610,9 @@ impl Conn {
                 self.qos2.remove(&id);
                 self.send(codec::ack(v, 7, id, 0, ""));
             }
-            Packet::PubAck(id) => self.acked(id),
-            // Outgoing publications are QoS 0 or 1: nothing to answer.
-            Packet::PubRec(_) | Packet::PubComp(_) => {}
+            Packet::PubAck(id) => self.acked(id, 1),
+            Packet::PubRec(id) => self.received(id),
+            Packet::PubComp(id) => self.acked(id, 2),
             Packet::Subscribe(s) => return self.subscribe_all(s).await,
             Packet::Unsubscribe(u) => {
                 let codes: Vec<u8> = u
@@ -607,8 +649,7 @@ impl Conn {
         let mut todo = Vec::new();
         let max = self.session.state.config.ws.max_subscriptions;
         for (filter, asked) in &s.filters {
-            // Granted: QoS 0, or 1 for 1 and 2 (outgoing QoS 2 is not offered).
-            let granted = (*asked).min(1);
+            let granted = *asked;
             match self.check_filter(filter, s.token.clone()) {
                 Ok(None) => {
                     // A repeated filter: the subscription stands, with the new QoS.
@@ -698,6 +739,12 @@ impl Conn {
     /// client stood — what was published meanwhile (within the channel's history) comes
     /// first, in order. Still through the gate: a token may allow less than before.
     async fn resume(&mut self, kept: super::sessions::Kept) -> Option<End> {
+        // What was in flight goes again with its packet id as the replay reaches it.
+        for (channel, offset, id, released) in kept.inflight {
+            if let Ok(c) = ChannelName::parse(&channel) {
+                self.again.insert((c, offset), (id, released));
+            }
+        }
         for sub in kept.subs {
             let r = if switchboard_core::pattern::is_pattern(&sub.name) {
                 match self.session.gated_pattern(&sub.name) {
@@ -758,7 +805,12 @@ impl Conn {
                 position: ChannelName::parse(name).ok().and_then(|c| self.positions.get(&c).cloned()),
             })
             .collect();
-        let kept = super::sessions::Kept { subs };
+        let inflight = self
+            .inflight
+            .iter()
+            .filter_map(|f| f.confirms.as_ref().map(|(c, p)| (c.to_string(), p.offset, f.id, f.released)))
+            .collect();
+        let kept = super::sessions::Kept { subs, inflight };
         self.session.state.mqtt_sessions.keep(&self.client_id, kept, expiry).await;
     }
 

@@ -28,6 +28,9 @@ pub struct KeptSub {
 #[derive(Debug, Clone, Default)]
 pub struct Kept {
     pub subs: Vec<KeptSub>,
+    /// Publications in flight when the session was kept: (channel, offset, packet id,
+    /// released — a QoS 2 one whose PUBREL went).
+    pub inflight: Vec<(String, u64, u16, bool)>,
 }
 
 impl Kept {
@@ -40,7 +43,7 @@ impl Kept {
                     "position": s.position.as_ref().map(|p| format!("{}:{}", p.epoch, p.offset))})
             })
             .collect();
-        json!({ "subs": subs }).to_string()
+        json!({ "subs": subs, "inflight": self.inflight }).to_string()
     }
 
     fn from_json(text: &str) -> Option<Kept> {
@@ -52,12 +55,13 @@ impl Kept {
                 Some(KeptSub {
                     filter: s["filter"].as_str()?.to_string(),
                     name: s["name"].as_str()?.to_string(),
-                    qos: s["qos"].as_u64().unwrap_or(0).min(1) as u8,
+                    qos: s["qos"].as_u64().unwrap_or(0).min(2) as u8,
                     position: s["position"].as_str().and_then(|p| crate::cursor::parse_position(p).ok()),
                 })
             })
             .collect();
-        Some(Kept { subs })
+        let inflight = serde_json::from_value(v["inflight"].clone()).unwrap_or_default();
+        Some(Kept { subs, inflight })
     }
 }
 
