@@ -72,7 +72,10 @@ async fn mosquitto_clients_of_both_versions_share_channels_with_sse_and_websocke
     let mut ws = Connection::connect(&format!("ws://{}/ws", s.addr)).await.unwrap();
     ws.subscribe(&ch, None).await.unwrap();
     subscribers(&s, &ch, 3).await; // the pattern subscription is not counted per channel
-                                   // Publishers: MQTT 3.1.1 at QoS 0 and 1, MQTT 5 at QoS 2, the server API.
+                                   // A long-poll client's cursor from before the publications.
+    let (_, first) = s.get_json(&format!("/poll?channel={ch}")).await;
+    let cursor = first["cursor"].as_str().unwrap().to_string();
+    // Publishers: MQTT 3.1.1 at QoS 0 and 1, MQTT 5 at QoS 2, the server API.
     assert!(mosquitto_pub(&s, "mqttv311", &topic, "hello", 0).await);
     assert!(mosquitto_pub(&s, "mqttv311", &topic, "{\"c\":21.5}", 1).await);
     assert!(mosquitto_pub(&s, "mqttv5", &topic, "42", 2).await);
@@ -104,6 +107,9 @@ async fn mosquitto_clients_of_both_versions_share_channels_with_sse_and_websocke
         got.push(ws.next_pub().await.unwrap()["data"].clone());
     }
     assert_eq!(got, want_data, "WebSocket");
+    let (_, polled) = s.get_json(&format!("/poll?channel={ch}&since={cursor}")).await;
+    let data: Vec<Value> = polled["messages"].as_array().unwrap().iter().map(|m| m["data"].clone()).collect();
+    assert_eq!(data, want_data, "long polling");
 }
 
 #[tokio::test]
@@ -306,7 +312,7 @@ async fn mosquitto_over_tls_and_paho_over_websocket_exchange_messages() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/mqtt_paho.py");
     let port = s.addr.port().to_string();
     let paho = tokio::process::Command::new("python3")
-        .args([script, "localhost", &port, &topic, &ca, "from paho", "from mqtts"])
+        .args([script, "localhost", &port, &topic, &ca, "5", "from paho", "from mqtts"])
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -432,14 +438,9 @@ async fn qos_1_subscriptions_are_acknowledged_within_the_clients_window_and_rede
     assert!(third.packet_id.is_some() && third.packet_id != a.packet_id && third.packet_id != b.packet_id);
     // The connection drops with 2 and 3 unacknowledged: the session resumes from the last
     // acknowledged one, so they come again (at least once), then 4, then live ones.
+    let saves = s.state.mqtt_sessions.saves();
     drop(c);
-    // (The server keeps the session when it sees the close.)
-    for _ in 0..600 {
-        if !s.state.mqtt_sessions.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    kept(&s, saves).await;
     let (mut c, present) = Mqtt::connect_session_with(addr, true, "q-5", false, 3600, Some(10)).await;
     assert!(present);
     let mut again = Vec::new();
@@ -530,10 +531,11 @@ async fn with_the_redis_broker_a_session_resumes_on_another_node() {
     assert_eq!(c.next_publish().await.unwrap().1, b"4", "live, from the other node");
 }
 
-/// Waits until the server keeps a session in memory (it does when it sees the close).
-async fn kept(s: &TestServer) {
+/// Waits until the server saved a session after `before` saves (it does when it sees a
+/// connection close).
+async fn kept(s: &TestServer, before: u64) {
     for _ in 0..600 {
-        if !s.state.mqtt_sessions.is_empty() {
+        if s.state.mqtt_sessions.saves() > before {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -563,8 +565,9 @@ async fn qos_2_to_subscribers_completes_once_and_resumes_with_dup_and_the_same_p
     let p = c.next_publish_unacked().await.unwrap();
     assert_eq!(p.payload, b"two");
     let two = p.packet_id.unwrap();
+    let saves = s.state.mqtt_sessions.saves();
     drop(c);
-    kept(&s).await;
+    kept(&s, saves).await;
     // Resumed: "two" again, DUP set, the same packet id; PUBREC, then it drops again.
     let (mut c, present) = Mqtt::connect_session(addr, true, "q2", false, 600).await;
     assert!(present);
@@ -574,8 +577,9 @@ async fn qos_2_to_subscribers_completes_once_and_resumes_with_dup_and_the_same_p
     c.send(&packet(0x50, &two.to_be_bytes())).await;
     let (kind, _) = c.read().await.unwrap();
     assert_eq!(kind, 0x62, "PUBREL");
+    let saves = s.state.mqtt_sessions.saves();
     drop(c);
-    kept(&s).await;
+    kept(&s, saves).await;
     // Resumed after PUBREL: only PUBREL comes again (the message is not sent twice).
     let (mut c, present) = Mqtt::connect_session(addr, true, "q2", false, 600).await;
     assert!(present);
@@ -585,4 +589,86 @@ async fn qos_2_to_subscribers_completes_once_and_resumes_with_dup_and_the_same_p
     s.publish(&ch, json!("three")).await;
     let p = c.next_publish_unacked().await.unwrap();
     assert_eq!((p.qos, &p.payload[..], p.retain), (2, &b"three"[..], false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_survives_its_node_being_killed_and_resumes_on_another() {
+    let url = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("sbmqttkill-{}-{}", std::process::id(), fastrand::u32(..));
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (http, mqtt) = (free(), free());
+    // Node A: a real process, killed with SIGKILL below.
+    let mut a = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{http}")])
+        .env("SWITCHBOARD_BROKER__KIND", "redis")
+        .env("SWITCHBOARD_BROKER__REDIS_URL", &url)
+        .env("SWITCHBOARD_BROKER__REDIS_PREFIX", &prefix)
+        .env("SWITCHBOARD_MQTT__LISTEN", format!("127.0.0.1:{mqtt}"))
+        .env("SWITCHBOARD_NAMESPACES__SENSORS__ALLOW_PUBLISH", "true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mqtt_a: std::net::SocketAddr = format!("127.0.0.1:{mqtt}").parse().unwrap();
+    for _ in 0..600 {
+        if tokio::net::TcpStream::connect(mqtt_a).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Node B: in this process, same Redis.
+    let cfg = format!("{CONFIG}[broker]\nkind = \"redis\"\nredis_url = \"{url}\"\nredis_prefix = \"{prefix}\"\n");
+    let b = TestServer::start(config(&cfg)).await;
+    let id = channel("x").replace("x:", "");
+    let (ch, topic, client) = (format!("sensors:{id}"), format!("sensors/{id}"), format!("survivor-{id}"));
+    let (mut c, _) = Mqtt::connect_session(mqtt_a, true, &client, false, 600).await;
+    assert_eq!(c.subscribe_qos(&topic, None, 1).await.0, 1);
+    // Node A's subscription reaches the cluster before anything is published.
+    let mut live = false;
+    for _ in 0..600 {
+        let (_, v) = b.get_json("/api/channels").await;
+        live = v["channels"].as_array().is_some_and(|a| a.iter().any(|c| c["channel"] == ch.as_str()));
+        if live {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(live, "node A's subscription is known to the cluster");
+    b.publish(&ch, json!(1)).await;
+    assert_eq!(c.next_publish().await.unwrap().1, b"1");
+    // Node A dies without a goodbye; 2 and 3 are published meanwhile.
+    a.kill().unwrap();
+    a.wait().unwrap();
+    drop(c);
+    b.publish(&ch, json!(2)).await;
+    b.publish(&ch, json!(3)).await;
+    // The device reconnects to node B: the session is there; nothing is missing (what
+    // node A had not saved comes again: at least once).
+    let (mut c, present) = Mqtt::connect_session(b.mqtt.unwrap(), true, &client, false, 600).await;
+    assert!(present, "the session outlives its node");
+    let mut got = Vec::new();
+    while got.last() != Some(&3) {
+        let p = c.next_publish().await.unwrap().1;
+        got.push(String::from_utf8(p).unwrap().parse::<u32>().unwrap());
+    }
+    assert!(got == vec![2, 3] || got == vec![1, 2, 3], "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_3_1_1_over_ws_and_mosquitto_over_tcp_exchange_messages() {
+    let s = server().await;
+    let id = channel("x").replace("x:", "");
+    let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/mqtt_paho.py");
+    let port = s.addr.port().to_string();
+    let paho = tokio::process::Command::new("python3")
+        .args([script, "127.0.0.1", &port, &topic, "-", "3.1.1", "from paho", "from mosquitto"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 with paho-mqtt (./scripts/test installs it)");
+    subscribers(&s, &ch, 1).await;
+    assert!(mosquitto_pub(&s, "mqttv311", &topic, "from mosquitto", 1).await);
+    let out = paho.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "paho: {}", String::from_utf8_lossy(&out.stdout));
 }

@@ -408,6 +408,10 @@ impl Conn {
             }
             if std::mem::take(&mut refresh) {
                 Box::pin(self.session.refresh_presence()).await;
+                // A persistent session is saved now and then while connected, so a node
+                // that dies without closing still leaves it (positions at most one
+                // interval old: what follows them comes again, at least once).
+                Box::pin(self.keep_session()).await;
             }
         }
     }
@@ -613,7 +617,12 @@ impl Conn {
             Packet::PubAck(id) => self.acked(id, 1),
             Packet::PubRec(id) => self.received(id),
             Packet::PubComp(id) => self.acked(id, 2),
-            Packet::Subscribe(s) => return self.subscribe_all(s).await,
+            Packet::Subscribe(s) => {
+                let end = self.subscribe_all(s).await;
+                // Saved as soon as the subscriptions change (see `run`).
+                self.keep_session().await;
+                return end;
+            }
             Packet::Unsubscribe(u) => {
                 let codes: Vec<u8> = u
                     .filters
@@ -632,6 +641,7 @@ impl Conn {
                     })
                     .collect();
                 self.send(codec::sub_ack(v, 11, u.packet_id, &codes, ""));
+                self.keep_session().await;
             }
             Packet::Auth => return Some(End::Protocol(0x8C, "re-authentication is not supported".into())),
             Packet::Connect(_) => return Some(End::Protocol(0x82, "a second CONNECT".into())),

@@ -70,6 +70,8 @@ impl Kept {
 pub struct Sessions {
     memory: Mutex<HashMap<String, (Kept, Instant)>>,
     redis: OnceLock<switchboard_redis::RedisKv>,
+    /// Sessions saved so far (for tests and metrics).
+    saves: std::sync::atomic::AtomicU64,
 }
 
 /// Most sessions kept in memory at once; past it the soonest to expire goes first.
@@ -85,8 +87,14 @@ impl Sessions {
         self.memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How many times a session was saved.
+    pub fn saves(&self) -> u64 {
+        self.saves.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Keeps `kept` for `expiry`.
     pub async fn keep(&self, client_id: &str, kept: Kept, expiry: Duration) {
+        self.saves.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(kv) = self.redis.get() {
             if let Err(e) = kv.set(client_id, &kept.to_json(), expiry).await {
                 tracing::warn!(client = client_id, "MQTT session not kept in Redis: {e}");
