@@ -40,7 +40,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TOPIC_ALIASES: u16 = 16;
 /// QoS 2 publications a client may have between PUBREC and PUBREL (its receive maximum).
 const RECEIVE_MAXIMUM: u16 = 64;
-/// QoS 1 publications in flight to an MQTT 3.1.1 client (MQTT 5 clients say theirs).
+/// QoS 1 and 2 publications in flight to an MQTT 3.1.1 client (MQTT 5 clients say theirs).
 const OUTGOING_WINDOW_V311: usize = 32;
 
 /// How the connection ended, for the will and the goodbye.
@@ -97,7 +97,7 @@ struct Conn {
     positions: HashMap<ChannelName, switchboard_core::StreamPosition>,
     /// Keep the session after the connection ends, for this long.
     persist: Option<Duration>,
-    /// The QoS granted to each subscribed channel or pattern (0 or 1).
+    /// The QoS granted to each subscribed channel or pattern.
     qos: HashMap<String, u8>,
     /// QoS 1 and 2 publications sent and not yet complete, in order.
     inflight: std::collections::VecDeque<Inflight>,
@@ -105,7 +105,7 @@ struct Conn {
     /// (channel, offset) — sent again with their packet id and DUP (or, for a QoS 2 one
     /// already released, its PUBREL again) as the resume replays them.
     again: HashMap<(ChannelName, u64), (u16, bool)>,
-    /// The client's receive maximum: QoS 1 publications it takes unacknowledged.
+    /// The client's receive maximum: QoS 1 and 2 publications it takes incomplete.
     window: usize,
     /// Publications drained from the queue while the window was full, and their bytes.
     held: std::collections::VecDeque<Event>,
@@ -113,10 +113,10 @@ struct Conn {
     next_packet_id: u16,
 }
 
-/// Serves an accepted MQTT connection until it ends.
 /// What an MQTT connection runs on: TCP, TLS, or a WebSocket's binary messages.
 pub type Io = Box<dyn crate::transports::ws::io::Stream>;
 
+/// Serves an accepted MQTT connection until it ends.
 pub async fn serve(mut tcp: Io, state: AppState, peer: SocketAddr, slot: impl Send + 'static) {
     let _tracked = state.track_upgraded();
     let _slot = slot;
