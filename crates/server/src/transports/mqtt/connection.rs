@@ -129,7 +129,7 @@ pub async fn serve(mut tcp: Io, state: AppState, peer: SocketAddr, slot: impl Se
             let code = e.reason_code();
             let message = e.message();
             let props = server_props(&state, None, None, Some(&message));
-            let _ = tcp.write_all(&codec::connack(version, false, code, &props)).await;
+            let _ = send_now(&mut tcp, &codec::connack(version, false, code, &props)).await;
             return;
         }
         Ok(Err(None)) | Err(_) => return,
@@ -237,11 +237,12 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
         codec::connack(version, false, code, &props)
     };
     if state.is_draining() {
-        let _ = tcp.write_all(&refuse(0x89, "server_busy: this node is draining; connect to another".into())).await;
+        let _ =
+            send_now(&mut tcp, &refuse(0x89, "server_busy: this node is draining; connect to another".into())).await;
         return None;
     }
     if let Err(e) = state.limits.take_handshake() {
-        let _ = tcp.write_all(&refuse(0x89, format!("{}: {}", e.code.as_str(), e.message))).await;
+        let _ = send_now(&mut tcp, &refuse(0x89, format!("{}: {}", e.code.as_str(), e.message))).await;
         return None;
     }
     // The connection token travels as the password (the user name is free: MQTT
@@ -257,7 +258,7 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
                 Err(e) => {
                     state.metrics.error(e.code.as_str());
                     let code = if e.code == Code::TokenRevoked { 0x8A } else { 0x86 };
-                    let _ = tcp.write_all(&refuse(code, format!("{}: {}", e.code.as_str(), e.message))).await;
+                    let _ = send_now(&mut tcp, &refuse(code, format!("{}: {}", e.code.as_str(), e.message))).await;
                     return None;
                 }
             }
@@ -266,7 +267,8 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
     let (client_id, assigned) = if connect.client_id.is_empty() {
         if version == Version::V311 && !connect.clean_start {
             let _ =
-                tcp.write_all(&refuse(0x85, "invalid_request: an empty client id needs a clean session".into())).await;
+                send_now(&mut tcp, &refuse(0x85, "invalid_request: an empty client id needs a clean session".into()))
+                    .await;
             return None;
         }
         let id = format!("sb-{}", crate::presence::client_id());
@@ -290,7 +292,8 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
                 Ok(resolved) => Some((w, resolved)),
                 Err(e) => {
                     let code = if e.code.as_str().contains("channel") { 0x90 } else { 0x87 };
-                    let _ = tcp.write_all(&refuse(code, format!("{}: will: {}", e.code.as_str(), e.message))).await;
+                    let _ =
+                        send_now(&mut tcp, &refuse(code, format!("{}: will: {}", e.code.as_str(), e.message))).await;
                     return None;
                 }
             }
@@ -318,7 +321,7 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
     };
     let mut props = server_props(state, assigned.as_deref(), None, None);
     props.session_expiry_override = granted;
-    if tcp.write_all(&codec::connack(version, resumed.is_some(), 0, &props)).await.is_err() {
+    if send_now(&mut tcp, &codec::connack(version, resumed.is_some(), 0, &props)).await.is_err() {
         return None;
     }
     tracing::debug!(client = %client_id, ?version, "MQTT connected");
@@ -488,10 +491,14 @@ impl Conn {
             }
         }
         self.held = waiting;
-        for b in out {
-            if self.tcp.write_all(&b).await.is_err() {
+        for b in &out {
+            if self.tcp.write_all(b).await.is_err() {
                 return Err(End::Lost);
             }
+        }
+        // TLS and WebSocket streams hold what the socket did not take yet: push it out.
+        if !out.is_empty() && self.tcp.flush().await.is_err() {
+            return Err(End::Lost);
         }
         if drained {
             self.session.queue.write_done();
@@ -947,13 +954,21 @@ impl Conn {
                 End::Client(_) | End::Lost => (0, ""),
             };
             if code != 0 {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), self.tcp.write_all(&codec::disconnect(code, text)))
-                        .await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    send_now(&mut self.tcp, &codec::disconnect(code, text)),
+                )
+                .await;
             }
         }
         let _ = self.tcp.shutdown().await;
     }
+}
+
+/// Writes `bytes` and flushes: a TLS or WebSocket stream may hold what it was given.
+async fn send_now(io: &mut Io, bytes: &[u8]) -> std::io::Result<()> {
+    io.write_all(bytes).await?;
+    io.flush().await
 }
 
 /// The MQTT reason code for an error of the gate or the broker.
