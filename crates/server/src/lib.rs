@@ -141,6 +141,14 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// Serves MQTT on `listener` (when `mqtt.listen` is not set: `serve --dev`'s 1883).
+    pub fn with_mqtt_listener(mut self, listener: TcpListener) -> Self {
+        if self.mqtt_listener.is_none() {
+            self.mqtt_listener = Some(listener);
+        }
+        self
+    }
+
     /// The MQTT-over-TLS listener's address (`mqtt.tls_listen`).
     pub fn mqtt_tls_local_addr(&self) -> Option<std::net::SocketAddr> {
         self.mqtt_tls_listener.as_ref().and_then(|l| l.local_addr().ok())

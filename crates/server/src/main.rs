@@ -338,15 +338,15 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            // MQTT on its usual port under --dev, unless something (a Mosquitto) holds it.
+            // MQTT on its usual port under --dev, unless something (a Mosquitto, another
+            // dev server) holds it. The socket bound here is the one served: no race with
+            // another process between a check and the bind.
             let mut mqtt_note = None;
+            let mut dev_mqtt = None;
             if dev && cfg.mqtt.listen.is_none() {
                 let addr: std::net::SocketAddr = ([127, 0, 0, 1], 1883).into();
                 match std::net::TcpListener::bind(addr) {
-                    Ok(l) => {
-                        drop(l);
-                        cfg.mqtt.listen = Some(addr);
-                    }
+                    Ok(l) => dev_mqtt = Some(l),
                     Err(e) => {
                         mqtt_note = Some(format!("MQTT not started: {addr}: {e}; set mqtt.listen to another port"))
                     }
@@ -374,8 +374,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(serve(cfg, dev, Duration::from_secs(drain_secs), Duration::from_secs(drain_notice_secs)))
-            {
+            let (drain, notice) = (Duration::from_secs(drain_secs), Duration::from_secs(drain_notice_secs));
+            match rt.block_on(serve(cfg, dev, dev_mqtt, drain, notice)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -459,7 +459,13 @@ fn mint(
     switchboard_server::auth::sign(&alg, &key, &claims)
 }
 
-async fn serve(cfg: Config, dev: bool, drain: Duration, notice: Duration) -> anyhow::Result<()> {
+async fn serve(
+    cfg: Config,
+    dev: bool,
+    dev_mqtt: Option<std::net::TcpListener>,
+    drain: Duration,
+    notice: Duration,
+) -> anyhow::Result<()> {
     let listener =
         switchboard_server::bind(cfg.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     let (before, after) = switchboard_server::doctor::raise_nofile();
@@ -498,7 +504,11 @@ async fn serve(cfg: Config, dev: bool, drain: Duration, notice: Duration) -> any
         (true, false) => "HTTP/1.1 over TLS",
         _ => "HTTP/1.1",
     };
-    let server = Server::new(cfg, dev, listener).await?.with_drain_notice(notice);
+    let mut server = Server::new(cfg, dev, listener).await?.with_drain_notice(notice);
+    if let Some(l) = dev_mqtt {
+        l.set_nonblocking(true)?;
+        server = server.with_mqtt_listener(tokio::net::TcpListener::from_std(l)?);
+    }
     let addr = server.local_addr()?;
     tracing::info!("switchboard listening on {scheme}://{addr} ({protocols}); broker: {broker}");
     if let Some(plain) = server.http_local_addr() {
