@@ -19,12 +19,7 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 impl RedisKv {
     /// Values under `{prefix}:{space}:`.
     pub fn new(url: &str, prefix: &str, space: &str) -> Result<RedisKv, BrokerError> {
-        let client = redis::Client::open(url).map_err(|e| unavailable(format!("bad redis url: {e}")))?;
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(3)))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_lazy_with_config(client, cfg).map_err(unavailable)?;
+        let conn = crate::presence::lazy_connection(url)?;
         Ok(RedisKv { prefix: format!("{prefix}:{space}:"), conn })
     }
 

@@ -25,14 +25,20 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
+/// A connection that connects on first use and reconnects by itself (short timeouts: a
+/// Redis outage is an error to report, not a wait).
+pub(crate) fn lazy_connection(url: &str) -> Result<ConnectionManager, BrokerError> {
+    let client = redis::Client::open(url).map_err(|e| unavailable(format!("bad redis url: {e}")))?;
+    let cfg = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(3)))
+        .set_number_of_retries(2);
+    ConnectionManager::new_lazy_with_config(client, cfg).map_err(unavailable)
+}
+
 impl RedisPresence {
     pub fn new(url: &str, prefix: &str) -> Result<RedisPresence, BrokerError> {
-        let client = redis::Client::open(url).map_err(|e| unavailable(format!("bad redis url: {e}")))?;
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(3)))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_lazy_with_config(client, cfg).map_err(unavailable)?;
+        let conn = lazy_connection(url)?;
         Ok(RedisPresence {
             prefix: prefix.to_string(),
             conn,

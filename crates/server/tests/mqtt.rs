@@ -543,6 +543,17 @@ async fn kept(s: &TestServer, before: u64) {
     panic!("no session kept");
 }
 
+/// Drops the connection without DISCONNECT, waits until the server kept the session, and
+/// resumes it (MQTT 5, clean start 0).
+async fn drop_and_resume(s: &TestServer, c: Mqtt, client: &str) -> Mqtt {
+    let saves = s.state.mqtt_sessions.saves();
+    drop(c);
+    kept(s, saves).await;
+    let (c, present) = Mqtt::connect_session(s.mqtt.unwrap(), true, client, false, 600).await;
+    assert!(present, "session present");
+    c
+}
+
 #[tokio::test]
 async fn qos_2_to_subscribers_completes_once_and_resumes_with_dup_and_the_same_packet_id() {
     let s = server().await;
@@ -565,24 +576,16 @@ async fn qos_2_to_subscribers_completes_once_and_resumes_with_dup_and_the_same_p
     let p = c.next_publish_unacked().await.unwrap();
     assert_eq!(p.payload, b"two");
     let two = p.packet_id.unwrap();
-    let saves = s.state.mqtt_sessions.saves();
-    drop(c);
-    kept(&s, saves).await;
     // Resumed: "two" again, DUP set, the same packet id; PUBREC, then it drops again.
-    let (mut c, present) = Mqtt::connect_session(addr, true, "q2", false, 600).await;
-    assert!(present);
+    let mut c = drop_and_resume(&s, c, "q2").await;
     let (kind, body) = c.read().await.unwrap();
     assert_eq!(kind & 0xF8, 0x38, "PUBLISH with DUP");
     assert_eq!(u16::from_be_bytes([body[2 + topic.len()], body[3 + topic.len()]]), two);
     c.send(&packet(0x50, &two.to_be_bytes())).await;
     let (kind, _) = c.read().await.unwrap();
     assert_eq!(kind, 0x62, "PUBREL");
-    let saves = s.state.mqtt_sessions.saves();
-    drop(c);
-    kept(&s, saves).await;
     // Resumed after PUBREL: only PUBREL comes again (the message is not sent twice).
-    let (mut c, present) = Mqtt::connect_session(addr, true, "q2", false, 600).await;
-    assert!(present);
+    let mut c = drop_and_resume(&s, c, "q2").await;
     let (kind, body) = c.read().await.unwrap();
     assert_eq!((kind, u16::from_be_bytes([body[0], body[1]])), (0x62, two), "PUBREL again");
     c.send(&packet(0x70, &two.to_be_bytes())).await;
