@@ -8,17 +8,15 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::{Buf, Bytes, BytesMut};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::app::AppState;
 use crate::error::{ApiError, Code};
 use crate::transports::ws::frame::{self, FrameReader, Incoming};
-use crate::transports::ws::io::Stream;
+use crate::transports::ws::io::{Socket, Stream};
 
 /// The subprotocols MQTT clients offer (`mqtt`; older ones `mqttv3.1`).
 const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
@@ -49,19 +47,16 @@ fn upgrade(state: AppState, req: &mut Request) -> Result<Response, ApiError> {
     let slot = crate::transports::admit(&state, headers, req.extensions())?;
     let peer =
         req.extensions().get::<crate::limits::PeerAddr>().map(|p| p.0).unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
-    let on_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>().ok_or_else(|| {
-        ApiError::new(Code::UpgradeRequired, "this connection cannot be upgraded (HTTP/1.1 required)")
-    })?;
+    let on_upgrade = crate::transports::ws::take_upgrade(req)?;
     let metrics = state.metrics.clone();
     let max = state.config.mqtt.max_packet_bytes;
-    tokio::spawn(crate::guarded(metrics, "mqtt over websocket", async move {
-        let Ok(upgraded) = on_upgrade.await else { return };
-        let (io, pre): (Box<dyn Stream>, Bytes) = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                let _ = parts.io.inner().set_nodelay(true);
-                (Box::new(parts.io.into_inner()), parts.read_buf)
+    crate::transports::ws::spawn_upgraded(&metrics, "mqtt over websocket", on_upgrade, move |socket, pre| async move {
+        let io: Box<dyn Stream> = match socket {
+            Socket::Tcp(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                Box::new(tcp)
             }
-            Err(u) => (Box::new(TokioIo::new(u)), Bytes::new()),
+            Socket::Stream(s) => s,
         };
         let mut ws = WsBytes::new(io, max);
         let mut first = Vec::new();
@@ -70,13 +65,9 @@ fn upgrade(state: AppState, req: &mut Request) -> Result<Response, ApiError> {
         }
         ws.incoming.extend(first);
         super::connection::serve(Box::new(ws), state, peer, slot).await
-    }));
-    let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
-    let h = r.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header value"));
-    h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol));
+    });
+    let mut r = crate::transports::ws::switching_protocols(&accept);
+    r.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol));
     Ok(r)
 }
 

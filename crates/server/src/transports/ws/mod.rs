@@ -112,7 +112,9 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
         // The same message limit as `/ws` (Autobahn|Testsuite runs raise it to 16 MiB).
         let max = state.config.limits.max_message_bytes + connection::ENVELOPE_BYTES;
         let metrics = state.metrics.clone();
-        spawn_upgraded(&metrics, on_upgrade, move |io, pre| connection::serve_echo(io, pre, deflate, max, slot));
+        spawn_upgraded(&metrics, "websocket", on_upgrade, move |io, pre| {
+            connection::serve_echo(io, pre, deflate, max, slot)
+        });
         return Ok(accepted(&state, accept.as_deref(), false, deflate));
     }
     let protocol_offered = header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
@@ -155,11 +157,11 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
         identity,
         slot,
     });
-    spawn_upgraded(&metrics, on_upgrade, move |io, pre| connection::serve(io, pre, ctx));
+    spawn_upgraded(&metrics, "websocket", on_upgrade, move |io, pre| connection::serve(io, pre, ctx));
     Ok(response)
 }
 
-fn take_upgrade(req: &mut Request) -> Result<hyper::upgrade::OnUpgrade, ApiError> {
+pub(crate) fn take_upgrade(req: &mut Request) -> Result<hyper::upgrade::OnUpgrade, ApiError> {
     req.extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
         .ok_or_else(|| ApiError::new(Code::UpgradeRequired, "this connection cannot be upgraded (HTTP/1.1 required)"))
@@ -168,19 +170,20 @@ fn take_upgrade(req: &mut Request) -> Result<hyper::upgrade::OnUpgrade, ApiError
 /// Once hyper hands the connection over, serves it with `serve` — guarded, so a panic
 /// closes it. A plain TCP stream is taken back from hyper (with the bytes it already
 /// read); TLS or an HTTP/2 stream is served through hyper's upgraded stream.
-fn spawn_upgraded<F, Fut>(
+pub(crate) fn spawn_upgraded<F, Fut>(
     metrics: &std::sync::Arc<crate::metrics::Metrics>,
+    task: &'static str,
     on_upgrade: hyper::upgrade::OnUpgrade,
     serve: F,
 ) where
     F: FnOnce(Socket, bytes::Bytes) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    tokio::spawn(crate::guarded(metrics.clone(), "websocket", async move {
+    tokio::spawn(crate::guarded(metrics.clone(), task, async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
-                tracing::debug!("websocket upgrade failed: {e}");
+                tracing::debug!("{task} upgrade failed: {e}");
                 return;
             }
         };
@@ -191,21 +194,21 @@ fn spawn_upgraded<F, Fut>(
     }));
 }
 
+/// 101 Switching Protocols to a WebSocket, with the key's `Sec-WebSocket-Accept`.
+pub(crate) fn switching_protocols(accept: &str) -> Response {
+    let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(accept).expect("base64 is a valid header value"));
+    r
+}
+
 /// The answer to a valid handshake: 101 with `Sec-WebSocket-Accept` over HTTP/1.1, 200
 /// over HTTP/2 (RFC 8441 has no key and no accept).
 fn accepted(state: &AppState, accept: Option<&str>, protocol: bool, deflate: bool) -> Response {
     let mut r = match accept {
-        Some(accept) => {
-            let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
-            let h = r.headers_mut();
-            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-            h.insert(
-                header::SEC_WEBSOCKET_ACCEPT,
-                HeaderValue::from_str(accept).expect("base64 is a valid header value"),
-            );
-            r
-        }
+        Some(accept) => switching_protocols(accept),
         None => {
             state.metrics.ws_over_http2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             StatusCode::OK.into_response()
