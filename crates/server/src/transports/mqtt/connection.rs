@@ -717,39 +717,51 @@ impl Conn {
                 Target::Channel(resolved) => {
                     // The channel's latest publication is its retained message.
                     let rewind = (resolved.options.keeps_history() && resolved.options.history_size > 0).then_some(1);
-                    let req = crate::session::subscribe_request(&resolved, None, rewind);
                     let channel = resolved.channel.clone();
-                    let mut upto = None;
-                    let r = self
-                        .session
-                        .subscribe(resolved, req, |o, _| {
-                            // (With a rewind the position is just before the replay.)
-                            let mut at = o.position.clone();
-                            at.offset += o.replayed as u64;
-                            upto = Some((at, o.replayed));
-                            String::new()
-                        })
-                        .await;
-                    if let Some((position, replayed)) = upto {
-                        if replayed > 0 {
-                            self.retained.push((channel.clone(), position.offset));
+                    self.subscribe_channel(resolved, None, rewind).await.map(|o| {
+                        // (With a rewind the position is just before the replay.)
+                        let mut at = o.position;
+                        at.offset += o.replayed as u64;
+                        if o.replayed > 0 {
+                            self.retained.push((channel.clone(), at.offset));
                         }
-                        self.positions.entry(channel).or_insert(position);
-                    }
-                    r
+                        self.positions.entry(channel).or_insert(at);
+                    })
                 }
             };
             match r {
-                Ok(()) => {
-                    self.qos.insert(name.clone(), granted);
-                    self.filters.insert(filter, name);
-                }
+                Ok(()) => self.subscribed(filter, name, granted),
                 Err(e) => {
                     return Some(End::Protocol(0x80, format!("{}: subscribe failed: {}", e.code.as_str(), e.message)))
                 }
             }
         }
         None
+    }
+
+    /// Subscribes this connection to a channel (through the session: presence, the
+    /// race-free replay), answering nothing itself: its outcome.
+    async fn subscribe_channel(
+        &mut self,
+        resolved: crate::session::Resolved,
+        since: Option<switchboard_core::StreamPosition>,
+        rewind: Option<usize>,
+    ) -> Result<switchboard_core::hub::SubscribeOutcome, ApiError> {
+        let req = crate::session::subscribe_request(&resolved, since, rewind);
+        let mut outcome = None;
+        self.session
+            .subscribe(resolved, req, |o, _| {
+                outcome = Some(o.clone());
+                String::new()
+            })
+            .await?;
+        Ok(outcome.expect("a successful subscribe has an outcome"))
+    }
+
+    /// Records a subscription made: its filter, its channel or pattern, its QoS.
+    fn subscribed(&mut self, filter: String, name: String, qos: u8) {
+        self.qos.insert(name.clone(), qos);
+        self.filters.insert(filter, name);
     }
 
     /// Resumes a kept session: its subscriptions again, each channel from where this
@@ -772,31 +784,18 @@ impl Conn {
                 match self.session.gated(Operation::Subscribe, &sub.name, None) {
                     Ok(resolved) => {
                         let channel = resolved.channel.clone();
-                        let req = crate::session::subscribe_request(&resolved, sub.position.clone(), None);
-                        let mut at = None;
-                        let r = self
-                            .session
-                            .subscribe(resolved, req, |o, _| {
-                                at = Some((o.position.clone(), o.recovered));
-                                String::new()
-                            })
-                            .await;
-                        if let Some((position, recovered)) = at {
-                            if !recovered {
+                        self.subscribe_channel(resolved, sub.position.clone(), None).await.map(|o| {
+                            if !o.recovered {
                                 tracing::debug!(client = %self.client_id, %channel, "MQTT session: history no longer reaches its position");
                             }
-                            self.positions.insert(channel, position);
-                        }
-                        r
+                            self.positions.insert(channel, o.position);
+                        })
                     }
                     Err(e) => Err(e),
                 }
             };
             match r {
-                Ok(()) => {
-                    self.qos.insert(sub.name.clone(), sub.qos);
-                    self.filters.insert(sub.filter, sub.name);
-                }
+                Ok(()) => self.subscribed(sub.filter, sub.name, sub.qos),
                 Err(e) => {
                     tracing::debug!(client = %self.client_id, filter = %sub.filter, "MQTT session: not resubscribed: {}", e.message);
                 }
