@@ -223,21 +223,7 @@ struct H2 {
 
 impl H2 {
     async fn connect(s: &TestServer, ca: &std::path::Path) -> H2 {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+        let tls = common::tls_connect(s.addr, ca, b"h2").await.unwrap();
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
         let io = hyper_util::rt::TokioIo::new(tls);
         let (sender, conn) =

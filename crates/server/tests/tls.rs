@@ -7,10 +7,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{channel, config, Proxy, TestServer};
+use common::{channel, config, tls_connect, Proxy, TestServer};
 use serde_json::{json, Value};
 use switchboard_client::{Client, ClientOptions, ConnectOptions, Connection, Event, WsError};
 use switchboard_server::tls::dev_certificate;
@@ -337,27 +336,6 @@ async fn the_plain_listener_redirects_to_https_and_answers_health_checks() {
     s.shutdown().await;
 }
 
-/// A TLS connection offering `alpn`, trusting the CA in `dir`.
-async fn tls_connect(
-    s: &TestServer,
-    ca: &Path,
-    alpn: &[u8],
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
-    let tcp = tokio::net::TcpStream::connect(s.addr).await?;
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await
-}
-
 #[tokio::test]
 async fn malformed_http2_frames_get_a_goaway_and_nothing_else_breaks() {
     let dir = tempdir("h2bad");
@@ -373,7 +351,7 @@ async fn malformed_http2_frames_get_a_goaway_and_nothing_else_breaks() {
         b"this is not HTTP/2 at all\r\n\r\n".to_vec(),
     ];
     for (i, bytes) in bad.iter().enumerate() {
-        let mut tls = tls_connect(&s, &ca, b"h2").await.unwrap();
+        let mut tls = tls_connect(s.addr, &ca, b"h2").await.unwrap();
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
         tls.write_all(bytes).await.unwrap();
         let mut got = Vec::new();
@@ -404,7 +382,7 @@ async fn malformed_http2_frames_get_a_goaway_and_nothing_else_breaks() {
 /// Whether a TLS handshake trusting only the CA in `ca` succeeds: which certificate the
 /// server presents now.
 async fn presented_by(s: &TestServer, ca: &Path) -> bool {
-    tls_connect(s, ca, b"http/1.1").await.is_ok()
+    tls_connect(s.addr, ca, b"http/1.1").await.is_ok()
 }
 
 #[tokio::test]
