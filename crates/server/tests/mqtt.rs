@@ -157,6 +157,9 @@ async fn refusals_carry_mqtt_reason_codes_and_the_servers_error() {
     let s = server().await;
     let addr = s.mqtt.unwrap();
     let mut c = Mqtt::connect(addr, true, "refused", None).await.unwrap();
+    // It counts among the server's connections, as an MQTT one.
+    let metrics = s.http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l == "switchboard_connections{transport=\"mqtt\"} 1"), "{metrics}");
     assert_eq!(c.subscribe("$share//sensors/x", None).await.0, 0x8F);
     assert_eq!(c.subscribe("$share/g+/sensors/x", None).await.0, 0x8F);
     assert_eq!(c.subscribe("#", None).await.0, 0x8F);
