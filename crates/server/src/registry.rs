@@ -73,28 +73,41 @@ impl Drop for Registration {
 
 /// Connected MQTT client ids on this node: MQTT allows one connection per client id, and
 /// a new one takes the id over (the old connection is closed).
+/// Each id's connection: its queue, and whether it has ended (its session kept).
 #[derive(Default)]
-pub struct ClientIds(std::sync::Mutex<HashMap<String, std::sync::Weak<ConnQueue>>>);
+pub struct ClientIds(std::sync::Mutex<HashMap<String, (std::sync::Weak<ConnQueue>, Ended)>>);
+
+/// Turns true when a connection has finished (kept its session, if any).
+pub type Ended = tokio::sync::watch::Receiver<bool>;
 
 impl ClientIds {
-    /// Registers `queue` under `id`, closing the connection that held it.
-    pub fn take_over(&self, id: &str, queue: &Arc<ConnQueue>) {
+    /// Registers `queue` under `id`, closing the connection that held it: that one's
+    /// [`Ended`], to wait for it to keep its session.
+    pub fn take_over(&self, id: &str, queue: &Arc<ConnQueue>, ended: Ended) -> Option<Ended> {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = m.insert(id.to_string(), Arc::downgrade(queue)).and_then(|w| w.upgrade()) {
-            old.close(CloseReason::Normal);
-        }
+        let old = m.insert(id.to_string(), (Arc::downgrade(queue), ended));
         // Forget the ids of connections that are gone, now and then.
         // (A gone connection's entry only ever answers `holds` with false.)
         if m.len() > 64 && m.len().is_power_of_two() {
-            m.retain(|_, w| w.strong_count() > 0);
+            m.retain(|_, (w, _)| w.strong_count() > 0);
         }
+        let (old, ended) = old?;
+        old.upgrade()?.close(CloseReason::Normal);
+        Some(ended)
     }
 }
 
 impl ClientIds {
+    /// Whether another connection took `id` over from the one whose queue was `queue`
+    /// (still open or not).
+    pub fn replaced(&self, id: &str, queue: &std::sync::Weak<ConnQueue>) -> bool {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(id).is_some_and(|(w, _)| !w.ptr_eq(queue))
+    }
+
     /// Whether `queue`'s connection still holds `id` (no other connection took it over).
     pub fn holds(&self, id: &str, queue: &Arc<ConnQueue>) -> bool {
         let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(id).and_then(|w| w.upgrade()).is_some_and(|q| Arc::ptr_eq(&q, queue))
+        m.get(id).and_then(|(w, _)| w.upgrade()).is_some_and(|q| Arc::ptr_eq(&q, queue))
     }
 }

@@ -93,10 +93,25 @@ pub struct Publish {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscribe {
     pub packet_id: u16,
-    /// Topic filter and requested QoS (0–2).
-    pub filters: Vec<(String, u8)>,
+    /// Topic filters and their options.
+    pub filters: Vec<(String, Options)>,
     /// MQTT 5 user property `token`: a subscription token for the channels.
     pub token: Option<String>,
+    /// MQTT 5 subscription identifier (1 to 268,435,455), sent back with every PUBLISH
+    /// these subscriptions match.
+    pub id: Option<u32>,
+}
+
+/// A SUBSCRIBE filter's options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Options {
+    /// The QoS asked (0–2).
+    pub qos: u8,
+    /// MQTT 5 Retain Handling: 0 the retained message on subscribing, 1 only when the
+    /// subscription is new, 2 none.
+    pub retain_handling: u8,
+    /// MQTT 5 No Local: not the client's own publications.
+    pub no_local: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,6 +233,7 @@ struct Props {
     will_delay: Option<u32>,
     /// A user property `token`: a subscription token, as the WebSocket commands take.
     token: Option<String>,
+    subscription_id: Option<u32>,
 }
 
 fn properties(r: &mut Reader<'_>) -> Result<Props, Error> {
@@ -243,11 +259,8 @@ fn properties(r: &mut Reader<'_>) -> Result<Props, Error> {
             }
             0x22 => out.topic_alias_maximum = Some(p.u16()?),
             0x23 => {
-                let v = p.u16()?;
-                if v == 0 {
-                    return Err(Error::Protocol("topic alias 0"));
-                }
-                out.topic_alias = Some(v);
+                // (0 is refused with 0x94 Topic Alias invalid, as one past the maximum.)
+                out.topic_alias = Some(p.u16()?);
             }
             0x27 => {
                 let v = p.u32()?;
@@ -263,7 +276,11 @@ fn properties(r: &mut Reader<'_>) -> Result<Props, Error> {
                 p.binary()?;
             }
             0x0B => {
-                p.varint()?;
+                let v = p.varint()?;
+                if v == 0 {
+                    return Err(Error::Protocol("subscription identifier 0"));
+                }
+                out.subscription_id = Some(v as u32);
             }
             0x26 => {
                 let (k, v) = (p.string()?, p.string()?);
@@ -312,16 +329,12 @@ pub fn decode(buf: &[u8], version: Option<Version>, max_packet: usize) -> Result
                 return Err(Error::Malformed("DUP on a QoS 0 PUBLISH"));
             }
             let topic = r.string()?;
-            let packet_id = if qos > 0 {
-                let id = r.u16()?;
-                if id == 0 {
-                    return Err(Error::Malformed("packet identifier 0"));
-                }
-                Some(id)
-            } else {
-                None
-            };
+            let packet_id = if qos > 0 { Some(nonzero(r.u16()?)?) } else { None };
             let props = if v5 { properties(&mut r)? } else { Props::default() };
+            if props.subscription_id.is_some() {
+                // MQTT-3.3.4-6: only the server puts subscription identifiers in a PUBLISH.
+                return Err(Error::Protocol("a subscription identifier in a client's PUBLISH"));
+            }
             Packet::Publish(Publish {
                 dup,
                 qos,
@@ -358,7 +371,7 @@ pub fn decode(buf: &[u8], version: Option<Version>, max_packet: usize) -> Result
             if flags != 2 {
                 return Err(Error::Malformed("SUBSCRIBE flags must be 0010"));
             }
-            let packet_id = r.u16()?;
+            let packet_id = nonzero(r.u16()?)?;
             let props = if v5 { properties(&mut r)? } else { Props::default() };
             let mut filters = Vec::new();
             while r.left() > 0 {
@@ -368,18 +381,25 @@ pub fn decode(buf: &[u8], version: Option<Version>, max_packet: usize) -> Result
                 if opts & reserved != 0 || opts & 3 == 3 {
                     return Err(Error::Malformed("bad subscription options"));
                 }
-                filters.push((f, opts & 3));
+                let o = Options { qos: opts & 3, retain_handling: (opts >> 4) & 3, no_local: opts & 4 != 0 };
+                if o.retain_handling == 3 {
+                    return Err(Error::Protocol("Retain Handling 3"));
+                }
+                if o.no_local && f.starts_with("$share/") {
+                    return Err(Error::Protocol("No Local on a shared subscription"));
+                }
+                filters.push((f, o));
             }
             if filters.is_empty() {
                 return Err(Error::Protocol("SUBSCRIBE without a topic filter"));
             }
-            Packet::Subscribe(Subscribe { packet_id, filters, token: props.token })
+            Packet::Subscribe(Subscribe { packet_id, filters, token: props.token, id: props.subscription_id })
         }
         (10, Some(_)) => {
             if flags != 2 {
                 return Err(Error::Malformed("UNSUBSCRIBE flags must be 0010"));
             }
-            let packet_id = r.u16()?;
+            let packet_id = nonzero(r.u16()?)?;
             if v5 {
                 properties(&mut r)?;
             }
@@ -407,6 +427,14 @@ pub fn decode(buf: &[u8], version: Option<Version>, max_packet: usize) -> Result
         return Err(Error::Malformed("bytes after the packet's end"));
     }
     Ok(Some((packet, total)))
+}
+
+/// A packet identifier, which is never 0 (MQTT-2.3.1-1).
+fn nonzero(id: u16) -> Result<u16, Error> {
+    if id == 0 {
+        return Err(Error::Malformed("packet identifier 0"));
+    }
+    Ok(id)
 }
 
 fn connect(r: &mut Reader<'_>) -> Result<Connect, Error> {
@@ -524,13 +552,12 @@ pub fn connack(version: Version, session_present: bool, code: u8, props: &Server
             }
             p.put_u8(0x22);
             p.put_u16(props.topic_alias_maximum);
-            // Shared subscriptions yes; subscription identifiers not yet: said, so
-            // clients do not rely on them. (Retained messages are a channel's latest
-            // publication.)
+            // Shared subscriptions and subscription identifiers: available (the default,
+            // said anyway). Retained messages are a channel's latest publication.
             p.put_u8(0x2A);
             p.put_u8(1);
             p.put_u8(0x29);
-            p.put_u8(0);
+            p.put_u8(1);
             if let Some(r) = props.reason {
                 let mut end = r.len().min(200);
                 while !r.is_char_boundary(end) {
@@ -546,30 +573,44 @@ pub fn connack(version: Version, session_present: bool, code: u8, props: &Server
     packet(0x20, &b)
 }
 
-/// A server PUBLISH (DUP: a retransmission of an unacknowledged one, same packet id).
-pub fn publish(version: Version, topic: &str, payload: &[u8], qos: u8, packet_id: u16, retain: bool) -> Bytes {
-    publish_dup(version, topic, payload, qos, packet_id, retain, false)
+/// A server PUBLISH, QoS 0 without identifiers.
+pub fn publish(version: Version, topic: &str, payload: &[u8], retain: bool) -> Bytes {
+    Outgoing { topic, payload, qos: 0, packet_id: 0, retain, dup: false, subscription_ids: &[] }.encode(version)
 }
 
-pub fn publish_dup(
-    version: Version,
-    topic: &str,
-    payload: &[u8],
-    qos: u8,
-    packet_id: u16,
-    retain: bool,
-    dup: bool,
-) -> Bytes {
-    let mut b = BytesMut::with_capacity(topic.len() + payload.len() + 8);
-    put_str(&mut b, topic);
-    if qos > 0 {
-        b.put_u16(packet_id);
+/// A server PUBLISH.
+pub struct Outgoing<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    pub qos: u8,
+    /// For QoS 1 and 2.
+    pub packet_id: u16,
+    pub retain: bool,
+    /// A retransmission of an unacknowledged one, with the same packet id.
+    pub dup: bool,
+    /// MQTT 5: the identifiers of the subscriptions it matches.
+    pub subscription_ids: &'a [u32],
+}
+
+impl Outgoing<'_> {
+    pub fn encode(&self, version: Version) -> Bytes {
+        let mut b = BytesMut::with_capacity(self.topic.len() + self.payload.len() + 8);
+        put_str(&mut b, self.topic);
+        if self.qos > 0 {
+            b.put_u16(self.packet_id);
+        }
+        if version == Version::V5 {
+            let mut p = BytesMut::new();
+            for id in self.subscription_ids {
+                p.put_u8(0x0B);
+                put_varint(&mut p, *id as usize);
+            }
+            put_varint(&mut b, p.len());
+            b.put_slice(&p);
+        }
+        b.put_slice(self.payload);
+        packet(0x30 | if self.dup { 0x08 } else { 0 } | (self.qos << 1) | self.retain as u8, &b)
     }
-    if version == Version::V5 {
-        b.put_u8(0); // no properties
-    }
-    b.put_slice(payload);
-    packet(0x30 | if dup { 0x08 } else { 0 } | (qos << 1) | retain as u8, &b)
 }
 
 fn reason_string(out: &mut BytesMut, text: &str) {
@@ -672,7 +713,16 @@ mod tests {
     #[test]
     fn publish_round_trips_and_rejects_bad_flags() {
         for v in [Version::V311, Version::V5] {
-            let b = publish(v, "a/b", b"hello", 1, 7, true);
+            let out = Outgoing {
+                topic: "a/b",
+                payload: b"hello",
+                qos: 1,
+                packet_id: 7,
+                retain: true,
+                dup: false,
+                subscription_ids: &[],
+            };
+            let b = out.encode(v);
             let (p, n) = decode(&b, Some(v), 1024).unwrap().unwrap();
             assert_eq!(n, b.len());
             let Packet::Publish(p) = p else { panic!() };
@@ -691,10 +741,43 @@ mod tests {
     fn subscribe_needs_its_flags_and_a_filter() {
         let ok = [0x82, 6, 0, 1, 0, 1, b'x', 1];
         let Packet::Subscribe(s) = decode(&ok, Some(Version::V311), 1024).unwrap().unwrap().0 else { panic!() };
-        assert_eq!(s.filters, vec![("x".to_string(), 1)]);
+        assert_eq!(s.filters, vec![("x".to_string(), Options { qos: 1, ..Options::default() })]);
         assert!(decode(&[0x80, 6, 0, 1, 0, 1, b'x', 1], Some(Version::V311), 1024).is_err());
         assert!(decode(&[0x82, 2, 0, 1], Some(Version::V311), 1024).is_err());
         // The first packet must be CONNECT.
         assert_eq!(decode(&ok, None, 1024), Err(Error::Protocol("the first packet must be CONNECT")));
+        // Packet id 0.
+        assert!(decode(&[0x82, 6, 0, 0, 0, 1, b'x', 1], Some(Version::V311), 1024).is_err());
+    }
+
+    #[test]
+    fn mqtt5_subscription_options_and_identifiers() {
+        // Packet id 1, properties: subscription identifier 300 (varint 0xAC 0x02); filter
+        // "x" with QoS 1, No Local, Retain Handling 2.
+        let b = [0x82, 10, 0, 1, 3, 0x0B, 0xAC, 0x02, 0, 1, b'x', 0x25];
+        let Packet::Subscribe(s) = decode(&b, Some(Version::V5), 1024).unwrap().unwrap().0 else { panic!() };
+        assert_eq!(s.id, Some(300));
+        assert_eq!(s.filters, vec![("x".to_string(), Options { qos: 1, retain_handling: 2, no_local: true })]);
+        // Identifier 0, Retain Handling 3, No Local on a shared subscription: refused.
+        assert!(decode(&[0x82, 9, 0, 1, 2, 0x0B, 0, 0, 1, b'x', 0], Some(Version::V5), 1024).is_err());
+        assert!(decode(&[0x82, 7, 0, 1, 0, 0, 1, b'x', 0x30], Some(Version::V5), 1024).is_err());
+        let shared = b"$share/g/x";
+        let mut b = vec![0x82, 6 + shared.len() as u8, 0, 1, 0, 0, shared.len() as u8];
+        b.extend_from_slice(shared);
+        b.push(0x04);
+        assert!(decode(&b, Some(Version::V5), 1024).is_err());
+        // A client's PUBLISH with a subscription identifier is a protocol error.
+        assert!(decode(&[0x30, 7, 0, 1, b'x', 2, 0x0B, 1, b'p'], Some(Version::V5), 1024).is_err());
+        // Going out: every identifier, and the payload after them.
+        let out = Outgoing {
+            topic: "x",
+            payload: b"p",
+            qos: 0,
+            packet_id: 0,
+            retain: false,
+            dup: false,
+            subscription_ids: &[7, 300],
+        };
+        assert_eq!(&out.encode(Version::V5)[..], &[0x30, 10, 0, 1, b'x', 5, 0x0B, 7, 0x0B, 0xAC, 0x02, b'p']);
     }
 }

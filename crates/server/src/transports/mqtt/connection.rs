@@ -40,6 +40,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TOPIC_ALIASES: u16 = 16;
 /// QoS 2 publications a client may have between PUBREC and PUBREL (its receive maximum).
 const RECEIVE_MAXIMUM: u16 = 64;
+/// How long a connection taking a client id over waits for the old connection to keep
+/// its session.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(5);
+/// A client's own publications remembered for No Local: more than its queue can hold
+/// between two reads.
+const OWN_REMEMBERED: usize = 1024;
 /// QoS 1 and 2 publications in flight to an MQTT 3.1.1 client (MQTT 5 clients say theirs).
 const OUTGOING_WINDOW_V311: usize = 32;
 
@@ -75,6 +81,8 @@ enum Target {
 
 struct Conn {
     session: Session<MqttWire>,
+    /// Set once this connection has kept its session at the end (for one taking over).
+    ended: tokio::sync::watch::Sender<bool>,
     version: Version,
     client_id: String,
     tcp: Io,
@@ -86,6 +94,8 @@ struct Conn {
     /// Per channel subscribed with a retained publication: the offset up to which what
     /// arrives is that retained publication (sent with the retain flag).
     retained: Vec<(ChannelName, u64)>,
+    /// Retained messages sent again for a repeated filter, on their way.
+    resent: Vec<std::sync::Arc<switchboard_core::Delivery>>,
     /// MQTT filter → the channel or pattern it subscribed.
     filters: HashMap<String, String>,
     /// `$share/…` filter → this connection's place in the group.
@@ -99,6 +109,14 @@ struct Conn {
     persist: Option<Duration>,
     /// The QoS granted to each subscribed channel or pattern.
     qos: HashMap<String, u8>,
+    /// MQTT 5 subscription identifiers, by the channel or pattern subscribed.
+    sub_ids: HashMap<String, u32>,
+    /// MQTT 5 No Local: the channels and patterns subscribed without this client's own
+    /// publications.
+    no_local: HashSet<String>,
+    /// This client's latest stored publications (channel, offset), while it has No Local
+    /// subscriptions: what they leave out.
+    own: std::collections::VecDeque<(ChannelName, u64)>,
     /// QoS 1 and 2 publications sent and not yet complete, in order.
     inflight: std::collections::VecDeque<Inflight>,
     /// From a resumed session: publications that were in flight when it was kept, by
@@ -153,10 +171,16 @@ pub async fn serve(mut tcp: Io, state: AppState, peer: SocketAddr, slot: impl Se
     conn.c.session.leave_all();
     if let (true, Some((will, resolved))) = (publish_will, will) {
         let state = state.clone();
+        let (client_id, queue) = (conn.c.client_id.clone(), std::sync::Arc::downgrade(&conn.c.session.queue));
         // (The will's delay runs after the connection is gone: no session outlives it.)
         tokio::spawn(async move {
             if will.delay_secs > 0 {
                 tokio::time::sleep(Duration::from_secs(will.delay_secs.min(86_400) as u64)).await;
+                // A new connection for the client id within the delay: no will
+                // (MQTT-3.1.3-9).
+                if state.mqtt_clients.replaced(&client_id, &queue) {
+                    return;
+                }
             }
             if let Some(data) = super::data_of(&will.payload) {
                 if let Err(e) = ops::publish_to(&state, &resolved, data, None, None).await {
@@ -299,8 +323,13 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
             }
         }
     };
-    // A new connection with a client id takes the id over (MQTT 3.1.4-3).
-    state.mqtt_clients.take_over(&client_id, &session.queue);
+    // A new connection with a client id takes the id over (MQTT-3.1.4-2): the old one
+    // is closed, and keeps its session as it ends — which this one waits for (bounded),
+    // so it resumes the session as the old connection left it.
+    let (ended, ended_rx) = tokio::sync::watch::channel(false);
+    if let Some(mut old) = state.mqtt_clients.take_over(&client_id, &session.queue, ended_rx) {
+        let _ = tokio::time::timeout(TAKE_OVER_WAIT, old.wait_for(|done| *done)).await;
+    }
     // Persistent sessions: 3.1.1's clean session 0 keeps one (for `mqtt.session_expiry_secs`),
     // MQTT 5's session expiry interval says for how long (at most that). Clean start
     // discards what was kept.
@@ -327,6 +356,7 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
     tracing::debug!(client = %client_id, ?version, "MQTT connected");
     Some(Accepted {
         c: Conn {
+            ended,
             session,
             version,
             client_id,
@@ -337,11 +367,15 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
             aliases: HashMap::new(),
             retained: Vec::new(),
             filters: HashMap::new(),
+            resent: Vec::new(),
             shared: HashMap::new(),
             keep_alive: connect.keep_alive,
             positions: HashMap::new(),
             persist: persist.map(Duration::from_secs),
             qos: HashMap::new(),
+            sub_ids: HashMap::new(),
+            no_local: HashSet::new(),
+            own: std::collections::VecDeque::new(),
             inflight: Default::default(),
             again: HashMap::new(),
             window: match version {
@@ -438,6 +472,12 @@ impl Conn {
                 Event::Publication(ref d) if matches!(d.publication.kind, Kind::Join | Kind::Leave) => {
                     self.held_bytes -= d.json().len();
                 }
+                Event::Publication(ref d) if self.is_own(d) => {
+                    // No Local: the client's own publication stays here; its session's
+                    // position moves past it all the same.
+                    self.held_bytes -= d.json().len();
+                    self.advance(&d.publication.channel, d.publication.position());
+                }
                 Event::Publication(ref d) => {
                     let qos = self.qos_for(&d.publication.channel);
                     if qos >= 1 && (self.inflight.len() >= self.window || !waiting.is_empty()) {
@@ -465,20 +505,40 @@ impl Conn {
                                 self.inflight.push_back(Inflight { id, qos, released: false, confirms });
                                 let topic = super::topic_of(&d.publication.channel);
                                 let payload = super::payload_of(&d.publication.data);
-                                codec::publish_dup(self.version, &topic, &payload, qos, id, retained, dup)
+                                let subscription_ids = &self.ids_for(&d.publication.channel);
+                                let out = codec::Outgoing {
+                                    topic: &topic,
+                                    payload: &payload,
+                                    qos,
+                                    packet_id: id,
+                                    retain: retained,
+                                    dup,
+                                    subscription_ids,
+                                };
+                                out.encode(self.version)
                             }
                         }
                     } else {
                         if stored {
-                            if let Some(p) = self.positions.get_mut(&d.publication.channel) {
-                                *p = d.publication.position();
-                            }
+                            self.advance(&d.publication.channel, d.publication.position());
                         }
-                        if retained {
-                            encode(self.version, d, true)
+                        let ids = self.ids_for(&d.publication.channel);
+                        if retained || !ids.is_empty() {
+                            let topic = super::topic_of(&d.publication.channel);
+                            let payload = super::payload_of(&d.publication.data);
+                            let out = codec::Outgoing {
+                                topic: &topic,
+                                payload: &payload,
+                                qos: 0,
+                                packet_id: 0,
+                                retain: retained,
+                                dup: false,
+                                subscription_ids: &ids,
+                            };
+                            out.encode(self.version)
                         } else {
                             let slot = if self.version == Version::V5 { SLOT_V5 } else { SLOT_V311 };
-                            d.encoded(slot, |d| encode(self.version, d, false))
+                            d.encoded(slot, |d| encode(self.version, d))
                         }
                     };
                     if p.len() <= self.max_packet {
@@ -540,6 +600,28 @@ impl Conn {
         }
     }
 
+    /// The identifiers of the subscriptions a publication on `channel` matches (MQTT 5).
+    fn ids_for(&self, channel: &ChannelName) -> Vec<u32> {
+        if self.sub_ids.is_empty() {
+            return Vec::new();
+        }
+        let mut ids: Vec<u32> =
+            self.sub_ids.iter().filter(|(name, _)| matches(name, channel)).map(|(_, id)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Whether `d` is this client's own publication and every subscription it matches
+    /// asked for No Local (MQTT 5).
+    fn is_own(&self, d: &switchboard_core::Delivery) -> bool {
+        let p = &d.publication;
+        !self.no_local.is_empty()
+            && p.is_stored()
+            && self.own.iter().any(|(c, o)| *o == p.offset && *c == p.channel)
+            && self.qos.keys().filter(|name| matches(name, &p.channel)).all(|name| self.no_local.contains(name))
+    }
+
     /// PUBREC for an outgoing QoS 2 publication: PUBREL, and it waits for PUBCOMP.
     fn received(&mut self, id: u16) {
         if let Some(f) = self.inflight.iter_mut().find(|f| f.id == id && f.qos == 2) {
@@ -554,16 +636,26 @@ impl Conn {
         let Some(i) = self.inflight.iter().position(|f| f.id == id && f.qos == qos) else { return };
         let Some(f) = self.inflight.remove(i) else { return };
         if let Some((channel, position)) = f.confirms {
-            if let Some(p) = self.positions.get_mut(&channel) {
-                if p.epoch != position.epoch || p.offset < position.offset {
-                    *p = position;
-                }
+            self.advance(&channel, position);
+        }
+    }
+
+    /// The session's position on `channel` moves to `position` — forward only (a
+    /// retained message sent again is behind it), or into a new epoch.
+    fn advance(&mut self, channel: &ChannelName, position: switchboard_core::StreamPosition) {
+        if let Some(p) = self.positions.get_mut(channel) {
+            if p.epoch != position.epoch || p.offset < position.offset {
+                *p = position;
             }
         }
     }
 
     /// Whether `d` is the retained publication of a channel just subscribed to.
     fn take_retained(&mut self, d: &switchboard_core::Delivery) -> bool {
+        if let Some(i) = self.resent.iter().position(|r| std::ptr::eq(&**r, d)) {
+            self.resent.swap_remove(i);
+            return true;
+        }
         let ch = &d.publication.channel;
         match self.retained.iter().position(|(c, _)| c == ch) {
             Some(i) => {
@@ -639,6 +731,8 @@ impl Conn {
                         Some(ch) => {
                             self.session.unsubscribe(&ch);
                             self.qos.remove(&ch);
+                            self.sub_ids.remove(&ch);
+                            self.no_local.remove(&ch);
                             if let Ok(c) = ChannelName::parse(&ch) {
                                 self.positions.remove(&c);
                             }
@@ -664,14 +758,21 @@ impl Conn {
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut why = String::new();
         let mut todo = Vec::new();
+        let mut resend = Vec::new();
         let max = self.session.state.config.ws.max_subscriptions;
-        for (filter, asked) in &s.filters {
-            let granted = *asked;
+        for (filter, options) in &s.filters {
+            let granted = options.qos;
             match self.check_filter(filter, s.token.clone()) {
                 Ok(None) => {
-                    // A repeated filter: the subscription stands, with the new QoS.
-                    if let Some(name) = self.filters.get(filter) {
+                    // A repeated filter replaces the subscription: the new QoS and
+                    // options, and its retained message again (MQTT-3.8.4-3; MQTT 5 with
+                    // Retain Handling 0) — without interrupting it.
+                    if let Some(name) = self.filters.get(filter).cloned() {
                         self.qos.insert(name.clone(), granted);
+                        self.set_options(name.clone(), s.id, options.no_local);
+                        if options.retain_handling == 0 {
+                            resend.push(name);
+                        }
                     }
                     codes.push(granted)
                 }
@@ -684,7 +785,7 @@ impl Conn {
                 }
                 Ok(Some(t)) => {
                     codes.push(granted);
-                    todo.push((filter.clone(), t, granted));
+                    todo.push((filter.clone(), t, *options));
                 }
                 Err((code, e)) => {
                     tracing::debug!(client = %self.client_id, filter, "MQTT subscribe refused: {}", e.message);
@@ -697,7 +798,11 @@ impl Conn {
             }
         }
         self.send(codec::sub_ack(self.version, 9, s.packet_id, &codes, &why));
-        for (filter, target, granted) in todo {
+        for name in resend {
+            self.resend_retained(&name).await;
+        }
+        for (filter, target, options) in todo {
+            let granted = options.qos;
             let name = match &target {
                 Target::Channel(r) | Target::Shared(_, super::shared::Target::Channel(r)) => r.channel.to_string(),
                 Target::Pattern(p) | Target::Shared(_, super::shared::Target::Pattern(p)) => p.pattern.to_string(),
@@ -706,7 +811,8 @@ impl Conn {
                 Target::Shared(group, t) => {
                     match super::shared::join(&self.session.state, &group, t, &self.session.queue).await {
                         Ok(m) => {
-                            self.qos.insert(name, granted);
+                            self.qos.insert(name.clone(), granted);
+                            self.set_options(name, s.id, false);
                             self.shared.insert(filter, m);
                             continue;
                         }
@@ -715,8 +821,11 @@ impl Conn {
                 }
                 Target::Pattern(p) => self.session.subscribe_pattern(p).await,
                 Target::Channel(resolved) => {
-                    // The channel's latest publication is its retained message.
-                    let rewind = (resolved.options.keeps_history() && resolved.options.history_size > 0).then_some(1);
+                    // The channel's latest publication is its retained message — unless
+                    // MQTT 5's Retain Handling 2 asks for none. (Handling 1, "only for a
+                    // new subscription", is 0 here: a repeated filter never comes here.)
+                    let keeps = resolved.options.keeps_history() && resolved.options.history_size > 0;
+                    let rewind = (keeps && options.retain_handling != 2).then_some(1);
                     let channel = resolved.channel.clone();
                     self.subscribe_channel(resolved, None, rewind).await.map(|o| {
                         // (With a rewind the position is just before the replay.)
@@ -730,13 +839,31 @@ impl Conn {
                 }
             };
             match r {
-                Ok(()) => self.subscribed(filter, name, granted),
+                Ok(()) => self.subscribed(filter, name, granted, s.id, options.no_local),
                 Err(e) => {
                     return Some(End::Protocol(0x80, format!("{}: subscribe failed: {}", e.code.as_str(), e.message)))
                 }
             }
         }
         None
+    }
+
+    /// Sends a subscribed channel's retained message (its latest publication) again, with
+    /// the retain flag: queued behind what is already on its way.
+    async fn resend_retained(&mut self, name: &str) {
+        let Ok(channel) = ChannelName::parse(name) else { return };
+        let Some(resolved) = self.session.gated(Operation::Subscribe, name, None).ok() else { return };
+        if !resolved.options.keeps_history() || resolved.options.history_size == 0 {
+            return;
+        }
+        let req = switchboard_core::broker::HistoryRequest { since: None, limit: Some(1), latest: true };
+        let Ok(h) = self.session.state.hub.broker().history(&channel, req).await else { return };
+        if let Some(d) = h.publications.into_iter().next_back() {
+            // A copy of its own, told apart from the same publication arriving live.
+            let copy = switchboard_core::Delivery::new(d.publication.clone());
+            self.resent.push(copy.clone());
+            let _ = self.session.queue.push(Event::Publication(copy));
+        }
     }
 
     /// Subscribes this connection to a channel (through the session: presence, the
@@ -758,10 +885,25 @@ impl Conn {
         Ok(outcome.expect("a successful subscribe has an outcome"))
     }
 
-    /// Records a subscription made: its filter, its channel or pattern, its QoS.
-    fn subscribed(&mut self, filter: String, name: String, qos: u8) {
+    /// Records a subscription made: its filter, its channel or pattern, its QoS and
+    /// identifier.
+    fn subscribed(&mut self, filter: String, name: String, qos: u8, id: Option<u32>, no_local: bool) {
         self.qos.insert(name.clone(), qos);
+        self.set_options(name.clone(), id, no_local);
         self.filters.insert(filter, name);
+    }
+
+    /// A subscription's MQTT 5 options: its identifier, No Local.
+    fn set_options(&mut self, name: String, id: Option<u32>, no_local: bool) {
+        if no_local {
+            self.no_local.insert(name.clone());
+        } else {
+            self.no_local.remove(&name);
+        }
+        match id {
+            Some(id) => self.sub_ids.insert(name, id),
+            None => self.sub_ids.remove(&name),
+        };
     }
 
     /// Resumes a kept session: its subscriptions again, each channel from where this
@@ -795,7 +937,7 @@ impl Conn {
                 }
             };
             match r {
-                Ok(()) => self.subscribed(sub.filter, sub.name, sub.qos),
+                Ok(()) => self.subscribed(sub.filter, sub.name, sub.qos, sub.id, sub.no_local),
                 Err(e) => {
                     tracing::debug!(client = %self.client_id, filter = %sub.filter, "MQTT session: not resubscribed: {}", e.message);
                 }
@@ -807,10 +949,15 @@ impl Conn {
     /// Keeps this session for the next connection with its client id, when it asked
     /// for that — unless another connection took the id over meanwhile.
     async fn keep_session(&mut self) {
-        let Some(expiry) = self.persist else { return };
-        if !self.session.state.mqtt_clients.holds(&self.client_id, &self.session.queue) {
-            return;
+        // Only while this connection holds its client id: once another took it over,
+        // only the last word below keeps it (the new connection waits for that).
+        if self.session.state.mqtt_clients.holds(&self.client_id, &self.session.queue) {
+            self.save_session().await;
         }
+    }
+
+    async fn save_session(&mut self) {
+        let Some(expiry) = self.persist else { return };
         let subs = self
             .filters
             .iter()
@@ -818,6 +965,8 @@ impl Conn {
                 filter: filter.clone(),
                 name: name.clone(),
                 qos: self.qos.get(name).copied().unwrap_or(0),
+                id: self.sub_ids.get(name).copied(),
+                no_local: self.no_local.contains(name),
                 position: ChannelName::parse(name).ok().and_then(|c| self.positions.get(&c).cloned()),
             })
             .collect();
@@ -874,7 +1023,9 @@ impl Conn {
         let v = self.version;
         // Topic aliases (MQTT 5): a topic with an alias defines it, an empty one uses it.
         let topic = match (p.topic_alias, p.topic.is_empty()) {
-            (Some(a), _) if a > TOPIC_ALIASES => return Some(End::Protocol(0x94, "topic alias out of range".into())),
+            (Some(a), _) if a == 0 || a > TOPIC_ALIASES => {
+                return Some(End::Protocol(0x94, format!("topic alias {a}: this server takes 1 to {TOPIC_ALIASES}")))
+            }
             (Some(a), false) => {
                 self.aliases.insert(a, p.topic.clone());
                 p.topic.clone()
@@ -933,15 +1084,30 @@ impl Conn {
         // packet id keys an idempotent publish.
         let key = (p.qos == 2).then(|| format!("mqtt:{}:{}", self.client_id, p.packet_id.unwrap_or(0)));
         let volatile = (p.qos == 0 && resolved.options.volatile).then_some(true);
-        ops::publish_to(&self.session.state, &resolved, data, volatile, key).await.map(|_| ())
+        let channel = resolved.channel.clone();
+        let answer = ops::publish_to(&self.session.state, &resolved, data, volatile, key).await?;
+        if !self.no_local.is_empty() {
+            // Remembered for No Local (its delivery is in this connection's queue, read
+            // after this packet).
+            let offset = serde_json::from_str::<serde_json::Value>(&answer).ok().and_then(|v| v["offset"].as_u64());
+            if let Some(offset) = offset {
+                if self.own.len() >= OWN_REMEMBERED {
+                    self.own.pop_front();
+                }
+                self.own.push_back((channel, offset));
+            }
+        }
+        Ok(())
     }
 
     /// The last word: MQTT 5 gets a DISCONNECT saying why the server ends it.
     async fn goodbye(&mut self, end: &End) {
         let _ = self.write_queued().await;
         // Kept before the socket closes: a client that reconnects as soon as it sees the
-        // close finds its session.
-        self.keep_session().await;
+        // close finds its session — and a connection that took this one over, which
+        // waits for `ended`, resumes it from here.
+        self.save_session().await;
+        let _ = self.ended.send(true);
         if self.version == Version::V5 {
             let (code, text) = match end {
                 End::Protocol(code, text) => (*code, text.as_str()),
@@ -991,8 +1157,15 @@ fn reason_for(version: Version, e: &ApiError) -> u8 {
     }
 }
 
-/// A PUBLISH for a delivery (QoS 0).
-fn encode(version: Version, d: &switchboard_core::Delivery, retain: bool) -> Bytes {
+/// The PUBLISH every QoS 0 subscriber of `d` without identifiers gets, not retained.
+fn encode(version: Version, d: &switchboard_core::Delivery) -> Bytes {
     let topic = super::topic_of(&d.publication.channel);
-    codec::publish(version, &topic, &super::payload_of(&d.publication.data), 0, 0, retain)
+    codec::publish(version, &topic, &super::payload_of(&d.publication.data), false)
+}
+
+/// Whether a subscribed channel or pattern `name` takes publications on `channel`.
+fn matches(name: &str, channel: &ChannelName) -> bool {
+    name == channel.as_str()
+        || (switchboard_core::pattern::is_pattern(name)
+            && switchboard_core::pattern::Pattern::parse(name).is_ok_and(|p| p.matches(channel)))
 }

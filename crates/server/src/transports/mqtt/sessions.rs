@@ -20,6 +20,10 @@ pub struct KeptSub {
     pub name: String,
     /// The QoS granted.
     pub qos: u8,
+    /// The MQTT 5 subscription identifier.
+    pub id: Option<u32>,
+    /// MQTT 5 No Local.
+    pub no_local: bool,
     /// Where the client stood on the channel: the last publication written (QoS 0) or
     /// acknowledged (QoS 1). None for patterns: they are live-only.
     pub position: Option<StreamPosition>,
@@ -39,7 +43,7 @@ impl Kept {
             .subs
             .iter()
             .map(|s| {
-                json!({"filter": s.filter, "name": s.name, "qos": s.qos,
+                json!({"filter": s.filter, "name": s.name, "qos": s.qos, "id": s.id, "no_local": s.no_local,
                     "position": s.position.as_ref().map(|p| format!("{}:{}", p.epoch, p.offset))})
             })
             .collect();
@@ -56,6 +60,8 @@ impl Kept {
                     filter: s["filter"].as_str()?.to_string(),
                     name: s["name"].as_str()?.to_string(),
                     qos: s["qos"].as_u64().unwrap_or(0).min(2) as u8,
+                    id: s["id"].as_u64().and_then(|i| u32::try_from(i).ok()),
+                    no_local: s["no_local"].as_bool().unwrap_or(false),
                     position: s["position"].as_str().and_then(|p| crate::cursor::parse_position(p).ok()),
                 })
             })

@@ -36,14 +36,13 @@ fn upgrade(state: AppState, req: &mut Request) -> Result<Response, ApiError> {
     if !token(header::UPGRADE, "websocket") || !token(header::CONNECTION, "upgrade") {
         return Err(ApiError::new(Code::UpgradeRequired, "this endpoint speaks MQTT over WebSocket: send an Upgrade"));
     }
-    let key = headers.get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::trim).unwrap_or("");
-    if headers.get("sec-websocket-version").and_then(|v| v.to_str().ok()) != Some("13") || key.is_empty() {
-        return Err(ApiError::new(Code::UpgradeRequired, "a WebSocket version 13 handshake with a key is required"));
+    if headers.get("sec-websocket-version").and_then(|v| v.to_str().ok()) != Some("13") {
+        return Err(ApiError::new(Code::UpgradeRequired, "unsupported Sec-WebSocket-Version; this server speaks 13"));
     }
+    let accept = crate::transports::ws::accept_for(headers)?;
     let Some(protocol) = SUBPROTOCOLS.iter().find(|p| token(header::SEC_WEBSOCKET_PROTOCOL, p)) else {
         return Err(ApiError::new(Code::InvalidRequest, "offer the WebSocket subprotocol `mqtt`"));
     };
-    let accept = crate::transports::ws::accept_key(key);
     let slot = crate::transports::admit(&state, headers, req.extensions())?;
     let peer =
         req.extensions().get::<crate::limits::PeerAddr>().map(|p| p.0).unwrap_or_else(|| ([0, 0, 0, 0], 0).into());

@@ -46,6 +46,16 @@ pub fn accept_key(key: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes())
 }
 
+/// `Sec-WebSocket-Accept` for the request's `Sec-WebSocket-Key`, which must be the base64
+/// of 16 bytes (RFC 6455 §4.2.1).
+pub(crate) fn accept_for(headers: &axum::http::HeaderMap) -> Result<String, ApiError> {
+    let key = headers.get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::trim).unwrap_or("");
+    if !base64::engine::general_purpose::STANDARD.decode(key).is_ok_and(|k| k.len() == 16) {
+        return Err(ApiError::new(Code::InvalidRequest, "missing or malformed Sec-WebSocket-Key"));
+    }
+    Ok(accept_key(key))
+}
+
 pub async fn handler(State(state): State<AppState>, RawQuery(raw): RawQuery, mut req: Request) -> Response {
     respond(upgrade(state, raw, &mut req, false))
 }
@@ -93,16 +103,7 @@ fn upgrade(state: AppState, raw: Option<String>, req: &mut Request, echo: bool) 
     if headers.get("sec-websocket-version").and_then(|v| v.to_str().ok()) != Some("13") {
         return Err(ApiError::new(Code::UpgradeRequired, "unsupported Sec-WebSocket-Version; this server speaks 13"));
     }
-    let accept = if over_h2 {
-        None
-    } else {
-        let key = headers.get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::trim).unwrap_or("");
-        let key_ok = base64::engine::general_purpose::STANDARD.decode(key).is_ok_and(|k| k.len() == 16);
-        if !key_ok {
-            return Err(ApiError::new(Code::InvalidRequest, "missing or malformed Sec-WebSocket-Key"));
-        }
-        Some(accept_key(key))
-    };
+    let accept = if over_h2 { None } else { Some(accept_for(headers)?) };
     let deflate = state.config.ws.deflate
         && deflate::negotiate(headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()));
     // The same door as every streaming connection: origin, draining, rate and caps.
