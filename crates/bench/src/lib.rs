@@ -89,6 +89,12 @@ struct Common {
     /// Also print the summary as one `JSON {…}` line, for machines.
     #[arg(long)]
     json: bool,
+    /// MQTT (`mqtt://` URLs): the QoS of subscriptions and publications, 0 or 1.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
+    /// `fanout`: publisher connections, the rate shared among them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    publishers: u64,
     /// Seconds to wait for deliveries (and reconnects) to arrive before counting what is
     /// missing as lost. Raise it on a loaded machine: it bounds a wait, it times nothing.
     #[arg(long, default_value_t = 10)]
@@ -290,7 +296,8 @@ fn target(c: &Common, channel: &str) -> Result<Target, String> {
     if let Some(url) = &c.subscribe_url {
         let (addr, path, kind) = wsconn::parse_url(url)?;
         let path = path.replace("$CHANNEL", channel);
-        return Ok(Target { addr, path, kind, first_frame: c.first_frame.clone(), ready: None, tls: None });
+        let first_frame = c.first_frame.clone();
+        return Ok(Target { addr, path, kind, first_frame, ready: None, tls: None, qos: c.qos });
     }
     if !c.server.ip().is_loopback() {
         return Err(format!("{}: benchmarks only target loopback addresses", c.server));
@@ -308,7 +315,7 @@ fn target(c: &Common, channel: &str) -> Result<Target, String> {
         }
         None => None,
     };
-    Ok(Target { addr: c.server, path, kind, first_frame: None, ready, tls })
+    Ok(Target { addr: c.server, path, kind, first_frame: None, ready, tls, qos: 0 })
 }
 
 async fn publisher(c: &Common, channel: &str) -> Result<Publisher, String> {
@@ -317,7 +324,7 @@ async fn publisher(c: &Common, channel: &str) -> Result<Publisher, String> {
             let (addr, path, kind) = wsconn::parse_url(u)?;
             if kind == Kind::Mqtt {
                 let topic = path.replace("$CHANNEL", channel);
-                return Publisher::connect_mqtt(addr, &topic).await.map_err(|e| format!("publisher: {e}"));
+                return Publisher::connect_mqtt(addr, &topic, c.qos).await.map_err(|e| format!("publisher: {e}"));
             }
             (addr, path)
         }
@@ -471,10 +478,22 @@ async fn fanout(c: Common, subscribers: usize, rate: u64, duration: u64, payload
     let stop = Arc::new(AtomicBool::new(false));
     let prog = progress(stats.clone(), stop.clone());
     let started = Instant::now();
-    let pubs = tokio::spawn(publish_loop(publisher(&c, &c.channel).await?, rate, payload, stop.clone(), false));
+    let mut pubs = Vec::new();
+    for i in 0..c.publishers {
+        // The rate shared: the first ones take the remainder (0 stays flat out).
+        let share = rate / c.publishers + u64::from(i < rate % c.publishers);
+        if rate > 0 && share == 0 {
+            continue;
+        }
+        let p = publisher(&c, &c.channel).await?;
+        pubs.push(tokio::spawn(publish_loop(p, share, payload, stop.clone(), false)));
+    }
     tokio::time::sleep(Duration::from_secs(duration)).await;
     stop.store(true, Ordering::Relaxed);
-    let sent = pubs.await.map_err(|e| e.to_string())??;
+    let mut sent = 0;
+    for p in pubs {
+        sent += p.await.map_err(|e| e.to_string())??;
+    }
     let expected = sent * n;
     wait_for(&stats, base, expected, c.settle()).await;
     let elapsed = started.elapsed();
