@@ -1,6 +1,6 @@
 // Type declarations for the Switchboard JavaScript client (switchboard.js).
 
-export type TransportName = 'websocket' | 'sse' | 'longpoll';
+export type TransportName = 'webtransport' | 'websocket' | 'sse' | 'longpoll';
 
 export interface Publication<T = unknown> {
   channel: string;
@@ -10,6 +10,8 @@ export interface Publication<T = unknown> {
   time: number;
   data: T;
   volatile?: boolean;
+  /** It arrived as a WebTransport datagram (a `datagrams` subscription). */
+  datagram?: boolean;
 }
 
 export interface PresenceMember {
@@ -41,8 +43,20 @@ export interface SwitchboardOptions {
   token?: string;
   /** Called for a token before connecting, before expiry and after auth errors. */
   getToken?: () => string | Promise<string>;
-  /** Transports to try, in order, on every (re)connect. */
+  /** Transports to try, in order, on every (re)connect (default: webtransport,
+   *  websocket, sse, longpoll — those the runtime has). */
   transports?: TransportName[];
+  /** WebTransport session URL (default: `https://<host>/wt?protocol=switchboard.v1`, the
+   *  HTTP port's number over UDP). */
+  webTransportUrl?: string;
+  /** Certificates WebTransport trusts by hash; by default the server's development
+   *  certificate from `/wt/cert-hash`, when it has one. */
+  serverCertificateHashes?: { algorithm: 'sha-256'; value: BufferSource }[];
+  /** Milliseconds a WebTransport session has to open before the next transport is
+   *  tried (default 3000). */
+  webTransportTimeout?: number;
+  /** WebTransport implementation, where there is no global one. */
+  WebTransport?: unknown;
   /** Full-jitter backoff: delay = random(0, min(cap, base * 2^attempt)) ms. */
   backoff?: { base?: number; cap?: number };
   /** Seconds a long poll is held. */
@@ -66,6 +80,10 @@ export interface SubscribeOptions {
   rewind?: number;
   /** Subscription token for a private channel. */
   token?: string;
+  /** Over WebTransport, volatile publications as datagrams: unreliable and unordered,
+   *  never late behind a lost packet (cursors, game state). Stored ones always come on
+   *  the stream. Ignored by the other transports. */
+  datagrams?: boolean;
 }
 
 export interface PublishOptions {

@@ -6,15 +6,18 @@
 //   sub.on('message', (data, pub) => render(data));
 //   sub.publish({ text: 'hi' });
 //
-// Transports, tried in order on every (re)connect: WebSocket → SSE (+ HTTP POST for
-// publish) → long poll. Reconnects use full-jitter backoff, resume every subscription
+// Transports, tried in order on every (re)connect: WebTransport (HTTP/3; where the
+// browser has it) → WebSocket → SSE (+ HTTP POST for publish) → long poll. Reconnects use full-jitter backoff, resume every subscription
 // from its last position (nothing missed, nothing twice), and honour the server's advice
 // (drain retry hints, Retry-After). A heartbeat watchdog treats a silent connection as
 // dead. Malformed server frames never throw: they raise an `error` event and reconnect.
 // Protocol reference: docs/protocol.md.
 
 const DEFAULTS = {
-  transports: ['websocket', 'sse', 'longpoll'],
+  transports: ['webtransport', 'websocket', 'sse', 'longpoll'],
+  // How long a WebTransport session may take to open before the next transport is tried
+  // (UDP blocked on the way: fall back quickly).
+  webTransportTimeout: 3000,
   backoff: { base: 500, cap: 30000 },
   pollWait: 25,
   openTimeout: 10000,
@@ -74,6 +77,8 @@ export class Subscription extends Emitter {
     this.channel = channel;
     this.pattern = isPattern(channel);
     this.rewind = opts.rewind ?? 0;
+    // Over WebTransport: volatile publications as datagrams (unreliable, unordered).
+    this.datagrams = Boolean(opts.datagrams);
     this.subscriptionToken = opts.token;
     this._position = parsePosition(opts.since);
     this.active = true;
@@ -115,6 +120,8 @@ export class Switchboard extends Emitter {
     const u = new URL(url, globalThis.location?.href);
     this.httpBase = `${u.protocol === 'wss:' || u.protocol === 'https:' ? 'https:' : 'http:'}//${u.host}`;
     this.wsUrl = `${u.protocol === 'https:' || u.protocol === 'wss:' ? 'wss:' : 'ws:'}//${u.host}/ws`;
+    // WebTransport: the HTTP port's number over UDP unless told otherwise.
+    this.wtUrl = opts.webTransportUrl ?? `https://${u.host}/wt?protocol=switchboard.v1`;
     this.token = opts.token ?? null;
     this.subs = new Map();
     this.state = 'idle';
@@ -250,6 +257,19 @@ export class Switchboard extends Emitter {
     return this._httpJson('/publish', { method: 'POST', body: JSON.stringify(body) });
   }
 
+  /** `serverCertificateHashes` for WebTransport: given, or the server's development
+   *  certificate (`/wt/cert-hash`; none when it uses a real certificate). */
+  async _certHashes() {
+    if (this.opts.serverCertificateHashes) return this.opts.serverCertificateHashes;
+    try {
+      const r = await fetch(`${this.httpBase}/wt/cert-hash`);
+      if (!r.ok) return undefined;
+      const v = await r.json();
+      const bytes = Uint8Array.from(atob(v.value), (ch) => ch.charCodeAt(0));
+      return [{ algorithm: v.algorithm, value: bytes }];
+    } catch { return undefined; }
+  }
+
   async _httpJson(path, init = {}) {
     const headers = { 'content-type': 'application/json' };
     const token = await this._token();
@@ -324,21 +344,9 @@ class WebSocketTransport {
       const WS = this.c.opts.WebSocket ?? globalThis.WebSocket;
       let opened = false;
       try { this.ws = new WS(this.c.wsUrl, 'switchboard.v1'); } catch (e) { reject(e); return; }
-      this.ws.onopen = async () => {
+      this.ws.onopen = () => {
         opened = true;
-        try {
-          const token = await this.c._token();
-          const hello = await this.call({ cmd: 'connect', token: token ?? undefined, client: this.c.opts.client });
-          this.pingEvery = hello.ping_interval_ms ?? this.c.opts.pingInterval;
-          if (hello.expires_in_ms) this.armRefresh(hello.expires_in_ms);
-          for (const sub of this.c.subs.values()) this.subscribe(sub);
-          this.watchdog = setInterval(() => this.heartbeat(), this.pingEvery);
-          resolve();
-        } catch (e) {
-          if (e.code === 'token_expired' || e.code === 'token_invalid') e.auth = true;
-          if (e.code === 'token_revoked') { e.fatal = true; e.reason = e.code; }
-          reject(e);
-        }
+        this.hello().then(resolve, reject);
       };
       this.ws.onerror = () => { if (!opened) reject(new Error('websocket failed to open')); };
       this.ws.onclose = (ev) => {
@@ -347,6 +355,22 @@ class WebSocketTransport {
       };
       this.ws.onmessage = (ev) => this.onMessage(ev.data);
     });
+  }
+
+  /** After the transport opened: `connect`, the subscriptions, the heartbeat. */
+  async hello() {
+    try {
+      const token = await this.c._token();
+      const hello = await this.call({ cmd: 'connect', token: token ?? undefined, client: this.c.opts.client });
+      this.pingEvery = hello.ping_interval_ms ?? this.c.opts.pingInterval;
+      if (hello.expires_in_ms) this.armRefresh(hello.expires_in_ms);
+      for (const sub of this.c.subs.values()) this.subscribe(sub);
+      this.watchdog = setInterval(() => this.heartbeat(), this.pingEvery);
+    } catch (e) {
+      if (e.code === 'token_expired' || e.code === 'token_invalid') e.auth = true;
+      if (e.code === 'token_revoked') { e.fatal = true; e.reason = e.code; }
+      throw e;
+    }
   }
 
   heartbeat() {
@@ -383,9 +407,12 @@ class WebSocketTransport {
     });
   }
 
+  get ready() { return this.ws?.readyState === 1; }
+
   subscribe(sub) {
-    if (this.ws?.readyState !== 1) return;
+    if (!this.ready) return;
     const cmd = { cmd: 'subscribe', channel: sub.channel };
+    if (sub.datagrams && this.datagrams) cmd.datagrams = true;
     if (!sub.pattern) {
       if (sub._position) cmd.since = formatPosition(sub._position);
       else if (sub.rewind) cmd.rewind = sub.rewind;
@@ -429,6 +456,7 @@ class WebSocketTransport {
     if (m.subscribed) return;
     if (m.refresh) return this.refresh();
     if (m.disconnect) { this.advice = m.disconnect; return; }
+    if (m.close) { this.closeInfo = m.close; return; } // WebTransport: the code it closes with
     this.c._protocolError('unknown message from the server');
   }
 
@@ -453,6 +481,90 @@ class WebSocketTransport {
       this.ws.onmessage = null;
       try { this.ws.close(); } catch { /* already closed */ }
     }
+  }
+}
+
+// --- WebTransport (HTTP/3) -----------------------------------------------------------
+
+/** The same protocol as WebSocket, one JSON message per line on a bidirectional stream;
+ *  volatile publications of `datagrams` subscriptions arrive as datagrams. */
+class WebTransportTransport extends WebSocketTransport {
+  static available(c) { return Boolean(c.opts.WebTransport ?? globalThis.WebTransport); }
+
+  constructor(client, gen) {
+    super(client, gen);
+    this.datagrams = true;
+    this.encoder = new TextEncoder();
+  }
+
+  get ready() { return Boolean(this.writer) && !this.ended; }
+
+  async open() {
+    const WT = this.c.opts.WebTransport ?? globalThis.WebTransport;
+    const options = { protocols: ['switchboard.v1'] };
+    const hashes = await this.c._certHashes();
+    if (hashes) options.serverCertificateHashes = hashes;
+    this.wt = new WT(this.c.wtUrl, options);
+    this.wt.closed.then((i) => this.end(i?.closeCode, i?.reason), () => this.end());
+    await withTimeout(this.wt.ready, this.c.opts.webTransportTimeout);
+    const stream = await this.wt.createBidirectionalStream();
+    this.writer = stream.writable.getWriter();
+    this.readLines(stream.readable);
+    this.readDatagrams();
+    await this.hello();
+    this.opened = true;
+  }
+
+  send(obj) {
+    if (this.ready) this.writer.write(this.encoder.encode(`${JSON.stringify(obj)}\n`)).catch(() => {});
+  }
+
+  async readLines(readable) {
+    const reader = readable.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = '';
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += value;
+        let i;
+        while ((i = buf.indexOf('\n')) >= 0) {
+          const line = buf.slice(0, i);
+          buf = buf.slice(i + 1);
+          if (line.trim()) this.onMessage(line);
+        }
+      }
+    } catch { /* the session ended */ }
+    this.end();
+  }
+
+  async readDatagrams() {
+    const reader = this.wt.datagrams.readable.getReader();
+    const decoder = new TextDecoder();
+    for (;;) {
+      const r = await reader.read().catch(() => ({ done: true }));
+      if (r.done) return;
+      const m = safeJson(decoder.decode(r.value));
+      if (m?.pub) { this.lastHeard = Date.now(); this.c._route({ ...m.pub, datagram: true }); }
+    }
+  }
+
+  /** The session is over: its code from the last line the server sent (or the close). */
+  end(code, reason) {
+    if (this.ended) return;
+    this.ended = true;
+    if (!this.opened) return;
+    const said = this.closeInfo ?? (this.advice && { code: this.advice.code, reason: this.advice.reason });
+    this.onClose(said?.code ?? code ?? 1006, said?.reason ?? reason ?? 'WebTransport session closed');
+  }
+
+  close() {
+    this.ended = true;
+    clearInterval(this.watchdog);
+    clearTimeout(this.refreshTimer);
+    for (const p of this.pending.values()) p.reject(new Error('connection closed'));
+    this.pending.clear();
+    try { this.wt?.close(); } catch { /* already closed */ }
   }
 }
 
@@ -589,6 +701,11 @@ class LongPollTransport {
   close() { this.stopped = true; this.abort?.abort(); }
 }
 
-const TRANSPORTS = { websocket: WebSocketTransport, sse: SseTransport, longpoll: LongPollTransport };
+const TRANSPORTS = {
+  webtransport: WebTransportTransport,
+  websocket: WebSocketTransport,
+  sse: SseTransport,
+  longpoll: LongPollTransport,
+};
 
 export default Switchboard;

@@ -96,8 +96,9 @@ test('a server restart with the Redis broker loses nothing the page should show'
 });
 
 test('with WebSockets blocked the client falls back to SSE, then to long polling, and still chats', async (t) => {
-  const noWs = await startServer({ env: { SWITCHBOARD_WS__ENABLED: 'false' } });
-  const noWsNoSse = await startServer({ env: { SWITCHBOARD_WS__ENABLED: 'false', SWITCHBOARD_SSE__ENABLED: 'false' } });
+  const off = { SWITCHBOARD_WS__ENABLED: 'false', SWITCHBOARD_WEBTRANSPORT__ENABLED: 'false' };
+  const noWs = await startServer({ env: off });
+  const noWsNoSse = await startServer({ env: { ...off, SWITCHBOARD_SSE__ENABLED: 'false' } });
   const browser = await launchBrowser();
   t.after(async () => { await browser.close(); await noWs.stop(); await noWsNoSse.stop(); });
   for (const [server, transport] of [[noWs, 'sse'], [noWsNoSse, 'longpoll']]) {

@@ -32,12 +32,12 @@ const clientPage = (serverUrl) => `<!doctype html><meta charset="utf-8"><script 
   } catch (e) { window.errors.push('import: ' + e); }
 </script>`;
 
-test('a page on another origin connects, receives and publishes over WebSocket, SSE and long polling', async (t) => {
+test('a page on another origin connects, receives and publishes over WebTransport, WebSocket, SSE and long polling', async (t) => {
   const server = await startServer();
   const page = await pageOrigin(clientPage(server.url));
   const browser = await launchBrowser();
   t.after(async () => { await browser.close(); page.close(); await server.stop(); });
-  for (const transport of ['websocket', 'sse', 'longpoll']) {
+  for (const transport of ['webtransport', 'websocket', 'sse', 'longpoll']) {
     const tab = await browser.newPage();
     await tab.goto(`${page.url}/?t=${transport}`);
     await tab.waitForFunction((tr) => window.state === 'connected' && window.transport === tr && window.sub.position,
@@ -46,7 +46,7 @@ test('a page on another origin connects, receives and publishes over WebSocket, 
     });
     await server.publish(`demo:cors-${transport}`, { from: 'server' });
     await tab.waitForFunction(() => window.got.length === 1, null, { timeout: 20000 });
-    // Publishing from the page: a WebSocket command, or a CORS POST for SSE and polling.
+    // Publishing from the page: a command on the session, or a CORS POST for SSE and polling.
     await tab.evaluate(() => window.sub.publish({ from: 'page' }));
     await tab.waitForFunction(() => window.got.length === 2, null, { timeout: 20000 });
     assert.deepEqual(await tab.evaluate(() => window.got), [{ from: 'server' }, { from: 'page' }], transport);
@@ -78,7 +78,8 @@ test("the README's browser snippets run as written from another origin", async (
     await tab.goto(page.url);
   }
   // The client snippet connects and sees its own publication.
-  await waitFor(() => logs.some((l) => l.startsWith('1: connected websocket')), { what: `the client snippet to connect; got ${logs}` });
+  // (WebTransport first, where the browser has it.)
+  await waitFor(() => logs.some((l) => l.startsWith('1: connected webtransport')), { what: `the client snippet to connect; got ${logs}` });
   await waitFor(() => logs.some((l) => /^1: \d+ /.test(l)), { what: `the client snippet's own message; got ${logs}` });
   // The EventSource snippet prints what the server publishes.
   await new Promise((r) => setTimeout(r, 500));
@@ -96,7 +97,7 @@ test('an origin outside the allowlist is refused on every transport', async (t) 
     const text = await (await fetch(`${server.url}/metrics`)).text();
     return Number(text.match(/switchboard_errors_total\{code="origin_not_allowed"\} (\d+)/)?.[1] ?? 0);
   };
-  for (const transport of ['websocket', 'sse', 'longpoll']) {
+  for (const transport of ['webtransport', 'websocket', 'sse', 'longpoll']) {
     const before = await refused();
     const tab = await browser.newPage();
     await tab.goto(`${page.url}/?t=${transport}`);

@@ -92,12 +92,14 @@ export async function startProxy(targetPort) {
   };
 }
 
-export async function launchBrowser(extraArgs = []) {
+/** Headless Chromium. `--disable-quic` turns off HTTP/3 for pages and fetches; it does
+ *  not turn off WebTransport (the JS client's first choice), but `quic` drops it too. */
+export async function launchBrowser(extraArgs = [], { quic = false } = {}) {
   const { chromium } = await import('playwright-core');
   return chromium.launch({
     executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--disable-quic', ...extraArgs],
+      '--disable-component-update', '--disable-sync', ...(quic ? [] : ['--disable-quic']), ...extraArgs],
   });
 }
 

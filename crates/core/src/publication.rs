@@ -116,8 +116,8 @@ impl Publication {
 }
 
 /// Number of per-transport encoding slots in a [`Delivery`]: SSE 0–1, WebSocket 2–3 (text,
-/// deflate), MQTT 4–5 (3.1.1, 5).
-pub const ENCODING_SLOTS: usize = 6;
+/// deflate), MQTT 4–5 (3.1.1, 5), WebTransport 6.
+pub const ENCODING_SLOTS: usize = 7;
 
 /// A publication on its way to local subscribers, with its encodings.
 ///

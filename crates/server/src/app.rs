@@ -57,6 +57,8 @@ pub struct Inner {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// TLS on the listener, when configured.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// The WebTransport development certificate's hash (`/wt/cert-hash`).
+    pub webtransport_cert: crate::transports::wt::CertHashSlot,
     /// The registry `/metrics` encodes: this server's series and the process's. An
     /// embedder may add its own.
     pub exposition: prometheus_client::registry::Registry,
@@ -165,6 +167,7 @@ impl AppState {
                 mqtt_clients: Default::default(),
                 mqtt_sessions: Default::default(),
                 mqtt_groups: Default::default(),
+                webtransport_cert: Default::default(),
                 limits,
                 presence,
                 node_id,
@@ -241,6 +244,9 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
         route(M::GET, "/ws/echo", Open, transports::ws::echo_handler),
         // MQTT over WebSocket: each SUBSCRIBE and PUBLISH through the gate, as on TCP.
         route(M::GET, "/mqtt", Commands, transports::mqtt::ws::handler),
+        // WebTransport's certificate hash (its sessions are on the UDP listener, through the
+        // same door as `/ws`).
+        route(M::GET, "/wt/cert-hash", Open, transports::wt::cert_hash),
         route(M::POST, "/publish", Channels(Operation::Publish), transports::client_http::publish),
         route(M::GET, "/presence", Channels(Operation::Presence), transports::client_http::presence),
         route(M::GET, "/presence_stats", Channels(Operation::PresenceStats), transports::client_http::presence_stats),
@@ -274,6 +280,10 @@ pub fn router(state: AppState) -> Router {
             // Browser-facing: CORS for the pages of allowed origins, a refusal for others,
             // and the preflight answer.
             Guard::Channels(_) => handler
+                .options(crate::cors::preflight)
+                .layer(axum::middleware::from_fn_with_state(state.clone(), crate::cors::layer)),
+            // The client on a page of another origin reads it before WebTransport.
+            Guard::Open if r.path == "/wt/cert-hash" => handler
                 .options(crate::cors::preflight)
                 .layer(axum::middleware::from_fn_with_state(state.clone(), crate::cors::layer)),
             _ => handler,

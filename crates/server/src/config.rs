@@ -46,6 +46,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "tls",
     "http2",
     "mqtt",
+    "webtransport",
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,6 +71,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub http2: Http2Config,
     pub mqtt: MqttConfig,
+    pub webtransport: WebTransportConfig,
     /// `SWITCHBOARD_*` variables that were not configuration (see the module docs).
     #[serde(skip)]
     pub ignored_env: Vec<String>,
@@ -93,6 +95,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             http2: Http2Config::default(),
             mqtt: MqttConfig::default(),
+            webtransport: WebTransportConfig::default(),
             ignored_env: Vec::new(),
         }
     }
@@ -342,6 +345,26 @@ impl TlsConfig {
 pub enum HttpMode {
     Redirect,
     Serve,
+}
+
+/// WebTransport over HTTP/3 (docs/protocol.md, "WebTransport").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebTransportConfig {
+    /// `false`: no WebTransport, even under `serve --dev`.
+    pub enabled: bool,
+    /// The UDP address of the HTTP/3 listener (e.g. `0.0.0.0:8000`: the HTTP port's number
+    /// over UDP); none unless set (`serve --dev` uses the HTTP listener's address).
+    pub listen: Option<SocketAddr>,
+    /// Seconds without a packet from the client before a session is closed (QUIC keeps
+    /// it alive meanwhile).
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for WebTransportConfig {
+    fn default() -> Self {
+        WebTransportConfig { enabled: true, listen: None, idle_timeout_secs: 30 }
+    }
 }
 
 /// MQTT 3.1.1 and 5 (docs/mqtt.md).

@@ -46,6 +46,8 @@ pub struct Server {
     mqtt_listener: Option<TcpListener>,
     /// `mqtt.tls_listen`: MQTT over TLS.
     mqtt_tls_listener: Option<TcpListener>,
+    /// `webtransport.listen`: WebTransport over HTTP/3 (UDP).
+    webtransport: Option<transports::wt::Listener>,
     shutdown_tx: watch::Sender<bool>,
     drain_notice: Duration,
 }
@@ -118,12 +120,25 @@ impl Server {
             Some(addr) => Some(bind(addr).map_err(|e| anyhow::anyhow!("mqtt.tls_listen {addr}: {e}"))?),
             None => None,
         };
+        let webtransport = match state.config.webtransport.listen.filter(|_| state.config.webtransport.enabled) {
+            Some(addr) => match transports::wt::Listener::bind(&state, addr) {
+                Ok(l) => Some(l),
+                // Under --dev WebTransport is a convenience: the server runs without it.
+                Err(e) if dev => {
+                    tracing::warn!("WebTransport not started: {e}");
+                    None
+                }
+                Err(e) => anyhow::bail!(e),
+            },
+            None => None,
+        };
         Ok(Server {
             state,
             listener,
             http_listener,
             mqtt_listener,
             mqtt_tls_listener,
+            webtransport,
             shutdown_tx,
             drain_notice: Duration::ZERO,
         })
@@ -154,6 +169,11 @@ impl Server {
         self.mqtt_tls_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The WebTransport listener's UDP address (`webtransport.listen`).
+    pub fn webtransport_local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.webtransport.as_ref().and_then(|l| l.local_addr())
+    }
+
     /// The MQTT listener's address (`mqtt.listen`).
     pub fn mqtt_local_addr(&self) -> Option<std::net::SocketAddr> {
         self.mqtt_listener.as_ref().and_then(|l| l.local_addr().ok())
@@ -176,8 +196,19 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
         drain: Duration,
     ) -> std::io::Result<()> {
-        let Server { state, listener, http_listener, mqtt_listener, mqtt_tls_listener, shutdown_tx, drain_notice } =
-            self;
+        let Server {
+            state,
+            listener,
+            http_listener,
+            mqtt_listener,
+            mqtt_tls_listener,
+            webtransport,
+            shutdown_tx,
+            drain_notice,
+        } = self;
+        if let Some(wt) = webtransport {
+            tokio::spawn(wt.run(state.clone()));
+        }
         let connections = Arc::new(app::ConnTracker::default());
         let draining_state = state.clone();
         let mut shutdown = std::pin::pin!(async move {

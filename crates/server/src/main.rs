@@ -504,6 +504,11 @@ async fn serve(
         (true, false) => "HTTP/1.1 over TLS",
         _ => "HTTP/1.1",
     };
+    let mut cfg = cfg;
+    if dev && cfg.webtransport.enabled && cfg.webtransport.listen.is_none() {
+        // WebTransport under --dev: the HTTP listener's address, over UDP.
+        cfg.webtransport.listen = Some(listener.local_addr()?);
+    }
     let mut server = Server::new(cfg, dev, listener).await?.with_drain_notice(notice);
     if let Some(l) = dev_mqtt {
         l.set_nonblocking(true)?;
@@ -523,6 +528,14 @@ async fn serve(
     }
     if let Some(mqtts) = server.mqtt_tls_local_addr() {
         tracing::info!("MQTT over TLS on {mqtts} (mqtts://{mqtts})");
+    }
+    if let Some(wt) = server.webtransport_local_addr() {
+        let cert = if server.state.tls.is_some() {
+            "the [tls] certificate"
+        } else {
+            "a development certificate: /wt/cert-hash"
+        };
+        tracing::info!("WebTransport (HTTP/3, UDP) on https://{wt}/wt ({cert})");
     }
     if let Some(tls) = &server.state.tls {
         let info = tls.info();

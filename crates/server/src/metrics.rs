@@ -29,10 +29,16 @@ pub enum Transport {
     Sse,
     Poll,
     Mqtt,
+    WebTransport,
 }
 
-const TRANSPORTS: [(&str, Transport); 4] =
-    [("ws", Transport::Ws), ("sse", Transport::Sse), ("poll", Transport::Poll), ("mqtt", Transport::Mqtt)];
+const TRANSPORTS: [(&str, Transport); 5] = [
+    ("ws", Transport::Ws),
+    ("sse", Transport::Sse),
+    ("poll", Transport::Poll),
+    ("mqtt", Transport::Mqtt),
+    ("webtransport", Transport::WebTransport),
+];
 
 /// Histogram with explicit upper bounds (seconds).
 #[derive(Debug)]
@@ -72,8 +78,8 @@ const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 
 /// Every metric the server keeps.
 pub struct Metrics {
-    pub connections: [AtomicI64; 4],
-    pub handshakes: [AtomicU64; 4],
+    pub connections: [AtomicI64; TRANSPORTS.len()],
+    pub handshakes: [AtomicU64; TRANSPORTS.len()],
     pub publishes_stored: AtomicU64,
     pub publishes_volatile: AtomicU64,
     pub bytes_out: AtomicU64,

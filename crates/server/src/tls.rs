@@ -139,7 +139,18 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<(CertifiedKey, Cert
 
 /// The certificate the server presents, swapped in place on reload.
 #[derive(Debug)]
-struct Current(RwLock<Arc<CertifiedKey>>);
+pub struct Current(RwLock<Arc<CertifiedKey>>);
+
+impl Current {
+    pub fn new(key: CertifiedKey) -> Arc<Current> {
+        Arc::new(Current(RwLock::new(Arc::new(key))))
+    }
+
+    /// New handshakes present `key` from now on.
+    pub fn set(&self, key: CertifiedKey) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
+    }
+}
 
 impl ResolvesServerCert for Current {
     /// One certificate whatever the client's SNI: a name it does not cover is for the
@@ -216,6 +227,11 @@ impl Tls {
             handshake_timeout: Duration::from_secs(config.handshake_timeout_secs),
             reload_check: Duration::from_secs(config.reload_check_secs),
         })))
+    }
+
+    /// What presents the certificate (reloads included): for the QUIC listener.
+    pub fn resolver(&self) -> Arc<Current> {
+        self.current.clone()
     }
 
     /// The certificate presented now.
@@ -296,6 +312,40 @@ pub struct DevCert {
     pub info: CertInfo,
     /// Made now (false: the existing ones were still good).
     pub created: bool,
+}
+
+/// TLS for QUIC (WebTransport over HTTP/3): TLS 1.3 only, ALPN `h3`, the certificate of
+/// `resolver`.
+pub fn quic_server_config(resolver: Arc<Current>) -> Result<rustls::ServerConfig, String> {
+    let mut c = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| format!("TLS for QUIC: {e}"))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    c.alpn_protocols = vec![b"h3".to_vec()];
+    Ok(c)
+}
+
+/// A WebTransport development certificate: self-signed ECDSA P-256 for localhost,
+/// 127.0.0.1 and ::1, valid `days` in all (browsers take a certificate by its hash —
+/// `serverCertificateHashes` — only when it is valid 14 days or less). Returns the key
+/// pair, the SHA-256 of the certificate and when it expires (Unix seconds).
+pub fn webtransport_certificate(days: i64) -> Result<(CertifiedKey, [u8; 32], i64), String> {
+    let fail = |e: rcgen::Error| format!("making the WebTransport certificate: {e}");
+    let now = time::OffsetDateTime::now_utc();
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut params = rcgen::CertificateParams::new(names).map_err(fail)?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, "Switchboard WebTransport (development)");
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = params.not_before + time::Duration::days(days);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(fail)?;
+    let cert = params.self_signed(&key).map_err(fail)?;
+    let der = cert.der().clone();
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &der).as_ref());
+    let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let certified = CertifiedKey::from_der(vec![der], key_der, &provider()).map_err(|e| format!("{e}"))?;
+    Ok((certified, hash, params.not_after.unix_timestamp()))
 }
 
 /// Where development certificates live unless told otherwise.

@@ -35,6 +35,8 @@ fn server_config() -> String {
         r#"
 [mqtt]
 listen = "127.0.0.1:0"
+[webtransport]
+listen = "127.0.0.1:0"
 [api]
 keys = ["{API_KEY}"]
 [auth]
@@ -152,9 +154,11 @@ enum Way {
     /// The same over MQTT's WebSocket endpoint (`/mqtt`).
     MqttWsSubscribe,
     MqttWsPublish,
+    /// A `switchboard.v1` command on a WebTransport session (`/wt?token=…`).
+    WtCommand(&'static str),
 }
 
-const WAYS: [(Way, Operation); 16] = [
+const WAYS: [(Way, Operation); 21] = [
     (Way::WsCommand("subscribe"), Operation::Subscribe),
     (Way::WsCommand("history"), Operation::History),
     (Way::WsCommand("presence"), Operation::Presence),
@@ -171,6 +175,11 @@ const WAYS: [(Way, Operation); 16] = [
     (Way::MqttPublish, Operation::Publish),
     (Way::MqttWsSubscribe, Operation::Subscribe),
     (Way::MqttWsPublish, Operation::Publish),
+    (Way::WtCommand("subscribe"), Operation::Subscribe),
+    (Way::WtCommand("history"), Operation::History),
+    (Way::WtCommand("presence"), Operation::Presence),
+    (Way::WtCommand("presence_stats"), Operation::PresenceStats),
+    (Way::WtCommand("publish"), Operation::Publish),
 ];
 
 /// WebSocket commands that read or write no channel's data, so have no rows.
@@ -287,6 +296,7 @@ async fn attempt(s: &TestServer, link: &mut Link, way: Way, channel: &str, calle
         Way::MqttSubscribe | Way::MqttPublish | Way::MqttWsSubscribe | Way::MqttWsPublish => {
             mqtt_attempt(s, way, channel, conn.as_deref(), subs.first().map(String::as_str)).await
         }
+        Way::WtCommand(cmd) => wt_attempt(s, cmd, channel, &conn, subs.first()).await,
         Way::WsCommand(cmd) => {
             let mut c = Connection::connect_with(&ws_base, ws_options).await.unwrap();
             assert_eq!(c.ws.http2, over_h2);
@@ -367,6 +377,40 @@ async fn mqtt_attempt(
     }
 }
 
+/// A WebTransport way: the session's token in its URL (a bad one closes the session with
+/// 4100 and `code: message`), the command on its stream.
+async fn wt_attempt(
+    s: &TestServer,
+    cmd: &str,
+    channel: &str,
+    conn: &Option<String>,
+    sub: Option<&String>,
+) -> Option<String> {
+    let q = conn.as_ref().map_or_else(String::new, |t| format!("?token={t}"));
+    // "connection closed by peer: token_invalid: … (code 4100)", seen by the connect.
+    let refused = |e: &str| e.split("peer: ").nth(1).and_then(|r| r.split(':').next()).map(str::to_string);
+    let mut c = match common::wt::Wt::try_connect(s, &q).await {
+        Ok(c) => c,
+        Err(e) => return refused(&e).or_else(|| panic!("{e}")),
+    };
+    let mut v = json!({"cmd": cmd, "channel": channel});
+    if cmd == "publish" {
+        v["data"] = json!({"x": 1});
+    }
+    if let Some(t) = sub {
+        v["token"] = json!(t);
+    }
+    c.send(v).await;
+    match c.next().await {
+        Some(reply) => reply["error"]["code"].as_str().map(str::to_string),
+        None => {
+            let (code, why) = c.closed().await;
+            assert_eq!(code, 4100, "{why}");
+            Some(why.split(':').next().unwrap_or_default().to_string())
+        }
+    }
+}
+
 fn code(e: ClientError) -> String {
     match e {
         ClientError::Server(e) => e.code,
@@ -384,6 +428,11 @@ async fn run_matrix(s: &TestServer, link: &mut Link) -> (Vec<String>, usize) {
         }
         if matches!(way, Way::MqttWsSubscribe | Way::MqttWsPublish) && s.state.tls.is_some() {
             continue; // the test's raw MQTT client speaks ws://, not wss://
+        }
+        if matches!(way, Way::WtCommand(_)) && (s.wt.is_none() || s.state.tls.is_some()) {
+            // A server without a WebTransport listener; with [tls] its certificate is the
+            // test CA's (tests/webtransport.rs), not the development one this client trusts.
+            continue;
         }
         for (kind, channel) in NAMESPACES {
             for caller in CALLERS {
@@ -485,8 +534,18 @@ fn every_route_and_every_command_is_in_the_matrix() {
     ]
     .into_iter()
     .collect();
-    let open =
-        ["/", "/admin", "/healthz", "/readyz", "/metrics", "/ws/echo", "/client.js", "/client.d.ts", "/demo/chat"];
+    let open = [
+        "/",
+        "/admin",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/ws/echo",
+        "/client.js",
+        "/client.d.ts",
+        "/demo/chat",
+        "/wt/cert-hash",
+    ];
     for r in routes() {
         match r.guard {
             Guard::Channels(op) => {
@@ -514,6 +573,9 @@ fn every_route_and_every_command_is_in_the_matrix() {
     }
     for cmd in COMMANDS {
         let in_matrix = WAYS.iter().any(|(w, _)| *w == Way::WsCommand(cmd));
+        // WebTransport sessions (on the UDP listener, not a route) run the same commands.
+        let over_wt = WAYS.iter().any(|(w, _)| *w == Way::WtCommand(cmd));
+        assert_eq!(in_matrix, over_wt, "{cmd:?}: rows over WebSocket and WebTransport differ");
         assert!(
             in_matrix || COMMANDS_WITHOUT_CHANNEL.contains(cmd),
             "WebSocket command {cmd:?} is in neither the matrix nor the list of commands without a channel"

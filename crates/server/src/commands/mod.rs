@@ -43,6 +43,42 @@ pub trait Wire: Send + Sync + 'static {
     fn close(code: u16, reason: &str) -> Bytes;
 }
 
+/// How a session closed by the server ends: the `disconnect` push saying whether to
+/// reconnect, then the close with its code and text.
+pub struct Goodbye {
+    pub push: String,
+    pub code: u16,
+    pub text: &'static str,
+}
+
+/// The goodbye for a queue closed for `reason` (none for a normal close, whose close is
+/// already queued).
+pub fn goodbye(reason: CloseReason) -> Option<Goodbye> {
+    let push = |code: u16, reason: &str, retry_ms: Option<u64>| {
+        let v = match retry_ms {
+            Some(retry_ms) => {
+                serde_json::json!({"disconnect": {"code": code, "reason": reason, "reconnect": true, "retry_ms": retry_ms}})
+            }
+            None => serde_json::json!({"disconnect": {"code": code, "reason": reason, "reconnect": false}}),
+        };
+        v.to_string()
+    };
+    let (code, key, retry, text) = match reason {
+        CloseReason::SlowConsumer => {
+            (close::SLOW_CONSUMER, "slow_consumer", Some(0), "slow consumer: reconnect and resume")
+        }
+        CloseReason::Shutdown => {
+            (close::GOING_AWAY, "shutdown", Some(fastrand::u64(500..=5000)), "server shutting down: reconnect")
+        }
+        CloseReason::TokenExpired => {
+            (close::TOKEN_EXPIRED, "token_expired", Some(0), "token expired: reconnect with a new token")
+        }
+        CloseReason::Disconnected => (close::DISCONNECTED, "disconnected", None, "disconnected by the server"),
+        CloseReason::Normal => return None,
+    };
+    Some(Goodbye { push: push(code, key, retry), code, text })
+}
+
 /// How far back refused commands are counted to tell a flood.
 const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 

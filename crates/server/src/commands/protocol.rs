@@ -59,6 +59,10 @@ struct Wire<'a> {
     token: Option<String>,
     #[serde(borrow)]
     client: Option<&'a RawValue>,
+    /// `subscribe` over WebTransport: volatile publications as datagrams (read by that
+    /// transport; the others have no datagrams and ignore it).
+    #[allow(dead_code)]
+    datagrams: Option<bool>,
 }
 
 #[derive(Deserialize)]

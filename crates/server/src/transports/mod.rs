@@ -8,6 +8,7 @@ pub mod poll;
 pub mod sse;
 pub mod sse_direct;
 pub mod ws;
+pub mod wt;
 
 use axum::http::{Extensions, HeaderMap};
 

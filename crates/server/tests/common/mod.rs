@@ -10,6 +10,7 @@ use switchboard_server::{Config, Server};
 use tokio::sync::oneshot;
 
 pub mod mqtt;
+pub mod wt;
 
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -19,6 +20,8 @@ pub struct TestServer {
     pub mqtt: Option<SocketAddr>,
     /// The MQTT-over-TLS listener (`[mqtt] tls_listen`), if configured.
     pub mqtt_tls: Option<SocketAddr>,
+    /// The WebTransport listener (`[webtransport] listen`, UDP), if configured.
+    pub wt: Option<SocketAddr>,
     /// The running server's state: its metrics, its clock.
     pub state: switchboard_server::AppState,
     pub http: reqwest::Client,
@@ -38,6 +41,7 @@ impl TestServer {
         let plain = server.http_local_addr();
         let mqtt = server.mqtt_local_addr();
         let mqtt_tls = server.mqtt_tls_local_addr();
+        let wt = server.webtransport_local_addr();
         let state = server.state.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -56,6 +60,7 @@ impl TestServer {
             plain,
             mqtt,
             mqtt_tls,
+            wt,
             state,
             http: reqwest::Client::new(),
             stop: Some(tx),

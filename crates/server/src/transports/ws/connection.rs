@@ -466,7 +466,19 @@ impl Conn {
     }
 }
 
-fn pub_payload(d: &Delivery) -> Vec<u8> {
+/// The `reset` push: the client's position on `channel` could not be continued.
+pub(crate) fn reset_json(
+    channel: &switchboard_core::ChannelName,
+    position: &switchboard_core::StreamPosition,
+) -> String {
+    let v = serde_json::json!({"reset": {
+        "channel": channel, "epoch": &*position.epoch, "offset": position.offset, "reason": "stream_reset",
+    }});
+    v.to_string()
+}
+
+/// A publication (or join/leave) as the protocol pushes it: `{"pub":…}`.
+pub(crate) fn pub_payload(d: &Delivery) -> Vec<u8> {
     let mut v = Vec::with_capacity(d.json().len() + 10);
     v.extend_from_slice(match d.publication.kind {
         Kind::Stored | Kind::Volatile => b"{\"pub\":",
@@ -489,52 +501,18 @@ fn encode(e: &Event, deflate: Option<&AppState>) -> Bytes {
             frame::text_maybe_deflated(&pub_payload(d), allowed)
         }),
         Event::Publication(d) => d.encoded(SLOT_TEXT, |d| frame::text(&pub_payload(d))),
-        Event::Reset { channel, position } => {
-            let v = serde_json::json!({"reset": {
-                "channel": channel, "epoch": &*position.epoch, "offset": position.offset, "reason": "stream_reset",
-            }});
-            frame::text(v.to_string().as_bytes())
-        }
+        Event::Reset { channel, position } => frame::text(reset_json(channel, position).as_bytes()),
         Event::Frame(b) => b.clone(),
     }
-}
-
-fn disconnect(code: u16, reason: &str, retry_ms: u64) -> Bytes {
-    let v =
-        serde_json::json!({"disconnect": {"code": code, "reason": reason, "reconnect": true, "retry_ms": retry_ms}});
-    frame::text(v.to_string().as_bytes())
-}
-
-fn disconnect_final(code: u16, reason: &str) -> Bytes {
-    let v = serde_json::json!({"disconnect": {"code": code, "reason": reason, "reconnect": false}});
-    frame::text(v.to_string().as_bytes())
 }
 
 /// The last frames of a connection closed for `reason`: a `disconnect` push saying
 /// whether to reconnect, and the close frame (nothing more for a normal close, whose close
 /// frame is already queued).
 fn goodbye(reason: CloseReason) -> Vec<Bytes> {
-    match reason {
-        CloseReason::SlowConsumer => vec![
-            disconnect(close::SLOW_CONSUMER, "slow_consumer", 0),
-            frame::close_frame(close::SLOW_CONSUMER, "slow consumer: reconnect and resume"),
-        ],
-        CloseReason::Shutdown => {
-            let retry = fastrand::u64(500..=5000);
-            vec![
-                disconnect(close::GOING_AWAY, "shutdown", retry),
-                frame::close_frame(close::GOING_AWAY, "server shutting down: reconnect"),
-            ]
-        }
-        CloseReason::TokenExpired => vec![
-            disconnect(close::TOKEN_EXPIRED, "token_expired", 0),
-            frame::close_frame(close::TOKEN_EXPIRED, "token expired: reconnect with a new token"),
-        ],
-        CloseReason::Disconnected => vec![
-            disconnect_final(close::DISCONNECTED, "disconnected"),
-            frame::close_frame(close::DISCONNECTED, "disconnected by the server"),
-        ],
-        CloseReason::Normal => Vec::new(),
+    match crate::commands::goodbye(reason) {
+        Some(g) => vec![frame::text(g.push.as_bytes()), frame::close_frame(g.code, g.text)],
+        None => Vec::new(),
     }
 }
 
