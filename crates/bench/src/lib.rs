@@ -43,6 +43,8 @@ enum Transport {
     Ws,
     Sse,
     Poll,
+    /// WebTransport (HTTP/3 over UDP, on `--server`'s port number unless `--wt-port`).
+    Wt,
 }
 
 #[derive(clap::Args, Clone)]
@@ -89,6 +91,12 @@ struct Common {
     /// Also print the summary as one `JSON {…}` line, for machines.
     #[arg(long)]
     json: bool,
+    /// WebTransport: the UDP port of the server's listener (default: `--server`'s port).
+    #[arg(long)]
+    wt_port: Option<u16>,
+    /// WebTransport: subscribe with `datagrams: true` (volatile publications as datagrams).
+    #[arg(long)]
+    datagrams: bool,
     /// MQTT (`mqtt://` URLs): the QoS of subscriptions and publications, 0 or 1.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
@@ -297,7 +305,7 @@ fn target(c: &Common, channel: &str) -> Result<Target, String> {
         let (addr, path, kind) = wsconn::parse_url(url)?;
         let path = path.replace("$CHANNEL", channel);
         let first_frame = c.first_frame.clone();
-        return Ok(Target { addr, path, kind, first_frame, ready: None, tls: None, qos: c.qos });
+        return Ok(Target { addr, path, kind, first_frame, ready: None, tls: None, qos: c.qos, wt: None });
     }
     if !c.server.ip().is_loopback() {
         return Err(format!("{}: benchmarks only target loopback addresses", c.server));
@@ -307,7 +315,22 @@ fn target(c: &Common, channel: &str) -> Result<Target, String> {
         Transport::Sse => (format!("/sse?channel={channel}"), Kind::Sse, Some(b"event: subscribed\n")),
         // The first poll, which `Subscriber::connect` makes, establishes the cursor.
         Transport::Poll => (format!("/poll?channel={channel}"), Kind::Poll, None),
+        Transport::Wt => (format!("/wt?protocol=switchboard.v1&channel={channel}"), Kind::WebTransport, None),
     };
+    if c.transport == Transport::Wt {
+        let addr = SocketAddr::new(c.server.ip(), c.wt_port.unwrap_or(c.server.port()));
+        let endpoint = wt_endpoint(c.server)?;
+        return Ok(Target {
+            addr,
+            path,
+            kind,
+            first_frame: None,
+            ready,
+            tls: None,
+            qos: 0,
+            wt: Some((endpoint, c.datagrams)),
+        });
+    }
     let tls = match &c.tls_ca {
         Some(ca) => {
             let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
@@ -315,7 +338,25 @@ fn target(c: &Common, channel: &str) -> Result<Target, String> {
         }
         None => None,
     };
-    Ok(Target { addr: c.server, path, kind, first_frame: None, ready, tls, qos: 0 })
+    Ok(Target { addr: c.server, path, kind, first_frame: None, ready, tls, qos: 0, wt: None })
+}
+
+/// A WebTransport client endpoint trusting the server's development certificate (its
+/// hash from `GET /wt/cert-hash`), shared by every subscriber: one UDP socket.
+fn wt_endpoint(
+    server: SocketAddr,
+) -> Result<Arc<wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>>, String> {
+    let body = wsconn::http_get(server, "/wt/cert-hash").map_err(|e| format!("/wt/cert-hash: {e}"))?;
+    let hex = wsconn::str_value(&body, "\"hex\":\"").ok_or("/wt/cert-hash: no development certificate")?;
+    let bytes: Vec<u8> =
+        (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()).collect();
+    let hash: [u8; 32] = bytes.try_into().map_err(|_| "/wt/cert-hash: not a SHA-256")?;
+    let config = wtransport::ClientConfig::builder()
+        .with_bind_default()
+        .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(hash)])
+        .keep_alive_interval(Some(Duration::from_secs(10)))
+        .build();
+    wtransport::Endpoint::client(config).map(Arc::new).map_err(|e| format!("WebTransport client: {e}"))
 }
 
 async fn publisher(c: &Common, channel: &str) -> Result<Publisher, String> {

@@ -91,6 +91,9 @@ pub struct Target {
     pub tls: Option<tokio_rustls::TlsConnector>,
     /// MQTT: the QoS subscribed with (QoS 1 publications are acknowledged).
     pub qos: u8,
+    /// WebTransport: the client endpoint (one UDP socket for all) and whether to ask for
+    /// datagrams.
+    pub wt: Option<(Arc<wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>>, bool)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +105,9 @@ pub enum Kind {
     Poll,
     /// MQTT 3.1.1 at QoS 0 (`path` is the topic): Switchboard's MQTT listener or any broker.
     Mqtt,
+    /// Switchboard over WebTransport: `switchboard.v1` lines on a bidirectional stream
+    /// (`path` is `/wt?…&channel=…`), volatile publications as datagrams when asked.
+    WebTransport,
 }
 
 impl std::fmt::Display for Kind {
@@ -111,6 +117,7 @@ impl std::fmt::Display for Kind {
             Kind::Sse => "SSE",
             Kind::Poll => "long polling",
             Kind::Mqtt => "MQTT",
+            Kind::WebTransport => "WebTransport",
         })
     }
 }
@@ -168,6 +175,8 @@ fn text_frame(payload: &[u8]) -> Vec<u8> {
 
 pub struct Subscriber {
     stream: Box<dyn Io>,
+    /// A WebTransport session (kept open; its datagrams are read beside the stream).
+    wt: Option<wtransport::Connection>,
     buf: BytesMut,
     kind: Kind,
     /// (epoch, offset) of the last numbered message seen.
@@ -178,6 +187,9 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub async fn connect(t: &Target, source: Option<IpAddr>, recv_buffer: Option<u32>) -> std::io::Result<Subscriber> {
+        if let (Kind::WebTransport, Some((endpoint, datagrams))) = (t.kind, &t.wt) {
+            return Subscriber::connect_wt(t, endpoint, *datagrams).await;
+        }
         let tcp = connect_from(t.addr, source, recv_buffer).await?;
         let mut stream: Box<dyn Io> = match &t.tls {
             Some(tls) => {
@@ -189,6 +201,7 @@ impl Subscriber {
         if t.kind == Kind::Poll {
             let mut sub = Subscriber {
                 stream,
+                wt: None,
                 buf: BytesMut::with_capacity(4096),
                 kind: Kind::Poll,
                 last: None,
@@ -237,6 +250,7 @@ impl Subscriber {
                 .map_err(|_| std::io::Error::other("no SUBACK within 60 s"))??;
             return Ok(Subscriber {
                 stream,
+                wt: None,
                 buf,
                 kind: Kind::Mqtt,
                 last: None,
@@ -257,7 +271,7 @@ impl Subscriber {
                 )
             }
             Kind::Sse => format!("GET {} HTTP/1.0\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n", t.path, t.addr),
-            Kind::Poll | Kind::Mqtt => unreachable!("handled above"),
+            Kind::Poll | Kind::Mqtt | Kind::WebTransport => unreachable!("handled above"),
         };
         stream.write_all(req.as_bytes()).await?;
         let mut buf = BytesMut::with_capacity(4096);
@@ -293,7 +307,50 @@ impl Subscriber {
                 .await
                 .map_err(|_| std::io::Error::other("no subscription confirmation within 60 s"))??;
         }
-        Ok(Subscriber { stream, buf, kind: t.kind, last: None, poll_path: String::new(), cursor: None })
+        Ok(Subscriber { stream, wt: None, buf, kind: t.kind, last: None, poll_path: String::new(), cursor: None })
+    }
+
+    async fn connect_wt(
+        t: &Target,
+        endpoint: &wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>,
+        datagrams: bool,
+    ) -> std::io::Result<Subscriber> {
+        let err = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+        let conn = endpoint.connect(format!("https://{}{}", t.addr, t.path)).await.map_err(|e| err(&e))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| err(&e))?.await.map_err(|e| err(&e))?;
+        let mut stream: Box<dyn Io> = Box::new(wtransport::stream::BiStream::join((send, recv)));
+        let channel = t.path.split("channel=").nth(1).unwrap_or_default().split('&').next().unwrap_or_default();
+        let cmd = format!("{{\"id\":1,\"cmd\":\"subscribe\",\"channel\":\"{channel}\",\"datagrams\":{datagrams}}}\n");
+        stream.write_all(cmd.as_bytes()).await?;
+        let mut buf = BytesMut::with_capacity(4096);
+        let confirmed = async {
+            loop {
+                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line = buf.split_to(i + 1);
+                    if line.starts_with(b"{\"id\":1,") {
+                        if line.windows(8).any(|w| w == b"\"error\":") {
+                            return Err(std::io::Error::other(String::from_utf8_lossy(&line).into_owned()));
+                        }
+                        return Ok(());
+                    }
+                }
+                if stream.read_buf(&mut buf).await? == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), confirmed)
+            .await
+            .map_err(|_| std::io::Error::other("no subscribe reply within 60 s"))??;
+        Ok(Subscriber {
+            stream,
+            wt: Some(conn),
+            buf,
+            kind: Kind::WebTransport,
+            last: None,
+            poll_path: String::new(),
+            cursor: None,
+        })
     }
 
     /// One long poll on the keep-alive connection; returns the response body.
@@ -343,6 +400,8 @@ impl Subscriber {
         if self.kind == Kind::Poll {
             return self.run_poll(stats).await;
         }
+        // WebTransport datagrams, beside the stream (ended with the session).
+        let _datagrams = self.wt.clone().map(|conn| AbortOnDrop(tokio::spawn(read_datagrams(conn, stats.clone()))));
         let mut local: Vec<u64> = Vec::new();
         let mut unflushed = 0u64;
         loop {
@@ -412,6 +471,14 @@ impl Subscriber {
                             if self.message(data, &stats, &mut local) {
                                 unflushed += 1;
                             }
+                        }
+                    }
+                }
+                Kind::WebTransport => {
+                    while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                        let line = self.buf.split_to(i + 1);
+                        if line.starts_with(b"{\"pub\":") && self.message(&line, &stats, &mut local) {
+                            unflushed += 1;
                         }
                     }
                 }
@@ -517,6 +584,26 @@ fn mqtt_body_len(packet: &[u8]) -> usize {
 
 /// Publishes what one read brought: the count, and the latency samples recorded into the
 /// shared histogram (O(1) per sample; merging whole histograms would walk every bucket).
+/// Reads a WebTransport session's datagrams (`{"pub":…}` each), counting them.
+async fn read_datagrams(conn: wtransport::Connection, stats: Arc<Stats>) {
+    let mut local = Vec::new();
+    while let Ok(d) = conn.receive_datagram().await {
+        if let Some(t) = field(&d, b"\"t\":") {
+            local.push(now_us().saturating_sub(t).max(1));
+            let mut one = 1;
+            flush(&stats, &mut local, &mut one);
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn flush(stats: &Stats, local: &mut Vec<u64>, unflushed: &mut u64) {
     if *unflushed > 0 {
         stats.delivered.fetch_add(*unflushed, Ordering::Relaxed);
@@ -547,6 +634,27 @@ fn str_field<'a>(s: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     let i = s.windows(key.len()).position(|w| w == key)? + key.len();
     let end = s[i..].iter().position(|b| *b == b'"')?;
     Some(&s[i..i + end])
+}
+
+/// A string field of a JSON body (no escapes): `key` is `"name":"`.
+pub fn str_value(s: &[u8], key: &str) -> Option<String> {
+    string_field(s, key.as_bytes())
+}
+
+/// `GET path` over HTTP/1.0 to a loopback server, blocking (a one-off before a run): the
+/// 2xx response's body.
+pub fn http_get(server: SocketAddr, path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {server}\r\n\r\n").as_bytes())?;
+    let mut all = Vec::new();
+    stream.read_to_end(&mut all)?;
+    let i = all.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no response head"))?;
+    if !all.starts_with(b"HTTP/1.1 2") && !all.starts_with(b"HTTP/1.0 2") {
+        return Err(std::io::Error::other(String::from_utf8_lossy(&all[..i]).into_owned()));
+    }
+    Ok(all[i + 4..].to_vec())
 }
 
 fn string_field(s: &[u8], key: &[u8]) -> Option<String> {

@@ -275,17 +275,9 @@ async fn handle(incoming: IncomingSession, state: AppState) {
         session.set_identity(who);
     }
     let mut c = Box::new(Conn { session, conn, send, recv, buf: BytesMut::new(), datagrams: HashSet::new() });
-    let end = c.run().await;
-    c.finish(end).await;
+    c.run().await;
+    c.finish().await;
     c.session.leave_all();
-}
-
-/// How the session ended.
-enum End {
-    /// The queue closed (the server's reason) or the client went: say goodbye.
-    Queue,
-    /// A protocol violation: close with this code and reason.
-    Violation(u16, &'static str),
 }
 
 struct Conn {
@@ -300,7 +292,9 @@ struct Conn {
 }
 
 impl Conn {
-    async fn run(&mut self) -> End {
+    /// Serves the session until its queue closes (the client went, a violation, the
+    /// server's reason).
+    async fn run(&mut self) {
         let state = self.session.state.clone();
         let every = Duration::from_secs(state.config.ws.ping_interval_secs.max(1));
         let mut presence = tokio::time::interval_at(Instant::now() + every, every);
@@ -309,8 +303,8 @@ impl Conn {
         let max_line = state.config.limits.max_message_bytes + crate::transports::ws::connection::ENVELOPE_BYTES;
         let mut chunk = vec![0u8; 8192];
         loop {
-            if let Err(end) = self.write_queued().await {
-                return end;
+            if self.write_queued().await.is_err() {
+                return;
             }
             tokio::select! {
                 r = self.recv.read(&mut chunk) => match r {
@@ -319,7 +313,7 @@ impl Conn {
                         while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
                             let l = self.buf.split_to(i + 1);
                             let Ok(text) = std::str::from_utf8(&l[..i]) else {
-                                return End::Violation(close::INVALID_PAYLOAD, "a line that is not UTF-8");
+                                return self.violate(close::INVALID_PAYLOAD, "a line that is not UTF-8");
                             };
                             let text = text.trim();
                             if text.is_empty() {
@@ -327,17 +321,14 @@ impl Conn {
                             }
                             self.note_datagrams(text);
                             if !Box::pin(self.session.command(text)).await {
-                                return End::Queue;
+                                return;
                             }
                         }
                         if self.buf.len() > max_line {
-                            return End::Violation(close::TOO_BIG, "a message over limits.max_message_bytes");
+                            return self.violate(close::TOO_BIG, "a message over limits.max_message_bytes");
                         }
                     }
-                    Ok(None) | Err(_) => {
-                        self.session.queue.close(CloseReason::Normal);
-                        return End::Queue;
-                    }
+                    Ok(None) | Err(_) => return self.session.queue.close(CloseReason::Normal),
                 },
                 _ = self.session.queue.changed() => {}
                 // Datagrams from the client carry nothing in this protocol: read and dropped.
@@ -347,11 +338,16 @@ impl Conn {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => self.session.queue.close(CloseReason::Shutdown),
                 _ = crate::transports::maybe_sleep(&mut self.session.timer), if self.session.timer.is_some() => {
                     if !self.session.on_expiry() {
-                        return End::Queue;
+                        return;
                     }
                 }
             }
         }
+    }
+
+    fn violate(&self, code: u16, why: &'static str) {
+        tracing::debug!(client = %self.session.client, code, why, "WebTransport protocol violation");
+        self.session.close_with(code, why);
     }
 
     /// `subscribe` with `"datagrams": true` (or false) marks its channel for datagrams;
@@ -390,7 +386,7 @@ impl Conn {
 
     /// Writes what the queue holds: lines on the stream, volatile publications of
     /// datagram subscriptions as datagrams. `Err` once the queue has closed.
-    async fn write_queued(&mut self) -> Result<(), End> {
+    async fn write_queued(&mut self) -> Result<(), ()> {
         let mut batch = Vec::new();
         let closed = self.session.queue.drain_into(&mut batch).err();
         let drained = !batch.is_empty();
@@ -413,11 +409,11 @@ impl Conn {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
                     self.session.queue.close(CloseReason::Normal);
-                    return Err(End::Queue);
+                    return Err(());
                 }
                 Err(_) => {
                     self.session.queue.close(CloseReason::SlowConsumer);
-                    return Err(End::Queue);
+                    return Err(());
                 }
             }
         }
@@ -425,43 +421,32 @@ impl Conn {
             self.session.queue.write_done();
         }
         match closed {
-            Some(_) => Err(End::Queue),
+            Some(_) => Err(()),
             None => Ok(()),
         }
     }
 
     /// The last word: what is still queued, the goodbye for the queue's close reason (a
     /// `disconnect` push), and the session closed with its code.
-    async fn finish(&mut self, end: End) {
-        let (code, text): (u16, String) = match end {
-            End::Violation(code, why) => {
-                self.session.state.metrics.error("protocol_violation");
-                let push = serde_json::json!({"disconnect": {"code": code, "reason": why, "reconnect": false}});
-                let _ = self.send.write_all(&line(push.to_string().as_bytes())).await;
-                (code, why.to_string())
+    async fn finish(&mut self) {
+        let mut rest = Vec::new();
+        let reason = self.session.queue.closed().unwrap_or(CloseReason::Normal);
+        while self.session.queue.drain_into(&mut rest).is_ok() {}
+        let mut out = BytesMut::new();
+        let (mut code, mut text) = (close::NORMAL, String::new());
+        for e in &rest {
+            let b = encode(e);
+            // The session's own close (`{"close":{…}}`): its code closes the session.
+            if let Some((c, t)) = close_of(&b) {
+                (code, text) = (c, t);
             }
-            End::Queue => {
-                let mut rest = Vec::new();
-                let reason = self.session.queue.closed().unwrap_or(CloseReason::Normal);
-                while self.session.queue.drain_into(&mut rest).is_ok() {}
-                let mut out = BytesMut::new();
-                let mut code = (close::NORMAL, String::new());
-                for e in &rest {
-                    let b = encode(e);
-                    // The session's own close (`{"close":{…}}`): its code closes the session.
-                    if let Some(c) = close_of(&b) {
-                        code = c;
-                    }
-                    out.extend_from_slice(&b);
-                }
-                if let Some(g) = crate::commands::goodbye(reason) {
-                    out.extend_from_slice(&line(g.push.as_bytes()));
-                    code = (g.code, g.text.to_string());
-                }
-                let _ = tokio::time::timeout(WRITE_STALL, self.send.write_all(&out)).await;
-                code
-            }
-        };
+            out.extend_from_slice(&b);
+        }
+        if let Some(g) = crate::commands::goodbye(reason) {
+            out.extend_from_slice(&line(g.push.as_bytes()));
+            (code, text) = (g.code, g.text.to_string());
+        }
+        let _ = tokio::time::timeout(WRITE_STALL, self.send.write_all(&out)).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.send.finish()).await;
         self.conn.close(VarInt::from_u32(code as u32), text.as_bytes());
     }
