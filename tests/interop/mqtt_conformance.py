@@ -731,43 +731,34 @@ def _(v5):
     check(m["payload"] == b"live" and not m["retain"], f"delivered as {m}")
 
 
-@statement("MQTT-3.3.1-9", ("5",), "Retain Handling 0: the Server MUST send the retained messages matching the Topic Filter on subscribing")
-def _(v5):
+def retain_handling(handling, twice, expected):
+    """Subscribes (twice if asked) with Retain Handling `handling` to a topic with a
+    retained message; what arrives before a marker published afterwards: (payload, retain)."""
     t = topic()
     publish_from(t, "kept", qos=1)
     p = Paho(True)
-    p.subscribe(t, 0, retainHandling=0)
+    for _ in range(2 if twice else 1):
+        p.subscribe(t, 0, retainHandling=handling)
     p.c.publish(t, "marker")
-    got = p.until(b"marker")
-    check([(m.payload, m.retain) for m in got] == [(b"kept", True), (b"marker", False)],
-          f"got {[(m.payload, m.retain) for m in got]}")
+    got = [(m.payload, m.retain) for m in p.until(b"marker")]
     p.stop()
+    check(got == expected, f"got {got}")
+
+
+@statement("MQTT-3.3.1-9", ("5",), "Retain Handling 0: the Server MUST send the retained messages matching the Topic Filter on subscribing")
+def _(v5):
+    retain_handling(0, False, [(b"kept", True), (b"marker", False)])
 
 
 @statement("MQTT-3.3.1-10", ("5",), "Retain Handling 1: retained messages are sent if the subscription did not exist, and MUST NOT be if it did")
 def _(v5):
-    t = topic()
-    publish_from(t, "kept", qos=1)
-    p = Paho(True)
-    p.subscribe(t, 0, retainHandling=1)
-    p.subscribe(t, 0, retainHandling=1)  # exists now: nothing
-    p.c.publish(t, "marker")
-    got = p.until(b"marker")
-    check([(m.payload, m.retain) for m in got] == [(b"kept", True), (b"marker", False)],
-          f"got {[(m.payload, m.retain) for m in got]}")
-    p.stop()
+    # The second SUBSCRIBE finds the subscription there: nothing more.
+    retain_handling(1, True, [(b"kept", True), (b"marker", False)])
 
 
 @statement("MQTT-3.3.1-11", ("5",), "Retain Handling 2: the Server MUST NOT send the retained messages")
 def _(v5):
-    t = topic()
-    publish_from(t, "kept", qos=1)
-    p = Paho(True)
-    p.subscribe(t, 0, retainHandling=2)
-    p.c.publish(t, "marker")
-    got = p.until(b"marker")
-    check([m.payload for m in got] == [b"marker"], f"got {[m.payload for m in got]}")
-    p.stop()
+    retain_handling(2, False, [(b"marker", False)])
 
 
 @statement("MQTT-3.10.4-4", BOTH, "The Server MUST respond to UNSUBSCRIBE with UNSUBACK, even when no Topic Filter matched (MQTT-3.10.4-5; MQTT 5: 0x11 No subscription existed)")

@@ -188,11 +188,7 @@ async fn the_server_api_disconnects_a_session_and_shutdown_tells_it_to_reconnect
     c.command(json!({"cmd": "subscribe", "channel": channel("chat")}), 1, &mut skipped).await;
     let (status, v) = s.post_raw("/api/disconnect", json!({"user": "alice"}).to_string()).await;
     assert_eq!(status, 200, "{v}");
-    let mut last = None;
-    while let Some(l) = c.next().await {
-        last = Some(l);
-    }
-    let last = last.unwrap();
+    let last = c.last_line().await;
     assert_eq!(last["disconnect"]["code"], 4102, "{last}");
     assert_eq!(last["disconnect"]["reconnect"], false, "{last}");
     assert_eq!(c.closed().await.0, 4102);
@@ -201,11 +197,7 @@ async fn the_server_api_disconnects_a_session_and_shutdown_tells_it_to_reconnect
     let mut skipped = Vec::new();
     c.command(json!({"cmd": "subscribe", "channel": channel("chat")}), 1, &mut skipped).await;
     let stop = tokio::spawn(s.shutdown());
-    let mut last = None;
-    while let Some(l) = c.next().await {
-        last = Some(l);
-    }
-    let last = last.unwrap();
+    let last = c.last_line().await;
     assert_eq!(last["disconnect"]["code"], 1001, "{last}");
     assert_eq!(last["disconnect"]["reconnect"], true, "{last}");
     assert_eq!(c.closed().await.0, 1001);

@@ -86,6 +86,15 @@ impl Wt {
         }
     }
 
+    /// The last line before the stream ends.
+    pub async fn last_line(&mut self) -> Value {
+        let mut last = None;
+        while let Some(l) = self.next().await {
+            last = Some(l);
+        }
+        last.expect("a line before the end")
+    }
+
     /// Sends a command with `id` and returns its reply (pushes before it are skipped and
     /// returned in `skipped`).
     pub async fn command(&mut self, mut v: Value, id: u64, skipped: &mut Vec<Value>) -> Value {
