@@ -73,6 +73,10 @@ export interface SwitchboardOptions {
   autoConnect?: boolean;
 }
 
+/** Who sent a direct message: a connection (with its user, if it has a token) or the
+ *  application through the server API. */
+export type DirectSender = { client: string; user: string | null } | { server: true };
+
 export interface SubscribeOptions {
   /** Resume after this `epoch:offset` position. */
   since?: string | { epoch: string; offset: number };
@@ -118,11 +122,18 @@ export declare class Subscription extends Emitter<{
 export declare class Switchboard extends Emitter<{
   state: (ev: StateEvent) => void;
   error: (ev: { type: 'protocol' | 'transport' | 'token' | 'server'; [k: string]: unknown }) => void;
+  /** A direct message to this connection or its user. */
+  'message:direct': (data: unknown, from: DirectSender) => void;
 }> {
   constructor(url: string, opts?: SwitchboardOptions);
   readonly state: StateEvent['state'] | 'idle';
   readonly transport: TransportName | null;
+  /** This connection's client id (what others `send` to), once connected. */
+  readonly clientId: string | null;
   subscribe(channel: string, opts?: SubscribeOptions): Subscription;
+  /** A direct message (WebTransport or WebSocket only; not stored). Rejects with
+   *  `target_not_connected`, `permission_denied`, `token_required`, `rate_limited`. */
+  send(to: { client: string } | { user: string }, data: unknown): Promise<{ delivered: number; forwarded?: boolean }>;
   connect(): void;
   close(): void;
 }

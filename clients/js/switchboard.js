@@ -240,6 +240,16 @@ export class Switchboard extends Emitter {
     this._conn?.unsubscribe(sub);
   }
 
+  /** A direct message to one connection (`{client}`) or every connection of a user
+   *  (`{user}`): needs a WebTransport or WebSocket connection. Not stored. */
+  async send(to, data) {
+    if (!this._conn?.call) throw Object.assign(new Error('direct messages need a WebTransport or WebSocket connection'), { code: 'not_connected' });
+    return this._conn.call({ cmd: 'send', to, data });
+  }
+
+  /** This connection's client id (what others `send` to), once connected. */
+  get clientId() { return this._conn?.clientId ?? null; }
+
   async _publish(channel, data, opts) {
     if (this._conn?.publish) return this._conn.publish(channel, data, opts);
     return this._httpPublish(channel, data, opts);
@@ -362,6 +372,7 @@ class WebSocketTransport {
     try {
       const token = await this.c._token();
       const hello = await this.call({ cmd: 'connect', token: token ?? undefined, client: this.c.opts.client });
+      this.clientId = hello.client;
       this.pingEvery = hello.ping_interval_ms ?? this.c.opts.pingInterval;
       if (hello.expires_in_ms) this.armRefresh(hello.expires_in_ms);
       for (const sub of this.c.subs.values()) this.subscribe(sub);
@@ -455,6 +466,7 @@ class WebSocketTransport {
     if (m.leave) return this.c._presenceEvent('leave', m.leave);
     if (m.subscribed) return;
     if (m.refresh) return this.refresh();
+    if (m.message) return this.c.emit('message:direct', m.message.data, m.message.from);
     if (m.disconnect) { this.advice = m.disconnect; return; }
     if (m.close) { this.closeInfo = m.close; return; } // WebTransport: the code it closes with
     this.c._protocolError('unknown message from the server');

@@ -84,3 +84,18 @@ test('a malformed server frame is reported, never thrown, and the client reconne
   sb.on('error', (e) => errors.push(e));
   await waitFor(() => errors.some((e) => e.type === 'protocol') && connections >= 2, { what: 'protocol error and a reconnect' });
 });
+
+test('direct messages go from one client to another, and to a missing one fail', async (t) => {
+  const server = await startServer({ env: { SWITCHBOARD_DIRECT__POLICY: 'anyone' } });
+  const a = new Switchboard(server.url, { WebSocket });
+  const b = new Switchboard(server.url, { WebSocket });
+  t.after(async () => { a.close(); b.close(); await server.stop(); });
+  const got = [];
+  b.on('message:direct', (data, from) => got.push({ data, from }));
+  await waitFor(() => a.state === 'connected' && b.state === 'connected' && b.clientId, { what: 'both connected' });
+  const r = await a.send({ client: b.clientId }, { candidate: 'x' });
+  assert.equal(r.delivered, 1);
+  await waitFor(() => got.length === 1, { what: 'the direct message' });
+  assert.deepEqual(got[0], { data: { candidate: 'x' }, from: { client: a.clientId, user: null } });
+  await assert.rejects(a.send({ client: 'gone' }, 1), (e) => e.code === 'target_not_connected');
+});

@@ -218,6 +218,26 @@ pub async fn disconnect(State(state): State<AppState>, req: Request) -> Result<R
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct SendRequest<'a> {
+    to: crate::commands::protocol::To,
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
+}
+
+/// `POST /api/send {"to":{"client"|"user":…},"data":…}` → `{"delivered":N}`: a direct
+/// message from the application (`from: {"server":true}`).
+pub async fn send(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let body = read_body(req.into_body(), state.config.limits.max_message_bytes + 4096).await?;
+    let r: SendRequest = parse_json(&body)?;
+    if r.to.client.is_some() == r.to.user.is_some() {
+        return Err(ApiError::new(Code::InvalidRequest, "`to` names exactly one of `client` or `user`"));
+    }
+    let answer = crate::commands::ops::send_direct(&state, serde_json::json!({"server": true}), &r.to, r.data).await?;
+    Ok(json(StatusCode::OK, answer))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RevokeRequest {
     user: Option<String>,
     jti: Option<String>,

@@ -262,6 +262,7 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
         route(M::GET, "/api/presence", ApiKey, api::presence),
         route(M::GET, "/api/presence_stats", ApiKey, api::presence_stats),
         route(M::POST, "/api/disconnect", ApiKey, api::disconnect),
+        route(M::POST, "/api/send", ApiKey, api::send),
         route(M::POST, "/api/revoke", ApiKey, api::revoke),
     ]
 }

@@ -18,8 +18,21 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Control {
-    Disconnect { user: Option<String>, jti: Option<String> },
-    Revoke { user: Option<String>, jti: Option<String>, ttl_secs: u64 },
+    Disconnect {
+        user: Option<String>,
+        jti: Option<String>,
+    },
+    Revoke {
+        user: Option<String>,
+        jti: Option<String>,
+        ttl_secs: u64,
+    },
+    /// A direct message for a client or user that may be connected here.
+    Direct {
+        client: Option<String>,
+        user: Option<String>,
+        json: String,
+    },
 }
 
 pub fn node_info(state: &AppState) -> NodeInfo {
@@ -52,6 +65,10 @@ fn apply(state: &AppState, msg: Control) {
                 let _ = state.deny.revoke_token(j, ttl);
             }
             state.registry.disconnect(user.as_deref(), jti.as_deref(), CloseReason::Disconnected);
+        }
+        Control::Direct { client, user, json } => {
+            let n = state.registry.deliver(client.as_deref(), user.as_deref(), json.as_bytes());
+            state.metrics.direct_messages.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

@@ -47,6 +47,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "http2",
     "mqtt",
     "webtransport",
+    "direct",
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -72,6 +73,7 @@ pub struct Config {
     pub http2: Http2Config,
     pub mqtt: MqttConfig,
     pub webtransport: WebTransportConfig,
+    pub direct: DirectConfig,
     /// `SWITCHBOARD_*` variables that were not configuration (see the module docs).
     #[serde(skip)]
     pub ignored_env: Vec<String>,
@@ -96,6 +98,7 @@ impl Default for Config {
             http2: Http2Config::default(),
             mqtt: MqttConfig::default(),
             webtransport: WebTransportConfig::default(),
+            direct: DirectConfig::default(),
             ignored_env: Vec::new(),
         }
     }
@@ -345,6 +348,33 @@ impl TlsConfig {
 pub enum HttpMode {
     Redirect,
     Serve,
+}
+
+/// Direct messages between clients (docs/protocol.md, "Direct messages").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectConfig {
+    pub enabled: bool,
+    /// Who may message whom.
+    pub policy: DirectPolicy,
+}
+
+impl Default for DirectConfig {
+    fn default() -> Self {
+        DirectConfig { enabled: true, policy: DirectPolicy::Authenticated }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectPolicy {
+    /// Any connection, anonymous ones too, may message any client or user.
+    Anyone,
+    /// A connection with a verified token may message any client or user.
+    Authenticated,
+    /// A connection with a token may message only its own user's connections (another
+    /// tab, another device).
+    SameUser,
 }
 
 /// WebTransport over HTTP/3 (docs/protocol.md, "WebTransport").

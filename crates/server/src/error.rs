@@ -49,11 +49,12 @@ pub enum Code {
     HeadersTooLarge,
     TlsRequired,
     ClientCertificateRequired,
+    TargetNotConnected,
 }
 
 impl Code {
     /// Every code (docs/errors.md must list each).
-    pub const ALL: [Code; 41] = [
+    pub const ALL: [Code; 42] = [
         Code::InvalidJson,
         Code::InvalidRequest,
         Code::InvalidChannel,
@@ -95,6 +96,7 @@ impl Code {
         Code::HeadersTooLarge,
         Code::TlsRequired,
         Code::ClientCertificateRequired,
+        Code::TargetNotConnected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -140,6 +142,7 @@ impl Code {
             Code::HeadersTooLarge => "headers_too_large",
             Code::TlsRequired => "tls_required",
             Code::ClientCertificateRequired => "client_certificate_required",
+            Code::TargetNotConnected => "target_not_connected",
         }
     }
 
@@ -176,6 +179,7 @@ impl Code {
             Code::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Code::TlsRequired => StatusCode::BAD_REQUEST,
             Code::ClientCertificateRequired => StatusCode::UNAUTHORIZED,
+            Code::TargetNotConnected => StatusCode::NOT_FOUND,
         }
     }
 }

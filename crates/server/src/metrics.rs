@@ -98,6 +98,8 @@ pub struct Metrics {
     pub tls_handshake_failures: AtomicU64,
     /// WebSockets opened over HTTP/2 (extended CONNECT, RFC 8441).
     pub ws_over_http2: AtomicU64,
+    /// Direct messages queued for a connection on this node.
+    pub direct_messages: AtomicU64,
     /// Errors by code, as returned to clients (HTTP and WebSocket replies).
     errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -127,6 +129,7 @@ impl Metrics {
             tls_handshakes: AtomicU64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
             ws_over_http2: AtomicU64::new(0),
+            direct_messages: AtomicU64::new(0),
             errors: Mutex::new(Default::default()),
         }
     }
@@ -422,6 +425,12 @@ impl Collector for ServerCollector {
             "switchboard_ws_over_http2",
             "WebSockets opened over HTTP/2 (extended CONNECT, RFC 8441).",
             load(&m.ws_over_http2),
+        )?;
+        counter(
+            e,
+            "switchboard_direct_messages",
+            "Direct messages queued for connections on this node.",
+            load(&m.direct_messages),
         )?;
         e.encode_descriptor("switchboard_build", "This server's version.", None, MetricType::Info)?
             .encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;

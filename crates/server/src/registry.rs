@@ -16,6 +16,27 @@ struct Entry {
 pub struct Registry {
     next: AtomicU64,
     by_user: Mutex<HashMap<String, HashMap<u64, Entry>>>,
+    /// Connections that take direct messages, by client id: their user (once known),
+    /// queue, and how their transport frames a protocol message.
+    clients: Mutex<HashMap<String, Client>>,
+}
+
+struct Client {
+    user: Option<String>,
+    queue: std::sync::Weak<ConnQueue>,
+    frame: fn(&[u8]) -> bytes::Bytes,
+}
+
+/// A connection registered for direct messages; dropping it unregisters.
+pub struct ClientRegistration {
+    registry: Arc<Registry>,
+    client: String,
+}
+
+impl Drop for ClientRegistration {
+    fn drop(&mut self) {
+        self.registry.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.client);
+    }
 }
 
 /// A registered connection; dropping it unregisters.
@@ -51,6 +72,46 @@ impl Registry {
             }
         }
         n
+    }
+
+    /// Registers a connection for direct messages to `client`.
+    pub fn add_client(
+        self: &Arc<Self>,
+        client: &str,
+        queue: &Arc<ConnQueue>,
+        frame: fn(&[u8]) -> bytes::Bytes,
+    ) -> ClientRegistration {
+        let c = Client { user: None, queue: Arc::downgrade(queue), frame };
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).insert(client.to_string(), c);
+        ClientRegistration { registry: self.clone(), client: client.to_string() }
+    }
+
+    /// The connection `client` is now `user`'s.
+    pub fn set_client_user(&self, client: &str, user: &str) {
+        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get_mut(client) {
+            c.user = Some(user.to_string());
+        }
+    }
+
+    /// The user of connection `client`, if it is here and has one.
+    pub fn client_user(&self, client: &str) -> Option<Option<String>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(client).map(|c| c.user.clone())
+    }
+
+    /// Queues the protocol message `json` on connection `client`, or on every connection
+    /// of `user`, here. Returns how many took it.
+    pub fn deliver(&self, client: Option<&str>, user: Option<&str>, json: &[u8]) -> usize {
+        let m = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let targets: Vec<&Client> = match (client, user) {
+            (Some(id), _) => m.get(id).into_iter().collect(),
+            (None, Some(u)) => m.values().filter(|c| c.user.as_deref() == Some(u)).collect(),
+            (None, None) => Vec::new(),
+        };
+        targets
+            .into_iter()
+            .filter_map(|c| c.queue.upgrade().map(|q| (q, c.frame)))
+            .filter(|(q, frame)| q.push(switchboard_core::queue::Event::Frame(frame(json))).is_ok())
+            .count()
     }
 
     /// Users with live connections.

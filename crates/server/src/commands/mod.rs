@@ -41,6 +41,8 @@ pub trait Wire: Send + Sync + 'static {
     fn text(json: &[u8]) -> Bytes;
     /// The last bytes of a session closed with a protocol close code.
     fn close(code: u16, reason: &str) -> Bytes;
+    /// Whether the transport's sessions take direct messages (`{"message":…}` pushes).
+    const DIRECT: bool = true;
 }
 
 /// How a session closed by the server ends: the `disconnect` push saying whether to
@@ -112,6 +114,8 @@ pub struct Session<W: Wire> {
     /// What an anonymous client said about itself (shown in presence as unverified).
     claimed: Option<Box<serde_json::Value>>,
     registration: Option<Box<Registration>>,
+    /// Registered by client id for direct messages.
+    _direct: Option<Box<crate::registry::ClientRegistration>>,
     pub expiry: Expiry,
     /// Fires at the expiry deadline; only sessions with a token have one.
     pub timer: Option<crate::transports::Timer>,
@@ -121,12 +125,16 @@ pub struct Session<W: Wire> {
 impl<W: Wire> Session<W> {
     pub fn new(state: AppState, queue: Arc<ConnQueue>) -> Self {
         let rate = state.config.ws.max_commands_per_sec as f64 * 2.0;
+        let client = crate::presence::client_id();
+        let direct = (W::DIRECT && state.config.direct.enabled)
+            .then(|| Box::new(state.registry.add_client(&client, &queue, W::text)));
         Session {
+            _direct: direct,
             state,
             queue,
             subs: HashMap::new(),
             patterns: HashMap::new(),
-            client: crate::presence::client_id(),
+            client,
             bucket: crate::limits::Bucket::full(rate),
             rejected: crate::limits::SlidingCount::new(),
             identity: None,
@@ -193,9 +201,33 @@ impl<W: Wire> Session<W> {
         };
     }
 
+    /// A direct message from this session, if `[direct]` lets it send to `to`.
+    async fn send(&self, to: &protocol::To, data: &serde_json::value::RawValue) -> Result<String, ApiError> {
+        let user = self.identity.as_ref().map(|i| i.user.as_str());
+        let policy = self.state.config.direct.policy;
+        if policy != crate::config::DirectPolicy::Anyone && user.is_none() {
+            return Err(ApiError::new(Code::TokenRequired, "direct messages need a connection token"));
+        }
+        if policy == crate::config::DirectPolicy::SameUser {
+            let same = match (&to.user, &to.client) {
+                (Some(u), _) => Some(u.as_str()) == user,
+                (None, Some(c)) => self.state.registry.client_user(c).flatten().as_deref() == user,
+                (None, None) => false,
+            };
+            if !same {
+                return Err(ApiError::new(Code::PermissionDenied, "direct messages go to your own connections only"));
+            }
+        }
+        let from = serde_json::json!({"client": self.client, "user": user});
+        ops::send_direct(&self.state, from, to, data).await
+    }
+
     /// Adopts a verified identity: registers the connection under its user (for
     /// `/api/disconnect`) and arms the expiry timer.
     pub fn set_identity(&mut self, who: Identity) {
+        if self._direct.is_some() {
+            self.state.registry.set_client_user(&self.client, &who.user);
+        }
         self.arm(Expiry::Until(who.expires_at_ms()));
         if self.registration.is_none() {
             self.registration =
@@ -368,6 +400,7 @@ impl<W: Wire> Session<W> {
                 }
                 Err(e) => Err(e),
             },
+            Command::Send { to, data } => self.send(&to, data).await.map(Some),
             Command::Ping => Ok(Some("{}".to_string())),
         };
         match result {

@@ -72,6 +72,43 @@ pub async fn publish_to(
     Ok(format!("{{\"epoch\":\"{}\",\"offset\":{}}}", pos.epoch, pos.offset))
 }
 
+/// Delivers a direct message: `{"message":{"from":…,"data":…}}` to connection `to.client`
+/// or every connection of `to.user` — here, and through the backplane on the other nodes.
+/// On one node an absent target is an error; with several, this node cannot know
+/// (`"forwarded":true`). Not stored.
+pub async fn send_direct(
+    state: &AppState,
+    from: serde_json::Value,
+    to: &crate::commands::protocol::To,
+    data: &serde_json::value::RawValue,
+) -> Result<String, ApiError> {
+    if !state.config.direct.enabled {
+        return Err(ApiError::new(
+            Code::TransportDisabled,
+            "direct messages are off on this server ([direct] enabled)",
+        ));
+    }
+    if data.get().len() > state.config.limits.max_message_bytes {
+        return Err(ApiError::new(Code::MessageTooLarge, "the message is over limits.max_message_bytes"));
+    }
+    let json = format!("{{\"message\":{{\"from\":{from},\"data\":{}}}}}", data.get());
+    let delivered = state.registry.deliver(to.client.as_deref(), to.user.as_deref(), json.as_bytes());
+    state.metrics.direct_messages.fetch_add(delivered as u64, std::sync::atomic::Ordering::Relaxed);
+    if matches!(state.config.broker.kind, crate::config::BrokerKind::Redis) {
+        let msg = crate::cluster::Control::Direct { client: to.client.clone(), user: to.user.clone(), json };
+        crate::cluster::broadcast(state, msg).await?;
+        return Ok(format!("{{\"delivered\":{delivered},\"forwarded\":true}}"));
+    }
+    if delivered == 0 {
+        let who = to.client.as_deref().map_or_else(|| format!("user {:?}", to.user), |c| format!("client {c:?}"));
+        return Err(ApiError::new(
+            Code::TargetNotConnected,
+            format!("{who} has no connection that takes direct messages"),
+        ));
+    }
+    Ok(format!("{{\"delivered\":{delivered}}}"))
+}
+
 /// The history answer shared by `GET /api/history` and the WebSocket `history` command:
 /// `{"publications":[…],"epoch","offset","recovered"}`.
 pub async fn history_json(

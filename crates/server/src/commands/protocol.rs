@@ -9,21 +9,73 @@ use crate::error::{ApiError, Code};
 
 /// Every command name. The authorization matrix test walks this list: a new command
 /// must say there whether it touches a channel (and so goes through the gate).
-pub const COMMANDS: &[&str] =
-    &["connect", "refresh", "subscribe", "unsubscribe", "publish", "history", "presence", "presence_stats", "ping"];
+pub const COMMANDS: &[&str] = &[
+    "connect",
+    "refresh",
+    "subscribe",
+    "unsubscribe",
+    "publish",
+    "history",
+    "presence",
+    "presence_stats",
+    "send",
+    "ping",
+];
+
+/// The target of a direct message: one connection, or every connection of a user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct To {
+    pub client: Option<String>,
+    pub user: Option<String>,
+}
 
 /// A command, parsed and checked for its required fields. `token` on a channel command
 /// is a subscription token, for private channels.
 #[derive(Debug)]
 pub enum Command<'a> {
-    Connect { token: Option<String>, client: Option<serde_json::Value> },
-    Subscribe { channel: String, since: Option<String>, rewind: Option<u64>, token: Option<String> },
-    Refresh { token: String },
-    Unsubscribe { channel: String },
-    Publish { channel: String, data: &'a RawValue, volatile: Option<bool>, key: Option<String>, token: Option<String> },
-    PresenceStats { channel: String, token: Option<String> },
-    History { channel: String, since: Option<String>, limit: Option<u64>, token: Option<String> },
-    Presence { channel: String, token: Option<String> },
+    Connect {
+        token: Option<String>,
+        client: Option<serde_json::Value>,
+    },
+    Subscribe {
+        channel: String,
+        since: Option<String>,
+        rewind: Option<u64>,
+        token: Option<String>,
+    },
+    Refresh {
+        token: String,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Publish {
+        channel: String,
+        data: &'a RawValue,
+        volatile: Option<bool>,
+        key: Option<String>,
+        token: Option<String>,
+    },
+    PresenceStats {
+        channel: String,
+        token: Option<String>,
+    },
+    History {
+        channel: String,
+        since: Option<String>,
+        limit: Option<u64>,
+        token: Option<String>,
+    },
+    Presence {
+        channel: String,
+        token: Option<String>,
+    },
+    /// A direct message (not a channel's).
+    Send {
+        to: To,
+        data: &'a RawValue,
+    },
     Ping,
 }
 
@@ -38,7 +90,11 @@ impl Command<'_> {
             Command::Presence { .. } => Some(Operation::Presence),
             Command::PresenceStats { .. } => Some(Operation::PresenceStats),
             // Unsubscribe only ends what the gate let in.
-            Command::Connect { .. } | Command::Refresh { .. } | Command::Unsubscribe { .. } | Command::Ping => None,
+            Command::Connect { .. }
+            | Command::Refresh { .. }
+            | Command::Unsubscribe { .. }
+            | Command::Send { .. }
+            | Command::Ping => None,
         }
     }
 }
@@ -59,6 +115,7 @@ struct Wire<'a> {
     token: Option<String>,
     #[serde(borrow)]
     client: Option<&'a RawValue>,
+    to: Option<To>,
     /// `subscribe` over WebTransport: volatile publications as datagrams (read by that
     /// transport; the others have no datagrams and ignore it).
     #[allow(dead_code)]
@@ -108,6 +165,15 @@ pub fn parse(text: &str) -> Parsed<'_> {
         }
         "presence" => Command::Presence { channel: need(w.channel, "channel")?, token: w.token },
         "presence_stats" => Command::PresenceStats { channel: need(w.channel, "channel")?, token: w.token },
+        "send" => {
+            let bad = |m: &str| (id, ApiError::new(Code::InvalidRequest, m.to_string()));
+            let to = w.to.ok_or_else(|| bad("`send` needs `to`: {\"client\":…} or {\"user\":…}"))?;
+            if to.client.is_some() == to.user.is_some() {
+                return Err(bad("`to` names exactly one of `client` or `user`"));
+            }
+            let data = w.data.ok_or_else(|| bad("`send` needs `data`"))?;
+            Command::Send { to, data }
+        }
         "ping" => Command::Ping,
         other => {
             let shown: String = other.chars().take(32).collect();

@@ -29,6 +29,8 @@ impl Wire for MqttWire {
     fn close(_: u16, _: &str) -> Bytes {
         Bytes::new()
     }
+    // (Direct messages have no MQTT form.)
+    const DIRECT: bool = false;
 }
 
 /// Encoding slots in `Delivery` owned by this transport (QoS 0, not retained).

@@ -1,0 +1,161 @@
+//! Direct messages: a client sends to another client's connection or to every connection
+//! of a user, on WebSocket and WebTransport, on one node and across nodes over Redis;
+//! `[direct] policy` decides who may; an absent target is an explicit error; a flood is
+//! rate limited; nothing is stored.
+
+mod common;
+
+use common::wt::Wt;
+use common::{config, TestServer};
+use serde_json::{json, Value};
+use switchboard_client::{ClientError, Connection};
+use switchboard_server::auth::{sign, unix_now, Claims};
+
+const SECRET: &str = "test-secret-0123456789abcdef0123456789";
+
+fn conf(extra: &str) -> String {
+    format!(
+        "[auth]\nalgorithm = \"HS256\"\nhmac_secret = \"{SECRET}\"\n[webtransport]\nlisten = \"127.0.0.1:0\"\n{extra}"
+    )
+}
+
+fn token(user: &str) -> String {
+    sign("HS256", SECRET, &Claims { sub: user.into(), exp: unix_now() + 600, ..Default::default() }).unwrap()
+}
+
+/// A WebSocket connection as `user` (anonymous with None): the connection and its client id.
+async fn ws(s: &TestServer, user: Option<&str>) -> (Connection, String) {
+    let mut c = Connection::connect(&format!("ws://{}/ws", s.addr)).await.unwrap();
+    let hello = c.call(json!({"cmd": "connect", "token": user.map(token)})).await.unwrap();
+    let client = hello["client"].as_str().expect("the connect reply names the client id").to_string();
+    (c, client)
+}
+
+/// The next direct message pushed to `c`.
+async fn direct(c: &mut Connection) -> Value {
+    loop {
+        let m = c.next_push().await.expect("a push");
+        if m.get("message").is_some() {
+            return m["message"].clone();
+        }
+    }
+}
+
+fn code(r: Result<Value, ClientError>) -> String {
+    match r {
+        Err(ClientError::Server(e)) => e.code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_message_a_client_or_all_of_a_users_connections_on_any_transport() {
+    let s = TestServer::start(config(&conf(""))).await;
+    let (mut alice, alice_id) = ws(&s, Some("alice")).await;
+    let (mut bob_ws, _) = ws(&s, Some("bob")).await;
+    // Bob's second connection is a WebTransport session.
+    let mut bob_wt = Wt::connect(&s, &format!("?token={}", token("bob"))).await;
+    let mut seen = Vec::new();
+    let hello = bob_wt.command(json!({"cmd": "connect"}), 1, &mut seen).await;
+    let bob_wt_id = hello["ok"]["client"].as_str().unwrap().to_string();
+
+    // To one connection: only it gets the message, with who sent it.
+    let r = alice.call(json!({"cmd": "send", "to": {"client": bob_wt_id}, "data": {"sdp": "offer"}})).await.unwrap();
+    assert_eq!(r["delivered"], 1, "{r}");
+    let m = loop {
+        let l = bob_wt.next().await.unwrap();
+        if l.get("message").is_some() {
+            break l["message"].clone();
+        }
+    };
+    assert_eq!(m["data"], json!({"sdp": "offer"}));
+    assert_eq!(m["from"], json!({"client": alice_id, "user": "alice"}));
+    // To a user: every one of bob's connections.
+    let r = alice.call(json!({"cmd": "send", "to": {"user": "bob"}, "data": "hi bob"})).await.unwrap();
+    assert_eq!(r["delivered"], 2, "{r}");
+    assert_eq!(direct(&mut bob_ws).await["data"], "hi bob");
+    // The application, through the server API.
+    let (status, v) = s.post_raw("/api/send", json!({"to": {"client": alice_id}, "data": 7}).to_string()).await;
+    assert_eq!((status, &v["delivered"]), (200, &json!(1)), "{v}");
+    let m = direct(&mut alice).await;
+    assert_eq!((m["from"].clone(), m["data"].clone()), (json!({"server": true}), json!(7)));
+    // Not connected: an explicit error, from the API (404) and from a client.
+    let (status, v) = s.post_raw("/api/send", json!({"to": {"user": "carol"}, "data": 1}).to_string()).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("target_not_connected")), "{v}");
+    let r = alice.call(json!({"cmd": "send", "to": {"client": "no-such-client"}, "data": 1})).await;
+    assert_eq!(code(r), "target_not_connected");
+    // Malformed: both targets, none.
+    let r = alice.call(json!({"cmd": "send", "to": {"client": "x", "user": "y"}, "data": 1})).await;
+    assert_eq!(code(r), "invalid_request");
+    let r = alice.call(json!({"cmd": "send", "data": 1})).await;
+    assert_eq!(code(r), "invalid_request");
+    // Nothing is stored: history has no channel for them, and a later connection of bob's
+    // gets nothing of what was sent before it.
+    let (mut late, _) = ws(&s, Some("bob")).await;
+    let r = alice.call(json!({"cmd": "send", "to": {"user": "bob"}, "data": "after"})).await.unwrap();
+    assert_eq!(r["delivered"], 3, "{r}");
+    assert_eq!(direct(&mut late).await["data"], "after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_decides_who_may_message_whom_and_a_flood_is_limited() {
+    // authenticated (the default): anonymous connections may not send.
+    let s = TestServer::start(config(&conf("[ws]\nmax_commands_per_sec = 5\n"))).await;
+    let (mut anon, anon_id) = ws(&s, None).await;
+    let (mut alice, _) = ws(&s, Some("alice")).await;
+    let r = anon.call(json!({"cmd": "send", "to": {"user": "alice"}, "data": 1})).await;
+    assert_eq!(code(r), "token_required");
+    // …but may receive.
+    alice.call(json!({"cmd": "send", "to": {"client": anon_id}, "data": "to anon"})).await.unwrap();
+    assert_eq!(direct(&mut anon).await["data"], "to anon");
+    // A flood: the command rate refuses, then closes (as for any command).
+    let mut refused = 0;
+    for _ in 0..40 {
+        match alice.call(json!({"cmd": "send", "to": {"client": anon_id}, "data": 0})).await {
+            Ok(_) => {}
+            Err(ClientError::Server(e)) if e.code == "rate_limited" => refused += 1,
+            Err(_) => break, // closed for flooding
+        }
+    }
+    assert!(refused > 0, "no send was rate limited");
+
+    // same_user: only to one's own connections.
+    let s = TestServer::start(config(&conf("[direct]\npolicy = \"same_user\"\n"))).await;
+    let (mut a1, _) = ws(&s, Some("alice")).await;
+    let (mut a2, a2_id) = ws(&s, Some("alice")).await;
+    let (_bob, bob_id) = ws(&s, Some("bob")).await;
+    let r = a1.call(json!({"cmd": "send", "to": {"client": a2_id}, "data": "other tab"})).await.unwrap();
+    assert_eq!(r["delivered"], 1);
+    assert_eq!(direct(&mut a2).await["data"], "other tab");
+    assert_eq!(code(a1.call(json!({"cmd": "send", "to": {"client": bob_id}, "data": 1})).await), "permission_denied");
+    assert_eq!(code(a1.call(json!({"cmd": "send", "to": {"user": "bob"}, "data": 1})).await), "permission_denied");
+
+    // Off: an error saying so.
+    let s = TestServer::start(config(&conf("[direct]\nenabled = false\n"))).await;
+    let (mut a, _) = ws(&s, Some("alice")).await;
+    assert_eq!(code(a.call(json!({"cmd": "send", "to": {"user": "alice"}, "data": 1})).await), "transport_disabled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_nodes_over_redis_a_message_reaches_the_other_node() {
+    let url = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("sbdirect{}", fastrand::u64(..));
+    let redis = format!("[broker]\nkind = \"redis\"\nredis_url = \"{url}\"\nredis_prefix = \"{prefix}\"\n");
+    let a = TestServer::start(config(&conf(&redis))).await;
+    let b = TestServer::start(config(&conf(&redis))).await;
+    let (mut alice, _) = ws(&a, Some("alice")).await;
+    let (mut bob, bob_id) = ws(&b, Some("bob")).await;
+    let r = alice.call(json!({"cmd": "send", "to": {"client": bob_id}, "data": "across"})).await.unwrap();
+    assert_eq!(r["forwarded"], true, "{r}");
+    assert_eq!(direct(&mut bob).await["data"], "across");
+    let r = alice.call(json!({"cmd": "send", "to": {"user": "bob"}, "data": "to the user"})).await.unwrap();
+    assert_eq!(r["forwarded"], true, "{r}");
+    assert_eq!(direct(&mut bob).await["data"], "to the user");
+    // A target on the sending node gets it once (the broadcast is not applied twice).
+    let (mut alice2, alice2_id) = ws(&a, Some("alice")).await;
+    let r = alice.call(json!({"cmd": "send", "to": {"client": alice2_id}, "data": 1})).await.unwrap();
+    assert_eq!(r["delivered"], 1, "{r}");
+    alice.call(json!({"cmd": "send", "to": {"client": alice2_id}, "data": 2})).await.unwrap();
+    assert_eq!(direct(&mut alice2).await["data"], 1);
+    assert_eq!(direct(&mut alice2).await["data"], 2);
+}
