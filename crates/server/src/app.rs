@@ -254,6 +254,7 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
         route(M::GET, "/client.js", Open, crate::assets::client_js),
         route(M::GET, "/client.d.ts", Open, crate::assets::client_dts),
         route(M::GET, "/demo/chat", Open, crate::assets::demo_chat),
+        route(M::GET, "/demo/call", Open, crate::assets::demo_call),
         route(M::POST, "/api/publish", ApiKey, api::publish),
         route(M::POST, "/api/broadcast", ApiKey, api::broadcast),
         route(M::GET, "/api/history", ApiKey, api::history),

@@ -11,6 +11,7 @@ use crate::error::{ApiError, Code};
 const CLIENT_JS: &str = include_str!("../../../clients/js/switchboard.js");
 const CLIENT_DTS: &str = include_str!("../../../clients/js/switchboard.d.ts");
 const DEMO_CHAT: &str = include_str!("../../../clients/js/demo/chat.html");
+const DEMO_CALL: &str = include_str!("../../../clients/js/demo/call.html");
 
 fn file(content_type: &'static str, body: &'static str) -> Response {
     (StatusCode::OK, [("content-type", content_type), ("cache-control", "no-cache")], body).into_response()
@@ -33,8 +34,17 @@ pub async fn client_dts() -> Response {
 }
 
 pub async fn demo_chat(State(state): State<AppState>) -> Result<Response, ApiError> {
+    demo(&state, DEMO_CHAT)
+}
+
+/// `/demo/call`: a WebRTC call whose signaling is Switchboard's direct messages.
+pub async fn demo_call(State(state): State<AppState>) -> Result<Response, ApiError> {
+    demo(&state, DEMO_CALL)
+}
+
+fn demo(state: &AppState, page: &'static str) -> Result<Response, ApiError> {
     if !state.dev {
         return Err(ApiError::new(Code::NotFound, "the demo is served under `switchboard serve --dev` only"));
     }
-    Ok(file("text/html; charset=utf-8", DEMO_CHAT))
+    Ok(file("text/html; charset=utf-8", page))
 }

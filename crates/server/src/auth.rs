@@ -47,6 +47,9 @@ pub struct Claims {
     /// without never grants a private channel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
+    /// May send direct messages under `[direct] policy = "claim"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct: Option<bool>,
 }
 
 /// Who a connection is, once its token checked out.
@@ -57,6 +60,8 @@ pub struct Identity {
     pub channels: Option<Vec<String>>,
     pub info: Option<serde_json::Value>,
     pub jti: Option<String>,
+    /// The token's `direct` claim (`[direct] policy = "claim"`).
+    pub direct: bool,
 }
 
 impl Identity {
@@ -179,7 +184,8 @@ impl Verifier {
                 "this is a subscription token (it has a `channel` claim): it cannot open a connection",
             ));
         }
-        Ok(Identity { user: c.sub, exp: c.exp, channels: c.channels, info: c.info, jti: c.jti })
+        let direct = c.direct.unwrap_or(false);
+        Ok(Identity { user: c.sub, exp: c.exp, channels: c.channels, info: c.info, jti: c.jti, direct })
     }
 
     /// Checks a subscription token for `channel`, issued to `user`.
@@ -467,7 +473,8 @@ mod tests {
     #[test]
     fn deny_entries_expire() {
         let d = DenyList::default();
-        let who = Identity { user: "u".into(), exp: 0, channels: None, info: None, jti: Some("t1".into()) };
+        let who =
+            Identity { user: "u".into(), exp: 0, channels: None, info: None, jti: Some("t1".into()), direct: false };
         d.check(&who).unwrap();
         d.revoke_token("t1", Duration::from_secs(60)).unwrap();
         assert_eq!(d.check(&who).unwrap_err().code, Code::TokenRevoked);

@@ -355,13 +355,20 @@ pub enum HttpMode {
 #[serde(deny_unknown_fields, default)]
 pub struct DirectConfig {
     pub enabled: bool,
-    /// Who may message whom.
-    pub policy: DirectPolicy,
+    /// Who may message whom (default: `authenticated`; under `serve --dev`, `anyone`).
+    pub policy: Option<DirectPolicy>,
 }
 
 impl Default for DirectConfig {
     fn default() -> Self {
-        DirectConfig { enabled: true, policy: DirectPolicy::Authenticated }
+        DirectConfig { enabled: true, policy: None }
+    }
+}
+
+impl DirectConfig {
+    /// The policy in force: the configured one, else by mode.
+    pub fn policy(&self, dev: bool) -> DirectPolicy {
+        self.policy.unwrap_or(if dev { DirectPolicy::Anyone } else { DirectPolicy::Authenticated })
     }
 }
 
@@ -375,6 +382,11 @@ pub enum DirectPolicy {
     /// A connection with a token may message only its own user's connections (another
     /// tab, another device).
     SameUser,
+    /// A connection may message those in the presence of a channel it is subscribed to
+    /// (a room's members).
+    Presence,
+    /// A connection whose token has the claim `"direct": true` may message anyone.
+    Claim,
 }
 
 /// WebTransport over HTTP/3 (docs/protocol.md, "WebTransport").

@@ -547,6 +547,7 @@ fn every_route_and_every_command_is_in_the_matrix() {
         "/client.js",
         "/client.d.ts",
         "/demo/chat",
+        "/demo/call",
         "/wt/cert-hash",
     ];
     for r in routes() {

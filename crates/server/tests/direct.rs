@@ -99,8 +99,10 @@ async fn clients_message_a_client_or_all_of_a_users_connections_on_any_transport
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_policy_decides_who_may_message_whom_and_a_flood_is_limited() {
-    // authenticated (the default): anonymous connections may not send.
-    let s = TestServer::start(config(&conf("[ws]\nmax_commands_per_sec = 5\n"))).await;
+    // authenticated (the default, but for `--dev`'s `anyone`): anonymous connections may
+    // not send.
+    let policy = "[direct]\npolicy = \"authenticated\"\n";
+    let s = TestServer::start(config(&conf(&format!("{policy}[ws]\nmax_commands_per_sec = 5\n")))).await;
     let (mut anon, anon_id) = ws(&s, None).await;
     let (mut alice, _) = ws(&s, Some("alice")).await;
     let r = anon.call(json!({"cmd": "send", "to": {"user": "alice"}, "data": 1})).await;
@@ -130,6 +132,45 @@ async fn the_policy_decides_who_may_message_whom_and_a_flood_is_limited() {
     assert_eq!(code(a1.call(json!({"cmd": "send", "to": {"client": bob_id}, "data": 1})).await), "permission_denied");
     assert_eq!(code(a1.call(json!({"cmd": "send", "to": {"user": "bob"}, "data": 1})).await), "permission_denied");
 
+    // presence: to those present in a channel the sender is subscribed to.
+    let s =
+        TestServer::start(config(&conf("[direct]\npolicy = \"presence\"\n[namespaces.room]\npresence = true\n"))).await;
+    let (mut alice, _) = ws(&s, Some("alice")).await;
+    let (mut bob, bob_id) = ws(&s, Some("bob")).await;
+    let (_carol, carol_id) = ws(&s, Some("carol")).await;
+    for c in [&mut alice, &mut bob] {
+        c.call(json!({"cmd": "subscribe", "channel": "room:1"})).await.unwrap();
+    }
+    let r = alice.call(json!({"cmd": "send", "to": {"client": bob_id}, "data": "in the room"})).await.unwrap();
+    assert_eq!(r["delivered"], 1);
+    assert_eq!(direct(&mut bob).await["data"], "in the room");
+    assert_eq!(
+        code(alice.call(json!({"cmd": "send", "to": {"client": carol_id}, "data": 1})).await),
+        "permission_denied"
+    );
+    assert_eq!(code(alice.call(json!({"cmd": "send", "to": {"user": "carol"}, "data": 1})).await), "permission_denied");
+
+    // claim: a token with "direct": true may message anyone; without, not.
+    let s = TestServer::start(config(&conf("[direct]\npolicy = \"claim\"\n"))).await;
+    let claimed = sign(
+        "HS256",
+        SECRET,
+        &Claims { sub: "ops".into(), exp: unix_now() + 600, direct: Some(true), ..Default::default() },
+    )
+    .unwrap();
+    let mut ops = Connection::connect(&format!("ws://{}/ws", s.addr)).await.unwrap();
+    ops.call(json!({"cmd": "connect", "token": claimed})).await.unwrap();
+    let (mut dana, dana_id) = ws(&s, Some("dana")).await;
+    ops.call(json!({"cmd": "send", "to": {"client": dana_id}, "data": "from ops"})).await.unwrap();
+    assert_eq!(direct(&mut dana).await["data"], "from ops");
+    assert_eq!(code(dana.call(json!({"cmd": "send", "to": {"user": "ops"}, "data": 1})).await), "permission_denied");
+
+    // Under --dev without a policy configured: anyone, anonymous senders too.
+    let s = TestServer::start(config(&conf(""))).await;
+    let (mut anon, _) = ws(&s, None).await;
+    let (_alice, alice_id) = ws(&s, Some("alice")).await;
+    let r = anon.call(json!({"cmd": "send", "to": {"client": alice_id}, "data": 1})).await.unwrap();
+    assert_eq!(r["delivered"], 1);
     // Off: an error saying so.
     let s = TestServer::start(config(&conf("[direct]\nenabled = false\n"))).await;
     let (mut a, _) = ws(&s, Some("alice")).await;
