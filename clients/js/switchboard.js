@@ -611,7 +611,15 @@ class SseTransport {
       let opened = false;
       const es = new ES(`${this.c.httpBase}/sse?${q}`);
       this.es = es;
-      es.addEventListener('subscribed', () => { opened = true; resolve(); });
+      es.addEventListener('subscribed', (ev) => {
+        this.clientId = safeJson(ev.data)?.client ?? null;
+        opened = true;
+        resolve();
+      });
+      es.addEventListener('direct', (ev) => {
+        const m = safeJson(ev.data);
+        if (m) this.c.emit('message:direct', m.data, m.from);
+      });
       es.addEventListener('message', (ev) => {
         const pub = safeJson(ev.data);
         if (!pub || typeof pub !== 'object') return this.c._protocolError('malformed SSE event');

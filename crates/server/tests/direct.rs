@@ -89,6 +89,15 @@ async fn clients_message_a_client_or_all_of_a_users_connections_on_any_transport
     assert_eq!(code(r), "invalid_request");
     let r = alice.call(json!({"cmd": "send", "data": 1})).await;
     assert_eq!(code(r), "invalid_request");
+    // An SSE stream takes them too, as `event: direct` (its client id in `subscribed`).
+    let mut sse = common::Sse::connect(&s, &format!("channel=news:x&token={}", token("erin")), None).await;
+    let subscribed: Value = serde_json::from_str(&sse.next_named("subscribed").await.data).unwrap();
+    let sse_id = subscribed["client"].as_str().unwrap().to_string();
+    alice.call(json!({"cmd": "send", "to": {"client": sse_id}, "data": "to the stream"})).await.unwrap();
+    let e: Value = serde_json::from_str(&sse.next_named("direct").await.data).unwrap();
+    assert_eq!(e, json!({"from": {"client": alice_id, "user": "alice"}, "data": "to the stream"}));
+    let r = alice.call(json!({"cmd": "send", "to": {"user": "erin"}, "data": 2})).await.unwrap();
+    assert_eq!(r["delivered"], 1, "{r}");
     // Nothing is stored: history has no channel for them, and a later connection of bob's
     // gets nothing of what was sent before it.
     let (mut late, _) = ws(&s, Some("bob")).await;

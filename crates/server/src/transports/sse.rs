@@ -89,6 +89,14 @@ pub async fn handler(
     let ip = super::client_ip(&state, &headers, &ext);
     tracing::debug!(client_ip = ?ip, channels = channels.len(), patterns = patterns.len(), "sse stream opened");
     let registration = who.as_ref().map(|w| state.registry.register(&w.user, w.jti.clone(), session.queue.clone()));
+    // Direct messages reach the stream too, as `event: direct`.
+    let direct = state.config.direct.enabled.then(|| {
+        let r = state.registry.add_client(&client, &session.queue, direct_event);
+        if let Some(w) = &who {
+            state.registry.set_client_user(&client, &w.user);
+        }
+        Box::new(r)
+    });
     // The stream ends when the token does; the client reconnects with a fresh one.
     let expiry = who.as_ref().map(|w| super::timer(&state, w.expires_at_ms()));
     let stream =
@@ -97,6 +105,8 @@ pub async fn handler(
             patterns: patterns.iter().map(|p| p.pattern.to_string()).collect(),
             _slot: slot,
             _registration: registration,
+            _direct: direct,
+            client,
             expiry,
             channels: channels.iter().map(|r| r.channel.clone()).collect(),
             // Reset channels keep the client's old position until their reset event is
@@ -146,6 +156,9 @@ struct SseStream {
     patterns: Vec<String>,
     _slot: super::Admitted,
     _registration: Option<Registration>,
+    _direct: Option<Box<crate::registry::ClientRegistration>>,
+    /// This stream's client id (in `subscribed`: what direct messages are sent to).
+    client: String,
     expiry: Option<super::Timer>,
     channels: Vec<ChannelName>,
     positions: Vec<StreamPosition>,
@@ -231,7 +244,7 @@ impl SseStream {
                 })
             })
             .collect();
-        let data = serde_json::json!({ "channels": subscribed, "patterns": self.patterns });
+        let data = serde_json::json!({ "channels": subscribed, "patterns": self.patterns, "client": self.client });
         out.put_slice(format!("id: {}\nevent: subscribed\ndata: {data}\n\n", self.cursor()).as_bytes());
         let resets: Vec<(usize, StreamPosition)> = self
             .session
@@ -315,6 +328,17 @@ impl SseStream {
         let data = serde_json::json!({"reason": name, "reconnect": reconnect, "retry_ms": retry});
         Bytes::from(format!("retry: {retry}\nevent: disconnect\ndata: {data}\n\n"))
     }
+}
+
+/// A direct message (`{"message":{"from","data"}}`) as `event: direct` with the inner
+/// `{"from","data"}`.
+fn direct_event(json: &[u8]) -> Bytes {
+    let inner = json.strip_prefix(b"{\"message\":").and_then(|j| j.strip_suffix(b"}")).unwrap_or(json);
+    let mut b = BytesMut::with_capacity(inner.len() + 24);
+    b.put_slice(b"event: direct\ndata: ");
+    b.put_slice(inner);
+    b.put_slice(b"\n\n");
+    b.freeze()
 }
 
 fn event_body(d: &Delivery) -> Bytes {
