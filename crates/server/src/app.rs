@@ -57,6 +57,11 @@ pub struct Inner {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// TLS on the listener, when configured.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Direct messages sent to the other nodes, waiting for their answers: request id →
+    /// where each node's (node id, delivered) goes.
+    pub direct_pending:
+        std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::mpsc::UnboundedSender<(String, usize)>>>,
+    pub direct_requests: std::sync::atomic::AtomicU64,
     /// The WebTransport development certificate's hash (`/wt/cert-hash`).
     pub webtransport_cert: crate::transports::wt::CertHashSlot,
     /// The registry `/metrics` encodes: this server's series and the process's. An
@@ -168,6 +173,8 @@ impl AppState {
                 mqtt_sessions: Default::default(),
                 mqtt_groups: Default::default(),
                 webtransport_cert: Default::default(),
+                direct_pending: Default::default(),
+                direct_requests: Default::default(),
                 limits,
                 presence,
                 node_id,

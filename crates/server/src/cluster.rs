@@ -27,11 +27,20 @@ pub enum Control {
         jti: Option<String>,
         ttl_secs: u64,
     },
-    /// A direct message for a client or user that may be connected here.
+    /// A direct message for a client or user that may be connected here; each node
+    /// answers `origin`'s request `req` with how many of its connections took it.
     Direct {
         client: Option<String>,
         user: Option<String>,
         json: String,
+        origin: String,
+        req: u64,
+    },
+    DirectAck {
+        origin: String,
+        req: u64,
+        node: String,
+        delivered: usize,
     },
 }
 
@@ -66,9 +75,21 @@ fn apply(state: &AppState, msg: Control) {
             }
             state.registry.disconnect(user.as_deref(), jti.as_deref(), CloseReason::Disconnected);
         }
-        Control::Direct { client, user, json } => {
-            let n = state.registry.deliver(client.as_deref(), user.as_deref(), json.as_bytes());
-            state.metrics.direct_messages.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Control::Direct { client, user, json, origin, req } => {
+            let delivered = state.registry.deliver(client.as_deref(), user.as_deref(), json.as_bytes());
+            state.metrics.direct_messages.fetch_add(delivered as u64, std::sync::atomic::Ordering::Relaxed);
+            let state = state.clone();
+            tokio::spawn(async move {
+                let node = state.node_id.clone();
+                let _ = broadcast(&state, Control::DirectAck { origin, req, node, delivered }).await;
+            });
+        }
+        Control::DirectAck { origin, req, node, delivered } => {
+            if origin == state.node_id {
+                if let Some(tx) = state.direct_pending.lock().unwrap_or_else(|p| p.into_inner()).get(&req) {
+                    let _ = tx.send((node, delivered));
+                }
+            }
         }
     }
 }

@@ -195,11 +195,20 @@ async fn across_nodes_over_redis_a_message_reaches_the_other_node() {
     let b = TestServer::start(config(&conf(&redis))).await;
     let (mut alice, _) = ws(&a, Some("alice")).await;
     let (mut bob, bob_id) = ws(&b, Some("bob")).await;
+    // (Each node registers itself at start: wait until both are in the registry.)
+    for _ in 0..600 {
+        let (_, v) = a.get_json("/api/info").await;
+        if v["nodes"].as_array().is_some_and(|n| n.len() >= 2) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The other node answers how many took it: the count is the cluster's.
     let r = alice.call(json!({"cmd": "send", "to": {"client": bob_id}, "data": "across"})).await.unwrap();
-    assert_eq!(r["forwarded"], true, "{r}");
+    assert_eq!(r, json!({"delivered": 1}));
     assert_eq!(direct(&mut bob).await["data"], "across");
     let r = alice.call(json!({"cmd": "send", "to": {"user": "bob"}, "data": "to the user"})).await.unwrap();
-    assert_eq!(r["forwarded"], true, "{r}");
+    assert_eq!(r, json!({"delivered": 1}));
     assert_eq!(direct(&mut bob).await["data"], "to the user");
     // A target on the sending node gets it once (the broadcast is not applied twice).
     let (mut alice2, alice2_id) = ws(&a, Some("alice")).await;
@@ -208,4 +217,9 @@ async fn across_nodes_over_redis_a_message_reaches_the_other_node() {
     alice.call(json!({"cmd": "send", "to": {"client": alice2_id}, "data": 2})).await.unwrap();
     assert_eq!(direct(&mut alice2).await["data"], 1);
     assert_eq!(direct(&mut alice2).await["data"], 2);
+    // No node has it: the explicit error, from a client and from the API.
+    let r = alice.call(json!({"cmd": "send", "to": {"user": "nobody"}, "data": 1})).await;
+    assert_eq!(code(r), "target_not_connected");
+    let (status, v) = b.post_raw("/api/send", json!({"to": {"client": "gone"}, "data": 1}).to_string()).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("target_not_connected")), "{v}");
 }

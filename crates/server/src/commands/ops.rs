@@ -72,10 +72,13 @@ pub async fn publish_to(
     Ok(format!("{{\"epoch\":\"{}\",\"offset\":{}}}", pos.epoch, pos.offset))
 }
 
+/// How long a direct message waits for the other nodes to say whether they delivered it.
+const DIRECT_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Delivers a direct message: `{"message":{"from":…,"data":…}}` to connection `to.client`
-/// or every connection of `to.user` — here, and through the backplane on the other nodes.
-/// On one node an absent target is an error; with several, this node cannot know
-/// (`"forwarded":true`). Not stored.
+/// or every connection of `to.user` — here, and through the backplane on the other nodes,
+/// each of which answers how many of its connections took it. A target that no node has
+/// is an error. Not stored.
 pub async fn send_direct(
     state: &AppState,
     from: serde_json::Value,
@@ -94,19 +97,65 @@ pub async fn send_direct(
     let json = format!("{{\"message\":{{\"from\":{from},\"data\":{}}}}}", data.get());
     let delivered = state.registry.deliver(to.client.as_deref(), to.user.as_deref(), json.as_bytes());
     state.metrics.direct_messages.fetch_add(delivered as u64, std::sync::atomic::Ordering::Relaxed);
+    let (mut delivered, mut unanswered) = (delivered, 0);
     if matches!(state.config.broker.kind, crate::config::BrokerKind::Redis) {
-        let msg = crate::cluster::Control::Direct { client: to.client.clone(), user: to.user.clone(), json };
-        crate::cluster::broadcast(state, msg).await?;
-        return Ok(format!("{{\"delivered\":{delivered},\"forwarded\":true}}"));
+        let (there, silent) = elsewhere(state, to, json).await?;
+        (delivered, unanswered) = (delivered + there, silent);
     }
-    if delivered == 0 {
+    if delivered == 0 && unanswered == 0 {
         let who = to.client.as_deref().map_or_else(|| format!("user {:?}", to.user), |c| format!("client {c:?}"));
         return Err(ApiError::new(
             Code::TargetNotConnected,
             format!("{who} has no connection that takes direct messages"),
         ));
     }
+    if unanswered > 0 {
+        // Some node did not answer in time: it may have delivered it, or not.
+        return Ok(format!("{{\"delivered\":{delivered},\"unanswered_nodes\":{unanswered}}}"));
+    }
     Ok(format!("{{\"delivered\":{delivered}}}"))
+}
+
+/// Sends a direct message to the other live nodes and waits (at most
+/// [`DIRECT_ANSWER_WAIT`]) for each to say how many of its connections took it: (how
+/// many took it there, how many nodes did not answer).
+async fn elsewhere(
+    state: &AppState,
+    to: &crate::commands::protocol::To,
+    json: String,
+) -> Result<(usize, usize), ApiError> {
+    let nodes = state.hub.broker().nodes().await?.unwrap_or_default();
+    let mut waiting: std::collections::HashSet<String> =
+        nodes.into_iter().map(|n| n.id).filter(|id| *id != state.node_id).collect();
+    if waiting.is_empty() {
+        return Ok((0, 0));
+    }
+    let req = state.direct_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    state.direct_pending.lock().unwrap_or_else(|p| p.into_inner()).insert(req, tx);
+    struct Pending<'a>(&'a AppState, u64);
+    impl Drop for Pending<'_> {
+        fn drop(&mut self) {
+            self.0.direct_pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+        }
+    }
+    let _pending = Pending(state, req);
+    let origin = state.node_id.clone();
+    let msg = crate::cluster::Control::Direct { client: to.client.clone(), user: to.user.clone(), json, origin, req };
+    crate::cluster::broadcast(state, msg).await?;
+    let mut delivered = 0;
+    let answers = async {
+        while let Some((node, n)) = rx.recv().await {
+            if waiting.remove(&node) {
+                delivered += n;
+            }
+            if waiting.is_empty() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DIRECT_ANSWER_WAIT, answers).await;
+    Ok((delivered, waiting.len()))
 }
 
 /// The history answer shared by `GET /api/history` and the WebSocket `history` command:
