@@ -222,27 +222,34 @@ async fn handle(incoming: IncomingSession, state: AppState) {
         }
     }
     let query = crate::session::Query::parse(raw_query.as_deref());
-    let admitted = crate::transports::admit(&state, &headers, &axum::http::Extensions::new());
-    let identity = admitted.as_ref().ok().map(|_| crate::transports::identity(&state, &headers, &query));
-    let (admitted, identity) = match (admitted, identity) {
-        (Ok(a), Some(Ok(who))) => (a, who),
-        (Err(e), _) | (_, Some(Err(e))) => {
+    let checked = crate::transports::admit(&state, &headers, &axum::http::Extensions::new())
+        .and_then(|a| Ok((a, crate::transports::identity(&state, &headers, &query)?)));
+    let (admitted, identity) = match checked {
+        Ok(x) => x,
+        Err(e) => {
             tracing::debug!(%peer, "WebTransport session refused: {}", e.message);
             state.metrics.error(e.code.as_str());
-            match e.code {
-                Code::ServerBusy | Code::RateLimited | Code::TooManyConnections => request.too_many_requests().await,
-                // A bad token is told on the session: 4100, `code: message`.
-                Code::TokenInvalid | Code::TokenExpired | Code::TokenRevoked => {
+            // A bad token is told on the session, with WebSocket's codes and `code: message`.
+            let token_close = match e.code {
+                Code::TokenInvalid => Some(close::TOKEN_INVALID),
+                Code::TokenExpired => Some(close::TOKEN_EXPIRED),
+                Code::TokenRevoked => Some(close::DISCONNECTED),
+                _ => None,
+            };
+            match (e.code, token_close) {
+                (_, Some(code)) => {
                     if let Ok(conn) = request.accept().await {
                         let why = format!("{}: {}", e.code.as_str(), e.message);
-                        conn.close(VarInt::from_u32(close::TOKEN_INVALID as u32), why.as_bytes());
+                        conn.close(VarInt::from_u32(code as u32), why.as_bytes());
                     }
+                }
+                (Code::ServerBusy | Code::RateLimited | Code::TooManyConnections, _) => {
+                    request.too_many_requests().await
                 }
                 _ => request.forbidden().await,
             }
             return;
         }
-        (Ok(_), None) => unreachable!("identity is read once admitted"),
     };
     let offered = offers_protocol(&request, &query);
     let accepted = if offered {
