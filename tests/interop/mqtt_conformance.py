@@ -251,6 +251,15 @@ class Raw:
         self.sock.close()
 
 
+def closes(v5, pkt, codes=(-1, 0x81)):
+    """Sends `pkt` on a fresh connection: the server must close it (MQTT 5: after a
+    DISCONNECT with one of `codes`; -1 is a close without one)."""
+    c = raw(v5)
+    c.send(pkt)
+    reason = c.closed()
+    check(reason in codes, f"the connection stays open, or closed with {reason}")
+
+
 def raw(v5=True, **kw):
     c = Raw(v5)
     r = c.connect(**kw)
@@ -516,16 +525,12 @@ def _(v5):
 
 @statement("MQTT-3.3.1-4", BOTH, "A PUBLISH packet MUST NOT have both QoS bits set to 1; if it does, the connection is closed")
 def _(v5):
-    c = raw(v5)
-    c.send(packet(0x36, s16(topic()) + b"\x00\x01" + (props() if v5 else b"") + b"x"))
-    check(c.closed() in (-1, 0x81), "the connection stays open")
+    closes(v5, packet(0x36, s16(topic()) + b"\x00\x01" + (props() if v5 else b"") + b"x"))
 
 
 @statement("MQTT-3.3.1-2", BOTH, "The DUP flag MUST be set to 0 for all QoS 0 messages (a QoS 0 PUBLISH with DUP is malformed)")
 def _(v5):
-    c = raw(v5)
-    c.send(packet(0x38, s16(topic()) + (props() if v5 else b"") + b"x"))
-    check(c.closed() in (-1, 0x81), "the connection stays open")
+    closes(v5, packet(0x38, s16(topic()) + (props() if v5 else b"") + b"x"))
 
 
 @statement("MQTT-3.3.2-2", BOTH, "The Topic Name in a PUBLISH packet MUST NOT contain wildcard characters")
@@ -637,30 +642,22 @@ def resend_pubrel(v5):
 
 @statement("MQTT-3.6.1-1", BOTH, "Bits 3,2,1,0 of PUBREL's fixed header MUST be 0,0,1,0; others are malformed and close the connection")
 def _(v5):
-    c = raw(v5)
-    c.send(packet(0x60, b"\x00\x01"))
-    check(c.closed() in (-1, 0x81), "the connection stays open")
+    closes(v5, packet(0x60, b"\x00\x01"))
 
 
 @statement("MQTT-3.8.1-1", BOTH, "Bits 3,2,1,0 of SUBSCRIBE's fixed header MUST be 0,0,1,0; others are malformed and close the connection")
 def _(v5):
-    c = raw(v5)
-    c.send(packet(0x80, b"\x00\x01" + (props() if v5 else b"") + s16(topic()) + b"\x00"))
-    check(c.closed() in (-1, 0x81), "the connection stays open")
+    closes(v5, packet(0x80, b"\x00\x01" + (props() if v5 else b"") + s16(topic()) + b"\x00"))
 
 
 @statement("MQTT-3.10.1-1", BOTH, "Bits 3,2,1,0 of UNSUBSCRIBE's fixed header MUST be 0,0,1,0; others are malformed and close the connection")
 def _(v5):
-    c = raw(v5)
-    c.send(packet(0xA0, b"\x00\x01" + (props() if v5 else b"") + s16(topic())))
-    check(c.closed() in (-1, 0x81), "the connection stays open")
+    closes(v5, packet(0xA0, b"\x00\x01" + (props() if v5 else b"") + s16(topic())))
 
 
 @statement({"3.1.1": "MQTT-3.8.3-3", "5": "MQTT-3.8.3-2"}, BOTH, "The payload of a SUBSCRIBE packet MUST contain at least one Topic Filter; one without is a protocol violation")
 def _(v5):
-    c = raw(v5)
-    c.send(packet(0x82, b"\x00\x01" + (props() if v5 else b"")))
-    check(c.closed() in (-1, 0x82, 0x81), "the connection stays open")
+    closes(v5, packet(0x82, b"\x00\x01" + (props() if v5 else b"")), (-1, 0x82, 0x81))
 
 
 @statement({"3.1.1": "MQTT-3.8.3-4", "5": "MQTT-3.8.3-5"}, BOTH, "The Server MUST treat a SUBSCRIBE whose reserved option bits are non-zero (3.1.1: or QoS 3) as malformed (the 3.1.1 text prints this id as MQTT-3-8.3-4)")
@@ -792,9 +789,7 @@ def _(v5):
 
 @statement("MQTT-3.10.3-2", BOTH, "The payload of an UNSUBSCRIBE packet MUST contain at least one Topic Filter; one without is a protocol violation")
 def _(v5):
-    c = raw(v5)
-    c.send(packet(0xA2, b"\x00\x01" + (props() if v5 else b"")))
-    check(c.closed() in (-1, 0x82, 0x81), "the connection stays open")
+    closes(v5, packet(0xA2, b"\x00\x01" + (props() if v5 else b"")), (-1, 0x82, 0x81))
 
 
 @statement("MQTT-3.12.4-1", BOTH, "The Server MUST send a PINGRESP packet in response to a PINGREQ packet")
@@ -806,16 +801,12 @@ def _(v5):
 
 @statement({"3.1.1": "MQTT-1.5.3-1", "5": "MQTT-1.5.4-1"}, BOTH, "A packet with ill-formed UTF-8 in a string MUST close the connection (MQTT 5: a Malformed Packet)")
 def _(v5):
-    c = raw(v5)
-    c.send(packet(0x30, s16(b"conf/\xc3\x28") + (props() if v5 else b"") + b"x"))
-    check(c.closed() in (-1, 0x81), "the connection stays open")
+    closes(v5, packet(0x30, s16(b"conf/\xc3\x28") + (props() if v5 else b"") + b"x"))
 
 
 @statement({"3.1.1": "MQTT-1.5.3-2", "5": "MQTT-1.5.4-2"}, BOTH, "A string containing U+0000 MUST close the connection (MQTT 5: a Malformed Packet)")
 def _(v5):
-    c = raw(v5)
-    c.send(packet(0x82, b"\x00\x01" + (props() if v5 else b"") + s16(b"conf/a\x00b") + b"\x00"))
-    check(c.closed() in (-1, 0x81), "the connection stays open")
+    closes(v5, packet(0x82, b"\x00\x01" + (props() if v5 else b"") + s16(b"conf/a\x00b") + b"\x00"))
 
 
 @statement({"3.1.1": "MQTT-4.7.1-2", "5": "MQTT-4.7.1-1"}, BOTH, "The multi-level wildcard MUST be the last character and follow a level separator: otherwise the filter is refused")
