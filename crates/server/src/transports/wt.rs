@@ -120,13 +120,25 @@ impl Listener {
         };
         let tls = crate::tls::quic_server_config(resolver)?;
         let idle = Duration::from_secs(state.config.webtransport.idle_timeout_secs.max(1));
-        let config = ServerConfig::builder()
+        let mut config = ServerConfig::builder()
             .with_bind_address(addr)
             .with_custom_tls(tls)
             .keep_alive_interval(Some(idle / 3))
             .max_idle_timeout(Some(idle))
             .map_err(|_| format!("webtransport.idle_timeout_secs {}: too long", idle.as_secs()))?
             .build();
+        // Sized for many sessions of one protocol stream each, not for bulk transfer.
+        let mut t = wtransport::quinn::TransportConfig::default();
+        t.max_idle_timeout(Some(idle.try_into().map_err(|_| "webtransport.idle_timeout_secs: too long")?));
+        t.keep_alive_interval(Some(idle / 3));
+        t.max_concurrent_bidi_streams(4u32.into());
+        t.max_concurrent_uni_streams(8u32.into());
+        t.stream_receive_window((256u32 * 1024).into());
+        t.receive_window((512u32 * 1024).into());
+        t.send_window(1024 * 1024);
+        t.datagram_receive_buffer_size(Some(64 * 1024));
+        t.datagram_send_buffer_size(256 * 1024);
+        config.quic_config_mut().transport_config(Arc::new(t));
         let endpoint = Endpoint::server(config).map_err(|e| format!("webtransport.listen {addr} (UDP): {e}"))?;
         Ok(Listener { endpoint, dev })
     }
