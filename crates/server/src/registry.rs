@@ -35,7 +35,7 @@ pub struct ClientRegistration {
 
 impl Drop for ClientRegistration {
     fn drop(&mut self) {
-        self.registry.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.client);
+        self.registry.remove_client(&self.client);
     }
 }
 
@@ -74,16 +74,27 @@ impl Registry {
         n
     }
 
-    /// Registers a connection for direct messages to `client`.
+    /// Registers a connection for direct messages to `client`; whoever holds the
+    /// registration (an SSE stream) unregisters by dropping it.
     pub fn add_client(
         self: &Arc<Self>,
         client: &str,
         queue: &Arc<ConnQueue>,
         frame: fn(&[u8]) -> bytes::Bytes,
     ) -> ClientRegistration {
+        self.insert_client(client, queue, frame);
+        ClientRegistration { registry: self.clone(), client: client.to_string() }
+    }
+
+    /// Registers a connection for direct messages to `client`, to be removed with
+    /// [`Registry::remove_client`] (a command session does, keeping no second copy of its id).
+    pub fn insert_client(&self, client: &str, queue: &Arc<ConnQueue>, frame: fn(&[u8]) -> bytes::Bytes) {
         let c = Client { user: None, queue: Arc::downgrade(queue), frame };
         self.clients.lock().unwrap_or_else(|p| p.into_inner()).insert(client.to_string(), c);
-        ClientRegistration { registry: self.clone(), client: client.to_string() }
+    }
+
+    pub fn remove_client(&self, client: &str) {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(client);
     }
 
     /// The connection `client` is now `user`'s.

@@ -114,22 +114,32 @@ pub struct Session<W: Wire> {
     /// What an anonymous client said about itself (shown in presence as unverified).
     claimed: Option<Box<serde_json::Value>>,
     registration: Option<Box<Registration>>,
-    /// Registered by client id for direct messages.
-    _direct: Option<Box<crate::registry::ClientRegistration>>,
+    /// Registered by client id for direct messages (removed on drop).
+    direct: bool,
     pub expiry: Expiry,
     /// Fires at the expiry deadline; only sessions with a token have one.
     pub timer: Option<crate::transports::Timer>,
     wire: PhantomData<W>,
 }
 
+impl<W: Wire> Drop for Session<W> {
+    fn drop(&mut self) {
+        if self.direct {
+            self.state.registry.remove_client(&self.client);
+        }
+    }
+}
+
 impl<W: Wire> Session<W> {
     pub fn new(state: AppState, queue: Arc<ConnQueue>) -> Self {
         let rate = state.config.ws.max_commands_per_sec as f64 * 2.0;
         let client = crate::presence::client_id();
-        let direct = (W::DIRECT && state.config.direct.enabled)
-            .then(|| Box::new(state.registry.add_client(&client, &queue, W::text)));
+        let direct = W::DIRECT && state.config.direct.enabled;
+        if direct {
+            state.registry.insert_client(&client, &queue, W::text);
+        }
         Session {
-            _direct: direct,
+            direct,
             state,
             queue,
             subs: HashMap::new(),
@@ -254,7 +264,7 @@ impl<W: Wire> Session<W> {
     /// Adopts a verified identity: registers the connection under its user (for
     /// `/api/disconnect`) and arms the expiry timer.
     pub fn set_identity(&mut self, who: Identity) {
-        if self._direct.is_some() {
+        if self.direct {
             self.state.registry.set_client_user(&self.client, &who.user);
         }
         self.arm(Expiry::Until(who.expires_at_ms()));
