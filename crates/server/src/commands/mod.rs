@@ -114,7 +114,8 @@ pub struct Session<W: Wire> {
     /// What an anonymous client said about itself (shown in presence as unverified).
     claimed: Option<Box<serde_json::Value>>,
     registration: Option<Box<Registration>>,
-    /// Registered by client id for direct messages (removed on drop).
+    /// Registered by client id for direct messages (at `connect`; removed on drop): a
+    /// connection that never sends `connect` does not know its id and costs nothing here.
     direct: bool,
     pub expiry: Expiry,
     /// Fires at the expiry deadline; only sessions with a token have one.
@@ -134,12 +135,8 @@ impl<W: Wire> Session<W> {
     pub fn new(state: AppState, queue: Arc<ConnQueue>) -> Self {
         let rate = state.config.ws.max_commands_per_sec as f64 * 2.0;
         let client = crate::presence::client_id();
-        let direct = W::DIRECT && state.config.direct.enabled;
-        if direct {
-            state.registry.insert_client(&client, &queue, W::text);
-        }
         Session {
-            direct,
+            direct: false,
             state,
             queue,
             subs: HashMap::new(),
@@ -259,6 +256,18 @@ impl<W: Wire> Session<W> {
             }
         }
         false
+    }
+
+    /// Makes this session addressable by direct messages (once, at `connect`).
+    fn register_direct(&mut self) {
+        if self.direct || !W::DIRECT || !self.state.config.direct.enabled {
+            return;
+        }
+        self.state.registry.insert_client(&self.client, &self.queue, W::text);
+        if let Some(who) = &self.identity {
+            self.state.registry.set_client_user(&self.client, &who.user);
+        }
+        self.direct = true;
     }
 
     /// Adopts a verified identity: registers the connection under its user (for
@@ -403,6 +412,7 @@ impl<W: Wire> Session<W> {
                             if let Some(who) = who {
                                 self.set_identity(who);
                             }
+                            self.register_direct();
                             let user = self.identity.as_deref().map(|w| w.user.clone());
                             let expires = self.identity.as_deref().map(|w| w.expires_in_ms(&self.state.clock));
                             Ok(Some(
