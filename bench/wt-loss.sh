@@ -21,7 +21,12 @@ NS=sbloss$$
 PORT=8432
 ip netns add $NS
 LOG=$(mktemp)
-cleanup() { kill "${SPID:-}" 2>/dev/null || true; ip netns del $NS 2>/dev/null || true; rm -f "$LOG"; }
+PIDFILE=$(mktemp)
+cleanup() {
+  kill "$(cat "$PIDFILE" 2>/dev/null)" 2>/dev/null || true
+  ip netns del $NS 2>/dev/null || true
+  rm -f "$LOG" "$PIDFILE"
+}
 trap cleanup EXIT
 ip netns exec $NS ip link set lo up
 # Loss on UDP only (QUIC), both directions: the publisher's HTTP requests to the server
@@ -30,8 +35,8 @@ ip netns exec $NS nft add table inet loss
 ip netns exec $NS nft "add chain inet loss out { type filter hook output priority 0; }"
 ip netns exec $NS nft "add rule inet loss out meta l4proto udp numgen random mod 100 < $LOSS drop"
 in_ns() { ip netns exec $NS "$@"; }
-in_ns $B serve --dev --listen 127.0.0.1:$PORT >"$LOG" 2>&1 &
-SPID=$!
+# (The server's own pid, for the cleanup: `ip netns exec` may fork.)
+ip netns exec $NS bash -c 'echo $$ >"$0"; exec "$1" serve --dev --listen 127.0.0.1:"$2"' "$PIDFILE" "$B" "$PORT" >"$LOG" 2>&1 &
 for _ in $(seq 100); do in_ns bash -c "(echo > /dev/tcp/127.0.0.1/$PORT) 2>/dev/null" && break; sleep 0.1; done
 BODY='{"channel":"$CHANNEL","data":$DATA,"volatile":true}'
 for i in $(seq "$RUNS"); do
