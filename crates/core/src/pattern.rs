@@ -36,6 +36,12 @@ pub fn is_pattern(s: &str) -> bool {
     s.contains(['+', '#'])
 }
 
+/// Whether a subscription to `name` — a channel, or a pattern — takes publications on
+/// `channel`.
+pub fn covers(name: &str, channel: &ChannelName) -> bool {
+    name == channel.as_str() || (is_pattern(name) && Pattern::parse(name).is_ok_and(|p| p.matches(channel)))
+}
+
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Pattern {
     raw: Arc<str>,

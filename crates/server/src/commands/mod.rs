@@ -114,6 +114,9 @@ pub struct Session<W: Wire> {
     /// What an anonymous client said about itself (shown in presence as unverified).
     claimed: Option<Box<serde_json::Value>>,
     registration: Option<Box<Registration>>,
+    /// Channels and patterns subscribed with `"datagrams": true` (WebTransport; rare: a
+    /// boxed slice, which allocates nothing when empty and is the smallest in every session).
+    datagrams: Box<[String]>,
     /// Registered by client id for direct messages (at `connect`; removed on drop): a
     /// connection that never sends `connect` does not know its id and costs nothing here.
     direct: bool,
@@ -136,6 +139,7 @@ impl<W: Wire> Session<W> {
         let rate = state.config.ws.max_commands_per_sec as f64 * 2.0;
         let client = crate::presence::client_id();
         Session {
+            datagrams: Box::default(),
             direct: false,
             state,
             queue,
@@ -258,6 +262,24 @@ impl<W: Wire> Session<W> {
         false
     }
 
+    fn set_datagrams(&mut self, name: &str, on: bool) {
+        if self.datagrams.is_empty() && !on {
+            return;
+        }
+        let mut names: Vec<String> = std::mem::take(&mut self.datagrams).into_vec();
+        names.retain(|n| n != name);
+        if on {
+            names.push(name.to_string());
+        }
+        self.datagrams = names.into_boxed_slice();
+    }
+
+    /// Whether this session asked for `channel`'s volatile publications as datagrams
+    /// (on its subscription to the channel, or to a pattern covering it).
+    pub fn wants_datagrams(&self, channel: &ChannelName) -> bool {
+        self.datagrams.iter().any(|name| switchboard_core::pattern::covers(name, channel))
+    }
+
     /// Makes this session addressable by direct messages (once, at `connect`).
     fn register_direct(&mut self) {
         if self.direct || !W::DIRECT || !self.state.config.direct.enabled {
@@ -329,21 +351,21 @@ impl<W: Wire> Session<W> {
             }
         };
         let result = match cmd {
-            Command::Subscribe { channel, since, rewind, token: _ } if is_pattern(&channel) => {
+            Command::Subscribe { channel, since, rewind, token: _, datagrams } if is_pattern(&channel) => {
                 let r = if since.is_some() || rewind.is_some() {
                     Err(ApiError::new(Code::InvalidPattern, "pattern subscriptions are live-only: no since or rewind"))
                 } else {
                     self.gated_pattern(&channel)
                 };
                 match r {
-                    Ok(p) => self
-                        .subscribe_pattern(p)
-                        .await
-                        .map(|()| Some(serde_json::json!({"channel": channel, "pattern": true}).to_string())),
+                    Ok(p) => self.subscribe_pattern(p).await.map(|()| {
+                        self.set_datagrams(&channel, datagrams);
+                        Some(serde_json::json!({"channel": channel, "pattern": true}).to_string())
+                    }),
                     Err(e) => Err(e),
                 }
             }
-            Command::Subscribe { channel, since, rewind, token } => {
+            Command::Subscribe { channel, since, rewind, token, datagrams } => {
                 let r = async {
                     let resolved = self.gated(Operation::Subscribe, &channel, token)?;
                     let since = since.as_deref().map(cursor::parse_position).transpose()?;
@@ -359,16 +381,25 @@ impl<W: Wire> Session<W> {
                     Err(e) => Err(e),
                 };
                 // Success replied inside `subscribe`, before the replay.
-                res.map(|()| None)
+                res.map(|()| {
+                    self.set_datagrams(&channel, datagrams);
+                    None
+                })
             }
             Command::Unsubscribe { channel } if is_pattern(&channel) => match self.patterns.remove(&channel) {
-                Some(_) => Ok(Some("{}".to_string())),
+                Some(_) => {
+                    self.set_datagrams(&channel, false);
+                    Ok(Some("{}".to_string()))
+                }
                 None => Err(ApiError::new(Code::NotSubscribed, format!("not subscribed to {channel:?}"))),
             },
             Command::Unsubscribe { channel } => {
                 let ch = ChannelName::parse(&channel).map_err(|e| ApiError::channel(&channel, e));
                 ch.and_then(|ch| match self.subs.remove(&ch) {
-                    Some(_) => Ok(Some("{}".to_string())),
+                    Some(_) => {
+                        self.set_datagrams(&channel, false);
+                        Ok(Some("{}".to_string()))
+                    }
                     None => Err(ApiError::new(Code::NotSubscribed, format!("not subscribed to {channel:?}"))),
                 })
             }

@@ -38,11 +38,14 @@ pub enum Command<'a> {
         token: Option<String>,
         client: Option<serde_json::Value>,
     },
+    /// `datagrams`: over WebTransport, this subscription's volatile publications as
+    /// datagrams (the other transports have none and ignore it).
     Subscribe {
         channel: String,
         since: Option<String>,
         rewind: Option<u64>,
         token: Option<String>,
+        datagrams: bool,
     },
     Refresh {
         token: String,
@@ -116,9 +119,6 @@ struct Wire<'a> {
     #[serde(borrow)]
     client: Option<&'a RawValue>,
     to: Option<To>,
-    /// `subscribe` over WebTransport: volatile publications as datagrams (read by that
-    /// transport; the others have no datagrams and ignore it).
-    #[allow(dead_code)]
     datagrams: Option<bool>,
 }
 
@@ -152,6 +152,7 @@ pub fn parse(text: &str) -> Parsed<'_> {
             since: w.since,
             rewind: w.rewind,
             token: w.token,
+            datagrams: w.datagrams.unwrap_or(false),
         },
         "refresh" => Command::Refresh { token: need(w.token, "token")? },
         "unsubscribe" => Command::Unsubscribe { channel: need(w.channel, "channel")? },
@@ -207,7 +208,7 @@ mod tests {
         let (id, c) = parse(r#"{"id":3,"cmd":"subscribe","channel":"a","since":"e:1"}"#).unwrap();
         assert_eq!(id, Some(3));
         assert!(
-            matches!(c, Command::Subscribe { ref channel, since: Some(_), rewind: None, token: None } if channel == "a")
+            matches!(c, Command::Subscribe { ref channel, since: Some(_), rewind: None, token: None, datagrams: false } if channel == "a")
         );
         let (id, e) = parse(r#"{"id":4,"cmd":"subscribe"}"#).unwrap_err();
         assert_eq!((id, e.code), (Some(4), Code::InvalidRequest));

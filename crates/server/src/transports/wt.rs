@@ -8,7 +8,6 @@
 //! development certificate (ECDSA P-256, valid 13 days, made again before it runs out)
 //! whose SHA-256 is at `GET /wt/cert-hash`, for browsers' `serverCertificateHashes`.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -293,7 +292,7 @@ async fn handle(incoming: IncomingSession, state: AppState) {
     if let Some(who) = identity {
         session.set_identity(who);
     }
-    let mut c = Box::new(Conn { session, conn, send, recv, buf: BytesMut::new(), datagrams: HashSet::new() });
+    let mut c = Box::new(Conn { session, conn, send, recv, buf: BytesMut::new() });
     c.run().await;
     c.finish().await;
     c.session.leave_all();
@@ -306,8 +305,6 @@ struct Conn {
     recv: RecvStream,
     /// What was read of the stream and not yet a whole line.
     buf: BytesMut,
-    /// Channels and patterns subscribed with `"datagrams": true`.
-    datagrams: HashSet<String>,
 }
 
 impl Conn {
@@ -338,7 +335,6 @@ impl Conn {
                             if text.is_empty() {
                                 continue;
                             }
-                            self.note_datagrams(text);
                             if !Box::pin(self.session.command(text)).await {
                                 return;
                             }
@@ -369,38 +365,12 @@ impl Conn {
         self.session.close_with(code, why);
     }
 
-    /// `subscribe` with `"datagrams": true` (or false) marks its channel for datagrams;
-    /// `unsubscribe` forgets it.
-    fn note_datagrams(&mut self, text: &str) {
-        if !text.contains("\"subscribe\"") && !text.contains("\"unsubscribe\"") {
-            return;
-        }
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else { return };
-        let Some(channel) = v["channel"].as_str() else { return };
-        match (v["cmd"].as_str(), v["datagrams"].as_bool()) {
-            (Some("subscribe"), Some(true)) => {
-                self.datagrams.insert(channel.to_string());
-            }
-            (Some("subscribe"), _) | (Some("unsubscribe"), _) => {
-                self.datagrams.remove(channel);
-            }
-            _ => {}
-        }
-    }
-
     /// Whether `d` goes as a datagram: volatile, on a channel (or pattern) subscribed with
     /// datagrams, and small enough for one.
     fn as_datagram(&self, d: &Delivery, bytes: usize) -> bool {
-        if self.datagrams.is_empty() || d.publication.kind != Kind::Volatile {
-            return false;
-        }
-        let ch = &d.publication.channel;
-        let wanted = self.datagrams.iter().any(|name| {
-            name == ch.as_str()
-                || (switchboard_core::pattern::is_pattern(name)
-                    && switchboard_core::pattern::Pattern::parse(name).is_ok_and(|p| p.matches(ch)))
-        });
-        wanted && self.conn.max_datagram_size().is_some_and(|max| bytes <= max)
+        d.publication.kind == Kind::Volatile
+            && self.session.wants_datagrams(&d.publication.channel)
+            && self.conn.max_datagram_size().is_some_and(|max| bytes <= max)
     }
 
     /// Writes what the queue holds: lines on the stream, volatile publications of

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use switchboard_core::pattern::covers;
 use switchboard_core::queue::Event;
 use switchboard_core::{ChannelName, CloseReason, Kind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -608,7 +609,7 @@ impl Conn {
             return Vec::new();
         }
         let mut ids: Vec<u32> =
-            self.sub_ids.iter().filter(|(name, _)| matches(name, channel)).map(|(_, id)| *id).collect();
+            self.sub_ids.iter().filter(|(name, _)| covers(name, channel)).map(|(_, id)| *id).collect();
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -621,7 +622,7 @@ impl Conn {
         !self.no_local.is_empty()
             && p.is_stored()
             && self.own.iter().any(|(c, o)| *o == p.offset && *c == p.channel)
-            && self.qos.keys().filter(|name| matches(name, &p.channel)).all(|name| self.no_local.contains(name))
+            && self.qos.keys().filter(|name| covers(name, &p.channel)).all(|name| self.no_local.contains(name))
     }
 
     /// PUBREC for an outgoing QoS 2 publication: PUBREL, and it waits for PUBCOMP.
@@ -1163,11 +1164,4 @@ fn reason_for(version: Version, e: &ApiError) -> u8 {
 fn encode(version: Version, d: &switchboard_core::Delivery) -> Bytes {
     let topic = super::topic_of(&d.publication.channel);
     codec::publish(version, &topic, &super::payload_of(&d.publication.data), false)
-}
-
-/// Whether a subscribed channel or pattern `name` takes publications on `channel`.
-fn matches(name: &str, channel: &ChannelName) -> bool {
-    name == channel.as_str()
-        || (switchboard_core::pattern::is_pattern(name)
-            && switchboard_core::pattern::Pattern::parse(name).is_ok_and(|p| p.matches(channel)))
 }
