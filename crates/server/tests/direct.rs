@@ -8,7 +8,7 @@ mod common;
 use common::wt::Wt;
 use common::{config, TestServer};
 use serde_json::{json, Value};
-use switchboard_client::{ClientError, Connection};
+use switchboard_client::{ClientError, ConnectOptions, Connection, Message, WsStream};
 use switchboard_server::auth::{sign, unix_now, Claims};
 
 const SECRET: &str = "test-secret-0123456789abcdef0123456789";
@@ -119,16 +119,27 @@ async fn the_policy_decides_who_may_message_whom_and_a_flood_is_limited() {
     // …but may receive.
     alice.call(json!({"cmd": "send", "to": {"client": anon_id}, "data": "to anon"})).await.unwrap();
     assert_eq!(direct(&mut anon).await["data"], "to anon");
-    // A flood: the command rate refuses, then closes (as for any command).
-    let mut refused = 0;
-    for _ in 0..40 {
-        match alice.call(json!({"cmd": "send", "to": {"client": anon_id}, "data": 0})).await {
-            Ok(_) => {}
-            Err(ClientError::Server(e)) if e.code == "rate_limited" => refused += 1,
-            Err(_) => break, // closed for flooding
+    // A flood — sent without waiting for replies, so how fast this machine answers does
+    // not matter: the command rate refuses, then closes (1008), as for any command.
+    let mut flood = WsStream::connect(&format!("ws://{}/ws", s.addr), ConnectOptions::default()).await.unwrap();
+    flood.send_text(&json!({"id": 0, "cmd": "connect", "token": token("alice")}).to_string()).await.unwrap();
+    for i in 1..100 {
+        let send = json!({"id": i, "cmd": "send", "to": {"client": anon_id}, "data": 0});
+        if flood.send_text(&send.to_string()).await.is_err() {
+            break; // closed for flooding
         }
     }
+    let mut refused = 0;
+    let closed = loop {
+        match flood.recv().await.unwrap() {
+            Message::Text(t) if t.contains("rate_limited") => refused += 1,
+            Message::Text(_) => {}
+            Message::Close(code, _) => break code,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
     assert!(refused > 0, "no send was rate limited");
+    assert_eq!(closed, Some(1008));
 
     // same_user: only to one's own connections.
     let s = TestServer::start(config(&conf("[direct]\npolicy = \"same_user\"\n"))).await;
@@ -196,13 +207,16 @@ async fn across_nodes_over_redis_a_message_reaches_the_other_node() {
     let (mut alice, _) = ws(&a, Some("alice")).await;
     let (mut bob, bob_id) = ws(&b, Some("bob")).await;
     // (Each node registers itself at start: wait until both are in the registry.)
+    let mut registered = false;
     for _ in 0..600 {
         let (_, v) = a.get_json("/api/info").await;
         if v["nodes"].as_array().is_some_and(|n| n.len() >= 2) {
+            registered = true;
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    assert!(registered, "the two nodes never both appeared in /api/info's nodes within 30 s");
     // The other node answers how many took it: the count is the cluster's.
     let r = alice.call(json!({"cmd": "send", "to": {"client": bob_id}, "data": "across"})).await.unwrap();
     assert_eq!(r, json!({"delivered": 1}));
