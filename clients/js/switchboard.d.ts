@@ -131,9 +131,15 @@ export declare class Switchboard extends Emitter<{
   /** This connection's client id (what others `send` to), once connected. */
   readonly clientId: string | null;
   subscribe(channel: string, opts?: SubscribeOptions): Subscription;
-  /** A direct message (WebTransport or WebSocket only; not stored). Rejects with
-   *  `target_not_connected`, `permission_denied`, `token_required`, `rate_limited`. */
-  send(to: { client: string } | { user: string }, data: unknown): Promise<{ delivered: number; forwarded?: boolean }>;
+  /** A direct message, on any transport (SSE and polling send it as `POST /send`); not
+   *  stored. `opts.channel`: over SSE and polling, the channel both are present in, for
+   *  `[direct] policy = "presence"`. Rejects with `target_not_connected`,
+   *  `permission_denied`, `token_required`, `rate_limited`. */
+  send(
+    to: { client: string } | { user: string },
+    data: unknown,
+    opts?: { channel?: string },
+  ): Promise<{ delivered: number; unanswered_nodes?: number }>;
   connect(): void;
   close(): void;
 }

@@ -241,10 +241,16 @@ export class Switchboard extends Emitter {
   }
 
   /** A direct message to one connection (`{client}`) or every connection of a user
-   *  (`{user}`): needs a WebTransport or WebSocket connection. Not stored. */
-  async send(to, data) {
-    if (!this._conn?.call) throw Object.assign(new Error('direct messages need a WebTransport or WebSocket connection'), { code: 'not_connected' });
-    return this._conn.call({ cmd: 'send', to, data });
+   *  (`{user}`). Not stored. Over SSE and polling it goes as `POST /send`, from this
+   *  connection (its client key) when it has one; `opts.channel` names the channel both
+   *  are present in, for servers whose `[direct] policy` is `presence`. */
+  async send(to, data, opts = {}) {
+    if (this._conn?.call) return this._conn.call({ cmd: 'send', to, data });
+    const body = { to, data };
+    if (opts.channel) body.channel = opts.channel;
+    const key = this._conn?.clientKey;
+    const q = key ? `?client_key=${encodeURIComponent(key)}` : '';
+    return this._httpJson(`/send${q}`, { method: 'POST', body: JSON.stringify(body) });
   }
 
   /** This connection's client id (what others `send` to), once connected. */
@@ -612,7 +618,9 @@ class SseTransport {
       const es = new ES(`${this.c.httpBase}/sse?${q}`);
       this.es = es;
       es.addEventListener('subscribed', (ev) => {
-        this.clientId = safeJson(ev.data)?.client ?? null;
+        const info = safeJson(ev.data);
+        this.clientId = info?.client ?? null;
+        this.clientKey = info?.client_key ?? null;
         opened = true;
         resolve();
       });
@@ -681,12 +689,16 @@ class LongPollTransport {
     q.set('wait', String(wait));
     for (const s of subs) if (s.subscriptionToken) q.append('sub_token', s.subscriptionToken);
     if (this.c.token) q.set('token', this.c.token);
+    // Direct messages wait for this poller in a mailbox on the server between polls.
+    if (this.clientKey) q.set('client_key', this.clientKey);
+    else if (!this.directOff) q.set('direct', '1');
     return { subs, q };
   }
 
   async pollOnce(wait) {
     const { subs, q } = this.query(wait);
-    if (!subs.length) {
+    // With nothing subscribed, a poll only for direct messages (when the server has them).
+    if (!subs.length && this.directOff) {
       await new Promise((r) => setTimeout(r, Math.min(wait, 1) * 1000));
       return;
     }
@@ -695,8 +707,11 @@ class LongPollTransport {
     const v = await r.json().catch(() => undefined);
     if (!r.ok) throw httpError(r, v);
     if (!v || !Array.isArray(v.messages)) return this.c._protocolError('malformed poll answer');
+    // A new id when the mailbox was closed meanwhile (as after a reconnect).
+    if (v.client_key) { this.clientKey = v.client_key; this.clientId = v.client; } else this.directOff = true;
     for (const reset of v.resets ?? []) this.c.subs.get(reset.channel)?._reset(reset);
     for (const m of v.messages) this.c._route(m);
+    for (const m of v.direct ?? []) this.c.emit('message:direct', m.data, m.from);
   }
 
   async loop() {

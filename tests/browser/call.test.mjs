@@ -8,11 +8,11 @@ import { startServer, launchBrowser, screenshot } from './helpers.mjs';
 
 const media = ['--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream'];
 
-async function callBetween(browser, urlA, urlB, room) {
+async function callBetween(browser, urlA, urlB, room, query = '') {
   const a = await browser.newPage();
   const b = await browser.newPage();
-  await a.goto(`${urlA}/demo/call?room=${room}&name=ann`);
-  await b.goto(`${urlB}/demo/call?room=${room}&name=ben`);
+  await a.goto(`${urlA}/demo/call?room=${room}&name=ann${query}`);
+  await b.goto(`${urlB}/demo/call?room=${room}&name=ben${query}`);
   for (const p of [a, b]) {
     await p.waitForFunction(() => document.getElementById('peer').dataset.state === 'connected'
       && window.call.dc?.readyState === 'open', null, { timeout: 30000 })
@@ -65,4 +65,12 @@ test('the pages complete the call when they are on two nodes over Redis', async 
   const browser = await launchBrowser(media);
   t.after(async () => { await browser.close(); await a.stop(); await b.stop(); });
   await callBetween(browser, a.url, b.url, 'two');
+});
+
+test('over Server-Sent Events, signaling goes out as POST /send and comes in as the stream\'s direct events', async (t) => {
+  const server = await startServer();
+  const browser = await launchBrowser(media);
+  t.after(async () => { await browser.close(); await server.stop(); });
+  const [a, b] = await callBetween(browser, server.url, server.url, 'sse', '&transports=sse');
+  for (const p of [a, b]) assert.equal(await p.evaluate(() => document.querySelector('#badge span').textContent), 'via sse');
 });

@@ -99,3 +99,25 @@ test('direct messages go from one client to another, and to a missing one fail',
   assert.deepEqual(got[0], { data: { candidate: 'x' }, from: { client: a.clientId, user: null } });
   await assert.rejects(a.send({ client: 'gone' }, 1), (e) => e.code === 'target_not_connected');
 });
+
+test('a long-polling client takes direct messages between polls and sends them over HTTP', async (t) => {
+  const server = await startServer({ env: { SWITCHBOARD_DIRECT__POLICY: 'anyone' } });
+  const ws = new Switchboard(server.url, { WebSocket });
+  // Nothing subscribed: it polls for its direct messages alone.
+  const lp = new Switchboard(server.url, { transports: ['longpoll'], pollWait: 20 });
+  t.after(async () => { ws.close(); lp.close(); await server.stop(); });
+  const toWs = [];
+  const toLp = [];
+  ws.on('message:direct', (data, from) => toWs.push({ data, from }));
+  lp.on('message:direct', (data, from) => toLp.push({ data, from }));
+  await waitFor(() => ws.state === 'connected' && lp.state === 'connected' && lp.transport === 'longpoll' && lp.clientId && ws.clientId,
+    { what: 'both connected, one by long polling' });
+  for (const n of [1, 2, 3]) assert.equal((await ws.send({ client: lp.clientId }, { n })).delivered, 1);
+  await waitFor(() => toLp.length === 3, { what: 'three direct messages at the poller' });
+  assert.deepEqual(toLp.map((m) => m.data.n), [1, 2, 3]);
+  assert.deepEqual(toLp[0].from, { client: ws.clientId, user: null });
+  const r = await lp.send({ client: ws.clientId }, 'from the poller');
+  assert.equal(r.delivered, 1);
+  await waitFor(() => toWs.length === 1, { what: 'the poller\'s message' });
+  assert.deepEqual(toWs[0], { data: 'from the poller', from: { client: lp.clientId, user: null } });
+});

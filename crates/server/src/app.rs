@@ -42,6 +42,8 @@ pub struct Inner {
     pub registry: Arc<crate::registry::Registry>,
     /// MQTT client ids connected to this node (a new connection takes an id over).
     pub mqtt_clients: crate::registry::ClientIds,
+    /// Polling clients' direct messages between polls.
+    pub mailboxes: crate::transports::mailbox::Mailboxes,
     /// Persistent MQTT sessions kept on this node between connections.
     pub mqtt_sessions: crate::transports::mqtt::sessions::Sessions,
     /// MQTT shared subscription groups on this node.
@@ -170,6 +172,7 @@ impl AppState {
                 deny: crate::auth::DenyList::default(),
                 registry: Arc::default(),
                 mqtt_clients: Default::default(),
+                mailboxes: Default::default(),
                 mqtt_sessions: Default::default(),
                 mqtt_groups: Default::default(),
                 webtransport_cert: Default::default(),
@@ -210,6 +213,9 @@ pub enum Guard {
     /// A client operation: every channel the request names goes through
     /// [`crate::auth::gate`] for this operation.
     Channels(Operation),
+    /// A client's direct message (`POST /send`): it names no channel; `[direct] policy`
+    /// decides, as for the `send` command.
+    Direct,
     /// The WebSocket endpoints: channels in the URL are gated as [`Operation::Subscribe`],
     /// then each command on its own (see `transports::ws::protocol::COMMANDS`).
     Commands,
@@ -234,7 +240,7 @@ where
 
 /// The whole HTTP surface, in one place: method, path, guard, handler.
 fn table() -> Vec<(Route, MethodRouter<AppState>)> {
-    use Guard::{ApiKey, Channels, Commands, Open};
+    use Guard::{ApiKey, Channels, Commands, Direct, Open};
     use Method as M;
     vec![
         route(M::GET, "/", Open, api::index),
@@ -255,6 +261,7 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
         // same door as `/ws`).
         route(M::GET, "/wt/cert-hash", Open, transports::wt::cert_hash),
         route(M::POST, "/publish", Channels(Operation::Publish), transports::client_http::publish),
+        route(M::POST, "/send", Direct, transports::client_http::send),
         route(M::GET, "/presence", Channels(Operation::Presence), transports::client_http::presence),
         route(M::GET, "/presence_stats", Channels(Operation::PresenceStats), transports::client_http::presence_stats),
         route(M::GET, "/history", Channels(Operation::History), transports::client_http::history),
@@ -288,7 +295,7 @@ pub fn router(state: AppState) -> Router {
             Guard::ApiKey => handler.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key)),
             // Browser-facing: CORS for the pages of allowed origins, a refusal for others,
             // and the preflight answer.
-            Guard::Channels(_) => handler
+            Guard::Channels(_) | Guard::Direct => handler
                 .options(crate::cors::preflight)
                 .layer(axum::middleware::from_fn_with_state(state.clone(), crate::cors::layer)),
             // The client on a page of another origin reads it before WebTransport.

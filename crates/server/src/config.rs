@@ -264,11 +264,14 @@ pub struct PollConfig {
     pub default_limit: usize,
     /// Largest `limit` accepted.
     pub max_limit: usize,
+    /// A poller's direct-message mailbox (`direct=1`) is closed after this many seconds
+    /// without a poll.
+    pub mailbox_idle_secs: u64,
 }
 
 impl Default for PollConfig {
     fn default() -> Self {
-        PollConfig { enabled: true, max_wait_secs: 60, default_limit: 100, max_limit: 1000 }
+        PollConfig { enabled: true, max_wait_secs: 60, default_limit: 100, max_limit: 1000, mailbox_idle_secs: 30 }
     }
 }
 

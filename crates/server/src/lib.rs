@@ -107,6 +107,7 @@ impl Server {
         }
         cluster::start(&state, listener.local_addr()?);
         admin::start_sampler(&state);
+        transports::mailbox::spawn_sweeper(&state);
         let http_listener = match state.config.tls.http_listen {
             Some(addr) => Some(bind(addr).map_err(|e| anyhow::anyhow!("tls.http_listen {addr}: {e}"))?),
             None => None,

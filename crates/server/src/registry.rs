@@ -23,19 +23,34 @@ pub struct Registry {
 
 struct Client {
     user: Option<String>,
+    /// The secret of `<client>.<secret>` (a `client_key`), for connections whose client
+    /// acts over separate requests (SSE, polling): proves a request comes from it.
+    secret: Option<Box<str>>,
     queue: std::sync::Weak<ConnQueue>,
     frame: fn(&[u8]) -> bytes::Bytes,
+}
+
+/// The `{"from","data"}` of the protocol message `{"message":{"from","data"}}` that
+/// [`Registry::deliver`] hands a connection: what SSE, polling and MQTT carry.
+pub fn message_of(json: &[u8]) -> &[u8] {
+    json.strip_prefix(b"{\"message\":").and_then(|j| j.strip_suffix(b"}")).unwrap_or(json)
 }
 
 /// A connection registered for direct messages; dropping it unregisters.
 pub struct ClientRegistration {
     registry: Arc<Registry>,
     client: String,
+    queue: std::sync::Weak<ConnQueue>,
 }
 
 impl Drop for ClientRegistration {
     fn drop(&mut self) {
-        self.registry.remove_client(&self.client);
+        // Only if the id is still this connection's: an MQTT client id taken over by a
+        // new connection stays registered to that one.
+        let mut m = self.registry.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&self.client).is_some_and(|c| c.queue.ptr_eq(&self.queue)) {
+            m.remove(&self.client);
+        }
     }
 }
 
@@ -83,13 +98,13 @@ impl Registry {
         frame: fn(&[u8]) -> bytes::Bytes,
     ) -> ClientRegistration {
         self.insert_client(client, queue, frame);
-        ClientRegistration { registry: self.clone(), client: client.to_string() }
+        ClientRegistration { registry: self.clone(), client: client.to_string(), queue: Arc::downgrade(queue) }
     }
 
     /// Registers a connection for direct messages to `client`, to be removed with
     /// [`Registry::remove_client`] (a command session does, keeping no second copy of its id).
     pub fn insert_client(&self, client: &str, queue: &Arc<ConnQueue>, frame: fn(&[u8]) -> bytes::Bytes) {
-        let c = Client { user: None, queue: Arc::downgrade(queue), frame };
+        let c = Client { user: None, secret: None, queue: Arc::downgrade(queue), frame };
         self.clients.lock().unwrap_or_else(|p| p.into_inner()).insert(client.to_string(), c);
     }
 
@@ -102,6 +117,26 @@ impl Registry {
         if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get_mut(client) {
             c.user = Some(user.to_string());
         }
+    }
+
+    /// Gives connection `client` a new secret; returns its `client_key`, `<client>.<secret>`.
+    pub fn new_client_key(&self, client: &str) -> String {
+        let mut b = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("the system's random source");
+        let secret: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get_mut(client) {
+            c.secret = Some(secret.as_str().into());
+        }
+        format!("{client}.{secret}")
+    }
+
+    /// The connection here whose `client_key` is `key`: its client id and user.
+    pub fn key_owner(&self, key: &str) -> Option<(String, Option<String>)> {
+        let (client, secret) = key.split_once('.')?;
+        let m = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let c = m.get(client)?;
+        let ok = c.secret.as_deref().is_some_and(|s| crate::app::constant_time_eq(s.as_bytes(), secret.as_bytes()));
+        ok.then(|| (client.to_string(), c.user.clone()))
     }
 
     /// The user of connection `client`, if it is here and has one.

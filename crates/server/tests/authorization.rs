@@ -570,6 +570,12 @@ fn every_route_and_every_command_is_in_the_matrix() {
                 assert!(rows, "a new command endpoint {} needs rows", r.path)
             }
             Guard::ApiKey => assert!(r.path.starts_with("/api/") || r.path.starts_with("/admin/api/"), "{}", r.path),
+            // A client's direct message: the `send` command over HTTP, no channel;
+            // `[direct] policy` decides (tests/direct.rs runs each policy through it).
+            Guard::Direct => {
+                assert_eq!(r.path, "/send", "a new direct-message route {} needs rows in tests/direct.rs", r.path);
+                assert!(COMMANDS_WITHOUT_CHANNEL.contains(&"send"));
+            }
             Guard::Open => {
                 assert!(open.contains(&r.path), "{} {} claims to touch no channel: add it here if so", r.method, r.path)
             }

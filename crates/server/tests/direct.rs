@@ -169,6 +169,20 @@ async fn the_policy_decides_who_may_message_whom_and_a_flood_is_limited() {
         "permission_denied"
     );
     assert_eq!(code(alice.call(json!({"cmd": "send", "to": {"user": "carol"}, "data": 1})).await), "permission_denied");
+    // Over HTTP (`POST /send`), a client present in the room as its SSE stream names the
+    // room it shares with the target.
+    let mut sse = common::Sse::connect(&s, &format!("channel=room:1&token={}", token("erin")), None).await;
+    let subscribed: Value = serde_json::from_str(&sse.next_named("subscribed").await.data).unwrap();
+    let key = subscribed["client_key"].as_str().unwrap().to_string();
+    let to_bob = json!({"to": {"client": bob_id}, "data": "over http", "channel": "room:1"});
+    let (status, r) = http_send(&s, "erin", Some(&key), to_bob).await;
+    assert_eq!((status, &r["delivered"]), (200, &json!(1)), "{r}");
+    assert_eq!(direct(&mut bob).await["data"], "over http");
+    let (status, r) = http_send(&s, "erin", Some(&key), json!({"to": {"client": bob_id}, "data": 1})).await;
+    assert_eq!((status, r["error"]["code"].as_str()), (403, Some("permission_denied")), "{r}");
+    let to_carol = json!({"to": {"client": carol_id}, "data": 1, "channel": "room:1"});
+    let (status, _) = http_send(&s, "erin", Some(&key), to_carol).await;
+    assert_eq!(status, 403);
 
     // claim: a token with "direct": true may message anyone; without, not.
     let s = TestServer::start(config(&conf("[direct]\npolicy = \"claim\"\n"))).await;
@@ -236,4 +250,173 @@ async fn across_nodes_over_redis_a_message_reaches_the_other_node() {
     assert_eq!(code(r), "target_not_connected");
     let (status, v) = b.post_raw("/api/send", json!({"to": {"client": "gone"}, "data": 1}).to_string()).await;
     assert_eq!((status, v["error"]["code"].as_str()), (404, Some("target_not_connected")), "{v}");
+}
+
+/// `GET /poll` with a client token.
+async fn poll(s: &TestServer, query: &str, user: &str) -> Value {
+    let (status, v) = s.get_json(&format!("/poll?{query}&token={}", token(user))).await;
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+/// `POST /send` with a client token (and `client_key`, when given).
+async fn http_send(s: &TestServer, user: &str, key: Option<&str>, body: Value) -> (u16, Value) {
+    let key = key.map(|k| format!("&client_key={k}")).unwrap_or_default();
+    s.post_raw(&format!("/send?token={}{key}", token(user)), body.to_string()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pollers_take_direct_messages_from_a_mailbox_and_http_clients_send_them() {
+    let s = TestServer::start(config(&conf("[poll]\nmailbox_idle_secs = 1\n"))).await;
+    let (mut alice, alice_id) = ws(&s, Some("alice")).await;
+    // A poll with `direct=1` opens a mailbox: a client id others send to, and the key
+    // that proves the poller owns it. It may name no channel.
+    let v = poll(&s, "direct=1", "bob").await;
+    let (bob_id, key) = (v["client"].as_str().unwrap().to_string(), v["client_key"].as_str().unwrap().to_string());
+    assert_eq!(v["direct"], json!([]));
+    assert!(key.starts_with(&format!("{bob_id}.")) && key.len() > bob_id.len() + 16, "{key}");
+    // Sent between two polls, kept for the next one, in order.
+    for n in 1..=3 {
+        let r = alice.call(json!({"cmd": "send", "to": {"client": bob_id}, "data": n})).await.unwrap();
+        assert_eq!(r["delivered"], 1, "{r}");
+    }
+    let r = alice.call(json!({"cmd": "send", "to": {"user": "bob"}, "data": "to the user"})).await.unwrap();
+    assert_eq!(r["delivered"], 1, "{r}");
+    let v = poll(&s, &format!("client_key={key}&channel=news:p"), "bob").await;
+    assert_eq!(v["client"], bob_id);
+    let from = json!({"client": alice_id, "user": "alice"});
+    let want: Vec<Value> = [json!(1), json!(2), json!(3), json!("to the user")]
+        .into_iter()
+        .map(|d| json!({"from": from, "data": d}))
+        .collect();
+    assert_eq!(v["direct"], json!(want), "{v}");
+    assert_eq!(v["messages"], json!([]));
+    // Taken once: the next poll has none.
+    assert_eq!(poll(&s, &format!("client_key={key}"), "bob").await["direct"], json!([]));
+    // A long poll returns with a direct message (sent while it waits, or just before).
+    let waiting = {
+        let url = s.url(&format!("/poll?client_key={key}&wait=30&token={}", token("bob")));
+        tokio::spawn(async move { reqwest::get(url).await.unwrap().json::<Value>().await.unwrap() })
+    };
+    alice.call(json!({"cmd": "send", "to": {"client": bob_id}, "data": "wake up"})).await.unwrap();
+    let v = waiting.await.unwrap();
+    assert_eq!(v["direct"], json!([{"from": from, "data": "wake up"}]), "{v}");
+    // The key is bob's alone: another user presenting it gets a mailbox of its own.
+    let v = poll(&s, &format!("client_key={key}"), "mallory").await;
+    assert_ne!(v["client"], bob_id);
+
+    // The poller sends over HTTP, as its mailbox's client (proven by the key) …
+    let (status, r) = http_send(&s, "bob", Some(&key), json!({"to": {"client": alice_id}, "data": "hi"})).await;
+    assert_eq!((status, &r["delivered"]), (200, &json!(1)), "{r}");
+    assert_eq!(direct(&mut alice).await, json!({"from": {"client": bob_id, "user": "bob"}, "data": "hi"}));
+    // … or as its user alone, without a key.
+    let (status, _) = http_send(&s, "bob", None, json!({"to": {"user": "alice"}, "data": "no key"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(direct(&mut alice).await["from"], json!({"client": null, "user": "bob"}));
+    // A key that is not the sender's is refused; so is a malformed target.
+    let (status, r) = http_send(&s, "mallory", Some(&key), json!({"to": {"user": "alice"}, "data": 1})).await;
+    assert_eq!((status, r["error"]["code"].as_str()), (403, Some("permission_denied")), "{r}");
+    let (status, r) = http_send(&s, "bob", None, json!({"to": {"user": "a", "client": "b"}, "data": 1})).await;
+    assert_eq!((status, r["error"]["code"].as_str()), (400, Some("invalid_request")), "{r}");
+    let (status, r) = http_send(&s, "bob", None, json!({"to": {"user": "nobody"}, "data": 1})).await;
+    assert_eq!((status, r["error"]["code"].as_str()), (404, Some("target_not_connected")), "{r}");
+    // An SSE client sends with the key from its `subscribed` event.
+    let mut sse = common::Sse::connect(&s, &format!("channel=news:x&token={}", token("erin")), None).await;
+    let subscribed: Value = serde_json::from_str(&sse.next_named("subscribed").await.data).unwrap();
+    let (erin_id, erin_key) = (subscribed["client"].as_str().unwrap(), subscribed["client_key"].as_str().unwrap());
+    let (status, _) = http_send(&s, "erin", Some(erin_key), json!({"to": {"client": alice_id}, "data": 5})).await;
+    assert_eq!(status, 200);
+    assert_eq!(direct(&mut alice).await["from"], json!({"client": erin_id, "user": "erin"}));
+
+    // A mailbox nobody polls is closed (`mailbox_idle_secs`): senders are told.
+    let mut closed = false;
+    for _ in 0..300 {
+        let r = alice.call(json!({"cmd": "send", "to": {"client": bob_id}, "data": 0})).await;
+        if matches!(&r, Err(ClientError::Server(e)) if e.code == "target_not_connected") {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(closed, "the idle mailbox was still open 30 s after its last poll");
+    // The poller's next poll with the old key opens a new mailbox (a new id, as after a reconnect).
+    let v = poll(&s, &format!("client_key={key}"), "bob").await;
+    assert!(v["client"].is_string() && v["client"] != bob_id, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_clients_take_direct_messages_on_dollar_direct_and_send_them_to_dollar_direct_topics() {
+    use common::mqtt::{packet, Mqtt};
+    let s = TestServer::start(config(&conf("[mqtt]\nlisten = \"127.0.0.1:0\"\n"))).await;
+    let addr = s.mqtt.unwrap();
+    let (mut alice, alice_id) = ws(&s, Some("alice")).await;
+    // Each version subscribes to `$direct` (granted QoS 0) and is addressed as
+    // `mqtt:<its client identifier>`.
+    let mut v5 = Mqtt::connect(addr, true, "dev5", Some(&token("bob"))).await.unwrap();
+    let mut v311 = Mqtt::connect(addr, false, "dev311", Some(&token("bob"))).await.unwrap();
+    for c in [&mut v5, &mut v311] {
+        assert_eq!(c.subscribe("$direct", None).await.0, 0);
+    }
+    let from_alice = json!({"client": alice_id, "user": "alice"});
+    for (c, id) in [(&mut v5, "mqtt:dev5"), (&mut v311, "mqtt:dev311")] {
+        let r = alice.call(json!({"cmd": "send", "to": {"client": id}, "data": {"to": id}})).await.unwrap();
+        assert_eq!(r["delivered"], 1, "{r}");
+        let (topic, payload, _) = c.next_publish().await.unwrap();
+        assert_eq!(topic, "$direct");
+        let m: Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(m, json!({"from": from_alice, "data": {"to": id}}));
+    }
+    // To the user: both of bob's MQTT connections.
+    let r = alice.call(json!({"cmd": "send", "to": {"user": "bob"}, "data": "both"})).await.unwrap();
+    assert_eq!(r["delivered"], 2, "{r}");
+    for c in [&mut v5, &mut v311] {
+        let (_, payload, _) = c.next_publish().await.unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&payload).unwrap()["data"], "both");
+    }
+    // A device sends with a PUBLISH to `$direct/client/{id}` or `$direct/user/{user}`
+    // (JSON payloads as JSON, text as a string, as for publications).
+    let (ack, why) = v5.publish(&format!("$direct/client/{alice_id}"), b"{\"t\":21.5}", 1, None).await.unwrap();
+    assert_eq!(ack, 0, "{why}");
+    assert_eq!(direct(&mut alice).await, json!({"from": {"client": "mqtt:dev5", "user": "bob"}, "data": {"t": 21.5}}));
+    assert_eq!(v311.publish("$direct/user/alice", b"hello", 1, None).await.unwrap().0, 0);
+    assert_eq!(direct(&mut alice).await["data"], "hello");
+    // Nobody there: MQTT 5's "No matching subscribers" (0x10); a malformed target: 0x90.
+    assert_eq!(v5.publish("$direct/client/nobody", b"1", 1, None).await.unwrap().0, 0x10);
+    let (ack, why) = v5.publish("$direct/somewhere", b"1", 1, None).await.unwrap();
+    assert_eq!((ack, why.split(':').next().unwrap()), (0x90, "invalid_channel"), "{why}");
+    // UNSUBSCRIBE `$direct`: no longer addressable.
+    v5.send(&packet(0xA2, &[&[0, 9, 0, 0, 7][..], b"$direct"].concat())).await;
+    let (kind, body) = v5.read().await.unwrap();
+    assert_eq!((kind >> 4, body[3]), (11, 0), "UNSUBACK with success");
+    let r = alice.call(json!({"cmd": "send", "to": {"client": "mqtt:dev5"}, "data": 1})).await;
+    assert_eq!(code(r), "target_not_connected");
+
+    // And mosquitto_sub, a real client, receives one on `$direct`.
+    let port = addr.port().to_string();
+    let mut sub = tokio::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-i", "real", "-t", "$direct", "-C", "1", "-W", "60"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mosquitto_sub (Debian: mosquitto-clients; ./scripts/test installs it)");
+    // Sent once it has subscribed (until then: not connected).
+    let mut delivered = false;
+    for _ in 0..600 {
+        let r = alice.call(json!({"cmd": "send", "to": {"client": "mqtt:real"}, "data": {"hi": "mosquitto"}})).await;
+        if r.is_ok() {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(delivered, "mosquitto_sub never subscribed to $direct within 30 s");
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        let mut out = String::new();
+        tokio::io::AsyncReadExt::read_to_string(sub.stdout.as_mut().unwrap(), &mut out).await.unwrap();
+        out
+    })
+    .await
+    .expect("mosquitto_sub printed the message");
+    let m: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(m, json!({"from": from_alice, "data": {"hi": "mosquitto"}}));
 }

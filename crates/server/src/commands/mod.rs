@@ -212,34 +212,18 @@ impl<W: Wire> Session<W> {
         };
     }
 
+    /// The user of this session's token, if it has one.
+    pub fn user(&self) -> Option<&str> {
+        self.identity.as_ref().map(|i| i.user.as_str())
+    }
+
     /// A direct message from this session, if `[direct]` lets it send to `to`.
-    async fn send(&self, to: &protocol::To, data: &serde_json::value::RawValue) -> Result<String, ApiError> {
+    pub async fn send(&self, to: &protocol::To, data: &serde_json::value::RawValue) -> Result<String, ApiError> {
         let user = self.identity.as_ref().map(|i| i.user.as_str());
-        let policy = self.state.config.direct.policy(self.state.dev);
-        if policy != crate::config::DirectPolicy::Anyone && user.is_none() {
-            return Err(ApiError::new(Code::TokenRequired, "direct messages need a connection token"));
-        }
-        use crate::config::DirectPolicy;
-        let allowed = match policy {
-            DirectPolicy::Anyone | DirectPolicy::Authenticated => true,
-            DirectPolicy::SameUser => match (&to.user, &to.client) {
-                (Some(u), _) => Some(u.as_str()) == user,
-                (None, Some(c)) => self.state.registry.client_user(c).flatten().as_deref() == user,
-                (None, None) => false,
-            },
-            DirectPolicy::Claim => self.identity.as_ref().is_some_and(|i| i.direct),
-            DirectPolicy::Presence => self.shares_presence_with(to).await,
-        };
-        if !allowed {
-            let why = match policy {
-                DirectPolicy::SameUser => "direct messages go to your own connections only",
-                DirectPolicy::Claim => "direct messages need a token with the claim \"direct\": true",
-                _ => "direct messages go to those present in a channel you are subscribed to",
-            };
-            return Err(ApiError::new(Code::PermissionDenied, why));
-        }
-        let from = serde_json::json!({"client": self.client, "user": user});
-        ops::send_direct(&self.state, from, to, data).await
+        let claim = self.identity.as_ref().is_some_and(|i| i.direct);
+        let sender = ops::Sender { client: Some(&self.client), user, claim };
+        ops::may_send(&self.state, &sender, to, self.shares_presence_with(to)).await?;
+        ops::send_direct(&self.state, sender.from(), to, data).await
     }
 
     /// Whether `to` is in the presence of a channel this session is subscribed to (with

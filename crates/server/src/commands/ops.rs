@@ -72,6 +72,56 @@ pub async fn publish_to(
     Ok(format!("{{\"epoch\":\"{}\",\"offset\":{}}}", pos.epoch, pos.offset))
 }
 
+/// Who sends a direct message: the client (when it is known and proven), its user (when
+/// it has a token), and whether its token has the `direct` claim.
+pub struct Sender<'a> {
+    pub client: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub claim: bool,
+}
+
+impl Sender<'_> {
+    /// The `from` the target sees.
+    pub fn from(&self) -> serde_json::Value {
+        serde_json::json!({"client": self.client, "user": self.user})
+    }
+}
+
+/// Whether `[direct] policy` lets `sender` message `to`. `shares_presence` says whether
+/// the target is present in a channel the sender is present in (asked only under the
+/// `presence` policy).
+pub async fn may_send(
+    state: &AppState,
+    sender: &Sender<'_>,
+    to: &crate::commands::protocol::To,
+    shares_presence: impl std::future::Future<Output = bool>,
+) -> Result<(), ApiError> {
+    use crate::config::DirectPolicy;
+    let policy = state.config.direct.policy(state.dev);
+    if policy != DirectPolicy::Anyone && sender.user.is_none() {
+        return Err(ApiError::new(Code::TokenRequired, "direct messages need a connection token"));
+    }
+    let allowed = match policy {
+        DirectPolicy::Anyone | DirectPolicy::Authenticated => true,
+        DirectPolicy::SameUser => match (&to.user, &to.client) {
+            (Some(u), _) => Some(u.as_str()) == sender.user,
+            (None, Some(c)) => state.registry.client_user(c).flatten().as_deref() == sender.user,
+            (None, None) => false,
+        },
+        DirectPolicy::Claim => sender.claim,
+        DirectPolicy::Presence => shares_presence.await,
+    };
+    if allowed {
+        return Ok(());
+    }
+    let why = match policy {
+        DirectPolicy::SameUser => "direct messages go to your own connections only",
+        DirectPolicy::Claim => "direct messages need a token with the claim \"direct\": true",
+        _ => "direct messages go to those present in a channel you are subscribed to",
+    };
+    Err(ApiError::new(Code::PermissionDenied, why))
+}
+
 /// How long a direct message waits for the other nodes to say whether they delivered it.
 const DIRECT_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 

@@ -104,3 +104,61 @@ pub async fn presence_stats(
     let r = gated_channel(&state, Operation::PresenceStats, raw, &headers).await?;
     Ok(json(crate::presence::stats_json(&state, &r).await?))
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBody<'a> {
+    to: crate::commands::protocol::To,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    /// Under `[direct] policy = "presence"`: the channel whose presence sender and target share.
+    channel: Option<String>,
+}
+
+/// `POST /send {"to":{"client"|"user"},"data"[,"channel"]}` with the client's token and,
+/// to send as one of its connections, `?client_key=` (from SSE's `subscribed` event or a
+/// poll's answer): the `send` command for clients that are not on a WebSocket, under the
+/// same `[direct] policy`. Under the `presence` policy the body names the channel both
+/// are present in.
+pub async fn send(State(state): State<AppState>, RawQuery(raw): RawQuery, req: Request) -> Result<Response, ApiError> {
+    let q = Query::parse(raw.as_deref());
+    if let Some(ip) = super::client_ip(&state, req.headers(), req.extensions()) {
+        state.limits.take_publish(ip)?;
+    }
+    let who = super::identity(&state, req.headers(), &q)?;
+    let limit = state.config.limits.max_message_bytes * 2 + 64 * 1024;
+    let body = axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::new(Code::MessageTooLarge, format!("request body is larger than {limit} bytes")))?;
+    let b: SendBody = crate::api::parse_json(&body)?;
+    if b.to.client.is_some() == b.to.user.is_some() {
+        return Err(ApiError::new(Code::InvalidRequest, "`to` names exactly one of `client` or `user`"));
+    }
+    let user = who.as_ref().map(|w| w.user.as_str());
+    let client = match q.get("client_key").filter(|k| !k.is_empty()) {
+        None => None,
+        Some(key) => match state.registry.key_owner(key) {
+            Some((client, owner)) if owner.as_deref() == user => Some(client),
+            _ => return Err(ApiError::new(
+                Code::PermissionDenied,
+                "client_key names no connection of yours on this node (it closed, or the request reached another node)",
+            )),
+        },
+    };
+    let sender =
+        crate::commands::ops::Sender { client: client.as_deref(), user, claim: who.as_ref().is_some_and(|w| w.direct) };
+    let shares_presence = async {
+        let (Some(client), Some(name)) = (client.as_deref(), b.channel.as_deref()) else { return false };
+        let Ok(r) = resolve_channel(&state, name) else { return false };
+        let Ok(members) = state.presence.members(&r.channel).await else { return false };
+        members.iter().any(|m| m.client == client)
+            && members.iter().any(|m| match (&b.to.client, &b.to.user) {
+                (Some(c), _) => &m.client == c,
+                (_, Some(u)) => &m.user == u,
+                _ => false,
+            })
+    };
+    crate::commands::ops::may_send(&state, &sender, &b.to, shares_presence).await?;
+    let data = b.data;
+    Ok(json(crate::commands::ops::send_direct(&state, sender.from(), &b.to, data).await?))
+}

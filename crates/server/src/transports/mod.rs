@@ -3,6 +3,7 @@
 //! token, authorizing channels — lives here.
 
 pub mod client_http;
+pub mod mailbox;
 pub mod mqtt;
 pub mod poll;
 pub mod sse;

@@ -11,6 +11,10 @@
 //! Without `since` no messages are returned, only the current cursor (or, with `wait`,
 //! the next messages). Namespaces without history are refused (`history_disabled`): a
 //! poller between two requests would miss messages without being told.
+//!
+//! With `direct=1` (then `client_key=…`) the poller also takes direct messages, kept for
+//! it between polls in a mailbox (see [`super::mailbox`]); the answer adds `"client"`,
+//! `"client_key"` and `"direct":[…]`, and such a poll may name no channel.
 
 use std::time::Duration;
 
@@ -40,7 +44,14 @@ pub async fn handler(
     let _forwarded = super::forwarded_slot(&state, &headers, &ext)?;
     let _gauge = state.metrics.connection(crate::metrics::Transport::Poll);
     let q = Query::parse(raw.as_deref());
-    let channels = session::resolve_channels(&state, &q.channels)?;
+    // `direct=1` / `client_key=…`: this poller takes direct messages (see `mailbox`);
+    // ignored when direct messages are off (the answer then has no `client`).
+    let key = q.get("client_key").filter(|k| !k.is_empty());
+    let asks_direct = key.is_some() || q.get("direct").is_some_and(|v| v == "1" || v == "true");
+    let direct = asks_direct && state.config.direct.enabled;
+    // A poll for direct messages alone names no channel.
+    let channels =
+        if direct && q.channels.is_empty() { Vec::new() } else { session::resolve_channels(&state, &q.channels)? };
     let who = super::identity(&state, &headers, &q)?;
     let sub_tokens = q.all("sub_token");
     let cred = crate::auth::Credentials { who: who.as_ref(), sub_tokens: &sub_tokens, subscribed: false };
@@ -57,6 +68,13 @@ pub async fn handler(
 
     let rewind = session::check_rewind(&channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
     let session = session::open(&state, &channels, asked, rewind, &[], None).await?;
+    let user = who.as_ref().map(|w| w.user.as_str());
+    // As many mailboxes as connections may be open (with no cap: that many all the same).
+    let max = match state.limits.max_connections() {
+        0 => 100_000,
+        n => n,
+    };
+    let mailbox = direct.then(|| state.mailboxes.lease(&state.registry, key, user, max)).transpose()?;
     let mut positions: Vec<StreamPosition> = session.starts.iter().map(|s| s.position.clone()).collect();
     let mut resets: Vec<serde_json::Value> = session
         .starts
@@ -66,14 +84,31 @@ pub async fn handler(
         .collect();
 
     let mut events = Vec::new();
+    let mut directs = Vec::new();
     let _ = session.queue.drain_into(&mut events);
-    if events.is_empty() && resets.is_empty() && wait > 0 {
+    if let Some(m) = &mailbox {
+        let _ = m.queue.drain_into(&mut directs);
+    }
+    if events.is_empty() && directs.is_empty() && resets.is_empty() && wait > 0 {
         let mut shutdown = state.shutdown.clone();
+        let direct_arrives = async {
+            match &mailbox {
+                Some(m) => {
+                    let _ = m.queue.next_batch(&mut directs).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = session.queue.next_batch(&mut events) => {}
+            _ = direct_arrives => {}
             _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
             _ = shutdown.wait_for(|s| *s) => {}
         }
+    }
+    if let Some(m) = &mailbox {
+        // Whatever else arrived meanwhile goes in this answer too.
+        let _ = m.queue.drain_into(&mut directs);
     }
 
     let mut body = Vec::with_capacity(
@@ -112,6 +147,21 @@ pub async fn handler(
     body.extend_from_slice(serde_json::Value::String(cursor::format(&positions)).to_string().as_bytes());
     body.extend_from_slice(b",\"resets\":");
     body.extend_from_slice(serde_json::Value::Array(resets).to_string().as_bytes());
+    if let Some(m) = &mailbox {
+        // Ids and keys are [0-9a-z.]: no escaping needed.
+        body.extend_from_slice(format!(",\"client\":\"{}\",\"client_key\":\"{}\"", m.client, m.key).as_bytes());
+        body.extend_from_slice(b",\"direct\":[");
+        let mut first = true;
+        for e in &directs {
+            let Event::Frame(json) = e else { continue };
+            if !first {
+                body.push(b',');
+            }
+            body.extend_from_slice(crate::registry::message_of(json));
+            first = false;
+        }
+        body.push(b']');
+    }
     body.push(b'}');
     Ok((StatusCode::OK, [("content-type", "application/json"), ("cache-control", "no-store")], body).into_response())
 }

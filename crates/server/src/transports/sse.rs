@@ -97,6 +97,9 @@ pub async fn handler(
         }
         Box::new(r)
     });
+    // With direct messages on, the stream's `client_key` (`<client>.<secret>`): the
+    // client's `POST /send` proves with it that it sends as this client.
+    let client = if direct.is_some() { state.registry.new_client_key(&client) } else { client };
     // The stream ends when the token does; the client reconnects with a fresh one.
     let expiry = who.as_ref().map(|w| super::timer(&state, w.expires_at_ms()));
     let stream =
@@ -157,7 +160,8 @@ struct SseStream {
     _slot: super::Admitted,
     _registration: Option<Registration>,
     _direct: Option<Box<crate::registry::ClientRegistration>>,
-    /// This stream's client id (in `subscribed`: what direct messages are sent to).
+    /// This stream's client id (in `subscribed`: what direct messages are sent to), as
+    /// its `client_key` `<client>.<secret>` when direct messages are on.
     client: String,
     expiry: Option<super::Timer>,
     channels: Vec<ChannelName>,
@@ -244,7 +248,14 @@ impl SseStream {
                 })
             })
             .collect();
-        let data = serde_json::json!({ "channels": subscribed, "patterns": self.patterns, "client": self.client });
+        let mut data = serde_json::json!({ "channels": subscribed, "patterns": self.patterns });
+        match self.client.split_once('.') {
+            Some((client, _)) => {
+                data["client"] = client.into();
+                data["client_key"] = self.client.as_str().into();
+            }
+            None => data["client"] = self.client.as_str().into(),
+        }
         out.put_slice(format!("id: {}\nevent: subscribed\ndata: {data}\n\n", self.cursor()).as_bytes());
         let resets: Vec<(usize, StreamPosition)> = self
             .session
@@ -333,7 +344,7 @@ impl SseStream {
 /// A direct message (`{"message":{"from","data"}}`) as `event: direct` with the inner
 /// `{"from","data"}`.
 fn direct_event(json: &[u8]) -> Bytes {
-    let inner = json.strip_prefix(b"{\"message\":").and_then(|j| j.strip_suffix(b"}")).unwrap_or(json);
+    let inner = crate::registry::message_of(json);
     let mut b = BytesMut::with_capacity(inner.len() + 24);
     b.put_slice(b"event: direct\ndata: ");
     b.put_slice(inner);

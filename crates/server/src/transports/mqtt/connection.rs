@@ -30,7 +30,8 @@ impl Wire for MqttWire {
     fn close(_: u16, _: &str) -> Bytes {
         Bytes::new()
     }
-    // (Direct messages have no MQTT form.)
+    // (Not at `connect`, which MQTT has not: a client that subscribes to `$direct` is
+    // registered by its connection, with a PUBLISH of the client's version as the frame.)
     const DIRECT: bool = false;
 }
 
@@ -132,6 +133,21 @@ struct Conn {
     held: std::collections::VecDeque<Event>,
     held_bytes: usize,
     next_packet_id: u16,
+    /// Subscribed to `$direct`: registered for direct messages.
+    direct: Option<crate::registry::ClientRegistration>,
+}
+
+/// The MQTT topic direct messages arrive on (subscribe to it to take them), and the
+/// prefix of the topics that send them: `$direct/client/{id}`, `$direct/user/{user}`.
+pub const DIRECT_TOPIC: &str = "$direct";
+
+/// A direct message as the PUBLISH (QoS 0) an MQTT client of each version reads:
+/// topic `$direct`, payload `{"from","data"}`.
+fn direct_v311(json: &[u8]) -> Bytes {
+    codec::publish(Version::V311, DIRECT_TOPIC, crate::registry::message_of(json), false)
+}
+fn direct_v5(json: &[u8]) -> Bytes {
+    codec::publish(Version::V5, DIRECT_TOPIC, crate::registry::message_of(json), false)
 }
 
 /// What an MQTT connection runs on: TCP, TLS, or a WebSocket's binary messages.
@@ -305,6 +321,9 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
     };
     let queue = state.hub.queue(state.config.defaults.queue_max_bytes);
     let mut session = Session::<MqttWire>::new(state.clone(), queue);
+    // Its client id for presence and direct messages: the MQTT client identifier, which
+    // a device keeps across connections (`mqtt:` keeps it apart from generated ids).
+    session.client = format!("mqtt:{client_id}");
     if let Some(who) = identity {
         session.set_identity(who);
     }
@@ -388,6 +407,7 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
             held: Default::default(),
             held_bytes: 0,
             next_packet_id: 1,
+            direct: None,
         },
         will_allowed,
         resumed,
@@ -548,8 +568,10 @@ impl Conn {
                         out.push(p);
                     }
                 }
-                // Acknowledgements and pings never wait behind the window.
-                Event::Frame(b) => out.push(b),
+                // Acknowledgements, pings and direct messages never wait behind the
+                // window. (A direct message over the client's maximum packet size is dropped.)
+                Event::Frame(b) if b.len() <= self.max_packet => out.push(b),
+                Event::Frame(_) => {}
                 Event::Reset { .. } => {}
             }
         }
@@ -730,6 +752,10 @@ impl Conn {
                     .filters
                     .iter()
                     .map(|f| match self.filters.remove(f).or_else(|| self.shared.remove(f).map(|_| String::new())) {
+                        None if f == DIRECT_TOPIC && self.direct.is_some() => {
+                            self.direct = None;
+                            0
+                        }
                         Some(ch) if ch.is_empty() => 0, // a shared subscription: left
                         Some(ch) => {
                             self.session.unsubscribe(&ch);
@@ -765,6 +791,16 @@ impl Conn {
         let max = self.session.state.config.ws.max_subscriptions;
         for (filter, options) in &s.filters {
             let granted = options.qos;
+            if filter == DIRECT_TOPIC {
+                codes.push(match self.subscribe_direct() {
+                    Ok(()) => 0, // direct messages are QoS 0: never stored, never sent again
+                    Err(e) => {
+                        why = format!("{}: {}", e.code.as_str(), e.message);
+                        0x80
+                    }
+                });
+                continue;
+            }
             match self.check_filter(filter, s.token.clone()) {
                 Ok(None) => {
                     // A repeated filter replaces the subscription: the new QoS and
@@ -851,6 +887,53 @@ impl Conn {
         None
     }
 
+    /// Registers this connection for direct messages (its SUBSCRIBE to `$direct`).
+    fn subscribe_direct(&mut self) -> Result<(), ApiError> {
+        let state = &self.session.state;
+        if !state.config.direct.enabled {
+            return Err(ApiError::new(Code::TransportDisabled, "direct messages are off on this server"));
+        }
+        if self.direct.is_none() {
+            let frame = if self.version == Version::V5 { direct_v5 } else { direct_v311 };
+            let r = state.registry.add_client(&self.session.client, &self.session.queue, frame);
+            if let Some(user) = self.session.user() {
+                state.registry.set_client_user(&self.session.client, user);
+            }
+            self.direct = Some(r);
+        }
+        Ok(())
+    }
+
+    /// A PUBLISH to `$direct/client/{id}` or `$direct/user/{user}`: a direct message, under
+    /// `[direct] policy` as the `send` command. The success code: 0, or (MQTT 5) 0x10 No
+    /// matching subscribers when the target is not connected.
+    async fn send_direct(&mut self, target: &str, p: &codec::Publish) -> Result<u8, ApiError> {
+        let to = match target.split_once('/') {
+            Some(("client", id)) if !id.is_empty() => {
+                crate::commands::protocol::To { client: Some(id.into()), user: None }
+            }
+            Some(("user", u)) if !u.is_empty() => crate::commands::protocol::To { client: None, user: Some(u.into()) },
+            _ => {
+                return Err(ApiError::new(
+                    Code::InvalidChannel,
+                    "direct messages go to $direct/client/{client id} or $direct/user/{user id}",
+                ))
+            }
+        };
+        let data = super::data_of(&p.payload).ok_or_else(|| {
+            ApiError::new(Code::InvalidJson, "binary payloads are not supported: send UTF-8 text or JSON")
+        })?;
+        let data = String::from_utf8(data.to_vec()).ok().and_then(|d| serde_json::value::RawValue::from_string(d).ok());
+        let data = data.ok_or_else(|| ApiError::new(Code::InvalidJson, "the payload is not JSON"))?;
+        match self.session.send(&to, &data).await {
+            Ok(_) => Ok(0),
+            Err(e) if e.code == Code::TargetNotConnected && self.version == Version::V5 => Ok(0x10),
+            // MQTT 3.1.1 has no way to say it: a message to nobody is dropped quietly.
+            Err(e) if e.code == Code::TargetNotConnected => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sends a subscribed channel's retained message (its latest publication) again, with
     /// the retain flag: queued behind what is already on its way.
     async fn resend_retained(&mut self, name: &str) {
@@ -920,6 +1003,10 @@ impl Conn {
             }
         }
         for sub in kept.subs {
+            if sub.filter == DIRECT_TOPIC {
+                let _ = self.subscribe_direct();
+                continue;
+            }
             let r = if switchboard_core::pattern::is_pattern(&sub.name) {
                 match self.session.gated_pattern(&sub.name) {
                     Ok(p) => self.session.subscribe_pattern(p).await,
@@ -961,7 +1048,7 @@ impl Conn {
 
     async fn save_session(&mut self) {
         let Some(expiry) = self.persist else { return };
-        let subs = self
+        let mut subs: Vec<_> = self
             .filters
             .iter()
             .map(|(filter, name)| super::sessions::KeptSub {
@@ -973,6 +1060,19 @@ impl Conn {
                 position: ChannelName::parse(name).ok().and_then(|c| self.positions.get(&c).cloned()),
             })
             .collect();
+        if self.direct.is_some() {
+            // (What was sent to it meanwhile is not kept: direct messages are never stored.)
+            let name = DIRECT_TOPIC.to_string();
+            let sub = super::sessions::KeptSub {
+                filter: name.clone(),
+                name,
+                qos: 0,
+                id: None,
+                no_local: false,
+                position: None,
+            };
+            subs.push(sub);
+        }
         let inflight = self
             .inflight
             .iter()
@@ -1046,9 +1146,14 @@ impl Conn {
                 return Some(End::Protocol(0x93, "receive maximum exceeded".into()));
             }
         }
-        let result = self.store(&topic, &p).await;
+        let result = match topic.strip_prefix("$direct/") {
+            // QoS 2 sent again (DUP) before PUBREL: already sent once.
+            Some(_) if p.qos == 2 && p.packet_id.is_some_and(|id| self.qos2.contains(&id)) => Ok(0),
+            Some(target) => self.send_direct(target, &p).await,
+            None => self.store(&topic, &p).await.map(|()| 0),
+        };
         let (code, why) = match &result {
-            Ok(()) => (0, String::new()),
+            Ok(code) => (*code, String::new()),
             Err(e) => {
                 self.session.state.metrics.error(e.code.as_str());
                 (reason_for(v, e), format!("{}: {}", e.code.as_str(), e.message))
@@ -1057,7 +1162,7 @@ impl Conn {
         match (p.qos, p.packet_id) {
             (1, Some(id)) if v == Version::V5 || code == 0 => self.send(codec::ack(v, 4, id, code, &why)),
             (2, Some(id)) if v == Version::V5 || code == 0 => {
-                if code == 0 {
+                if code < 0x80 {
                     self.qos2.insert(id);
                 }
                 self.send(codec::ack(v, 5, id, code, &why));
