@@ -140,6 +140,16 @@ async fn the_policy_decides_who_may_message_whom_and_a_flood_is_limited() {
     };
     assert!(refused > 0, "no send was rate limited");
     assert_eq!(closed, Some(1008));
+    // Over HTTP, `POST /send` counts against the client's request rate per IP
+    // (`limits.client_publishes_per_sec`, bursts of twice that): of 30 at once, some are
+    // refused (how many depends on how fast this machine serves them, so not counted).
+    let s2 = TestServer::start(config(&conf(&format!("{policy}[limits]\nclient_publishes_per_sec = 1\n")))).await;
+    let (_target, target_id) = ws(&s2, None).await;
+    let body = json!({"to": {"client": target_id}, "data": 0});
+    let statuses = futures_util::future::join_all((0..30).map(|_| http_send(&s2, "alice", None, body.clone()))).await;
+    let limited = statuses.iter().filter(|(status, v)| *status == 429 && v["error"]["code"] == "rate_limited").count();
+    assert!(limited > 0, "none of 30 sends at once was rate limited: {statuses:?}");
+    assert!(statuses.iter().any(|(status, _)| *status == 200), "{statuses:?}");
 
     // same_user: only to one's own connections.
     let s = TestServer::start(config(&conf("[direct]\npolicy = \"same_user\"\n"))).await;
