@@ -167,8 +167,13 @@ pub struct Hub {
     /// serialises those subscribe/unsubscribe calls.
     pattern_ops: tokio::sync::Mutex<std::collections::HashSet<String>>,
     control: std::sync::OnceLock<ControlHandler>,
+    occupancy: std::sync::OnceLock<OccupancyHandler>,
     pub stats: HubStats,
 }
+
+/// Told when a channel gets its first subscriber on this node (`true`: the node
+/// subscribed to it on the broker) and when it loses its last (`false`).
+pub type OccupancyHandler = Box<dyn Fn(&ChannelName, bool) + Send + Sync>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -463,6 +468,7 @@ impl Hub {
             pattern_count: Default::default(),
             pattern_ops: tokio::sync::Mutex::new(Default::default()),
             control: std::sync::OnceLock::new(),
+            occupancy: std::sync::OnceLock::new(),
             stats: HubStats::default(),
         });
         broker.run(Arc::new(Dispatcher(Arc::downgrade(&hub)))).await?;
@@ -482,6 +488,11 @@ impl Hub {
     /// Sets what handles control messages from other nodes (once).
     pub fn set_control_handler(&self, h: ControlHandler) {
         let _ = self.control.set(h);
+    }
+
+    /// Sets what is told of channels becoming occupied and vacated on this node (once).
+    pub fn set_occupancy_handler(&self, h: OccupancyHandler) {
+        let _ = self.occupancy.set(h);
     }
 
     fn shard(&self, channel: &ChannelName) -> &Shard {
@@ -590,6 +601,9 @@ impl Hub {
                 self.broker.subscribe(&channel).await?;
                 if let Some(e) = lock(&shard.channels).get_mut(&channel) {
                     e.node_active = true;
+                }
+                if let Some(h) = self.occupancy.get() {
+                    h(&channel, true);
                 }
             }
         }
@@ -717,6 +731,9 @@ impl Hub {
                 // needs; the hub drops what arrives, and the broker cleans up on
                 // reconnect. Nothing is lost either way.
                 let _ = hub.broker.unsubscribe(&channel).await;
+                if let Some(h) = hub.occupancy.get() {
+                    h(&channel, false);
+                }
             }
         });
     }

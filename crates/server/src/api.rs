@@ -72,7 +72,7 @@ pub async fn publish(State(state): State<AppState>, req: Request) -> Result<Resp
     let r: PublishRequest = parse_json(&body)?;
     let resolved = resolve_channel(&state, &r.channel)?;
     let data = payload(&state, r.data)?;
-    let reply = publish_to(&state, &resolved, data, r.volatile, r.key).await?;
+    let reply = publish_to(&state, &resolved, data, r.volatile, r.key, crate::commands::ops::Publisher::Api).await?;
     Ok(json(StatusCode::OK, reply))
 }
 
@@ -107,7 +107,7 @@ pub async fn broadcast(State(state): State<AppState>, req: Request) -> Result<Re
     for name in &r.channels {
         let one = async {
             let resolved = resolve_channel(&state, name)?;
-            publish_to(&state, &resolved, data.clone(), r.volatile, None).await
+            publish_to(&state, &resolved, data.clone(), r.volatile, None, crate::commands::ops::Publisher::Api).await
         };
         results.push(match one.await {
             Ok(reply) => {
@@ -295,4 +295,59 @@ pub async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderM
     let accept = headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = crate::metrics::Format::from_accept(accept);
     (StatusCode::OK, [("content-type", format.content_type())], crate::metrics::render(&state, format)).into_response()
+}
+
+/// The webhooks, or `not_found` when none are configured.
+fn webhooks(state: &AppState) -> Result<&std::sync::Arc<crate::webhooks::Webhooks>, ApiError> {
+    state.webhooks.as_ref().ok_or_else(|| ApiError::new(Code::NotFound, "no webhook endpoints are configured"))
+}
+
+/// `GET /api/webhooks/dead[?endpoint=NAME][&limit=N]` → `{"dead":[{"endpoint","id",
+/// "attempts","first","error","event"}…],"total":N}`: events whose retries ran out, oldest
+/// first.
+pub async fn webhooks_dead(
+    State(state): State<AppState>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Result<Response, ApiError> {
+    let w = webhooks(&state)?;
+    let q = crate::session::Query::parse(raw.as_deref());
+    let limit = q.int("limit", 1..=10_000, Code::BadLimit)?.unwrap_or(1000) as usize;
+    let endpoint = q.get("endpoint");
+    let dead: Vec<_> = w.dead_list().into_iter().filter(|(ep, _)| endpoint.is_none_or(|e| e == ep)).collect();
+    let shown: Vec<serde_json::Value> = dead
+        .iter()
+        .take(limit)
+        .map(|(ep, i)| {
+            serde_json::json!({"endpoint": ep, "id": i.id, "attempts": i.attempt, "first": i.first,
+                "error": i.error, "event": i.event})
+        })
+        .collect();
+    Ok(json(StatusCode::OK, serde_json::json!({"dead": shown, "total": dead.len()}).to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayRequest {
+    endpoint: Option<String>,
+    ids: Option<Vec<String>>,
+}
+
+/// `POST /api/webhooks/replay {"endpoint"?, "ids"?}` → `{"replayed":N}`: dead events (of one
+/// endpoint, or only those ids) go back to the queue as new — attempts and the horizon
+/// start again.
+pub async fn webhooks_replay(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let w = webhooks(&state)?;
+    let body = read_body(req.into_body(), 1 << 20).await?;
+    let r: ReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ReplayRequest { endpoint: None, ids: None }
+    } else {
+        parse_json(&body)?
+    };
+    if let Some(ep) = &r.endpoint {
+        if !w.endpoint_names().contains(ep) {
+            return Err(ApiError::new(Code::NotFound, format!("no webhook endpoint is named {ep:?}")));
+        }
+    }
+    let n = w.replay(r.endpoint.as_deref(), r.ids.as_deref());
+    Ok(json(StatusCode::OK, format!("{{\"replayed\":{n}}}")))
 }

@@ -42,6 +42,8 @@ pub struct Inner {
     pub registry: Arc<crate::registry::Registry>,
     /// MQTT client ids connected to this node (a new connection takes an id over).
     pub mqtt_clients: crate::registry::ClientIds,
+    /// Outgoing webhooks, when endpoints are configured.
+    pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
     /// Polling clients' direct messages between polls.
     pub mailboxes: crate::transports::mailbox::Mailboxes,
     /// Persistent MQTT sessions kept on this node between connections.
@@ -162,6 +164,7 @@ impl AppState {
         let verifier =
             crate::auth::Verifier::from_config(&config.auth, clock.clone()).map_err(|e| format!("auth: {e}"))?;
         let tls = crate::tls::Tls::from_config(&config.tls, config.http2.enabled).map_err(|e| format!("tls: {e}"))?;
+        let webhooks = crate::webhooks::Webhooks::from_config(&config.webhooks, &node_id).map_err(|e| e.to_string())?;
         Ok(AppState {
             inner: Arc::new_cyclic(|me| Inner {
                 exposition: crate::metrics::registry(me.clone()),
@@ -173,6 +176,7 @@ impl AppState {
                 registry: Arc::default(),
                 mqtt_clients: Default::default(),
                 mailboxes: Default::default(),
+                webhooks,
                 mqtt_sessions: Default::default(),
                 mqtt_groups: Default::default(),
                 webtransport_cert: Default::default(),
@@ -279,6 +283,8 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
         route(M::POST, "/api/disconnect", ApiKey, api::disconnect),
         route(M::POST, "/api/send", ApiKey, api::send),
         route(M::POST, "/api/revoke", ApiKey, api::revoke),
+        route(M::GET, "/api/webhooks/dead", ApiKey, api::webhooks_dead),
+        route(M::POST, "/api/webhooks/replay", ApiKey, api::webhooks_replay),
     ]
 }
 

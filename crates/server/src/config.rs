@@ -48,6 +48,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "mqtt",
     "webtransport",
     "direct",
+    "webhooks",
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -74,6 +75,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub webtransport: WebTransportConfig,
     pub direct: DirectConfig,
+    pub webhooks: WebhooksConfig,
     /// `SWITCHBOARD_*` variables that were not configuration (see the module docs).
     #[serde(skip)]
     pub ignored_env: Vec<String>,
@@ -99,6 +101,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             webtransport: WebTransportConfig::default(),
             direct: DirectConfig::default(),
+            webhooks: WebhooksConfig::default(),
             ignored_env: Vec::new(),
         }
     }
@@ -353,6 +356,141 @@ pub enum HttpMode {
     Serve,
 }
 
+/// Outgoing webhooks (docs/webhooks.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Where the embedded queue keeps pending events (with the memory broker; with Redis
+    /// they are kept in Redis Streams). Default: `switchboard-data/webhooks`.
+    pub dir: Option<std::path::PathBuf>,
+    /// `always`: the queue's file is synced after each group of writes (a crash or power
+    /// failure loses nothing written); `never`: left to the kernel (a crash of the process
+    /// loses nothing, a power failure the last seconds).
+    pub fsync: WebhookFsync,
+    /// Events waiting across all endpoints; past it new events are dropped and counted
+    /// (`switchboard_webhook_events_dropped_total`): a receiver that is down never grows
+    /// the server without bound, and publishing never waits for it.
+    pub max_pending: usize,
+    /// How long an event is retried before it goes to the dead-letter list (72 h).
+    pub horizon_secs: u64,
+    /// Retries wait a random time from 0 to min(backoff_max_ms, backoff_initial_ms × 2^n)
+    /// after the n-th failed attempt (full jitter).
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    pub endpoints: Vec<WebhookEndpoint>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            dir: None,
+            fsync: WebhookFsync::Always,
+            max_pending: 100_000,
+            horizon_secs: 72 * 3600,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 600_000,
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFsync {
+    Always,
+    Never,
+}
+
+/// One receiver of webhooks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEndpoint {
+    /// Names it in metrics, the dead-letter list and the queue (default: the URL). Keep it
+    /// when the URL changes, so pending events follow.
+    pub name: Option<String>,
+    /// `http://` or `https://`.
+    pub url: String,
+    /// Signing secrets (at least 16 bytes each): every one signs (`v1=` each), so during a
+    /// rotation list the new one and the old one, and the receiver accepts either.
+    pub secrets: Vec<String>,
+    /// Event types sent (default: occupied/vacated and presence join/leave;
+    /// `publication` and `connection.*` are opt-in).
+    #[serde(default = "default_webhook_events")]
+    pub events: Vec<String>,
+    /// Channels and patterns (`chat:#`, `chat:room-+`) whose events are sent; empty: all.
+    #[serde(default)]
+    pub channels: Vec<String>,
+    /// `publication` events for clients' publishes only (`client`, the default) or for
+    /// the API's too (`all`).
+    #[serde(default)]
+    pub publications: PublicationSource,
+    /// Events per request: up to this many (1: no batching) …
+    #[serde(default = "one")]
+    pub batch_max: usize,
+    /// … or what has waited this long, whichever first.
+    #[serde(default)]
+    pub batch_ms: u64,
+    /// Requests in flight to this endpoint at once.
+    #[serde(default = "four")]
+    pub concurrency: usize,
+    /// A request not answered 2xx within this long counts as failed.
+    #[serde(default = "ten_thousand")]
+    pub timeout_ms: u64,
+    /// After this many failed requests in a row the endpoint rests for `breaker_cooldown_ms`
+    /// (no requests), then one request tries it again.
+    #[serde(default = "five")]
+    pub breaker_failures: u32,
+    #[serde(default = "thirty_thousand")]
+    pub breaker_cooldown_ms: u64,
+}
+
+fn default_webhook_events() -> Vec<String> {
+    ["channel.occupied", "channel.vacated", "presence.join", "presence.leave"].map(String::from).to_vec()
+}
+fn one() -> usize {
+    1
+}
+fn four() -> usize {
+    4
+}
+fn five() -> u32 {
+    5
+}
+fn ten_thousand() -> u64 {
+    10_000
+}
+fn thirty_thousand() -> u64 {
+    30_000
+}
+
+/// Which publications make `publication` events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublicationSource {
+    /// What clients publish (WebSocket, WebTransport, `POST /publish`, MQTT).
+    #[default]
+    Client,
+    /// Those and the server API's.
+    All,
+}
+
+/// The event types a webhook endpoint may ask for.
+pub const WEBHOOK_EVENTS: [&str; 7] = [
+    "channel.occupied",
+    "channel.vacated",
+    "presence.join",
+    "presence.leave",
+    "publication",
+    "connection.opened",
+    "connection.closed",
+];
+
+impl WebhookEndpoint {
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.url)
+    }
+}
+
 /// Direct messages between clients (docs/protocol.md, "Direct messages").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -365,6 +503,55 @@ pub struct DirectConfig {
 impl Default for DirectConfig {
     fn default() -> Self {
         DirectConfig { enabled: true, policy: None }
+    }
+}
+
+impl Config {
+    fn validate_webhooks(&self) -> Result<(), (String, String)> {
+        let w = &self.webhooks;
+        let mut names = std::collections::HashSet::new();
+        for (i, e) in w.endpoints.iter().enumerate() {
+            let key = |k: &str| format!("webhooks.endpoints[{i}].{k}");
+            let scheme_ok = ["http://", "https://"].iter().any(|s| e.url.len() > s.len() && e.url.starts_with(s));
+            if !scheme_ok || e.url.contains(char::is_whitespace) {
+                return Err((key("url"), format!("{:?}: expected an http:// or https:// URL", e.url)));
+            }
+            if e.secrets.is_empty() || e.secrets.iter().any(|s| s.len() < 16) {
+                return Err((key("secrets"), "give at least one secret, each at least 16 bytes".into()));
+            }
+            if let Some(bad) = e.events.iter().find(|t| !WEBHOOK_EVENTS.contains(&t.as_str())) {
+                return Err((key("events"), format!("unknown event {bad:?}; known: {}", WEBHOOK_EVENTS.join(", "))));
+            }
+            if e.events.is_empty() {
+                return Err((key("events"), "name at least one event type".into()));
+            }
+            for c in &e.channels {
+                let ok = if switchboard_core::pattern::is_pattern(c) {
+                    switchboard_core::pattern::Pattern::parse(c).is_ok()
+                } else {
+                    ChannelName::parse(c).is_ok()
+                };
+                if !ok {
+                    return Err((key("channels"), format!("{c:?} is not a channel name or pattern")));
+                }
+            }
+            if e.batch_max == 0 || e.concurrency == 0 || e.timeout_ms == 0 || e.breaker_failures == 0 {
+                return Err((
+                    key("batch_max"),
+                    "batch_max, concurrency, timeout_ms and breaker_failures must be at least 1".into(),
+                ));
+            }
+            if !names.insert(e.name()) {
+                return Err((key("name"), format!("two endpoints are named {:?}", e.name())));
+            }
+        }
+        if w.backoff_initial_ms == 0 || w.backoff_max_ms < w.backoff_initial_ms {
+            return Err(("webhooks.backoff_initial_ms".into(), "at least 1, and at most backoff_max_ms".into()));
+        }
+        if w.max_pending == 0 {
+            return Err(("webhooks.max_pending".into(), "must be at least 1".into()));
+        }
+        Ok(())
     }
 }
 
@@ -664,6 +851,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        self.validate_webhooks()?;
         for name in self.namespaces.keys() {
             if !name.is_empty() && ChannelName::parse(name).is_err() || name.contains(':') {
                 return Err((format!("namespaces.{name}"), "not a valid namespace name".into()));

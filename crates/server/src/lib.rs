@@ -23,6 +23,7 @@ pub mod registry;
 pub mod session;
 pub mod tls;
 pub mod transports;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -108,6 +109,7 @@ impl Server {
         cluster::start(&state, listener.local_addr()?);
         admin::start_sampler(&state);
         transports::mailbox::spawn_sweeper(&state);
+        webhooks::start(&state);
         let http_listener = match state.config.tls.http_listen {
             Some(addr) => Some(bind(addr).map_err(|e| anyhow::anyhow!("tls.http_listen {addr}: {e}"))?),
             None => None,

@@ -48,6 +48,12 @@ pub struct Histogram {
     sum_micros: AtomicU64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::latency()
+    }
+}
+
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
         Histogram {
@@ -55,6 +61,11 @@ impl Histogram {
             counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
             sum_micros: AtomicU64::new(0),
         }
+    }
+
+    /// With the buckets of the server's other latencies (0.5 ms to 2.5 s).
+    pub fn latency() -> Self {
+        Histogram::new(LATENCY_BUCKETS)
     }
 
     pub fn observe(&self, d: Duration) {
@@ -432,6 +443,43 @@ impl Collector for ServerCollector {
             "Direct messages queued for connections on this node.",
             load(&m.direct_messages),
         )?;
+        if let Some(w) = &state.webhooks {
+            let wm = &w.metrics;
+            counter(e, "switchboard_webhook_events_sent", "Webhook events delivered (2xx).", load(&wm.sent))?;
+            counter(
+                e,
+                "switchboard_webhook_requests_failed",
+                "Webhook requests that failed (non-2xx, timeout, connection).",
+                load(&wm.failed),
+            )?;
+            counter(e, "switchboard_webhook_events_retried", "Webhook events scheduled again.", load(&wm.retried))?;
+            counter(
+                e,
+                "switchboard_webhook_events_dead",
+                "Webhook events moved to the dead-letter list.",
+                load(&wm.dead),
+            )?;
+            counter(
+                e,
+                "switchboard_webhook_events_dropped",
+                "Webhook events not queued: webhooks.max_pending were waiting.",
+                load(&wm.dropped),
+            )?;
+            gauge(e, "switchboard_webhook_queue_depth", "Webhook events waiting for delivery.", w.pending() as u64)?;
+            gauge(
+                e,
+                "switchboard_webhook_dead_letters",
+                "Webhook events in the dead-letter list.",
+                w.dead_count() as u64,
+            )?;
+            let mut h = e.encode_descriptor(
+                "switchboard_webhook_request_duration_seconds",
+                "Webhook request latency, to the answer or the failure.",
+                None,
+                MetricType::Histogram,
+            )?;
+            wm.latency.encode(&mut h.encode_family(&[("op", "deliver")])?)?;
+        }
         e.encode_descriptor("switchboard_build", "This server's version.", None, MetricType::Info)?
             .encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
         gauge(

@@ -51,6 +51,7 @@ pub async fn join(
     let member = Member { client: client.to_string(), user: who.map(|w| w.user.clone()).unwrap_or_default(), info };
     let ttl = Duration::from_secs(r.options.presence_ttl_secs);
     state.presence.add(&r.channel, member.clone(), ttl).await?;
+    crate::webhooks::emit(state, "presence.join", Some(&r.channel), true, || presence_event(&r.channel, &member));
     Ok(Some(PresenceGuard {
         state: state.clone(),
         channel: r.channel.clone(),
@@ -83,12 +84,18 @@ impl Drop for PresenceGuard {
             (self.state.clone(), self.channel.clone(), self.member.clone(), self.join_leave);
         rt.spawn(async move {
             let _ = state.presence.remove(&channel, &member.client).await;
+            crate::webhooks::emit(&state, "presence.leave", Some(&channel), true, || presence_event(&channel, &member));
             if join_leave {
                 let data = serde_json::to_vec(&member).expect("member serialises");
                 let _ = state.hub.broker().publish_volatile(&channel, Kind::Leave, data.into()).await;
             }
         });
     }
+}
+
+/// A presence webhook's data: the channel and the member.
+fn presence_event(channel: &ChannelName, m: &Member) -> serde_json::Value {
+    serde_json::json!({"channel": channel, "client": m.client, "user": m.user, "info": m.info})
 }
 
 /// `{"clients":[{"client","user","info"}…]}` for `channel`.

@@ -43,6 +43,8 @@ pub trait Wire: Send + Sync + 'static {
     fn close(code: u16, reason: &str) -> Bytes;
     /// Whether the transport's sessions take direct messages (`{"message":…}` pushes).
     const DIRECT: bool = true;
+    /// Its name in webhooks' connection events.
+    const TRANSPORT: &'static str;
 }
 
 /// How a session closed by the server ends: the `disconnect` push saying whether to
@@ -120,6 +122,8 @@ pub struct Session<W: Wire> {
     /// Registered by client id for direct messages (at `connect`; removed on drop): a
     /// connection that never sends `connect` does not know its id and costs nothing here.
     direct: bool,
+    /// `connection.opened`/`closed` webhooks, when an endpoint takes them.
+    events: Option<Box<crate::webhooks::ConnectionEvents>>,
     pub expiry: Expiry,
     /// Fires at the expiry deadline; only sessions with a token have one.
     pub timer: Option<crate::transports::Timer>,
@@ -141,6 +145,7 @@ impl<W: Wire> Session<W> {
         Session {
             datagrams: Box::default(),
             direct: false,
+            events: None,
             state,
             queue,
             subs: HashMap::new(),
@@ -212,6 +217,13 @@ impl<W: Wire> Session<W> {
         };
     }
 
+    /// The connection is established (its token, if given at the start, adopted):
+    /// `connection.opened` for the webhooks that take it.
+    pub fn opened(&mut self) {
+        let user = self.identity.as_ref().map(|i| i.user.as_str());
+        self.events = crate::webhooks::ConnectionEvents::open(&self.state, &self.client, user, W::TRANSPORT);
+    }
+
     /// The user of this session's token, if it has one.
     pub fn user(&self) -> Option<&str> {
         self.identity.as_ref().map(|i| i.user.as_str())
@@ -279,6 +291,9 @@ impl<W: Wire> Session<W> {
     /// Adopts a verified identity: registers the connection under its user (for
     /// `/api/disconnect`) and arms the expiry timer.
     pub fn set_identity(&mut self, who: Identity) {
+        if let Some(e) = &mut self.events {
+            e.set_user(&who.user);
+        }
         if self.direct {
             self.state.registry.set_client_user(&self.client, &who.user);
         }
@@ -390,7 +405,10 @@ impl<W: Wire> Session<W> {
             Command::Publish { channel, data, volatile, key, token } => {
                 match self.gated(Operation::Publish, &channel, token) {
                     Ok(r) => match ops::payload(&self.state, data) {
-                        Ok(data) => ops::publish_to(&self.state, &r, data, volatile, key).await.map(Some),
+                        Ok(data) => {
+                            let by = ops::Publisher::Client { client: Some(&self.client), user: self.user() };
+                            ops::publish_to(&self.state, &r, data, volatile, key, by).await.map(Some)
+                        }
                         Err(e) => Err(e),
                     },
                     Err(e) => Err(e),

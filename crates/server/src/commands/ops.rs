@@ -38,7 +38,10 @@ pub async fn publish_to(
     data: Bytes,
     volatile: Option<bool>,
     key: Option<String>,
+    by: Publisher<'_>,
 ) -> Result<String, ApiError> {
+    // The `publication` webhook keeps its own handle on the bytes, when one is wanted.
+    let hook = state.webhooks.as_ref().filter(|w| w.wants("publication")).map(|_| data.clone());
     if let Some(k) = &key {
         if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
             return Err(ApiError::new(
@@ -57,6 +60,9 @@ pub async fn publish_to(
         }
         res?;
         state.metrics.publishes_volatile.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(data) = hook {
+            publication_event(state, r, &data, None, by);
+        }
         return Ok(r#"{"volatile":true}"#.to_string());
     }
     let window = std::time::Duration::from_secs(state.config.limits.idempotency_window_secs);
@@ -69,7 +75,42 @@ pub async fn publish_to(
     }
     let pos = res?;
     m.publishes_stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(data) = hook {
+        publication_event(state, r, &data, Some(&pos), by);
+    }
     Ok(format!("{{\"epoch\":\"{}\",\"offset\":{}}}", pos.epoch, pos.offset))
+}
+
+/// Who publishes: a client (its connection's id, when it has one, and its user) or the
+/// server API.
+#[derive(Debug, Clone, Copy)]
+pub enum Publisher<'a> {
+    Api,
+    Client { client: Option<&'a str>, user: Option<&'a str> },
+}
+
+/// The `publication` webhook event.
+fn publication_event(
+    state: &AppState,
+    r: &crate::session::Resolved,
+    data: &[u8],
+    pos: Option<&switchboard_core::StreamPosition>,
+    by: Publisher<'_>,
+) {
+    let from_client = matches!(by, Publisher::Client { .. });
+    crate::webhooks::emit(state, "publication", Some(&r.channel), from_client, || {
+        let data: serde_json::Value = serde_json::from_slice(data).unwrap_or(serde_json::Value::Null);
+        let publisher = match by {
+            Publisher::Api => serde_json::json!({"server": true}),
+            Publisher::Client { client, user } => serde_json::json!({"client": client, "user": user}),
+        };
+        let mut e = serde_json::json!({"channel": r.channel, "data": data, "publisher": publisher});
+        match pos {
+            Some(p) => (e["epoch"], e["offset"]) = (p.epoch.to_string().into(), p.offset.into()),
+            None => e["volatile"] = true.into(),
+        }
+        e
+    });
 }
 
 /// Who sends a direct message: the client (when it is known and proven), its user (when

@@ -52,7 +52,8 @@ pub async fn publish(
         &Credentials { who: who.as_ref(), sub_tokens: &sub_tokens, subscribed: false },
     )?;
     let data = crate::commands::ops::payload(&state, b.data)?;
-    Ok(json(crate::commands::ops::publish_to(&state, &r, data, b.volatile, b.key).await?))
+    let by = crate::commands::ops::Publisher::Client { client: None, user: who.as_ref().map(|w| w.user.as_str()) };
+    Ok(json(crate::commands::ops::publish_to(&state, &r, data, b.volatile, b.key, by).await?))
 }
 
 /// The one channel a client HTTP read names, once the gate lets `op` through.

@@ -100,6 +100,7 @@ pub async fn handler(
     // With direct messages on, the stream's `client_key` (`<client>.<secret>`): the
     // client's `POST /send` proves with it that it sends as this client.
     let client = if direct.is_some() { state.registry.new_client_key(&client) } else { client };
+    let events = crate::webhooks::ConnectionEvents::open(&state, &client, who.as_ref().map(|w| w.user.as_str()), "sse");
     // The stream ends when the token does; the client reconnects with a fresh one.
     let expiry = who.as_ref().map(|w| super::timer(&state, w.expires_at_ms()));
     let stream =
@@ -109,6 +110,7 @@ pub async fn handler(
             _slot: slot,
             _registration: registration,
             _direct: direct,
+            _events: events,
             client,
             expiry,
             channels: channels.iter().map(|r| r.channel.clone()).collect(),
@@ -160,6 +162,7 @@ struct SseStream {
     _slot: super::Admitted,
     _registration: Option<Registration>,
     _direct: Option<Box<crate::registry::ClientRegistration>>,
+    _events: Option<Box<crate::webhooks::ConnectionEvents>>,
     /// This stream's client id (in `subscribed`: what direct messages are sent to), as
     /// its `client_key` `<client>.<secret>` when direct messages are on.
     client: String,

@@ -52,6 +52,7 @@ impl Wire for WtWire {
     fn close(code: u16, reason: &str) -> Bytes {
         line(serde_json::json!({"close": {"code": code, "reason": reason}}).to_string().as_bytes())
     }
+    const TRANSPORT: &'static str = "webtransport";
 }
 
 fn line(json: &[u8]) -> Bytes {
@@ -292,6 +293,7 @@ async fn handle(incoming: IncomingSession, state: AppState) {
     if let Some(who) = identity {
         session.set_identity(who);
     }
+    session.opened();
     let mut c = Box::new(Conn { session, conn, send, recv, buf: BytesMut::new() });
     c.run().await;
     c.finish().await;

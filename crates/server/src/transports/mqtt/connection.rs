@@ -33,6 +33,7 @@ impl Wire for MqttWire {
     // (Not at `connect`, which MQTT has not: a client that subscribes to `$direct` is
     // registered by its connection, with a PUBLISH of the client's version as the frame.)
     const DIRECT: bool = false;
+    const TRANSPORT: &'static str = "mqtt";
 }
 
 /// Encoding slots in `Delivery` owned by this transport (QoS 0, not retained).
@@ -191,6 +192,7 @@ pub async fn serve(mut tcp: Io, state: AppState, peer: SocketAddr, slot: impl Se
     if let (true, Some((will, resolved))) = (publish_will, will) {
         let state = state.clone();
         let (client_id, queue) = (conn.c.client_id.clone(), std::sync::Arc::downgrade(&conn.c.session.queue));
+        let (will_client, will_user) = (conn.c.session.client.clone(), conn.c.session.user().map(str::to_string));
         // (The will's delay runs after the connection is gone: no session outlives it.)
         tokio::spawn(async move {
             if will.delay_secs > 0 {
@@ -202,7 +204,8 @@ pub async fn serve(mut tcp: Io, state: AppState, peer: SocketAddr, slot: impl Se
                 }
             }
             if let Some(data) = super::data_of(&will.payload) {
-                if let Err(e) = ops::publish_to(&state, &resolved, data, None, None).await {
+                let by = ops::Publisher::Client { client: Some(&will_client), user: will_user.as_deref() };
+                if let Err(e) = ops::publish_to(&state, &resolved, data, None, None, by).await {
                     tracing::debug!("MQTT will not published: {}", e.message);
                 }
             }
@@ -327,6 +330,7 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
     if let Some(who) = identity {
         session.set_identity(who);
     }
+    session.opened();
     // The will is a publication like any other: authorized now, not when it fires.
     let will_allowed = match connect.will {
         None => None,
@@ -1193,7 +1197,8 @@ impl Conn {
         let key = (p.qos == 2).then(|| format!("mqtt:{}:{}", self.client_id, p.packet_id.unwrap_or(0)));
         let volatile = (p.qos == 0 && resolved.options.volatile).then_some(true);
         let channel = resolved.channel.clone();
-        let answer = ops::publish_to(&self.session.state, &resolved, data, volatile, key).await?;
+        let by = ops::Publisher::Client { client: Some(&self.session.client), user: self.session.user() };
+        let answer = ops::publish_to(&self.session.state, &resolved, data, volatile, key, by).await?;
         if !self.no_local.is_empty() {
             // Remembered for No Local (its delivery is in this connection's queue, read
             // after this packet).

@@ -92,6 +92,7 @@ pub fn serve(socket: Socket, pre: Bytes, mut ctx: Box<Ctx>) -> impl std::future:
     if let Some(who) = ctx.identity.take() {
         conn.session.set_identity(who);
     }
+    conn.session.opened();
     tracing::debug!(client = %conn.session.client, deflate = ctx.deflate, "websocket connected");
     async move {
         let (_tracked, _gauge, _closes) = (tracked, gauge, closes);
@@ -238,6 +239,7 @@ impl Wire for WsWire {
     fn close(code: u16, reason: &str) -> Bytes {
         frame::close_frame(code, reason)
     }
+    const TRANSPORT: &'static str = "websocket";
 }
 
 impl Conn {

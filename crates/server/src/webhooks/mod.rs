@@ -1,0 +1,396 @@
+//! Outgoing webhooks (docs/webhooks.md): events of channels, presence, publications and
+//! connections, POSTed to configured endpoints — signed, batched if asked, retried with
+//! full-jitter exponential backoff up to a horizon, then dead-lettered; queued durably
+//! (the embedded [`store::FileStore`]) so a restart or a crash loses nothing pending.
+//!
+//! Emitting never waits: an event is queued (or, past `max_pending`, dropped and
+//! counted) and each endpoint's delivery task sends it.
+
+pub mod store;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::value::RawValue;
+use switchboard_core::ChannelName;
+
+use crate::app::AppState;
+use crate::config::{PublicationSource, WebhookEndpoint, WebhooksConfig};
+use store::{unix_ms, FileStore, Item};
+
+/// The signature header: `v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`, one per
+/// secret, comma-separated.
+pub const SIGNATURE_HEADER: &str = "switchboard-signature";
+pub const TIMESTAMP_HEADER: &str = "switchboard-timestamp";
+/// The request's id: its event's id, or for a batch `bat_…` (each event has its own).
+pub const ID_HEADER: &str = "switchboard-id";
+
+/// Hex HMAC-SHA256 of `timestamp.body` under `secret`.
+pub fn sign(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    ctx.update(timestamp.to_string().as_bytes());
+    ctx.update(b".");
+    ctx.update(body);
+    ctx.sign().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The signature header's value for `secrets`.
+pub fn signature_header(secrets: &[String], timestamp: u64, body: &[u8]) -> String {
+    secrets.iter().map(|s| format!("v1={}", sign(s.as_bytes(), timestamp, body))).collect::<Vec<_>>().join(",")
+}
+
+/// The wait before the next attempt after `attempt` failures (1 = the first failure):
+/// uniformly random in [0, min(max, initial × 2^(attempt−1))] — "full jitter".
+pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    let cap = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(30)).min(max);
+    cap.mul_f64(fastrand::f64())
+}
+
+/// The upper bound of [`backoff`] for `attempt`.
+pub fn backoff_cap(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(30)).min(max)
+}
+
+fn new_id(prefix: &str) -> String {
+    let mut b = [0u8; 12];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("the system's random source");
+    format!("{prefix}_{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct WebhookMetrics {
+    /// Events delivered (2xx).
+    pub sent: AtomicU64,
+    /// Requests that failed (non-2xx, timeout, connection error).
+    pub failed: AtomicU64,
+    /// Events scheduled for another attempt.
+    pub retried: AtomicU64,
+    /// Events moved to the dead-letter list.
+    pub dead: AtomicU64,
+    /// Events not queued: `max_pending` was reached.
+    pub dropped: AtomicU64,
+    pub latency: crate::metrics::Histogram,
+}
+
+/// One endpoint at run time.
+struct Endpoint {
+    cfg: WebhookEndpoint,
+    name: String,
+    /// Failed requests in a row, and until when the breaker rests the endpoint.
+    failures: AtomicU32,
+    open_until: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Endpoint {
+    fn wants(&self, kind: &str, channel: Option<&ChannelName>, from_client: bool) -> bool {
+        if !self.cfg.events.iter().any(|e| e == kind) {
+            return false;
+        }
+        if kind == "publication" && !from_client && self.cfg.publications == PublicationSource::Client {
+            return false;
+        }
+        match channel {
+            Some(c) if !self.cfg.channels.is_empty() => {
+                self.cfg.channels.iter().any(|name| switchboard_core::pattern::covers(name, c))
+            }
+            _ => true,
+        }
+    }
+}
+
+pub struct Webhooks {
+    endpoints: Vec<Arc<Endpoint>>,
+    store: Arc<FileStore>,
+    cfg: WebhooksConfig,
+    node: String,
+    client: reqwest::Client,
+    pub metrics: WebhookMetrics,
+}
+
+impl Webhooks {
+    /// The webhooks of `cfg` (none when no endpoint is configured).
+    pub fn from_config(cfg: &WebhooksConfig, node: &str) -> anyhow::Result<Option<Arc<Webhooks>>> {
+        if cfg.endpoints.is_empty() {
+            return Ok(None);
+        }
+        let dir = cfg.dir.clone().unwrap_or_else(|| "switchboard-data/webhooks".into());
+        let store = FileStore::open(&dir, cfg.fsync == crate::config::WebhookFsync::Always)
+            .map_err(|e| anyhow::anyhow!("webhooks.dir {}: {e}", dir.display()))?;
+        let r = &store.recovered;
+        if r.pending + r.dead > 0 || r.dropped_bytes > 0 {
+            tracing::info!(
+                pending = r.pending,
+                dead = r.dead,
+                torn_bytes_dropped = r.dropped_bytes,
+                "webhook queue recovered from {}",
+                dir.display()
+            );
+        }
+        if r.dropped_bytes > 0 {
+            tracing::warn!("webhook queue: {} bytes of a torn last write were cut off", r.dropped_bytes);
+        }
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("Switchboard-Webhooks/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let endpoints = cfg
+            .endpoints
+            .iter()
+            .map(|e| {
+                Arc::new(Endpoint {
+                    name: e.name().to_string(),
+                    cfg: e.clone(),
+                    failures: AtomicU32::new(0),
+                    open_until: Default::default(),
+                })
+            })
+            .collect();
+        let metrics = WebhookMetrics { latency: crate::metrics::Histogram::latency(), ..Default::default() };
+        Ok(Some(Arc::new(Webhooks { endpoints, store, cfg: cfg.clone(), node: node.to_string(), client, metrics })))
+    }
+
+    /// Queues an event of `kind` for every endpoint that takes it. `from_client`: for
+    /// `publication`, whether a client (not the API) published it.
+    pub fn emit(&self, kind: &str, channel: Option<&ChannelName>, from_client: bool, data: serde_json::Value) {
+        let eps: Vec<&str> =
+            self.endpoints.iter().filter(|e| e.wants(kind, channel, from_client)).map(|e| e.name.as_str()).collect();
+        if eps.is_empty() {
+            return;
+        }
+        let id = new_id("evt");
+        let event = serde_json::json!({"id": id, "type": kind, "time": unix_ms(), "node": self.node, "data": data});
+        let Ok(raw) = RawValue::from_string(event.to_string()) else { return };
+        if !self.store.add(&eps, &id, &raw, self.cfg.max_pending) {
+            self.metrics.dropped.fetch_add(eps.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether some endpoint takes events of `kind` (to skip building them otherwise).
+    pub fn wants(&self, kind: &str) -> bool {
+        self.endpoints.iter().any(|e| e.cfg.events.iter().any(|k| k == kind))
+    }
+
+    pub fn pending(&self) -> usize {
+        self.store.pending()
+    }
+
+    pub fn dead_count(&self) -> usize {
+        self.store.dead_count()
+    }
+
+    pub fn dead_list(&self) -> Vec<(String, Item)> {
+        self.store.dead_list()
+    }
+
+    pub fn replay(&self, ep: Option<&str>, ids: Option<&[String]>) -> usize {
+        self.store.replay(ep, ids)
+    }
+
+    pub fn endpoint_names(&self) -> Vec<String> {
+        self.endpoints.iter().map(|e| e.name.clone()).collect()
+    }
+
+    /// Starts each endpoint's delivery task (until shutdown).
+    pub fn start(self: &Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
+        for ep in &self.endpoints {
+            let (me, ep, mut shutdown) = (self.clone(), ep.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = me.deliver_loop(&ep) => {}
+                    _ = shutdown.wait_for(|s| *s) => {}
+                }
+            });
+        }
+    }
+
+    async fn deliver_loop(self: &Arc<Self>, ep: &Arc<Endpoint>) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(ep.cfg.concurrency));
+        let batch = Duration::from_millis(ep.cfg.batch_ms);
+        loop {
+            // The breaker: a resting endpoint gets no requests.
+            let rest = ep.open_until.lock().unwrap_or_else(|p| p.into_inner()).and_then(|t| {
+                let now = Instant::now();
+                (t > now).then(|| t - now)
+            });
+            if let Some(rest) = rest {
+                tokio::time::sleep(rest).await;
+            }
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
+            let items = self.store.take(&ep.name, ep.cfg.batch_max, batch).await;
+            let (me, ep2) = (self.clone(), ep.clone());
+            let attempt = async move {
+                me.attempt(&ep2, items).await;
+                drop(slot);
+            };
+            // After a failure the breaker may have opened: one request at a time until
+            // one succeeds (half-open).
+            if ep.failures.load(Ordering::Relaxed) >= ep.cfg.breaker_failures {
+                attempt.await;
+            } else {
+                tokio::spawn(attempt);
+            }
+        }
+    }
+
+    /// One request carrying `items`; then each is done, retried later or dead.
+    async fn attempt(&self, ep: &Endpoint, items: Vec<Item>) {
+        let mut body = Vec::with_capacity(16 + items.iter().map(|i| i.event.get().len() + 1).sum::<usize>());
+        body.extend_from_slice(b"{\"events\":[");
+        for (n, i) in items.iter().enumerate() {
+            if n > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(i.event.get().as_bytes());
+        }
+        body.extend_from_slice(b"]}");
+        let id = if items.len() == 1 { items[0].id.clone() } else { new_id("bat") };
+        let ts = unix_ms() / 1000;
+        let signature = signature_header(&ep.cfg.secrets, ts, &body);
+        let started = Instant::now();
+        let sent = self
+            .client
+            .post(&ep.cfg.url)
+            .timeout(Duration::from_millis(ep.cfg.timeout_ms))
+            .header("content-type", "application/json")
+            .header(ID_HEADER, &id)
+            .header(TIMESTAMP_HEADER, ts.to_string())
+            .header(SIGNATURE_HEADER, signature)
+            .body(body)
+            .send()
+            .await;
+        self.metrics.latency.observe(started.elapsed());
+        let error = match sent {
+            Ok(r) if r.status().is_success() => None,
+            Ok(r) => Some(format!("HTTP {}", r.status().as_u16())),
+            Err(e) if e.is_timeout() => Some(format!("no answer within {} ms", ep.cfg.timeout_ms)),
+            Err(e) if e.is_connect() => Some("connection failed".to_string()),
+            Err(e) => Some(format!("request failed: {e}")),
+        };
+        let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
+        let Some(error) = error else {
+            self.store.done(&ep.name, &ids);
+            self.metrics.sent.fetch_add(items.len() as u64, Ordering::Relaxed);
+            ep.failures.store(0, Ordering::Relaxed);
+            *ep.open_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return;
+        };
+        tracing::debug!(endpoint = %ep.name, %error, events = items.len(), "webhook attempt failed");
+        self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+        let failures = ep.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= ep.cfg.breaker_failures {
+            let until = Instant::now() + Duration::from_millis(ep.cfg.breaker_cooldown_ms);
+            *ep.open_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+        }
+        let now = unix_ms();
+        let horizon = self.cfg.horizon_secs.saturating_mul(1000);
+        let (initial, max) =
+            (Duration::from_millis(self.cfg.backoff_initial_ms), Duration::from_millis(self.cfg.backoff_max_ms));
+        for item in &items {
+            let wait = backoff(item.attempt + 1, initial, max);
+            let due = now + wait.as_millis() as u64;
+            if due.saturating_sub(item.first) >= horizon {
+                self.store.dead(&ep.name, item, &error);
+                self.metrics.dead.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.store.later(&ep.name, item, due, &error);
+                self.metrics.retried.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Emits an event of `kind` if some endpoint takes it; `data` is built only then.
+pub fn emit(
+    state: &AppState,
+    kind: &str,
+    channel: Option<&ChannelName>,
+    from_client: bool,
+    data: impl FnOnce() -> serde_json::Value,
+) {
+    if let Some(w) = state.webhooks.as_ref().filter(|w| w.wants(kind)) {
+        w.emit(kind, channel, from_client, data());
+    }
+}
+
+/// A connection's `connection.opened` (at [`ConnectionEvents::open`]) and
+/// `connection.closed` (when dropped) events.
+pub struct ConnectionEvents {
+    webhooks: Arc<Webhooks>,
+    client: String,
+    user: Option<String>,
+    transport: &'static str,
+}
+
+impl ConnectionEvents {
+    /// Emits `connection.opened`; the guard emits `connection.closed`. None when no
+    /// endpoint takes either.
+    pub fn open(state: &AppState, client: &str, user: Option<&str>, transport: &'static str) -> Option<Box<Self>> {
+        let w = state.webhooks.as_ref().filter(|w| w.wants("connection.opened") || w.wants("connection.closed"))?;
+        let (client, user) = (client.to_string(), user.map(str::to_string));
+        w.emit(
+            "connection.opened",
+            None,
+            true,
+            serde_json::json!({"client": client, "user": user, "transport": transport}),
+        );
+        Some(Box::new(ConnectionEvents { webhooks: w.clone(), client, user, transport }))
+    }
+
+    /// The connection authenticated later (`connect`): its closing event names the user.
+    pub fn set_user(&mut self, user: &str) {
+        self.user = Some(user.to_string());
+    }
+}
+
+impl Drop for ConnectionEvents {
+    fn drop(&mut self) {
+        let data = serde_json::json!({"client": self.client, "user": self.user, "transport": self.transport});
+        self.webhooks.emit("connection.closed", None, true, data);
+    }
+}
+
+/// Hooks the events into the server: channel occupancy from the hub. (Presence,
+/// publications and connections emit where they happen.)
+pub fn start(state: &AppState) {
+    let Some(w) = &state.webhooks else { return };
+    w.start(state.shutdown.clone());
+    if w.wants("channel.occupied") || w.wants("channel.vacated") {
+        let weak = std::sync::Arc::downgrade(w);
+        state.hub.set_occupancy_handler(Box::new(move |channel, occupied| {
+            let Some(w) = weak.upgrade() else { return };
+            let kind = if occupied { "channel.occupied" } else { "channel.vacated" };
+            w.emit(kind, Some(channel), false, serde_json::json!({ "channel": channel }));
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_timestamp_dot_body_in_hex() {
+        // Computed independently: Python's hmac.new(secret, b'1700000000.{"a":1}', sha256).
+        let sig = sign(b"secret-0123456789abcdef", 1_700_000_000, br#"{"a":1}"#);
+        assert_eq!(sig, "8eae3d28cb521b6b37f86de366c0b3de07baa3505577e5d97c7b1625541e4a2c");
+        let two = signature_header(&["secret-0123456789abcdef".into(), "another-secret-0123456".into()], 1, b"x");
+        assert_eq!(two.matches("v1=").count(), 2);
+    }
+
+    #[test]
+    fn full_jitter_backoff_stays_within_its_bound_and_spreads_over_it() {
+        let (initial, max) = (Duration::from_millis(100), Duration::from_secs(10));
+        for attempt in 1..=12 {
+            let cap = backoff_cap(attempt, initial, max);
+            assert_eq!(cap, (initial * 2u32.pow(attempt - 1)).min(max));
+            let waits: Vec<Duration> = (0..2000).map(|_| backoff(attempt, initial, max)).collect();
+            assert!(waits.iter().all(|w| *w <= cap), "attempt {attempt}: over {cap:?}");
+            // Spread: both halves of [0, cap] are used (full jitter, not a fixed delay).
+            assert!(waits.iter().any(|w| *w < cap / 2) && waits.iter().any(|w| *w > cap / 2), "attempt {attempt}");
+        }
+        assert_eq!(backoff_cap(40, initial, max), max);
+    }
+}

@@ -1,0 +1,442 @@
+//! Outgoing webhooks against a real receiver process (tests/webhooks/receiver.py, whose
+//! signature check is the Python snippet of docs/webhooks.md): every event arrives through
+//! failures of each kind, signed, at least once and dedupable to exactly once; the
+//! dead-letter list and replay; kill -9 mid-retry loses nothing; a receiver that never
+//! answers never holds up publishing; bad configuration is refused by `config check`; and
+//! the documentation's verification snippets run (where their toolchain is installed).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{config, TestServer};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+const SECRET: &str = "whsec-test-0123456789abcdef";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn temp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sb-webhooks-{name}-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The receiver process: its port and the file it logs each request to.
+struct Receiver {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Receiver {
+    /// Starts receiver.py on `port` (0: any); its first `fail` requests fail as `mode` says.
+    fn start(port: u16, log: &Path, fail: usize, mode: &str) -> Receiver {
+        let script = root().join("tests/webhooks/receiver.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .args([port.to_string(), log.display().to_string(), SECRET.to_string()])
+            .args(["--fail", &fail.to_string(), "--mode", mode])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().strip_prefix("port ").and_then(|p| p.parse().ok()).expect("the receiver's port");
+        Receiver { child, port, log: log.to_path_buf() }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    /// Every request it logged.
+    fn requests(&self) -> Vec<Value> {
+        requests(&self.log)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn requests(log: &Path) -> Vec<Value> {
+    std::fs::read_to_string(log).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Event id → type, of the requests answered 200 (each id once, however often it came).
+fn delivered(log: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for r in requests(log).iter().filter(|r| r["status"] == 200) {
+        for (id, ty) in r["events"].as_array().unwrap().iter().zip(r["types"].as_array().unwrap()) {
+            out.insert(id.as_str().unwrap().to_string(), ty.as_str().unwrap().to_string());
+        }
+    }
+    out
+}
+
+/// Waits (bounded) until `done` holds for the receiver's log.
+async fn until(what: &str, log: &Path, done: impl Fn(&[Value]) -> bool) {
+    for _ in 0..1200 {
+        if done(&requests(log)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within 60 s; the receiver saw {:#?}", requests(log));
+}
+
+const PUBS: &str = "[\"publication\"]";
+const ALL: &str = "[\"channel.occupied\", \"channel.vacated\", \"presence.join\", \"presence.leave\", \
+    \"publication\", \"connection.opened\", \"connection.closed\"]";
+
+/// An endpoint named `app` for `events` (a TOML array), with `extra` keys.
+fn endpoint(url: &str, events: &str, extra: &str) -> String {
+    format!(
+        "[[webhooks.endpoints]]\nname = \"app\"\nurl = \"{url}\"\nsecrets = [\"{SECRET}\"]\n\
+         events = {events}\npublications = \"all\"\ntimeout_ms = 1000\nbreaker_cooldown_ms = 100\n{extra}"
+    )
+}
+
+fn webhooks(dir: &Path, extra: &str) -> String {
+    format!(
+        "[namespaces.room]\npresence = true\njoin_leave = true\nallow_publish = true\n\
+         [webhooks]\ndir = \"{}\"\nbackoff_initial_ms = 20\nbackoff_max_ms = 200\n{extra}",
+        dir.display()
+    )
+}
+
+async fn metric(s: &TestServer, name: &str) -> u64 {
+    let text = s.http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
+        .unwrap_or_else(|| panic!("{name} is not in /metrics")) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_arrives_signed_through_500s_timeouts_and_closed_connections() {
+    for (mode, fail) in [("500", 3), ("timeout", 2), ("close", 2)] {
+        let dir = temp("modes");
+        let rx = Receiver::start(0, &dir.join("log"), fail, mode);
+        let s = TestServer::start(config(&(webhooks(&dir, "") + &endpoint(&rx.url(), ALL, "")))).await;
+        // A client joins a room with presence, publishes, and the API publishes; then it leaves.
+        let mut c = switchboard_client::Connection::connect(&format!("ws://{}/ws", s.addr)).await.unwrap();
+        c.call(json!({"cmd": "connect"})).await.unwrap();
+        c.call(json!({"cmd": "subscribe", "channel": "room:1"})).await.unwrap();
+        c.call(json!({"cmd": "publish", "channel": "room:1", "data": {"from": "client"}})).await.unwrap();
+        s.publish("room:1", json!({"from": "api"})).await;
+        drop(c);
+        let want = [
+            "connection.opened",
+            "channel.occupied",
+            "presence.join",
+            "publication",
+            "presence.leave",
+            "channel.vacated",
+            "connection.closed",
+        ];
+        until(&format!("every event type ({mode})"), &rx.log, |_| {
+            let types: Vec<String> = delivered(&rx.log).into_values().collect();
+            want.iter().all(|w| types.iter().any(|t| t == w))
+                && types.iter().filter(|t| *t == "publication").count() == 2
+        })
+        .await;
+        let reqs = rx.requests();
+        // Every request was signed, and verifies with the documented check.
+        assert!(reqs.iter().all(|r| r["verified"] == true), "{reqs:#?}");
+        // The failures came first and were retried: each event was seen at least once,
+        // some more than once — deduped by id to exactly one of each.
+        let failed = reqs.iter().filter(|r| r["status"] != 200).count();
+        assert!(failed >= fail.min(1), "{mode}: {reqs:#?}");
+        let ids = delivered(&rx.log);
+        assert_eq!(ids.len(), 8, "{mode}: one of each event, two publications: {ids:#?}");
+        // The publications say who published.
+        let pubs: Vec<Value> = reqs
+            .iter()
+            .filter(|r| r["status"] == 200)
+            .flat_map(|r| {
+                let types = r["types"].as_array().unwrap().clone();
+                let data = r["data"].as_array().unwrap().clone();
+                types.into_iter().zip(data).filter(|(t, _)| t == "publication").map(|(_, d)| d)
+            })
+            .collect();
+        let publishers: BTreeSet<String> = pubs.iter().map(|p| p["publisher"].to_string()).collect();
+        assert!(publishers.contains("{\"server\":true}"), "{pubs:#?}");
+        assert!(pubs.iter().all(|p| p["channel"] == "room:1" && p["offset"].is_u64()), "{pubs:#?}");
+        assert!(metric(&s, "switchboard_webhook_events_sent_total").await >= 8);
+        assert!(metric(&s, "switchboard_webhook_requests_failed_total").await >= 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_down_past_the_horizon_leaves_events_dead_and_replay_delivers_them() {
+    let dir = temp("dead");
+    let port = free_port(); // nothing listens there yet: connection refused
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let extra = "horizon_secs = 1\n";
+    let s = TestServer::start(config(&(webhooks(&dir, extra) + &endpoint(&url, PUBS, "")))).await;
+    for n in 0..3 {
+        s.publish("news:1", json!(n)).await;
+    }
+    let mut dead = Value::Null;
+    for _ in 0..1200 {
+        let (_, v) = s.get_json("/api/webhooks/dead").await;
+        if v["total"] == 3 {
+            dead = v;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dead["total"], 3, "three dead letters within 60 s: {dead}");
+    let d = &dead["dead"][0];
+    assert_eq!((d["endpoint"].as_str(), d["error"].as_str()), (Some("app"), Some("connection failed")), "{d}");
+    assert!(d["attempts"].as_u64().unwrap() >= 1 && d["event"]["type"] == "publication", "{d}");
+    assert_eq!(metric(&s, "switchboard_webhook_events_dead_total").await, 3);
+    assert_eq!(metric(&s, "switchboard_webhook_queue_depth").await, 0);
+    // The receiver comes up; replay delivers them all.
+    let rx = Receiver::start(port, &dir.join("log"), 0, "500");
+    let (status, v) = s.post_raw("/api/webhooks/replay", json!({"endpoint": "app"}).to_string()).await;
+    assert_eq!((status, &v["replayed"]), (200, &json!(3)), "{v}");
+    until("the replayed events", &rx.log, |_| delivered(&rx.log).len() == 3).await;
+    let ids: BTreeSet<String> =
+        dead["dead"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().into()).collect();
+    assert_eq!(delivered(&rx.log).into_keys().collect::<BTreeSet<_>>(), ids, "the same events, by id");
+    assert_eq!(s.get_json("/api/webhooks/dead").await.1["total"], 0);
+    // An unknown endpoint is an error; so is a server without webhooks.
+    let (status, _) = s.post_raw("/api/webhooks/replay", json!({"endpoint": "nope"}).to_string()).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_carry_several_events_each_with_its_own_id() {
+    let dir = temp("batch");
+    let rx = Receiver::start(0, &dir.join("log"), 0, "500");
+    let ep = endpoint(&rx.url(), PUBS, "batch_max = 10\nbatch_ms = 200\n");
+    let s = TestServer::start(config(&(webhooks(&dir, "") + &ep))).await;
+    for n in 0..25 {
+        s.publish("news:b", json!(n)).await;
+    }
+    until("25 events", &rx.log, |_| delivered(&rx.log).len() == 25).await;
+    let reqs = rx.requests();
+    assert!(reqs.iter().all(|r| r["events"].as_array().unwrap().len() <= 10), "{reqs:#?}");
+    assert!(reqs.len() < 25, "batched: {} requests for 25 events", reqs.len());
+    // A batch's request id is its own; the events keep theirs.
+    let batch = reqs.iter().find(|r| r["events"].as_array().unwrap().len() > 1).expect("a batch of several");
+    assert!(batch["id"].as_str().unwrap().starts_with("bat_"), "{batch}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_never_answers_does_not_hold_up_publishing_and_overflow_is_counted() {
+    let dir = temp("hang");
+    let rx = Receiver::start(0, &dir.join("log"), 1_000_000, "hang");
+    let ep = endpoint(&rx.url(), PUBS, "concurrency = 1\n").replace("timeout_ms = 1000", "timeout_ms = 600000");
+    let s = TestServer::start(config(&(webhooks(&dir, "max_pending = 10\n") + &ep))).await;
+    // 100 publishes complete while the receiver holds its first request unanswered.
+    for n in 0..100 {
+        s.publish("news:h", json!(n)).await;
+    }
+    assert_eq!(metric(&s, "switchboard_webhook_queue_depth").await, 10);
+    assert_eq!(metric(&s, "switchboard_webhook_events_dropped_total").await, 90);
+}
+
+fn serve_binary(config: &Path, port: u16) -> Child {
+    Command::new(BIN)
+        .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_healthy(base: &str) {
+    for _ in 0..500 {
+        if reqwest::get(format!("{base}/healthz")).await.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("server at {base} never became healthy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_retry_loses_nothing_pending() {
+    let dir = temp("kill");
+    let log = dir.join("log");
+    // A receiver that fails everything, for now.
+    let failing = Receiver::start(0, &log, 1_000_000, "500");
+    let rx_port = failing.port;
+    let cfg = dir.join("switchboard.toml");
+    let ep = endpoint(&failing.url(), PUBS, "");
+    std::fs::write(&cfg, webhooks(&dir.join("queue"), "") + &ep).unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut server = serve_binary(&cfg, port);
+    wait_healthy(&base).await;
+    let http = reqwest::Client::new();
+    for n in 0..20 {
+        let r = http.post(format!("{base}/api/publish")).json(&json!({"channel": "news:k", "data": n})).send().await;
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    // Every event has been attempted (and failed) at least once: mid-retry.
+    until("a failed attempt of each event", &log, |reqs| {
+        let tried: BTreeSet<&str> =
+            reqs.iter().flat_map(|r| r["events"].as_array().unwrap()).filter_map(|e| e.as_str()).collect();
+        tried.len() == 20
+    })
+    .await;
+    server.kill().unwrap(); // SIGKILL
+    server.wait().unwrap();
+    drop(failing);
+    // The receiver is back, healthy; so is the node: everything pending arrives.
+    let rx = Receiver::start(rx_port, &dir.join("log2"), 0, "500");
+    let mut server = serve_binary(&cfg, port);
+    wait_healthy(&base).await;
+    until("all 20 events after the restart", &rx.log, |_| delivered(&rx.log).len() == 20).await;
+    let datas: BTreeSet<u64> = rx
+        .requests()
+        .iter()
+        .flat_map(|r| r["data"].as_array().unwrap().clone())
+        .map(|d| d["data"].as_u64().unwrap())
+        .collect();
+    assert_eq!(datas, (0..20).collect::<BTreeSet<u64>>());
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[test]
+fn config_check_refuses_bad_endpoints_with_the_key_and_the_reason() {
+    let dir = temp("config");
+    let cases = [
+        ("url = \"ftp://example.com/hook\"\nsecrets = [\"0123456789abcdef\"]", "url", "http:// or https://"),
+        ("url = \"https://example.com/hook\"\nsecrets = [\"\"]", "secrets", "at least 16 bytes"),
+        ("url = \"https://example.com/hook\"\nsecrets = []", "secrets", "at least one secret"),
+        ("url = \"https://e.com/\"\nsecrets = [\"0123456789abcdef\"]\nevents = [\"nope\"]", "events", "unknown event"),
+    ];
+    for (endpoint, key, reason) in cases {
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, format!("[[webhooks.endpoints]]\n{endpoint}\n")).unwrap();
+        let out = Command::new(BIN).args(["config", "check", "--dev"]).arg(&file).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{endpoint}: {err}");
+        assert!(err.contains(&format!("webhooks.endpoints[0].{key}")) && err.contains(reason), "{endpoint}: {err}");
+    }
+}
+
+/// The fenced block of `lang` under the heading `### {title}` of docs/webhooks.md.
+fn doc_snippet(title: &str, lang: &str) -> String {
+    let doc = std::fs::read_to_string(root().join("docs/webhooks.md")).unwrap();
+    let section = doc.split(&format!("### {title}\n")).nth(1).unwrap_or_else(|| panic!("no ### {title}"));
+    let block = section.split(&format!("```{lang}\n")).nth(1).unwrap();
+    block.split("\n```").next().unwrap().to_string() + "\n"
+}
+
+/// A signed sample: (timestamp, body, signature header) with two secrets, as in a rotation.
+fn sample() -> (u64, String, String) {
+    let ts = switchboard_server::auth::unix_now();
+    let body = r#"{"events":[{"id":"evt_1","type":"publication"}]}"#.to_string();
+    let secrets = ["whsec-old-0123456789abcdef".to_string(), SECRET.to_string()];
+    let sig = switchboard_server::webhooks::signature_header(&secrets, ts, body.as_bytes());
+    (ts, body, sig)
+}
+
+#[test]
+fn the_python_snippet_is_the_receivers_and_verifies() {
+    let receiver = std::fs::read_to_string(root().join("tests/webhooks/receiver.py")).unwrap();
+    let tested =
+        receiver.split("# --- docs/webhooks.md: python ---\n").nth(1).unwrap().split("# --- end ---").next().unwrap();
+    assert_eq!(doc_snippet("Python", "python"), tested, "docs/webhooks.md's Python snippet is receiver.py's");
+    // (receiver.py runs it against every request of the delivery tests.)
+}
+
+#[test]
+fn the_node_snippet_verifies_good_signatures_and_refuses_bad_ones() {
+    let (ts, body, sig) = sample();
+    let harness = format!(
+        "{}\nconst h = {{ 'switchboard-timestamp': '{ts}', 'switchboard-signature': process.argv[2] }};\n\
+         console.log(verify(['{SECRET}'], h, Buffer.from(process.argv[3])));\n",
+        doc_snippet("Node", "js")
+    );
+    let file = temp("node").join("verify.mjs");
+    std::fs::write(&file, harness).unwrap();
+    let run = |sig: &str, body: &str| {
+        let out = Command::new("node").arg(&file).args([sig, body]).output().expect("node");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(run(&sig, &body), "true");
+    assert_eq!(run(&sig, &body.replace("evt_1", "evt_2")), "false", "a changed body");
+    assert_eq!(run(&sig.replace("v1=", "v1=0"), &body), "false", "a changed signature");
+}
+
+// --- docs/webhooks.md: rust ---
+/// True when one of the `v1=` signatures is HMAC-SHA256(secret, "timestamp.body") for one
+/// of `secrets` and the timestamp is within `tolerance_secs` of `now` (Unix seconds).
+/// (`ring` compares in constant time.)
+fn verify(secrets: &[&[u8]], timestamp: &str, signature: &str, body: &[u8], now: u64, tolerance_secs: u64) -> bool {
+    let Ok(ts) = timestamp.parse::<u64>() else { return false };
+    if ts.abs_diff(now) > tolerance_secs {
+        return false;
+    }
+    let given: Vec<Vec<u8>> = signature
+        .split(',')
+        .filter_map(|p| p.strip_prefix("v1="))
+        .filter_map(|hex| (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect())
+        .collect();
+    secrets.iter().any(|secret| {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        let signed = [timestamp.as_bytes(), b".", body].concat();
+        given.iter().any(|g| ring::hmac::verify(&key, &signed, g).is_ok())
+    })
+}
+// --- end ---
+
+#[test]
+fn the_rust_snippet_is_this_one_and_verifies() {
+    let me = std::fs::read_to_string(root().join("crates/server/tests/webhooks.rs")).unwrap();
+    let tested =
+        me.split("// --- docs/webhooks.md: rust ---\n").nth(1).unwrap().split("// --- end ---").next().unwrap();
+    assert_eq!(doc_snippet("Rust", "rust"), tested, "docs/webhooks.md's Rust snippet is this file's");
+    let (ts, body, sig) = sample();
+    let now = switchboard_server::auth::unix_now();
+    assert!(verify(&[SECRET.as_bytes()], &ts.to_string(), &sig, body.as_bytes(), now, 300));
+    assert!(!verify(&[b"wrong-secret-0123456789"], &ts.to_string(), &sig, body.as_bytes(), now, 300));
+    assert!(!verify(&[SECRET.as_bytes()], &ts.to_string(), &sig, b"{}", now, 300));
+    assert!(!verify(&[SECRET.as_bytes()], &ts.to_string(), &sig, body.as_bytes(), now + 3600, 300), "replayed late");
+}
+
+#[test]
+fn the_go_snippet_verifies_where_go_is_installed() {
+    if Command::new("go").arg("version").output().is_err() {
+        eprintln!("go is not installed here: the Go snippet is not run");
+        return;
+    }
+    let (ts, body, sig) = sample();
+    let dir = temp("go");
+    let main = format!(
+        "package main\n\n{}\nfunc main() {{\n\tfmt.Println(Verify([][]byte{{[]byte(\"{SECRET}\")}}, \"{ts}\", os.Args[1], []byte(os.Args[2]), 300))\n}}\n",
+        doc_snippet("Go", "go").replace("import (\n", "import (\n\t\"fmt\"\n\t\"os\"\n")
+    );
+    std::fs::write(dir.join("main.go"), main).unwrap();
+    let run = |sig: &str, body: &str| {
+        let out = Command::new("go").arg("run").arg(dir.join("main.go")).args([sig, body]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(run(&sig, &body), "true");
+    assert_eq!(run(&sig, "{}"), "false");
+}
