@@ -6,6 +6,10 @@
 //! The table is also a census: every route of the HTTP surface (`app::routes`) and every
 //! WebSocket command (`protocol::COMMANDS`) must appear below, so a new way to reach a
 //! channel cannot land without its rows.
+//!
+//! Webhooks read channels (publications, presence) but for endpoints the operator
+//! configured, with the server API's trust: no client reaches a channel through them, and
+//! their routes (`/api/webhooks/…`) are server-API rows, which take the key and nothing else.
 
 mod common;
 
