@@ -15,8 +15,10 @@
 mod broker;
 mod kv;
 mod presence;
+mod queue;
 mod scripts;
 
 pub use broker::{RedisBroker, RedisConfig};
 pub use kv::RedisKv;
 pub use presence::RedisPresence;
+pub use queue::{Occupancy, RedisQueue, Taken};

@@ -313,7 +313,7 @@ pub async fn webhooks_dead(
     let q = crate::session::Query::parse(raw.as_deref());
     let limit = q.int("limit", 1..=10_000, Code::BadLimit)?.unwrap_or(1000) as usize;
     let endpoint = q.get("endpoint");
-    let dead: Vec<_> = w.dead_list().into_iter().filter(|(ep, _)| endpoint.is_none_or(|e| e == ep)).collect();
+    let dead: Vec<_> = w.dead_list().await?.into_iter().filter(|(ep, _)| endpoint.is_none_or(|e| e == ep)).collect();
     let shown: Vec<serde_json::Value> = dead
         .iter()
         .take(limit)
@@ -348,6 +348,6 @@ pub async fn webhooks_replay(State(state): State<AppState>, req: Request) -> Res
             return Err(ApiError::new(Code::NotFound, format!("no webhook endpoint is named {ep:?}")));
         }
     }
-    let n = w.replay(r.endpoint.as_deref(), r.ids.as_deref());
+    let n = w.replay(r.endpoint.as_deref(), r.ids.as_deref()).await?;
     Ok(json(StatusCode::OK, format!("{{\"replayed\":{n}}}")))
 }

@@ -164,7 +164,7 @@ impl AppState {
         let verifier =
             crate::auth::Verifier::from_config(&config.auth, clock.clone()).map_err(|e| format!("auth: {e}"))?;
         let tls = crate::tls::Tls::from_config(&config.tls, config.http2.enabled).map_err(|e| format!("tls: {e}"))?;
-        let webhooks = crate::webhooks::Webhooks::from_config(&config.webhooks, &node_id).map_err(|e| e.to_string())?;
+        let webhooks = crate::webhooks::Webhooks::from_config(&config, &node_id).map_err(|e| e.to_string())?;
         Ok(AppState {
             inner: Arc::new_cyclic(|me| Inner {
                 exposition: crate::metrics::registry(me.clone()),

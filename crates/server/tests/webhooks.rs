@@ -440,3 +440,85 @@ fn the_go_snippet_verifies_where_go_is_installed() {
     assert_eq!(run(&sig, &body), "true");
     assert_eq!(run(&sig, "{}"), "false");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_redis_two_nodes_share_the_queue_occupancy_is_told_once_and_a_killed_node_loses_nothing() {
+    let url = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("sbwh{}", fastrand::u64(..));
+    let dir = temp("redis");
+    let log = dir.join("log");
+    // It never answers: each attempt times out (1 s), so whenever node A dies it holds
+    // events in flight — which node B takes over once they have been idle long enough.
+    let failing = Receiver::start(0, &log, 1_000_000, "hang");
+    let rx_port = failing.port;
+    let cfg = dir.join("switchboard.toml");
+    let events = "[\"publication\", \"channel.occupied\", \"channel.vacated\"]";
+    let broker = format!("[broker]\nkind = \"redis\"\nredis_url = \"{url}\"\nredis_prefix = \"{prefix}\"\n");
+    std::fs::write(&cfg, broker + &webhooks(&dir.join("unused"), "") + &endpoint(&failing.url(), events, "")).unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let (a, b) = (format!("http://127.0.0.1:{pa}"), format!("http://127.0.0.1:{pb}"));
+    let mut node_a = serve_binary(&cfg, pa);
+    let mut node_b = serve_binary(&cfg, pb);
+    wait_healthy(&a).await;
+    wait_healthy(&b).await;
+    // A subscriber of news:r on each node: the channel is occupied once, for the cluster.
+    let http = reqwest::Client::new();
+    let sse_a = http.get(format!("{a}/sse?channel=news:r")).send().await.unwrap();
+    let sse_b = http.get(format!("{b}/sse?channel=news:r")).send().await.unwrap();
+    assert_eq!((sse_a.status().as_u16(), sse_b.status().as_u16()), (200, 200));
+    for n in 0..20 {
+        let r = http.post(format!("{a}/api/publish")).json(&json!({"channel": "news:r", "data": n})).send().await;
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    until("a failed attempt of every publication", &log, |reqs| {
+        let types: Vec<(&str, &str)> = reqs
+            .iter()
+            .flat_map(|r| r["events"].as_array().unwrap().iter().zip(r["types"].as_array().unwrap()))
+            .filter_map(|(id, t)| Some((id.as_str()?, t.as_str()?)))
+            .collect();
+        types.iter().filter(|(_, t)| *t == "publication").map(|(id, _)| id).collect::<BTreeSet<_>>().len() == 20
+    })
+    .await;
+    // Node A dies mid-retry; the receiver recovers; A comes back.
+    node_a.kill().unwrap();
+    node_a.wait().unwrap();
+    drop(failing);
+    let rx = Receiver::start(rx_port, &dir.join("log2"), 0, "500");
+    let mut node_a = serve_binary(&cfg, pa);
+    wait_healthy(&a).await;
+    until("all 20 publications and one occupied", &rx.log, |_| {
+        let d = delivered(&rx.log);
+        d.values().filter(|t| *t == "publication").count() == 20 && d.values().any(|t| t == "channel.occupied")
+    })
+    .await;
+    let datas: BTreeSet<u64> = rx
+        .requests()
+        .iter()
+        .filter(|r| r["status"] == 200)
+        .flat_map(|r| {
+            let types = r["types"].as_array().unwrap().clone();
+            types.into_iter().zip(r["data"].as_array().unwrap().clone())
+        })
+        .filter(|(t, _)| t == "publication")
+        .map(|(_, d)| d["data"].as_u64().unwrap())
+        .collect();
+    assert_eq!(datas, (0..20).collect::<BTreeSet<u64>>());
+    // Occupancy: two nodes had subscribers, the cluster was occupied once (across both
+    // receivers: the first may have seen its attempts fail).
+    let occupied: BTreeSet<String> = [&log, &rx.log]
+        .iter()
+        .flat_map(|l| requests(l))
+        .flat_map(|r| {
+            let ids = r["events"].as_array().unwrap().clone();
+            ids.into_iter().zip(r["types"].as_array().unwrap().clone())
+        })
+        .filter(|(_, t)| t == "channel.occupied")
+        .map(|(id, _)| id.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(occupied.len(), 1, "one channel.occupied for the cluster: {occupied:?}");
+    drop((sse_a, sse_b));
+    for n in [&mut node_a, &mut node_b] {
+        let _ = n.kill();
+        let _ = n.wait();
+    }
+}

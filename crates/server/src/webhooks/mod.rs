@@ -101,9 +101,37 @@ impl Endpoint {
     }
 }
 
+/// Where events wait: the embedded queue, or (with the Redis broker) Redis Streams shared
+/// by the nodes — each event delivered by exactly one node, and a node's unfinished ones
+/// claimed by another when it dies.
+enum Store {
+    File(Arc<FileStore>),
+    Redis(RedisStore),
+}
+
+struct RedisStore {
+    /// One queue per endpoint, by name.
+    queues: std::collections::HashMap<String, switchboard_redis::RedisQueue>,
+    /// (pending, dead) per endpoint, as last read (the delivery tasks refresh them).
+    depth: std::sync::Mutex<std::collections::HashMap<String, (usize, usize)>>,
+    occupancy: switchboard_redis::Occupancy,
+}
+
+impl RedisStore {
+    fn queue(&self, ep: &str) -> &switchboard_redis::RedisQueue {
+        self.queues.get(ep).expect("a queue per endpoint")
+    }
+
+    fn depth(&self) -> (usize, usize) {
+        let d = self.depth.lock().unwrap_or_else(|p| p.into_inner());
+        d.values().fold((0, 0), |(p, x), (a, b)| (p + a, x + b))
+    }
+}
+
 pub struct Webhooks {
+    me: std::sync::Weak<Webhooks>,
     endpoints: Vec<Arc<Endpoint>>,
-    store: Arc<FileStore>,
+    store: Store,
     cfg: WebhooksConfig,
     node: String,
     client: reqwest::Client,
@@ -111,27 +139,47 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    /// The webhooks of `cfg` (none when no endpoint is configured).
-    pub fn from_config(cfg: &WebhooksConfig, node: &str) -> anyhow::Result<Option<Arc<Webhooks>>> {
+    /// The webhooks of `config` (none when no endpoint is configured).
+    pub fn from_config(config: &crate::config::Config, node: &str) -> anyhow::Result<Option<Arc<Webhooks>>> {
+        let cfg = &config.webhooks;
         if cfg.endpoints.is_empty() {
             return Ok(None);
         }
-        let dir = cfg.dir.clone().unwrap_or_else(|| "switchboard-data/webhooks".into());
-        let store = FileStore::open(&dir, cfg.fsync == crate::config::WebhookFsync::Always)
-            .map_err(|e| anyhow::anyhow!("webhooks.dir {}: {e}", dir.display()))?;
-        let r = &store.recovered;
-        if r.pending + r.dead > 0 || r.dropped_bytes > 0 {
-            tracing::info!(
-                pending = r.pending,
-                dead = r.dead,
-                torn_bytes_dropped = r.dropped_bytes,
-                "webhook queue recovered from {}",
-                dir.display()
-            );
-        }
-        if r.dropped_bytes > 0 {
-            tracing::warn!("webhook queue: {} bytes of a torn last write were cut off", r.dropped_bytes);
-        }
+        let store = match config.broker.kind {
+            crate::config::BrokerKind::Redis => {
+                let b = &config.broker;
+                let prefix = format!("{}:webhooks", b.redis_prefix);
+                let mut queues = std::collections::HashMap::new();
+                for e in &cfg.endpoints {
+                    // A taken event not finished within twice the request timeout (and
+                    // some) belongs to a node that died: another takes it over.
+                    let abandoned = Duration::from_millis(e.timeout_ms.saturating_mul(2)) + Duration::from_secs(5);
+                    let q = switchboard_redis::RedisQueue::new(&b.redis_url, &prefix, e.name(), node, abandoned)?;
+                    queues.insert(e.name().to_string(), q);
+                }
+                let occupancy = switchboard_redis::Occupancy::new(&b.redis_url, &b.redis_prefix, node)?;
+                Store::Redis(RedisStore { queues, depth: Default::default(), occupancy })
+            }
+            crate::config::BrokerKind::Memory => {
+                let dir = cfg.dir.clone().unwrap_or_else(|| "switchboard-data/webhooks".into());
+                let store = FileStore::open(&dir, cfg.fsync == crate::config::WebhookFsync::Always)
+                    .map_err(|e| anyhow::anyhow!("webhooks.dir {}: {e}", dir.display()))?;
+                let r = &store.recovered;
+                if r.pending + r.dead > 0 || r.dropped_bytes > 0 {
+                    tracing::info!(
+                        pending = r.pending,
+                        dead = r.dead,
+                        torn_bytes_dropped = r.dropped_bytes,
+                        "webhook queue recovered from {}",
+                        dir.display()
+                    );
+                }
+                if r.dropped_bytes > 0 {
+                    tracing::warn!("webhook queue: {} bytes of a torn last write were cut off", r.dropped_bytes);
+                }
+                Store::File(store)
+            }
+        };
         let client = reqwest::Client::builder()
             .user_agent(concat!("Switchboard-Webhooks/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())
@@ -149,7 +197,8 @@ impl Webhooks {
             })
             .collect();
         let metrics = WebhookMetrics { latency: crate::metrics::Histogram::latency(), ..Default::default() };
-        Ok(Some(Arc::new(Webhooks { endpoints, store, cfg: cfg.clone(), node: node.to_string(), client, metrics })))
+        let (cfg, node) = (cfg.clone(), node.to_string());
+        Ok(Some(Arc::new_cyclic(|me| Webhooks { me: me.clone(), endpoints, store, cfg, node, client, metrics })))
     }
 
     /// Queues an event of `kind` for every endpoint that takes it. `from_client`: for
@@ -163,9 +212,37 @@ impl Webhooks {
         let id = new_id("evt");
         let event = serde_json::json!({"id": id, "type": kind, "time": unix_ms(), "node": self.node, "data": data});
         let Ok(raw) = RawValue::from_string(event.to_string()) else { return };
-        if !self.store.add(&eps, &id, &raw, self.cfg.max_pending) {
+        let queued = match &self.store {
+            Store::File(f) => f.add(&eps, &id, &raw, self.cfg.max_pending),
+            Store::Redis(r) => {
+                let room = r.depth().0 + eps.len() <= self.cfg.max_pending;
+                let rt = tokio::runtime::Handle::try_current();
+                if let (true, Ok(rt)) = (room, rt) {
+                    let now = unix_ms();
+                    let item = Item { id, attempt: 0, first: now, due: now, error: None, event: raw, entry: None };
+                    let payload = serde_json::to_string(&item).unwrap_or_default();
+                    for ep in eps.iter() {
+                        let (w, ep, payload) = (self.me(), ep.to_string(), payload.clone());
+                        rt.spawn(async move {
+                            let Store::Redis(r) = &w.store else { return };
+                            if let Err(e) = r.queue(&ep).push(&[payload]).await {
+                                // Redis unreachable: the event is lost, and counted.
+                                tracing::warn!(endpoint = %ep, "webhook event not queued: {e}");
+                                w.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        });
+                    }
+                }
+                room
+            }
+        };
+        if !queued {
             self.metrics.dropped.fetch_add(eps.len() as u64, Ordering::Relaxed);
         }
+    }
+
+    fn me(&self) -> Arc<Webhooks> {
+        self.me.upgrade().expect("alive while in use")
     }
 
     /// Whether some endpoint takes events of `kind` (to skip building them otherwise).
@@ -173,40 +250,198 @@ impl Webhooks {
         self.endpoints.iter().any(|e| e.cfg.events.iter().any(|k| k == kind))
     }
 
+    /// Events waiting (for Redis: as last read, within a second or so).
     pub fn pending(&self) -> usize {
-        self.store.pending()
+        match &self.store {
+            Store::File(f) => f.pending(),
+            Store::Redis(r) => r.depth().0,
+        }
     }
 
     pub fn dead_count(&self) -> usize {
-        self.store.dead_count()
+        match &self.store {
+            Store::File(f) => f.dead_count(),
+            Store::Redis(r) => r.depth().1,
+        }
     }
 
-    pub fn dead_list(&self) -> Vec<(String, Item)> {
-        self.store.dead_list()
+    /// The dead-letter list: (endpoint, event), oldest first.
+    pub async fn dead_list(&self) -> Result<Vec<(String, Item)>, switchboard_core::BrokerError> {
+        match &self.store {
+            Store::File(f) => Ok(f.dead_list()),
+            Store::Redis(r) => {
+                let mut out = Vec::new();
+                for (name, q) in &r.queues {
+                    for (_, payload) in q.dead_list().await? {
+                        if let Ok(item) = serde_json::from_str::<Item>(&payload) {
+                            out.push((name.clone(), item));
+                        }
+                    }
+                }
+                out.sort_by(|a, b| (a.1.first, &a.1.id).cmp(&(b.1.first, &b.1.id)));
+                Ok(out)
+            }
+        }
     }
 
-    pub fn replay(&self, ep: Option<&str>, ids: Option<&[String]>) -> usize {
-        self.store.replay(ep, ids)
+    /// Dead events back to the queue (of `ep`, or all; only `ids` when given): how many.
+    pub async fn replay(
+        &self,
+        ep: Option<&str>,
+        ids: Option<&[String]>,
+    ) -> Result<usize, switchboard_core::BrokerError> {
+        match &self.store {
+            Store::File(f) => Ok(f.replay(ep, ids)),
+            Store::Redis(r) => {
+                let mut n = 0;
+                for (name, q) in r.queues.iter().filter(|(name, _)| ep.is_none_or(|e| e == name.as_str())) {
+                    // Revived as new: attempts and the horizon start again.
+                    let dead = q.dead_list().await?;
+                    let chosen: Vec<&(String, String)> =
+                        dead.iter().filter(|(id, _)| ids.is_none_or(|ids| ids.contains(id))).collect();
+                    if chosen.is_empty() {
+                        continue;
+                    }
+                    let now = unix_ms();
+                    let fresh: Vec<String> = chosen
+                        .iter()
+                        .filter_map(|(_, payload)| serde_json::from_str::<Item>(payload).ok())
+                        .map(|mut i| {
+                            (i.attempt, i.first, i.due, i.error) = (0, now, now, None);
+                            serde_json::to_string(&i).unwrap_or_default()
+                        })
+                        .collect();
+                    q.push(&fresh).await?;
+                    let ids: Vec<String> = chosen.iter().map(|(id, _)| id.clone()).collect();
+                    q.forget_dead(&ids).await?;
+                    tracing::debug!(endpoint = %name, replayed = ids.len(), "webhook dead letters replayed");
+                    n += ids.len();
+                }
+                Ok(n)
+            }
+        }
     }
 
     pub fn endpoint_names(&self) -> Vec<String> {
         self.endpoints.iter().map(|e| e.name.clone()).collect()
     }
 
+    /// Up to `max` due events of `ep`, taken for delivery (waits for the first).
+    async fn take(&self, ep: &str, max: usize, batch: Duration) -> Vec<Item> {
+        let r = match &self.store {
+            Store::File(f) => return f.take(ep, max, batch).await,
+            Store::Redis(r) => r,
+        };
+        let q = r.queue(ep);
+        let parse = |taken: Vec<switchboard_redis::Taken>| -> Vec<Item> {
+            taken
+                .into_iter()
+                .filter_map(|t| {
+                    let mut item: Item = serde_json::from_str(&t.payload).ok()?;
+                    item.entry = Some(t.entry);
+                    Some(item)
+                })
+                .collect()
+        };
+        loop {
+            match q.take(max, Duration::from_secs(1), unix_ms()).await {
+                Ok(t) if t.is_empty() => {}
+                Ok(t) => {
+                    let mut items = parse(t);
+                    if items.len() < max && !batch.is_zero() {
+                        // A batch: what else comes within the batch time.
+                        tokio::time::sleep(batch).await;
+                        if let Ok(more) = q.take(max - items.len(), Duration::from_millis(1), unix_ms()).await {
+                            items.extend(parse(more));
+                        }
+                    }
+                    if !items.is_empty() {
+                        return items;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(endpoint = %ep, "webhook queue: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    async fn done(&self, ep: &str, items: &[Item]) {
+        match &self.store {
+            Store::File(f) => f.done(ep, &items.iter().map(|i| i.id.clone()).collect::<Vec<_>>()),
+            Store::Redis(r) => {
+                for i in items {
+                    if let Err(e) = r.queue(ep).done(i.entry.as_deref().unwrap_or_default()).await {
+                        // Left pending: another attempt later (at least once).
+                        tracing::warn!(endpoint = %ep, "webhook queue: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `item` failed: tried again at `due`, or (`dead`) moved to the dead-letter list.
+    async fn failed(&self, ep: &str, item: &Item, due: Option<u64>, error: &str) {
+        match &self.store {
+            Store::File(f) => match due {
+                Some(due) => f.later(ep, item, due, error),
+                None => f.dead(ep, item, error),
+            },
+            Store::Redis(r) => {
+                let mut next = item.clone();
+                (next.attempt, next.error) = (item.attempt + 1, Some(error.to_string()));
+                next.due = due.unwrap_or(next.due);
+                let payload = serde_json::to_string(&next).unwrap_or_default();
+                let entry = item.entry.as_deref().unwrap_or_default();
+                let q = r.queue(ep);
+                let r = match due {
+                    Some(due) => q.later(entry, &payload, due).await,
+                    None => q.dead(entry, &item.id, &payload).await,
+                };
+                if let Err(e) = r {
+                    tracing::warn!(endpoint = %ep, "webhook queue: {e}");
+                }
+            }
+        }
+    }
+
     /// Starts each endpoint's delivery task (until shutdown).
     pub fn start(self: &Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
         for ep in &self.endpoints {
-            let (me, ep, mut shutdown) = (self.clone(), ep.clone(), shutdown.clone());
+            let (me, endpoint, mut stop) = (self.clone(), ep.clone(), shutdown.clone());
             tokio::spawn(async move {
                 tokio::select! {
-                    _ = me.deliver_loop(&ep) => {}
-                    _ = shutdown.wait_for(|s| *s) => {}
+                    _ = me.deliver_loop(&endpoint) => {}
+                    _ = stop.wait_for(|s| *s) => {}
                 }
             });
+            if let Store::Redis(_) = &self.store {
+                // The queue's depth, for `max_pending` and the metrics, read every second.
+                let (me, name, mut shutdown) = (self.clone(), ep.name.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let Store::Redis(r) = &me.store else { return };
+                        if let Ok(d) = r.queue(&name).depth().await {
+                            r.depth.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), d);
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = shutdown.wait_for(|s| *s) => return,
+                        }
+                    }
+                });
+            }
         }
     }
 
     async fn deliver_loop(self: &Arc<Self>, ep: &Arc<Endpoint>) {
+        if let Store::Redis(r) = &self.store {
+            while let Err(e) = r.queue(&ep.name).create_group().await {
+                tracing::warn!(endpoint = %ep.name, "webhook queue: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
         let slots = Arc::new(tokio::sync::Semaphore::new(ep.cfg.concurrency));
         let batch = Duration::from_millis(ep.cfg.batch_ms);
         loop {
@@ -219,7 +454,7 @@ impl Webhooks {
                 tokio::time::sleep(rest).await;
             }
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
-            let items = self.store.take(&ep.name, ep.cfg.batch_max, batch).await;
+            let items = self.take(&ep.name, ep.cfg.batch_max, batch).await;
             let (me, ep2) = (self.clone(), ep.clone());
             let attempt = async move {
                 me.attempt(&ep2, items).await;
@@ -269,9 +504,8 @@ impl Webhooks {
             Err(e) if e.is_connect() => Some("connection failed".to_string()),
             Err(e) => Some(format!("request failed: {e}")),
         };
-        let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
         let Some(error) = error else {
-            self.store.done(&ep.name, &ids);
+            self.done(&ep.name, &items).await;
             self.metrics.sent.fetch_add(items.len() as u64, Ordering::Relaxed);
             ep.failures.store(0, Ordering::Relaxed);
             *ep.open_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -292,10 +526,10 @@ impl Webhooks {
             let wait = backoff(item.attempt + 1, initial, max);
             let due = now + wait.as_millis() as u64;
             if due.saturating_sub(item.first) >= horizon {
-                self.store.dead(&ep.name, item, &error);
+                self.failed(&ep.name, item, None, &error).await;
                 self.metrics.dead.fetch_add(1, Ordering::Relaxed);
             } else {
-                self.store.later(&ep.name, item, due, &error);
+                self.failed(&ep.name, item, Some(due), &error).await;
                 self.metrics.retried.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -357,13 +591,40 @@ impl Drop for ConnectionEvents {
 pub fn start(state: &AppState) {
     let Some(w) = &state.webhooks else { return };
     w.start(state.shutdown.clone());
-    if w.wants("channel.occupied") || w.wants("channel.vacated") {
-        let weak = std::sync::Arc::downgrade(w);
-        state.hub.set_occupancy_handler(Box::new(move |channel, occupied| {
-            let Some(w) = weak.upgrade() else { return };
-            let kind = if occupied { "channel.occupied" } else { "channel.vacated" };
-            w.emit(kind, Some(channel), false, serde_json::json!({ "channel": channel }));
-        }));
+    if !(w.wants("channel.occupied") || w.wants("channel.vacated")) {
+        return;
+    }
+    let weak = std::sync::Arc::downgrade(w);
+    let occupancy = |w: &Webhooks, channel: &ChannelName, occupied: bool| {
+        let kind = if occupied { "channel.occupied" } else { "channel.vacated" };
+        w.emit(kind, Some(channel), false, serde_json::json!({ "channel": channel }));
+    };
+    match &w.store {
+        // One node is the cluster.
+        Store::File(_) => state.hub.set_occupancy_handler(Box::new(move |channel, occupied| {
+            if let Some(w) = weak.upgrade() {
+                occupancy(&w, channel, occupied);
+            }
+        })),
+        // Across nodes: the first node to have a subscriber tells, the last to lose its
+        // last tells — one task, so this node's changes reach Redis in their order.
+        Store::Redis(_) => {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(ChannelName, bool)>();
+            state.hub.set_occupancy_handler(Box::new(move |channel, occupied| {
+                let _ = tx.send((channel.clone(), occupied));
+            }));
+            tokio::spawn(async move {
+                while let Some((channel, occupied)) = rx.recv().await {
+                    let Some(w) = weak.upgrade() else { return };
+                    let Store::Redis(r) = &w.store else { return };
+                    match r.occupancy.set(channel.as_str(), occupied).await {
+                        Ok(true) => occupancy(&w, &channel, occupied),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(%channel, "webhook occupancy: {e}"),
+                    }
+                }
+            });
+        }
     }
 }
 

@@ -36,6 +36,9 @@ pub struct Item {
     pub error: Option<String>,
     /// The event's JSON.
     pub event: Box<serde_json::value::RawValue>,
+    /// Where a shared queue holds it (a Redis Stream entry), while taken.
+    #[serde(skip)]
+    pub entry: Option<String>,
 }
 
 /// A journal line: `{"add":{…}}`, `{"done":{…}}`, … (externally tagged: an event's
@@ -214,8 +217,15 @@ impl FileStore {
         }
         let now = unix_ms();
         for ep in endpoints {
-            let item =
-                Item { id: id.to_string(), attempt: 0, first: now, due: now, error: None, event: event.to_owned() };
+            let item = Item {
+                id: id.to_string(),
+                attempt: 0,
+                first: now,
+                due: now,
+                error: None,
+                event: event.to_owned(),
+                entry: None,
+            };
             self.apply(&mut st, Op::Add { ep: ep.to_string(), item });
         }
         drop(st);

@@ -1,0 +1,307 @@
+//! [`RedisQueue`]: a durable work queue shared by every node — what webhooks wait in when
+//! the broker is Redis. Each queue is a Stream read through one consumer group (each entry
+//! goes to exactly one node), a sorted set of entries waiting for a later attempt (moved
+//! back into the Stream when due), and a hash of dead entries. An entry a node took and
+//! never finished (the node died) is claimed by another once it has been idle for
+//! `abandoned_after`. [`Occupancy`] counts, per channel, the nodes with subscribers, so
+//! "occupied" and "vacated" are told once per cluster.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+use switchboard_core::BrokerError;
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+const GROUP: &str = "deliver";
+
+/// Moves the due entries of the delayed set (KEYS[1]) into the Stream (KEYS[2]).
+const PROMOTE: &str = r"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500)
+for _, v in ipairs(due) do
+  redis.call('XADD', KEYS[2], '*', 'item', v)
+  redis.call('ZREM', KEYS[1], v)
+end
+return #due
+";
+
+/// Finishes Stream entry ARGV[1] of KEYS[1]: acknowledged and deleted, and — with ARGV[2]
+/// — its successor put in the delayed set KEYS[2] (score ARGV[3]) or, with ARGV[4], in the
+/// dead hash KEYS[3] under that id. Atomic: an entry is never both pending and moved.
+const FINISH: &str = r"
+redis.call('XACK', KEYS[1], 'deliver', ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then
+  if ARGV[4] ~= '' then
+    redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
+  else
+    redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+  end
+end
+return 1
+";
+
+/// SADD/SREM of a node in a channel's set, answering whether the cluster's occupancy
+/// changed: 1 when the first node came (ARGV[2] = 1) or the last left (ARGV[2] = 0).
+const OCCUPY: &str = r"
+if ARGV[2] == '1' then
+  local added = redis.call('SADD', KEYS[1], ARGV[1])
+  if added == 1 and redis.call('SCARD', KEYS[1]) == 1 then return 1 end
+else
+  local removed = redis.call('SREM', KEYS[1], ARGV[1])
+  if removed == 1 and redis.call('SCARD', KEYS[1]) == 0 then return 1 end
+end
+return 0
+";
+
+pub struct RedisQueue {
+    conn: ConnectionManager,
+    /// `{prefix}:queue:{name}`, hash-tagged per queue.
+    base: String,
+    consumer: String,
+    abandoned_after: Duration,
+    promote: Script,
+    finish: Script,
+}
+
+/// An entry taken from the queue: its Stream id (to finish it) and its payload.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub entry: String,
+    pub payload: String,
+}
+
+impl RedisQueue {
+    /// The queue `name` under `prefix`, read as `consumer` (this node). Connects lazily;
+    /// [`RedisQueue::create_group`] before the first [`RedisQueue::take`].
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        name: &str,
+        consumer: &str,
+        abandoned_after: Duration,
+    ) -> Result<RedisQueue, BrokerError> {
+        let conn = crate::presence::lazy_connection(url)?;
+        Ok(RedisQueue {
+            conn,
+            base: format!("{prefix}:queue:{{{name}}}"),
+            consumer: consumer.to_string(),
+            abandoned_after,
+            promote: Script::new(PROMOTE),
+            finish: Script::new(FINISH),
+        })
+    }
+
+    /// The consumer group the nodes read through (made once, by whichever node is first;
+    /// it reads the Stream from its start, so nothing pushed before is missed).
+    pub async fn create_group(&self) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.key("q"))
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    fn key(&self, part: &str) -> String {
+        format!("{}:{part}", self.base)
+    }
+
+    pub async fn push(&self, payloads: &[String]) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for p in payloads {
+            pipe.cmd("XADD").arg(self.key("q")).arg("*").arg("item").arg(p).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    /// Up to `max` entries: due delayed ones are moved in first, then abandoned ones are
+    /// claimed, then new ones read (waiting up to `block`).
+    pub async fn take(&self, max: usize, block: Duration, now_ms: u64) -> Result<Vec<Taken>, BrokerError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .promote
+            .key(self.key("delayed"))
+            .key(self.key("q"))
+            .arg(now_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let claimed: redis::Value = redis::cmd("XAUTOCLAIM")
+            .arg(self.key("q"))
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(self.abandoned_after.as_millis() as u64)
+            .arg("0")
+            .arg("COUNT")
+            .arg(max)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut out = match claimed {
+            redis::Value::Array(parts) if parts.len() >= 2 => entries(&parts[1]),
+            _ => Vec::new(),
+        };
+        if out.len() < max {
+            let read: redis::Value = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(max - out.len())
+                .arg("BLOCK")
+                .arg(if out.is_empty() { block.as_millis() as u64 } else { 1 })
+                .arg("STREAMS")
+                .arg(self.key("q"))
+                .arg(">")
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            // [[stream, [[id, [field, value]]…]]] (RESP2) or a map (RESP3).
+            match read {
+                redis::Value::Array(streams) => {
+                    for s in streams {
+                        if let redis::Value::Array(kv) = s {
+                            if let Some(list) = kv.get(1) {
+                                out.extend(entries(list));
+                            }
+                        }
+                    }
+                }
+                redis::Value::Map(streams) => {
+                    for (_, list) in streams {
+                        out.extend(entries(&list));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Done with `entry`.
+    pub async fn done(&self, entry: &str) -> Result<(), BrokerError> {
+        self.finish_with(entry, "", 0, "").await
+    }
+
+    /// `entry` is tried again at `due_ms`, as `payload`.
+    pub async fn later(&self, entry: &str, payload: &str, due_ms: u64) -> Result<(), BrokerError> {
+        self.finish_with(entry, payload, due_ms, "").await
+    }
+
+    /// `entry` is dead, kept as `payload` under `id`.
+    pub async fn dead(&self, entry: &str, id: &str, payload: &str) -> Result<(), BrokerError> {
+        self.finish_with(entry, payload, 0, id).await
+    }
+
+    async fn finish_with(&self, entry: &str, payload: &str, due: u64, dead_id: &str) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .finish
+            .key(self.key("q"))
+            .key(self.key("delayed"))
+            .key(self.key("dead"))
+            .arg(entry)
+            .arg(payload)
+            .arg(due)
+            .arg(dead_id)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The dead entries: (id, payload).
+    pub async fn dead_list(&self) -> Result<Vec<(String, String)>, BrokerError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("HGETALL").arg(self.key("dead")).query_async(&mut conn).await.map_err(unavailable)
+    }
+
+    /// Forgets dead entries (replayed: pushed again first, so none is lost in between).
+    pub async fn forget_dead(&self, ids: &[String]) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("HDEL").arg(self.key("dead")).arg(ids).query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    /// (waiting — new, in flight or delayed —, dead).
+    pub async fn depth(&self) -> Result<(usize, usize), BrokerError> {
+        let mut conn = self.conn.clone();
+        let (q, delayed, dead): (usize, usize, usize) = redis::pipe()
+            .cmd("XLEN")
+            .arg(self.key("q"))
+            .cmd("ZCARD")
+            .arg(self.key("delayed"))
+            .cmd("HLEN")
+            .arg(self.key("dead"))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok((q + delayed, dead))
+    }
+}
+
+/// `[[id, [field, value, …]]…]` → entries with an `item` field.
+fn entries(list: &redis::Value) -> Vec<Taken> {
+    let redis::Value::Array(list) = list else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in list {
+        let redis::Value::Array(parts) = e else { continue };
+        let (Some(id), Some(fields)) = (parts.first(), parts.get(1)) else { continue };
+        let Ok(entry) = redis::from_redis_value::<String>(id.clone()) else { continue };
+        let fields: Vec<String> = match fields {
+            redis::Value::Array(f) => f.iter().filter_map(|v| redis::from_redis_value(v.clone()).ok()).collect(),
+            redis::Value::Map(m) => {
+                m.iter().flat_map(|(k, v)| [k, v]).filter_map(|v| redis::from_redis_value(v.clone()).ok()).collect()
+            }
+            _ => continue,
+        };
+        if let Some(i) = fields.chunks(2).position(|kv| kv.first().map(String::as_str) == Some("item")) {
+            if let Some(payload) = fields.get(i * 2 + 1) {
+                out.push(Taken { entry, payload: payload.clone() });
+            }
+        }
+    }
+    out
+}
+
+/// Channel occupancy across the cluster: which nodes have subscribers of each channel.
+pub struct Occupancy {
+    conn: ConnectionManager,
+    prefix: String,
+    node: String,
+    script: Script,
+}
+
+impl Occupancy {
+    pub fn new(url: &str, prefix: &str, node: &str) -> Result<Occupancy, BrokerError> {
+        let conn = crate::presence::lazy_connection(url)?;
+        Ok(Occupancy { conn, prefix: prefix.to_string(), node: node.to_string(), script: Script::new(OCCUPY) })
+    }
+
+    /// This node has subscribers of `channel` (`occupied`), or no longer: whether that
+    /// changed the cluster's occupancy (the first node came, the last left).
+    pub async fn set(&self, channel: &str, occupied: bool) -> Result<bool, BrokerError> {
+        let mut conn = self.conn.clone();
+        let changed: i64 = self
+            .script
+            .key(format!("{}:occupied:{{{channel}}}", self.prefix))
+            .arg(&self.node)
+            .arg(if occupied { "1" } else { "0" })
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(changed == 1)
+    }
+}
