@@ -180,6 +180,26 @@ enum Scenario {
         #[arg(long, default_value_t = 1024)]
         payload: usize,
     },
+    /// Publications at a rate through the server API while the server's webhook endpoint
+    /// (configured by the caller: `publication` events, `publications = "all"`) points at
+    /// a sink this bench runs on `--sink`: webhook events/s delivered, requests, events
+    /// per request, server CPU per event.
+    Webhooks {
+        #[command(flatten)]
+        common: Common,
+        /// Where the sink listens (the endpoint's URL: `http://<sink>/`).
+        #[arg(long, default_value = "127.0.0.1:8450")]
+        sink: SocketAddr,
+        /// Publications per second (0: as fast as the publish endpoint answers).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Seconds of publishing.
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+        /// Payload bytes per publication.
+        #[arg(long, default_value_t = 128)]
+        payload: usize,
+    },
     /// N clients; the server is restarted under them and they all come back and resume:
     /// recovery time, peak handshake rate, messages lost and duplicated.
     Storm {
@@ -221,6 +241,9 @@ pub fn run(args: BenchArgs) -> std::process::ExitCode {
         }
         Scenario::Slow { common, subscribers, slow_fraction, rate, duration, payload } => {
             rt.block_on(slow(common, subscribers, slow_fraction, rate, duration, payload))
+        }
+        Scenario::Webhooks { common, sink, rate, duration, payload } => {
+            rt.block_on(webhooks(common, sink, rate, duration, payload))
         }
         Scenario::Storm { common, clients, restart_cmd, rate, payload } => {
             rt.block_on(storm(common, clients, restart_cmd, rate, payload))
@@ -562,6 +585,115 @@ async fn fanout(c: Common, subscribers: usize, rate: u64, duration: u64, payload
         h.abort();
     }
     verdict(&stats)
+}
+
+/// Counts of what the webhook sink took.
+#[derive(Default)]
+struct SinkCounts {
+    requests: AtomicU64,
+    events: AtomicU64,
+}
+
+/// A minimal HTTP/1.1 receiver: reads each request (Content-Length bodies, keep-alive),
+/// counts its events and answers 200 at once.
+async fn sink(listener: tokio::net::TcpListener, counts: Arc<SinkCounts>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut tcp, _)) = listener.accept().await else { return };
+        let counts = counts.clone();
+        tokio::spawn(async move {
+            let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                // A whole request: the head, then Content-Length bytes of body.
+                let request = loop {
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse().ok()))
+                            .unwrap_or(0usize);
+                        if buf.len() >= end + 4 + len {
+                            let body = buf[end + 4..end + 4 + len].to_vec();
+                            buf.drain(..end + 4 + len);
+                            break Some(body);
+                        }
+                    }
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break None,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let Some(body) = request else { return };
+                let events = body.windows(8).filter(|w| w == b"\"id\":\"ev").count() as u64;
+                counts.requests.fetch_add(1, Ordering::Relaxed);
+                counts.events.fetch_add(events, Ordering::Relaxed);
+                if tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+async fn webhooks(c: Common, sink_addr: SocketAddr, rate: u64, duration: u64, payload: usize) -> Res {
+    let listener = tokio::net::TcpListener::bind(sink_addr).await.map_err(|e| format!("sink {sink_addr}: {e}"))?;
+    let counts = Arc::new(SinkCounts::default());
+    let sink_task = tokio::spawn(sink(listener, counts.clone()));
+    let before = server_stats(&c);
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut pubs = Vec::new();
+    for i in 0..c.publishers {
+        let share = rate / c.publishers + u64::from(i < rate % c.publishers);
+        if rate > 0 && share == 0 {
+            continue;
+        }
+        let p = publisher(&c, &c.channel).await?;
+        pubs.push(tokio::spawn(publish_loop(p, share, payload, stop.clone(), false)));
+    }
+    tokio::time::sleep(Duration::from_secs(duration)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = 0;
+    for p in pubs {
+        sent += p.await.map_err(|e| e.to_string())??;
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    // Until the sink has every event (bounded by --settle-secs).
+    let deadline = Instant::now() + c.settle();
+    let mut last = (counts.events.load(Ordering::Relaxed), Instant::now());
+    while counts.events.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let n = counts.events.load(Ordering::Relaxed);
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+    }
+    let elapsed = last.1.duration_since(started).as_secs_f64();
+    let after = server_stats(&c);
+    sink_task.abort();
+    let (events, requests) = (counts.events.load(Ordering::Relaxed), counts.requests.load(Ordering::Relaxed));
+    let mut s = Summary::new(format!("webhooks: {sent} publications of {payload} B, one endpoint"));
+    s.num("publications", sent as f64);
+    s.num("publications_per_sec", sent as f64 / publish_secs);
+    s.num("events", events as f64);
+    s.num("missing", sent.saturating_sub(events) as f64);
+    s.num("requests", requests as f64);
+    s.num("events_per_request", events as f64 / requests.max(1) as f64);
+    s.num("events_per_sec", events as f64 / elapsed.max(1e-9));
+    if let (Some(b), Some(a)) = (before, after) {
+        let cpu = (a.cpu_secs - b.cpu_secs).max(1e-9);
+        s.num("server_cpu_secs", cpu);
+        s.num("server_cpu_us_per_publication", cpu * 1e6 / sent.max(1) as f64);
+        s.num("server_cpu_us_per_event", cpu * 1e6 / events.max(1) as f64);
+        s.num("server_rss_mib", a.rss_bytes as f64 / 1048576.0);
+    }
+    s.print(c.json);
+    // (Without an endpoint configured nothing arrives: the baseline of the publish path.)
+    if events > 0 && events < sent {
+        return Err(format!("{} of {sent} webhook events did not arrive within --settle-secs", sent - events));
+    }
+    Ok(())
 }
 
 async fn idle(c: Common, connections: usize, hold: u64) -> Res {

@@ -522,3 +522,21 @@ async fn over_redis_two_nodes_share_the_queue_occupancy_is_told_once_and_a_kille
         let _ = n.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_rests_a_failing_endpoint_after_its_failures_in_a_row() {
+    let dir = temp("breaker");
+    let rx = Receiver::start(0, &dir.join("log"), 1_000_000, "500");
+    let ep = endpoint(&rx.url(), PUBS, "concurrency = 1\nbreaker_failures = 2\n")
+        .replace("breaker_cooldown_ms = 100", "breaker_cooldown_ms = 600000");
+    let s = TestServer::start(config(&(webhooks(&dir, "") + &ep))).await;
+    for n in 0..5 {
+        s.publish("news:br", json!(n)).await;
+    }
+    until("two failed requests", &rx.log, |reqs| reqs.len() >= 2).await;
+    // Retries are due every 200 ms at most; the breaker holds them all for 10 minutes.
+    // (Waiting longer can only let a broken breaker show more requests.)
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(rx.requests().len(), 2, "{:#?}", rx.requests());
+    assert_eq!(metric(&s, "switchboard_webhook_queue_depth").await, 5);
+}

@@ -445,16 +445,20 @@ impl Webhooks {
         let slots = Arc::new(tokio::sync::Semaphore::new(ep.cfg.concurrency));
         let batch = Duration::from_millis(ep.cfg.batch_ms);
         loop {
-            // The breaker: a resting endpoint gets no requests.
-            let rest = ep.open_until.lock().unwrap_or_else(|p| p.into_inner()).and_then(|t| {
-                let now = Instant::now();
-                (t > now).then(|| t - now)
-            });
-            if let Some(rest) = rest {
-                tokio::time::sleep(rest).await;
-            }
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let items = self.take(&ep.name, ep.cfg.batch_max, batch).await;
+            // The breaker, checked right before sending (requests that were in flight
+            // have told their outcome by now): a resting endpoint gets no requests.
+            loop {
+                let rest = ep.open_until.lock().unwrap_or_else(|p| p.into_inner()).and_then(|t| {
+                    let now = Instant::now();
+                    (t > now).then(|| t - now)
+                });
+                match rest {
+                    Some(rest) => tokio::time::sleep(rest).await,
+                    None => break,
+                }
+            }
             let (me, ep2) = (self.clone(), ep.clone());
             let attempt = async move {
                 me.attempt(&ep2, items).await;
