@@ -71,6 +71,10 @@ pub enum BrokerError {
     /// The backing store cannot be reached (Redis down, …). Retry later.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The durable broker cannot write its journal: the disk is full (or failing). The
+    /// publication was not stored.
+    #[error("storage full: {0}")]
+    StorageFull(String),
 }
 
 /// Receives what the broker delivers to this node.

@@ -17,6 +17,7 @@ pub mod broker;
 pub mod channel;
 pub mod contract;
 pub mod hub;
+pub mod journal;
 pub mod memory;
 pub mod pattern;
 pub mod presence;

@@ -40,6 +40,10 @@ pub const DEFAULT_UNUSED_CHANNEL_CAP: usize = 100_000;
 
 const SHARDS: usize = 64;
 
+/// The durable broker compacts its journal once it is past this size (and twice what was
+/// live at the last compaction).
+const COMPACT_FLOOR: u64 = 64 << 20;
+
 /// A retained publication, kept as the delivery the hub fans out — encoded once, at
 /// publish, for live subscribers and every later replay alike.
 struct Entry {
@@ -122,6 +126,8 @@ pub struct MemoryBroker {
     idle_ttl: Duration,
     unused_cap_per_shard: usize,
     forgotten: AtomicU64,
+    /// The durable broker's write-ahead journal ([`MemoryBroker::durable`]).
+    journal: Option<Arc<crate::journal::Journal>>,
 }
 
 impl Default for MemoryBroker {
@@ -146,7 +152,162 @@ impl MemoryBroker {
             idle_ttl,
             unused_cap_per_shard: unused_cap.div_ceil(SHARDS).max(1),
             forgotten: AtomicU64::new(0),
+            journal: None,
         }
+    }
+
+    /// The durable broker: this broker, its state rebuilt from the journal in `dir` and
+    /// every stored publication journaled before it is delivered (see [`crate::journal`]).
+    /// The journal is rewritten at start as a snapshot of what is live.
+    pub fn durable(
+        dir: &std::path::Path,
+        fsync: crate::journal::Fsync,
+        idle_ttl: Duration,
+        unused_cap: usize,
+    ) -> std::io::Result<(Arc<MemoryBroker>, crate::journal::Recovery)> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("history.journal");
+        let mut broker = MemoryBroker::with_unused_cap(idle_ttl, unused_cap);
+        let recovery = crate::journal::read(&path, |r| broker.restore(r))?;
+        let journal = crate::journal::Journal::open(&path, fsync)?;
+        journal.rewrite(broker.snapshot().into_iter())?;
+        broker.journal = Some(journal);
+        let broker = Arc::new(broker);
+        // Compaction in the background: when the journal has grown past twice what was
+        // live at the last compaction (and past COMPACT_FLOOR), it is rewritten from
+        // what is live now — expired history and superseded records dropped.
+        let weak = Arc::downgrade(&broker);
+        std::thread::Builder::new().name("journal-compact".into()).spawn(move || {
+            let mut floor = COMPACT_FLOOR;
+            loop {
+                std::thread::sleep(Duration::from_secs(5));
+                let Some(b) = weak.upgrade() else { return };
+                let Some(j) = &b.journal else { return };
+                if j.len() > floor {
+                    match b.compact() {
+                        Ok(len) => floor = COMPACT_FLOOR.max(len * 2),
+                        Err(e) => tracing::error!("history journal: compaction failed: {e}"),
+                    }
+                }
+            }
+        })?;
+        Ok((broker, recovery))
+    }
+
+    /// Rewrites the journal from what is live now (see [`crate::journal::Journal::compact`]);
+    /// its new length. Publishes wait only while the records written meanwhile are copied.
+    pub fn compact(&self) -> std::io::Result<u64> {
+        match &self.journal {
+            Some(j) => j.compact(|| self.snapshot()),
+            None => Ok(0),
+        }
+    }
+
+    /// Applies a journal record at start. Idempotent: a record of what is already there
+    /// (a snapshot's, again after it) changes nothing.
+    fn restore(&self, record: crate::journal::Record) {
+        use crate::journal::Record;
+        let now_ms = crate::now_millis();
+        let now = Instant::now();
+        let later = |wall: u64| now + Duration::from_millis(wall.saturating_sub(now_ms));
+        match record {
+            Record::Publication { channel, epoch, offset, time, data, history_size, history_ttl_ms, key } => {
+                let log = self.log(&channel);
+                let mut log = lock(&log);
+                if log.epoch != epoch {
+                    // The channel's first record, or a new epoch after it was forgotten.
+                    *log = ChannelLog::new(now);
+                    log.epoch = epoch.clone();
+                }
+                if offset <= log.top {
+                    return;
+                }
+                log.top = offset;
+                log.last_used = now;
+                let expires = time.saturating_add(history_ttl_ms);
+                if history_size > 0 && expires > now_ms {
+                    let delivery = Delivery::new(Publication {
+                        channel: channel.clone(),
+                        offset,
+                        epoch: epoch.clone(),
+                        data,
+                        time,
+                        kind: Kind::Stored,
+                    });
+                    log.history.push_back(Entry { delivery, expires: later(expires) });
+                    while log.history.len() > history_size as usize {
+                        log.history.pop_front();
+                    }
+                }
+                if let Some((k, until)) = key.filter(|(_, until)| *until > now_ms) {
+                    let position = StreamPosition { epoch, offset };
+                    log.keys.insert(k.clone(), (position, later(until)));
+                    log.key_expiry.push_back((later(until), k));
+                }
+            }
+            Record::Channel { channel, epoch, top } => {
+                let log = self.log(&channel);
+                let mut log = lock(&log);
+                if log.epoch != epoch {
+                    *log = ChannelLog::new(now);
+                    log.epoch = epoch;
+                }
+                log.top = log.top.max(top);
+            }
+            Record::Key { channel, epoch, key, offset, until } => {
+                let log = self.log(&channel);
+                let mut log = lock(&log);
+                if log.epoch == epoch && until > now_ms {
+                    log.keys.insert(key.clone(), (StreamPosition { epoch, offset }, later(until)));
+                    log.key_expiry.push_back((later(until), key));
+                }
+            }
+        }
+    }
+
+    /// What is live, as journal records: each channel's retained publications, its
+    /// numbering (epoch and top) and its remembered idempotency keys.
+    fn snapshot(&self) -> Vec<crate::journal::Record> {
+        use crate::journal::Record;
+        let (now, now_ms) = (Instant::now(), crate::now_millis());
+        let wall = |at: Instant| now_ms + at.saturating_duration_since(now).as_millis() as u64;
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            for (channel, log) in &shard.channels {
+                let log = lock(log);
+                if log.top == 0 {
+                    continue;
+                }
+                for e in &log.history {
+                    let p = &e.delivery.publication;
+                    out.push(Record::Publication {
+                        channel: channel.clone(),
+                        epoch: log.epoch.clone(),
+                        offset: p.offset,
+                        time: p.time,
+                        data: p.data.clone(),
+                        history_size: u32::MAX,
+                        history_ttl_ms: wall(e.expires).saturating_sub(p.time),
+                        key: None,
+                    });
+                }
+                out.push(Record::Channel { channel: channel.clone(), epoch: log.epoch.clone(), top: log.top });
+                for (key, (pos, until)) in &log.keys {
+                    if pos.epoch == log.epoch {
+                        let (key, offset, until) = (key.clone(), pos.offset, wall(*until));
+                        out.push(Record::Key {
+                            channel: channel.clone(),
+                            epoch: log.epoch.clone(),
+                            key,
+                            offset,
+                            until,
+                        });
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn shard(&self, channel: &ChannelName) -> &Mutex<Shard> {
@@ -252,44 +413,74 @@ impl Broker for MemoryBroker {
     ) -> Result<StreamPosition, BrokerError> {
         let log = self.log(channel);
         let now = Instant::now();
-        let mut log = lock(&log);
-        log.trim_expired(now);
-        if let Some(key) = &opts.idempotency_key {
-            if let Some((pos, until)) = log.keys.get(key) {
-                if *until > now {
-                    return Ok(pos.clone());
+        let (position, journaled) = {
+            let mut log = lock(&log);
+            log.trim_expired(now);
+            if let Some(key) = &opts.idempotency_key {
+                if let Some((pos, until)) = log.keys.get(key) {
+                    if *until > now {
+                        return Ok(pos.clone());
+                    }
                 }
             }
-        }
-        log.top += 1;
-        log.last_used = now;
-        let delivery = Delivery::new(Publication {
-            channel: channel.clone(),
-            offset: log.top,
-            epoch: log.epoch.clone(),
-            data,
-            time: crate::now_millis(),
-            kind: Kind::Stored,
-        });
-        if opts.history_size > 0 && !opts.history_ttl.is_zero() {
-            log.history.push_back(Entry { delivery: delivery.clone(), expires: now + opts.history_ttl });
-        }
-        while log.history.len() > opts.history_size {
-            log.history.pop_front();
-        }
-        let position = log.position();
-        if let Some(key) = &opts.idempotency_key {
-            let until = now + opts.idempotency_window;
-            log.keys.insert(key.clone(), (position.clone(), until));
-            log.key_expiry.push_back((until, key.clone()));
-        }
-        // Hand it to the node while still holding the channel lock: this is what keeps
-        // delivery order equal to offset order when several tasks publish to one channel
-        // at once. (The hub fans big channels out in its lanes, after this returns.)
-        if self.routed(&log, channel) {
-            if let Some(handler) = self.handler.get() {
-                handler.handle_publication(delivery);
+            let time = crate::now_millis();
+            // Journaled before anything changes: a write that fails (a full disk) leaves the
+            // channel as it was, and the publish fails.
+            let journaled = match &self.journal {
+                Some(j) => {
+                    let keeps = opts.history_size > 0 && !opts.history_ttl.is_zero();
+                    let record = crate::journal::Record::Publication {
+                        channel: channel.clone(),
+                        epoch: log.epoch.clone(),
+                        offset: log.top + 1,
+                        time,
+                        data: data.clone(),
+                        history_size: if keeps { opts.history_size.min(u32::MAX as usize) as u32 } else { 0 },
+                        history_ttl_ms: if keeps { opts.history_ttl.as_millis() as u64 } else { 0 },
+                        key: opts
+                            .idempotency_key
+                            .clone()
+                            .map(|k| (k, time + opts.idempotency_window.as_millis() as u64)),
+                    };
+                    Some((j.clone(), j.append(&record)?))
+                }
+                None => None,
+            };
+            log.top += 1;
+            log.last_used = now;
+            let delivery = Delivery::new(Publication {
+                channel: channel.clone(),
+                offset: log.top,
+                epoch: log.epoch.clone(),
+                data,
+                time,
+                kind: Kind::Stored,
+            });
+            if opts.history_size > 0 && !opts.history_ttl.is_zero() {
+                log.history.push_back(Entry { delivery: delivery.clone(), expires: now + opts.history_ttl });
             }
+            while log.history.len() > opts.history_size {
+                log.history.pop_front();
+            }
+            let position = log.position();
+            if let Some(key) = &opts.idempotency_key {
+                let until = now + opts.idempotency_window;
+                log.keys.insert(key.clone(), (position.clone(), until));
+                log.key_expiry.push_back((until, key.clone()));
+            }
+            // Hand it to the node while still holding the channel lock: this is what keeps
+            // delivery order equal to offset order when several tasks publish to one channel
+            // at once. (The hub fans big channels out in its lanes, after this returns.)
+            if self.routed(&log, channel) {
+                if let Some(handler) = self.handler.get() {
+                    handler.handle_publication(delivery);
+                }
+            }
+            (position, journaled)
+        };
+        // Answered once the record is as durable as the fsync policy promises.
+        if let Some((j, seq)) = journaled {
+            j.durable(seq).await?;
         }
         Ok(position)
     }

@@ -729,6 +729,23 @@ pub struct BrokerConfig {
     pub redis_prefix: String,
     /// This node's id in the cluster (default: random at start).
     pub node_id: Option<String>,
+    /// Memory broker: keep history durably in this directory (`serve --data-dir`): a
+    /// restart keeps every channel's epoch, offsets, history and idempotency keys.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// With `data_dir`: `always` (a publish is answered once its record is synced;
+    /// nothing acknowledged is lost on power failure), `batched` (synced every
+    /// `fsync_interval_ms`: a power failure loses at most that much), `never` (left to the
+    /// kernel). A killed process loses nothing under any of them.
+    pub fsync: HistoryFsync,
+    pub fsync_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryFsync {
+    Always,
+    Batched,
+    Never,
 }
 
 impl Default for BrokerConfig {
@@ -740,6 +757,9 @@ impl Default for BrokerConfig {
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_prefix: "sb".into(),
             node_id: None,
+            data_dir: None,
+            fsync: HistoryFsync::Always,
+            fsync_interval_ms: 10,
         }
     }
 }

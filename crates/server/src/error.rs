@@ -27,6 +27,7 @@ pub enum Code {
     NotFound,
     MethodNotAllowed,
     BrokerUnavailable,
+    StorageFull,
     UpgradeRequired,
     UnknownCommand,
     AlreadySubscribed,
@@ -54,7 +55,7 @@ pub enum Code {
 
 impl Code {
     /// Every code (docs/errors.md must list each).
-    pub const ALL: [Code; 42] = [
+    pub const ALL: [Code; 43] = [
         Code::InvalidJson,
         Code::InvalidRequest,
         Code::InvalidChannel,
@@ -74,6 +75,7 @@ impl Code {
         Code::NotFound,
         Code::MethodNotAllowed,
         Code::BrokerUnavailable,
+        Code::StorageFull,
         Code::UpgradeRequired,
         Code::UnknownCommand,
         Code::AlreadySubscribed,
@@ -120,6 +122,7 @@ impl Code {
             Code::NotFound => "not_found",
             Code::MethodNotAllowed => "method_not_allowed",
             Code::BrokerUnavailable => "broker_unavailable",
+            Code::StorageFull => "storage_full",
             Code::UpgradeRequired => "upgrade_required",
             Code::UnknownCommand => "unknown_command",
             Code::AlreadySubscribed => "already_subscribed",
@@ -164,6 +167,7 @@ impl Code {
             Code::TokenRequired | Code::Unauthorized => StatusCode::UNAUTHORIZED,
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::BrokerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             Code::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Code::UnknownCommand | Code::TooManySubscriptions => StatusCode::BAD_REQUEST,
             Code::AlreadySubscribed | Code::NotSubscribed | Code::PresenceDisabled => StatusCode::CONFLICT,
@@ -217,6 +221,13 @@ impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
         // The backing store's own words (a socket error, a Redis reply) go to the log.
         tracing::debug!("broker error: {e}");
+        if let BrokerError::StorageFull(why) = &e {
+            tracing::error!("the durable broker cannot write its journal: {why}");
+            return ApiError::new(
+                Code::StorageFull,
+                "the server cannot store the publication (its disk is full); it was not published",
+            );
+        }
         ApiError::new(Code::BrokerUnavailable, "the broker cannot be reached right now; retry with backoff")
     }
 }

@@ -76,7 +76,36 @@ impl Server {
         let idle = Duration::from_secs(config.broker.idle_channel_ttl_secs);
         let (broker, presence): (Arc<dyn Broker>, Arc<dyn PresenceManager>) = match config.broker.kind {
             config::BrokerKind::Memory => {
-                let b = Arc::new(MemoryBroker::with_unused_cap(idle, config.broker.max_unused_channels.max(1)));
+                let cap = config.broker.max_unused_channels.max(1);
+                let b = match &config.broker.data_dir {
+                    Some(dir) => {
+                        use switchboard_core::journal::Fsync;
+                        let fsync = match config.broker.fsync {
+                            config::HistoryFsync::Always => Fsync::Always,
+                            config::HistoryFsync::Batched => {
+                                Fsync::Batched(Duration::from_millis(config.broker.fsync_interval_ms.max(1)))
+                            }
+                            config::HistoryFsync::Never => Fsync::Never,
+                        };
+                        let (b, r) = MemoryBroker::durable(dir, fsync, idle, cap)
+                            .map_err(|e| anyhow::anyhow!("broker.data_dir {}: {e}", dir.display()))?;
+                        tracing::info!(
+                            records = r.records,
+                            torn_bytes_dropped = r.dropped_bytes,
+                            took_ms = r.took.as_millis() as u64,
+                            "history recovered from {}",
+                            dir.display()
+                        );
+                        if r.dropped_bytes > 0 {
+                            tracing::warn!(
+                                "history journal: {} bytes of a torn last write were cut off",
+                                r.dropped_bytes
+                            );
+                        }
+                        b
+                    }
+                    None => Arc::new(MemoryBroker::with_unused_cap(idle, cap)),
+                };
                 switchboard_core::memory::spawn_sweeper(&b, Duration::from_secs(60));
                 let p = Arc::new(switchboard_core::presence::MemoryPresence::default());
                 switchboard_core::presence::spawn_sweeper(&p, Duration::from_secs(30));

@@ -46,6 +46,10 @@ enum Command {
         /// telling clients to leave: time for the load balancer to notice.
         #[arg(long, default_value_t = 0)]
         drain_notice_secs: u64,
+        /// Keep history durably in this directory (the memory broker's journal; sets
+        /// `broker.data_dir`): a restart, even after kill -9, loses nothing.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Mint a token for development: a connection token, or with --channel a
     /// subscription token. Signs with the configured algorithm ([auth]).
@@ -301,8 +305,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Serve { config, listen, dev, tls, log_format, drain_secs, drain_notice_secs } => {
+        Command::Serve { config, listen, dev, tls, log_format, drain_secs, drain_notice_secs, data_dir } => {
             init_logging(log_format);
+            // A file-size limit (RLIMIT_FSIZE) reached by the history journal is a failed
+            // write (EFBIG: the publish gets `storage_full`), not the end of the server.
+            // SAFETY: setting a signal's disposition to "ignore" at start, before any thread.
+            unsafe {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            }
             // One log line per panic, with its location, in the server's log format. (A
             // panic in a connection's task closes that connection: see `guarded`.)
             std::panic::set_hook(Box::new(|info| tracing::error!("panic: {info}")));
@@ -315,6 +325,9 @@ fn main() -> ExitCode {
             };
             if let Some(l) = listen {
                 cfg.listen = l;
+            }
+            if let Some(d) = data_dir {
+                cfg.broker.data_dir = Some(d);
             }
             if tls && !cfg.tls.enabled() {
                 if !dev {

@@ -253,14 +253,34 @@ async fn a_receiver_that_never_answers_does_not_hold_up_publishing_and_overflow_
     assert_eq!(metric(&s, "switchboard_webhook_events_dropped_total").await, 90);
 }
 
-fn serve_binary(config: &Path, port: u16) -> Child {
-    Command::new(BIN)
-        .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}"), "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+/// A server process, killed when dropped (a failing test leaves none behind).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// SIGKILL, and reaped.
+    fn kill(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+fn serve_binary(config: &Path, port: u16) -> Proc {
+    Proc(
+        Command::new(BIN)
+            .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 async fn wait_healthy(base: &str) {
@@ -299,12 +319,11 @@ async fn kill_9_mid_retry_loses_nothing_pending() {
         tried.len() == 20
     })
     .await;
-    server.kill().unwrap(); // SIGKILL
-    server.wait().unwrap();
+    server.kill(); // SIGKILL
     drop(failing);
     // The receiver is back, healthy; so is the node: everything pending arrives.
     let rx = Receiver::start(rx_port, &dir.join("log2"), 0, "500");
-    let mut server = serve_binary(&cfg, port);
+    let server = serve_binary(&cfg, port);
     wait_healthy(&base).await;
     until("all 20 events after the restart", &rx.log, |_| delivered(&rx.log).len() == 20).await;
     let datas: BTreeSet<u64> = rx
@@ -314,8 +333,7 @@ async fn kill_9_mid_retry_loses_nothing_pending() {
         .map(|d| d["data"].as_u64().unwrap())
         .collect();
     assert_eq!(datas, (0..20).collect::<BTreeSet<u64>>());
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
 }
 
 #[test]
@@ -458,7 +476,7 @@ async fn over_redis_two_nodes_share_the_queue_occupancy_is_told_once_and_a_kille
     let (pa, pb) = (free_port(), free_port());
     let (a, b) = (format!("http://127.0.0.1:{pa}"), format!("http://127.0.0.1:{pb}"));
     let mut node_a = serve_binary(&cfg, pa);
-    let mut node_b = serve_binary(&cfg, pb);
+    let node_b = serve_binary(&cfg, pb);
     wait_healthy(&a).await;
     wait_healthy(&b).await;
     // A subscriber of news:r on each node: the channel is occupied once, for the cluster.
@@ -480,11 +498,10 @@ async fn over_redis_two_nodes_share_the_queue_occupancy_is_told_once_and_a_kille
     })
     .await;
     // Node A dies mid-retry; the receiver recovers; A comes back.
-    node_a.kill().unwrap();
-    node_a.wait().unwrap();
+    node_a.kill();
     drop(failing);
     let rx = Receiver::start(rx_port, &dir.join("log2"), 0, "500");
-    let mut node_a = serve_binary(&cfg, pa);
+    let node_a = serve_binary(&cfg, pa);
     wait_healthy(&a).await;
     until("all 20 publications and one occupied", &rx.log, |_| {
         let d = delivered(&rx.log);
@@ -516,11 +533,7 @@ async fn over_redis_two_nodes_share_the_queue_occupancy_is_told_once_and_a_kille
         .map(|(id, _)| id.as_str().unwrap().to_string())
         .collect();
     assert_eq!(occupied.len(), 1, "one channel.occupied for the cluster: {occupied:?}");
-    drop((sse_a, sse_b));
-    for n in [&mut node_a, &mut node_b] {
-        let _ = n.kill();
-        let _ = n.wait();
-    }
+    drop((sse_a, sse_b, node_a, node_b));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
