@@ -478,6 +478,7 @@ async fn publish_loop(
     payload: usize,
     stop: Arc<AtomicBool>,
     retry: bool,
+    acks: Option<Arc<Stats>>,
 ) -> Result<u64, String> {
     let interval = Duration::from_nanos(1_000_000_000u64.checked_div(rate).unwrap_or(0));
     let mut next = Instant::now();
@@ -489,7 +490,14 @@ async fn publish_loop(
             }
             next += interval;
         }
-        if let Err(e) = p.publish(payload).await {
+        let sent = Instant::now();
+        let r = p.publish(payload).await;
+        if let (Ok(()), Some(s)) = (&r, &acks) {
+            if let Ok(mut h) = s.acks.lock() {
+                let _ = h.record(sent.elapsed().as_micros().max(1) as u64);
+            }
+        }
+        if let Err(e) = r {
             if !retry {
                 return Err(format!("publish failed after {} publications: {e}", p.published()));
             }
@@ -550,7 +558,7 @@ async fn fanout(c: Common, subscribers: usize, rate: u64, duration: u64, payload
             continue;
         }
         let p = publisher(&c, &c.channel).await?;
-        pubs.push(tokio::spawn(publish_loop(p, share, payload, stop.clone(), false)));
+        pubs.push(tokio::spawn(publish_loop(p, share, payload, stop.clone(), false, Some(stats.clone()))));
     }
     tokio::time::sleep(Duration::from_secs(duration)).await;
     stop.store(true, Ordering::Relaxed);
@@ -574,6 +582,10 @@ async fn fanout(c: Common, subscribers: usize, rate: u64, duration: u64, payload
     s.num("duplicates", stats.duplicates.load(Ordering::Relaxed) as f64);
     s.num("deliveries_per_sec", delivered as f64 / elapsed.as_secs_f64());
     latency(&mut s, &stats);
+    if let Ok(h) = stats.acks.lock() {
+        s.num("publish_ack_p50_ms", h.value_at_quantile(0.5) as f64 / 1000.0);
+        s.num("publish_ack_p99_ms", h.value_at_quantile(0.99) as f64 / 1000.0);
+    }
     if let (Some(b), Some(a)) = (before, after) {
         let cpu = (a.cpu_secs - b.cpu_secs).max(1e-9);
         s.num("server_cpu_secs", cpu);
@@ -650,7 +662,7 @@ async fn webhooks(c: Common, sink_addr: SocketAddr, rate: u64, duration: u64, pa
             continue;
         }
         let p = publisher(&c, &c.channel).await?;
-        pubs.push(tokio::spawn(publish_loop(p, share, payload, stop.clone(), false)));
+        pubs.push(tokio::spawn(publish_loop(p, share, payload, stop.clone(), false, None)));
     }
     tokio::time::sleep(Duration::from_secs(duration)).await;
     stop.store(true, Ordering::Relaxed);
@@ -737,7 +749,7 @@ async fn chat(c: Common, rooms: usize, members: usize, rate: f64, duration: u64,
     let mut tasks = Vec::new();
     for n in &names {
         let p = publisher(&c, n).await?;
-        tasks.push(tokio::spawn(publish_loop(p, per_room.round().max(1.0) as u64, payload, stop.clone(), false)));
+        tasks.push(tokio::spawn(publish_loop(p, per_room.round().max(1.0) as u64, payload, stop.clone(), false, None)));
     }
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(duration)).await;
@@ -787,7 +799,8 @@ async fn slow(c: Common, subscribers: usize, fraction: f64, rate: u64, duration:
         stats.reset_latency();
         let base = stats.delivered.load(Ordering::Relaxed);
         let stop = Arc::new(AtomicBool::new(false));
-        let pubs = tokio::spawn(publish_loop(publisher(&c, &c.channel).await?, rate, payload, stop.clone(), false));
+        let pubs =
+            tokio::spawn(publish_loop(publisher(&c, &c.channel).await?, rate, payload, stop.clone(), false, None));
         tokio::time::sleep(Duration::from_secs(duration)).await;
         stop.store(true, Ordering::Relaxed);
         let sent = pubs.await.map_err(|e| e.to_string())??;
@@ -878,7 +891,7 @@ async fn storm(c: Common, clients: usize, restart_cmd: String, rate: u64, payloa
     let p =
         Publisher::connect(c.server, "/api/publish", &tpl, c.api_key.as_deref()).await.map_err(|e| e.to_string())?;
     let pub_stop = Arc::new(AtomicBool::new(false));
-    let pubs = tokio::spawn(publish_loop(p, rate, payload, pub_stop.clone(), true));
+    let pubs = tokio::spawn(publish_loop(p, rate, payload, pub_stop.clone(), true, None));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let killed_at = Instant::now();
     let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();

@@ -52,6 +52,8 @@ pub struct Stats {
     /// Connections that could not be opened: the run did not do what was asked.
     pub failed_connects: AtomicU64,
     pub latency: Mutex<Histogram<u64>>,
+    /// Publish round trips (request to answer), µs: what a publisher waits.
+    pub acks: Mutex<Histogram<u64>>,
 }
 
 impl Stats {
@@ -64,6 +66,7 @@ impl Stats {
             handshakes: AtomicU64::new(0),
             failed_connects: AtomicU64::new(0),
             latency: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")),
+            acks: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")),
         }
     }
 
