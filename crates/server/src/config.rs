@@ -872,6 +872,10 @@ impl Config {
 
     fn validate(&self) -> Result<(), (String, String)> {
         self.validate_webhooks()?;
+        if self.broker.data_dir.is_some() && self.broker.kind != BrokerKind::Memory {
+            let why = "durable history is the memory broker's; with Redis, history is in Redis";
+            return Err(("broker.data_dir".into(), why.into()));
+        }
         for name in self.namespaces.keys() {
             if !name.is_empty() && ChannelName::parse(name).is_err() || name.contains(':') {
                 return Err((format!("namespaces.{name}"), "not a valid namespace name".into()));
@@ -1039,6 +1043,14 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durable_history_is_the_memory_brokers() {
+        let e = load_str("[broker]\nkind = \"redis\"\ndata_dir = \"/tmp/x\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("broker.data_dir") && e.contains("memory broker"), "{e}");
+        let c = load_str("[broker]\ndata_dir = \"/tmp/x\"\nfsync = \"batched\"\n", &[]).unwrap();
+        assert_eq!(c.broker.fsync, HistoryFsync::Batched);
+    }
 
     fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!("sbcfg-{}-{}", std::process::id(), fastrand_u64()));
