@@ -42,6 +42,8 @@ pub struct Inner {
     pub registry: Arc<crate::registry::Registry>,
     /// MQTT client ids connected to this node (a new connection takes an id over).
     pub mqtt_clients: crate::registry::ClientIds,
+    /// The publication sources' counters, once started.
+    pub sources: std::sync::OnceLock<Vec<Arc<crate::sources::SourceMetrics>>>,
     /// Outgoing webhooks, when endpoints are configured.
     pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
     /// Polling clients' direct messages between polls.
@@ -177,6 +179,7 @@ impl AppState {
                 mqtt_clients: Default::default(),
                 mailboxes: Default::default(),
                 webhooks,
+                sources: Default::default(),
                 mqtt_sessions: Default::default(),
                 mqtt_groups: Default::default(),
                 webtransport_cert: Default::default(),

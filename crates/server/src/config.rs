@@ -49,6 +49,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "webtransport",
     "direct",
     "webhooks",
+    "sources",
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +77,8 @@ pub struct Config {
     pub webtransport: WebTransportConfig,
     pub direct: DirectConfig,
     pub webhooks: WebhooksConfig,
+    /// Publication sources: where publications come from besides the API (docs/sources.md).
+    pub sources: Vec<SourceConfig>,
     /// `SWITCHBOARD_*` variables that were not configuration (see the module docs).
     #[serde(skip)]
     pub ignored_env: Vec<String>,
@@ -102,6 +105,7 @@ impl Default for Config {
             webtransport: WebTransportConfig::default(),
             direct: DirectConfig::default(),
             webhooks: WebhooksConfig::default(),
+            sources: Vec::new(),
             ignored_env: Vec::new(),
         }
     }
@@ -354,6 +358,68 @@ impl TlsConfig {
 pub enum HttpMode {
     Redirect,
     Serve,
+}
+
+/// A publication source (docs/sources.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    /// Names it in logs and metrics (default: its kind and table).
+    pub name: Option<String>,
+    /// `postgres://user[:password]@host[:port]/database`.
+    pub url: String,
+    /// The outbox table (`[schema.]name`).
+    #[serde(default = "default_outbox_table")]
+    pub table: String,
+    /// The LISTEN channel the table's trigger notifies (docs/sources.md has the DDL).
+    #[serde(default = "default_outbox_table")]
+    pub notify: String,
+    /// Rows claimed per transaction.
+    #[serde(default = "hundred")]
+    pub batch: usize,
+    /// Without a notification, look anyway this often (a missed NOTIFY, a producer
+    /// without the trigger).
+    #[serde(default = "thousand")]
+    pub poll_ms: u64,
+    /// Rows that cannot be published (no such namespace, an invalid channel name) are
+    /// moved here (same columns) instead of only being logged and counted.
+    pub dead_table: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    PostgresOutbox,
+}
+
+fn default_outbox_table() -> String {
+    "switchboard_outbox".into()
+}
+fn hundred() -> usize {
+    100
+}
+fn thousand() -> u64 {
+    1000
+}
+
+impl SourceConfig {
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| format!("postgres_outbox:{}", self.table))
+    }
+}
+
+/// `name` or `schema.name`, plain identifiers only (they are put in SQL as they are).
+fn sql_identifier(s: &str) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    let mut parts = s.split('.');
+    let ok = parts.next().is_some_and(part) && parts.clone().all(part);
+    ok && s.split('.').count() <= 2
 }
 
 /// Outgoing webhooks (docs/webhooks.md).
@@ -872,6 +938,23 @@ impl Config {
 
     fn validate(&self) -> Result<(), (String, String)> {
         self.validate_webhooks()?;
+        for (i, s) in self.sources.iter().enumerate() {
+            let key = |k: &str| format!("sources[{i}].{k}");
+            if !s.url.starts_with("postgres://") && !s.url.starts_with("postgresql://") {
+                return Err((key("url"), format!("{:?}: expected postgres://user@host:port/database", s.url)));
+            }
+            for (k, v) in [("table", &s.table), ("notify", &s.notify)] {
+                if !sql_identifier(v) {
+                    return Err((key(k), format!("{v:?}: lower-case letters, digits and _ ([schema.]name)")));
+                }
+            }
+            if let Some(d) = s.dead_table.as_deref().filter(|d| !sql_identifier(d)) {
+                return Err((key("dead_table"), format!("{d:?}: lower-case letters, digits and _ ([schema.]name)")));
+            }
+            if s.batch == 0 || s.poll_ms == 0 {
+                return Err((key("batch"), "batch and poll_ms must be at least 1".into()));
+            }
+        }
         if self.broker.data_dir.is_some() && self.broker.kind != BrokerKind::Memory {
             let why = "durable history is the memory broker's; with Redis, history is in Redis";
             return Err(("broker.data_dir".into(), why.into()));

@@ -21,6 +21,7 @@ pub mod origin;
 pub mod presence;
 pub mod registry;
 pub mod session;
+pub mod sources;
 pub mod tls;
 pub mod transports;
 pub mod webhooks;
@@ -139,6 +140,7 @@ impl Server {
         admin::start_sampler(&state);
         transports::mailbox::spawn_sweeper(&state);
         webhooks::start(&state);
+        let _ = state.sources.set(sources::start(&state));
         let http_listener = match state.config.tls.http_listen {
             Some(addr) => Some(bind(addr).map_err(|e| anyhow::anyhow!("tls.http_listen {addr}: {e}"))?),
             None => None,

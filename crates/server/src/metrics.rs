@@ -443,6 +443,27 @@ impl Collector for ServerCollector {
             "Direct messages queued for connections on this node.",
             load(&m.direct_messages),
         )?;
+        if let Some(sources) = state.sources.get().filter(|s| !s.is_empty()) {
+            type Field = fn(&crate::sources::SourceMetrics) -> &std::sync::atomic::AtomicU64;
+            let series: [(&str, &str, Field); 5] = [
+                ("switchboard_source_rows_consumed", "Rows a publication source claimed.", |s| &s.consumed),
+                ("switchboard_source_rows_published", "Rows a publication source published.", |s| &s.published),
+                ("switchboard_source_rows_poison", "Rows a source could not publish (dead-lettered).", |s| &s.poison),
+                ("switchboard_source_errors", "Failed rounds of a source (retried with backoff).", |s| &s.errors),
+                ("switchboard_source_connected", "1 while a source is connected and listening.", |s| &s.connected),
+            ];
+            for (name, help, field) in series {
+                let values: Vec<(&str, u64)> = sources.iter().map(|s| (s.name.as_str(), load(field(s)))).collect();
+                if name.ends_with("connected") {
+                    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                    for (source, v) in &values {
+                        m.encode_family(&[("source", *source)])?.encode_gauge(v)?;
+                    }
+                } else {
+                    counter_by(e, name, help, "source", &values)?;
+                }
+            }
+        }
         if let Some(w) = &state.webhooks {
             let wm = &w.metrics;
             counter(e, "switchboard_webhook_events_sent", "Webhook events delivered (2xx).", load(&wm.sent))?;

@@ -1,0 +1,186 @@
+//! Publication sources (docs/sources.md): publications that come from the application's
+//! own systems rather than its API calls.
+//!
+//! The PostgreSQL outbox: the application inserts a row into an outbox table in the same
+//! transaction as its data; this consumer claims committed rows in batches
+//! (`FOR UPDATE SKIP LOCKED`, so several nodes share a table and each row is claimed by
+//! one), publishes each with the idempotency key `outbox:<table>:<id>` (or the row's own
+//! `key`), deletes them, and commits. A node that dies between publishing and committing
+//! leaves its rows to be claimed again; their keys make the second publish a no-op, so
+//! each row is published once. It wakes on the table's `NOTIFY` and looks anyway every
+//! `poll_ms`. A row that cannot be published (an invalid channel) is a poison row: moved
+//! to `dead_table` if configured, else dropped — logged and counted either way, never
+//! retried forever. Connection failures are retried with full-jitter backoff.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use crate::app::AppState;
+use crate::commands::ops;
+use crate::config::SourceConfig;
+
+/// A source's counters (`switchboard_source_messages_total{source,outcome}`).
+#[derive(Default)]
+pub struct SourceMetrics {
+    pub name: String,
+    /// Rows claimed.
+    pub consumed: AtomicU64,
+    /// Rows published (the broker answered).
+    pub published: AtomicU64,
+    /// Poison rows (dead-lettered or dropped).
+    pub poison: AtomicU64,
+    /// Failed rounds (the database or the broker unreachable): retried.
+    pub errors: AtomicU64,
+    /// 1 while connected and listening.
+    pub connected: AtomicU64,
+}
+
+/// Starts every configured source; their metrics.
+pub fn start(state: &AppState) -> Vec<Arc<SourceMetrics>> {
+    state
+        .config
+        .sources
+        .iter()
+        .map(|cfg| {
+            let metrics = Arc::new(SourceMetrics { name: cfg.name(), ..Default::default() });
+            tokio::spawn(run(state.clone(), cfg.clone(), metrics.clone()));
+            metrics
+        })
+        .collect()
+}
+
+async fn run(state: AppState, cfg: SourceConfig, metrics: Arc<SourceMetrics>) {
+    let mut shutdown = state.shutdown.clone();
+    let mut failures: u32 = 0;
+    loop {
+        let outcome = tokio::select! {
+            r = outbox(&state, &cfg, &metrics, &mut failures) => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        metrics.connected.store(0, Ordering::Relaxed);
+        if let Err(e) = outcome {
+            metrics.errors.fetch_add(1, Ordering::Relaxed);
+            failures = failures.saturating_add(1);
+            // Full jitter, 100 ms doubling to 30 s.
+            let cap = Duration::from_millis(100).saturating_mul(1 << failures.min(9)).min(Duration::from_secs(30));
+            let wait = cap.mul_f64(fastrand::f64());
+            tracing::warn!(source = %metrics.name, "source: {e}; again in {} ms", wait.as_millis());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
+/// One connection's life: LISTEN, then claim and publish until something fails.
+async fn outbox(
+    state: &AppState,
+    cfg: &SourceConfig,
+    metrics: &SourceMetrics,
+    failures: &mut u32,
+) -> Result<(), String> {
+    let mut pg: tokio_postgres::Config = cfg.url.parse().map_err(|e| format!("url: {e}"))?;
+    if pg.get_application_name().is_none() {
+        // What `pg_stat_activity` shows for this connection.
+        pg.application_name(format!("switchboard {}", metrics.name));
+    }
+    let (mut client, mut conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| format!("connect: {e}"))?;
+    // The connection is driven here; its notifications wake the loop below.
+    let (wake_tx, mut wake) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                    let _ = wake_tx.send(());
+                }
+                Ok(_) => {}
+                Err(e) => return format!("connection: {e}"),
+            }
+        }
+        "the database closed the connection".to_string()
+    });
+    let listen = client.batch_execute(&format!("LISTEN {}", cfg.notify)).await;
+    listen.map_err(|e| format!("LISTEN {}: {e}", cfg.notify))?;
+    metrics.connected.store(1, Ordering::Relaxed);
+    let poll = Duration::from_millis(cfg.poll_ms);
+    loop {
+        let n = claim_and_publish(state, cfg, metrics, &mut client).await?;
+        *failures = 0;
+        if n >= cfg.batch {
+            continue; // more may be waiting
+        }
+        // Drain notifications that came while claiming: that batch saw their rows.
+        while wake.try_recv().is_ok() {}
+        tokio::select! {
+            _ = wake.recv() => {}
+            _ = tokio::time::sleep(poll) => {}
+            r = &mut driver => return Err(r.unwrap_or_else(|e| format!("connection task: {e}"))),
+        }
+    }
+}
+
+/// One transaction: claims up to `batch` committed rows, publishes them in id order,
+/// deletes them. Rows stay (the transaction rolls back) if the broker fails.
+async fn claim_and_publish(
+    state: &AppState,
+    cfg: &SourceConfig,
+    metrics: &SourceMetrics,
+    client: &mut tokio_postgres::Client,
+) -> Result<usize, String> {
+    let db = |e: tokio_postgres::Error| format!("query: {e}");
+    let tx = client.transaction().await.map_err(db)?;
+    let claim = format!(
+        "SELECT id, channel, data::text, key, volatile FROM {} ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        cfg.table
+    );
+    let rows = tx.query(&claim, &[&(cfg.batch as i64)]).await.map_err(db)?;
+    metrics.consumed.fetch_add(rows.len() as u64, Ordering::Relaxed);
+    let mut done: Vec<i64> = Vec::with_capacity(rows.len());
+    let mut poison: Vec<i64> = Vec::new();
+    for row in &rows {
+        let id: i64 = row.get(0);
+        let channel: String = row.get(1);
+        let data: String = row.get(2);
+        let key: Option<String> = row.get(3);
+        let volatile: bool = row.get(4);
+        let resolved = match crate::session::resolve_channel(state, &channel) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(source = %metrics.name, id, channel, "poison row: {}", e.message);
+                poison.push(id);
+                continue;
+            }
+        };
+        // Volatile publications are not stored, so they take no key (a replay of such a
+        // row after a crash is published again).
+        let key = (!volatile).then(|| key.unwrap_or_else(|| format!("outbox:{}:{id}", cfg.table)));
+        let volatile = volatile.then_some(true);
+        let r = ops::publish_to(state, &resolved, data.into(), volatile, key, ops::Publisher::Api).await;
+        match r {
+            Ok(_) => {
+                metrics.published.fetch_add(1, Ordering::Relaxed);
+                done.push(id);
+            }
+            // The broker cannot take it now: nothing is deleted, the rows come again.
+            Err(e) => return Err(format!("publish: {}: {}", e.code.as_str(), e.message)),
+        }
+    }
+    if !poison.is_empty() {
+        metrics.poison.fetch_add(poison.len() as u64, Ordering::Relaxed);
+        if let Some(dead) = &cfg.dead_table {
+            let keep = format!("INSERT INTO {dead} SELECT * FROM {} WHERE id = ANY($1)", cfg.table);
+            tx.execute(&keep, &[&poison]).await.map_err(db)?;
+        }
+        done.extend(&poison);
+    }
+    if !done.is_empty() {
+        tx.execute(&format!("DELETE FROM {} WHERE id = ANY($1)", cfg.table), &[&done]).await.map_err(db)?;
+    }
+    tx.commit().await.map_err(db)?;
+    Ok(rows.len())
+}
