@@ -406,6 +406,9 @@ pub fn gate_pattern(who: Option<&Identity>, p: &ResolvedPattern, deny: &DenyList
 #[derive(Default)]
 pub struct DenyList {
     entries: Mutex<HashMap<String, Instant>>,
+    /// With durable history (`--data-dir`): every revocation is appended (and synced) here
+    /// before it is answered, and read back at start.
+    log: Mutex<Option<std::fs::File>>,
 }
 
 const MAX_DENY_ENTRIES: usize = 1_000_000;
@@ -430,8 +433,56 @@ impl DenyList {
         if m.len() >= MAX_DENY_ENTRIES && !m.contains_key(&key) {
             return Err(ApiError::new(Code::InvalidRequest, "deny list is full"));
         }
-        m.insert(key, now + ttl);
+        m.insert(key.clone(), now + ttl);
+        drop(m);
+        if let Some(f) = self.log.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            let until = unix_now() * 1000 + ttl.as_millis() as u64;
+            let line = serde_json::json!({"key": key, "until": until}).to_string() + "\n";
+            use std::io::Write;
+            f.write_all(line.as_bytes()).and_then(|()| f.sync_data()).map_err(|e| {
+                tracing::error!("revocation not written to its file: {e}");
+                ApiError::new(Code::StorageFull, "the revocation is in force but could not be stored on disk")
+            })?;
+        }
         Ok(())
+    }
+
+    /// Keeps revocations in the file at `path` from now on: those it holds that have not
+    /// expired are in force again (the file is rewritten with only them). Their count.
+    pub fn persist(&self, path: &std::path::Path) -> std::io::Result<usize> {
+        let now_ms = unix_now() * 1000;
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let mut live: HashMap<String, u64> = HashMap::new();
+        // (A torn last line, from a crash mid-write, does not parse and is skipped.)
+        for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+            if let (Some(k), Some(until)) = (v["key"].as_str(), v["until"].as_u64()) {
+                let e = live.entry(k.to_string()).or_insert(until);
+                *e = (*e).max(until);
+            }
+        }
+        live.retain(|_, until| *until > now_ms);
+        let tmp = path.with_extension("tmp");
+        let mut out = String::new();
+        for (k, until) in &live {
+            out.push_str(&serde_json::json!({"key": k, "until": until}).to_string());
+            out.push('\n');
+        }
+        std::fs::write(&tmp, out)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        let now = Instant::now();
+        let mut m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, until) in &live {
+            m.insert(k.clone(), now + Duration::from_millis(until - now_ms));
+        }
+        drop(m);
+        *self.log.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::fs::OpenOptions::new().append(true).open(path)?);
+        Ok(live.len())
     }
 
     fn denied(&self, key: &str) -> bool {

@@ -130,6 +130,20 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state =
             AppState::new(config, dev, hub, presence, shutdown_rx, node_id).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(dir) = &state.config.broker.data_dir {
+            // Durable history's companions: revocations and MQTT persistent sessions.
+            let n = state
+                .deny
+                .persist(&dir.join("revocations.log"))
+                .map_err(|e| anyhow::anyhow!("broker.data_dir {}: revocations: {e}", dir.display()))?;
+            if n > 0 {
+                tracing::info!(revocations = n, "revocations recovered");
+            }
+            state
+                .mqtt_sessions
+                .use_dir(&dir.join("mqtt-sessions"))
+                .map_err(|e| anyhow::anyhow!("broker.data_dir {}: MQTT sessions: {e}", dir.display()))?;
+        }
         if config_is_redis(&state) {
             // MQTT persistent sessions in Redis: a client may resume on any node.
             let b = &state.config.broker;

@@ -2,7 +2,10 @@
 //! again; clients resume on WebSocket, SSE and polling from the last position they saw —
 //! nothing missing, nothing twice, the same epoch. A corrupted tail starts cleanly and is
 //! reported; a journal that cannot be written is a publish error (`storage_full`), not a
-//! crash.
+//! crash. Revocations and MQTT persistent sessions survive the kill too, and WebTransport
+//! resumes like WebSocket after a restart.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -224,4 +227,88 @@ async fn a_journal_that_cannot_grow_is_a_publish_error_not_a_crash() {
     assert_eq!(status, 507);
     let (status, _) = publish(&base, "news:other", json!(big)).await;
     assert_eq!(status, 507);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_and_mqtt_sessions_survive_kill_9() {
+    use common::mqtt::Mqtt;
+    let data = temp("companions");
+    let (port, mqtt_port) = (free_port(), free_port());
+    let cfg = data.with_extension("toml");
+    // (`news` configured: the MQTT topic news/m is the channel news:m.)
+    std::fs::write(&cfg, format!("[mqtt]\nlisten = \"127.0.0.1:{mqtt_port}\"\n[namespaces.news]\n")).unwrap();
+    let cfg_arg = ["--config", cfg.to_str().unwrap()];
+    let node = start(&data, port, &cfg_arg).await;
+    let http = reqwest::Client::new();
+    let r =
+        http.post(format!("{}/api/revoke", node.base)).json(&json!({"user": "mallory", "ttl_secs": 600})).send().await;
+    assert_eq!(r.unwrap().status(), 200);
+    // A device with a persistent session subscribes, then goes away; three publications
+    // arrive for it meanwhile.
+    let mqtt: std::net::SocketAddr = format!("127.0.0.1:{mqtt_port}").parse().unwrap();
+    let (mut dev, _) = Mqtt::connect_session(mqtt, true, "sensor-9", false, 3600).await;
+    assert_eq!(dev.subscribe_qos("news/m", None, 1).await.0, 1);
+    dev.disconnect().await;
+    for n in 1..=3 {
+        assert_eq!(publish(&node.base, "news:m", json!(n)).await.0, 200);
+    }
+    let mut node = node;
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    let node = start(&data, port, &cfg_arg).await;
+    // The revocation holds: mallory's token is refused.
+    let token = Command::new(BIN).args(["token", "--dev", "--user", "mallory"]).output().unwrap();
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let r = reqwest::get(format!("{}/sse?channel=news:x&token={token}", node.base)).await.unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!((status, v["error"]["code"].as_str()), (401, Some("token_revoked")), "{v}");
+    // The device's session is there, and what it missed comes.
+    let (mut dev, present) = Mqtt::connect_session(mqtt, true, "sensor-9", false, 3600).await;
+    assert!(present, "the session survived the kill");
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let (topic, payload, _) = dev.next_publish().await.unwrap();
+        assert_eq!(topic, "news/m");
+        got.push(String::from_utf8(payload).unwrap());
+    }
+    assert_eq!(got, ["1", "2", "3"]);
+    let log = std::fs::read_to_string(&node.log).unwrap();
+    assert!(log.contains("revocations recovered"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_resumes_after_a_restart_like_websocket() {
+    use common::wt::Wt;
+    let data = temp("wt");
+    let conf = |d: &Path| {
+        let mut c = common::config("[webtransport]\nlisten = \"127.0.0.1:0\"\n");
+        c.broker.data_dir = Some(d.to_path_buf());
+        c
+    };
+    let epoch = {
+        let s = common::TestServer::start(conf(&data)).await;
+        let mut epoch = String::new();
+        for n in 1..=6 {
+            epoch = s.publish("news:wt", json!(n)).await.0;
+        }
+        // Gone without a shutdown; the journal is all that is left.
+        drop(s);
+        epoch
+    };
+    let s = common::TestServer::start(conf(&data)).await;
+    let mut wt = Wt::connect(&s, "").await;
+    let mut seen = Vec::new();
+    let r = wt
+        .command(json!({"cmd": "subscribe", "channel": "news:wt", "since": format!("{epoch}:2")}), 1, &mut seen)
+        .await;
+    assert_eq!(r["ok"]["recovered"], true, "{r}");
+    let mut got: Vec<Value> = seen.iter().filter_map(|l| l.get("pub").map(|p| p["data"].clone())).collect();
+    while got.len() < 4 {
+        let l = wt.next().await.unwrap();
+        if let Some(p) = l.get("pub") {
+            got.push(p["data"].clone());
+        }
+    }
+    assert_eq!(got, [json!(3), json!(4), json!(5), json!(6)]);
 }

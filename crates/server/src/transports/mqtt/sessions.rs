@@ -76,6 +76,9 @@ impl Kept {
 pub struct Sessions {
     memory: Mutex<HashMap<String, (Kept, Instant)>>,
     redis: OnceLock<switchboard_redis::RedisKv>,
+    /// With durable history (`--data-dir`): one file per session in this directory, so a
+    /// restart keeps them.
+    dir: OnceLock<std::path::PathBuf>,
     /// Sessions saved so far (for tests and metrics).
     saves: std::sync::atomic::AtomicU64,
 }
@@ -87,6 +90,29 @@ impl Sessions {
     /// Keeps sessions in Redis from now on (the Redis broker's server).
     pub fn use_redis(&self, kv: switchboard_redis::RedisKv) {
         let _ = self.redis.set(kv);
+    }
+
+    /// Keeps sessions as files in `dir` from now on (durable history's server); sessions
+    /// that expired while the server was down are removed.
+    pub fn use_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let now = crate::auth::unix_now() * 1000;
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let expired = std::fs::read_to_string(entry.path())
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .is_none_or(|v| v["until"].as_u64().is_none_or(|until| until <= now));
+            if expired {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let _ = self.dir.set(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// The file of `client_id`'s session (its SHA-1: client ids may be long or odd).
+    fn file(dir: &std::path::Path, client_id: &str) -> std::path::PathBuf {
+        dir.join(format!("{}.json", sha1_smol::Sha1::from(client_id).digest()))
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Kept, Instant)>> {
@@ -104,6 +130,17 @@ impl Sessions {
         if let Some(kv) = self.redis.get() {
             if let Err(e) = kv.set(client_id, &kept.to_json(), expiry).await {
                 tracing::warn!(client = client_id, "MQTT session not kept in Redis: {e}");
+            }
+            return;
+        }
+        if let Some(dir) = self.dir.get() {
+            let until = crate::auth::unix_now() * 1000 + expiry.as_millis() as u64;
+            let text = serde_json::json!({"client": client_id, "until": until, "kept": kept.to_json()}).to_string();
+            let (path, tmp) = (Self::file(dir, client_id), dir.join(format!(".{}.tmp", fastrand::u64(..))));
+            // Written whole, then renamed over the old: never half a session. (Not synced:
+            // a killed process keeps it; a power failure may lose the latest save.)
+            if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+                tracing::warn!(client = client_id, "MQTT session not kept in {}: {e}", dir.display());
             }
             return;
         }
@@ -131,6 +168,14 @@ impl Sessions {
                 }
             };
         }
+        if let Some(dir) = self.dir.get() {
+            let path = Self::file(dir, client_id);
+            let text = std::fs::read_to_string(&path).ok()?;
+            let _ = std::fs::remove_file(&path);
+            let v: Value = serde_json::from_str(&text).ok()?;
+            let live = v["client"] == client_id && v["until"].as_u64()? > crate::auth::unix_now() * 1000;
+            return live.then(|| Kept::from_json(v["kept"].as_str()?)).flatten();
+        }
         let (kept, until) = self.map().remove(client_id)?;
         (until > Instant::now()).then_some(kept)
     }
@@ -138,6 +183,10 @@ impl Sessions {
     pub async fn discard(&self, client_id: &str) {
         if let Some(kv) = self.redis.get() {
             let _ = kv.delete(client_id).await;
+            return;
+        }
+        if let Some(dir) = self.dir.get() {
+            let _ = std::fs::remove_file(Self::file(dir, client_id));
             return;
         }
         self.map().remove(client_id);
