@@ -367,8 +367,22 @@ pub struct SourceConfig {
     pub kind: SourceKind,
     /// Names it in logs and metrics (default: its kind and table).
     pub name: Option<String>,
-    /// `postgres://user[:password]@host[:port]/database`.
+    /// `postgres://user[:password]@host[:port]/database`, or for RabbitMQ
+    /// `amqp://user:password@host:port/vhost` (`%2f` for the default vhost).
     pub url: String,
+    /// RabbitMQ: the queue consumed (declared by the application).
+    pub queue: Option<String>,
+    /// RabbitMQ: unacknowledged messages held at once.
+    #[serde(default = "prefetch")]
+    pub prefetch: u16,
+    /// RabbitMQ: poison messages (not JSON, no valid channel) are published to this
+    /// exchange (same routing key and properties), then acknowledged; without it they are
+    /// logged, counted and acknowledged — never redelivered forever.
+    pub dead_letter_exchange: Option<String>,
+    /// RabbitMQ: the channel from the message's headers, e.g. `orders:{user}` (`{name}`:
+    /// the header's value); the whole body is then the data. Without it the body is
+    /// `{"channel","data"[,"key"][,"volatile"]}`.
+    pub channel_template: Option<String>,
     /// The outbox table (`[schema.]name`).
     #[serde(default = "default_outbox_table")]
     pub table: String,
@@ -391,6 +405,7 @@ pub struct SourceConfig {
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
     PostgresOutbox,
+    Rabbitmq,
 }
 
 fn default_outbox_table() -> String {
@@ -399,13 +414,20 @@ fn default_outbox_table() -> String {
 fn hundred() -> usize {
     100
 }
+fn prefetch() -> u16 {
+    100
+}
 fn thousand() -> u64 {
     1000
 }
 
 impl SourceConfig {
     pub fn name(&self) -> String {
-        self.name.clone().unwrap_or_else(|| format!("postgres_outbox:{}", self.table))
+        let default = match self.kind {
+            SourceKind::PostgresOutbox => format!("postgres_outbox:{}", self.table),
+            SourceKind::Rabbitmq => format!("rabbitmq:{}", self.queue.as_deref().unwrap_or("")),
+        };
+        self.name.clone().unwrap_or(default)
     }
 }
 
@@ -940,6 +962,18 @@ impl Config {
         self.validate_webhooks()?;
         for (i, s) in self.sources.iter().enumerate() {
             let key = |k: &str| format!("sources[{i}].{k}");
+            if s.kind == SourceKind::Rabbitmq {
+                if !s.url.starts_with("amqp://") {
+                    return Err((key("url"), format!("{:?}: expected amqp://user:password@host:port/vhost", s.url)));
+                }
+                if s.queue.as_deref().is_none_or(str::is_empty) {
+                    return Err((key("queue"), "name the queue to consume".into()));
+                }
+                if s.prefetch == 0 {
+                    return Err((key("prefetch"), "must be at least 1".into()));
+                }
+                continue;
+            }
             if !s.url.starts_with("postgres://") && !s.url.starts_with("postgresql://") {
                 return Err((key("url"), format!("{:?}: expected postgres://user@host:port/database", s.url)));
             }

@@ -1,5 +1,12 @@
 //! Publication sources (docs/sources.md): publications that come from the application's
-//! own systems rather than its API calls.
+//! own systems rather than its API calls — a PostgreSQL outbox table, a RabbitMQ queue.
+//!
+//! RabbitMQ: the queue is consumed with manual acknowledgements (`prefetch` at most
+//! unacknowledged), one message at a time in queue order; each is acknowledged only once
+//! its publication is stored. A message delivered again (the node died before its ack)
+//! carries the same idempotency key — its `key`, else its message id — and is not
+//! published twice. Poison messages are sent to `dead_letter_exchange` if configured,
+//! then acknowledged.
 //!
 //! The PostgreSQL outbox: the application inserts a row into an outbox table in the same
 //! transaction as its data; this consumer claims committed rows in batches
@@ -57,7 +64,12 @@ async fn run(state: AppState, cfg: SourceConfig, metrics: Arc<SourceMetrics>) {
     let mut failures: u32 = 0;
     loop {
         let outcome = tokio::select! {
-            r = outbox(&state, &cfg, &metrics, &mut failures) => r,
+            r = async {
+                match cfg.kind {
+                    crate::config::SourceKind::PostgresOutbox => outbox(&state, &cfg, &metrics, &mut failures).await,
+                    crate::config::SourceKind::Rabbitmq => rabbitmq(&state, &cfg, &metrics, &mut failures).await,
+                }
+            } => r,
             _ = shutdown.wait_for(|s| *s) => return,
         };
         metrics.connected.store(0, Ordering::Relaxed);
@@ -183,4 +195,110 @@ async fn claim_and_publish(
     }
     tx.commit().await.map_err(db)?;
     Ok(rows.len())
+}
+
+/// What a RabbitMQ message publishes, or why it cannot (a poison message).
+fn from_message(
+    state: &AppState,
+    cfg: &SourceConfig,
+    d: &lapin::message::Delivery,
+) -> Result<(crate::session::Resolved, bytes::Bytes, Option<String>, bool), String> {
+    let message_id = d.properties.message_id().as_ref().map(|m| m.as_str().to_string());
+    let (channel, data, key, volatile) = match &cfg.channel_template {
+        Some(template) => {
+            let headers = d.properties.headers().as_ref();
+            let mut channel = template.clone();
+            while let Some(start) = channel.find('{') {
+                let end = channel[start..].find('}').ok_or("unclosed { in channel_template")? + start;
+                let name = &channel[start + 1..end];
+                let value = headers
+                    .and_then(|h| h.inner().get(name))
+                    .and_then(|v| match v {
+                        lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+                        lapin::types::AMQPValue::ShortString(s) => Some(s.to_string()),
+                        _ => None,
+                    })
+                    .ok_or_else(|| format!("no header {name:?} for the channel template"))?;
+                channel.replace_range(start..=end, &value);
+            }
+            let data = crate::transports::mqtt::data_of(&d.data).ok_or("the body is not UTF-8")?;
+            (channel, data, message_id, false)
+        }
+        None => {
+            #[derive(serde::Deserialize)]
+            struct Body<'a> {
+                channel: String,
+                #[serde(borrow)]
+                data: &'a serde_json::value::RawValue,
+                key: Option<String>,
+                volatile: Option<bool>,
+            }
+            let b: Body = serde_json::from_slice(&d.data).map_err(|e| format!("not {{channel, data}} JSON: {e}"))?;
+            let data = bytes::Bytes::copy_from_slice(b.data.get().as_bytes());
+            (b.channel, data, b.key.or(message_id), b.volatile.unwrap_or(false))
+        }
+    };
+    let resolved = crate::session::resolve_channel(state, &channel).map_err(|e| e.message)?;
+    Ok((resolved, data, key, volatile))
+}
+
+/// One connection's life: consume the queue, publish each message, acknowledge it after.
+async fn rabbitmq(
+    state: &AppState,
+    cfg: &SourceConfig,
+    metrics: &SourceMetrics,
+    failures: &mut u32,
+) -> Result<(), String> {
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+    let props = lapin::ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio)
+        .with_connection_name(format!("switchboard {}", metrics.name).into());
+    let conn = lapin::Connection::connect(&cfg.url, props).await.map_err(|e| format!("connect: {e}"))?;
+    let ch = conn.create_channel().await.map_err(|e| format!("channel: {e}"))?;
+    ch.basic_qos(cfg.prefetch, BasicQosOptions::default()).await.map_err(|e| format!("qos: {e}"))?;
+    let queue = cfg.queue.as_deref().unwrap_or_default();
+    let tag = format!("switchboard-{}", state.node_id);
+    let mut consumer = ch
+        .basic_consume(queue, &tag, BasicConsumeOptions::default(), lapin::types::FieldTable::default())
+        .await
+        .map_err(|e| format!("consume {queue}: {e}"))?;
+    metrics.connected.store(1, Ordering::Relaxed);
+    *failures = 0;
+    // One at a time, in queue order: a channel's publications keep the queue's order.
+    while let Some(d) = consumer.next().await {
+        let d = d.map_err(|e| format!("consume: {e}"))?;
+        metrics.consumed.fetch_add(1, Ordering::Relaxed);
+        match from_message(state, cfg, &d) {
+            Ok((resolved, data, key, volatile)) => {
+                let key = key.filter(|_| !volatile);
+                let volatile = volatile.then_some(true);
+                let r = ops::publish_to(state, &resolved, data, volatile, key, ops::Publisher::Api).await;
+                if let Err(e) = r {
+                    // Not acknowledged: the connection goes, RabbitMQ delivers it again.
+                    return Err(format!("publish: {}: {}", e.code.as_str(), e.message));
+                }
+                metrics.published.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(why) => {
+                tracing::warn!(source = %metrics.name, "poison message: {why}");
+                metrics.poison.fetch_add(1, Ordering::Relaxed);
+                if let Some(x) = &cfg.dead_letter_exchange {
+                    let confirm = ch
+                        .basic_publish(
+                            x,
+                            d.routing_key.as_str(),
+                            BasicPublishOptions::default(),
+                            &d.data,
+                            d.properties.clone(),
+                        )
+                        .await
+                        .map_err(|e| format!("dead-letter: {e}"))?;
+                    confirm.await.map_err(|e| format!("dead-letter: {e}"))?;
+                }
+            }
+        }
+        d.ack(BasicAckOptions::default()).await.map_err(|e| format!("ack: {e}"))?;
+    }
+    Err("the consumer was cancelled (queue deleted?)".into())
 }

@@ -222,3 +222,184 @@ fn bad_source_configuration_is_refused_with_the_key() {
         assert!(e.contains(key), "{e}");
     }
 }
+
+// --- RabbitMQ (127.0.0.1:5672 guest/guest; SWITCHBOARD_TEST_AMQP to point elsewhere) ---
+
+fn amqp_url() -> String {
+    std::env::var("SWITCHBOARD_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn amqp() -> (lapin::Connection, lapin::Channel) {
+    let props = lapin::ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    let conn =
+        lapin::Connection::connect(&amqp_url(), props).await.expect("RabbitMQ on 127.0.0.1:5672 (./scripts/test)");
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
+}
+
+async fn declare(ch: &lapin::Channel, name: &str) {
+    ch.queue_declare(name, lapin::options::QueueDeclareOptions::default(), lapin::types::FieldTable::default())
+        .await
+        .unwrap();
+}
+
+/// Publishes `body` to the default exchange's `queue`, with a message id.
+async fn produce(ch: &lapin::Channel, queue: &str, body: &[u8], id: &str) {
+    let props = lapin::BasicProperties::default().with_message_id(id.into());
+    ch.basic_publish("", queue, lapin::options::BasicPublishOptions::default(), body, props).await.unwrap();
+}
+
+fn rabbit_source(queue: &str, extra: &str) -> String {
+    format!("[[sources]]\nkind = \"rabbitmq\"\nurl = \"{}\"\nqueue = \"{queue}\"\n{extra}", amqp_url())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_queued_messages_reach_every_subscriber_once_in_queue_order() {
+    let (_conn, ch) = amqp().await;
+    let q = format!("sb_q_{}", fastrand::u32(..));
+    declare(&ch, &q).await;
+    let s = TestServer::start(config(&rabbit_source(&q, ""))).await;
+    until_connected(&s).await;
+    let mut ws = subscriber(&s, "news:rabbit").await;
+    let mut sse = common::Sse::connect(&s, "channel=news:rabbit", None).await;
+    let _ = sse.next_named("subscribed").await;
+    for n in 0..10_000 {
+        let body = json!({"channel": "news:rabbit", "data": n}).to_string();
+        produce(&ch, &q, body.as_bytes(), &format!("m-{n}")).await;
+    }
+    let want: Vec<i64> = (0..10_000).collect();
+    let got: Vec<i64> = receive(&mut ws, 10_000).await.iter().map(|d| d.as_i64().unwrap()).collect();
+    assert_eq!(got, want, "WebSocket");
+    let mut got = Vec::new();
+    while got.len() < 10_000 {
+        let e = sse.next_named("message").await;
+        got.push(e.json()["data"].as_i64().unwrap());
+    }
+    assert_eq!(got, want, "SSE");
+    assert_eq!(metric(&s, "switchboard_source_rows_published").await, 10_000);
+    ch.queue_delete(&q, lapin::options::QueueDeleteOptions::default()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_go_to_the_dead_letter_exchange_and_the_rest_flows() {
+    let (_conn, ch) = amqp().await;
+    let q = format!("sb_q_{}", fastrand::u32(..));
+    let (x, dlq) = (format!("sb_dlx_{}", fastrand::u32(..)), format!("sb_dlq_{}", fastrand::u32(..)));
+    declare(&ch, &q).await;
+    declare(&ch, &dlq).await;
+    let fanout = lapin::ExchangeKind::Fanout;
+    ch.exchange_declare(&x, fanout, Default::default(), Default::default()).await.unwrap();
+    ch.queue_bind(&dlq, &x, "", Default::default(), Default::default()).await.unwrap();
+    let s = TestServer::start(config(&rabbit_source(&q, &format!("dead_letter_exchange = \"{x}\"\n")))).await;
+    until_connected(&s).await;
+    let mut ws = subscriber(&s, "news:poison").await;
+    produce(&ch, &q, br#"{"channel":"news:poison","data":1}"#, "a").await;
+    produce(&ch, &q, b"not json", "b").await;
+    produce(&ch, &q, br#"{"channel":"bad channel!","data":2}"#, "c").await;
+    produce(&ch, &q, br#"{"channel":"news:poison","data":3}"#, "d").await;
+    assert_eq!(receive(&mut ws, 2).await, [json!(1), json!(3)]);
+    let mut dead = Vec::new();
+    for _ in 0..600 {
+        if let Some(m) = ch.basic_get(&dlq, lapin::options::BasicGetOptions { no_ack: true }).await.unwrap() {
+            dead.push(String::from_utf8(m.delivery.data.clone()).unwrap());
+            if dead.len() == 2 {
+                break;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(dead, ["not json", r#"{"channel":"bad channel!","data":2}"#]);
+    assert_eq!(metric(&s, "switchboard_source_rows_poison").await, 2);
+    for q in [&q, &dlq] {
+        ch.queue_delete(q, Default::default()).await.unwrap();
+    }
+    ch.exchange_delete(&x, Default::default()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_redeliveries_are_deduped_and_nothing_is_lost() {
+    let (_conn, ch) = amqp().await;
+    let q = format!("sb_q_{}", fastrand::u32(..));
+    declare(&ch, &q).await;
+    let dir = std::env::temp_dir().join(format!("sb-rabbit-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("switchboard.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[namespaces.orders]\nhistory_size = 10000\nhistory_ttl_secs = 3600\n{}",
+            rabbit_source(&q, "prefetch = 50\n")
+        ),
+    )
+    .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let top = |base: String| async move {
+        let v: Value =
+            reqwest::get(format!("{base}/api/history?channel=orders:all&limit=1")).await.ok()?.json().await.ok()?;
+        v["offset"].as_u64()
+    };
+    let mut node = Kill(spawn());
+    for n in 0..3000 {
+        let body = json!({"channel": "orders:all", "data": n}).to_string();
+        produce(&ch, &q, body.as_bytes(), &format!("order-{n}")).await;
+    }
+    // Mid-stream: some published, more to come.
+    for _ in 0..600 {
+        if top(base.clone()).await.is_some_and(|t| t >= 300) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let at_kill = top(base.clone()).await.unwrap_or(0);
+    node.0.kill().unwrap();
+    node.0.wait().unwrap();
+    assert!(at_kill < 3000, "killed mid-stream (at {at_kill})");
+    let _node = Kill(spawn());
+    for _ in 0..1200 {
+        if top(base.clone()).await == Some(3000) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Exactly the 3,000, in queue order, once each: redeliveries of what was published but
+    // not acknowledged when the node died were deduped by their message ids.
+    let first: Value =
+        reqwest::get(format!("{base}/api/history?channel=orders:all&limit=1")).await.unwrap().json().await.unwrap();
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    let (mut data, mut at) = (Vec::new(), 0);
+    loop {
+        let url = format!("{base}/api/history?channel=orders:all&since={epoch}:{at}&limit=1000");
+        let v: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        let pubs = v["publications"].as_array().unwrap().clone();
+        let Some(last) = pubs.last() else { break };
+        at = last["offset"].as_u64().unwrap();
+        data.extend(pubs.iter().map(|p| p["data"].as_i64().unwrap()));
+    }
+    assert_eq!(data, (0..3000).collect::<Vec<i64>>(), "{} publications", data.len());
+    ch.queue_delete(&q, Default::default()).await.unwrap();
+}
