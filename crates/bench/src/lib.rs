@@ -550,16 +550,7 @@ async fn fanout(c: Common, subscribers: usize, rate: u64, duration: u64, payload
     let stop = Arc::new(AtomicBool::new(false));
     let prog = progress(stats.clone(), stop.clone());
     let started = Instant::now();
-    let mut pubs = Vec::new();
-    for i in 0..c.publishers {
-        // The rate shared: the first ones take the remainder (0 stays flat out).
-        let share = rate / c.publishers + u64::from(i < rate % c.publishers);
-        if rate > 0 && share == 0 {
-            continue;
-        }
-        let p = publisher(&c, &c.channel).await?;
-        pubs.push(tokio::spawn(publish_loop(p, share, payload, stop.clone(), false, Some(stats.clone()))));
-    }
+    let pubs = publishers(&c, rate, payload, &stop, Some(stats.clone())).await?;
     tokio::time::sleep(Duration::from_secs(duration)).await;
     stop.store(true, Ordering::Relaxed);
     let mut sent = 0;
@@ -597,6 +588,28 @@ async fn fanout(c: Common, subscribers: usize, rate: u64, duration: u64, payload
         h.abort();
     }
     verdict(&stats)
+}
+
+/// `--publishers` connections publishing `rate`/s between them on `--channel` (0: each
+/// flat out) until `stop`; their tasks answer how many each published.
+async fn publishers(
+    c: &Common,
+    rate: u64,
+    payload: usize,
+    stop: &Arc<AtomicBool>,
+    acks: Option<Arc<Stats>>,
+) -> Result<Vec<tokio::task::JoinHandle<Result<u64, String>>>, String> {
+    let mut pubs = Vec::new();
+    for i in 0..c.publishers {
+        // The rate shared: the first ones take the remainder (0 stays flat out).
+        let share = rate / c.publishers + u64::from(i < rate % c.publishers);
+        if rate > 0 && share == 0 {
+            continue;
+        }
+        let p = publisher(c, &c.channel).await?;
+        pubs.push(tokio::spawn(publish_loop(p, share, payload, stop.clone(), false, acks.clone())));
+    }
+    Ok(pubs)
 }
 
 /// Counts of what the webhook sink took.
@@ -655,15 +668,7 @@ async fn webhooks(c: Common, sink_addr: SocketAddr, rate: u64, duration: u64, pa
     let before = server_stats(&c);
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let mut pubs = Vec::new();
-    for i in 0..c.publishers {
-        let share = rate / c.publishers + u64::from(i < rate % c.publishers);
-        if rate > 0 && share == 0 {
-            continue;
-        }
-        let p = publisher(&c, &c.channel).await?;
-        pubs.push(tokio::spawn(publish_loop(p, share, payload, stop.clone(), false, None)));
-    }
+    let pubs = publishers(&c, rate, payload, &stop, None).await?;
     tokio::time::sleep(Duration::from_secs(duration)).await;
     stop.store(true, Ordering::Relaxed);
     let mut sent = 0;

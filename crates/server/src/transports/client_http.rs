@@ -35,14 +35,7 @@ pub async fn publish(
     req: Request,
 ) -> Result<Response, ApiError> {
     let q = Query::parse(raw.as_deref());
-    if let Some(ip) = super::client_ip(&state, req.headers(), req.extensions()) {
-        state.limits.take_publish(ip)?;
-    }
-    let who = super::identity(&state, req.headers(), &q)?;
-    let limit = state.config.limits.max_message_bytes * 2 + 64 * 1024;
-    let body = axum::body::to_bytes(req.into_body(), limit)
-        .await
-        .map_err(|_| ApiError::new(Code::MessageTooLarge, format!("request body is larger than {limit} bytes")))?;
+    let (who, body) = write_request(&state, &q, req).await?;
     let b: PublishBody = crate::api::parse_json(&body)?;
     let r = resolve_channel(&state, &b.channel)?;
     let sub_tokens = q.all("sub_token");
@@ -54,6 +47,24 @@ pub async fn publish(
     let data = crate::commands::ops::payload(&state, b.data)?;
     let by = crate::commands::ops::Publisher::Client { client: None, user: who.as_ref().map(|w| w.user.as_str()) };
     Ok(json(crate::commands::ops::publish_to(&state, &r, data, b.volatile, b.key, by).await?))
+}
+
+/// A client's writing request (`/publish`, `/send`): counted against its IP's rate, its
+/// identity, and its body (bounded).
+async fn write_request(
+    state: &AppState,
+    q: &Query,
+    req: Request,
+) -> Result<(Option<crate::auth::Identity>, axum::body::Bytes), ApiError> {
+    if let Some(ip) = super::client_ip(state, req.headers(), req.extensions()) {
+        state.limits.take_publish(ip)?;
+    }
+    let who = super::identity(state, req.headers(), q)?;
+    let limit = state.config.limits.max_message_bytes * 2 + 64 * 1024;
+    let body = axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::new(Code::MessageTooLarge, format!("request body is larger than {limit} bytes")))?;
+    Ok((who, body))
 }
 
 /// The one channel a client HTTP read names, once the gate lets `op` through.
@@ -123,14 +134,7 @@ struct SendBody<'a> {
 /// are present in.
 pub async fn send(State(state): State<AppState>, RawQuery(raw): RawQuery, req: Request) -> Result<Response, ApiError> {
     let q = Query::parse(raw.as_deref());
-    if let Some(ip) = super::client_ip(&state, req.headers(), req.extensions()) {
-        state.limits.take_publish(ip)?;
-    }
-    let who = super::identity(&state, req.headers(), &q)?;
-    let limit = state.config.limits.max_message_bytes * 2 + 64 * 1024;
-    let body = axum::body::to_bytes(req.into_body(), limit)
-        .await
-        .map_err(|_| ApiError::new(Code::MessageTooLarge, format!("request body is larger than {limit} bytes")))?;
+    let (who, body) = write_request(&state, &q, req).await?;
     let b: SendBody = crate::api::parse_json(&body)?;
     if b.to.client.is_some() == b.to.user.is_some() {
         return Err(ApiError::new(Code::InvalidRequest, "`to` names exactly one of `client` or `user`"));
