@@ -200,6 +200,19 @@ enum Scenario {
         #[arg(long, default_value_t = 128)]
         payload: usize,
     },
+    /// N subscribers wait for `--expect` publications made by someone else (a publication
+    /// source: rows in an outbox, messages in a queue) whose data is `{"t":<Unix µs>,…}`:
+    /// deliveries/s from the first to the last, latency from the stamp. Prints `ready` on
+    /// stderr once subscribed.
+    Listen {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Publications each subscriber waits for.
+        #[arg(long)]
+        expect: u64,
+    },
     /// N clients; the server is restarted under them and they all come back and resume:
     /// recovery time, peak handshake rate, messages lost and duplicated.
     Storm {
@@ -242,6 +255,7 @@ pub fn run(args: BenchArgs) -> std::process::ExitCode {
         Scenario::Slow { common, subscribers, slow_fraction, rate, duration, payload } => {
             rt.block_on(slow(common, subscribers, slow_fraction, rate, duration, payload))
         }
+        Scenario::Listen { common, subscribers, expect } => rt.block_on(listen(common, subscribers, expect)),
         Scenario::Webhooks { common, sink, rate, duration, payload } => {
             rt.block_on(webhooks(common, sink, rate, duration, payload))
         }
@@ -610,6 +624,43 @@ async fn publishers(
         pubs.push(tokio::spawn(publish_loop(p, share, payload, stop.clone(), false, acks.clone())));
     }
     Ok(pubs)
+}
+
+async fn listen(c: Common, subscribers: usize, expect: u64) -> Res {
+    let stats = Arc::new(Stats::new());
+    let t = target(&c, &c.channel)?;
+    let (subs, _) = open_many(&c, std::slice::from_ref(&t), subscribers, None, &stats).await;
+    let n = subs.len() as u64;
+    let handles: Vec<_> = subs.into_iter().map(|s| tokio::spawn(s.run(stats.clone()))).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = server_stats(&c);
+    eprintln!("ready");
+    // From the first delivery to the last.
+    while stats.delivered.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let started = Instant::now();
+    wait_for(&stats, 0, expect * n, c.settle()).await;
+    let elapsed = started.elapsed();
+    let after = server_stats(&c);
+    let delivered = stats.delivered.load(Ordering::Relaxed);
+    let mut s = Summary::new(format!("listen: {n} subscribers, {expect} publications each"));
+    s.num("subscribers", n as f64);
+    s.num("deliveries", delivered as f64);
+    s.num("expected", (expect * n) as f64);
+    s.num("lost", (expect * n).saturating_sub(delivered) as f64);
+    s.num("duplicates", stats.duplicates.load(Ordering::Relaxed) as f64);
+    s.num("publications_per_sec", delivered as f64 / n.max(1) as f64 / elapsed.as_secs_f64());
+    s.num("deliveries_per_sec", delivered as f64 / elapsed.as_secs_f64());
+    latency(&mut s, &stats);
+    if let (Some(b), Some(a)) = (before, after) {
+        s.num("server_cpu_secs", a.cpu_secs - b.cpu_secs);
+    }
+    s.print(c.json);
+    for h in handles {
+        h.abort();
+    }
+    verdict(&stats)
 }
 
 /// Counts of what the webhook sink took.

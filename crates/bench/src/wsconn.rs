@@ -1,14 +1,14 @@
 //! Lean subscribers (WebSocket or SSE, Switchboard or any server) and an HTTP publisher.
 //!
-//! Every payload the publisher sends is `{"t":<µs since start>,"p":"xxx…"}`; a
+//! Every payload the publisher sends is `{"t":<Unix µs>,"p":"xxx…"}`; a
 //! subscriber finds `"t":` in whatever frame carries it (a Switchboard publication, a
 //! Socket.IO event, an Nchan message) to measure latency, and `"offset":` when the server
 //! numbers messages, to count gaps and duplicates.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
@@ -37,9 +37,10 @@ pub fn tls_connector(ca_pem: &[u8]) -> Result<tokio_rustls::TlsConnector, String
 }
 
 /// Microseconds since the process started: publishers stamp it, subscribers subtract.
+/// Wall-clock microseconds (Unix time): producers outside this process (a database, a
+/// queue) stamp their messages with the same clock.
 pub fn now_us() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_micros() as u64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 pub struct Stats {
