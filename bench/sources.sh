@@ -32,7 +32,7 @@ cleanup() {
 }
 trap cleanup EXIT
 # The outbox, with the DDL of docs/sources.md.
-sed -n '/^```sql$/,/^```$/p' docs/sources.md | sed '1d;$d' | head -n 20 | sed "s/switchboard_outbox/$T/g" | $PSQL >/dev/null
+awk '/^```sql$/ && !n++ {f=1; next} f && /^```$/ {exit} f' docs/sources.md | sed "s/switchboard_outbox/$T/g" | $PSQL >/dev/null
 python3 -c "import pika; c=pika.BlockingConnection(); c.channel().queue_declare('$Q')"
 cat > "$DIR/config.toml" <<TOML
 [[sources]]
