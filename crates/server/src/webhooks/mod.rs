@@ -161,7 +161,12 @@ impl Webhooks {
                 Store::Redis(RedisStore { queues, depth: Default::default(), occupancy })
             }
             crate::config::BrokerKind::Memory => {
-                let dir = cfg.dir.clone().unwrap_or_else(|| "switchboard-data/webhooks".into());
+                // Beside durable history when there is a data directory.
+                let dir = cfg
+                    .dir
+                    .clone()
+                    .or_else(|| config.broker.data_dir.as_ref().map(|d| d.join("webhooks")))
+                    .unwrap_or_else(|| "switchboard-data/webhooks".into());
                 let store = FileStore::open(&dir, cfg.fsync == crate::config::WebhookFsync::Always)
                     .map_err(|e| anyhow::anyhow!("webhooks.dir {}: {e}", dir.display()))?;
                 let r = &store.recovered;
@@ -217,6 +222,7 @@ impl Webhooks {
             Store::Redis(r) => {
                 let room = r.depth().0 + eps.len() <= self.cfg.max_pending;
                 let rt = tokio::runtime::Handle::try_current();
+                let queued = room && rt.is_ok();
                 if let (true, Ok(rt)) = (room, rt) {
                     let now = unix_ms();
                     let item = Item { id, attempt: 0, first: now, due: now, error: None, event: raw, entry: None };
@@ -233,7 +239,7 @@ impl Webhooks {
                         });
                     }
                 }
-                room
+                queued
             }
         };
         if !queued {
