@@ -635,8 +635,12 @@ async fn listen(c: Common, subscribers: usize, expect: u64) -> Res {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = server_stats(&c);
     eprintln!("ready");
-    // From the first delivery to the last.
+    // From the first delivery to the last (none within --settle-secs: nothing came).
+    let deadline = Instant::now() + c.settle();
     while stats.delivered.load(Ordering::Relaxed) == 0 {
+        if Instant::now() > deadline {
+            return Err(format!("no publication arrived within {} s", c.settle_secs));
+        }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let started = Instant::now();

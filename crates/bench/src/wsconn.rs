@@ -625,7 +625,11 @@ fn flush(stats: &Stats, local: &mut Vec<u64>, unflushed: &mut u64) {
 
 /// Reads the unsigned integer after `key` in `s`.
 pub fn field(s: &[u8], key: &[u8]) -> Option<u64> {
-    let i = s.windows(key.len()).position(|w| w == key)? + key.len();
+    let mut i = s.windows(key.len()).position(|w| w == key)? + key.len();
+    // (`"t": 1` as well as `"t":1`: a database's JSON text has the space.)
+    while s.get(i) == Some(&b' ') {
+        i += 1;
+    }
     let digits = s[i..].iter().take_while(|b| b.is_ascii_digit()).count();
     if digits == 0 {
         return None;
