@@ -182,7 +182,20 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     if !state.hub.broker().ready().await {
         return json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"broker_unavailable"}"#.into());
     }
-    json(StatusCode::OK, r#"{"status":"ready"}"#.into())
+    match state.sources.get().filter(|s| !s.is_empty()) {
+        // A source's outage is reported, not a reason to take clients away from this node.
+        Some(sources) => {
+            let detail: serde_json::Map<String, serde_json::Value> = sources
+                .iter()
+                .map(|s| {
+                    let up = s.connected.load(std::sync::atomic::Ordering::Relaxed) == 1;
+                    (s.name.clone(), (if up { "connected" } else { "disconnected" }).into())
+                })
+                .collect();
+            json(StatusCode::OK, serde_json::json!({"status": "ready", "sources": detail}).to_string())
+        }
+        None => json(StatusCode::OK, r#"{"status":"ready"}"#.into()),
+    }
 }
 
 /// `GET /`: a pointer to the endpoints, for people who open the server in a browser.

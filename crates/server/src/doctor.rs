@@ -356,3 +356,74 @@ pub fn render_certificate(c: &CertificateReport) -> String {
     }
     s
 }
+
+/// Whether a publication source's server answers a TCP connection.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SourceCheck {
+    pub name: String,
+    /// `host:port` from its URL.
+    pub address: String,
+    pub reachable: bool,
+    pub error: Option<String>,
+}
+
+/// `host:port` of a `scheme://[user[:password]@]host[:port][/…]` URL, with the default port.
+fn url_address(url: &str, default_port: u16) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.is_empty() {
+        return None;
+    }
+    let has_port =
+        host.rsplit_once(':').is_some_and(|(_, p)| p.chars().all(|c| c.is_ascii_digit()) && !host.ends_with(']'));
+    Some(if has_port { host.to_string() } else { format!("{host}:{default_port}") })
+}
+
+/// Tries each source's server (2 s at most each).
+pub fn sources(sources: &[crate::config::SourceConfig]) -> Vec<SourceCheck> {
+    use std::net::ToSocketAddrs;
+    sources
+        .iter()
+        .map(|s| {
+            let port = match s.kind {
+                crate::config::SourceKind::PostgresOutbox => 5432,
+                crate::config::SourceKind::Rabbitmq => 5672,
+            };
+            let address = url_address(&s.url, port).unwrap_or_else(|| s.url.clone());
+            let r = address
+                .to_socket_addrs()
+                .map_err(|e| e.to_string())
+                .and_then(|mut a| a.next().ok_or_else(|| "no address".to_string()))
+                .and_then(|a| {
+                    std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2))
+                        .map_err(|e| e.to_string())
+                });
+            SourceCheck { name: s.name(), address, reachable: r.is_ok(), error: r.err() }
+        })
+        .collect()
+}
+
+pub fn render_sources(checks: &[SourceCheck]) -> String {
+    let mut out = String::from("\nPublication sources\n");
+    for c in checks {
+        match &c.error {
+            None => out.push_str(&format!("  ok    {} ({}) answers\n", c.name, c.address)),
+            Some(e) => out.push_str(&format!("  FAIL  {} ({}): {e}\n", c.name, c.address)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod source_tests {
+    #[test]
+    fn addresses_come_from_urls_with_default_ports() {
+        use super::url_address;
+        assert_eq!(url_address("postgres://u@db:6000/app", 5432).as_deref(), Some("db:6000"));
+        assert_eq!(url_address("postgres://u:p@db/app", 5432).as_deref(), Some("db:5432"));
+        assert_eq!(url_address("amqp://guest:guest@127.0.0.1:5672/%2f", 5672).as_deref(), Some("127.0.0.1:5672"));
+        assert_eq!(url_address("amqp://mq", 5672).as_deref(), Some("mq:5672"));
+        assert_eq!(url_address("nonsense", 1), None);
+    }
+}

@@ -265,18 +265,24 @@ fn main() -> ExitCode {
             };
             let r = switchboard_server::doctor::report(&switchboard_server::doctor::read(), cfg.limits.max_connections);
             let cert = cfg.tls.cert.as_deref().map(switchboard_server::doctor::certificate);
+            let sources = switchboard_server::doctor::sources(&cfg.sources);
             if json {
                 let mut v = serde_json::to_value(&r).expect("report serialises");
                 v["tls_certificate"] = serde_json::to_value(&cert).expect("report serialises");
+                v["sources"] = serde_json::to_value(&sources).expect("report serialises");
                 println!("{}", serde_json::to_string_pretty(&v).expect("report serialises"));
             } else {
                 print!("{}", switchboard_server::doctor::render(&r));
                 if let Some(c) = &cert {
                     print!("{}", switchboard_server::doctor::render_certificate(c));
                 }
+                if !sources.is_empty() {
+                    print!("{}", switchboard_server::doctor::render_sources(&sources));
+                }
             }
             match cert {
                 Some(c) if !c.ok => ExitCode::FAILURE,
+                _ if sources.iter().any(|s| !s.reachable) => ExitCode::FAILURE,
                 _ => ExitCode::SUCCESS,
             }
         }

@@ -203,6 +203,8 @@ async fn poison_rows_are_moved_aside_and_a_killed_connection_is_reconnected() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     until_connected(&s).await;
+    let (_, ready) = s.get_json("/readyz").await;
+    assert_eq!(ready["sources"][format!("postgres_outbox:{t}")], "connected", "{ready}");
     insert(&mut db, &t, "news:p", 6..8, true).await;
     let got: Vec<i64> = receive(&mut c, 2).await.iter().map(|d| d["n"].as_i64().unwrap()).collect();
     assert_eq!(got, [6, 7]);
@@ -402,4 +404,25 @@ async fn kill_9_mid_stream_redeliveries_are_deduped_and_nothing_is_lost() {
     }
     assert_eq!(data, (0..3000).collect::<Vec<i64>>(), "{} publications", data.len());
     ch.queue_delete(&q, Default::default()).await.unwrap();
+}
+
+#[test]
+fn doctor_says_whether_each_sources_server_answers() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let file = std::env::temp_dir().join(format!("sb-doctor-{}.toml", fastrand::u64(..)));
+    let body = format!(
+        "[[sources]]\nkind = \"postgres_outbox\"\nurl = \"{}\"\n[[sources]]\nkind = \"rabbitmq\"\nname = \"gone\"\n\
+         url = \"amqp://guest:guest@127.0.0.1:{closed}/%2f\"\nqueue = \"q\"\n",
+        pg_url()
+    );
+    std::fs::write(&file, body).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["doctor", "--json", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sources"][0]["reachable"], true, "{v}");
+    assert_eq!((v["sources"][1]["name"].as_str(), v["sources"][1]["reachable"].as_bool()), (Some("gone"), Some(false)));
+    assert!(!out.status.success(), "an unreachable source fails the doctor");
 }
