@@ -76,6 +76,19 @@ impl Identity {
     }
 }
 
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `n` bytes from the system's secure random source, in hex: secrets and ids that must not
+/// be guessed.
+pub fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("the system's random source");
+    hex(&b)
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -436,7 +449,7 @@ impl DenyList {
         m.insert(key.clone(), now + ttl);
         drop(m);
         if let Some(f) = self.log.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            let until = unix_now() * 1000 + ttl.as_millis() as u64;
+            let until = switchboard_core::now_millis() + ttl.as_millis() as u64;
             let line = serde_json::json!({"key": key, "until": until}).to_string() + "\n";
             use std::io::Write;
             f.write_all(line.as_bytes()).and_then(|()| f.sync_data()).map_err(|e| {
@@ -450,7 +463,7 @@ impl DenyList {
     /// Keeps revocations in the file at `path` from now on: those it holds that have not
     /// expired are in force again (the file is rewritten with only them). Their count.
     pub fn persist(&self, path: &std::path::Path) -> std::io::Result<usize> {
-        let now_ms = unix_now() * 1000;
+        let now_ms = switchboard_core::now_millis();
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),

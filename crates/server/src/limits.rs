@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 
@@ -401,9 +401,34 @@ impl Drop for ConnSlot {
     }
 }
 
+/// The wait before the next attempt after `attempt` failures (1 = the first failure):
+/// uniformly random in [0, min(max, initial × 2^(attempt−1))] — "full jitter".
+pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    backoff_cap(attempt, initial, max).mul_f64(fastrand::f64())
+}
+
+/// The upper bound of [`backoff`] for `attempt`.
+pub fn backoff_cap(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(30)).min(max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn full_jitter_backoff_stays_within_its_bound_and_spreads_over_it() {
+        let (initial, max) = (Duration::from_millis(100), Duration::from_secs(10));
+        for attempt in 1..=12 {
+            let cap = backoff_cap(attempt, initial, max);
+            assert_eq!(cap, (initial * 2u32.pow(attempt - 1)).min(max));
+            let waits: Vec<Duration> = (0..2000).map(|_| backoff(attempt, initial, max)).collect();
+            assert!(waits.iter().all(|w| *w <= cap), "attempt {attempt}: over {cap:?}");
+            // Spread: both halves of [0, cap] are used (full jitter, not a fixed delay).
+            assert!(waits.iter().any(|w| *w < cap / 2) && waits.iter().any(|w| *w > cap / 2), "attempt {attempt}");
+        }
+        assert_eq!(backoff_cap(40, initial, max), max);
+    }
 
     fn cfg(total: usize, per_ip: usize, rate: u32, burst: u32) -> LimitsConfig {
         LimitsConfig {

@@ -445,23 +445,20 @@ impl Collector for ServerCollector {
         )?;
         if let Some(sources) = state.sources.get().filter(|s| !s.is_empty()) {
             type Field = fn(&crate::sources::SourceMetrics) -> &std::sync::atomic::AtomicU64;
-            let series: [(&str, &str, Field); 5] = [
+            let counters: [(&str, &str, Field); 4] = [
                 ("switchboard_source_rows_consumed", "Rows a publication source claimed.", |s| &s.consumed),
                 ("switchboard_source_rows_published", "Rows a publication source published.", |s| &s.published),
                 ("switchboard_source_rows_poison", "Rows a source could not publish (dead-lettered).", |s| &s.poison),
                 ("switchboard_source_errors", "Failed rounds of a source (retried with backoff).", |s| &s.errors),
-                ("switchboard_source_connected", "1 while a source is connected and listening.", |s| &s.connected),
             ];
-            for (name, help, field) in series {
+            for (name, help, field) in counters {
                 let values: Vec<(&str, u64)> = sources.iter().map(|s| (s.name.as_str(), load(field(s)))).collect();
-                if name.ends_with("connected") {
-                    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
-                    for (source, v) in &values {
-                        m.encode_family(&[("source", *source)])?.encode_gauge(v)?;
-                    }
-                } else {
-                    counter_by(e, name, help, "source", &values)?;
-                }
+                counter_by(e, name, help, "source", &values)?;
+            }
+            let help = "1 while a source is connected and listening.";
+            let mut m = e.encode_descriptor("switchboard_source_connected", help, None, MetricType::Gauge)?;
+            for s in sources.iter() {
+                m.encode_family(&[("source", s.name.as_str())])?.encode_gauge(&load(&s.connected))?;
             }
         }
         if let Some(w) = &state.webhooks {

@@ -121,9 +121,7 @@ impl Registry {
 
     /// Gives connection `client` a new secret; returns its `client_key`, `<client>.<secret>`.
     pub fn new_client_key(&self, client: &str) -> String {
-        let mut b = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("the system's random source");
-        let secret: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let secret = crate::auth::random_hex(16);
         if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get_mut(client) {
             c.secret = Some(secret.as_str().into());
         }

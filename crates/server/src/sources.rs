@@ -76,9 +76,8 @@ async fn run(state: AppState, cfg: SourceConfig, metrics: Arc<SourceMetrics>) {
         if let Err(e) = outcome {
             metrics.errors.fetch_add(1, Ordering::Relaxed);
             failures = failures.saturating_add(1);
-            // Full jitter, 100 ms doubling to 30 s.
-            let cap = Duration::from_millis(100).saturating_mul(1 << failures.min(9)).min(Duration::from_secs(30));
-            let wait = cap.mul_f64(fastrand::f64());
+            // Full jitter, from 200 ms doubling to 30 s.
+            let wait = crate::limits::backoff(failures + 1, Duration::from_millis(100), Duration::from_secs(30));
             tracing::warn!(source = %metrics.name, "source: {e}; again in {} ms", wait.as_millis());
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

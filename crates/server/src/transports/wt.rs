@@ -80,7 +80,7 @@ pub async fn cert_hash(State(state): State<AppState>) -> Response {
     match hash {
         Some(h) => {
             use base64::Engine;
-            let hex: String = h.sha256.iter().map(|b| format!("{b:02x}")).collect();
+            let hex = crate::auth::hex(&h.sha256);
             let body = serde_json::json!({
                 "algorithm": "sha-256",
                 "value": base64::engine::general_purpose::STANDARD.encode(h.sha256),

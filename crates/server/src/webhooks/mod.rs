@@ -17,7 +17,9 @@ use switchboard_core::ChannelName;
 
 use crate::app::AppState;
 use crate::config::{PublicationSource, WebhookEndpoint, WebhooksConfig};
-use store::{unix_ms, FileStore, Item};
+use crate::limits::backoff;
+use store::{FileStore, Item};
+use switchboard_core::now_millis;
 
 /// The signature header: `v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`, one per
 /// secret, comma-separated.
@@ -33,7 +35,7 @@ pub fn sign(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
     ctx.update(timestamp.to_string().as_bytes());
     ctx.update(b".");
     ctx.update(body);
-    ctx.sign().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    crate::auth::hex(ctx.sign().as_ref())
 }
 
 /// The signature header's value for `secrets`.
@@ -41,22 +43,8 @@ pub fn signature_header(secrets: &[String], timestamp: u64, body: &[u8]) -> Stri
     secrets.iter().map(|s| format!("v1={}", sign(s.as_bytes(), timestamp, body))).collect::<Vec<_>>().join(",")
 }
 
-/// The wait before the next attempt after `attempt` failures (1 = the first failure):
-/// uniformly random in [0, min(max, initial × 2^(attempt−1))] — "full jitter".
-pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
-    let cap = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(30)).min(max);
-    cap.mul_f64(fastrand::f64())
-}
-
-/// The upper bound of [`backoff`] for `attempt`.
-pub fn backoff_cap(attempt: u32, initial: Duration, max: Duration) -> Duration {
-    initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(30)).min(max)
-}
-
 fn new_id(prefix: &str) -> String {
-    let mut b = [0u8; 12];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("the system's random source");
-    format!("{prefix}_{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+    format!("{prefix}_{}", crate::auth::random_hex(12))
 }
 
 /// Counters for `/metrics`.
@@ -215,7 +203,7 @@ impl Webhooks {
             return;
         }
         let id = new_id("evt");
-        let event = serde_json::json!({"id": id, "type": kind, "time": unix_ms(), "node": self.node, "data": data});
+        let event = serde_json::json!({"id": id, "type": kind, "time": now_millis(), "node": self.node, "data": data});
         let Ok(raw) = RawValue::from_string(event.to_string()) else { return };
         let queued = match &self.store {
             Store::File(f) => f.add(&eps, &id, &raw, self.cfg.max_pending),
@@ -224,7 +212,7 @@ impl Webhooks {
                 let rt = tokio::runtime::Handle::try_current();
                 let queued = room && rt.is_ok();
                 if let (true, Ok(rt)) = (room, rt) {
-                    let now = unix_ms();
+                    let now = now_millis();
                     let item = Item { id, attempt: 0, first: now, due: now, error: None, event: raw, entry: None };
                     let payload = serde_json::to_string(&item).unwrap_or_default();
                     for ep in eps.iter() {
@@ -308,7 +296,7 @@ impl Webhooks {
                     if chosen.is_empty() {
                         continue;
                     }
-                    let now = unix_ms();
+                    let now = now_millis();
                     let fresh: Vec<String> = chosen
                         .iter()
                         .filter_map(|(_, payload)| serde_json::from_str::<Item>(payload).ok())
@@ -350,14 +338,14 @@ impl Webhooks {
                 .collect()
         };
         loop {
-            match q.take(max, Duration::from_secs(1), unix_ms()).await {
+            match q.take(max, Duration::from_secs(1), now_millis()).await {
                 Ok(t) if t.is_empty() => {}
                 Ok(t) => {
                     let mut items = parse(t);
                     if items.len() < max && !batch.is_zero() {
                         // A batch: what else comes within the batch time.
                         tokio::time::sleep(batch).await;
-                        if let Ok(more) = q.take(max - items.len(), Duration::from_millis(1), unix_ms()).await {
+                        if let Ok(more) = q.take(max - items.len(), Duration::from_millis(1), now_millis()).await {
                             items.extend(parse(more));
                         }
                     }
@@ -492,7 +480,7 @@ impl Webhooks {
         }
         body.extend_from_slice(b"]}");
         let id = if items.len() == 1 { items[0].id.clone() } else { new_id("bat") };
-        let ts = unix_ms() / 1000;
+        let ts = now_millis() / 1000;
         let signature = signature_header(&ep.cfg.secrets, ts, &body);
         let started = Instant::now();
         let sent = self
@@ -528,7 +516,7 @@ impl Webhooks {
             let until = Instant::now() + Duration::from_millis(ep.cfg.breaker_cooldown_ms);
             *ep.open_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
         }
-        let now = unix_ms();
+        let now = now_millis();
         let horizon = self.cfg.horizon_secs.saturating_mul(1000);
         let (initial, max) =
             (Duration::from_millis(self.cfg.backoff_initial_ms), Duration::from_millis(self.cfg.backoff_max_ms));
@@ -649,19 +637,5 @@ mod tests {
         assert_eq!(sig, "8eae3d28cb521b6b37f86de366c0b3de07baa3505577e5d97c7b1625541e4a2c");
         let two = signature_header(&["secret-0123456789abcdef".into(), "another-secret-0123456".into()], 1, b"x");
         assert_eq!(two.matches("v1=").count(), 2);
-    }
-
-    #[test]
-    fn full_jitter_backoff_stays_within_its_bound_and_spreads_over_it() {
-        let (initial, max) = (Duration::from_millis(100), Duration::from_secs(10));
-        for attempt in 1..=12 {
-            let cap = backoff_cap(attempt, initial, max);
-            assert_eq!(cap, (initial * 2u32.pow(attempt - 1)).min(max));
-            let waits: Vec<Duration> = (0..2000).map(|_| backoff(attempt, initial, max)).collect();
-            assert!(waits.iter().all(|w| *w <= cap), "attempt {attempt}: over {cap:?}");
-            // Spread: both halves of [0, cap] are used (full jitter, not a fixed delay).
-            assert!(waits.iter().any(|w| *w < cap / 2) && waits.iter().any(|w| *w > cap / 2), "attempt {attempt}");
-        }
-        assert_eq!(backoff_cap(40, initial, max), max);
     }
 }

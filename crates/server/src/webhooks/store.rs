@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use switchboard_core::now_millis;
 use tokio::sync::{mpsc, Notify};
 
 /// An event waiting for one endpoint.
@@ -176,10 +177,6 @@ pub struct FileStore {
     pub recovered: Recovered,
 }
 
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 impl FileStore {
     /// Opens (or creates) the queue in `dir`, replaying its journal, and starts its writer.
     pub fn open(dir: &Path, fsync: bool) -> std::io::Result<Arc<FileStore>> {
@@ -215,7 +212,7 @@ impl FileStore {
         if st.pending + endpoints.len() > max_pending {
             return false;
         }
-        let now = unix_ms();
+        let now = now_millis();
         for ep in endpoints {
             let item = Item {
                 id: id.to_string(),
@@ -240,7 +237,7 @@ impl FileStore {
             let notified = self.notify.notified();
             let wait = {
                 let mut st = self.state();
-                let now = unix_ms();
+                let now = now_millis();
                 let e = st.ep(ep);
                 while let Some(entry) = e.delayed.first_entry() {
                     if entry.key().0 > now {
@@ -313,7 +310,7 @@ impl FileStore {
     /// `ids` when given), as new: attempts and horizon start again. Returns how many.
     pub fn replay(&self, ep: Option<&str>, ids: Option<&[String]>) -> usize {
         let mut st = self.state();
-        let now = unix_ms();
+        let now = now_millis();
         let chosen: Vec<(String, String)> = st
             .eps
             .iter()
@@ -480,7 +477,7 @@ mod tests {
             let taken = s.take("a", 3, Duration::ZERO).await;
             assert_eq!(taken.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["evt_0", "evt_1", "evt_2"]);
             s.done("a", &[taken[0].id.clone()]);
-            s.later("a", &taken[1], unix_ms() + 3_600_000, "HTTP 500");
+            s.later("a", &taken[1], now_millis() + 3_600_000, "HTTP 500");
             s.dead("a", &taken[2], "HTTP 410");
             // evt_3 is still ready; evt_1 waits an hour; evt_2 is dead.
             settle(&path, 7);

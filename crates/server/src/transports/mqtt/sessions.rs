@@ -96,7 +96,7 @@ impl Sessions {
     /// that expired while the server was down are removed.
     pub fn use_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
-        let now = crate::auth::unix_now() * 1000;
+        let now = switchboard_core::now_millis();
         for entry in std::fs::read_dir(dir)?.flatten() {
             let expired = std::fs::read_to_string(entry.path())
                 .ok()
@@ -134,7 +134,7 @@ impl Sessions {
             return;
         }
         if let Some(dir) = self.dir.get() {
-            let until = crate::auth::unix_now() * 1000 + expiry.as_millis() as u64;
+            let until = switchboard_core::now_millis() + expiry.as_millis() as u64;
             let text = serde_json::json!({"client": client_id, "until": until, "kept": kept.to_json()}).to_string();
             let (path, tmp) = (Self::file(dir, client_id), dir.join(format!(".{}.tmp", fastrand::u64(..))));
             // Written whole, then renamed over the old: never half a session. (Not synced:
@@ -173,7 +173,7 @@ impl Sessions {
             let text = std::fs::read_to_string(&path).ok()?;
             let _ = std::fs::remove_file(&path);
             let v: Value = serde_json::from_str(&text).ok()?;
-            let live = v["client"] == client_id && v["until"].as_u64()? > crate::auth::unix_now() * 1000;
+            let live = v["client"] == client_id && v["until"].as_u64()? > switchboard_core::now_millis();
             return live.then(|| Kept::from_json(v["kept"].as_str()?)).flatten();
         }
         let (kept, until) = self.map().remove(client_id)?;
