@@ -159,7 +159,8 @@ async fn claim_and_publish(
         let data: String = row.get(2);
         let key: Option<String> = row.get(3);
         let volatile: bool = row.get(4);
-        let resolved = match crate::session::resolve_channel(state, &channel) {
+        let checked = crate::session::resolve_channel(state, &channel).and_then(|r| Ok((r, data_of(state, data)?)));
+        let (resolved, data) = match checked {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(source = %metrics.name, id, channel, "poison row: {}", e.message);
@@ -171,7 +172,7 @@ async fn claim_and_publish(
         // row after a crash is published again).
         let key = (!volatile).then(|| key.unwrap_or_else(|| format!("outbox:{}:{id}", cfg.table)));
         let volatile = volatile.then_some(true);
-        let r = ops::publish_to(state, &resolved, data.into(), volatile, key, ops::Publisher::Api).await;
+        let r = ops::publish_to(state, &resolved, data, volatile, key, ops::Publisher::Api).await;
         match r {
             Ok(_) => {
                 metrics.published.fetch_add(1, Ordering::Relaxed);
@@ -194,6 +195,14 @@ async fn claim_and_publish(
     }
     tx.commit().await.map_err(db)?;
     Ok(rows.len())
+}
+
+/// A source's data as a publication's, through the same check as every other publish
+/// (`limits.max_message_bytes`, one line).
+fn data_of(state: &AppState, json: String) -> Result<bytes::Bytes, crate::error::ApiError> {
+    let raw = serde_json::value::RawValue::from_string(json)
+        .map_err(|e| crate::error::ApiError::new(crate::error::Code::InvalidJson, e.to_string()))?;
+    ops::payload(state, &raw)
 }
 
 /// What a RabbitMQ message publishes, or why it cannot (a poison message).
@@ -221,6 +230,7 @@ fn from_message(
                 channel.replace_range(start..=end, &value);
             }
             let data = crate::transports::mqtt::data_of(&d.data).ok_or("the body is not UTF-8")?;
+            let data = String::from_utf8(data.to_vec()).map_err(|e| e.to_string())?;
             (channel, data, message_id, false)
         }
         None => {
@@ -233,11 +243,11 @@ fn from_message(
                 volatile: Option<bool>,
             }
             let b: Body = serde_json::from_slice(&d.data).map_err(|e| format!("not {{channel, data}} JSON: {e}"))?;
-            let data = bytes::Bytes::copy_from_slice(b.data.get().as_bytes());
-            (b.channel, data, b.key.or(message_id), b.volatile.unwrap_or(false))
+            (b.channel, b.data.get().to_string(), b.key.or(message_id), b.volatile.unwrap_or(false))
         }
     };
     let resolved = crate::session::resolve_channel(state, &channel).map_err(|e| e.message)?;
+    let data = data_of(state, data).map_err(|e| e.message)?;
     Ok((resolved, data, key, volatile))
 }
 

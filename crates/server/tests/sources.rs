@@ -171,21 +171,24 @@ async fn poison_rows_are_moved_aside_and_a_killed_connection_is_reconnected() {
     let mut c = subscriber(&s, "news:p").await;
     insert(&mut db, &t, "news:p", 0..3, true).await;
     insert(&mut db, &t, "not a channel!", 3..4, true).await;
+    // Over limits.max_message_bytes (64 KiB): refused as any publish would be.
+    let big = json!({"n": 99, "pad": "x".repeat(70 * 1024)}).to_string();
+    db.execute(&format!("INSERT INTO {t} (channel, data) VALUES ('news:p', $1::text::jsonb)"), &[&big]).await.unwrap();
     insert(&mut db, &t, "news:p", 4..6, true).await;
     let got: Vec<i64> = receive(&mut c, 5).await.iter().map(|d| d["n"].as_i64().unwrap()).collect();
     assert_eq!(got, [0, 1, 2, 4, 5]);
     // (Publications go out before the claim's transaction commits: wait for the commit.)
     let mut dead: Vec<String> = Vec::new();
     for _ in 0..600 {
-        dead =
-            db.query(&format!("SELECT channel FROM {t}_dead"), &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
-        if !dead.is_empty() {
+        let q = format!("SELECT channel FROM {t}_dead ORDER BY id");
+        dead = db.query(&q, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+        if dead.len() >= 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(dead, ["not a channel!"]);
-    assert_eq!(metric(&s, "switchboard_source_rows_poison").await, 1);
+    assert_eq!(dead, ["not a channel!", "news:p"], "the invalid channel and the oversized row");
+    assert_eq!(metric(&s, "switchboard_source_rows_poison").await, 2);
     // The database drops the source's connection (as a restart would): it comes back.
     let killed: i64 = db
         .query_one(
@@ -300,21 +303,24 @@ async fn poison_messages_go_to_the_dead_letter_exchange_and_the_rest_flows() {
     produce(&ch, &q, br#"{"channel":"news:poison","data":1}"#, "a").await;
     produce(&ch, &q, b"not json", "b").await;
     produce(&ch, &q, br#"{"channel":"bad channel!","data":2}"#, "c").await;
+    let big = json!({"channel": "news:poison", "data": "x".repeat(70 * 1024)}).to_string();
+    produce(&ch, &q, big.as_bytes(), "big").await;
     produce(&ch, &q, br#"{"channel":"news:poison","data":3}"#, "d").await;
     assert_eq!(receive(&mut ws, 2).await, [json!(1), json!(3)]);
     let mut dead = Vec::new();
     for _ in 0..600 {
         if let Some(m) = ch.basic_get(&dlq, lapin::options::BasicGetOptions { no_ack: true }).await.unwrap() {
             dead.push(String::from_utf8(m.delivery.data.clone()).unwrap());
-            if dead.len() == 2 {
+            if dead.len() == 3 {
                 break;
             }
         } else {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    assert_eq!(dead, ["not json", r#"{"channel":"bad channel!","data":2}"#]);
-    assert_eq!(metric(&s, "switchboard_source_rows_poison").await, 2);
+    assert_eq!(dead[..2], ["not json", r#"{"channel":"bad channel!","data":2}"#]);
+    assert_eq!(dead[2], big, "over limits.max_message_bytes");
+    assert_eq!(metric(&s, "switchboard_source_rows_poison").await, 3);
     for q in [&q, &dlq] {
         ch.queue_delete(q, Default::default()).await.unwrap();
     }
