@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::channel::ChannelName;
-use crate::publication::{Delivery, Kind, StreamPosition};
+use crate::publication::{Delivery, Kind, Published, StreamPosition};
 
 /// How a publication is stored. Comes from the channel's namespace options.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,13 +135,15 @@ pub trait Broker: Send + Sync + 'static {
     /// Starts delivering to `handler`. Called once, before any subscribe.
     async fn run(&self, handler: Arc<dyn BrokerEventHandler>) -> Result<(), BrokerError>;
 
-    /// Publishes `data` (JSON text) and returns the position it was given.
+    /// Publishes `data` (JSON text) and returns the position it was given — or, when
+    /// `opts.idempotency_key` was used on the channel within its window, publishes nothing
+    /// and returns the first publication's position as a duplicate.
     async fn publish(
         &self,
         channel: &ChannelName,
         data: Bytes,
         opts: &PublishOptions,
-    ) -> Result<StreamPosition, BrokerError>;
+    ) -> Result<Published, BrokerError>;
 
     /// Delivers a non-stored publication (volatile, join, leave) to subscribed nodes.
     async fn publish_volatile(&self, channel: &ChannelName, kind: Kind, data: Bytes) -> Result<(), BrokerError>;

@@ -107,7 +107,7 @@ fn data(i: u64) -> Bytes {
 async fn publish_n(b: &Arc<dyn Broker>, ch: &ChannelName, n: u64, o: &PublishOptions) -> Vec<StreamPosition> {
     let mut out = Vec::new();
     for i in 1..=n {
-        out.push(b.publish(ch, data(i), o).await.expect("publish"));
+        out.push(b.publish(ch, data(i), o).await.expect("publish").position);
     }
     out
 }
@@ -144,7 +144,7 @@ pub async fn new_channel_is_at_offset_zero_and_publish_continues_its_epoch(b: Ar
     let ch = fresh("new");
     let p0 = b.position(&ch).await.unwrap();
     assert_eq!(p0.offset, 0);
-    let p1 = b.publish(&ch, data(1), &opts(10)).await.unwrap();
+    let p1 = b.publish(&ch, data(1), &opts(10)).await.unwrap().position;
     assert_eq!(p1, StreamPosition { epoch: p0.epoch.clone(), offset: 1 });
     // A client that subscribed at (epoch, 0) resumes with nothing lost.
     let h = b.history(&ch, HistoryRequest { since: Some(p0), ..Default::default() }).await.unwrap();
@@ -197,7 +197,7 @@ pub async fn history_is_bounded_by_ttl_but_offsets_survive(b: Arc<dyn Broker>, _
     // ...but from before the top, expired publications were missed: position lost.
     let behind = b.history(&ch, HistoryRequest { since: Some(pos[0].clone()), ..Default::default() }).await;
     assert_eq!(behind, Err(BrokerError::PositionLost { current: pos[2].clone() }));
-    let next = b.publish(&ch, data(4), &o).await.unwrap();
+    let next = b.publish(&ch, data(4), &o).await.unwrap().position;
     assert_eq!(next, StreamPosition { epoch: pos[2].epoch.clone(), offset: 4 });
 }
 
@@ -301,9 +301,12 @@ fn keyed(key: &str, window: Duration) -> PublishOptions {
 pub async fn a_repeated_idempotency_key_publishes_once(b: Arc<dyn Broker>, _rx: Rx) {
     let ch = fresh("idem");
     let first = b.publish(&ch, data(1), &keyed("k1", Duration::from_secs(60))).await.unwrap();
+    assert!(!first.duplicate);
     let again = b.publish(&ch, data(1), &keyed("k1", Duration::from_secs(60))).await.unwrap();
-    assert_eq!(again, first);
-    let other = b.publish(&ch, data(2), &keyed("k2", Duration::from_secs(60))).await.unwrap();
+    assert!(again.duplicate, "the second publish with a key is told it was a duplicate");
+    assert_eq!(again.position, first.position);
+    let first = first.position;
+    let other = b.publish(&ch, data(2), &keyed("k2", Duration::from_secs(60))).await.unwrap().position;
     assert_eq!(other.offset, first.offset + 1);
     let h = b.history(&ch, HistoryRequest::default()).await.unwrap();
     assert_eq!(offsets(&h.publications), vec![1, 2]);
@@ -312,11 +315,11 @@ pub async fn a_repeated_idempotency_key_publishes_once(b: Arc<dyn Broker>, _rx: 
 pub async fn idempotency_keys_are_per_channel_and_expire(b: Arc<dyn Broker>, _rx: Rx) {
     let (a, c) = (fresh("idem-a"), fresh("idem-b"));
     b.publish(&a, data(1), &keyed("same", Duration::from_secs(60))).await.unwrap();
-    let on_c = b.publish(&c, data(1), &keyed("same", Duration::from_secs(60))).await.unwrap();
+    let on_c = b.publish(&c, data(1), &keyed("same", Duration::from_secs(60))).await.unwrap().position;
     assert_eq!(on_c.offset, 1, "keys are per channel");
-    let short = b.publish(&a, data(2), &keyed("brief", Duration::from_secs(1))).await.unwrap();
+    let short = b.publish(&a, data(2), &keyed("brief", Duration::from_secs(1))).await.unwrap().position;
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let later = b.publish(&a, data(2), &keyed("brief", Duration::from_secs(1))).await.unwrap();
+    let later = b.publish(&a, data(2), &keyed("brief", Duration::from_secs(1))).await.unwrap().position;
     assert_eq!(later.offset, short.offset + 1, "an expired key publishes again");
 }
 
@@ -325,7 +328,7 @@ pub async fn volatile_publications_reach_the_node_but_take_no_offset(b: Arc<dyn 
     b.subscribe(&ch).await.unwrap();
     b.publish(&ch, data(1), &opts(10)).await.unwrap();
     b.publish_volatile(&ch, Kind::Volatile, data(2)).await.unwrap();
-    let after = b.publish(&ch, data(3), &opts(10)).await.unwrap();
+    let after = b.publish(&ch, data(3), &opts(10)).await.unwrap().position;
     assert_eq!(after.offset, 2, "a volatile publication took an offset");
     let h = b.history(&ch, HistoryRequest::default()).await.unwrap();
     assert_eq!(offsets(&h.publications), vec![1, 2]);

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::broker::{Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, PublishOptions};
 use crate::channel::ChannelName;
-use crate::publication::{new_epoch, Delivery, Epoch, Kind, Publication, StreamPosition};
+use crate::publication::{new_epoch, Delivery, Epoch, Kind, Publication, Published, StreamPosition};
 
 /// How long an idle channel with no retained history and no node subscription keeps its
 /// epoch and top offset before it is forgotten (and starts a new epoch if used again).
@@ -410,7 +410,7 @@ impl Broker for MemoryBroker {
         channel: &ChannelName,
         data: Bytes,
         opts: &PublishOptions,
-    ) -> Result<StreamPosition, BrokerError> {
+    ) -> Result<Published, BrokerError> {
         let log = self.log(channel);
         let now = Instant::now();
         let (position, journaled) = {
@@ -419,7 +419,7 @@ impl Broker for MemoryBroker {
             if let Some(key) = &opts.idempotency_key {
                 if let Some((pos, until)) = log.keys.get(key) {
                     if *until > now {
-                        return Ok(pos.clone());
+                        return Ok(Published { position: pos.clone(), duplicate: true });
                     }
                 }
             }
@@ -482,7 +482,7 @@ impl Broker for MemoryBroker {
         if let Some((j, seq)) = journaled {
             j.durable(seq).await?;
         }
-        Ok(position)
+        Ok(Published { position, duplicate: false })
     }
 
     async fn publish_volatile(&self, channel: &ChannelName, kind: Kind, data: Bytes) -> Result<(), BrokerError> {
@@ -592,7 +592,7 @@ mod tests {
         let b = MemoryBroker::new(Duration::from_secs(60));
         let ch = ChannelName::parse("a").unwrap();
         let opts = PublishOptions { history_size: 10, history_ttl: Duration::from_secs(10), ..Default::default() };
-        let first = b.publish(&ch, Bytes::from_static(b"1"), &opts).await.unwrap();
+        let first = b.publish(&ch, Bytes::from_static(b"1"), &opts).await.unwrap().position;
         tokio::time::advance(Duration::from_secs(30)).await;
         b.sweep();
         assert_eq!(b.channel_count(), 1, "idle, but not for long enough");
@@ -629,7 +629,7 @@ mod tests {
         let b = MemoryBroker::with_unused_cap(Duration::from_secs(3600), 64);
         let opts = PublishOptions { history_size: 10, history_ttl: Duration::from_secs(60), ..Default::default() };
         let kept = ChannelName::parse("kept:published").unwrap();
-        let first = b.publish(&kept, Bytes::from_static(b"1"), &opts).await.unwrap();
+        let first = b.publish(&kept, Bytes::from_static(b"1"), &opts).await.unwrap().position;
         let watched = ChannelName::parse("kept:subscribed").unwrap();
         b.subscribe(&watched).await.unwrap();
         let watched_at = b.position(&watched).await.unwrap();

@@ -34,6 +34,17 @@ pub struct StreamPosition {
     pub offset: u64,
 }
 
+/// What a stored publish did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The publication's position: the new one, or the earlier publication's when this
+    /// is a duplicate.
+    pub position: StreamPosition,
+    /// Its idempotency key was used on the channel within its window: nothing new was
+    /// stored or delivered.
+    pub duplicate: bool,
+}
+
 /// What a publication is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {

@@ -78,10 +78,11 @@ async fn a_restart_keeps_epochs_offsets_history_and_idempotency_keys() {
     assert_eq!(datas, [&b"3"[..], b"4", b"5"]);
     // The idempotency key is remembered: the retry is not published again.
     let again = b.publish(&ch, "5".into(), &opts(Some("order-5"))).await.unwrap();
-    assert_eq!(again.offset, 5);
+    assert!(again.duplicate);
+    assert_eq!(again.position.offset, 5);
     // Publishing continues the same epoch.
-    assert_eq!(b.publish(&ch, "6".into(), &opts(None)).await.unwrap().offset, 6);
-    assert_eq!(b.publish(&live_only, "x".into(), &opts(None)).await.unwrap().offset, 5);
+    assert_eq!(b.publish(&ch, "6".into(), &opts(None)).await.unwrap().position.offset, 6);
+    assert_eq!(b.publish(&live_only, "x".into(), &opts(None)).await.unwrap().position.offset, 5);
 }
 
 #[tokio::test]

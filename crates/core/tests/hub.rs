@@ -25,7 +25,7 @@ fn opts() -> PublishOptions {
 }
 
 async fn publish(b: &Arc<dyn Broker>, c: &ChannelName, i: u64) -> StreamPosition {
-    b.publish(c, Bytes::from(i.to_string()), &opts()).await.unwrap()
+    b.publish(c, Bytes::from(i.to_string()), &opts()).await.unwrap().position
 }
 
 /// Drains what is queued now into (offset) for publications; resets as `u64::MAX`.

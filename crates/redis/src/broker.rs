@@ -28,7 +28,7 @@ use switchboard_core::broker::{
     Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, NodeInfo, PublishOptions,
 };
 use switchboard_core::publication::new_epoch;
-use switchboard_core::{ChannelName, Delivery, Kind, Publication, StreamPosition};
+use switchboard_core::{ChannelName, Delivery, Kind, Publication, Published, StreamPosition};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::scripts;
@@ -455,7 +455,7 @@ impl Broker for RedisBroker {
         channel: &ChannelName,
         data: Bytes,
         opts: &PublishOptions,
-    ) -> Result<StreamPosition, BrokerError> {
+    ) -> Result<Published, BrokerError> {
         let mut conn = self.conn();
         let idem = opts.idempotency_key.as_deref();
         let window = if idem.is_some() { opts.idempotency_window.as_millis() as u64 } else { 0 };
@@ -476,12 +476,17 @@ impl Broker for RedisBroker {
             .await
             .map_err(unavailable)?;
         match reply.as_slice() {
-            [ok, epoch, top] if ok == "ok" => {
-                Ok(StreamPosition { epoch: Arc::from(epoch.as_str()), offset: top.parse().map_err(unavailable)? })
-            }
+            [ok, epoch, top] if ok == "ok" => Ok(Published {
+                position: StreamPosition {
+                    epoch: Arc::from(epoch.as_str()),
+                    offset: top.parse().map_err(unavailable)?,
+                },
+                duplicate: false,
+            }),
             [dup, prev] if dup == "dup" => {
                 let (epoch, offset) = prev.split_once(':').ok_or_else(|| unavailable("bad idempotency record"))?;
-                Ok(StreamPosition { epoch: Arc::from(epoch), offset: offset.parse().map_err(unavailable)? })
+                let position = StreamPosition { epoch: Arc::from(epoch), offset: offset.parse().map_err(unavailable)? };
+                Ok(Published { position, duplicate: true })
             }
             other => Err(unavailable(format!("unexpected publish reply {other:?}"))),
         }

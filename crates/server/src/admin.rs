@@ -157,6 +157,7 @@ pub async fn stats(State(state): State<AppState>) -> Result<Response, ApiError> 
         },
         "channels": top,
         "nodes": nodes,
+        "sources": crate::sources::summary(&state),
         "series": series,
     });
     Ok((StatusCode::OK, [("content-type", "application/json")], body.to_string()).into_response())

@@ -73,7 +73,7 @@ pub async fn publish(State(state): State<AppState>, req: Request) -> Result<Resp
     let resolved = resolve_channel(&state, &r.channel)?;
     let data = payload(&state, r.data)?;
     let reply = publish_to(&state, &resolved, data, r.volatile, r.key, crate::commands::ops::Publisher::Api).await?;
-    Ok(json(StatusCode::OK, reply))
+    Ok(json(StatusCode::OK, reply.reply()))
 }
 
 #[derive(Deserialize)]
@@ -111,7 +111,7 @@ pub async fn broadcast(State(state): State<AppState>, req: Request) -> Result<Re
         };
         results.push(match one.await {
             Ok(reply) => {
-                let mut v: serde_json::Value = serde_json::from_str(&reply).expect("our own JSON");
+                let mut v: serde_json::Value = serde_json::from_str(&reply.reply()).expect("our own JSON");
                 v["channel"] = serde_json::json!(name);
                 v
             }

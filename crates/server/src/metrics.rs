@@ -92,6 +92,8 @@ pub struct Metrics {
     pub connections: [AtomicI64; TRANSPORTS.len()],
     pub handshakes: [AtomicU64; TRANSPORTS.len()],
     pub publishes_stored: AtomicU64,
+    /// Publishes that repeated an idempotency key: nothing new stored.
+    pub publishes_duplicate: AtomicU64,
     pub publishes_volatile: AtomicU64,
     pub bytes_out: AtomicU64,
     pub resumes_recovered: AtomicU64,
@@ -127,6 +129,7 @@ impl Metrics {
             connections: Default::default(),
             handshakes: Default::default(),
             publishes_stored: AtomicU64::new(0),
+            publishes_duplicate: AtomicU64::new(0),
             publishes_volatile: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             resumes_recovered: AtomicU64::new(0),
@@ -317,9 +320,13 @@ impl Collector for ServerCollector {
         counter_by(
             e,
             "switchboard_publications",
-            "Publications accepted on this node (API and clients) by kind.",
+            "Publications accepted on this node (API, clients, sources) by kind; duplicate: an idempotency key repeated, nothing published.",
             "kind",
-            &[("stored", load(&m.publishes_stored)), ("volatile", load(&m.publishes_volatile))],
+            &[
+                ("stored", load(&m.publishes_stored)),
+                ("volatile", load(&m.publishes_volatile)),
+                ("duplicate", load(&m.publishes_duplicate)),
+            ],
         )?;
         counter(
             e,
@@ -445,9 +452,14 @@ impl Collector for ServerCollector {
         )?;
         if let Some(sources) = state.sources.get().filter(|s| !s.is_empty()) {
             type Field = fn(&crate::sources::SourceMetrics) -> &std::sync::atomic::AtomicU64;
-            let counters: [(&str, &str, Field); 4] = [
+            let counters: [(&str, &str, Field); 5] = [
                 ("switchboard_source_rows_consumed", "Rows a publication source claimed.", |s| &s.consumed),
                 ("switchboard_source_rows_published", "Rows a publication source published.", |s| &s.published),
+                (
+                    "switchboard_source_rows_deduped",
+                    "Of the rows published, redeliveries whose idempotency key was already published.",
+                    |s| &s.deduped,
+                ),
                 ("switchboard_source_rows_poison", "Rows a source could not publish (dead-lettered).", |s| &s.poison),
                 ("switchboard_source_errors", "Failed rounds of a source (retried with backoff).", |s| &s.errors),
             ];
@@ -459,6 +471,11 @@ impl Collector for ServerCollector {
             let mut m = e.encode_descriptor("switchboard_source_connected", help, None, MetricType::Gauge)?;
             for s in sources.iter() {
                 m.encode_family(&[("source", s.name.as_str())])?.encode_gauge(&load(&s.connected))?;
+            }
+            let help = "Messages waiting at a source when last sampled (RabbitMQ: ready in the queue; outbox: rows).";
+            let mut m = e.encode_descriptor("switchboard_source_lag", help, None, MetricType::Gauge)?;
+            for s in sources.iter() {
+                m.encode_family(&[("source", s.name.as_str())])?.encode_gauge(&load(&s.lag))?;
             }
         }
         if let Some(w) = &state.webhooks {

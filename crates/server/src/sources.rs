@@ -35,14 +35,46 @@ pub struct SourceMetrics {
     pub name: String,
     /// Rows claimed.
     pub consumed: AtomicU64,
-    /// Rows published (the broker answered).
+    /// Rows published (the broker answered), duplicates included.
     pub published: AtomicU64,
+    /// Of those, duplicates: the idempotency key had been published already (a
+    /// redelivery after a crash or a lost ack), so nothing new went out.
+    pub deduped: AtomicU64,
     /// Poison rows (dead-lettered or dropped).
     pub poison: AtomicU64,
     /// Failed rounds (the database or the broker unreachable): retried.
     pub errors: AtomicU64,
     /// 1 while connected and listening.
     pub connected: AtomicU64,
+    /// Messages waiting at the source when last sampled (every `LAG_EVERY` while
+    /// connected): RabbitMQ's ready count, the outbox's rows (counted up to `LAG_CAP`).
+    pub lag: AtomicU64,
+}
+
+/// How often a connected source samples its lag.
+const LAG_EVERY: Duration = Duration::from_secs(5);
+/// The outbox's rows are counted up to this many (a count is a scan).
+const LAG_CAP: i64 = 1_000_000;
+
+/// Each source's state and counters (the admin page's rows).
+pub fn summary(state: &AppState) -> Vec<serde_json::Value> {
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let sources = state.sources.get().map(|s| s.as_slice()).unwrap_or_default();
+    sources
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "source": s.name,
+                "state": if load(&s.connected) == 1 { "connected" } else { "disconnected" },
+                "consumed": load(&s.consumed),
+                "published": load(&s.published),
+                "deduped": load(&s.deduped),
+                "poison": load(&s.poison),
+                "errors": load(&s.errors),
+                "lag": load(&s.lag),
+            })
+        })
+        .collect()
 }
 
 /// Starts every configured source; their metrics.
@@ -119,18 +151,36 @@ async fn outbox(
     listen.map_err(|e| format!("LISTEN {}: {e}", cfg.notify))?;
     metrics.connected.store(1, Ordering::Relaxed);
     let poll = Duration::from_millis(cfg.poll_ms);
+    let lag = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT {LAG_CAP}) AS waiting", cfg.table);
+    let mut sampled: Option<tokio::time::Instant> = None;
     loop {
+        if sampled.is_none_or(|t| t.elapsed() >= LAG_EVERY) {
+            let n: i64 = client.query_one(&lag, &[]).await.map_err(|e| format!("query: {e}"))?.get(0);
+            metrics.lag.store(n as u64, Ordering::Relaxed);
+            sampled = Some(tokio::time::Instant::now());
+        }
+        // Notifications so far are for commits this claim sees; one arriving from now on
+        // may be for a row its snapshot misses, and wakes the next.
+        while wake.try_recv().is_ok() {}
         let n = claim_and_publish(state, cfg, metrics, &mut client).await?;
         *failures = 0;
         if n >= cfg.batch {
             continue; // more may be waiting
         }
-        // Drain notifications that came while claiming: that batch saw their rows.
-        while wake.try_recv().is_ok() {}
-        tokio::select! {
-            _ = wake.recv() => {}
-            _ = tokio::time::sleep(poll) => {}
-            r = &mut driver => return Err(r.unwrap_or_else(|e| format!("connection task: {e}"))),
+        let idle_since = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = wake.recv() => break,
+                _ = tokio::time::sleep_until(idle_since + poll) => break,
+                // Idle: the lag is sampled on time all the same (rows held by another
+                // node's claim, or left by one that rolled back until `poll_ms` finds them).
+                _ = tokio::time::sleep_until(sampled.map_or(idle_since, |t| t + LAG_EVERY)) => {
+                    let n: i64 = client.query_one(&lag, &[]).await.map_err(|e| format!("query: {e}"))?.get(0);
+                    metrics.lag.store(n as u64, Ordering::Relaxed);
+                    sampled = Some(tokio::time::Instant::now());
+                }
+                r = &mut driver => return Err(r.unwrap_or_else(|e| format!("connection task: {e}"))),
+            }
         }
     }
 }
@@ -174,8 +224,11 @@ async fn claim_and_publish(
         let volatile = volatile.then_some(true);
         let r = ops::publish_to(state, &resolved, data, volatile, key, ops::Publisher::Api).await;
         match r {
-            Ok(_) => {
+            Ok(outcome) => {
                 metrics.published.fetch_add(1, Ordering::Relaxed);
+                if outcome.duplicate() {
+                    metrics.deduped.fetch_add(1, Ordering::Relaxed);
+                }
                 done.push(id);
             }
             // The broker cannot take it now: nothing is deleted, the rows come again.
@@ -274,20 +327,38 @@ async fn rabbitmq(
         .map_err(|e| format!("consume {queue}: {e}"))?;
     metrics.connected.store(1, Ordering::Relaxed);
     *failures = 0;
+    let mut sample = tokio::time::interval(LAG_EVERY);
+    sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One at a time, in queue order: a channel's publications keep the queue's order.
-    while let Some(d) = consumer.next().await {
-        let d = d.map_err(|e| format!("consume: {e}"))?;
+    loop {
+        let d = tokio::select! {
+            d = consumer.next() => match d {
+                Some(d) => d.map_err(|e| format!("consume: {e}"))?,
+                None => break,
+            },
+            _ = sample.tick() => {
+                // The queue's ready messages (a passive declare declares nothing).
+                let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+                let q = ch
+                    .queue_declare(queue, passive, lapin::types::FieldTable::default())
+                    .await
+                    .map_err(|e| format!("queue {queue}: {e}"))?;
+                metrics.lag.store(q.message_count() as u64, Ordering::Relaxed);
+                continue;
+            }
+        };
         metrics.consumed.fetch_add(1, Ordering::Relaxed);
         match from_message(state, cfg, &d) {
             Ok((resolved, data, key, volatile)) => {
                 let key = key.filter(|_| !volatile);
                 let volatile = volatile.then_some(true);
                 let r = ops::publish_to(state, &resolved, data, volatile, key, ops::Publisher::Api).await;
-                if let Err(e) = r {
-                    // Not acknowledged: the connection goes, RabbitMQ delivers it again.
-                    return Err(format!("publish: {}: {}", e.code.as_str(), e.message));
-                }
+                // Not acknowledged on an error: the connection goes, RabbitMQ delivers it again.
+                let outcome = r.map_err(|e| format!("publish: {}: {}", e.code.as_str(), e.message))?;
                 metrics.published.fetch_add(1, Ordering::Relaxed);
+                if outcome.duplicate() {
+                    metrics.deduped.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Err(why) => {
                 tracing::warn!(source = %metrics.name, "poison message: {why}");

@@ -441,3 +441,118 @@ fn doctor_says_whether_each_sources_server_answers() {
     assert_eq!((v["sources"][1]["name"].as_str(), v["sources"][1]["reachable"].as_bool()), (Some("gone"), Some(false)));
     assert!(!out.status.success(), "an unreachable source fails the doctor");
 }
+
+// --- Deduplication and lag, both sources ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_repeating_a_published_key_is_counted_as_deduped_and_not_published_again() {
+    let db = pg().await;
+    let t = outbox(&db, "").await;
+    let s = TestServer::start(config(&source(&t, ""))).await;
+    until_connected(&s).await;
+    let mut c = subscriber(&s, "news:dedupe").await;
+    // A producer that retried its transaction: the same event twice, under one key.
+    for n in [1, 1, 2] {
+        let data = json!({"n": n}).to_string();
+        db.execute(
+            &format!("INSERT INTO {t} (channel, data, key) VALUES ('news:dedupe', $1::text::jsonb, $2)"),
+            &[&data, &format!("event-{n}")],
+        )
+        .await
+        .unwrap();
+    }
+    let got: Vec<i64> = receive(&mut c, 2).await.iter().map(|d| d["n"].as_i64().unwrap()).collect();
+    assert_eq!(got, [1, 2]);
+    s.publish("news:dedupe", json!({"n": "marker"})).await;
+    assert_eq!(receive(&mut c, 1).await, [json!({"n": "marker"})], "the repeat was not delivered");
+    assert_eq!(metric(&s, "switchboard_source_rows_published").await, 3);
+    assert_eq!(metric(&s, "switchboard_source_rows_deduped").await, 1);
+    let text = s.http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("switchboard_publications_total{kind=\"duplicate\"} 1"), "{text}");
+    db.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_twice_with_one_message_id_is_published_once() {
+    let (_conn, ch) = amqp().await;
+    let q = format!("sb_q_{}", fastrand::u32(..));
+    declare(&ch, &q).await;
+    let s = TestServer::start(config(&rabbit_source(&q, ""))).await;
+    until_connected(&s).await;
+    let mut c = subscriber(&s, "news:twice").await;
+    for (n, id) in [(1, "a"), (1, "a"), (2, "b")] {
+        produce(&ch, &q, json!({"channel": "news:twice", "data": n}).to_string().as_bytes(), id).await;
+    }
+    assert_eq!(receive(&mut c, 2).await, [json!(1), json!(2)]);
+    s.publish("news:twice", json!("marker")).await;
+    assert_eq!(receive(&mut c, 1).await, [json!("marker")]);
+    assert_eq!(metric(&s, "switchboard_source_rows_deduped").await, 1);
+    ch.queue_delete(&q, Default::default()).await.unwrap();
+}
+
+async fn until_metric(s: &TestServer, name: &str, want: u64) {
+    let mut last = 0;
+    for _ in 0..600 {
+        last = metric(s, name).await;
+        if last == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{name} stayed {last}, not {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_lag_counts_rows_waiting_and_the_admin_page_lists_the_source() {
+    let mut db = pg().await;
+    let t = outbox(&db, "").await;
+    insert(&mut db, &t, "news:lag", 0..12, true).await;
+    // Another session holds the rows (as a node mid-claim would): they wait, counted.
+    let mut holder = pg().await;
+    let hold = holder.transaction().await.unwrap();
+    hold.execute(&format!("SELECT id FROM {t} FOR UPDATE"), &[]).await.unwrap();
+    let s = TestServer::start(config(&source(&t, ""))).await;
+    until_connected(&s).await;
+    until_metric(&s, "switchboard_source_lag", 12).await;
+    let (_, stats) = s.get_json("/admin/api/stats").await;
+    let row = &stats["sources"][0];
+    assert_eq!(row["source"], format!("postgres_outbox:{t}"), "{stats}");
+    assert_eq!((row["state"].as_str(), row["lag"].as_u64()), (Some("connected"), Some(12)), "{stats}");
+    let mut c = subscriber(&s, "news:lag").await;
+    hold.rollback().await.unwrap();
+    // Released (no notification: the poll, 10 minutes here, would find them); the next
+    // row's NOTIFY wakes a claim that takes them all, in order.
+    insert(&mut db, &t, "news:lag", 12..13, true).await;
+    let got: Vec<i64> = receive(&mut c, 13).await.iter().map(|d| d["n"].as_i64().unwrap()).collect();
+    assert_eq!(got, (0..13).collect::<Vec<_>>());
+    until_metric(&s, "switchboard_source_lag", 0).await;
+    db.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_lag_counts_ready_messages_while_another_consumer_is_the_active_one() {
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+    let (conn, ch) = amqp().await;
+    let q = format!("sb_q_{}", fastrand::u32(..));
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-single-active-consumer".into(), lapin::types::AMQPValue::Boolean(true));
+    ch.queue_declare(&q, QueueDeclareOptions::default(), args).await.unwrap();
+    // Another consumer is the queue's single active one: it takes one message and sits on it.
+    let other = conn.create_channel().await.unwrap();
+    other.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let _held = other.basic_consume(&q, "other", BasicConsumeOptions::default(), Default::default()).await.unwrap();
+    for n in 0..40 {
+        produce(&ch, &q, json!({"channel": "news:sac", "data": n}).to_string().as_bytes(), &format!("s-{n}")).await;
+    }
+    let s = TestServer::start(config(&rabbit_source(&q, ""))).await;
+    until_connected(&s).await;
+    until_metric(&s, "switchboard_source_lag", 39).await;
+    let mut c = subscriber(&s, "news:sac").await;
+    // The other consumer goes: its unacknowledged message returns to the queue's head and
+    // this node becomes the active consumer, in queue order.
+    other.close(200, "done").await.unwrap();
+    let got: Vec<i64> = receive(&mut c, 40).await.iter().map(|d| d.as_i64().unwrap()).collect();
+    assert_eq!(got, (0..40).collect::<Vec<_>>());
+    until_metric(&s, "switchboard_source_lag", 0).await;
+    ch.queue_delete(&q, Default::default()).await.unwrap();
+}

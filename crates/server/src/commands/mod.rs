@@ -407,7 +407,7 @@ impl<W: Wire> Session<W> {
                     Ok(r) => match ops::payload(&self.state, data) {
                         Ok(data) => {
                             let by = ops::Publisher::Client { client: Some(&self.client), user: self.user() };
-                            ops::publish_to(&self.state, &r, data, volatile, key, by).await.map(Some)
+                            ops::publish_to(&self.state, &r, data, volatile, key, by).await.map(|o| Some(o.reply()))
                         }
                         Err(e) => Err(e),
                     },

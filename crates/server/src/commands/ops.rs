@@ -30,8 +30,45 @@ pub fn payload(state: &AppState, data: &RawValue) -> Result<Bytes, ApiError> {
 /// Longest idempotency key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
-/// Publishes for the API and for clients: returns the reply JSON, `{"epoch","offset"}`
-/// or, for a volatile publication, `{"volatile":true}`.
+/// What a publish did.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Stored at its position — or, `duplicate`, stored earlier under the same idempotency
+    /// key, and nothing new was published.
+    Stored(switchboard_core::Published),
+    /// Delivered to whoever was subscribed, not stored.
+    Volatile,
+}
+
+impl Outcome {
+    /// The answer every transport gives: `{"epoch","offset"}` (plus `"duplicate":true`
+    /// for a repeated idempotency key) or `{"volatile":true}`.
+    pub fn reply(&self) -> String {
+        match self {
+            Outcome::Stored(p) => {
+                let dup = if p.duplicate { r#","duplicate":true"# } else { "" };
+                format!("{{\"epoch\":\"{}\",\"offset\":{}{dup}}}", p.position.epoch, p.position.offset)
+            }
+            Outcome::Volatile => r#"{"volatile":true}"#.to_string(),
+        }
+    }
+
+    /// Whether it repeated an idempotency key within its window.
+    pub fn duplicate(&self) -> bool {
+        matches!(self, Outcome::Stored(p) if p.duplicate)
+    }
+
+    /// The stored publication's offset.
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            Outcome::Stored(p) => Some(p.position.offset),
+            Outcome::Volatile => None,
+        }
+    }
+}
+
+/// Publishes for the API, for clients and for sources. A repeated idempotency key is
+/// counted and answered as a duplicate, and raises no `publication` webhook.
 pub async fn publish_to(
     state: &AppState,
     r: &crate::session::Resolved,
@@ -39,7 +76,7 @@ pub async fn publish_to(
     volatile: Option<bool>,
     key: Option<String>,
     by: Publisher<'_>,
-) -> Result<String, ApiError> {
+) -> Result<Outcome, ApiError> {
     // The `publication` webhook keeps its own handle on the bytes, when one is wanted.
     let hook = state.webhooks.as_ref().filter(|w| w.wants("publication")).map(|_| data.clone());
     if let Some(k) = &key {
@@ -63,7 +100,7 @@ pub async fn publish_to(
         if let Some(data) = hook {
             publication_event(state, r, &data, None, by);
         }
-        return Ok(r#"{"volatile":true}"#.to_string());
+        return Ok(Outcome::Volatile);
     }
     let window = std::time::Duration::from_secs(state.config.limits.idempotency_window_secs);
     let started = std::time::Instant::now();
@@ -73,12 +110,16 @@ pub async fn publish_to(
     if res.is_err() {
         m.broker_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    let pos = res?;
-    m.publishes_stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if let Some(data) = hook {
-        publication_event(state, r, &data, Some(&pos), by);
+    let published = res?;
+    if published.duplicate {
+        m.publishes_duplicate.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    } else {
+        m.publishes_stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(data) = hook {
+            publication_event(state, r, &data, Some(&published.position), by);
+        }
     }
-    Ok(format!("{{\"epoch\":\"{}\",\"offset\":{}}}", pos.epoch, pos.offset))
+    Ok(Outcome::Stored(published))
 }
 
 /// Who publishes: a client (its connection's id, when it has one, and its user) or the

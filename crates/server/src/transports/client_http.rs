@@ -46,7 +46,7 @@ pub async fn publish(
     )?;
     let data = crate::commands::ops::payload(&state, b.data)?;
     let by = crate::commands::ops::Publisher::Client { client: None, user: who.as_ref().map(|w| w.user.as_str()) };
-    Ok(json(crate::commands::ops::publish_to(&state, &r, data, b.volatile, b.key, by).await?))
+    Ok(json(crate::commands::ops::publish_to(&state, &r, data, b.volatile, b.key, by).await?.reply()))
 }
 
 /// A client's writing request (`/publish`, `/send`): counted against its IP's rate, its

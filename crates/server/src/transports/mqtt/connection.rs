@@ -1202,8 +1202,7 @@ impl Conn {
         if !self.no_local.is_empty() {
             // Remembered for No Local (its delivery is in this connection's queue, read
             // after this packet).
-            let offset = serde_json::from_str::<serde_json::Value>(&answer).ok().and_then(|v| v["offset"].as_u64());
-            if let Some(offset) = offset {
+            if let Some(offset) = answer.offset() {
                 if self.own.len() >= OWN_REMEMBERED {
                     self.own.pop_front();
                 }
