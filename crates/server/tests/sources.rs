@@ -2,7 +2,8 @@
 //! auth; `SWITCHBOARD_TEST_POSTGRES` to point elsewhere): an outbox table with the DDL of
 //! docs/sources.md. Committed rows arrive, in order, woken by NOTIFY; rolled-back rows
 //! never do; two nodes on one table publish each row once; poison rows are moved aside
-//! and the rest flows; a killed database connection is reconnected.
+//! and the rest flows; a killed database connection is reconnected; a PostgreSQL and a
+//! RabbitMQ of the tests' own are crashed and restarted. RabbitMQ: 127.0.0.1:5672 guest/guest.
 
 mod common;
 
@@ -419,6 +420,8 @@ async fn kill_9_mid_stream_redeliveries_are_deduped_and_nothing_is_lost() {
     }
     assert_eq!(data, (0..3000).collect::<Vec<i64>>(), "{} publications", data.len());
     ch.queue_delete(&q, Default::default()).await.unwrap();
+    drop(_node);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -555,4 +558,296 @@ async fn the_queue_lag_counts_ready_messages_while_another_consumer_is_the_activ
     assert_eq!(got, (0..40).collect::<Vec<_>>());
     until_metric(&s, "switchboard_source_lag", 0).await;
     ch.queue_delete(&q, Default::default()).await.unwrap();
+}
+
+// --- Real restarts: a PostgreSQL and a RabbitMQ of the test's own, stopped and started ---
+// (The machine's shared servers are left alone: other tests use them at the same time.)
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// Runs `program` as `user` when this process is root (PostgreSQL refuses to run as root,
+/// and the RabbitMQ scripts switch to their own user).
+fn command_as(user: &str, program: &str) -> std::process::Command {
+    if is_root() {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", user, "--", program]);
+        c
+    } else {
+        std::process::Command::new(program)
+    }
+}
+
+fn give_to(user: &str, dir: &std::path::Path) {
+    if is_root() {
+        let ok = std::process::Command::new("chown").args(["-R", user]).arg(dir).status().unwrap().success();
+        assert!(ok, "chown {user} {}", dir.display());
+    }
+}
+
+/// A PostgreSQL cluster in a temporary directory on a free loopback port (the machine's
+/// PostgreSQL binaries, which ./scripts/test installs).
+struct OwnPostgres {
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    port: u16,
+}
+
+impl OwnPostgres {
+    fn new() -> Self {
+        let versions = std::fs::read_dir("/usr/lib/postgresql").expect("PostgreSQL installed (./scripts/test)");
+        let mut versions: Vec<u32> = versions.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+        versions.sort();
+        let bin = std::path::PathBuf::from(format!("/usr/lib/postgresql/{}/bin", versions.last().unwrap()));
+        let dir = std::env::temp_dir().join(format!("sb-pg-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        give_to("postgres", &dir);
+        let out = command_as("postgres", bin.join("initdb").to_str().unwrap())
+            .args(["-A", "trust", "-U", "postgres", "-D"])
+            .arg(dir.join("data"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let pg = OwnPostgres { dir, bin, port: free_port() };
+        pg.start();
+        pg
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.display());
+        let out = command_as("postgres", self.bin.join("pg_ctl").to_str().unwrap())
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .args(["-o", &opts, "-w", "-t", "60"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl {args:?}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+
+    fn start(&self) {
+        self.pg_ctl(&["start"]);
+    }
+
+    /// As a crash: no checkpoint, connections cut.
+    fn stop_immediate(&self) {
+        self.pg_ctl(&["stop", "-m", "immediate"]);
+    }
+
+    async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let opts = ["-D", self.dir.join("data").to_str().unwrap(), "stop", "-m", "immediate"].map(String::from);
+        let _ = command_as("postgres", self.bin.join("pg_ctl").to_str().unwrap()).args(opts).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The source's connection: 1 or 0, waited for.
+async fn until_connected_is(s: &TestServer, want: u64) {
+    until_metric(s, "switchboard_source_connected", want).await;
+}
+
+/// What the rest of the server does while a source is down: publishes and delivers.
+async fn the_rest_is_unaffected(s: &TestServer, c: &mut Connection, channel: &str) {
+    let (st, ready) = s.get_json("/readyz").await;
+    assert_eq!(st, 200, "a source down does not make the node unready: {ready}");
+    let source = ready["sources"].as_object().unwrap().values().next().unwrap().clone();
+    assert_eq!(source, "disconnected", "{ready}");
+    s.publish(channel, json!("from the API")).await;
+    assert_eq!(receive(c, 1).await, [json!("from the API")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_crash_and_restart_loses_no_row_and_publishes_none_twice() {
+    let pg = OwnPostgres::new();
+    let mut db = pg.client().await;
+    let ddl = doc_ddl().replace("switchboard_outbox", "outbox");
+    db.batch_execute(&ddl).await.unwrap();
+    let cfg = format!(
+        "[[sources]]\nkind = \"postgres_outbox\"\nurl = \"{}\"\ntable = \"outbox\"\nnotify = \"outbox\"\n",
+        pg.url()
+    );
+    let s = TestServer::start(config(&cfg)).await;
+    until_connected(&s).await;
+    let mut c = subscriber(&s, "news:pg").await;
+    let mut other = subscriber(&s, "news:other").await;
+    insert(&mut db, "outbox", "news:pg", 0..10, true).await;
+    let mut got: Vec<i64> = receive(&mut c, 10).await.iter().map(|d| d["n"].as_i64().unwrap()).collect();
+    // Committed just before the crash: published before it, or after the restart — once.
+    insert(&mut db, "outbox", "news:pg", 10..20, true).await;
+    pg.stop_immediate();
+    until_connected_is(&s, 0).await;
+    the_rest_is_unaffected(&s, &mut other, "news:other").await;
+    pg.start();
+    until_connected(&s).await;
+    let mut db = pg.client().await;
+    insert(&mut db, "outbox", "news:pg", 20..30, true).await;
+    got.extend(receive(&mut c, 20).await.iter().map(|d| d["n"].as_i64().unwrap()));
+    s.publish("news:pg", json!({"n": -1})).await;
+    got.extend(receive(&mut c, 1).await.iter().map(|d| d["n"].as_i64().unwrap()));
+    let want: Vec<i64> = (0..30).chain([-1]).collect();
+    assert_eq!(got, want, "every row once, in order, then nothing more");
+    assert!(metric(&s, "switchboard_source_errors").await >= 1);
+}
+
+/// A RabbitMQ node of the test's own (its own name, ports and data directory), started by
+/// the machine's `rabbitmq-server`.
+struct OwnRabbit {
+    dir: std::path::PathBuf,
+    name: String,
+    port: u16,
+    dist: u16,
+    /// `rabbitmq-server` (it ends with the node).
+    server: std::sync::Mutex<Option<std::process::Child>>,
+}
+
+impl OwnRabbit {
+    async fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("sb-mq-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("plugins"), "[].\n").unwrap();
+        give_to("rabbitmq", &dir);
+        let r = OwnRabbit {
+            name: format!("sbtest{}@localhost", fastrand::u32(..)),
+            port: free_port(),
+            dist: free_port(),
+            dir,
+            server: Default::default(),
+        };
+        r.start().await;
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    async fn start(&self) {
+        let d = |p: &str| self.dir.join(p).to_str().unwrap().to_string();
+        let _ = std::fs::remove_file(self.dir.join("pid"));
+        let server = std::process::Command::new("rabbitmq-server")
+            .env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist.to_string())
+            .env("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", "-kernel inet_dist_use_interface {127,0,0,1}")
+            .env("RABBITMQ_MNESIA_BASE", d("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d("plugins"))
+            .env("RABBITMQ_CONFIG_FILE", d("none"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", d("none-advanced"))
+            .env("RABBITMQ_PID_FILE", d("pid"))
+            .stdout(std::fs::File::create(self.dir.join("out.log")).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("rabbitmq-server (./scripts/test installs it)");
+        *self.server.lock().unwrap() = Some(server);
+        for _ in 0..1200 {
+            if self.connect().await.is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("RabbitMQ {} did not start: see {}", self.name, self.dir.join("out.log").display());
+    }
+
+    async fn connect(&self) -> Option<(lapin::Connection, lapin::Channel)> {
+        let props = lapin::ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio);
+        let conn = lapin::Connection::connect(&self.url(), props).await.ok()?;
+        let ch = conn.create_channel().await.ok()?;
+        Some((conn, ch))
+    }
+
+    /// SIGKILL to the node: a crash.
+    fn kill(&self) {
+        let mut server = self.server.lock().unwrap().take();
+        match std::fs::read_to_string(self.dir.join("pid")) {
+            Ok(pid) => {
+                let _ = std::process::Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+            // (No node yet: the script itself goes.)
+            Err(_) => {
+                let _ = server.as_mut().map(|s| s.kill());
+            }
+        }
+        if let Some(mut server) = server {
+            let _ = server.wait();
+        }
+        // Gone once its port refuses.
+        for _ in 0..600 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("RabbitMQ {} did not stop", self.name);
+    }
+}
+
+impl Drop for OwnRabbit {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Publishes persistent messages and waits for RabbitMQ's confirms: they survive a crash.
+async fn produce_confirmed(ch: &lapin::Channel, queue: &str, ns: std::ops::Range<i64>) {
+    for n in ns {
+        let body = json!({"channel": "news:mq", "data": n}).to_string();
+        let props = lapin::BasicProperties::default().with_message_id(format!("mq-{n}").into()).with_delivery_mode(2);
+        let confirm = ch.basic_publish("", queue, Default::default(), body.as_bytes(), props).await.unwrap();
+        confirm.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_crash_and_restart_loses_no_message_and_publishes_none_twice() {
+    let mq = OwnRabbit::new().await;
+    let (_conn, ch) = mq.connect().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare("events", durable, Default::default()).await.unwrap();
+    let cfg = format!("[[sources]]\nkind = \"rabbitmq\"\nurl = \"{}\"\nqueue = \"events\"\nprefetch = 10\n", mq.url());
+    let s = TestServer::start(config(&cfg)).await;
+    until_connected(&s).await;
+    let mut c = subscriber(&s, "news:mq").await;
+    let mut other = subscriber(&s, "news:other").await;
+    produce_confirmed(&ch, "events", 0..50).await;
+    let mut got: Vec<i64> = receive(&mut c, 50).await.iter().map(|d| d.as_i64().unwrap()).collect();
+    // Confirmed just before the crash: consumed before it, or redelivered after — once.
+    produce_confirmed(&ch, "events", 50..100).await;
+    mq.kill();
+    until_connected_is(&s, 0).await;
+    the_rest_is_unaffected(&s, &mut other, "news:other").await;
+    mq.start().await;
+    until_connected(&s).await;
+    let (_conn, ch) = mq.connect().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    produce_confirmed(&ch, "events", 100..150).await;
+    got.extend(receive(&mut c, 100).await.iter().map(|d| d.as_i64().unwrap()));
+    s.publish("news:mq", json!(-1)).await;
+    got.extend(receive(&mut c, 1).await.iter().map(|d| d.as_i64().unwrap()));
+    let want: Vec<i64> = (0..150).chain([-1]).collect();
+    assert_eq!(got, want, "every message once, in order, then nothing more");
 }
