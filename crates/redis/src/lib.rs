@@ -9,7 +9,11 @@
 //!   connection's heartbeat, so a node killed with SIGKILL loses its clients' presence
 //!   within the TTL.
 //!
-//! Both pass the core's contract suites (`tests/`). Keys live under a prefix, so several
+//! - [`RedisQueue`] (webhooks' shared queue), [`Occupancy`], and [`StreamConsumer`] — an
+//!   application's Stream read through a consumer group, the Redis Streams publication
+//!   source.
+//!
+//! The broker and presence pass the core's contract suites (`tests/`). Keys live under a prefix, so several
 //! Switchboard clusters can share one Redis.
 
 mod broker;
@@ -17,8 +21,10 @@ mod kv;
 mod presence;
 mod queue;
 mod scripts;
+mod stream;
 
 pub use broker::{RedisBroker, RedisConfig};
 pub use kv::RedisKv;
 pub use presence::RedisPresence;
 pub use queue::{Occupancy, RedisQueue, Taken};
+pub use stream::{StreamConsumer, StreamEntry};

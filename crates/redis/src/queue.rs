@@ -151,7 +151,7 @@ impl RedisQueue {
             .await
             .map_err(unavailable)?;
         let mut out = match claimed {
-            redis::Value::Array(parts) if parts.len() >= 2 => entries(&parts[1]),
+            redis::Value::Array(parts) if parts.len() >= 2 => items(crate::stream::parse_entries(&parts[1])),
             _ => Vec::new(),
         };
         if out.len() < max {
@@ -169,24 +169,7 @@ impl RedisQueue {
                 .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            // [[stream, [[id, [field, value]]…]]] (RESP2) or a map (RESP3).
-            match read {
-                redis::Value::Array(streams) => {
-                    for s in streams {
-                        if let redis::Value::Array(kv) = s {
-                            if let Some(list) = kv.get(1) {
-                                out.extend(entries(list));
-                            }
-                        }
-                    }
-                }
-                redis::Value::Map(streams) => {
-                    for (_, list) in streams {
-                        out.extend(entries(&list));
-                    }
-                }
-                _ => {}
-            }
+            out.extend(items(crate::stream::streams(&read)));
         }
         Ok(out)
     }
@@ -252,28 +235,10 @@ impl RedisQueue {
     }
 }
 
-/// `[[id, [field, value, …]]…]` → entries with an `item` field.
-fn entries(list: &redis::Value) -> Vec<Taken> {
-    let redis::Value::Array(list) = list else { return Vec::new() };
-    let mut out = Vec::new();
-    for e in list {
-        let redis::Value::Array(parts) = e else { continue };
-        let (Some(id), Some(fields)) = (parts.first(), parts.get(1)) else { continue };
-        let Ok(entry) = redis::from_redis_value::<String>(id.clone()) else { continue };
-        let fields: Vec<String> = match fields {
-            redis::Value::Array(f) => f.iter().filter_map(|v| redis::from_redis_value(v.clone()).ok()).collect(),
-            redis::Value::Map(m) => {
-                m.iter().flat_map(|(k, v)| [k, v]).filter_map(|v| redis::from_redis_value(v.clone()).ok()).collect()
-            }
-            _ => continue,
-        };
-        if let Some(i) = fields.chunks(2).position(|kv| kv.first().map(String::as_str) == Some("item")) {
-            if let Some(payload) = fields.get(i * 2 + 1) {
-                out.push(Taken { entry, payload: payload.clone() });
-            }
-        }
-    }
-    out
+/// The entries with an `item` field.
+fn items(entries: Vec<crate::stream::StreamEntry>) -> Vec<Taken> {
+    let item = |e: crate::stream::StreamEntry| Some(Taken { payload: e.field("item")?.to_string(), entry: e.id });
+    entries.into_iter().filter_map(item).collect()
 }
 
 /// Channel occupancy across the cluster: which nodes have subscribers of each channel.

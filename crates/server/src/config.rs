@@ -367,9 +367,24 @@ pub struct SourceConfig {
     pub kind: SourceKind,
     /// Names it in logs and metrics (default: its kind and table).
     pub name: Option<String>,
-    /// `postgres://user[:password]@host[:port]/database`, or for RabbitMQ
-    /// `amqp://user:password@host:port/vhost` (`%2f` for the default vhost).
+    /// `postgres://user[:password]@host[:port]/database`, for RabbitMQ
+    /// `amqp://user:password@host:port/vhost` (`%2f` for the default vhost), for a Redis
+    /// Stream `redis://[:password@]host:port[/db]`.
     pub url: String,
+    /// Redis Streams: the Stream read (its entries' fields: `channel`, `data`, `key`?,
+    /// `volatile`?).
+    pub stream: Option<String>,
+    /// Redis Streams: the consumer group the nodes read through (created, from the
+    /// Stream's start, if missing).
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// Redis Streams: an entry another consumer read and left unacknowledged this long
+    /// (its node died) is claimed.
+    #[serde(default = "thirty_thousand")]
+    pub claim_idle_ms: u64,
+    /// Redis Streams: poison entries are added here (their fields and a `reason`), then
+    /// acknowledged.
+    pub dead_stream: Option<String>,
     /// RabbitMQ: the queue consumed (declared by the application).
     pub queue: Option<String>,
     /// RabbitMQ: unacknowledged messages held at once.
@@ -389,7 +404,7 @@ pub struct SourceConfig {
     /// The LISTEN channel the table's trigger notifies (docs/sources.md has the DDL).
     #[serde(default = "default_outbox_table")]
     pub notify: String,
-    /// Rows claimed per transaction.
+    /// Rows claimed per transaction; Redis Streams: entries per read.
     #[serde(default = "hundred")]
     pub batch: usize,
     /// Without a notification, look anyway this often (a missed NOTIFY, a producer
@@ -406,6 +421,7 @@ pub struct SourceConfig {
 pub enum SourceKind {
     PostgresOutbox,
     Rabbitmq,
+    RedisStream,
 }
 
 fn default_outbox_table() -> String {
@@ -420,12 +436,16 @@ fn prefetch() -> u16 {
 fn thousand() -> u64 {
     1000
 }
+fn default_group() -> String {
+    "switchboard".into()
+}
 
 impl SourceConfig {
     pub fn name(&self) -> String {
         let default = match self.kind {
             SourceKind::PostgresOutbox => format!("postgres_outbox:{}", self.table),
             SourceKind::Rabbitmq => format!("rabbitmq:{}", self.queue.as_deref().unwrap_or("")),
+            SourceKind::RedisStream => format!("redis_stream:{}", self.stream.as_deref().unwrap_or("")),
         };
         self.name.clone().unwrap_or(default)
     }
@@ -962,6 +982,18 @@ impl Config {
         self.validate_webhooks()?;
         for (i, s) in self.sources.iter().enumerate() {
             let key = |k: &str| format!("sources[{i}].{k}");
+            if s.kind == SourceKind::RedisStream {
+                if !s.url.starts_with("redis://") {
+                    return Err((key("url"), format!("{:?}: expected redis://host:port", s.url)));
+                }
+                if s.stream.as_deref().is_none_or(str::is_empty) {
+                    return Err((key("stream"), "name the Stream to read".into()));
+                }
+                if s.group.is_empty() || s.batch == 0 || s.claim_idle_ms == 0 {
+                    return Err((key("group"), "group, batch and claim_idle_ms must not be empty or 0".into()));
+                }
+                continue;
+            }
             if s.kind == SourceKind::Rabbitmq {
                 if !s.url.starts_with("amqp://") {
                     return Err((key("url"), format!("{:?}: expected amqp://user:password@host:port/vhost", s.url)));

@@ -389,6 +389,7 @@ pub fn sources(sources: &[crate::config::SourceConfig]) -> Vec<SourceCheck> {
             let port = match s.kind {
                 crate::config::SourceKind::PostgresOutbox => 5432,
                 crate::config::SourceKind::Rabbitmq => 5672,
+                crate::config::SourceKind::RedisStream => 6379,
             };
             let address = url_address(&s.url, port).unwrap_or_else(|| s.url.clone());
             let r = address

@@ -1,5 +1,6 @@
 //! Publication sources (docs/sources.md): publications that come from the application's
-//! own systems rather than its API calls — a PostgreSQL outbox table, a RabbitMQ queue.
+//! own systems rather than its API calls — a PostgreSQL outbox table, a RabbitMQ queue, a
+//! Redis Stream.
 //!
 //! RabbitMQ: the queue is consumed with manual acknowledgements (`prefetch` at most
 //! unacknowledged), one message at a time in queue order; each is acknowledged only once
@@ -18,6 +19,12 @@
 //! `poll_ms`. A row that cannot be published (an invalid channel) is a poison row: moved
 //! to `dead_table` if configured, else dropped — logged and counted either way, never
 //! retried forever. Connection failures are retried with full-jitter backoff.
+//!
+//! A Redis Stream is read through a consumer group (one node per entry), in batches; each
+//! entry is published with its `key` or `redis:<stream>:<entry id>`, and the batch is
+//! acknowledged after its publications are stored. Entries left unacknowledged by a
+//! consumer that died are claimed after `claim_idle_ms`; their keys make a second publish
+//! a no-op.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -100,6 +107,7 @@ async fn run(state: AppState, cfg: SourceConfig, metrics: Arc<SourceMetrics>) {
                 match cfg.kind {
                     crate::config::SourceKind::PostgresOutbox => outbox(&state, &cfg, &metrics, &mut failures).await,
                     crate::config::SourceKind::Rabbitmq => rabbitmq(&state, &cfg, &metrics, &mut failures).await,
+                    crate::config::SourceKind::RedisStream => redis_stream(&state, &cfg, &metrics, &mut failures).await,
                 }
             } => r,
             _ = shutdown.wait_for(|s| *s) => return,
@@ -381,4 +389,82 @@ async fn rabbitmq(
         d.ack(BasicAckOptions::default()).await.map_err(|e| format!("ack: {e}"))?;
     }
     Err("the consumer was cancelled (queue deleted?)".into())
+}
+
+/// What a Stream entry publishes, or why it cannot (a poison entry).
+fn from_entry(
+    state: &AppState,
+    cfg: &SourceConfig,
+    e: &switchboard_redis::StreamEntry,
+) -> Result<(crate::session::Resolved, bytes::Bytes, Option<String>, bool), String> {
+    let channel = e.field("channel").ok_or("no channel field")?;
+    let data = e.field("data").ok_or("no data field")?;
+    let volatile = matches!(e.field("volatile"), Some("1" | "true"));
+    let key = e.field("key").map(str::to_string);
+    let key = key.unwrap_or_else(|| format!("redis:{}:{}", cfg.stream.as_deref().unwrap_or_default(), e.id));
+    let resolved = crate::session::resolve_channel(state, channel).map_err(|e| e.message)?;
+    let data = data_of(state, data.to_string()).map_err(|e| e.message)?;
+    Ok((resolved, data, Some(key), volatile))
+}
+
+/// One connection's life: read the Stream through the group, publish each entry,
+/// acknowledge each batch after.
+async fn redis_stream(
+    state: &AppState,
+    cfg: &SourceConfig,
+    metrics: &SourceMetrics,
+    failures: &mut u32,
+) -> Result<(), String> {
+    let stream = cfg.stream.as_deref().unwrap_or_default();
+    let idle = Duration::from_millis(cfg.claim_idle_ms);
+    let mut c = switchboard_redis::StreamConsumer::new(&cfg.url, stream, &cfg.group, &state.node_id, idle)
+        .map_err(|e| e.to_string())?;
+    c.create_group().await.map_err(|e| format!("group {}: {e}", cfg.group))?;
+    metrics.connected.store(1, Ordering::Relaxed);
+    *failures = 0;
+    let mut sampled: Option<tokio::time::Instant> = None;
+    loop {
+        if sampled.is_none_or(|t| t.elapsed() >= LAG_EVERY) {
+            if let Some(lag) = c.lag().await.map_err(|e| e.to_string())? {
+                metrics.lag.store(lag, Ordering::Relaxed);
+            }
+            sampled = Some(tokio::time::Instant::now());
+        }
+        let entries = c.take(cfg.batch, Duration::from_secs(1)).await.map_err(|e| format!("read: {e}"))?;
+        let mut done = Vec::with_capacity(entries.len());
+        for e in entries {
+            metrics.consumed.fetch_add(1, Ordering::Relaxed);
+            match from_entry(state, cfg, &e) {
+                Ok((resolved, data, key, volatile)) => {
+                    let key = key.filter(|_| !volatile);
+                    let volatile = volatile.then_some(true);
+                    match ops::publish_to(state, &resolved, data, volatile, key, ops::Publisher::Api).await {
+                        Ok(outcome) => {
+                            metrics.published.fetch_add(1, Ordering::Relaxed);
+                            if outcome.duplicate() {
+                                metrics.deduped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(err) => {
+                            // The rest stay pending: read again after the reconnect.
+                            c.ack(&done).await.map_err(|e| format!("ack: {e}"))?;
+                            return Err(format!("publish: {}: {}", err.code.as_str(), err.message));
+                        }
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(source = %metrics.name, entry = %e.id, "poison entry: {why}");
+                    metrics.poison.fetch_add(1, Ordering::Relaxed);
+                    if let Some(dead) = &cfg.dead_stream {
+                        let mut fields = e.fields.clone();
+                        fields.push(("reason".into(), why));
+                        fields.push(("entry".into(), e.id.clone()));
+                        c.add(dead, &fields).await.map_err(|e| format!("dead-letter: {e}"))?;
+                    }
+                }
+            }
+            done.push(e.id);
+        }
+        c.ack(&done).await.map_err(|e| format!("ack: {e}"))?;
+    }
 }

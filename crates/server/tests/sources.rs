@@ -851,3 +851,274 @@ async fn a_rabbitmq_crash_and_restart_loses_no_message_and_publishes_none_twice(
     let want: Vec<i64> = (0..150).chain([-1]).collect();
     assert_eq!(got, want, "every message once, in order, then nothing more");
 }
+
+// --- Redis Streams (the machine's Redis, 127.0.0.1:6379; SWITCHBOARD_TEST_REDIS to point elsewhere) ---
+
+fn redis_url() -> String {
+    std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn redis_at(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis (./scripts/test starts it)")
+}
+
+/// Adds entries `(field, value)…` to `stream`, pipelined.
+async fn xadd(r: &mut redis::aio::MultiplexedConnection, stream: &str, entries: &[Vec<(&str, String)>]) {
+    let mut pipe = redis::pipe();
+    for fields in entries {
+        let cmd = pipe.cmd("XADD").arg(stream).arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(v);
+        }
+        cmd.ignore();
+    }
+    pipe.query_async::<()>(r).await.unwrap();
+}
+
+fn entry(channel: &str, n: i64) -> Vec<(&'static str, String)> {
+    vec![("channel", channel.to_string()), ("data", n.to_string())]
+}
+
+fn stream_source(url: &str, stream: &str, extra: &str) -> String {
+    format!("[[sources]]\nkind = \"redis_stream\"\nurl = \"{url}\"\nstream = \"{stream}\"\n{extra}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_entries_reach_every_subscriber_once_in_order_and_poison_ones_are_set_aside() {
+    let mut r = redis_at(&redis_url()).await;
+    let st = format!("sb_stream_{}", fastrand::u32(..));
+    let s =
+        TestServer::start(config(&stream_source(&redis_url(), &st, &format!("dead_stream = \"{st}_dead\"\n")))).await;
+    until_connected(&s).await;
+    let mut ws = subscriber(&s, "news:stream").await;
+    let mut sse = common::Sse::connect(&s, "channel=news:stream", None).await;
+    let _ = sse.next_named("subscribed").await;
+    let mut entries: Vec<_> = (0..3000).map(|n| entry("news:stream", n)).collect();
+    entries.insert(1000, vec![("data", "1".into())]);
+    entries.insert(2000, entry("not a channel!", -1));
+    for chunk in entries.chunks(500) {
+        xadd(&mut r, &st, chunk).await;
+    }
+    let want: Vec<i64> = (0..3000).collect();
+    let got: Vec<i64> = receive(&mut ws, 3000).await.iter().map(|d| d.as_i64().unwrap()).collect();
+    assert_eq!(got, want, "WebSocket");
+    let mut got = Vec::new();
+    while got.len() < 3000 {
+        got.push(sse.next_named("message").await.json()["data"].as_i64().unwrap());
+    }
+    assert_eq!(got, want, "SSE");
+    s.publish("news:stream", json!("marker")).await;
+    assert_eq!(receive(&mut ws, 1).await, [json!("marker")]);
+    // The poison entries, with their fields and why.
+    let dead: Vec<(String, Vec<(String, String)>)> =
+        redis::cmd("XRANGE").arg(format!("{st}_dead")).arg("-").arg("+").query_async(&mut r).await.unwrap();
+    let reasons: Vec<String> =
+        dead.iter().map(|(_, f)| f.iter().find(|(k, _)| k == "reason").unwrap().1.clone()).collect();
+    assert_eq!(reasons.len(), 2, "{dead:?}");
+    assert!(reasons[0].contains("channel"), "{reasons:?}");
+    assert_eq!(metric(&s, "switchboard_source_rows_poison").await, 2);
+    assert_eq!(metric(&s, "switchboard_source_rows_published").await, 3000);
+    // Everything acknowledged: nothing pending in the group, nothing left to read.
+    let pending: Vec<redis::Value> =
+        redis::cmd("XPENDING").arg(&st).arg("switchboard").query_async(&mut r).await.unwrap();
+    assert_eq!(redis::from_redis_value::<u64>(pending[0].clone()).unwrap(), 0, "{pending:?}");
+    until_metric(&s, "switchboard_source_lag", 0).await;
+    redis::cmd("DEL").arg(&st).arg(format!("{st}_dead")).query_async::<()>(&mut r).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_in_one_group_publish_each_entry_once() {
+    let mut r = redis_at(&redis_url()).await;
+    let st = format!("sb_stream_{}", fastrand::u32(..));
+    let cfg = stream_source(&redis_url(), &st, "batch = 7\n");
+    let (a, b) = (TestServer::start(config(&cfg)).await, TestServer::start(config(&cfg)).await);
+    until_connected(&a).await;
+    until_connected(&b).await;
+    let (mut ca, mut cb) = (subscriber(&a, "news:shared").await, subscriber(&b, "news:shared").await);
+    for k in 0..10 {
+        xadd(&mut r, &st, &(k * 50..k * 50 + 50).map(|n| entry("news:shared", n)).collect::<Vec<_>>()).await;
+    }
+    let mut published = 0;
+    for _ in 0..600 {
+        published = metric(&a, "switchboard_source_rows_published").await
+            + metric(&b, "switchboard_source_rows_published").await;
+        if published >= 500 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(published, 500);
+    let na = metric(&a, "switchboard_source_rows_published").await as usize;
+    let seen_a: BTreeSet<i64> = receive(&mut ca, na).await.iter().map(|d| d.as_i64().unwrap()).collect();
+    let seen_b: BTreeSet<i64> = receive(&mut cb, 500 - na).await.iter().map(|d| d.as_i64().unwrap()).collect();
+    assert!(seen_a.is_disjoint(&seen_b));
+    assert_eq!(seen_a.union(&seen_b).copied().collect::<Vec<_>>(), (0..500).collect::<Vec<_>>());
+    redis::cmd("DEL").arg(&st).query_async::<()>(&mut r).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_the_restarted_node_reads_its_pending_entries_first_and_publishes_each_once() {
+    let mut r = redis_at(&redis_url()).await;
+    let st = format!("sb_stream_{}", fastrand::u32(..));
+    let dir = std::env::temp_dir().join(format!("sb-stream-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("switchboard.toml");
+    // One node id across the restart: the consumer's name, whose pending entries it reads
+    // again first.
+    let body = format!(
+        "[broker]\nnode_id = \"stream-node\"\n[namespaces.orders]\nhistory_size = 10000\nhistory_ttl_secs = 3600\n{}",
+        stream_source(&redis_url(), &st, "batch = 50\n")
+    );
+    std::fs::write(&cfg, body).unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let top = |base: String| async move {
+        let v: Value =
+            reqwest::get(format!("{base}/api/history?channel=orders:all&limit=1")).await.ok()?.json().await.ok()?;
+        v["offset"].as_u64()
+    };
+    let mut node = Kill(spawn());
+    for k in 0..30 {
+        xadd(&mut r, &st, &(k * 100..k * 100 + 100).map(|n| entry("orders:all", n)).collect::<Vec<_>>()).await;
+    }
+    for _ in 0..600 {
+        if top(base.clone()).await.is_some_and(|t| t >= 300) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let at_kill = top(base.clone()).await.unwrap_or(0);
+    node.0.kill().unwrap();
+    node.0.wait().unwrap();
+    assert!(at_kill < 3000, "killed mid-stream (at {at_kill})");
+    let _node = Kill(spawn());
+    for _ in 0..1200 {
+        if top(base.clone()).await == Some(3000) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first: Value =
+        reqwest::get(format!("{base}/api/history?channel=orders:all&limit=1")).await.unwrap().json().await.unwrap();
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    let (mut data, mut at) = (Vec::new(), 0);
+    loop {
+        let url = format!("{base}/api/history?channel=orders:all&since={epoch}:{at}&limit=1000");
+        let v: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        let pubs = v["publications"].as_array().unwrap().clone();
+        let Some(last) = pubs.last() else { break };
+        at = last["offset"].as_u64().unwrap();
+        data.extend(pubs.iter().map(|p| p["data"].as_i64().unwrap()));
+    }
+    assert_eq!(data, (0..3000).collect::<Vec<i64>>(), "{} publications", data.len());
+    redis::cmd("DEL").arg(&st).query_async::<()>(&mut r).await.unwrap();
+    drop(_node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `redis-server` of the test's own: a free port, an append-only file synced on every
+/// write, in a temporary directory.
+struct OwnRedis {
+    dir: std::path::PathBuf,
+    port: u16,
+    server: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    async fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("sb-redis-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = OwnRedis { dir, port: free_port(), server: None };
+        r.start().await;
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn start(&mut self) {
+        let server = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (./scripts/test installs it)");
+        self.server = Some(server);
+        for _ in 0..600 {
+            if let Ok(c) = redis::Client::open(self.url()) {
+                if let Ok(mut c) = c.get_multiplexed_async_connection().await {
+                    if redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server on {} did not start", self.port);
+    }
+
+    /// SIGKILL: a crash.
+    fn kill(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_crash_and_restart_loses_no_entry_and_publishes_none_twice() {
+    let mut own = OwnRedis::new().await;
+    let mut r = redis_at(&own.url()).await;
+    let s = TestServer::start(config(&stream_source(&own.url(), "events", ""))).await;
+    until_connected(&s).await;
+    let mut c = subscriber(&s, "news:rs").await;
+    let mut other = subscriber(&s, "news:other").await;
+    xadd(&mut r, "events", &(0..50).map(|n| entry("news:rs", n)).collect::<Vec<_>>()).await;
+    let mut got: Vec<i64> = receive(&mut c, 50).await.iter().map(|d| d.as_i64().unwrap()).collect();
+    // Written just before the crash: read and acknowledged before it, or after — once.
+    xadd(&mut r, "events", &(50..100).map(|n| entry("news:rs", n)).collect::<Vec<_>>()).await;
+    own.kill();
+    until_connected_is(&s, 0).await;
+    the_rest_is_unaffected(&s, &mut other, "news:other").await;
+    own.start().await;
+    until_connected(&s).await;
+    let mut r = redis_at(&own.url()).await;
+    xadd(&mut r, "events", &(100..150).map(|n| entry("news:rs", n)).collect::<Vec<_>>()).await;
+    got.extend(receive(&mut c, 100).await.iter().map(|d| d.as_i64().unwrap()));
+    s.publish("news:rs", json!(-1)).await;
+    got.extend(receive(&mut c, 1).await.iter().map(|d| d.as_i64().unwrap()));
+    let want: Vec<i64> = (0..150).chain([-1]).collect();
+    assert_eq!(got, want, "every entry once, in order, then nothing more");
+}
