@@ -137,7 +137,10 @@ async fn every_event_arrives_signed_through_500s_timeouts_and_closed_connections
         let mut c = switchboard_client::Connection::connect(&format!("ws://{}/ws", s.addr)).await.unwrap();
         c.call(json!({"cmd": "connect"})).await.unwrap();
         c.call(json!({"cmd": "subscribe", "channel": "room:1"})).await.unwrap();
-        c.call(json!({"cmd": "publish", "channel": "room:1", "data": {"from": "client"}})).await.unwrap();
+        let once = json!({"cmd": "publish", "channel": "room:1", "data": {"from": "client"}, "key": "k1"});
+        c.call(once.clone()).await.unwrap();
+        // A retry under the same key publishes nothing, and tells no webhook.
+        assert_eq!(c.call(once).await.unwrap()["duplicate"], true);
         s.publish("room:1", json!({"from": "api"})).await;
         drop(c);
         let want = [
