@@ -64,6 +64,7 @@ macro_rules! broker_contract_tests {
             history_limit_takes_oldest_or_latest,
             history_is_bounded_by_size,
             history_is_bounded_by_ttl_but_offsets_survive,
+            expired_oldest_publications_go_while_newer_ones_stay,
             since_returns_exactly_the_missed_publications,
             since_at_top_returns_nothing,
             since_older_than_history_is_position_lost,
@@ -199,6 +200,31 @@ pub async fn history_is_bounded_by_ttl_but_offsets_survive(b: Arc<dyn Broker>, _
     assert_eq!(behind, Err(BrokerError::PositionLost { current: pos[2].clone() }));
     let next = b.publish(&ch, data(4), &o).await.unwrap().position;
     assert_eq!(next, StreamPosition { epoch: pos[2].epoch.clone(), offset: 4 });
+}
+
+pub async fn expired_oldest_publications_go_while_newer_ones_stay(b: Arc<dyn Broker>, _rx: Rx) {
+    let ch = fresh("ttl-head");
+    let o = PublishOptions { history_size: 1000, history_ttl: Duration::from_secs(3), ..Default::default() };
+    // More than one read's worth of expired entries at the head (a broker may drop them
+    // in chunks).
+    let old = publish_n(&b, &ch, 150, &o).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let mut new = Vec::new();
+    for i in 0..3 {
+        new.push(b.publish(&ch, data(151 + i), &o).await.unwrap().position);
+    }
+    let h = b.history(&ch, HistoryRequest::default()).await.unwrap();
+    assert_eq!(offsets(&h.publications), vec![151, 152, 153], "the expired ones are not history");
+    let latest = b.history(&ch, HistoryRequest { limit: Some(2), latest: true, ..Default::default() }).await;
+    assert_eq!(offsets(&latest.unwrap().publications), vec![152, 153]);
+    let oldest = b.history(&ch, HistoryRequest { limit: Some(1), ..Default::default() }).await;
+    assert_eq!(offsets(&oldest.unwrap().publications), vec![151]);
+    // From the last expired one: nothing missed that is gone.
+    let from = HistoryRequest { since: Some(old[149].clone()), ..Default::default() };
+    assert_eq!(offsets(&b.history(&ch, from).await.unwrap().publications), vec![151, 152, 153]);
+    // From before it: one publication missed for good.
+    let before = HistoryRequest { since: Some(old[148].clone()), ..Default::default() };
+    assert_eq!(b.history(&ch, before).await, Err(BrokerError::PositionLost { current: new[2].clone() }));
 }
 
 pub async fn since_returns_exactly_the_missed_publications(b: Arc<dyn Broker>, _rx: Rx) {

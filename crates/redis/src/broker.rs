@@ -4,14 +4,17 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P:m:<channel>` | hash | `e` epoch, `o` top offset; expires when the channel idles |
-//! | `P:s:<channel>` | stream | history: entry id `<offset>-0`, fields `d` data, `t` time, `x` expiry |
-//! | `P:k:<channel>:<key>` | string | an idempotency key's `epoch:offset`, for the window |
-//! | `P:p:<channel>` | pub/sub | `<kind>\n<epoch>\n<offset>\n<time ms>\n<data>` |
+//! | `P:m:{<channel>}` | hash | `e` epoch, `o` top offset; expires when the channel idles |
+//! | `P:s:{<channel>}` | stream | history: entry id `<offset>-0`, fields `d` data, `t` time, `x` expiry |
+//! | `P:k:{<channel>}:<key>` | string | an idempotency key's `epoch:offset`, for the window |
+//! | `P:p:{<channel>}` | pub/sub | `<kind>\n<epoch>\n<offset>\n<time ms>\n<data>` |
 //! | `P:control` | pub/sub | `<node id>\n<message>` |
 //! | `P:nodes`, `P:node:<id>`, `P:node:<id>:ch` | zset, string, hash | live nodes and their channels |
 //!
-//! When `P:m:<channel>` is gone (evicted, expired) the next use starts a new epoch and
+//! A channel's keys carry it as a hash tag (`{…}`: channel names cannot contain braces), so
+//! they live in one Redis Cluster slot — what a script touching them all needs there.
+//!
+//! When `P:m:{<channel>}` is gone (evicted, expired) the next use starts a new epoch and
 //! drops the stale stream: clients holding old positions are told to reset.
 
 use std::collections::{HashMap, HashSet};
@@ -75,6 +78,9 @@ struct Inner {
     /// and gaps are refilled from history.
     last: Mutex<HashMap<String, (Arc<str>, u64)>>,
     pubsub_up: AtomicBool,
+    /// The channel counts the last heartbeat wrote, and how many heartbeats ago the hash
+    /// was last written whole (`None`: write it whole next).
+    registered: Mutex<Option<(HashMap<String, usize>, u32)>>,
     publish: Script,
     history: Script,
 }
@@ -124,14 +130,16 @@ impl RedisBroker {
                 wanted: Mutex::default(),
                 last: Mutex::default(),
                 pubsub_up: AtomicBool::new(false),
+                registered: Mutex::default(),
                 publish: Script::new(scripts::PUBLISH),
                 history: Script::new(scripts::HISTORY),
             }),
         })
     }
 
+    /// `P:<kind>:{<channel>}`: the channel is the key's hash tag.
     fn key(&self, kind: &str, channel: &str) -> String {
-        format!("{}:{kind}:{channel}", self.inner.cfg.prefix)
+        format!("{}:{kind}:{{{channel}}}", self.inner.cfg.prefix)
     }
 
     fn pubsub_channel(&self, channel: &str) -> String {
@@ -233,7 +241,7 @@ impl RedisBroker {
     /// changes until the connection drops; back off (full jitter) and start over.
     async fn pubsub_loop(self, mut cmds: mpsc::UnboundedReceiver<SubCmd>) {
         let mut attempt: u32 = 0;
-        let prefix_p = format!("{}:p:", self.inner.cfg.prefix);
+        let prefix_p = format!("{}:p:{{", self.inner.cfg.prefix);
         let control = format!("{}:control", self.inner.cfg.prefix);
         loop {
             let session = async {
@@ -291,7 +299,7 @@ impl RedisBroker {
                             self.on_control(msg.get_payload_bytes());
                             continue;
                         }
-                        let Some(ch) = name.strip_prefix(&prefix_p) else { continue };
+                        let Some(ch) = name.strip_prefix(&prefix_p).and_then(|c| c.strip_suffix('}')) else { continue };
                         if msg.from_pattern() && lock(&self.inner.wanted).channels.contains(ch) {
                             // Delivered by the exact subscription too: once is enough.
                             continue;
@@ -338,7 +346,7 @@ impl RedisBroker {
     }
 
     async fn apply(&self, sink: &mut redis::aio::PubSubSink, cmd: SubCmd) -> Result<(), BrokerError> {
-        let prefix_p = format!("{}:p:", self.inner.cfg.prefix);
+        let prefix_p = format!("{}:p:{{", self.inner.cfg.prefix);
         match cmd {
             SubCmd::Subscribe(ch, tx) => {
                 lock(&self.inner.wanted).channels.insert(ch.clone());
@@ -464,7 +472,7 @@ impl Broker for RedisBroker {
             .publish
             .key(self.key("m", channel.as_str()))
             .key(self.key("s", channel.as_str()))
-            .key(format!("{}:k:{}:{}", self.inner.cfg.prefix, channel, idem.unwrap_or("")))
+            .key(format!("{}:{}", self.key("k", channel.as_str()), idem.unwrap_or("")))
             .arg(data.as_ref())
             .arg(opts.history_size)
             .arg(opts.history_ttl.as_millis() as u64)
@@ -565,14 +573,39 @@ impl Broker for RedisBroker {
             .zrembyscore(format!("{p}:nodes"), "-inf", now)
             .ignore()
             .pset_ex(format!("{p}:node:{}", node.id), info, ttl_ms)
-            .ignore()
-            .del(&ch_key)
             .ignore();
-        if !channels.is_empty() {
-            pipe.hset_multiple(&ch_key, channels).ignore().pexpire(&ch_key, ttl_ms as i64).ignore();
-        }
+        // The channel hash: only what changed since the last heartbeat; whole every
+        // `REWRITE_EVERY` heartbeats and after any failure (a hash lost with a Redis restart
+        // is whole again within a minute).
+        const REWRITE_EVERY: u32 = 12;
+        let now_counts: HashMap<String, usize> = channels.iter().cloned().collect();
+        let previous = lock(&self.inner.registered).take();
+        let beats = match previous {
+            Some((sent, beats)) if beats < REWRITE_EVERY => {
+                let changed: Vec<(&String, &usize)> =
+                    now_counts.iter().filter(|(c, n)| sent.get(*c) != Some(*n)).collect();
+                let gone: Vec<&String> = sent.keys().filter(|c| !now_counts.contains_key(*c)).collect();
+                if !changed.is_empty() {
+                    pipe.hset_multiple(&ch_key, &changed).ignore();
+                }
+                if !gone.is_empty() {
+                    pipe.hdel(&ch_key, gone).ignore();
+                }
+                beats + 1
+            }
+            _ => {
+                pipe.del(&ch_key).ignore();
+                if !channels.is_empty() {
+                    pipe.hset_multiple(&ch_key, channels).ignore();
+                }
+                0
+            }
+        };
+        pipe.pexpire(&ch_key, ttl_ms as i64).ignore();
         let mut conn = self.conn();
-        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        *lock(&self.inner.registered) = Some((now_counts, beats));
+        Ok(())
     }
 
     async fn nodes(&self) -> Result<Option<Vec<NodeInfo>>, BrokerError> {

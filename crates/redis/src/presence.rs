@@ -48,7 +48,9 @@ impl RedisPresence {
     }
 
     fn keys(&self, channel: &ChannelName) -> (String, String) {
-        (format!("{}:pr:{channel}", self.prefix), format!("{}:pr:{channel}:x", self.prefix))
+        // The channel as the hash tag: both keys in one Redis Cluster slot, as the scripts
+        // that use them together need.
+        (format!("{}:pr:{{{channel}}}", self.prefix), format!("{}:pr:{{{channel}}}:x", self.prefix))
     }
 
     async fn live(&self, channel: &ChannelName) -> Result<Vec<Member>, BrokerError> {

@@ -39,6 +39,11 @@ return {'ok', epoch, tostring(top)}
 /// ARGV: since epoch ('' for none), since offset, limit (0: all, -1: none), latest (1/0),
 ///       candidate epoch, meta ttl seconds.
 /// Returns {"lost", epoch, top} or {"ok", epoch, top, offset, time, data, offset, …}.
+///
+/// Reads only what it returns: expired entries at the stream's head are trimmed first
+/// (`XTRIM MINID`; entries expire in offset order while a namespace's TTL stays put), then
+/// a resume reads from the entry after `since` (`XRANGE <since+1>-0 + COUNT limit`), the
+/// newest `limit` come from `XREVRANGE`. An entry that expired out of order is skipped.
 pub const HISTORY: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -55,37 +60,56 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 local limit = tonumber(ARGV[3])
 if limit < 0 then return {'ok', epoch, tostring(top)} end
-local live = {}
-for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
-  local f = {}
-  for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
-  if tonumber(f['x']) > now then
-    table.insert(live, {tonumber(string.match(e[1], '^(%d+)')), f['t'], f['d']})
-  end
+local function offset(e) return tonumber(string.match(e[1], '^(%d+)')) end
+local function field(e, name)
+  for i = 1, #e[2], 2 do if e[2][i] == name then return e[2][i + 1] end end
 end
+local function live(e) return tonumber(field(e, 'x')) > now end
+-- The first live entry; the expired ones before it are trimmed.
 local first = top + 1
-if #live > 0 then first = live[1][1] end
-local picked = {}
+local count = 1
+while true do
+  local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', count)
+  count = 64
+  if #head == 0 then break end
+  local found = nil
+  for _, e in ipairs(head) do
+    if live(e) then found = e break end
+  end
+  if found then
+    first = offset(found)
+    if found[1] ~= head[1][1] then redis.call('XTRIM', KEYS[2], 'MINID', found[1]) end
+    break
+  end
+  redis.call('XTRIM', KEYS[2], 'MINID', (offset(head[#head]) + 1) .. '-0')
+end
+local entries
 if ARGV[1] ~= '' then
   local since = tonumber(ARGV[2])
   if ARGV[1] ~= epoch or since > top or since + 1 < first then
     return {'lost', epoch, tostring(top)}
   end
-  for _, l in ipairs(live) do
-    if l[1] > since and (limit == 0 or #picked < limit) then table.insert(picked, l) end
+  if limit > 0 then
+    entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', limit)
+  else
+    entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+')
   end
+elseif limit > 0 and ARGV[4] == '1' then
+  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', limit)
+  entries = {}
+  for i = #newest, 1, -1 do table.insert(entries, newest[i]) end
+elseif limit > 0 then
+  entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', limit)
 else
-  local from = 1
-  if limit > 0 and ARGV[4] == '1' and #live > limit then from = #live - limit + 1 end
-  for i = from, #live do
-    if limit == 0 or #picked < limit then table.insert(picked, live[i]) end
-  end
+  entries = redis.call('XRANGE', KEYS[2], '-', '+')
 end
 local out = {'ok', epoch, tostring(top)}
-for _, l in ipairs(picked) do
-  table.insert(out, tostring(l[1]))
-  table.insert(out, l[2])
-  table.insert(out, l[3])
+for _, e in ipairs(entries) do
+  if live(e) then
+    table.insert(out, tostring(offset(e)))
+    table.insert(out, field(e, 't'))
+    table.insert(out, field(e, 'd'))
+  end
 end
 return out
 "#;

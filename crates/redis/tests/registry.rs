@@ -1,0 +1,49 @@
+//! The node registry against a real Redis (`SWITCHBOARD_TEST_REDIS`, default
+//! `redis://127.0.0.1:6379`): heartbeats write only what changed, and the cluster's
+//! channel counts follow every change — a count that moves, a channel that goes, all of
+//! them going, the periodic whole rewrite — and a node that stops beating lapses.
+
+use std::time::Duration;
+
+use switchboard_core::broker::{Broker, NodeInfo};
+use switchboard_redis::{RedisBroker, RedisConfig};
+
+fn url() -> String {
+    std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn node(id: &str) -> NodeInfo {
+    NodeInfo { id: id.into(), address: "127.0.0.1:1".into(), connections: 0, started: 0 }
+}
+
+fn counts(v: &[(&str, usize)]) -> Vec<(String, usize)> {
+    v.iter().map(|(c, n)| (c.to_string(), *n)).collect()
+}
+
+#[tokio::test]
+async fn heartbeats_keep_the_cluster_channel_counts_exact_as_they_change() {
+    let prefix = format!("sbtest-reg-{}", fastrand::u64(..));
+    let cfg = || RedisConfig { url: url(), prefix: prefix.clone(), idle_channel_ttl: Duration::from_secs(60) };
+    let (a, b) = (RedisBroker::new(cfg(), "a").unwrap(), RedisBroker::new(cfg(), "b").unwrap());
+    let ttl = Duration::from_secs(30);
+    a.heartbeat(&node("a"), &counts(&[("x:1", 1), ("x:2", 2)]), ttl).await.unwrap();
+    b.heartbeat(&node("b"), &counts(&[("x:2", 5)]), ttl).await.unwrap();
+    let all = |want: &[(&str, usize)]| counts(want);
+    assert_eq!(a.cluster_channels().await.unwrap().unwrap(), all(&[("x:1", 1), ("x:2", 7)]));
+    // A count moves, a channel goes, another comes: written as changes.
+    a.heartbeat(&node("a"), &counts(&[("x:2", 3), ("x:3", 1)]), ttl).await.unwrap();
+    assert_eq!(a.cluster_channels().await.unwrap().unwrap(), all(&[("x:2", 8), ("x:3", 1)]));
+    // Past the periodic whole rewrite, and with nothing left.
+    for _ in 0..13 {
+        a.heartbeat(&node("a"), &counts(&[("x:3", 4)]), ttl).await.unwrap();
+    }
+    assert_eq!(a.cluster_channels().await.unwrap().unwrap(), all(&[("x:2", 5), ("x:3", 4)]));
+    a.heartbeat(&node("a"), &[], ttl).await.unwrap();
+    assert_eq!(a.cluster_channels().await.unwrap().unwrap(), all(&[("x:2", 5)]));
+    // A node that stops beating lapses with its channels.
+    b.heartbeat(&node("b"), &counts(&[("x:2", 5)]), Duration::from_millis(100)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let nodes: Vec<String> = a.nodes().await.unwrap().unwrap().into_iter().map(|n| n.id).collect();
+    assert_eq!(nodes, ["a"]);
+    assert_eq!(a.cluster_channels().await.unwrap().unwrap(), all(&[]));
+}
