@@ -369,19 +369,25 @@ pub struct SourceConfig {
     pub name: Option<String>,
     /// `postgres://user[:password]@host[:port]/database`, for RabbitMQ
     /// `amqp://user:password@host:port/vhost` (`%2f` for the default vhost), for a Redis
-    /// Stream `redis://[:password@]host:port[/db]`.
+    /// Stream `redis://[:password@]host:port[/db]`, for NATS JetStream
+    /// `nats://[user:password@]host:port`.
     pub url: String,
     /// Redis Streams: the Stream read (its entries' fields: `channel`, `data`, `key`?,
-    /// `volatile`?).
+    /// `volatile`?). NATS JetStream: the stream consumed (made by the application).
     pub stream: Option<String>,
     /// Redis Streams: the consumer group the nodes read through (created, from the
-    /// Stream's start, if missing).
+    /// Stream's start, if missing). NATS JetStream: the durable pull consumer's name
+    /// (created if missing, from the stream's start, explicit acks).
     #[serde(default = "default_group")]
     pub group: String,
     /// Redis Streams: an entry another consumer read and left unacknowledged this long
-    /// (its node died) is claimed.
+    /// (its node died) is claimed. NATS JetStream: the consumer's ack wait, after which
+    /// an unacknowledged message is delivered again.
     #[serde(default = "thirty_thousand")]
     pub claim_idle_ms: u64,
+    /// NATS JetStream: poison messages are published here (their body, with a
+    /// `Switchboard-Reason` header), then acknowledged.
+    pub dead_subject: Option<String>,
     /// Redis Streams: poison entries are added here (their fields and a `reason`), then
     /// acknowledged.
     pub dead_stream: Option<String>,
@@ -404,7 +410,8 @@ pub struct SourceConfig {
     /// The LISTEN channel the table's trigger notifies (docs/sources.md has the DDL).
     #[serde(default = "default_outbox_table")]
     pub notify: String,
-    /// Rows claimed per transaction; Redis Streams: entries per read.
+    /// Rows claimed per transaction; Redis Streams: entries per read; NATS JetStream:
+    /// messages per pull.
     #[serde(default = "hundred")]
     pub batch: usize,
     /// Without a notification, look anyway this often (a missed NOTIFY, a producer
@@ -422,6 +429,7 @@ pub enum SourceKind {
     PostgresOutbox,
     Rabbitmq,
     RedisStream,
+    NatsJetstream,
 }
 
 fn default_outbox_table() -> String {
@@ -446,6 +454,7 @@ impl SourceConfig {
             SourceKind::PostgresOutbox => format!("postgres_outbox:{}", self.table),
             SourceKind::Rabbitmq => format!("rabbitmq:{}", self.queue.as_deref().unwrap_or("")),
             SourceKind::RedisStream => format!("redis_stream:{}", self.stream.as_deref().unwrap_or("")),
+            SourceKind::NatsJetstream => format!("nats_jetstream:{}", self.stream.as_deref().unwrap_or("")),
         };
         self.name.clone().unwrap_or(default)
     }
@@ -982,12 +991,16 @@ impl Config {
         self.validate_webhooks()?;
         for (i, s) in self.sources.iter().enumerate() {
             let key = |k: &str| format!("sources[{i}].{k}");
-            if s.kind == SourceKind::RedisStream {
-                if !s.url.starts_with("redis://") {
-                    return Err((key("url"), format!("{:?}: expected redis://host:port", s.url)));
+            if matches!(s.kind, SourceKind::RedisStream | SourceKind::NatsJetstream) {
+                let (scheme, shape) = match s.kind {
+                    SourceKind::NatsJetstream => ("nats://", "nats://host:port"),
+                    _ => ("redis://", "redis://host:port"),
+                };
+                if !s.url.starts_with(scheme) {
+                    return Err((key("url"), format!("{:?}: expected {shape}", s.url)));
                 }
                 if s.stream.as_deref().is_none_or(str::is_empty) {
-                    return Err((key("stream"), "name the Stream to read".into()));
+                    return Err((key("stream"), "name the stream to read".into()));
                 }
                 if s.group.is_empty() || s.batch == 0 || s.claim_idle_ms == 0 {
                     return Err((key("group"), "group, batch and claim_idle_ms must not be empty or 0".into()));

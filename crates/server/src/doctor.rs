@@ -390,6 +390,7 @@ pub fn sources(sources: &[crate::config::SourceConfig]) -> Vec<SourceCheck> {
                 crate::config::SourceKind::PostgresOutbox => 5432,
                 crate::config::SourceKind::Rabbitmq => 5672,
                 crate::config::SourceKind::RedisStream => 6379,
+                crate::config::SourceKind::NatsJetstream => 4222,
             };
             let address = url_address(&s.url, port).unwrap_or_else(|| s.url.clone());
             let r = address

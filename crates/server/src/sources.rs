@@ -108,6 +108,7 @@ async fn run(state: AppState, cfg: SourceConfig, metrics: Arc<SourceMetrics>) {
                     crate::config::SourceKind::PostgresOutbox => outbox(&state, &cfg, &metrics, &mut failures).await,
                     crate::config::SourceKind::Rabbitmq => rabbitmq(&state, &cfg, &metrics, &mut failures).await,
                     crate::config::SourceKind::RedisStream => redis_stream(&state, &cfg, &metrics, &mut failures).await,
+                    crate::config::SourceKind::NatsJetstream => jetstream(&state, &cfg, &metrics, &mut failures).await,
                 }
             } => r,
             _ = shutdown.wait_for(|s| *s) => return,
@@ -266,6 +267,21 @@ fn data_of(state: &AppState, json: String) -> Result<bytes::Bytes, crate::error:
     ops::payload(state, &raw)
 }
 
+/// A message body `{"channel", "data", "key"?, "volatile"?}`: (channel, data as JSON text,
+/// key, volatile).
+fn json_body(body: &[u8]) -> Result<(String, String, Option<String>, bool), String> {
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        channel: String,
+        #[serde(borrow)]
+        data: &'a serde_json::value::RawValue,
+        key: Option<String>,
+        volatile: Option<bool>,
+    }
+    let b: Body = serde_json::from_slice(body).map_err(|e| format!("not {{channel, data}} JSON: {e}"))?;
+    Ok((b.channel, b.data.get().to_string(), b.key, b.volatile.unwrap_or(false)))
+}
+
 /// What a RabbitMQ message publishes, or why it cannot (a poison message).
 fn from_message(
     state: &AppState,
@@ -295,16 +311,8 @@ fn from_message(
             (channel, data, message_id, false)
         }
         None => {
-            #[derive(serde::Deserialize)]
-            struct Body<'a> {
-                channel: String,
-                #[serde(borrow)]
-                data: &'a serde_json::value::RawValue,
-                key: Option<String>,
-                volatile: Option<bool>,
-            }
-            let b: Body = serde_json::from_slice(&d.data).map_err(|e| format!("not {{channel, data}} JSON: {e}"))?;
-            (b.channel, b.data.get().to_string(), b.key.or(message_id), b.volatile.unwrap_or(false))
+            let (channel, data, key, volatile) = json_body(&d.data)?;
+            (channel, data, key.or(message_id), volatile)
         }
     };
     let resolved = crate::session::resolve_channel(state, &channel).map_err(|e| e.message)?;
@@ -466,5 +474,99 @@ async fn redis_stream(
             done.push(e.id);
         }
         c.ack(&done).await.map_err(|e| format!("ack: {e}"))?;
+    }
+}
+
+/// One connection's life: a durable pull consumer of the stream; each message published,
+/// then acknowledged.
+async fn jetstream(
+    state: &AppState,
+    cfg: &SourceConfig,
+    metrics: &SourceMetrics,
+    failures: &mut u32,
+) -> Result<(), String> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+    let stream_name = cfg.stream.as_deref().unwrap_or_default();
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("switchboard {}", metrics.name))
+        .connection_timeout(Duration::from_secs(2))
+        .connect(cfg.url.as_str())
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream(stream_name).await.map_err(|e| format!("stream {stream_name}: {e}"))?;
+    let config = pull::Config {
+        durable_name: Some(cfg.group.clone()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_millis(cfg.claim_idle_ms),
+        ..Default::default()
+    };
+    let mut consumer: PullConsumer =
+        stream.get_or_create_consumer(&cfg.group, config).await.map_err(|e| format!("consumer {}: {e}", cfg.group))?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(cfg.batch)
+        .heartbeat(Duration::from_secs(5))
+        .messages()
+        .await
+        .map_err(|e| format!("consume: {e}"))?;
+    metrics.connected.store(1, Ordering::Relaxed);
+    *failures = 0;
+    let mut sample = tokio::time::interval(LAG_EVERY);
+    sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let m = tokio::select! {
+            m = messages.next() => match m {
+                Some(m) => m.map_err(|e| format!("consume: {e}"))?,
+                None => return Err("the consumer's stream ended".into()),
+            },
+            _ = sample.tick() => {
+                // The client reconnects by itself; a server that stays away is this
+                // source's failure all the same (disconnected, backoff, a new consumer).
+                if client.connection_state() != async_nats::connection::State::Connected {
+                    return Err("the NATS server went away".into());
+                }
+                let info = consumer.info().await.map_err(|e| format!("consumer info: {e}"))?;
+                metrics.lag.store(info.num_pending, Ordering::Relaxed);
+                continue;
+            }
+        };
+        metrics.consumed.fetch_add(1, Ordering::Relaxed);
+        let sequence = m.info().map(|i| i.stream_sequence).unwrap_or_default();
+        let msg_id = m.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_string());
+        let parsed = json_body(&m.payload).and_then(|(channel, data, key, volatile)| {
+            let resolved = crate::session::resolve_channel(state, &channel).map_err(|e| e.message)?;
+            let data = data_of(state, data).map_err(|e| e.message)?;
+            let key = key.or(msg_id).unwrap_or_else(|| format!("nats:{stream_name}:{sequence}"));
+            Ok((resolved, data, key, volatile))
+        });
+        match parsed {
+            Ok((resolved, data, key, volatile)) => {
+                let key = (!volatile).then_some(key);
+                let volatile = volatile.then_some(true);
+                let r = ops::publish_to(state, &resolved, data, volatile, key, ops::Publisher::Api).await;
+                // Not acknowledged on an error: JetStream delivers it again after the ack wait.
+                let outcome = r.map_err(|e| format!("publish: {}: {}", e.code.as_str(), e.message))?;
+                metrics.published.fetch_add(1, Ordering::Relaxed);
+                if outcome.duplicate() {
+                    metrics.deduped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(why) => {
+                tracing::warn!(source = %metrics.name, sequence, "poison message: {why}");
+                metrics.poison.fetch_add(1, Ordering::Relaxed);
+                if let Some(subject) = &cfg.dead_subject {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Switchboard-Reason", why.as_str());
+                    headers.insert("Switchboard-Sequence", sequence.to_string().as_str());
+                    client
+                        .publish_with_headers(subject.clone(), headers, m.payload.clone())
+                        .await
+                        .map_err(|e| format!("dead-letter: {e}"))?;
+                    client.flush().await.map_err(|e| format!("dead-letter: {e}"))?;
+                }
+            }
+        }
+        m.ack().await.map_err(|e| format!("ack: {e}"))?;
     }
 }

@@ -4,6 +4,8 @@
 //! never do; two nodes on one table publish each row once; poison rows are moved aside
 //! and the rest flows; a killed database connection is reconnected; a PostgreSQL and a
 //! RabbitMQ of the tests' own are crashed and restarted. RabbitMQ: 127.0.0.1:5672 guest/guest.
+//! Redis Streams against the machine's Redis and one of the test's own; NATS JetStream
+//! against a `nats-server -js` of the test's own.
 
 mod common;
 
@@ -1121,4 +1123,158 @@ async fn a_redis_crash_and_restart_loses_no_entry_and_publishes_none_twice() {
     got.extend(receive(&mut c, 1).await.iter().map(|d| d.as_i64().unwrap()));
     let want: Vec<i64> = (0..150).chain([-1]).collect();
     assert_eq!(got, want, "every entry once, in order, then nothing more");
+}
+
+// --- NATS JetStream (a nats-server -js of the test's own, on a free port) ---
+
+/// A `nats-server` with JetStream, its store in a temporary directory.
+struct OwnNats {
+    dir: std::path::PathBuf,
+    port: u16,
+    server: Option<std::process::Child>,
+}
+
+impl OwnNats {
+    async fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("sb-nats-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut n = OwnNats { dir, port: free_port(), server: None };
+        n.start().await;
+        n
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn start(&mut self) {
+        let server = std::process::Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server (./scripts/test installs it)");
+        self.server = Some(server);
+        for _ in 0..600 {
+            if async_nats::connect(self.url()).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("nats-server on {} did not start", self.port);
+    }
+
+    /// SIGKILL: a crash.
+    fn kill(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+
+    /// A JetStream context, and the stream `EVENTS` on `events.>` (file storage) made.
+    async fn events(&self) -> async_nats::jetstream::Context {
+        let js = async_nats::jetstream::new(async_nats::connect(self.url()).await.unwrap());
+        let config = async_nats::jetstream::stream::Config {
+            name: "EVENTS".into(),
+            subjects: vec!["events.>".into()],
+            ..Default::default()
+        };
+        js.get_or_create_stream(config).await.unwrap();
+        js
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Publishes bodies to `events.all`, each stored (JetStream's ack awaited).
+async fn js_publish(js: &async_nats::jetstream::Context, bodies: impl IntoIterator<Item = String>) {
+    for b in bodies {
+        js.publish("events.all", b.into()).await.unwrap().await.unwrap();
+    }
+}
+
+fn js_source(url: &str, extra: &str) -> String {
+    format!("[[sources]]\nkind = \"nats_jetstream\"\nurl = \"{url}\"\nstream = \"EVENTS\"\n{extra}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_messages_reach_subscribers_once_in_order_and_poison_ones_are_set_aside() {
+    let nats = OwnNats::new().await;
+    let js = nats.events().await;
+    let watcher = async_nats::connect(nats.url()).await.unwrap();
+    let mut dead = watcher.subscribe("dead.events").await.unwrap();
+    watcher.flush().await.unwrap();
+    let s = TestServer::start(config(&js_source(&nats.url(), "dead_subject = \"dead.events\"\n"))).await;
+    until_connected(&s).await;
+    let mut ws = subscriber(&s, "news:js").await;
+    let mut sse = common::Sse::connect(&s, "channel=news:js", None).await;
+    let _ = sse.next_named("subscribed").await;
+    let mut bodies: Vec<String> = (0..1000).map(|n| json!({"channel": "news:js", "data": n}).to_string()).collect();
+    bodies.insert(300, "not json".into());
+    bodies.insert(600, json!({"channel": "not a channel!", "data": 1}).to_string());
+    // A producer's retry: the same event again under its key.
+    bodies.push(json!({"channel": "news:js", "data": 999, "key": "k-999"}).to_string());
+    bodies.push(json!({"channel": "news:js", "data": 999, "key": "k-999"}).to_string());
+    js_publish(&js, bodies).await;
+    let want: Vec<i64> = (0..1000).chain([999]).collect();
+    let got: Vec<i64> = receive(&mut ws, 1001).await.iter().map(|d| d.as_i64().unwrap()).collect();
+    assert_eq!(got, want, "WebSocket");
+    let mut got = Vec::new();
+    while got.len() < 1001 {
+        got.push(sse.next_named("message").await.json()["data"].as_i64().unwrap());
+    }
+    assert_eq!(got, want, "SSE");
+    s.publish("news:js", json!("marker")).await;
+    assert_eq!(receive(&mut ws, 1).await, [json!("marker")], "the repeat was not delivered");
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(30), futures_util::StreamExt::next(&mut dead))
+            .await
+            .unwrap()
+            .unwrap();
+        reasons.push(m.headers.unwrap().get("Switchboard-Reason").unwrap().to_string());
+    }
+    assert!(reasons[0].contains("JSON") && reasons[1].contains("channel"), "{reasons:?}");
+    assert_eq!(metric(&s, "switchboard_source_rows_poison").await, 2);
+    assert_eq!(metric(&s, "switchboard_source_rows_deduped").await, 1);
+    until_metric(&s, "switchboard_source_lag", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_crash_and_restart_loses_no_message_and_publishes_none_twice() {
+    let mut nats = OwnNats::new().await;
+    let js = nats.events().await;
+    let s = TestServer::start(config(&js_source(&nats.url(), "claim_idle_ms = 1000\n"))).await;
+    until_connected(&s).await;
+    let mut c = subscriber(&s, "news:nc").await;
+    let mut other = subscriber(&s, "news:other").await;
+    let body = |n: i64| json!({"channel": "news:nc", "data": n}).to_string();
+    js_publish(&js, (0..50).map(body)).await;
+    let mut got: Vec<i64> = receive(&mut c, 50).await.iter().map(|d| d.as_i64().unwrap()).collect();
+    // Stored just before the crash: published before it, or after the restart — once.
+    js_publish(&js, (50..100).map(body)).await;
+    drop(js);
+    nats.kill();
+    until_connected_is(&s, 0).await;
+    the_rest_is_unaffected(&s, &mut other, "news:other").await;
+    nats.start().await;
+    until_connected(&s).await;
+    let js = nats.events().await;
+    js_publish(&js, (100..150).map(body)).await;
+    got.extend(receive(&mut c, 100).await.iter().map(|d| d.as_i64().unwrap()));
+    s.publish("news:nc", json!(-1)).await;
+    got.extend(receive(&mut c, 1).await.iter().map(|d| d.as_i64().unwrap()));
+    assert_eq!(got.pop(), Some(-1), "nothing more came");
+    // Messages delivered but not acknowledged when the server died come again after the
+    // ack wait, possibly after newer ones: once each, not necessarily in order.
+    let mut sorted = got.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..150).collect::<Vec<_>>(), "every message once: {got:?}");
 }
