@@ -218,31 +218,18 @@ async fn claim_and_publish(
         let data: String = row.get(2);
         let key: Option<String> = row.get(3);
         let volatile: bool = row.get(4);
-        let checked = crate::session::resolve_channel(state, &channel).and_then(|r| Ok((r, data_of(state, data)?)));
-        let (resolved, data) = match checked {
+        let (resolved, data) = match checked(state, &channel, data) {
             Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(source = %metrics.name, id, channel, "poison row: {}", e.message);
+            Err(why) => {
+                tracing::warn!(source = %metrics.name, id, channel, "poison row: {why}");
                 poison.push(id);
                 continue;
             }
         };
-        // Volatile publications are not stored, so they take no key (a replay of such a
-        // row after a crash is published again).
-        let key = (!volatile).then(|| key.unwrap_or_else(|| format!("outbox:{}:{id}", cfg.table)));
-        let volatile = volatile.then_some(true);
-        let r = ops::publish_to(state, &resolved, data, volatile, key, ops::Publisher::Api).await;
-        match r {
-            Ok(outcome) => {
-                metrics.published.fetch_add(1, Ordering::Relaxed);
-                if outcome.duplicate() {
-                    metrics.deduped.fetch_add(1, Ordering::Relaxed);
-                }
-                done.push(id);
-            }
-            // The broker cannot take it now: nothing is deleted, the rows come again.
-            Err(e) => return Err(format!("publish: {}: {}", e.code.as_str(), e.message)),
-        }
+        let key = key.unwrap_or_else(|| format!("outbox:{}:{id}", cfg.table));
+        // On an error the broker cannot take it now: nothing is deleted, the rows come again.
+        publish(state, metrics, &resolved, data, Some(key), volatile).await?;
+        done.push(id);
     }
     if !poison.is_empty() {
         metrics.poison.fetch_add(poison.len() as u64, Ordering::Relaxed);
@@ -259,12 +246,34 @@ async fn claim_and_publish(
     Ok(rows.len())
 }
 
-/// A source's data as a publication's, through the same check as every other publish
-/// (`limits.max_message_bytes`, one line).
-fn data_of(state: &AppState, json: String) -> Result<bytes::Bytes, crate::error::ApiError> {
-    let raw = serde_json::value::RawValue::from_string(json)
-        .map_err(|e| crate::error::ApiError::new(crate::error::Code::InvalidJson, e.to_string()))?;
-    ops::payload(state, &raw)
+/// A source's channel and data as a publication's, through the same checks as every other
+/// publish (the channel's namespace; `limits.max_message_bytes`, one line) — or why not
+/// (a poison message).
+fn checked(state: &AppState, channel: &str, json: String) -> Result<(crate::session::Resolved, bytes::Bytes), String> {
+    let resolved = crate::session::resolve_channel(state, channel).map_err(|e| e.message)?;
+    let raw = serde_json::value::RawValue::from_string(json).map_err(|e| format!("data is not JSON: {e}"))?;
+    let data = ops::payload(state, &raw).map_err(|e| e.message)?;
+    Ok((resolved, data))
+}
+
+/// Publishes one message of a source — stored with its idempotency key, or volatile (no
+/// key: not stored, so a redelivery is published again) — and counts it.
+async fn publish(
+    state: &AppState,
+    metrics: &SourceMetrics,
+    resolved: &crate::session::Resolved,
+    data: bytes::Bytes,
+    key: Option<String>,
+    volatile: bool,
+) -> Result<(), String> {
+    let key = key.filter(|_| !volatile);
+    let r = ops::publish_to(state, resolved, data, volatile.then_some(true), key, ops::Publisher::Api).await;
+    let outcome = r.map_err(|e| format!("publish: {}: {}", e.code.as_str(), e.message))?;
+    metrics.published.fetch_add(1, Ordering::Relaxed);
+    if outcome.duplicate() {
+        metrics.deduped.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// A message body `{"channel", "data", "key"?, "volatile"?}`: (channel, data as JSON text,
@@ -315,8 +324,7 @@ fn from_message(
             (channel, data, key.or(message_id), volatile)
         }
     };
-    let resolved = crate::session::resolve_channel(state, &channel).map_err(|e| e.message)?;
-    let data = data_of(state, data).map_err(|e| e.message)?;
+    let (resolved, data) = checked(state, &channel, data)?;
     Ok((resolved, data, key, volatile))
 }
 
@@ -366,15 +374,8 @@ async fn rabbitmq(
         metrics.consumed.fetch_add(1, Ordering::Relaxed);
         match from_message(state, cfg, &d) {
             Ok((resolved, data, key, volatile)) => {
-                let key = key.filter(|_| !volatile);
-                let volatile = volatile.then_some(true);
-                let r = ops::publish_to(state, &resolved, data, volatile, key, ops::Publisher::Api).await;
                 // Not acknowledged on an error: the connection goes, RabbitMQ delivers it again.
-                let outcome = r.map_err(|e| format!("publish: {}: {}", e.code.as_str(), e.message))?;
-                metrics.published.fetch_add(1, Ordering::Relaxed);
-                if outcome.duplicate() {
-                    metrics.deduped.fetch_add(1, Ordering::Relaxed);
-                }
+                publish(state, metrics, &resolved, data, key, volatile).await?;
             }
             Err(why) => {
                 tracing::warn!(source = %metrics.name, "poison message: {why}");
@@ -410,8 +411,7 @@ fn from_entry(
     let volatile = matches!(e.field("volatile"), Some("1" | "true"));
     let key = e.field("key").map(str::to_string);
     let key = key.unwrap_or_else(|| format!("redis:{}:{}", cfg.stream.as_deref().unwrap_or_default(), e.id));
-    let resolved = crate::session::resolve_channel(state, channel).map_err(|e| e.message)?;
-    let data = data_of(state, data.to_string()).map_err(|e| e.message)?;
+    let (resolved, data) = checked(state, channel, data.to_string())?;
     Ok((resolved, data, Some(key), volatile))
 }
 
@@ -444,20 +444,10 @@ async fn redis_stream(
             metrics.consumed.fetch_add(1, Ordering::Relaxed);
             match from_entry(state, cfg, &e) {
                 Ok((resolved, data, key, volatile)) => {
-                    let key = key.filter(|_| !volatile);
-                    let volatile = volatile.then_some(true);
-                    match ops::publish_to(state, &resolved, data, volatile, key, ops::Publisher::Api).await {
-                        Ok(outcome) => {
-                            metrics.published.fetch_add(1, Ordering::Relaxed);
-                            if outcome.duplicate() {
-                                metrics.deduped.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        Err(err) => {
-                            // The rest stay pending: read again after the reconnect.
-                            c.ack(&done).await.map_err(|e| format!("ack: {e}"))?;
-                            return Err(format!("publish: {}: {}", err.code.as_str(), err.message));
-                        }
+                    if let Err(err) = publish(state, metrics, &resolved, data, key, volatile).await {
+                        // The rest stay pending: read again after the reconnect.
+                        c.ack(&done).await.map_err(|e| format!("ack: {e}"))?;
+                        return Err(err);
                     }
                 }
                 Err(why) => {
@@ -535,22 +525,14 @@ async fn jetstream(
         let sequence = m.info().map(|i| i.stream_sequence).unwrap_or_default();
         let msg_id = m.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_string());
         let parsed = json_body(&m.payload).and_then(|(channel, data, key, volatile)| {
-            let resolved = crate::session::resolve_channel(state, &channel).map_err(|e| e.message)?;
-            let data = data_of(state, data).map_err(|e| e.message)?;
+            let (resolved, data) = checked(state, &channel, data)?;
             let key = key.or(msg_id).unwrap_or_else(|| format!("nats:{stream_name}:{sequence}"));
             Ok((resolved, data, key, volatile))
         });
         match parsed {
             Ok((resolved, data, key, volatile)) => {
-                let key = (!volatile).then_some(key);
-                let volatile = volatile.then_some(true);
-                let r = ops::publish_to(state, &resolved, data, volatile, key, ops::Publisher::Api).await;
                 // Not acknowledged on an error: JetStream delivers it again after the ack wait.
-                let outcome = r.map_err(|e| format!("publish: {}: {}", e.code.as_str(), e.message))?;
-                metrics.published.fetch_add(1, Ordering::Relaxed);
-                if outcome.duplicate() {
-                    metrics.deduped.fetch_add(1, Ordering::Relaxed);
-                }
+                publish(state, metrics, &resolved, data, Some(key), volatile).await?;
             }
             Err(why) => {
                 tracing::warn!(source = %metrics.name, sequence, "poison message: {why}");
