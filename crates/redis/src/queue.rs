@@ -98,20 +98,7 @@ impl RedisQueue {
     /// The consumer group the nodes read through (made once, by whichever node is first;
     /// it reads the Stream from its start, so nothing pushed before is missed).
     pub async fn create_group(&self) -> Result<(), BrokerError> {
-        let mut conn = self.conn.clone();
-        let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(self.key("q"))
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        match created {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            Err(e) => Err(unavailable(e)),
-        }
+        crate::stream::create_group(&mut self.conn.clone(), &self.key("q"), GROUP).await
     }
 
     fn key(&self, part: &str) -> String {

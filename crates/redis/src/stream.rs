@@ -63,20 +63,7 @@ impl StreamConsumer {
     /// Creates the group if it does not exist, reading the Stream from its start (entries
     /// added before the first consumer came are not missed); creates the Stream too.
     pub async fn create_group(&self) -> Result<(), BrokerError> {
-        let mut conn = self.conn.clone();
-        let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&self.stream)
-            .arg(&self.group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        match created {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            Err(e) => Err(unavailable(e)),
-        }
+        create_group(&mut self.conn.clone(), &self.stream, &self.group).await
     }
 
     /// Up to `max` entries, in Stream order within each kind: this consumer's own pending
@@ -179,6 +166,18 @@ impl StreamConsumer {
             }
         }
         Ok(None)
+    }
+}
+
+/// Creates consumer group `group` of `stream` (and the stream) reading from its start,
+/// unless it exists.
+pub(crate) async fn create_group(conn: &mut ConnectionManager, stream: &str, group: &str) -> Result<(), BrokerError> {
+    let created: Result<(), redis::RedisError> =
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("0").arg("MKSTREAM").query_async(conn).await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(unavailable(e)),
     }
 }
 

@@ -344,86 +344,105 @@ async fn kill_9_mid_stream_redeliveries_are_deduped_and_nothing_is_lost() {
     let (_conn, ch) = amqp().await;
     let q = format!("sb_q_{}", fastrand::u32(..));
     declare(&ch, &q).await;
-    let dir = std::env::temp_dir().join(format!("sb-rabbit-{}", fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("switchboard.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[namespaces.orders]\nhistory_size = 10000\nhistory_ttl_secs = 3600\n{}",
-            rabbit_source(&q, "prefetch = 50\n")
-        ),
-    )
-    .unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let base = format!("http://127.0.0.1:{port}");
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}"), "--config"])
-            .arg(&cfg)
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let top = |base: String| async move {
-        let v: Value =
-            reqwest::get(format!("{base}/api/history?channel=orders:all&limit=1")).await.ok()?.json().await.ok()?;
-        v["offset"].as_u64()
-    };
-    let mut node = Kill(spawn());
+    let mut node = DurableNode::start(&rabbit_source(&q, "prefetch = 50\n"));
     for n in 0..3000 {
         let body = json!({"channel": "orders:all", "data": n}).to_string();
         produce(&ch, &q, body.as_bytes(), &format!("order-{n}")).await;
     }
-    // Mid-stream: some published, more to come.
-    for _ in 0..600 {
-        if top(base.clone()).await.is_some_and(|t| t >= 300) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let at_kill = top(base.clone()).await.unwrap_or(0);
-    node.0.kill().unwrap();
-    node.0.wait().unwrap();
-    assert!(at_kill < 3000, "killed mid-stream (at {at_kill})");
-    let _node = Kill(spawn());
-    for _ in 0..1200 {
-        if top(base.clone()).await == Some(3000) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // Exactly the 3,000, in queue order, once each: redeliveries of what was published but
     // not acknowledged when the node died were deduped by their message ids.
-    let first: Value =
-        reqwest::get(format!("{base}/api/history?channel=orders:all&limit=1")).await.unwrap().json().await.unwrap();
-    let epoch = first["epoch"].as_str().unwrap().to_string();
-    let (mut data, mut at) = (Vec::new(), 0);
-    loop {
-        let url = format!("{base}/api/history?channel=orders:all&since={epoch}:{at}&limit=1000");
-        let v: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
-        let pubs = v["publications"].as_array().unwrap().clone();
-        let Some(last) = pubs.last() else { break };
-        at = last["offset"].as_u64().unwrap();
-        data.extend(pubs.iter().map(|p| p["data"].as_i64().unwrap()));
-    }
+    let data = node.killed_mid_stream_and_restarted(3000).await;
     assert_eq!(data, (0..3000).collect::<Vec<i64>>(), "{} publications", data.len());
     ch.queue_delete(&q, Default::default()).await.unwrap();
-    drop(_node);
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `switchboard serve --dev --data-dir` process on a free port, with `orders:` keeping
+/// 10,000 publications for an hour and `extra` in its config.
+struct DurableNode {
+    dir: std::path::PathBuf,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl DurableNode {
+    fn start(extra: &str) -> DurableNode {
+        let dir = std::env::temp_dir().join(format!("sb-durable-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let body = format!("[namespaces.orders]\nhistory_size = 10000\nhistory_ttl_secs = 3600\n{extra}");
+        std::fs::write(dir.join("switchboard.toml"), body).unwrap();
+        let mut node = DurableNode { dir, port: free_port(), child: None };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{}", self.port), "--config"])
+            .arg(self.dir.join("switchboard.toml"))
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `orders:all`'s top offset, once the node answers.
+    async fn top(&self) -> Option<u64> {
+        let url = format!("http://127.0.0.1:{}/api/history?channel=orders:all&limit=1", self.port);
+        let v: Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+        v["offset"].as_u64()
+    }
+
+    /// SIGKILLs the node once `orders:all` has some of `total` (not all), starts it again,
+    /// waits for all, and returns the channel's history.
+    async fn killed_mid_stream_and_restarted(&mut self, total: u64) -> Vec<i64> {
+        for _ in 0..600 {
+            if self.top().await.is_some_and(|t| t >= total / 10) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let at_kill = self.top().await.unwrap_or(0);
+        self.kill();
+        assert!(at_kill < total, "killed mid-stream (at {at_kill})");
+        self.spawn();
+        for _ in 0..1200 {
+            if self.top().await == Some(total) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let base = format!("http://127.0.0.1:{}", self.port);
+        let first: Value =
+            reqwest::get(format!("{base}/api/history?channel=orders:all&limit=1")).await.unwrap().json().await.unwrap();
+        let epoch = first["epoch"].as_str().unwrap().to_string();
+        let (mut data, mut at) = (Vec::new(), 0);
+        loop {
+            let url = format!("{base}/api/history?channel=orders:all&since={epoch}:{at}&limit=1000");
+            let v: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+            let pubs = v["publications"].as_array().unwrap().clone();
+            let Some(last) = pubs.last() else { break };
+            at = last["offset"].as_u64().unwrap();
+            data.extend(pubs.iter().map(|p| p["data"].as_i64().unwrap()));
+        }
+        data
+    }
+}
+
+impl Drop for DurableNode {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 #[test]
@@ -966,78 +985,16 @@ async fn two_nodes_in_one_group_publish_each_entry_once() {
 async fn kill_9_mid_stream_the_restarted_node_reads_its_pending_entries_first_and_publishes_each_once() {
     let mut r = redis_at(&redis_url()).await;
     let st = format!("sb_stream_{}", fastrand::u32(..));
-    let dir = std::env::temp_dir().join(format!("sb-stream-{}", fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("switchboard.toml");
     // One node id across the restart: the consumer's name, whose pending entries it reads
     // again first.
-    let body = format!(
-        "[broker]\nnode_id = \"stream-node\"\n[namespaces.orders]\nhistory_size = 10000\nhistory_ttl_secs = 3600\n{}",
-        stream_source(&redis_url(), &st, "batch = 50\n")
-    );
-    std::fs::write(&cfg, body).unwrap();
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}"), "--config"])
-            .arg(&cfg)
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let top = |base: String| async move {
-        let v: Value =
-            reqwest::get(format!("{base}/api/history?channel=orders:all&limit=1")).await.ok()?.json().await.ok()?;
-        v["offset"].as_u64()
-    };
-    let mut node = Kill(spawn());
+    let source = stream_source(&redis_url(), &st, "batch = 50\n");
+    let mut node = DurableNode::start(&format!("[broker]\nnode_id = \"stream-node\"\n{source}"));
     for k in 0..30 {
         xadd(&mut r, &st, &(k * 100..k * 100 + 100).map(|n| entry("orders:all", n)).collect::<Vec<_>>()).await;
     }
-    for _ in 0..600 {
-        if top(base.clone()).await.is_some_and(|t| t >= 300) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let at_kill = top(base.clone()).await.unwrap_or(0);
-    node.0.kill().unwrap();
-    node.0.wait().unwrap();
-    assert!(at_kill < 3000, "killed mid-stream (at {at_kill})");
-    let _node = Kill(spawn());
-    for _ in 0..1200 {
-        if top(base.clone()).await == Some(3000) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let first: Value =
-        reqwest::get(format!("{base}/api/history?channel=orders:all&limit=1")).await.unwrap().json().await.unwrap();
-    let epoch = first["epoch"].as_str().unwrap().to_string();
-    let (mut data, mut at) = (Vec::new(), 0);
-    loop {
-        let url = format!("{base}/api/history?channel=orders:all&since={epoch}:{at}&limit=1000");
-        let v: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
-        let pubs = v["publications"].as_array().unwrap().clone();
-        let Some(last) = pubs.last() else { break };
-        at = last["offset"].as_u64().unwrap();
-        data.extend(pubs.iter().map(|p| p["data"].as_i64().unwrap()));
-    }
+    let data = node.killed_mid_stream_and_restarted(3000).await;
     assert_eq!(data, (0..3000).collect::<Vec<i64>>(), "{} publications", data.len());
     redis::cmd("DEL").arg(&st).query_async::<()>(&mut r).await.unwrap();
-    drop(_node);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A `redis-server` of the test's own: a free port, an append-only file synced on every
