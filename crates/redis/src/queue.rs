@@ -126,21 +126,9 @@ impl RedisQueue {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let claimed: redis::Value = redis::cmd("XAUTOCLAIM")
-            .arg(self.key("q"))
-            .arg(GROUP)
-            .arg(&self.consumer)
-            .arg(self.abandoned_after.as_millis() as u64)
-            .arg("0")
-            .arg("COUNT")
-            .arg(max)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let mut out = match claimed {
-            redis::Value::Array(parts) if parts.len() >= 2 => items(crate::stream::parse_entries(&parts[1])),
-            _ => Vec::new(),
-        };
+        let q = self.key("q");
+        let claimed = crate::stream::claim(&mut conn, [&q, GROUP, &self.consumer], self.abandoned_after, max).await?;
+        let mut out = items(claimed);
         if out.len() < max {
             let read: redis::Value = redis::cmd("XREADGROUP")
                 .arg("GROUP")

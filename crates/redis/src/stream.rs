@@ -78,27 +78,11 @@ impl StreamConsumer {
             }
             self.own_pending = false;
         }
-        let mut out = Vec::new();
         if self.claimed_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             self.claimed_at = Some(Instant::now());
-            let claimed: redis::Value = redis::cmd("XAUTOCLAIM")
-                .arg(&self.stream)
-                .arg(&self.group)
-                .arg(&self.consumer)
-                .arg(self.claim_idle.as_millis() as u64)
-                .arg("0")
-                .arg("COUNT")
-                .arg(max)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            if let redis::Value::Array(parts) = claimed {
-                if let Some(list) = parts.get(1) {
-                    out = parse_entries(list);
-                }
-            }
-            if !out.is_empty() {
-                return Ok(out);
+            let claimed = claim(&mut conn, [&self.stream, &self.group, &self.consumer], self.claim_idle, max).await?;
+            if !claimed.is_empty() {
+                return Ok(claimed);
             }
         }
         self.read(&mut conn, max, Some(block), ">").await
@@ -181,6 +165,31 @@ pub(crate) async fn create_group(conn: &mut ConnectionManager, stream: &str, gro
     }
 }
 
+/// Up to `max` entries of `[stream, group, consumer]`'s group left pending by any consumer
+/// for `idle` or longer, now `consumer`'s (`XAUTOCLAIM`).
+pub(crate) async fn claim(
+    conn: &mut ConnectionManager,
+    [stream, group, consumer]: [&str; 3],
+    idle: Duration,
+    max: usize,
+) -> Result<Vec<StreamEntry>, BrokerError> {
+    let claimed: redis::Value = redis::cmd("XAUTOCLAIM")
+        .arg(stream)
+        .arg(group)
+        .arg(consumer)
+        .arg(idle.as_millis() as u64)
+        .arg("0")
+        .arg("COUNT")
+        .arg(max)
+        .query_async(conn)
+        .await
+        .map_err(unavailable)?;
+    Ok(match claimed {
+        redis::Value::Array(parts) if parts.len() >= 2 => parse_entries(&parts[1]),
+        _ => Vec::new(),
+    })
+}
+
 /// An `XREADGROUP` reply: `[[stream, [[id, [field, value…]]…]]…]` (RESP2) or a map (RESP3).
 pub(crate) fn streams(read: &redis::Value) -> Vec<StreamEntry> {
     let mut out = Vec::new();
@@ -205,7 +214,7 @@ pub(crate) fn streams(read: &redis::Value) -> Vec<StreamEntry> {
 }
 
 /// `[[id, [field, value, …]]…]` → entries (a deleted entry, `[id, nil]`, has no fields).
-pub(crate) fn parse_entries(list: &redis::Value) -> Vec<StreamEntry> {
+fn parse_entries(list: &redis::Value) -> Vec<StreamEntry> {
     let redis::Value::Array(list) = list else { return Vec::new() };
     let mut out = Vec::new();
     for e in list {
