@@ -1,6 +1,6 @@
 //! Publication sources (docs/sources.md): publications that come from the application's
 //! own systems rather than its API calls — a PostgreSQL outbox table, a RabbitMQ queue, a
-//! Redis Stream.
+//! Redis Stream, a NATS JetStream stream.
 //!
 //! RabbitMQ: the queue is consumed with manual acknowledgements (`prefetch` at most
 //! unacknowledged), one message at a time in queue order; each is acknowledged only once
@@ -25,6 +25,14 @@
 //! acknowledged after its publications are stored. Entries left unacknowledged by a
 //! consumer that died are claimed after `claim_idle_ms`; their keys make a second publish
 //! a no-op.
+//!
+//! A NATS JetStream stream is read through a durable pull consumer (explicit acks, ack
+//! wait `claim_idle_ms`); each message is published with its `key`, its `Nats-Msg-Id` or
+//! `nats:<stream>:<sequence>`, then acknowledged; one not acknowledged comes again after
+//! the ack wait.
+//!
+//! Every source publishes through `publish` (the same door as the API: namespace,
+//! size, idempotency) and counts consumed, published, deduped, poison, errors and lag.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -54,7 +62,8 @@ pub struct SourceMetrics {
     /// 1 while connected and listening.
     pub connected: AtomicU64,
     /// Messages waiting at the source when last sampled (every `LAG_EVERY` while
-    /// connected): RabbitMQ's ready count, the outbox's rows (counted up to `LAG_CAP`).
+    /// connected): RabbitMQ's ready count, the outbox's rows (counted up to `LAG_CAP`),
+    /// the Stream's entries the group has not read, the JetStream consumer's pending.
     pub lag: AtomicU64,
 }
 
