@@ -97,6 +97,9 @@ pub struct RedisBroker {
     inner: Arc<Inner>,
 }
 
+/// Most subscription commands applied together (one `SUBSCRIBE` per run of subscribes).
+const SUBSCRIBE_BATCH: usize = 500;
+
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
@@ -241,6 +244,8 @@ impl RedisBroker {
     /// changes until the connection drops; back off (full jitter) and start over.
     async fn pubsub_loop(self, mut cmds: mpsc::UnboundedReceiver<SubCmd>) {
         let mut attempt: u32 = 0;
+        // Commands a lost connection left untried: the next connection's first work.
+        let mut carried: Vec<SubCmd> = Vec::new();
         let prefix_p = format!("{}:p:{{", self.inner.cfg.prefix);
         let control = format!("{}:control", self.inner.cfg.prefix);
         loop {
@@ -270,6 +275,9 @@ impl RedisBroker {
                     self.inner.pubsub_up.store(false, Ordering::SeqCst);
                     // While down, refuse subscription requests (the caller reports
                     // broker_unavailable) rather than queue them without bound.
+                    for cmd in carried.drain(..) {
+                        self.refuse(cmd, &e);
+                    }
                     while let Ok(cmd) = cmds.try_recv() {
                         self.refuse(cmd, &e);
                     }
@@ -289,6 +297,15 @@ impl RedisBroker {
             // Anything published while we were away is in the streams: refill it.
             for ch in resubscribed {
                 self.refill(&ch).await;
+            }
+            let untried = std::mem::take(&mut carried);
+            if !untried.is_empty() {
+                if let Err((e, rest)) = self.apply_all(&mut sink, untried).await {
+                    tracing::warn!("redis pub/sub command failed: {e}");
+                    carried = rest;
+                    self.inner.pubsub_up.store(false, Ordering::SeqCst);
+                    continue;
+                }
             }
             loop {
                 tokio::select! {
@@ -311,8 +328,18 @@ impl RedisBroker {
                     }
                     cmd = cmds.recv() => {
                         let Some(cmd) = cmd else { return };
-                        if let Err(e) = self.apply(&mut sink, cmd).await {
+                        // What queued up meanwhile goes with it: a run of subscribes is one
+                        // SUBSCRIBE of many channels (one round trip for a reconnect storm).
+                        let mut batch = vec![cmd];
+                        while batch.len() < SUBSCRIBE_BATCH {
+                            match cmds.try_recv() {
+                                Ok(cmd) => batch.push(cmd),
+                                Err(_) => break,
+                            }
+                        }
+                        if let Err((e, untried)) = self.apply_all(&mut sink, batch).await {
                             tracing::warn!("redis pub/sub command failed: {e}");
+                            carried = untried;
                             break;
                         }
                     }
@@ -341,6 +368,48 @@ impl RedisBroker {
             SubCmd::PUnsubscribe(ns, tx) => {
                 lock(&self.inner.wanted).namespaces.remove(&ns);
                 let _ = tx.send(Ok(()));
+            }
+        }
+    }
+
+    /// Applies queued commands in order, each run of subscribes as one `SUBSCRIBE`. On a
+    /// failure (the connection is going) the failed ones are answered with the error and
+    /// the ones not tried yet are handed back, for the next connection.
+    async fn apply_all(
+        &self,
+        sink: &mut redis::aio::PubSubSink,
+        batch: Vec<SubCmd>,
+    ) -> Result<(), (BrokerError, Vec<SubCmd>)> {
+        let mut subscribes: Vec<(String, oneshot::Sender<Result<(), BrokerError>>)> = Vec::new();
+        let mut rest = batch.into_iter();
+        loop {
+            let next = rest.next();
+            if let Some(SubCmd::Subscribe(ch, tx)) = next {
+                subscribes.push((ch, tx));
+                continue;
+            }
+            if !subscribes.is_empty() {
+                let run = std::mem::take(&mut subscribes);
+                let channels: Vec<String> = run.iter().map(|(c, _)| c.clone()).collect();
+                lock(&self.inner.wanted).channels.extend(channels.iter().cloned());
+                let keys: Vec<String> = channels.iter().map(|c| self.pubsub_channel(c)).collect();
+                let r = sink.subscribe(&keys).await.map_err(unavailable);
+                if r.is_err() {
+                    let mut wanted = lock(&self.inner.wanted);
+                    for c in &channels {
+                        wanted.channels.remove(c);
+                    }
+                }
+                for (_, tx) in run {
+                    let _ = tx.send(r.clone());
+                }
+                if let Err(e) = r {
+                    return Err((e, next.into_iter().chain(rest).collect()));
+                }
+            }
+            let Some(cmd) = next else { return Ok(()) };
+            if let Err(e) = self.apply(sink, cmd).await {
+                return Err((e, rest.collect()));
             }
         }
     }
