@@ -372,46 +372,66 @@ impl RedisBroker {
         }
     }
 
-    /// Applies queued commands in order, each run of subscribes as one `SUBSCRIBE`. On a
-    /// failure (the connection is going) the failed ones are answered with the error and
-    /// the ones not tried yet are handed back, for the next connection.
+    /// Applies queued commands in order, each run of subscribes as one `SUBSCRIBE` and each
+    /// run of unsubscribes as one `UNSUBSCRIBE`. On a failure (the connection is going) the
+    /// failed ones are answered with the error and the ones not tried yet are handed back,
+    /// for the next connection.
     async fn apply_all(
         &self,
         sink: &mut redis::aio::PubSubSink,
         batch: Vec<SubCmd>,
     ) -> Result<(), (BrokerError, Vec<SubCmd>)> {
-        let mut subscribes: Vec<(String, oneshot::Sender<Result<(), BrokerError>>)> = Vec::new();
-        let mut rest = batch.into_iter();
-        loop {
-            let next = rest.next();
-            if let Some(SubCmd::Subscribe(ch, tx)) = next {
-                subscribes.push((ch, tx));
-                continue;
+        type Reply = oneshot::Sender<Result<(), BrokerError>>;
+        let mut cmds = batch.into_iter().peekable();
+        while let Some(cmd) = cmds.next() {
+            let subscribing = matches!(cmd, SubCmd::Subscribe(..));
+            let (first, tx) = match cmd {
+                SubCmd::Subscribe(ch, tx) | SubCmd::Unsubscribe(ch, tx) => (ch, tx),
+                other => {
+                    if let Err(e) = self.apply(sink, other).await {
+                        return Err((e, cmds.collect()));
+                    }
+                    continue;
+                }
+            };
+            let mut run: Vec<(String, Reply)> = vec![(first, tx)];
+            while let Some(next) = cmds.next_if(|c| {
+                matches!((subscribing, c), (true, SubCmd::Subscribe(..)) | (false, SubCmd::Unsubscribe(..)))
+            }) {
+                if let SubCmd::Subscribe(ch, tx) | SubCmd::Unsubscribe(ch, tx) = next {
+                    run.push((ch, tx));
+                }
             }
-            if !subscribes.is_empty() {
-                let run = std::mem::take(&mut subscribes);
-                let channels: Vec<String> = run.iter().map(|(c, _)| c.clone()).collect();
-                lock(&self.inner.wanted).channels.extend(channels.iter().cloned());
-                let keys: Vec<String> = channels.iter().map(|c| self.pubsub_channel(c)).collect();
+            let keys: Vec<String> = run.iter().map(|(c, _)| self.pubsub_channel(c)).collect();
+            let r = if subscribing {
+                lock(&self.inner.wanted).channels.extend(run.iter().map(|(c, _)| c.clone()));
                 let r = sink.subscribe(&keys).await.map_err(unavailable);
                 if r.is_err() {
                     let mut wanted = lock(&self.inner.wanted);
-                    for c in &channels {
+                    for (c, _) in &run {
                         wanted.channels.remove(c);
                     }
                 }
                 for (_, tx) in run {
                     let _ = tx.send(r.clone());
                 }
-                if let Err(e) = r {
-                    return Err((e, next.into_iter().chain(rest).collect()));
+                r
+            } else {
+                for (c, _) in &run {
+                    lock(&self.inner.wanted).channels.remove(c);
+                    lock(&self.inner.last).remove(c);
                 }
-            }
-            let Some(cmd) = next else { return Ok(()) };
-            if let Err(e) = self.apply(sink, cmd).await {
-                return Err((e, rest.collect()));
+                // Unsubscribed either way: a connection that fails here takes them all.
+                for (_, tx) in run {
+                    let _ = tx.send(Ok(()));
+                }
+                sink.unsubscribe(&keys).await.map_err(unavailable)
+            };
+            if let Err(e) = r {
+                return Err((e, cmds.collect()));
             }
         }
+        Ok(())
     }
 
     async fn apply(&self, sink: &mut redis::aio::PubSubSink, cmd: SubCmd) -> Result<(), BrokerError> {
