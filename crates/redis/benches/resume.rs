@@ -10,19 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use switchboard_core::broker::{Broker, BrokerEventHandler, HistoryRequest, PublishOptions};
-use switchboard_core::{ChannelName, Delivery};
+use switchboard_core::broker::{Broker, HistoryRequest, PublishOptions};
+use switchboard_core::ChannelName;
 use switchboard_redis::{RedisBroker, RedisConfig};
 
-struct Nothing;
-impl BrokerEventHandler for Nothing {
-    fn handle_publication(&self, _: Arc<Delivery>) {}
-    fn handle_control(&self, _: Bytes) {}
-}
+mod common;
 
-fn arg(i: usize, default: usize) -> usize {
-    std::env::args().filter(|a| !a.starts_with('-')).nth(i).and_then(|a| a.parse().ok()).unwrap_or(default)
-}
+use common::{arg, Nothing};
 
 async fn redis_cpu(conn: &mut redis::aio::MultiplexedConnection) -> f64 {
     let info: String = redis::cmd("INFO").arg("cpu").query_async(conn).await.unwrap();

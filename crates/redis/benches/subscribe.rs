@@ -9,20 +9,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use switchboard_core::broker::{Broker, BrokerEventHandler};
-use switchboard_core::{ChannelName, Delivery};
+use switchboard_core::broker::Broker;
+use switchboard_core::ChannelName;
 use switchboard_redis::{RedisBroker, RedisConfig};
 
-struct Nothing;
-impl BrokerEventHandler for Nothing {
-    fn handle_publication(&self, _: Arc<Delivery>) {}
-    fn handle_control(&self, _: Bytes) {}
-}
+mod common;
 
-fn arg(i: usize, default: usize) -> usize {
-    std::env::args().filter(|a| !a.starts_with('-')).nth(i).and_then(|a| a.parse().ok()).unwrap_or(default)
-}
+use common::{arg, Nothing};
 
 async fn storm(broker: &Arc<RedisBroker>, channels: &[ChannelName], concurrency: usize, subscribe: bool) -> f64 {
     let started = Instant::now();
