@@ -1,5 +1,6 @@
 // Shared helpers: real server processes, a cuttable TCP proxy, headless Chromium.
 import { spawn } from 'node:child_process';
+import { after } from 'node:test';
 import net from 'node:net';
 import path from 'node:path';
 import fs from 'node:fs';
@@ -19,6 +20,12 @@ export function freePort() {
 }
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// Every server a test file started is stopped when its tests are done, even when a test
+// failed before registering its own cleanup (say, Chromium did not launch): a server left
+// running would keep `node --test` from ever exiting.
+const started = new Set();
+after(() => { for (const s of started) s.child?.kill('SIGKILL'); });
 
 export async function waitFor(fn, { timeout = 20000, every = 50, what = 'condition' } = {}) {
   const end = Date.now() + timeout;
@@ -55,6 +62,7 @@ export async function startServer({ env = {}, port, tls } = {}) {
       env: { ...process.env, RUST_LOG: 'warn', ...env }, stdio: ['ignore', 'ignore', 'inherit'],
     });
     s.exited = new Promise((r) => s.child.once('exit', (code, sig) => r({ code, sig })));
+    started.add(s);
     await waitFor(async () => (await fetch(`${s.url}/readyz`)).ok, { what: `server on ${port}` });
   };
   s.stop = async () => { if (s.child) { s.child.kill('SIGTERM'); const r = await s.exited; s.child = null; return r; } };
