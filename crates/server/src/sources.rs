@@ -67,6 +67,10 @@ pub struct SourceMetrics {
     pub lag: AtomicU64,
 }
 
+/// How long a source's connection attempt may take (a server that accepts and then says
+/// nothing is a failed attempt, retried with backoff).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often a connected source samples its lag.
 const LAG_EVERY: Duration = Duration::from_secs(5);
 /// The outbox's rows are counted up to this many (a count is a scan).
@@ -145,6 +149,9 @@ async fn outbox(
     failures: &mut u32,
 ) -> Result<(), String> {
     let mut pg: tokio_postgres::Config = cfg.url.parse().map_err(|e| format!("url: {e}"))?;
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(CONNECT_TIMEOUT);
+    }
     if pg.get_application_name().is_none() {
         // What `pg_stat_activity` shows for this connection.
         pg.application_name(format!("switchboard {}", metrics.name));
@@ -349,7 +356,8 @@ async fn rabbitmq(
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio)
         .with_connection_name(format!("switchboard {}", metrics.name).into());
-    let conn = lapin::Connection::connect(&cfg.url, props).await.map_err(|e| format!("connect: {e}"))?;
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, lapin::Connection::connect(&cfg.url, props));
+    let conn = connect.await.map_err(|_| "connect: timed out".to_string())?.map_err(|e| format!("connect: {e}"))?;
     let ch = conn.create_channel().await.map_err(|e| format!("channel: {e}"))?;
     ch.basic_qos(cfg.prefetch, BasicQosOptions::default()).await.map_err(|e| format!("qos: {e}"))?;
     let queue = cfg.queue.as_deref().unwrap_or_default();
@@ -488,7 +496,7 @@ async fn jetstream(
     let stream_name = cfg.stream.as_deref().unwrap_or_default();
     let client = async_nats::ConnectOptions::new()
         .name(format!("switchboard {}", metrics.name))
-        .connection_timeout(Duration::from_secs(2))
+        .connection_timeout(CONNECT_TIMEOUT)
         .connect(cfg.url.as_str())
         .await
         .map_err(|e| format!("connect: {e}"))?;

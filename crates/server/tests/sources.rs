@@ -62,8 +62,11 @@ async fn metric(s: &TestServer, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// Waits for the source to be connected — bounded by two minutes: a source that has been
+/// failing for a while backs off up to 30 s between attempts (a RabbitMQ node restarting
+/// on a busy machine takes a good part of that), and its next try may come that late.
 async fn until_connected(s: &TestServer) {
-    for _ in 0..600 {
+    for _ in 0..2400 {
         if metric(s, "switchboard_source_connected").await == 1 {
             return;
         }
