@@ -72,7 +72,8 @@ async fn until_connected(s: &TestServer) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("the source never connected to {}", pg_url());
+    let (_, ready) = s.get_json("/readyz").await;
+    panic!("the source never connected: {ready}");
 }
 
 async fn subscriber(s: &TestServer, channel: &str) -> Connection {
