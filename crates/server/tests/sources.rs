@@ -233,13 +233,17 @@ async fn poison_rows_are_moved_aside_and_a_killed_connection_is_reconnected() {
 #[test]
 fn bad_source_configuration_is_refused_with_the_key() {
     let bad = [
-        ("url = \"mysql://x\"", "sources[0].url"),
-        ("url = \"postgres://x\"\ntable = \"drop table x;\"", "sources[0].table"),
+        ("kind = \"postgres_outbox\"\nurl = \"mysql://x\"", "sources[0].url"),
+        ("kind = \"postgres_outbox\"\nurl = \"postgres://x\"\ntable = \"drop table x;\"", "sources[0].table"),
+        ("kind = \"rabbitmq\"\nurl = \"amqp://x\"", "sources[0].queue"),
+        ("kind = \"redis_stream\"\nurl = \"redis://x\"", "sources[0].stream"),
+        ("kind = \"nats_jetstream\"\nurl = \"redis://x\"\nstream = \"E\"", "sources[0].url"),
     ];
     for (body, key) in bad {
         let file = std::env::temp_dir().join(format!("sb-sources-{}.toml", fastrand::u64(..)));
-        std::fs::write(&file, format!("[[sources]]\nkind = \"postgres_outbox\"\n{body}\n")).unwrap();
+        std::fs::write(&file, format!("[[sources]]\n{body}\n")).unwrap();
         let e = switchboard_server::config::Config::load(Some(&file), Vec::new()).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&file);
         assert!(e.contains(key), "{e}");
     }
 }
@@ -464,6 +468,7 @@ fn doctor_says_whether_each_sources_server_answers() {
         .arg(&file)
         .output()
         .unwrap();
+    let _ = std::fs::remove_file(&file);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["sources"][0]["reachable"], true, "{v}");
     assert_eq!((v["sources"][1]["name"].as_str(), v["sources"][1]["reachable"].as_bool()), (Some("gone"), Some(false)));
