@@ -204,15 +204,17 @@ pub async fn history_is_bounded_by_ttl_but_offsets_survive(b: Arc<dyn Broker>, _
 
 pub async fn expired_oldest_publications_go_while_newer_ones_stay(b: Arc<dyn Broker>, _rx: Rx) {
     let ch = fresh("ttl-head");
-    let o = PublishOptions { history_size: 1000, history_ttl: Duration::from_secs(3), ..Default::default() };
-    // More than one read's worth of expired entries at the head (a broker may drop them
-    // in chunks).
-    let old = publish_n(&b, &ch, 150, &o).await;
-    tokio::time::sleep(Duration::from_millis(3200)).await;
+    // More than one read's worth of entries that expire (a broker may drop them in chunks),
+    // then entries that outlive the test; the channel (and a Redis stream key) stays alive.
+    let brief = PublishOptions { history_size: 1000, history_ttl: Duration::from_secs(1), ..Default::default() };
+    let lasting = PublishOptions { history_ttl: Duration::from_secs(600), ..brief.clone() };
+    let old = publish_n(&b, &ch, 150, &brief).await;
     let mut new = Vec::new();
     for i in 0..3 {
-        new.push(b.publish(&ch, data(151 + i), &o).await.unwrap().position);
+        new.push(b.publish(&ch, data(151 + i), &lasting).await.unwrap().position);
     }
+    // Only ever longer than asked: the first 150 are past their second.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let h = b.history(&ch, HistoryRequest::default()).await.unwrap();
     assert_eq!(offsets(&h.publications), vec![151, 152, 153], "the expired ones are not history");
     let latest = b.history(&ch, HistoryRequest { limit: Some(2), latest: true, ..Default::default() }).await;
