@@ -2,7 +2,9 @@
 # Server RSS per idle WebSocket (or, with TRANSPORT=sse, SSE; TRANSPORT=mqtt, MQTT 3.1.1)
 # connection at N connections, opened by several load generator processes (one process
 # may hold < 20,000 files here).
-# Usage: [TRANSPORT=ws|sse|mqtt] bench/idle-ws.sh [TOTAL=19000] [PROCS=2]
+# Usage: [TRANSPORT=ws|sse|mqtt] [BIN=path] bench/idle-ws.sh [TOTAL=19000] [PROCS=2]
+# (BIN: a server binary to measure instead of building this checkout's, e.g. an earlier
+# build kept for a before/after run.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOTAL=${1:-19000}
@@ -10,9 +12,10 @@ PROCS=${2:-2}
 TRANSPORT=${TRANSPORT:-ws}
 PORT=8190
 ulimit -n "$(ulimit -Hn)"
-cargo build --release -q -p switchboard
+if [ -z "${BIN:-}" ]; then cargo build --release -q -p switchboard; fi
+BIN=${BIN:-./target/release/switchboard}
 MQTT_PORT=8191
-SWITCHBOARD_MQTT__LISTEN=127.0.0.1:$MQTT_PORT taskset -c 0 ./target/release/switchboard serve --dev --listen 127.0.0.1:$PORT >/tmp/sb-idle.log 2>&1 &
+SWITCHBOARD_MQTT__LISTEN=127.0.0.1:$MQTT_PORT taskset -c 0 "$BIN" serve --dev --listen 127.0.0.1:$PORT >/tmp/sb-idle.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; kill $(jobs -p) 2>/dev/null || true' EXIT
 sleep 0.5

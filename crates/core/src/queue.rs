@@ -179,6 +179,12 @@ impl ConnQueue {
         }
     }
 
+    /// Stops writing directly: from now on every push is queued for the connection's
+    /// task. Once this returns no direct write is under way (they run under the lock).
+    pub fn clear_direct(&self) {
+        self.state().direct = None;
+    }
+
     /// Raises the bound to `max_bytes` if it is lower (a connection subscribing to a
     /// namespace with a larger queue bound).
     pub fn raise_bound(&self, max_bytes: usize) {
@@ -414,6 +420,12 @@ impl ConnQueue {
     pub fn write_done(&self) -> bool {
         let mut st = self.state();
         st.writing = !st.events.is_empty();
+        if !st.writing && st.direct.is_some() && st.events.capacity() > 0 {
+            // Pushes to a connection with a direct path queue only while its socket is
+            // full or its task is writing: between those times it keeps no buffer (an
+            // idle connection's reply to its subscribe would otherwise keep one forever).
+            st.events = VecDeque::new();
+        }
         st.writing
     }
 
@@ -644,6 +656,26 @@ mod direct {
         out.clear();
         q.drain_into(&mut out).unwrap();
         assert_eq!(frames(&out), "ijk");
+    }
+
+    #[test]
+    fn a_connection_with_a_direct_path_keeps_no_buffer_once_written_and_clear_direct_queues_all() {
+        let q = ConnQueue::new(1 << 20);
+        let sock = Arc::new(FakeSocket { room: Mutex::new(0), took: Mutex::new(Vec::new()) });
+        q.set_direct(sock.clone());
+        q.push(frame("a")).unwrap();
+        assert!(q.state().events.capacity() > 0);
+        let mut out = Vec::new();
+        q.drain_into(&mut out).unwrap();
+        assert!(!q.write_done());
+        assert_eq!(q.state().events.capacity(), 0, "written and idle: no buffer kept");
+        // Without the direct path every push queues, whatever room the socket has.
+        *sock.room.lock().unwrap() = 100;
+        q.clear_direct();
+        q.push(frame("b")).unwrap();
+        assert_eq!(q.queued_bytes(), 1);
+        assert!(sock.took.lock().unwrap().is_empty());
+        assert_eq!(Arc::strong_count(&sock), 1);
     }
 
     #[test]

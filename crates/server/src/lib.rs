@@ -325,14 +325,19 @@ impl Server {
                 }
                 let state = state.clone();
                 tokio::spawn(guarded(state.metrics.clone(), "mqtt connection", async move {
-                    let io: transports::mqtt::connection::Io = match (tls, state.tls.clone()) {
-                        (true, Some(t)) => match listener::tls_handshake(tcp, &t, &state, peer).await {
-                            Some(s) => Box::new(s),
+                    use transports::mqtt::connection::{Io, SharedTcp};
+                    let (io, direct): (Io, _) = match (tls, state.tls.clone()) {
+                        // (Boxed: the handshake's state must not size every connection's task.)
+                        (true, Some(t)) => match Box::pin(listener::tls_handshake(tcp, &t, &state, peer)).await {
+                            Some(s) => (Box::new(s), None),
                             None => return,
                         },
-                        _ => Box::new(tcp),
+                        _ => {
+                            let tcp = std::sync::Arc::new(tcp);
+                            (Box::new(SharedTcp(tcp.clone())), Some(tcp))
+                        }
                     };
-                    transports::mqtt::connection::serve(io, state, peer, slot).await
+                    transports::mqtt::connection::serve(io, state, peer, slot, direct).await
                 }));
                 continue;
             }

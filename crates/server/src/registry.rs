@@ -183,7 +183,7 @@ impl Drop for Registration {
 pub struct ClientIds(std::sync::Mutex<HashMap<String, (std::sync::Weak<ConnQueue>, Ended)>>);
 
 /// Turns true when a connection has finished (kept its session, if any).
-pub type Ended = tokio::sync::watch::Receiver<bool>;
+pub type Ended = tokio::sync::oneshot::Receiver<()>;
 
 impl ClientIds {
     /// Registers `queue` under `id`, closing the connection that held it: that one's

@@ -455,6 +455,64 @@ async fn qos_1_subscriptions_are_acknowledged_within_the_clients_window_and_rede
     assert_eq!(c.next_publish().await.unwrap().1, b"5");
 }
 
+/// A QoS 0 subscriber's publications are written from the fan-out (the direct path); a
+/// QoS 1 subscription on the same connection takes its publications back to the
+/// connection's task (packet ids, PUBACK) without reordering anything, and once it is
+/// gone QoS 0 goes on as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos_0_subscriber_takes_a_qos_1_subscription_and_back_keeping_order() {
+    let s = server().await;
+    let addr = s.mqtt.unwrap();
+    let id = channel("x").replace("x:", "");
+    let (a_ch, a) = (format!("sensors:{id}/a"), format!("sensors/{id}/a"));
+    let (b_ch, b) = (format!("sensors:{id}/b"), format!("sensors/{id}/b"));
+    let mut c = Mqtt::connect(addr, true, &format!("mix-{id}"), None).await.unwrap();
+    assert_eq!(c.subscribe_qos(&a, None, 0).await.0, 0);
+    for n in 0..50 {
+        s.publish(&a_ch, json!(n)).await;
+    }
+    for n in 0..50 {
+        let p = c.next_publish_unacked().await.unwrap();
+        assert_eq!((p.qos, p.payload), (0, n.to_string().into_bytes()));
+    }
+    assert_eq!(c.subscribe_qos(&b, None, 1).await.0, 1);
+    for n in 0..40 {
+        s.publish(if n % 2 == 0 { &a_ch } else { &b_ch }, json!(n)).await;
+    }
+    let mut ids = std::collections::HashSet::new();
+    for n in 0..40 {
+        let p = c.next_publish_unacked().await.unwrap();
+        let (topic, qos) = if n % 2 == 0 { (&a, 0) } else { (&b, 1) };
+        assert_eq!((&p.topic, p.qos, p.payload.clone()), (topic, qos, n.to_string().into_bytes()), "#{n}");
+        if let Some(id) = p.packet_id {
+            assert!(ids.insert(id), "packet id {id} used twice while in flight");
+        }
+    }
+    for id in ids {
+        c.puback(id).await;
+    }
+    // UNSUBSCRIBE b (MQTT 5: packet id, no properties, the filter); then only a, QoS 0.
+    let mut body = vec![0, 99, 0];
+    body.extend_from_slice(&(b.len() as u16).to_be_bytes());
+    body.extend_from_slice(b.as_bytes());
+    c.send(&packet(0xA2, &body)).await;
+    loop {
+        let (first, body) = c.read().await.expect("UNSUBACK");
+        if first >> 4 == 11 {
+            assert_eq!(&body[..2], &[0, 99]);
+            break;
+        }
+    }
+    for n in 0..20 {
+        s.publish(&b_ch, json!(-n)).await;
+        s.publish(&a_ch, json!(n)).await;
+    }
+    for n in 0..20 {
+        let p = c.next_publish_unacked().await.unwrap();
+        assert_eq!((&p.topic, p.qos, p.payload), (&a, 0, n.to_string().into_bytes()));
+    }
+}
+
 #[tokio::test]
 async fn a_shared_subscription_deals_each_publication_to_one_member_in_turn() {
     let s = server().await;

@@ -3,14 +3,20 @@
 //! session's ([`crate::commands::Session`]); this file is MQTT's framing and rules.
 
 use std::collections::{HashMap, HashSet};
+use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use switchboard_core::pattern::covers;
-use switchboard_core::queue::Event;
-use switchboard_core::{ChannelName, CloseReason, Kind};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use switchboard_core::queue::{Broken, DirectWrite, Event, Written};
+use switchboard_core::{ChannelName, CloseReason, ConnQueue, Kind};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::codec::{self, Connect, Packet, Version};
@@ -87,12 +93,36 @@ enum Target {
 struct Conn {
     session: Session<MqttWire>,
     /// Set once this connection has kept its session at the end (for one taking over).
-    ended: tokio::sync::watch::Sender<bool>,
+    ended: Option<tokio::sync::oneshot::Sender<()>>,
     version: Version,
     client_id: String,
     tcp: Io,
     buf: BytesMut,
     max_packet: usize,
+    /// MQTT filter → the channel or pattern it subscribed.
+    filters: HashMap<String, String>,
+    /// Seconds; 0: no keep-alive.
+    keep_alive: u16,
+    /// Keep the session after the connection ends, for this long.
+    persist: Option<Duration>,
+    /// The QoS granted to each subscribed channel or pattern.
+    qos: HashMap<String, u8>,
+    /// The client's receive maximum: QoS 1 and 2 publications it takes incomplete.
+    window: usize,
+    next_packet_id: u16,
+    /// Subscribed to `$direct`: registered for direct messages.
+    direct: Option<crate::registry::ClientRegistration>,
+    /// Plain TCP: the queue's direct path, while this connection's state lets it write.
+    sink: Option<Arc<Sink>>,
+    /// What only some connections use, allocated while they do.
+    rare: Lazy,
+}
+
+/// The state of QoS 1 and 2, MQTT 5's options, retained messages, topic aliases and
+/// kept sessions: empty for most connections (a QoS 0 subscriber), so not part of every
+/// idle connection's memory.
+#[derive(Default)]
+struct Rare {
     /// QoS 2 packet ids received and acknowledged with PUBREC, awaiting PUBREL.
     qos2: HashSet<u16>,
     aliases: HashMap<u16, String>,
@@ -101,19 +131,11 @@ struct Conn {
     retained: Vec<(ChannelName, u64)>,
     /// Retained messages sent again for a repeated filter, on their way.
     resent: Vec<std::sync::Arc<switchboard_core::Delivery>>,
-    /// MQTT filter → the channel or pattern it subscribed.
-    filters: HashMap<String, String>,
     /// `$share/…` filter → this connection's place in the group.
     shared: HashMap<String, super::shared::Membership>,
-    /// Seconds; 0: no keep-alive.
-    keep_alive: u16,
     /// Where each subscribed channel stands for this client: its subscribe position, then
     /// each publication written — what a persistent session resumes from.
     positions: HashMap<ChannelName, switchboard_core::StreamPosition>,
-    /// Keep the session after the connection ends, for this long.
-    persist: Option<Duration>,
-    /// The QoS granted to each subscribed channel or pattern.
-    qos: HashMap<String, u8>,
     /// MQTT 5 subscription identifiers, by the channel or pattern subscribed.
     sub_ids: HashMap<String, u32>,
     /// MQTT 5 No Local: the channels and patterns subscribed without this client's own
@@ -128,14 +150,54 @@ struct Conn {
     /// (channel, offset) — sent again with their packet id and DUP (or, for a QoS 2 one
     /// already released, its PUBREL again) as the resume replays them.
     again: HashMap<(ChannelName, u64), (u16, bool)>,
-    /// The client's receive maximum: QoS 1 and 2 publications it takes incomplete.
-    window: usize,
     /// Publications drained from the queue while the window was full, and their bytes.
     held: std::collections::VecDeque<Event>,
     held_bytes: usize,
-    next_packet_id: u16,
-    /// Subscribed to `$direct`: registered for direct messages.
-    direct: Option<crate::registry::ClientRegistration>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.qos2.is_empty()
+            && self.aliases.is_empty()
+            && self.retained.is_empty()
+            && self.resent.is_empty()
+            && self.shared.is_empty()
+            && self.positions.is_empty()
+            && self.sub_ids.is_empty()
+            && self.no_local.is_empty()
+            && self.own.is_empty()
+            && self.inflight.is_empty()
+            && self.again.is_empty()
+            && self.held.is_empty()
+            && self.held_bytes == 0
+    }
+}
+
+/// [`Rare`], allocated on the first change and let go of when empty again
+/// ([`Lazy::trim`]); reading it meanwhile reads an empty one.
+#[derive(Default)]
+struct Lazy(Option<Box<Rare>>);
+
+impl Lazy {
+    fn trim(&mut self) {
+        if self.0.as_ref().is_some_and(|r| r.is_empty()) {
+            self.0 = None;
+        }
+    }
+}
+
+impl std::ops::Deref for Lazy {
+    type Target = Rare;
+    fn deref(&self) -> &Rare {
+        static EMPTY: std::sync::LazyLock<Rare> = std::sync::LazyLock::new(Rare::default);
+        self.0.as_deref().unwrap_or(&EMPTY)
+    }
+}
+
+impl std::ops::DerefMut for Lazy {
+    fn deref_mut(&mut self) -> &mut Rare {
+        self.0.get_or_insert_with(Default::default)
+    }
 }
 
 /// The MQTT topic direct messages arrive on (subscribe to it to take them), and the
@@ -154,42 +216,195 @@ fn direct_v5(json: &[u8]) -> Bytes {
 /// What an MQTT connection runs on: TCP, TLS, or a WebSocket's binary messages.
 pub type Io = Box<dyn crate::transports::ws::io::Stream>;
 
-/// Serves an accepted MQTT connection until it ends.
-pub async fn serve(mut tcp: Io, state: AppState, peer: SocketAddr, slot: impl Send + 'static) {
+/// A plain TCP connection shared by the connection's task (reading, and writing what was
+/// queued) and the queue's direct path ([`Sink`], writing from the fan-out).
+pub struct SharedTcp(pub Arc<TcpStream>);
+
+impl AsyncRead for SharedTcp {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // Readiness was stale: `try_read` cleared it, so the next poll waits.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write))
+    }
+}
+
+/// The queue's direct path for MQTT over plain TCP: a publication or packet is written
+/// to the socket by the task that pushes it, when nothing is queued before it, the socket
+/// takes it — and the connection's state needs nothing of the connection's task for it:
+/// QoS 0 subscriptions only, without subscription identifiers, No Local, a retained
+/// message on its way, or a session to keep (`plain`, set by the task). Otherwise pushes
+/// are queued and the task writes them as before.
+struct Sink {
+    stream: Arc<TcpStream>,
+    version: Version,
+    max_packet: usize,
+    plain: AtomicBool,
+}
+
+impl Sink {
+    /// The bytes `event` goes out as; `None` for what is not sent (presence events,
+    /// resets, packets over the client's maximum size).
+    fn bytes_of(&self, event: &Event) -> Option<Bytes> {
+        let bytes = match event {
+            Event::Publication(d) if matches!(d.publication.kind, Kind::Join | Kind::Leave) => return None,
+            Event::Publication(d) => {
+                let slot = if self.version == Version::V5 { SLOT_V5 } else { SLOT_V311 };
+                d.encoded(slot, |d| encode(self.version, d))
+            }
+            Event::Frame(b) => b.clone(),
+            Event::Reset { .. } => return None,
+        };
+        (bytes.len() <= self.max_packet).then_some(bytes)
+    }
+}
+
+impl DirectWrite for Sink {
+    fn try_write(&self, event: &Event) -> Written {
+        if !self.plain.load(Ordering::Acquire) {
+            return Written::Blocked;
+        }
+        let Some(bytes) = self.bytes_of(event) else { return Written::All };
+        match socket2::SockRef::from(&*self.stream).send(&bytes) {
+            Ok(n) if n == bytes.len() => Written::All,
+            Ok(n) => Written::Part(bytes.slice(n..)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Written::Blocked,
+            Err(_) => Written::Failed,
+        }
+    }
+
+    fn try_write_many(&self, events: &[Event]) -> Result<(usize, Option<Bytes>), Broken> {
+        const MAX_IOV: usize = 256;
+        if !self.plain.load(Ordering::Acquire) {
+            return Ok((0, None));
+        }
+        // (event index, its bytes) for what is sent; what is not counts as written.
+        let mut frames: Vec<(usize, Bytes)> = Vec::with_capacity(events.len().min(MAX_IOV));
+        let mut considered = events.len();
+        for (i, e) in events.iter().enumerate() {
+            if frames.len() == MAX_IOV {
+                considered = i;
+                break;
+            }
+            if let Some(b) = self.bytes_of(e) {
+                frames.push((i, b));
+            }
+        }
+        if frames.is_empty() {
+            return Ok((considered, None));
+        }
+        let slices: Vec<IoSlice<'_>> = frames.iter().map(|(_, f)| IoSlice::new(f)).collect();
+        let mut n = match socket2::SockRef::from(&*self.stream).send_vectored(&slices) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((frames[0].0, None)),
+            Err(_) => return Err(Broken),
+        };
+        for (i, f) in &frames {
+            if n < f.len() {
+                return Ok((*i, (n > 0).then(|| f.slice(n..))));
+            }
+            n -= f.len();
+        }
+        Ok((considered, None))
+    }
+}
+
+/// Closes the queue when the connection's task ends however it ends — even by a panic —
+/// which also drops the direct path's hold on the socket.
+struct CloseOnDrop(Arc<ConnQueue>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(CloseReason::Normal);
+    }
+}
+
+/// Serves an accepted MQTT connection until it ends. `direct`: the plain TCP socket
+/// under `tcp`, for writing from the fan-out.
+pub async fn serve(
+    tcp: Io,
+    state: AppState,
+    peer: SocketAddr,
+    slot: impl Send + 'static,
+    direct: Option<Arc<TcpStream>>,
+) {
     let _tracked = state.track_upgraded();
     let _slot = slot;
-    let max_packet = state.config.mqtt.max_packet_bytes;
-    let mut buf = BytesMut::with_capacity(512);
-    let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut tcp, &mut buf, max_packet)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(Some((version, e)))) => {
-            tracing::debug!(%peer, "MQTT CONNECT refused: {}", e.message());
-            let code = e.reason_code();
-            let message = e.message();
-            let props = server_props(&state, None, None, Some(&message));
-            let _ = send_now(&mut tcp, &codec::connack(version, false, code, &props)).await;
-            return;
-        }
-        Ok(Err(None)) | Err(_) => return,
-    };
-    let _gauge = state.metrics.connection(crate::metrics::Transport::Mqtt);
-    let version = connect.version;
     // One-off work is boxed: its state must not sit in every idle connection's future
     // (the handshake, resuming a session, packet handling, the goodbye).
-    let Some(conn) = Box::pin(accept(tcp, buf, &state, *connect)).await else { return };
-    let mut conn = Box::new(conn);
+    let Some((mut conn, _gauge, client_max)) = Box::pin(start(tcp, &state, peer)).await else { return };
+    let version = conn.c.version;
+    let _closes = CloseOnDrop(conn.c.session.queue.clone());
+    if let Some(stream) = direct {
+        let sink = Arc::new(Sink { stream, version, max_packet: client_max, plain: AtomicBool::new(false) });
+        conn.c.session.queue.set_direct(sink.clone());
+        conn.c.sink = Some(sink);
+    }
     let end = match conn.resumed.take() {
-        Some(kept) => match Box::pin(conn.c.resume(kept)).await {
+        Some(kept) => match Box::pin(conn.c.resume(*kept)).await {
             Some(end) => end,
             None => conn.c.run().await,
         },
         None => conn.c.run().await,
     };
+    Box::pin(finish(conn, end, state)).await;
+}
+
+/// Says goodbye as `end` calls for, leaves, and publishes the will if it is due.
+async fn finish(mut conn: Box<Accepted>, end: End, state: AppState) {
+    let version = conn.c.version;
     let will = conn.will_allowed.take();
     let publish_will = matches!(end, End::Lost | End::Client(0x04) | End::Protocol(..));
-    Box::pin(conn.c.goodbye(&end)).await;
+    conn.c.goodbye(&end).await;
     conn.c.session.leave_all();
-    if let (true, Some((will, resolved))) = (publish_will, will) {
+    if let (true, Some(w)) = (publish_will, will) {
+        let (will, resolved) = *w;
         let state = state.clone();
         let (client_id, queue) = (conn.c.client_id.clone(), std::sync::Arc::downgrade(&conn.c.session.queue));
         let (will_client, will_user) = (conn.c.session.client.clone(), conn.c.session.user().map(str::to_string));
@@ -212,6 +427,33 @@ pub async fn serve(mut tcp: Io, state: AppState, peer: SocketAddr, slot: impl Se
         });
     }
     tracing::debug!(client = %conn.c.client_id, ?version, "MQTT connection closed");
+}
+
+/// Reads the CONNECT packet and answers it: the accepted connection, its place in the
+/// connections gauge and the client's maximum packet size.
+async fn start(
+    mut tcp: Io,
+    state: &AppState,
+    peer: SocketAddr,
+) -> Option<(Box<Accepted>, crate::metrics::ConnectionGauge, usize)> {
+    let max_packet = state.config.mqtt.max_packet_bytes;
+    let mut buf = BytesMut::with_capacity(512);
+    let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut tcp, &mut buf, max_packet)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(Some((version, e)))) => {
+            tracing::debug!(%peer, "MQTT CONNECT refused: {}", e.message());
+            let code = e.reason_code();
+            let message = e.message();
+            let props = server_props(state, None, None, Some(&message));
+            let _ = send_now(&mut tcp, &codec::connack(version, false, code, &props)).await;
+            return None;
+        }
+        Ok(Err(None)) | Err(_) => return None,
+    };
+    let gauge = state.metrics.connection(crate::metrics::Transport::Mqtt);
+    let client_max = connect.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
+    let conn = accept(tcp, buf, state, *connect).await?;
+    Some((Box::new(conn), gauge, client_max))
 }
 
 /// Reads the CONNECT packet. `Err(Some)`: a CONNECT-level error to answer with CONNACK;
@@ -270,9 +512,10 @@ fn server_props<'a>(
 /// A connection past CONNACK, with its will (already authorized) if it has one.
 struct Accepted {
     c: Conn,
-    will_allowed: Option<(codec::Will, crate::session::Resolved)>,
+    // (Boxed, as `resumed`: the accepted connection lives as long as it does.)
+    will_allowed: Option<Box<(codec::Will, crate::session::Resolved)>>,
     /// The kept session this connection resumes.
-    resumed: Option<super::sessions::Kept>,
+    resumed: Option<Box<super::sessions::Kept>>,
 }
 
 /// Checks a CONNECT — credentials, client id, will — and answers it.
@@ -352,9 +595,10 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
     // A new connection with a client id takes the id over (MQTT-3.1.4-2): the old one
     // is closed, and keeps its session as it ends — which this one waits for (bounded),
     // so it resumes the session as the old connection left it.
-    let (ended, ended_rx) = tokio::sync::watch::channel(false);
-    if let Some(mut old) = state.mqtt_clients.take_over(&client_id, &session.queue, ended_rx) {
-        let _ = tokio::time::timeout(TAKE_OVER_WAIT, old.wait_for(|done| *done)).await;
+    let (ended, ended_rx) = tokio::sync::oneshot::channel();
+    if let Some(old) = state.mqtt_clients.take_over(&client_id, &session.queue, ended_rx) {
+        // (Sent, or dropped by a connection that ended without a word: done either way.)
+        let _ = tokio::time::timeout(TAKE_OVER_WAIT, old).await;
     }
     // Persistent sessions: 3.1.1's clean session 0 keeps one (for `mqtt.session_expiry_secs`),
     // MQTT 5's session expiry interval says for how long (at most that). Clean start
@@ -382,39 +626,28 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
     tracing::debug!(client = %client_id, ?version, "MQTT connected");
     Some(Accepted {
         c: Conn {
-            ended,
+            ended: Some(ended),
             session,
             version,
             client_id,
             tcp,
             buf,
             max_packet: connect.maximum_packet_size.map_or(usize::MAX, |m| m as usize),
-            qos2: HashSet::new(),
-            aliases: HashMap::new(),
-            retained: Vec::new(),
             filters: HashMap::new(),
-            resent: Vec::new(),
-            shared: HashMap::new(),
             keep_alive: connect.keep_alive,
-            positions: HashMap::new(),
             persist: persist.map(Duration::from_secs),
             qos: HashMap::new(),
-            sub_ids: HashMap::new(),
-            no_local: HashSet::new(),
-            own: std::collections::VecDeque::new(),
-            inflight: Default::default(),
-            again: HashMap::new(),
             window: match version {
                 Version::V5 => connect.receive_maximum.max(1) as usize,
                 Version::V311 => OUTGOING_WINDOW_V311,
             },
-            held: Default::default(),
-            held_bytes: 0,
             next_packet_id: 1,
             direct: None,
+            sink: None,
+            rare: Lazy::default(),
         },
-        will_allowed,
-        resumed,
+        will_allowed: will_allowed.map(Box::new),
+        resumed: resumed.map(Box::new),
     })
 }
 
@@ -425,12 +658,11 @@ impl Conn {
         let allowed = keep_alive + keep_alive / 2;
         let mut last_seen = Instant::now();
         let mut shutdown = self.session.state.shutdown.clone();
+        let mut shutdown_seen = false;
         let server_max = self.session.state.config.mqtt.max_packet_bytes;
         // Presence entries expire unless refreshed, as the WebSocket's pings refresh them.
         let every = Duration::from_secs(self.session.state.config.ws.ping_interval_secs.max(1));
-        let mut presence = tokio::time::interval_at(Instant::now() + every, every);
-        presence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut refresh = false;
+        let mut next_refresh = Instant::now() + every;
         loop {
             // Packets already buffered first.
             loop {
@@ -447,30 +679,42 @@ impl Conn {
                     Err(e) => return End::Protocol(e.reason_code(), e.message()),
                 }
             }
-            if let Err(end) = self.write_queued().await {
+            if self.buf.is_empty() && self.buf.capacity() > 0 {
+                // Nothing partial: an idle connection holds no read buffer.
+                self.buf = BytesMut::new();
+            }
+            if *shutdown.borrow() && !shutdown_seen {
+                shutdown_seen = true;
+                self.session.queue.close(CloseReason::Shutdown);
+            }
+            // (Boxed, as the rest of the occasional work: an idle connection's state
+            // holds only what it waits on.)
+            if let Err(end) = Box::pin(self.write_queued()).await {
                 return end;
             }
-            let expires = async {
-                if keep_alive.is_zero() {
-                    std::future::pending::<()>().await
-                } else {
-                    tokio::time::sleep_until(last_seen + allowed).await
-                }
-            };
+            self.rare.trim();
+            self.set_plain(self.is_plain());
+            // One timer: the next presence refresh, or keep-alive running out first.
+            let expires = (!keep_alive.is_zero()).then(|| last_seen + allowed);
+            let wake = expires.map_or(next_refresh, |e| e.min(next_refresh));
             tokio::select! {
-                r = self.tcp.read_buf(&mut self.buf) => match r {
+                r = read_some(&mut self.tcp, &mut self.buf) => match r {
                     Ok(0) | Err(_) => return End::Lost,
                     Ok(_) => {}
                 },
                 _ = self.session.queue.changed() => {}
-                _ = expires => return End::Lost,
+                _ = tokio::time::sleep_until(wake) => {
+                    if expires.is_some_and(|e| Instant::now() >= e) {
+                        return End::Lost;
+                    }
+                }
                 _ = crate::transports::maybe_sleep(&mut self.session.timer), if self.session.timer.is_some() => {
                     self.session.queue.close(CloseReason::TokenExpired);
                 }
-                _ = shutdown.wait_for(|s| *s) => self.session.queue.close(CloseReason::Shutdown),
-                _ = presence.tick() => refresh = true,
+                _ = shutdown.changed(), if !shutdown_seen => {}
             }
-            if std::mem::take(&mut refresh) {
+            if Instant::now() >= next_refresh {
+                next_refresh = Instant::now() + every;
                 Box::pin(self.session.refresh_presence()).await;
                 // A persistent session is saved now and then while connected, so a node
                 // that dies without closing still leaves it (positions at most one
@@ -486,42 +730,47 @@ impl Conn {
         let mut batch = Vec::new();
         let closed = self.session.queue.drain_into(&mut batch).err();
         let drained = !batch.is_empty();
+        // (Taken out of `rare` only when there: most connections hold nothing back.)
+        let (mut held, mut held_bytes) = match self.rare.held.is_empty() {
+            true => (std::collections::VecDeque::new(), 0),
+            false => (std::mem::take(&mut self.rare.held), std::mem::take(&mut self.rare.held_bytes)),
+        };
         for e in batch {
             if let Event::Publication(d) = &e {
-                self.held_bytes += d.json().len();
+                held_bytes += d.json().len();
             }
-            self.held.push_back(e);
+            held.push_back(e);
         }
         let mut out = Vec::new();
         let mut waiting = std::collections::VecDeque::new();
-        while let Some(e) = self.held.pop_front() {
+        while let Some(e) = held.pop_front() {
             match e {
                 Event::Publication(ref d) if matches!(d.publication.kind, Kind::Join | Kind::Leave) => {
-                    self.held_bytes -= d.json().len();
+                    held_bytes -= d.json().len();
                 }
                 Event::Publication(ref d) if self.is_own(d) => {
                     // No Local: the client's own publication stays here; its session's
                     // position moves past it all the same.
-                    self.held_bytes -= d.json().len();
+                    held_bytes -= d.json().len();
                     self.advance(&d.publication.channel, d.publication.position());
                 }
                 Event::Publication(ref d) => {
                     let qos = self.qos_for(&d.publication.channel);
-                    if qos >= 1 && (self.inflight.len() >= self.window || !waiting.is_empty()) {
+                    if qos >= 1 && (self.rare.inflight.len() >= self.window || !waiting.is_empty()) {
                         // The client's window is full: it waits here, in order.
                         waiting.push_back(e);
                         continue;
                     }
-                    self.held_bytes -= d.json().len();
+                    held_bytes -= d.json().len();
                     let retained = self.take_retained(d);
                     let stored = d.publication.kind == Kind::Stored;
                     let p = if qos >= 1 {
                         let confirms = stored.then(|| (d.publication.channel.clone(), d.publication.position()));
                         let key = (d.publication.channel.clone(), d.publication.offset);
-                        match self.again.remove(&key) {
+                        match self.rare.again.remove(&key) {
                             // Released before the session was kept: only PUBCOMP is missing.
                             Some((id, true)) => {
-                                self.inflight.push_back(Inflight { id, qos: 2, released: true, confirms });
+                                self.rare.inflight.push_back(Inflight { id, qos: 2, released: true, confirms });
                                 codec::ack(self.version, 6, id, 0, "")
                             }
                             again => {
@@ -529,7 +778,7 @@ impl Conn {
                                     Some((id, _)) => (id, true),
                                     None => (self.packet_id(), false),
                                 };
-                                self.inflight.push_back(Inflight { id, qos, released: false, confirms });
+                                self.rare.inflight.push_back(Inflight { id, qos, released: false, confirms });
                                 let topic = super::topic_of(&d.publication.channel);
                                 let payload = super::payload_of(&d.publication.data);
                                 let subscription_ids = &self.ids_for(&d.publication.channel);
@@ -579,7 +828,10 @@ impl Conn {
                 Event::Reset { .. } => {}
             }
         }
-        self.held = waiting;
+        if !waiting.is_empty() {
+            self.rare.held = waiting;
+            self.rare.held_bytes = held_bytes;
+        }
         for b in &out {
             if self.tcp.write_all(b).await.is_err() {
                 return Err(End::Lost);
@@ -593,7 +845,7 @@ impl Conn {
             self.session.queue.write_done();
         }
         // What waits for the window counts against the same bound as the queue.
-        if self.held_bytes > self.session.queue.max_bytes() {
+        if held_bytes > self.session.queue.max_bytes() {
             return Err(End::Server(CloseReason::SlowConsumer));
         }
         match closed {
@@ -602,12 +854,32 @@ impl Conn {
         }
     }
 
+    /// Whether this connection's publications need nothing of its task: the direct path
+    /// may write them (see [`Sink`]).
+    fn is_plain(&self) -> bool {
+        self.persist.is_none()
+            && self.rare.held.is_empty()
+            && self.rare.inflight.is_empty()
+            && self.rare.again.is_empty()
+            && self.rare.retained.is_empty()
+            && self.rare.resent.is_empty()
+            && self.rare.sub_ids.is_empty()
+            && self.rare.no_local.is_empty()
+            && self.qos.values().all(|q| *q == 0)
+    }
+
+    fn set_plain(&self, plain: bool) {
+        if let Some(sink) = &self.sink {
+            sink.plain.store(plain, Ordering::Release);
+        }
+    }
+
     /// The next packet id not in flight (nor waiting to be sent again).
     fn packet_id(&mut self) -> u16 {
         loop {
             let id = self.next_packet_id;
             self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-            let busy = self.inflight.iter().any(|f| f.id == id) || self.again.values().any(|(a, _)| *a == id);
+            let busy = self.rare.inflight.iter().any(|f| f.id == id) || self.rare.again.values().any(|(a, _)| *a == id);
             if !busy {
                 return id;
             }
@@ -631,11 +903,11 @@ impl Conn {
 
     /// The identifiers of the subscriptions a publication on `channel` matches (MQTT 5).
     fn ids_for(&self, channel: &ChannelName) -> Vec<u32> {
-        if self.sub_ids.is_empty() {
+        if self.rare.sub_ids.is_empty() {
             return Vec::new();
         }
         let mut ids: Vec<u32> =
-            self.sub_ids.iter().filter(|(name, _)| covers(name, channel)).map(|(_, id)| *id).collect();
+            self.rare.sub_ids.iter().filter(|(name, _)| covers(name, channel)).map(|(_, id)| *id).collect();
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -645,15 +917,15 @@ impl Conn {
     /// asked for No Local (MQTT 5).
     fn is_own(&self, d: &switchboard_core::Delivery) -> bool {
         let p = &d.publication;
-        !self.no_local.is_empty()
+        !self.rare.no_local.is_empty()
             && p.is_stored()
-            && self.own.iter().any(|(c, o)| *o == p.offset && *c == p.channel)
-            && self.qos.keys().filter(|name| covers(name, &p.channel)).all(|name| self.no_local.contains(name))
+            && self.rare.own.iter().any(|(c, o)| *o == p.offset && *c == p.channel)
+            && self.qos.keys().filter(|name| covers(name, &p.channel)).all(|name| self.rare.no_local.contains(name))
     }
 
     /// PUBREC for an outgoing QoS 2 publication: PUBREL, and it waits for PUBCOMP.
     fn received(&mut self, id: u16) {
-        if let Some(f) = self.inflight.iter_mut().find(|f| f.id == id && f.qos == 2) {
+        if let Some(f) = self.rare.inflight.iter_mut().find(|f| f.id == id && f.qos == 2) {
             f.released = true;
             self.send(codec::ack(self.version, 6, id, 0, ""));
         }
@@ -662,8 +934,8 @@ impl Conn {
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2): the publication leaves the window, and the
     /// session's position on its channel moves past it.
     fn acked(&mut self, id: u16, qos: u8) {
-        let Some(i) = self.inflight.iter().position(|f| f.id == id && f.qos == qos) else { return };
-        let Some(f) = self.inflight.remove(i) else { return };
+        let Some(i) = self.rare.inflight.iter().position(|f| f.id == id && f.qos == qos) else { return };
+        let Some(f) = self.rare.inflight.remove(i) else { return };
         if let Some((channel, position)) = f.confirms {
             self.advance(&channel, position);
         }
@@ -672,7 +944,10 @@ impl Conn {
     /// The session's position on `channel` moves to `position` — forward only (a
     /// retained message sent again is behind it), or into a new epoch.
     fn advance(&mut self, channel: &ChannelName, position: switchboard_core::StreamPosition) {
-        if let Some(p) = self.positions.get_mut(channel) {
+        if self.rare.positions.is_empty() {
+            return; // (no session is kept: nothing to move)
+        }
+        if let Some(p) = self.rare.positions.get_mut(channel) {
             if p.epoch != position.epoch || p.offset < position.offset {
                 *p = position;
             }
@@ -681,16 +956,16 @@ impl Conn {
 
     /// Whether `d` is the retained publication of a channel just subscribed to.
     fn take_retained(&mut self, d: &switchboard_core::Delivery) -> bool {
-        if let Some(i) = self.resent.iter().position(|r| std::ptr::eq(&**r, d)) {
-            self.resent.swap_remove(i);
+        if let Some(i) = self.rare.resent.iter().position(|r| std::ptr::eq(&**r, d)) {
+            self.rare.resent.swap_remove(i);
             return true;
         }
         let ch = &d.publication.channel;
-        match self.retained.iter().position(|(c, _)| c == ch) {
+        match self.rare.retained.iter().position(|(c, _)| c == ch) {
             Some(i) => {
-                let upto = self.retained[i].1;
+                let upto = self.rare.retained[i].1;
                 if d.publication.offset >= upto {
-                    self.retained.swap_remove(i);
+                    self.rare.retained.swap_remove(i);
                 }
                 d.publication.offset <= upto
             }
@@ -734,12 +1009,17 @@ impl Conn {
                 return None;
             }
         }
+        if matches!(p, Packet::Subscribe(_)) {
+            // What a subscription brings (its QoS, options, retained message) is the
+            // task's to write until `run` finds the connection plain again.
+            self.set_plain(false);
+        }
         match p {
             Packet::PingReq => self.send(codec::pingresp()),
             Packet::Disconnect(reason) => return Some(End::Client(reason)),
             Packet::Publish(p) => return self.publish(p).await,
             Packet::PubRel(id) => {
-                self.qos2.remove(&id);
+                self.rare.qos2.remove(&id);
                 self.send(codec::ack(v, 7, id, 0, ""));
             }
             Packet::PubAck(id) => self.acked(id, 1),
@@ -755,23 +1035,25 @@ impl Conn {
                 let codes: Vec<u8> = u
                     .filters
                     .iter()
-                    .map(|f| match self.filters.remove(f).or_else(|| self.shared.remove(f).map(|_| String::new())) {
-                        None if f == DIRECT_TOPIC && self.direct.is_some() => {
-                            self.direct = None;
-                            0
-                        }
-                        Some(ch) if ch.is_empty() => 0, // a shared subscription: left
-                        Some(ch) => {
-                            self.session.unsubscribe(&ch);
-                            self.qos.remove(&ch);
-                            self.sub_ids.remove(&ch);
-                            self.no_local.remove(&ch);
-                            if let Ok(c) = ChannelName::parse(&ch) {
-                                self.positions.remove(&c);
+                    .map(|f| {
+                        match self.filters.remove(f).or_else(|| self.rare.shared.remove(f).map(|_| String::new())) {
+                            None if f == DIRECT_TOPIC && self.direct.is_some() => {
+                                self.direct = None;
+                                0
                             }
-                            0
+                            Some(ch) if ch.is_empty() => 0, // a shared subscription: left
+                            Some(ch) => {
+                                self.session.unsubscribe(&ch);
+                                self.qos.remove(&ch);
+                                self.rare.sub_ids.remove(&ch);
+                                self.rare.no_local.remove(&ch);
+                                if let Ok(c) = ChannelName::parse(&ch) {
+                                    self.rare.positions.remove(&c);
+                                }
+                                0
+                            }
+                            None => 0x11, // no subscription existed
                         }
-                        None => 0x11, // no subscription existed
                     })
                     .collect();
                 self.send(codec::sub_ack(v, 11, u.packet_id, &codes, ""));
@@ -856,7 +1138,7 @@ impl Conn {
                         Ok(m) => {
                             self.qos.insert(name.clone(), granted);
                             self.set_options(name, s.id, false);
-                            self.shared.insert(filter, m);
+                            self.rare.shared.insert(filter, m);
                             continue;
                         }
                         Err(e) => Err(e),
@@ -875,9 +1157,12 @@ impl Conn {
                         let mut at = o.position;
                         at.offset += o.replayed as u64;
                         if o.replayed > 0 {
-                            self.retained.push((channel.clone(), at.offset));
+                            self.rare.retained.push((channel.clone(), at.offset));
                         }
-                        self.positions.entry(channel).or_insert(at);
+                        // (Positions are what a kept session resumes from: only then.)
+                        if self.persist.is_some() {
+                            self.rare.positions.entry(channel).or_insert(at);
+                        }
                     })
                 }
             };
@@ -951,7 +1236,7 @@ impl Conn {
         if let Some(d) = h.publications.into_iter().next_back() {
             // A copy of its own, told apart from the same publication arriving live.
             let copy = switchboard_core::Delivery::new(d.publication.clone());
-            self.resent.push(copy.clone());
+            self.rare.resent.push(copy.clone());
             let _ = self.session.queue.push(Event::Publication(copy));
         }
     }
@@ -986,13 +1271,13 @@ impl Conn {
     /// A subscription's MQTT 5 options: its identifier, No Local.
     fn set_options(&mut self, name: String, id: Option<u32>, no_local: bool) {
         if no_local {
-            self.no_local.insert(name.clone());
+            self.rare.no_local.insert(name.clone());
         } else {
-            self.no_local.remove(&name);
+            self.rare.no_local.remove(&name);
         }
         match id {
-            Some(id) => self.sub_ids.insert(name, id),
-            None => self.sub_ids.remove(&name),
+            Some(id) => self.rare.sub_ids.insert(name, id),
+            None => self.rare.sub_ids.remove(&name),
         };
     }
 
@@ -1003,7 +1288,7 @@ impl Conn {
         // What was in flight goes again with its packet id as the replay reaches it.
         for (channel, offset, id, released) in kept.inflight {
             if let Ok(c) = ChannelName::parse(&channel) {
-                self.again.insert((c, offset), (id, released));
+                self.rare.again.insert((c, offset), (id, released));
             }
         }
         for sub in kept.subs {
@@ -1024,7 +1309,7 @@ impl Conn {
                             if !o.recovered {
                                 tracing::debug!(client = %self.client_id, %channel, "MQTT session: history no longer reaches its position");
                             }
-                            self.positions.insert(channel, o.position);
+                            self.rare.positions.insert(channel, o.position);
                         })
                     }
                     Err(e) => Err(e),
@@ -1059,9 +1344,9 @@ impl Conn {
                 filter: filter.clone(),
                 name: name.clone(),
                 qos: self.qos.get(name).copied().unwrap_or(0),
-                id: self.sub_ids.get(name).copied(),
-                no_local: self.no_local.contains(name),
-                position: ChannelName::parse(name).ok().and_then(|c| self.positions.get(&c).cloned()),
+                id: self.rare.sub_ids.get(name).copied(),
+                no_local: self.rare.no_local.contains(name),
+                position: ChannelName::parse(name).ok().and_then(|c| self.rare.positions.get(&c).cloned()),
             })
             .collect();
         if self.direct.is_some() {
@@ -1078,6 +1363,7 @@ impl Conn {
             subs.push(sub);
         }
         let inflight = self
+            .rare
             .inflight
             .iter()
             .filter_map(|f| f.confirms.as_ref().map(|(c, p)| (c.to_string(), p.offset, f.id, f.released)))
@@ -1103,7 +1389,7 @@ impl Conn {
         };
         let name = super::channel_of(&self.session.state, topic_filter)
             .map_err(|why| (invalid, ApiError::new(Code::InvalidChannel, why)))?;
-        if self.filters.contains_key(filter) || self.shared.contains_key(filter) {
+        if self.filters.contains_key(filter) || self.rare.shared.contains_key(filter) {
             return Ok(None);
         }
         let target = if switchboard_core::pattern::is_pattern(&name) {
@@ -1134,10 +1420,10 @@ impl Conn {
                 return Some(End::Protocol(0x94, format!("topic alias {a}: this server takes 1 to {TOPIC_ALIASES}")))
             }
             (Some(a), false) => {
-                self.aliases.insert(a, p.topic.clone());
+                self.rare.aliases.insert(a, p.topic.clone());
                 p.topic.clone()
             }
-            (Some(a), true) => match self.aliases.get(&a) {
+            (Some(a), true) => match self.rare.aliases.get(&a) {
                 Some(t) => t.clone(),
                 None => return Some(End::Protocol(0x82, "unknown topic alias".into())),
             },
@@ -1146,13 +1432,13 @@ impl Conn {
         };
         if p.qos == 2 {
             let id = p.packet_id.expect("QoS 2 has an id");
-            if !self.qos2.contains(&id) && self.qos2.len() >= RECEIVE_MAXIMUM as usize {
+            if !self.rare.qos2.contains(&id) && self.rare.qos2.len() >= RECEIVE_MAXIMUM as usize {
                 return Some(End::Protocol(0x93, "receive maximum exceeded".into()));
             }
         }
         let result = match topic.strip_prefix("$direct/") {
             // QoS 2 sent again (DUP) before PUBREL: already sent once.
-            Some(_) if p.qos == 2 && p.packet_id.is_some_and(|id| self.qos2.contains(&id)) => Ok(0),
+            Some(_) if p.qos == 2 && p.packet_id.is_some_and(|id| self.rare.qos2.contains(&id)) => Ok(0),
             Some(target) => self.send_direct(target, &p).await,
             None => self.store(&topic, &p).await.map(|()| 0),
         };
@@ -1167,7 +1453,7 @@ impl Conn {
             (1, Some(id)) if v == Version::V5 || code == 0 => self.send(codec::ack(v, 4, id, code, &why)),
             (2, Some(id)) if v == Version::V5 || code == 0 => {
                 if code < 0x80 {
-                    self.qos2.insert(id);
+                    self.rare.qos2.insert(id);
                 }
                 self.send(codec::ack(v, 5, id, code, &why));
             }
@@ -1199,14 +1485,14 @@ impl Conn {
         let channel = resolved.channel.clone();
         let by = ops::Publisher::Client { client: Some(&self.session.client), user: self.session.user() };
         let answer = ops::publish_to(&self.session.state, &resolved, data, volatile, key, by).await?;
-        if !self.no_local.is_empty() {
+        if !self.rare.no_local.is_empty() {
             // Remembered for No Local (its delivery is in this connection's queue, read
             // after this packet).
             if let Some(offset) = answer.offset() {
-                if self.own.len() >= OWN_REMEMBERED {
-                    self.own.pop_front();
+                if self.rare.own.len() >= OWN_REMEMBERED {
+                    self.rare.own.pop_front();
                 }
-                self.own.push_back((channel, offset));
+                self.rare.own.push_back((channel, offset));
             }
         }
         Ok(())
@@ -1214,12 +1500,16 @@ impl Conn {
 
     /// The last word: MQTT 5 gets a DISCONNECT saying why the server ends it.
     async fn goodbye(&mut self, end: &End) {
+        // From here on only this task writes (the DISCONNECT must not be interleaved).
+        self.session.queue.clear_direct();
         let _ = self.write_queued().await;
         // Kept before the socket closes: a client that reconnects as soon as it sees the
         // close finds its session — and a connection that took this one over, which
         // waits for `ended`, resumes it from here.
         self.save_session().await;
-        let _ = self.ended.send(true);
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.send(());
+        }
         if self.version == Version::V5 {
             let (code, text) = match end {
                 End::Protocol(code, text) => (*code, text.as_str()),
@@ -1240,6 +1530,21 @@ impl Conn {
         }
         let _ = self.tcp.shutdown().await;
     }
+}
+
+/// Reads what is there into `buf`, through a buffer on the stack of one poll: waiting
+/// for input holds no buffer.
+fn read_some<'a>(
+    io: &'a mut Io,
+    buf: &'a mut BytesMut,
+) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        let mut stack = [0u8; 4096];
+        let mut rb = ReadBuf::new(&mut stack);
+        ready!(Pin::new(&mut **io).poll_read(cx, &mut rb))?;
+        buf.extend_from_slice(rb.filled());
+        Poll::Ready(Ok(rb.filled().len()))
+    })
 }
 
 /// Writes `bytes` and flushes: a TLS or WebSocket stream may hold what it was given.
@@ -1273,4 +1578,93 @@ fn reason_for(version: Version, e: &ApiError) -> u8 {
 fn encode(version: Version, d: &switchboard_core::Delivery) -> Bytes {
     let topic = super::topic_of(&d.publication.channel);
     codec::publish(version, &topic, &super::payload_of(&d.publication.data), false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use switchboard_core::{Delivery, Publication};
+
+    fn publication(kind: Kind, data: &str) -> Event {
+        Event::Publication(Delivery::new(Publication {
+            channel: ChannelName::parse("room").unwrap(),
+            offset: 1,
+            epoch: "e".into(),
+            data: Bytes::copy_from_slice(data.as_bytes()),
+            time: 0,
+            kind,
+        }))
+    }
+
+    /// A sink on one end of a loopback connection, and the other end.
+    fn pair(plain: bool, max_packet: usize) -> (Sink, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let stream = Arc::new(TcpStream::from_std(server).unwrap());
+        (Sink { stream, version: Version::V311, max_packet, plain: AtomicBool::new(plain) }, client)
+    }
+
+    fn read_exactly(client: &mut std::net::TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0; n];
+        client.read_exact(&mut got).unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn the_direct_path_writes_what_the_task_would_and_counts_what_it_leaves_out() {
+        let (sink, mut client) = pair(true, 40);
+        let long = format!("\"{}\"", "x".repeat(60));
+        let events = vec![
+            publication(Kind::Join, "{}"),
+            publication(Kind::Stored, "\"a\""),
+            Event::Reset {
+                channel: ChannelName::parse("room").unwrap(),
+                position: switchboard_core::StreamPosition { epoch: "e".into(), offset: 0 },
+            },
+            publication(Kind::Stored, &long), // over the client's maximum packet size
+            Event::Frame(codec::pingresp()),
+            publication(Kind::Leave, "{}"),
+        ];
+        // Every event is accounted for: written, or not for this client at all.
+        assert_eq!(sink.try_write_many(&events).unwrap(), (events.len(), None));
+        let want = [codec::publish(Version::V311, "room", b"a", false), codec::pingresp()].concat();
+        assert_eq!(read_exactly(&mut client, want.len()), want);
+        assert!(matches!(sink.try_write(&publication(Kind::Leave, "{}")), Written::All));
+        assert!(matches!(sink.try_write(&publication(Kind::Volatile, "\"b\"")), Written::All));
+        let want = codec::publish(Version::V311, "room", b"b", false);
+        assert_eq!(read_exactly(&mut client, want.len()), want);
+    }
+
+    #[tokio::test]
+    async fn while_the_connection_is_not_plain_everything_is_left_to_its_task() {
+        let (sink, _client) = pair(false, usize::MAX);
+        assert!(matches!(sink.try_write(&publication(Kind::Stored, "1")), Written::Blocked));
+        let events = vec![publication(Kind::Stored, "1"), publication(Kind::Stored, "2")];
+        assert_eq!(sink.try_write_many(&events).unwrap(), (0, None));
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_takes_part_of_a_batch_leaves_the_rest_at_the_right_event() {
+        let (sink, mut client) = pair(true, usize::MAX);
+        socket2::SockRef::from(&*sink.stream).set_send_buffer_size(4096).unwrap();
+        let big = format!("\"{}\"", "y".repeat(3000));
+        let events: Vec<Event> =
+            (0..200).flat_map(|_| [publication(Kind::Join, "{}"), publication(Kind::Stored, &big)]).collect();
+        let (n, rest) = sink.try_write_many(&events).unwrap();
+        assert!(n < events.len(), "a small send buffer took {n} of {} events", events.len());
+        // The event it stopped at is one that is sent (not a skipped join), and what is
+        // left of it plus everything after it make up the rest of the stream.
+        assert!(matches!(&events[n], Event::Publication(d) if d.publication.kind == Kind::Stored));
+        let one = codec::publish(Version::V311, "room", big.trim_matches('"').as_bytes(), false);
+        let sent_whole = events[..n]
+            .iter()
+            .filter(|e| matches!(e, Event::Publication(d) if d.publication.kind == Kind::Stored))
+            .count();
+        let part = rest.map_or(0, |r| one.len() - r.len());
+        let got = read_exactly(&mut client, sent_whole * one.len() + part);
+        assert_eq!(got, one.repeat(sent_whole + 1)[..got.len()]);
+    }
 }

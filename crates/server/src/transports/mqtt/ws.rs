@@ -63,7 +63,7 @@ fn upgrade(state: AppState, req: &mut Request) -> Result<Response, ApiError> {
             return;
         }
         ws.incoming.extend(first);
-        super::connection::serve(Box::new(ws), state, peer, slot).await
+        super::connection::serve(Box::new(ws), state, peer, slot, None).await
     });
     let mut r = crate::transports::ws::switching_protocols(&accept);
     r.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol));
