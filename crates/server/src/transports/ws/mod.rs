@@ -180,6 +180,7 @@ pub(crate) fn spawn_upgraded<F, Fut>(
     F: FnOnce(Socket, bytes::Bytes) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let metrics = metrics.clone();
     tokio::spawn(crate::guarded(metrics.clone(), task, async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -188,10 +189,13 @@ pub(crate) fn spawn_upgraded<F, Fut>(
                 return;
             }
         };
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => serve(Socket::Tcp(parts.io.into_inner()), parts.read_buf).await,
-            Err(upgraded) => serve(Socket::Stream(Box::new(TokioIo::new(upgraded))), bytes::Bytes::new()).await,
-        }
+        let served = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => serve(Socket::Tcp(parts.io.into_inner()), parts.read_buf),
+            Err(upgraded) => serve(Socket::Stream(Box::new(TokioIo::new(upgraded))), bytes::Bytes::new()),
+        };
+        // A task of its own: the connection lives in it, and its memory is the
+        // connection's future alone, not this waiting's too.
+        tokio::spawn(crate::guarded(metrics, task, served));
     }));
 }
 
