@@ -513,6 +513,76 @@ async fn a_qos_0_subscriber_takes_a_qos_1_subscription_and_back_keeping_order() 
     }
 }
 
+/// A clean QoS 1 subscriber (written to from the fan-out, packet ids and its window
+/// kept there): never more unacknowledged publications than its receive maximum, each
+/// acknowledgement lets the next out, ids are never reused while in flight, and order
+/// holds throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_qos_1_subscriber_gets_everything_in_order_within_its_window() {
+    let s = server().await;
+    let addr = s.mqtt.unwrap();
+    let id = channel("x").replace("x:", "");
+    let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
+    let (mut c, _) = Mqtt::connect_session_with(addr, true, &format!("w-{id}"), true, 0, Some(3)).await;
+    assert_eq!(c.subscribe_qos(&topic, None, 1).await.0, 1);
+    // Published before the subscriber reads: three go out at once, the rest wait for
+    // acknowledgements in the connection.
+    let total = 200;
+    for n in 0..total {
+        s.publish(&ch, json!(n)).await;
+    }
+    let mut unacked: std::collections::VecDeque<u16> = Default::default();
+    for n in 0..total {
+        let p = c.next_publish_unacked().await.unwrap();
+        assert_eq!((p.qos, p.payload), (1, n.to_string().into_bytes()), "#{n}");
+        let id = p.packet_id.unwrap();
+        assert!(!unacked.contains(&id), "packet id {id} reused while in flight");
+        unacked.push_back(id);
+        assert!(unacked.len() <= 3, "more in flight than the receive maximum");
+        // Acknowledge late, keeping the window full: each PUBACK lets exactly one out.
+        if unacked.len() == 3 {
+            c.puback(unacked.pop_front().unwrap()).await;
+        }
+    }
+    // Two in flight now: of three more, one comes, and the next only after a PUBACK.
+    for n in 0..3 {
+        s.publish(&ch, json!(total + n)).await;
+    }
+    assert_eq!(c.next_publish_unacked().await.unwrap().payload, total.to_string().into_bytes());
+    // (A negative check: it can only pass wrongly on a slow machine, never fail wrongly.)
+    let early = tokio::time::timeout(Duration::from_millis(300), c.next_publish_unacked()).await;
+    assert!(early.is_err(), "a publication beyond the receive maximum");
+    c.puback(unacked.pop_front().unwrap()).await;
+    assert_eq!(c.next_publish_unacked().await.unwrap().payload, (total + 1).to_string().into_bytes());
+}
+
+/// A QoS 1 publication over the client's maximum packet size is not sent (MQTT-3.1.2-25)
+/// — and does not keep a place in its window: what follows still comes.
+#[tokio::test]
+async fn a_qos_1_publication_too_large_for_the_client_is_left_out_without_blocking_its_window() {
+    let s = server().await;
+    // Receive maximum 1, maximum packet size 64 bytes; without a session (written from
+    // the fan-out) and with one (written by the connection's task).
+    for expiry in [0u8, 60] {
+        let id = channel("x").replace("x:", "");
+        let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
+        let props = [0x21, 0, 1, 0x27, 0, 0, 0, 64, 0x11, 0, 0, 0, expiry];
+        let mut c = Mqtt::connect_v5_props(s.mqtt.unwrap(), &format!("big-{id}-{expiry}"), &props).await;
+        assert_eq!(c.subscribe_qos(&topic, None, 1).await.0, 1);
+        s.publish(&ch, json!("x".repeat(100))).await;
+        for n in 0..3 {
+            s.publish(&ch, json!(n)).await;
+        }
+        for n in 0..3 {
+            // (Bounded: with the large one holding the only place, this would wait forever.)
+            let p = tokio::time::timeout(Duration::from_secs(60), c.next_publish_unacked()).await;
+            let p = p.expect("the publications after the large one").unwrap();
+            assert_eq!(p.payload, n.to_string().into_bytes(), "session expiry {expiry}");
+            c.puback(p.packet_id.unwrap()).await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_shared_subscription_deals_each_publication_to_one_member_in_turn() {
     let s = server().await;

@@ -221,6 +221,23 @@ impl Mqtt {
         (m, body[0] & 1 == 1)
     }
 
+    /// MQTT 5 CONNECT with clean start and these raw CONNECT properties.
+    pub async fn connect_v5_props(addr: std::net::SocketAddr, client_id: &str, props: &[u8]) -> Mqtt {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut m = Mqtt { link: Link::Tcp(tcp), buf: Vec::new(), v5: true, next_id: 1 };
+        let mut body = Vec::new();
+        str16(&mut body, b"MQTT");
+        body.extend_from_slice(&[5, 0x02]);
+        body.extend_from_slice(&60u16.to_be_bytes());
+        varint(&mut body, props.len());
+        body.extend_from_slice(props);
+        str16(&mut body, client_id.as_bytes());
+        m.send(&packet(0x10, &body)).await;
+        let (first, body) = m.read().await.expect("CONNACK");
+        assert_eq!((first, body[1]), (0x20, 0), "CONNACK accepted");
+        m
+    }
+
     /// DISCONNECT, then waits until the server closes.
     pub async fn disconnect(mut self) {
         self.send(&packet(0xE0, &[0, 0][..if self.v5 { 2 } else { 0 }])).await;

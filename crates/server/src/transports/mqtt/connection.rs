@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -107,13 +107,10 @@ struct Conn {
     persist: Option<Duration>,
     /// The QoS granted to each subscribed channel or pattern.
     qos: HashMap<String, u8>,
-    /// The client's receive maximum: QoS 1 and 2 publications it takes incomplete.
-    window: usize,
-    next_packet_id: u16,
     /// Subscribed to `$direct`: registered for direct messages.
     direct: Option<crate::registry::ClientRegistration>,
-    /// Plain TCP: the queue's direct path, while this connection's state lets it write.
-    sink: Option<Arc<Sink>>,
+    /// The window of QoS 1 and 2 publications; for plain TCP, the queue's direct path.
+    sink: Arc<Sink>,
     /// What only some connections use, allocated while they do.
     rare: Lazy,
 }
@@ -144,8 +141,6 @@ struct Rare {
     /// This client's latest stored publications (channel, offset), while it has No Local
     /// subscriptions: what they leave out.
     own: std::collections::VecDeque<(ChannelName, u64)>,
-    /// QoS 1 and 2 publications sent and not yet complete, in order.
-    inflight: std::collections::VecDeque<Inflight>,
     /// From a resumed session: publications that were in flight when it was kept, by
     /// (channel, offset) — sent again with their packet id and DUP (or, for a QoS 2 one
     /// already released, its PUBREL again) as the resume replays them.
@@ -166,7 +161,6 @@ impl Rare {
             && self.sub_ids.is_empty()
             && self.no_local.is_empty()
             && self.own.is_empty()
-            && self.inflight.is_empty()
             && self.again.is_empty()
             && self.held.is_empty()
             && self.held_bytes == 0
@@ -275,78 +269,179 @@ impl AsyncWrite for SharedTcp {
     }
 }
 
-/// The queue's direct path for MQTT over plain TCP: a publication or packet is written
-/// to the socket by the task that pushes it, when nothing is queued before it, the socket
-/// takes it — and the connection's state needs nothing of the connection's task for it:
-/// QoS 0 subscriptions only, without subscription identifiers, No Local, a retained
-/// message on its way, or a session to keep (`plain`, set by the task). Otherwise pushes
-/// are queued and the task writes them as before.
+/// The QoS 1 and 2 publications on their way to the client (its window), shared by the
+/// connection's task and the direct path.
+struct Window {
+    inflight: std::collections::VecDeque<Inflight>,
+    next_packet_id: u16,
+}
+
+impl Window {
+    /// The next packet id neither in flight nor `busy` (an id a resumed session is
+    /// about to send again).
+    fn packet_id(&mut self, busy: impl Fn(u16) -> bool) -> u16 {
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if !busy(id) && !self.inflight.iter().any(|f| f.id == id) {
+                return id;
+            }
+        }
+    }
+}
+
+/// What one event is for the direct path.
+enum Prepared {
+    /// Nothing goes out for it (presence events, resets, packets over the client's
+    /// maximum size): written, as far as the queue is concerned.
+    Skip,
+    /// These bytes; `true` when it took a place in the window (QoS 1 and 2).
+    Send(Bytes, bool),
+    /// The client's window is full: the connection's task holds it until there is room.
+    Full,
+}
+
+/// The connection's side of writing: its window of QoS 1 and 2 publications, and — for
+/// MQTT over plain TCP — the queue's direct path: a publication or packet is written to
+/// the socket by the task that pushes it, when nothing is queued before it, the socket
+/// takes it and the connection's state needs nothing more of its task (`plain`, set by
+/// the task): every subscription at one QoS, without subscription identifiers or No
+/// Local, no retained message on its way, nothing held back, no session to keep. A QoS 1
+/// or 2 publication then takes its packet id and place in the window here, under the
+/// window's lock. Otherwise pushes are queued and the task writes them.
 struct Sink {
-    stream: Arc<TcpStream>,
+    /// The socket, when the connection is plain TCP (else there is no direct path).
+    stream: Option<Arc<TcpStream>>,
     version: Version,
     max_packet: usize,
-    plain: AtomicBool,
+    /// The client's receive maximum: QoS 1 and 2 publications it takes incomplete.
+    receive_max: usize,
+    /// 0: not plain (the task writes everything); else 1 + the QoS of every subscription.
+    plain: AtomicU8,
+    window: std::sync::Mutex<Window>,
 }
 
 impl Sink {
-    /// The bytes `event` goes out as; `None` for what is not sent (presence events,
-    /// resets, packets over the client's maximum size).
-    fn bytes_of(&self, event: &Event) -> Option<Bytes> {
-        let bytes = match event {
-            Event::Publication(d) if matches!(d.publication.kind, Kind::Join | Kind::Leave) => return None,
-            Event::Publication(d) => {
-                let slot = if self.version == Version::V5 { SLOT_V5 } else { SLOT_V311 };
-                d.encoded(slot, |d| encode(self.version, d))
-            }
-            Event::Frame(b) => b.clone(),
-            Event::Reset { .. } => return None,
-        };
-        (bytes.len() <= self.max_packet).then_some(bytes)
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What `event` goes out as at QoS `qos` (the window is locked for QoS 1 and 2).
+    fn prepare(&self, event: &Event, qos: u8, window: Option<&mut Window>) -> Prepared {
+        let fits = |b: Bytes| if b.len() <= self.max_packet { Prepared::Send(b, false) } else { Prepared::Skip };
+        match event {
+            Event::Publication(d) if matches!(d.publication.kind, Kind::Join | Kind::Leave) => Prepared::Skip,
+            Event::Publication(d) => match window {
+                Some(w) if qos > 0 => {
+                    if w.inflight.len() >= self.receive_max {
+                        return Prepared::Full;
+                    }
+                    let id = w.packet_id(|_| false);
+                    let topic = super::topic_of(&d.publication.channel);
+                    let payload = super::payload_of(&d.publication.data);
+                    let out = codec::Outgoing {
+                        topic: &topic,
+                        payload: &payload,
+                        qos,
+                        packet_id: id,
+                        retain: false,
+                        dup: false,
+                        subscription_ids: &[],
+                    };
+                    let bytes = out.encode(self.version);
+                    if bytes.len() > self.max_packet {
+                        return Prepared::Skip;
+                    }
+                    // (No position to confirm: a plain connection keeps no session.)
+                    w.inflight.push_back(Inflight { id, qos, released: false, confirms: None });
+                    Prepared::Send(bytes, true)
+                }
+                _ => {
+                    let slot = if self.version == Version::V5 { SLOT_V5 } else { SLOT_V311 };
+                    fits(d.encoded(slot, |d| encode(self.version, d)))
+                }
+            },
+            Event::Frame(b) => fits(b.clone()),
+            Event::Reset { .. } => Prepared::Skip,
+        }
+    }
+
+    /// The socket and the QoS, while the direct path may write.
+    fn plain(&self) -> Option<(&TcpStream, u8)> {
+        let plain = self.plain.load(Ordering::Acquire);
+        self.stream.as_deref().filter(|_| plain > 0).map(|s| (s, plain - 1))
     }
 }
 
 impl DirectWrite for Sink {
     fn try_write(&self, event: &Event) -> Written {
-        if !self.plain.load(Ordering::Acquire) {
-            return Written::Blocked;
-        }
-        let Some(bytes) = self.bytes_of(event) else { return Written::All };
-        match socket2::SockRef::from(&*self.stream).send(&bytes) {
+        let Some((stream, qos)) = self.plain() else { return Written::Blocked };
+        let mut window = (qos > 0 && matches!(event, Event::Publication(_))).then(|| self.window());
+        let (bytes, took) = match self.prepare(event, qos, window.as_deref_mut()) {
+            Prepared::Skip => return Written::All,
+            Prepared::Full => return Written::Blocked,
+            Prepared::Send(b, took) => (b, took),
+        };
+        let written = match socket2::SockRef::from(stream).send(&bytes) {
             Ok(n) if n == bytes.len() => Written::All,
             Ok(n) => Written::Part(bytes.slice(n..)),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Written::Blocked,
             Err(_) => Written::Failed,
+        };
+        if took && matches!(written, Written::Blocked | Written::Failed) {
+            // Not sent: it leaves the window (queued, the task sends it with an id of its own).
+            window.as_deref_mut().and_then(|w| w.inflight.pop_back());
         }
+        written
     }
 
     fn try_write_many(&self, events: &[Event]) -> Result<(usize, Option<Bytes>), Broken> {
         const MAX_IOV: usize = 256;
-        if !self.plain.load(Ordering::Acquire) {
-            return Ok((0, None));
-        }
-        // (event index, its bytes) for what is sent; what is not counts as written.
-        let mut frames: Vec<(usize, Bytes)> = Vec::with_capacity(events.len().min(MAX_IOV));
+        let Some((stream, qos)) = self.plain() else { return Ok((0, None)) };
+        let mut window = (qos > 0).then(|| self.window());
+        // (event index, its bytes, whether it took a place in the window) for what is
+        // sent; what is skipped counts as written.
+        let mut frames: Vec<(usize, Bytes, bool)> = Vec::with_capacity(events.len().min(MAX_IOV));
         let mut considered = events.len();
         for (i, e) in events.iter().enumerate() {
             if frames.len() == MAX_IOV {
                 considered = i;
                 break;
             }
-            if let Some(b) = self.bytes_of(e) {
-                frames.push((i, b));
+            match self.prepare(e, qos, window.as_deref_mut()) {
+                Prepared::Skip => {}
+                Prepared::Send(b, took) => frames.push((i, b, took)),
+                Prepared::Full => {
+                    considered = i;
+                    break;
+                }
             }
         }
+        // Frames from `from` on were not sent at all: their places in the window go.
+        let unsend = |window: &mut Option<std::sync::MutexGuard<'_, Window>>, from: usize| {
+            let n = frames[from..].iter().filter(|f| f.2).count();
+            if let Some(w) = window.as_deref_mut() {
+                let keep = w.inflight.len() - n;
+                w.inflight.truncate(keep);
+            }
+        };
         if frames.is_empty() {
             return Ok((considered, None));
         }
-        let slices: Vec<IoSlice<'_>> = frames.iter().map(|(_, f)| IoSlice::new(f)).collect();
-        let mut n = match socket2::SockRef::from(&*self.stream).send_vectored(&slices) {
+        let slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(&f.1)).collect();
+        let mut n = match socket2::SockRef::from(stream).send_vectored(&slices) {
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((frames[0].0, None)),
-            Err(_) => return Err(Broken),
+            Err(e) => {
+                unsend(&mut window, 0);
+                return match e.kind() {
+                    std::io::ErrorKind::WouldBlock => Ok((frames[0].0, None)),
+                    _ => Err(Broken),
+                };
+            }
         };
-        for (i, f) in &frames {
+        for (k, (i, f, _)) in frames.iter().enumerate() {
             if n < f.len() {
+                unsend(&mut window, if n > 0 { k + 1 } else { k });
                 return Ok((*i, (n > 0).then(|| f.slice(n..))));
             }
             n -= f.len();
@@ -378,13 +473,10 @@ pub async fn serve(
     let _slot = slot;
     // One-off work is boxed: its state must not sit in every idle connection's future
     // (the handshake, resuming a session, packet handling, the goodbye).
-    let Some((mut conn, _gauge, client_max)) = Box::pin(start(tcp, &state, peer)).await else { return };
-    let version = conn.c.version;
+    let Some((mut conn, _gauge)) = Box::pin(start(tcp, &state, peer, direct)).await else { return };
     let _closes = CloseOnDrop(conn.c.session.queue.clone());
-    if let Some(stream) = direct {
-        let sink = Arc::new(Sink { stream, version, max_packet: client_max, plain: AtomicBool::new(false) });
-        conn.c.session.queue.set_direct(sink.clone());
-        conn.c.sink = Some(sink);
+    if conn.c.sink.stream.is_some() {
+        conn.c.session.queue.set_direct(conn.c.sink.clone());
     }
     let end = match conn.resumed.take() {
         Some(kept) => match Box::pin(conn.c.resume(*kept)).await {
@@ -435,7 +527,8 @@ async fn start(
     mut tcp: Io,
     state: &AppState,
     peer: SocketAddr,
-) -> Option<(Box<Accepted>, crate::metrics::ConnectionGauge, usize)> {
+    direct: Option<Arc<TcpStream>>,
+) -> Option<(Box<Accepted>, crate::metrics::ConnectionGauge)> {
     let max_packet = state.config.mqtt.max_packet_bytes;
     let mut buf = BytesMut::with_capacity(512);
     let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut tcp, &mut buf, max_packet)).await {
@@ -451,9 +544,8 @@ async fn start(
         Ok(Err(None)) | Err(_) => return None,
     };
     let gauge = state.metrics.connection(crate::metrics::Transport::Mqtt);
-    let client_max = connect.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
-    let conn = accept(tcp, buf, state, *connect).await?;
-    Some((Box::new(conn), gauge, client_max))
+    let conn = accept(tcp, buf, state, *connect, direct).await?;
+    Some((Box::new(conn), gauge))
 }
 
 /// Reads the CONNECT packet. `Err(Some)`: a CONNECT-level error to answer with CONNACK;
@@ -519,7 +611,13 @@ struct Accepted {
 }
 
 /// Checks a CONNECT — credentials, client id, will — and answers it.
-async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) -> Option<Accepted> {
+async fn accept(
+    mut tcp: Io,
+    buf: BytesMut,
+    state: &AppState,
+    connect: Connect,
+    direct: Option<Arc<TcpStream>>,
+) -> Option<Accepted> {
     let version = connect.version;
     let refuse = |code: u8, why: String| {
         let props = server_props(state, None, None, Some(&why));
@@ -624,6 +722,18 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
         return None;
     }
     tracing::debug!(client = %client_id, ?version, "MQTT connected");
+    let max_packet = connect.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
+    let sink = Arc::new(Sink {
+        stream: direct,
+        version,
+        max_packet,
+        receive_max: match version {
+            Version::V5 => connect.receive_maximum.max(1) as usize,
+            Version::V311 => OUTGOING_WINDOW_V311,
+        },
+        plain: AtomicU8::new(0),
+        window: std::sync::Mutex::new(Window { inflight: Default::default(), next_packet_id: 1 }),
+    });
     Some(Accepted {
         c: Conn {
             ended: Some(ended),
@@ -632,18 +742,13 @@ async fn accept(mut tcp: Io, buf: BytesMut, state: &AppState, connect: Connect) 
             client_id,
             tcp,
             buf,
-            max_packet: connect.maximum_packet_size.map_or(usize::MAX, |m| m as usize),
+            max_packet,
             filters: HashMap::new(),
             keep_alive: connect.keep_alive,
             persist: persist.map(Duration::from_secs),
             qos: HashMap::new(),
-            window: match version {
-                Version::V5 => connect.receive_maximum.max(1) as usize,
-                Version::V311 => OUTGOING_WINDOW_V311,
-            },
-            next_packet_id: 1,
             direct: None,
-            sink: None,
+            sink,
             rare: Lazy::default(),
         },
         will_allowed: will_allowed.map(Box::new),
@@ -693,7 +798,7 @@ impl Conn {
                 return end;
             }
             self.rare.trim();
-            self.set_plain(self.is_plain());
+            self.set_plain(self.plain_qos());
             // One timer: the next presence refresh, or keep-alive running out first.
             let expires = (!keep_alive.is_zero()).then(|| last_seen + allowed);
             let wake = expires.map_or(next_refresh, |e| e.min(next_refresh));
@@ -756,7 +861,7 @@ impl Conn {
                 }
                 Event::Publication(ref d) => {
                     let qos = self.qos_for(&d.publication.channel);
-                    if qos >= 1 && (self.rare.inflight.len() >= self.window || !waiting.is_empty()) {
+                    if qos >= 1 && (self.sink.window().inflight.len() >= self.sink.receive_max || !waiting.is_empty()) {
                         // The client's window is full: it waits here, in order.
                         waiting.push_back(e);
                         continue;
@@ -770,7 +875,12 @@ impl Conn {
                         match self.rare.again.remove(&key) {
                             // Released before the session was kept: only PUBCOMP is missing.
                             Some((id, true)) => {
-                                self.rare.inflight.push_back(Inflight { id, qos: 2, released: true, confirms });
+                                self.sink.window().inflight.push_back(Inflight {
+                                    id,
+                                    qos: 2,
+                                    released: true,
+                                    confirms,
+                                });
                                 codec::ack(self.version, 6, id, 0, "")
                             }
                             again => {
@@ -778,7 +888,7 @@ impl Conn {
                                     Some((id, _)) => (id, true),
                                     None => (self.packet_id(), false),
                                 };
-                                self.rare.inflight.push_back(Inflight { id, qos, released: false, confirms });
+                                self.sink.window().inflight.push_back(Inflight { id, qos, released: false, confirms });
                                 let topic = super::topic_of(&d.publication.channel);
                                 let payload = super::payload_of(&d.publication.data);
                                 let subscription_ids = &self.ids_for(&d.publication.channel);
@@ -819,6 +929,10 @@ impl Conn {
                     };
                     if p.len() <= self.max_packet {
                         out.push(p);
+                    } else if qos >= 1 {
+                        // Never sent (over the client's maximum packet size): it must not
+                        // keep a place in the window, which no acknowledgement would free.
+                        self.sink.window().inflight.pop_back();
                     }
                 }
                 // Acknowledgements, pings and direct messages never wait behind the
@@ -854,36 +968,29 @@ impl Conn {
         }
     }
 
-    /// Whether this connection's publications need nothing of its task: the direct path
-    /// may write them (see [`Sink`]).
-    fn is_plain(&self) -> bool {
-        self.persist.is_none()
+    /// The QoS of every subscription when this connection's publications need nothing
+    /// of its task — the direct path may write them (see [`Sink`]); `None` otherwise.
+    fn plain_qos(&self) -> Option<u8> {
+        let plain = self.persist.is_none()
             && self.rare.held.is_empty()
-            && self.rare.inflight.is_empty()
             && self.rare.again.is_empty()
             && self.rare.retained.is_empty()
             && self.rare.resent.is_empty()
             && self.rare.sub_ids.is_empty()
-            && self.rare.no_local.is_empty()
-            && self.qos.values().all(|q| *q == 0)
+            && self.rare.no_local.is_empty();
+        let mut qos = self.qos.values();
+        let first = qos.next().copied().unwrap_or(0);
+        (plain && qos.all(|q| *q == first)).then_some(first)
     }
 
-    fn set_plain(&self, plain: bool) {
-        if let Some(sink) = &self.sink {
-            sink.plain.store(plain, Ordering::Release);
-        }
+    fn set_plain(&self, qos: Option<u8>) {
+        self.sink.plain.store(qos.map_or(0, |q| q + 1), Ordering::Release);
     }
 
     /// The next packet id not in flight (nor waiting to be sent again).
     fn packet_id(&mut self) -> u16 {
-        loop {
-            let id = self.next_packet_id;
-            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-            let busy = self.rare.inflight.iter().any(|f| f.id == id) || self.rare.again.values().any(|(a, _)| *a == id);
-            if !busy {
-                return id;
-            }
-        }
+        let again = &self.rare.again;
+        self.sink.window().packet_id(|id| again.values().any(|(a, _)| *a == id))
     }
 
     /// The QoS a publication on `channel` goes out with: its channel subscription's, else
@@ -925,8 +1032,11 @@ impl Conn {
 
     /// PUBREC for an outgoing QoS 2 publication: PUBREL, and it waits for PUBCOMP.
     fn received(&mut self, id: u16) {
-        if let Some(f) = self.rare.inflight.iter_mut().find(|f| f.id == id && f.qos == 2) {
-            f.released = true;
+        // (The window's lock is let go of before the queue's is taken: the direct path
+        // takes them the other way round.)
+        let found =
+            self.sink.window().inflight.iter_mut().find(|f| f.id == id && f.qos == 2).map(|f| f.released = true);
+        if found.is_some() {
             self.send(codec::ack(self.version, 6, id, 0, ""));
         }
     }
@@ -934,8 +1044,11 @@ impl Conn {
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2): the publication leaves the window, and the
     /// session's position on its channel moves past it.
     fn acked(&mut self, id: u16, qos: u8) {
-        let Some(i) = self.rare.inflight.iter().position(|f| f.id == id && f.qos == qos) else { return };
-        let Some(f) = self.rare.inflight.remove(i) else { return };
+        let f = {
+            let mut w = self.sink.window();
+            w.inflight.iter().position(|f| f.id == id && f.qos == qos).and_then(|i| w.inflight.remove(i))
+        };
+        let Some(f) = f else { return };
         if let Some((channel, position)) = f.confirms {
             self.advance(&channel, position);
         }
@@ -1012,7 +1125,7 @@ impl Conn {
         if matches!(p, Packet::Subscribe(_)) {
             // What a subscription brings (its QoS, options, retained message) is the
             // task's to write until `run` finds the connection plain again.
-            self.set_plain(false);
+            self.set_plain(None);
         }
         match p {
             Packet::PingReq => self.send(codec::pingresp()),
@@ -1363,7 +1476,8 @@ impl Conn {
             subs.push(sub);
         }
         let inflight = self
-            .rare
+            .sink
+            .window()
             .inflight
             .iter()
             .filter_map(|f| f.confirms.as_ref().map(|(c, p)| (c.to_string(), p.offset, f.id, f.released)))
@@ -1597,14 +1711,74 @@ mod tests {
         }))
     }
 
-    /// A sink on one end of a loopback connection, and the other end.
-    fn pair(plain: bool, max_packet: usize) -> (Sink, std::net::TcpStream) {
+    /// A sink on one end of a loopback connection, and the other end. `plain`: 0, or 1 +
+    /// the QoS of the direct path.
+    fn pair(plain: u8, max_packet: usize) -> (Sink, std::net::TcpStream) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (server, _) = l.accept().unwrap();
         server.set_nonblocking(true).unwrap();
-        let stream = Arc::new(TcpStream::from_std(server).unwrap());
-        (Sink { stream, version: Version::V311, max_packet, plain: AtomicBool::new(plain) }, client)
+        let stream = Some(Arc::new(TcpStream::from_std(server).unwrap()));
+        let window = std::sync::Mutex::new(Window { inflight: Default::default(), next_packet_id: 1 });
+        let sink =
+            Sink { stream, version: Version::V311, max_packet, receive_max: 3, plain: AtomicU8::new(plain), window };
+        (sink, client)
+    }
+
+    fn qos1(id: u16, payload: &[u8]) -> Bytes {
+        let out = codec::Outgoing {
+            topic: "room",
+            payload,
+            qos: 1,
+            packet_id: id,
+            retain: false,
+            dup: false,
+            subscription_ids: &[],
+        };
+        out.encode(Version::V311)
+    }
+
+    #[tokio::test]
+    async fn at_qos_1_the_direct_path_numbers_publications_within_the_window() {
+        let (sink, mut client) = pair(2, usize::MAX);
+        // Two singly, with packet ids 1 and 2; presence events and acks pass as at QoS 0.
+        assert!(matches!(sink.try_write(&publication(Kind::Stored, "\"a\"")), Written::All));
+        assert!(matches!(sink.try_write(&publication(Kind::Join, "{}")), Written::All));
+        assert!(matches!(sink.try_write(&Event::Frame(codec::pingresp())), Written::All));
+        assert!(matches!(sink.try_write(&publication(Kind::Volatile, "\"b\"")), Written::All));
+        // A batch of two: only one place is left in the window (receive maximum 3).
+        let batch = vec![publication(Kind::Stored, "\"c\""), publication(Kind::Stored, "\"d\"")];
+        assert_eq!(sink.try_write_many(&batch).unwrap(), (1, None), "the second waits for room");
+        assert!(matches!(sink.try_write(&publication(Kind::Stored, "\"e\"")), Written::Blocked));
+        let want = [qos1(1, b"a"), codec::pingresp(), qos1(2, b"b"), qos1(3, b"c")].concat();
+        assert_eq!(read_exactly(&mut client, want.len()), want);
+        let ids: Vec<u16> = sink.window().inflight.iter().map(|f| f.id).collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+        // PUBACK for 2 (as the task handles it): the next takes id 4, not one in flight.
+        sink.window().inflight.retain(|f| f.id != 2);
+        assert!(matches!(sink.try_write(&publication(Kind::Stored, "\"d\"")), Written::All));
+        assert_eq!(read_exactly(&mut client, qos1(4, b"d").len()), qos1(4, b"d"));
+        assert_eq!(sink.window().inflight.iter().map(|f| f.id).collect::<Vec<_>>(), vec![1, 3, 4]);
+    }
+
+    #[tokio::test]
+    async fn at_qos_1_what_the_socket_does_not_take_leaves_the_window() {
+        let (sink, mut client) = pair(2, usize::MAX);
+        let sink = Sink { receive_max: 1000, ..sink };
+        socket2::SockRef::from(&**sink.stream.as_ref().unwrap()).set_send_buffer_size(4096).unwrap();
+        let big = format!("\"{}\"", "z".repeat(3000));
+        let events: Vec<Event> = (0..200).map(|_| publication(Kind::Stored, &big)).collect();
+        let (n, rest) = sink.try_write_many(&events).unwrap();
+        assert!(n < events.len());
+        // In the window: what went whole, and the one that went in part.
+        let sent = n + usize::from(rest.is_some());
+        assert_eq!(sink.window().inflight.len(), sent);
+        // The client reads the sent ones numbered 1, 2, … up to where the socket stopped.
+        let payload = &big.as_bytes()[1..big.len() - 1];
+        let want: Vec<u8> = (1..=sent as u16).flat_map(|id| qos1(id, payload).to_vec()).collect();
+        let got = read_exactly(&mut client, want.len() - rest.map_or(0, |r| r.len()));
+        let differ = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!(differ, None, "the stream differs from what was numbered");
     }
 
     fn read_exactly(client: &mut std::net::TcpStream, n: usize) -> Vec<u8> {
@@ -1615,7 +1789,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_direct_path_writes_what_the_task_would_and_counts_what_it_leaves_out() {
-        let (sink, mut client) = pair(true, 40);
+        let (sink, mut client) = pair(1, 40);
         let long = format!("\"{}\"", "x".repeat(60));
         let events = vec![
             publication(Kind::Join, "{}"),
@@ -1640,7 +1814,7 @@ mod tests {
 
     #[tokio::test]
     async fn while_the_connection_is_not_plain_everything_is_left_to_its_task() {
-        let (sink, _client) = pair(false, usize::MAX);
+        let (sink, _client) = pair(0, usize::MAX);
         assert!(matches!(sink.try_write(&publication(Kind::Stored, "1")), Written::Blocked));
         let events = vec![publication(Kind::Stored, "1"), publication(Kind::Stored, "2")];
         assert_eq!(sink.try_write_many(&events).unwrap(), (0, None));
@@ -1648,8 +1822,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_socket_that_takes_part_of_a_batch_leaves_the_rest_at_the_right_event() {
-        let (sink, mut client) = pair(true, usize::MAX);
-        socket2::SockRef::from(&*sink.stream).set_send_buffer_size(4096).unwrap();
+        let (sink, mut client) = pair(1, usize::MAX);
+        socket2::SockRef::from(&**sink.stream.as_ref().unwrap()).set_send_buffer_size(4096).unwrap();
         let big = format!("\"{}\"", "y".repeat(3000));
         let events: Vec<Event> =
             (0..200).flat_map(|_| [publication(Kind::Join, "{}"), publication(Kind::Stored, &big)]).collect();
