@@ -205,4 +205,18 @@ pub trait Broker: Send + Sync + 'static {
     async fn cluster_channels(&self) -> Result<Option<Vec<(String, usize)>>, BrokerError> {
         Ok(None)
     }
+
+    /// Claims these publications of `channel` for `owner` (a shared subscription's group
+    /// and filter) on this node: `true` for each one no other node claimed for `owner`
+    /// within `ttl` — so that of the nodes where a group has members, exactly one
+    /// delivers each publication. A single node claims everything.
+    async fn claim(
+        &self,
+        _channel: &ChannelName,
+        _owner: &str,
+        positions: &[StreamPosition],
+        _ttl: Duration,
+    ) -> Result<Vec<bool>, BrokerError> {
+        Ok(vec![true; positions.len()])
+    }
 }

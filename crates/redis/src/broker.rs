@@ -715,6 +715,28 @@ impl Broker for RedisBroker {
         Ok(Some(out))
     }
 
+    async fn claim(
+        &self,
+        channel: &ChannelName,
+        owner: &str,
+        positions: &[StreamPosition],
+        ttl: Duration,
+    ) -> Result<Vec<bool>, BrokerError> {
+        if positions.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One key per publication and owner, in the channel's slot: the first node to
+        // set it delivers.
+        let mut pipe = redis::pipe();
+        for at in positions {
+            let key = format!("{}:{owner}:{}:{}", self.key("g", channel.as_str()), at.epoch, at.offset);
+            pipe.cmd("SET").arg(key).arg(&self.inner.node_id).arg("NX").arg("PX").arg(ttl.as_millis() as u64);
+        }
+        let mut conn = self.conn();
+        let set: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(set.into_iter().map(|r| r.is_some()).collect())
+    }
+
     async fn cluster_channels(&self) -> Result<Option<Vec<(String, usize)>>, BrokerError> {
         let nodes = self.nodes().await?.unwrap_or_default();
         let p = &self.inner.cfg.prefix;

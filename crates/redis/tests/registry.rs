@@ -47,3 +47,32 @@ async fn heartbeats_keep_the_cluster_channel_counts_exact_as_they_change() {
     assert_eq!(nodes, ["a"]);
     assert_eq!(a.cluster_channels().await.unwrap().unwrap(), all(&[]));
 }
+
+/// Claims for shared subscriptions: of two nodes claiming the same publications for the
+/// same group, each publication is won by exactly one; another group, another epoch or
+/// another channel is claimed apart; a claim lapses after its ttl.
+#[tokio::test]
+async fn each_publication_is_claimed_by_one_node_per_group() {
+    use switchboard_core::{ChannelName, StreamPosition};
+    let prefix = format!("sbtest-claim-{}", fastrand::u64(..));
+    let cfg = || RedisConfig { url: url(), prefix: prefix.clone(), idle_channel_ttl: Duration::from_secs(60) };
+    let (a, b) = (RedisBroker::new(cfg(), "a").unwrap(), RedisBroker::new(cfg(), "b").unwrap());
+    let ch = ChannelName::parse("room").unwrap();
+    let at = |epoch: &str, offset| StreamPosition { epoch: epoch.into(), offset };
+    let ttl = Duration::from_secs(30);
+    let first: Vec<StreamPosition> = (1..=10).map(|o| at("e1", o)).collect();
+    let won_a = a.claim(&ch, "g\u{0}f", &first[..6], ttl).await.unwrap();
+    let won_b = b.claim(&ch, "g\u{0}f", &first, ttl).await.unwrap();
+    assert_eq!(won_a, vec![true; 6]);
+    assert_eq!(won_b, [vec![false; 6], vec![true; 4]].concat());
+    // Another group, epoch or channel: claimed apart.
+    assert_eq!(a.claim(&ch, "h\u{0}f", &first[..1], ttl).await.unwrap(), vec![true]);
+    assert_eq!(a.claim(&ch, "g\u{0}f", &[at("e2", 1)], ttl).await.unwrap(), vec![true]);
+    let other = ChannelName::parse("hall").unwrap();
+    assert_eq!(b.claim(&other, "g\u{0}f", &first[..1], ttl).await.unwrap(), vec![true]);
+    // A claim lapses.
+    let short = Duration::from_millis(200);
+    assert_eq!(a.claim(&ch, "g\u{0}f", &[at("e3", 1)], short).await.unwrap(), vec![true]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(b.claim(&ch, "g\u{0}f", &[at("e3", 1)], short).await.unwrap(), vec![true]);
+}

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -660,6 +661,60 @@ async fn with_the_redis_broker_a_session_resumes_on_another_node() {
     assert_eq!(c.next_publish().await.unwrap().1, b"3");
     a.publish(&ch, json!(4)).await;
     assert_eq!(c.next_publish().await.unwrap().1, b"4", "live, from the other node");
+}
+
+/// A shared subscription with members on two nodes (the Redis broker): each publication
+/// goes to one member of the group across the cluster — none twice, none to no one —
+/// while an ordinary subscriber gets them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_across_two_nodes_delivers_each_publication_once() {
+    let url = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("sbmqtt-{}-{}", std::process::id(), fastrand::u32(..));
+    let cfg = format!("{CONFIG}[broker]\nkind = \"redis\"\nredis_url = \"{url}\"\nredis_prefix = \"{prefix}\"\n");
+    let (a, b) = (TestServer::start(config(&cfg)).await, TestServer::start(config(&cfg)).await);
+    let id = channel("x").replace("x:", "");
+    let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
+    let shared = format!("$share/workers/{topic}");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut readers = Vec::new();
+    for (node, s) in [("a", &a), ("b", &b)] {
+        let mut w = Mqtt::connect(s.mqtt.unwrap(), true, &format!("worker-{node}-{id}"), None).await.unwrap();
+        assert_eq!(w.subscribe(&shared, None).await.0, 0);
+        subscribers(s, &ch, 1).await;
+        let tx = tx.clone();
+        readers.push(tokio::spawn(async move {
+            while let Some((_, payload, _)) = w.next_publish().await {
+                let _ = tx.send((node, String::from_utf8(payload).unwrap().parse::<u32>().unwrap()));
+            }
+        }));
+    }
+    let mut watcher = Mqtt::connect(b.mqtt.unwrap(), true, &format!("watcher-{id}"), None).await.unwrap();
+    assert_eq!(watcher.subscribe(&topic, None).await.0, 0);
+    let total = 100;
+    for n in 0..total {
+        // Published on either node.
+        if n % 2 == 0 { &a } else { &b }.publish(&ch, json!(n)).await;
+    }
+    for n in 0..total {
+        assert_eq!(watcher.next_publish().await.unwrap().1, n.to_string().into_bytes());
+    }
+    let mut got = Vec::new();
+    let mut per_node: HashMap<&str, Vec<u32>> = HashMap::new();
+    while got.len() < total as usize {
+        // (Bounded: a publication no member got would leave this waiting.)
+        let next = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await;
+        let (node, n) = next.expect("every publication reaches one member").unwrap();
+        got.push(n);
+        per_node.entry(node).or_default().push(n);
+    }
+    for (node, mine) in &per_node {
+        assert!(mine.windows(2).all(|p| p[0] < p[1]), "node {node}'s member in order: {mine:?}");
+    }
+    got.sort();
+    assert_eq!(got, (0..total).collect::<Vec<_>>(), "each once");
+    for r in readers {
+        r.abort();
+    }
 }
 
 /// Waits until the server saved a session after `before` saves (it does when it sees a

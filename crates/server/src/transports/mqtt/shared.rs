@@ -5,15 +5,19 @@
 //! A group is one subscription of its own at the hub (so the channel's fan-out counts it
 //! once); a task hands what it receives to the members' queues round-robin, skipping a
 //! member whose queue refuses (closed, or full: that member is a slow consumer and is
-//! closed as one). Groups live on a node: with several nodes, each node's group gets every
-//! publication once (docs/mqtt.md).
+//! closed as one).
+//!
+//! With several nodes (the Redis broker), a group has a part on each node where it has
+//! members, and each stored publication goes to one of them: the parts claim it through
+//! the broker ([`switchboard_core::Broker::claim`]) and the first claim wins. Volatile
+//! publications (no offset to claim by) go to one member on each node.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use switchboard_core::hub::{SubscribeRequest, SubscriptionHandle};
 use switchboard_core::queue::Event;
-use switchboard_core::ConnQueue;
+use switchboard_core::{Broker, ChannelName, ConnQueue, StreamPosition};
 
 use crate::app::AppState;
 use crate::error::ApiError;
@@ -118,7 +122,10 @@ pub async fn join(
                 Target::Pattern(p) => state.hub.subscribe_pattern(p.pattern, shared.clone()).await?,
             };
             let members: Members = Arc::default();
-            let task = tokio::spawn(deal(shared, Arc::downgrade(&members)));
+            // The group is named by its share name and filter (MQTT 5 §4.8.2).
+            let owner = format!("{}\u{0}{}", key.0, key.1);
+            let broker = state.hub.broker().clone();
+            let task = tokio::spawn(deal(shared, Arc::downgrade(&members), broker, owner));
             let g = Arc::new(Group { members, _handle: handle, task });
             let mut map = groups.groups.lock().unwrap_or_else(|p| p.into_inner());
             // Another connection may have made the group meanwhile: theirs is used (this
@@ -130,8 +137,13 @@ pub async fn join(
     Ok(Membership { state: state.clone(), key, id })
 }
 
-/// Deals the group's publications to its members in turn, until the group is gone.
-async fn deal(shared: Arc<ConnQueue>, members: Weak<MemberList>) {
+/// How long a claim on a publication stands: far longer than the nodes of a cluster
+/// take to receive one publication.
+const CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Deals the group's publications to its members in turn, until the group is gone —
+/// the stored ones this node claimed for the group (see the module docs).
+async fn deal(shared: Arc<ConnQueue>, members: Weak<MemberList>, broker: Arc<dyn Broker>, owner: String) {
     let mut batch = Vec::new();
     let mut turn = 0usize;
     loop {
@@ -139,8 +151,12 @@ async fn deal(shared: Arc<ConnQueue>, members: Weak<MemberList>) {
             return;
         }
         let Some(members) = members.upgrade() else { return };
-        for event in batch.drain(..) {
+        let ours = claimed(&*broker, &owner, &batch).await;
+        for (event, ours) in batch.drain(..).zip(ours) {
             let Event::Publication(_) = &event else { continue };
+            if !ours {
+                continue; // another node's part of the group has it
+            }
             let live: Vec<Arc<ConnQueue>> = {
                 let m = members.lock().unwrap_or_else(|p| p.into_inner());
                 m.iter().filter_map(|(_, q)| q.upgrade()).collect()
@@ -156,4 +172,42 @@ async fn deal(shared: Arc<ConnQueue>, members: Weak<MemberList>) {
         }
         shared.write_done();
     }
+}
+
+/// Which events of `batch` this node delivers: everything but the stored publications
+/// another node claimed for `owner` first. One round of claims per channel in the batch;
+/// when the broker cannot be asked, this node delivers (a publication twice across nodes
+/// rather than to no one).
+async fn claimed(broker: &dyn Broker, owner: &str, batch: &[Event]) -> Vec<bool> {
+    let mut ours = vec![true; batch.len()];
+    let mut by_channel: Vec<(&ChannelName, Vec<usize>)> = Vec::new();
+    for (i, e) in batch.iter().enumerate() {
+        if let Event::Publication(d) = e {
+            if d.publication.is_stored() {
+                let ch = &d.publication.channel;
+                match by_channel.iter_mut().find(|(c, _)| *c == ch) {
+                    Some((_, idx)) => idx.push(i),
+                    None => by_channel.push((ch, vec![i])),
+                }
+            }
+        }
+    }
+    for (channel, idx) in by_channel {
+        let positions: Vec<StreamPosition> = idx
+            .iter()
+            .filter_map(|i| match &batch[*i] {
+                Event::Publication(d) => Some(d.publication.position()),
+                _ => None,
+            })
+            .collect();
+        match broker.claim(channel, owner, &positions, CLAIM_TTL).await {
+            Ok(won) => {
+                for (i, won) in idx.into_iter().zip(won) {
+                    ours[i] = won;
+                }
+            }
+            Err(e) => tracing::warn!(%channel, "shared subscription: claiming failed, delivering here: {e}"),
+        }
+    }
+    ours
 }
