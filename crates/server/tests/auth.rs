@@ -211,6 +211,45 @@ async fn an_expired_websocket_must_refresh_or_is_closed() {
     assert_eq!(good.call(json!({"cmd": "ping"})).await.unwrap(), json!({}));
 }
 
+/// MQTT 5 enhanced authentication with the method `JWT`: the token at CONNECT, a new one
+/// with AUTH (re-authenticate) before the old one expires — as the WebSocket's `refresh`,
+/// for the same user only — and the refusals, each with its reason code.
+#[tokio::test]
+async fn mqtt_clients_authenticate_with_jwt_and_re_authenticate_before_expiry() {
+    use common::mqtt::Mqtt;
+    let s = TestServer::start(config(&hs_config("[mqtt]\nlisten = \"127.0.0.1:0\"\n"))).await;
+    let addr = s.mqtt.unwrap();
+    let jwt = |c: &Claims| Mqtt::auth_props("JWT", &hs(c));
+    // As for the WebSocket above: one-second tokens accepted an hour early.
+    s.state.clock.shift(-HOUR_MS);
+    let mut good = Mqtt::connect_v5_props(addr, "jwt-good", &jwt(&claims("dave", 1))).await.unwrap();
+    let mut lazy = Mqtt::connect_v5_props(addr, "jwt-lazy", &jwt(&claims("frank", 1))).await.unwrap();
+    good.send(&Mqtt::auth(0x19, &jwt(&claims("dave", 600)))).await;
+    let (first, body) = good.read().await.unwrap();
+    assert_eq!((first, body[0]), (0xF0, 0x00), "AUTH Success");
+    s.state.clock.shift(HOUR_MS);
+    // Not re-authenticated: DISCONNECT 0xA0 (token expired).
+    let (first, body) = lazy.read().await.unwrap();
+    assert_eq!((first, body[0]), (0xE0, 0xA0));
+    // Re-authenticated: still there (PINGREQ, PINGRESP).
+    good.send(&common::mqtt::packet(0xC0, &[])).await;
+    assert_eq!(good.read().await.unwrap().0, 0xD0);
+    // Re-authenticating as someone else: DISCONNECT 0x87 Not authorized.
+    good.send(&Mqtt::auth(0x19, &jwt(&claims("eve", 600)))).await;
+    let (first, body) = good.read().await.unwrap();
+    assert_eq!((first, body[0]), (0xE0, 0x87));
+    // A method this server does not know: CONNACK 0x8C Bad authentication method; the
+    // method without a token: 0x87; an expired token: 0x86.
+    assert_eq!(Mqtt::connect_v5_props(addr, "m", &Mqtt::auth_props("SCRAM-SHA-1", "x")).await.err(), Some(0x8C));
+    assert_eq!(Mqtt::connect_v5_props(addr, "m", &[0x15, 0, 3, b'J', b'W', b'T']).await.err(), Some(0x87));
+    assert_eq!(Mqtt::connect_v5_props(addr, "m", &jwt(&claims("dave", -60))).await.err(), Some(0x86));
+    // AUTH on a connection that did not authenticate with a method: 0x82 Protocol error.
+    let mut plain = Mqtt::connect_v5_props(addr, "plain", &[]).await.unwrap();
+    plain.send(&Mqtt::auth(0x19, &jwt(&claims("dave", 600)))).await;
+    let (first, body) = plain.read().await.unwrap();
+    assert_eq!((first, body[0]), (0xE0, 0x82));
+}
+
 #[tokio::test]
 async fn an_sse_stream_ends_when_its_token_expires() {
     let s = TestServer::start(config(&hs_config(""))).await;

@@ -568,7 +568,7 @@ async fn a_qos_1_publication_too_large_for_the_client_is_left_out_without_blocki
         let id = channel("x").replace("x:", "");
         let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
         let props = [0x21, 0, 1, 0x27, 0, 0, 0, 64, 0x11, 0, 0, 0, expiry];
-        let mut c = Mqtt::connect_v5_props(s.mqtt.unwrap(), &format!("big-{id}-{expiry}"), &props).await;
+        let mut c = Mqtt::connect_v5_props(s.mqtt.unwrap(), &format!("big-{id}-{expiry}"), &props).await.unwrap();
         assert_eq!(c.subscribe_qos(&topic, None, 1).await.0, 1);
         s.publish(&ch, json!("x".repeat(100))).await;
         for n in 0..3 {

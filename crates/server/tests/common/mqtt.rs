@@ -221,8 +221,9 @@ impl Mqtt {
         (m, body[0] & 1 == 1)
     }
 
-    /// MQTT 5 CONNECT with clean start and these raw CONNECT properties.
-    pub async fn connect_v5_props(addr: std::net::SocketAddr, client_id: &str, props: &[u8]) -> Mqtt {
+    /// MQTT 5 CONNECT with clean start and these raw CONNECT properties; `Err`: the
+    /// CONNACK's reason code.
+    pub async fn connect_v5_props(addr: std::net::SocketAddr, client_id: &str, props: &[u8]) -> Result<Mqtt, u8> {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let mut m = Mqtt { link: Link::Tcp(tcp), buf: Vec::new(), v5: true, next_id: 1 };
         let mut body = Vec::new();
@@ -234,8 +235,28 @@ impl Mqtt {
         str16(&mut body, client_id.as_bytes());
         m.send(&packet(0x10, &body)).await;
         let (first, body) = m.read().await.expect("CONNACK");
-        assert_eq!((first, body[1]), (0x20, 0), "CONNACK accepted");
-        m
+        assert_eq!(first, 0x20, "CONNACK");
+        if body[1] != 0 {
+            return Err(body[1]);
+        }
+        Ok(m)
+    }
+
+    /// MQTT 5 authentication properties: method and data.
+    pub fn auth_props(method: &str, data: &str) -> Vec<u8> {
+        let mut p = vec![0x15];
+        str16(&mut p, method.as_bytes());
+        p.push(0x16);
+        str16(&mut p, data.as_bytes());
+        p
+    }
+
+    /// An AUTH packet (MQTT 5) with a reason code and these properties.
+    pub fn auth(reason: u8, props: &[u8]) -> Vec<u8> {
+        let mut body = vec![reason];
+        varint(&mut body, props.len());
+        body.extend_from_slice(props);
+        packet(0xF0, &body)
     }
 
     /// DISCONNECT, then waits until the server closes.

@@ -73,6 +73,18 @@ pub struct Connect {
     pub receive_maximum: u16,
     pub maximum_packet_size: Option<u32>,
     pub topic_alias_maximum: u16,
+    /// MQTT 5 enhanced authentication: the method and its data (for `JWT`, the token).
+    pub auth_method: Option<String>,
+    pub auth_data: Option<Bytes>,
+}
+
+/// An MQTT 5 AUTH packet from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    /// 0x00 success, 0x18 continue authentication, 0x19 re-authenticate.
+    pub reason: u8,
+    pub method: Option<String>,
+    pub data: Option<Bytes>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,7 +145,7 @@ pub enum Packet {
     PingReq,
     /// The client's reason code (0 for a normal disconnect; 0x04: publish the will).
     Disconnect(u8),
-    Auth,
+    Auth(Auth),
 }
 
 /// Reads a variable byte integer at `buf[0..]`: (value, bytes used), `None` if incomplete.
@@ -234,6 +246,8 @@ struct Props {
     /// A user property `token`: a subscription token, as the WebSocket commands take.
     token: Option<String>,
     subscription_id: Option<u32>,
+    auth_method: Option<String>,
+    auth_data: Option<Bytes>,
 }
 
 fn properties(r: &mut Reader<'_>) -> Result<Props, Error> {
@@ -269,10 +283,12 @@ fn properties(r: &mut Reader<'_>) -> Result<Props, Error> {
                 }
                 out.maximum_packet_size = Some(v);
             }
-            0x03 | 0x08 | 0x15 | 0x1F => {
+            0x15 => out.auth_method = Some(p.string()?),
+            0x16 => out.auth_data = Some(Bytes::copy_from_slice(p.binary()?)),
+            0x03 | 0x08 | 0x1F => {
                 p.string()?;
             }
-            0x09 | 0x16 => {
+            0x09 => {
                 p.binary()?;
             }
             0x0B => {
@@ -420,7 +436,12 @@ pub fn decode(buf: &[u8], version: Option<Version>, max_packet: usize) -> Result
             }
             Packet::Disconnect(reason)
         }
-        (15, Some(Version::V5)) => Packet::Auth,
+        (15, Some(Version::V5)) => {
+            // (No reason code and no properties: 0x00 Success.)
+            let reason = if r.left() > 0 { r.u8()? } else { 0 };
+            let props = if r.left() > 0 { properties(&mut r)? } else { Props::default() };
+            Packet::Auth(Auth { reason, method: props.auth_method, data: props.auth_data })
+        }
         _ => return Err(Error::Malformed("unknown or server-only packet type")),
     };
     if r.left() > 0 && !matches!(packet, Packet::Publish(_)) {
@@ -489,6 +510,8 @@ fn connect(r: &mut Reader<'_>) -> Result<Connect, Error> {
         receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
         maximum_packet_size: props.maximum_packet_size,
         topic_alias_maximum: props.topic_alias_maximum.unwrap_or(0),
+        auth_method: props.auth_method,
+        auth_data: props.auth_data,
     })
 }
 
@@ -516,6 +539,8 @@ pub struct ServerProps<'a> {
     pub topic_alias_maximum: u16,
     /// The session expiry the server grants, when not the client's.
     pub session_expiry_override: Option<u32>,
+    /// The authentication method the client used (enhanced authentication).
+    pub auth_method: Option<&'a str>,
 }
 
 /// CONNACK. `code` is the MQTT 5 reason code; 3.1.1 gets its own return code for it.
@@ -552,6 +577,10 @@ pub fn connack(version: Version, session_present: bool, code: u8, props: &Server
             }
             p.put_u8(0x22);
             p.put_u16(props.topic_alias_maximum);
+            if let Some(m) = props.auth_method {
+                p.put_u8(0x15);
+                put_str(&mut p, m);
+            }
             // Shared subscriptions and subscription identifiers: available (the default,
             // said anyway). Retained messages are a channel's latest publication.
             p.put_u8(0x2A);
@@ -660,6 +689,18 @@ pub fn pingresp() -> Bytes {
 }
 
 /// A server DISCONNECT (MQTT 5 only; 3.1.1 servers just close).
+/// AUTH (MQTT 5) with a reason code and the authentication method.
+pub fn auth(reason: u8, method: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    b.put_u8(reason);
+    let mut p = BytesMut::new();
+    p.put_u8(0x15);
+    put_str(&mut p, method);
+    put_varint(&mut b, p.len());
+    b.put_slice(&p);
+    packet(0xf0, &b)
+}
+
 pub fn disconnect(reason: u8, text: &str) -> Bytes {
     let mut b = BytesMut::new();
     b.put_u8(reason);

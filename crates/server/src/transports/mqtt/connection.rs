@@ -45,6 +45,9 @@ impl Wire for MqttWire {
 /// Encoding slots in `Delivery` owned by this transport (QoS 0, not retained).
 const SLOT_V311: usize = 4;
 const SLOT_V5: usize = 5;
+/// The MQTT 5 authentication method this server takes: the connection token (a JWT) as
+/// its data, at CONNECT and to re-authenticate.
+pub const AUTH_METHOD: &str = "JWT";
 /// How long a client has to send CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Topic aliases a client may define (MQTT 5).
@@ -111,6 +114,8 @@ struct Conn {
     direct: Option<crate::registry::ClientRegistration>,
     /// The window of QoS 1 and 2 publications; for plain TCP, the queue's direct path.
     sink: Arc<Sink>,
+    /// Authenticated with the `JWT` method (MQTT 5): may re-authenticate with AUTH.
+    jwt_auth: bool,
     /// What only some connections use, allocated while they do.
     rare: Lazy,
 }
@@ -598,6 +603,7 @@ fn server_props<'a>(
         reason,
         topic_alias_maximum: TOPIC_ALIASES,
         session_expiry_override: None,
+        auth_method: None,
     }
 }
 
@@ -634,11 +640,28 @@ async fn accept(
     }
     // The connection token travels as the password (the user name is free: MQTT
     // clients want one).
-    let identity = match &connect.password {
+    // Or, MQTT 5's enhanced authentication with the method `JWT`: the token as the
+    // authentication data — which lets the client re-authenticate (AUTH) with a new one.
+    let jwt_auth = match connect.auth_method.as_deref() {
+        None => false,
+        Some(AUTH_METHOD) => true,
+        Some(other) => {
+            let why = format!("bad_authentication_method: {other:?} is not supported; use {AUTH_METHOD:?}");
+            let _ = send_now(&mut tcp, &refuse(0x8C, why)).await;
+            return None;
+        }
+    };
+    let credential = if jwt_auth { connect.auth_data.as_ref() } else { connect.password.as_ref() };
+    let identity = match credential {
+        None if jwt_auth => {
+            let why = "token_required: the JWT authentication method needs the token as its data".to_string();
+            let _ = send_now(&mut tcp, &refuse(0x87, why)).await;
+            return None;
+        }
         None => None,
         Some(p) => {
             let verified = std::str::from_utf8(p)
-                .map_err(|_| ApiError::new(Code::TokenInvalid, "the password is not UTF-8"))
+                .map_err(|_| ApiError::new(Code::TokenInvalid, "the token is not UTF-8"))
                 .and_then(|t| crate::transports::verify(state, t));
             match verified {
                 Ok(who) => Some(who),
@@ -718,6 +741,7 @@ async fn accept(
     };
     let mut props = server_props(state, assigned.as_deref(), None, None);
     props.session_expiry_override = granted;
+    props.auth_method = jwt_auth.then_some(AUTH_METHOD);
     if send_now(&mut tcp, &codec::connack(version, resumed.is_some(), 0, &props)).await.is_err() {
         return None;
     }
@@ -749,6 +773,7 @@ async fn accept(
             qos: HashMap::new(),
             direct: None,
             sink,
+            jwt_auth,
             rare: Lazy::default(),
         },
         will_allowed: will_allowed.map(Box::new),
@@ -1172,10 +1197,55 @@ impl Conn {
                 self.send(codec::sub_ack(v, 11, u.packet_id, &codes, ""));
                 self.keep_session().await;
             }
-            Packet::Auth => return Some(End::Protocol(0x8C, "re-authentication is not supported".into())),
+            Packet::Auth(a) => return self.reauthenticate(a),
             Packet::Connect(_) => return Some(End::Protocol(0x82, "a second CONNECT".into())),
         }
         None
+    }
+
+    /// AUTH from the client: re-authentication with a new token (MQTT 5 §4.12.1), for a
+    /// connection that authenticated with [`AUTH_METHOD`] — the same user's, as the
+    /// WebSocket's `refresh`. Success is answered with AUTH 0x00 and the token's expiry
+    /// replaces the old one; anything else ends the connection with its reason.
+    fn reauthenticate(&mut self, a: codec::Auth) -> Option<End> {
+        if !self.jwt_auth {
+            return Some(End::Protocol(0x82, "AUTH without an authentication method at CONNECT".into()));
+        }
+        if a.reason != 0x19 {
+            return Some(End::Protocol(0x82, format!("AUTH with reason {:#04x}: only 0x19 re-authenticate", a.reason)));
+        }
+        if a.method.as_deref() != Some(AUTH_METHOD) {
+            return Some(End::Protocol(
+                0x8C,
+                format!("bad_authentication_method: re-authenticate with {AUTH_METHOD:?}"),
+            ));
+        }
+        let verified = a
+            .data
+            .as_deref()
+            .ok_or_else(|| ApiError::new(Code::TokenRequired, "AUTH without the token as its data"))
+            .and_then(|d| {
+                std::str::from_utf8(d).map_err(|_| ApiError::new(Code::TokenInvalid, "the token is not UTF-8"))
+            })
+            .and_then(|t| crate::transports::verify(&self.session.state, t))
+            .and_then(|who| match self.session.user() {
+                Some(old) if old != who.user => {
+                    Err(ApiError::new(Code::TokenInvalid, "the new token is for another user"))
+                }
+                _ => Ok(who),
+            });
+        match verified {
+            Ok(who) => {
+                self.session.set_identity(who);
+                self.send(codec::auth(0x00, AUTH_METHOD));
+                None
+            }
+            Err(e) => {
+                self.session.state.metrics.error(e.code.as_str());
+                let code = if e.code == Code::TokenRevoked { 0x8A } else { 0x87 };
+                Some(End::Protocol(code, format!("{}: {}", e.code.as_str(), e.message)))
+            }
+        }
     }
 
     /// SUBSCRIBE: every filter is checked (form, gate, limits) and answered in SUBACK
