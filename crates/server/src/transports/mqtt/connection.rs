@@ -841,7 +841,13 @@ impl Conn {
                 _ = crate::transports::maybe_sleep(&mut self.session.timer), if self.session.timer.is_some() => {
                     self.session.queue.close(CloseReason::TokenExpired);
                 }
-                _ = shutdown.changed(), if !shutdown_seen => {}
+                r = shutdown.changed(), if !shutdown_seen => {
+                    if r.is_err() {
+                        // (No one left to say so: the server is gone.)
+                        shutdown_seen = true;
+                        self.session.queue.close(CloseReason::Shutdown);
+                    }
+                }
             }
             if Instant::now() >= next_refresh {
                 next_refresh = Instant::now() + every;
