@@ -636,12 +636,18 @@ async fn a_shared_subscription_deals_each_publication_to_one_member_in_turn() {
     assert_eq!(last.next_publish().await.unwrap().1, b"only");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_the_redis_broker_a_session_resumes_on_another_node() {
+/// Two nodes sharing a Redis broker (`SWITCHBOARD_TEST_REDIS`, default the local one)
+/// under a prefix of their own.
+async fn two_redis_nodes() -> (TestServer, TestServer) {
     let url = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let prefix = format!("sbmqtt-{}-{}", std::process::id(), fastrand::u32(..));
     let cfg = format!("{CONFIG}[broker]\nkind = \"redis\"\nredis_url = \"{url}\"\nredis_prefix = \"{prefix}\"\n");
-    let (a, b) = (TestServer::start(config(&cfg)).await, TestServer::start(config(&cfg)).await);
+    (TestServer::start(config(&cfg)).await, TestServer::start(config(&cfg)).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_redis_broker_a_session_resumes_on_another_node() {
+    let (a, b) = two_redis_nodes().await;
     let id = channel("x").replace("x:", "");
     let (ch, topic, client) = (format!("sensors:{id}"), format!("sensors/{id}"), format!("roamer-{id}"));
     // On node A: a persistent session, one publication received, then gone.
@@ -668,10 +674,7 @@ async fn with_the_redis_broker_a_session_resumes_on_another_node() {
 /// while an ordinary subscriber gets them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_subscription_across_two_nodes_delivers_each_publication_once() {
-    let url = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let prefix = format!("sbmqtt-{}-{}", std::process::id(), fastrand::u32(..));
-    let cfg = format!("{CONFIG}[broker]\nkind = \"redis\"\nredis_url = \"{url}\"\nredis_prefix = \"{prefix}\"\n");
-    let (a, b) = (TestServer::start(config(&cfg)).await, TestServer::start(config(&cfg)).await);
+    let (a, b) = two_redis_nodes().await;
     let id = channel("x").replace("x:", "");
     let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
     let shared = format!("$share/workers/{topic}");
