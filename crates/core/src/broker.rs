@@ -206,6 +206,19 @@ pub trait Broker: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Keeps a revocation (`key` names a token id or a user) in force until `until_ms`
+    /// (Unix milliseconds) where every node finds it — also one that starts later, or
+    /// missed the broadcast. A single node keeps its own.
+    async fn save_revocation(&self, _key: &str, _until_ms: u64) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// The revocations kept by [`Broker::save_revocation`] that are still in force:
+    /// `(key, until_ms)`.
+    async fn revocations(&self) -> Result<Vec<(String, u64)>, BrokerError> {
+        Ok(Vec::new())
+    }
+
     /// Claims these publications of `channel` for `owner` (a shared subscription's group
     /// and filter) on this node: `true` for each one no other node claimed for `owner`
     /// within `ttl` — so that of the nodes where a group has members, exactly one

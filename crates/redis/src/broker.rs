@@ -715,6 +715,27 @@ impl Broker for RedisBroker {
         Ok(Some(out))
     }
 
+    async fn save_revocation(&self, key: &str, until_ms: u64) -> Result<(), BrokerError> {
+        // A sorted set scored by expiry: what lapsed goes on each write and read.
+        let set = format!("{}:revoked", self.inner.cfg.prefix);
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD").arg(&set).arg("GT").arg(until_ms).arg(key).ignore();
+        pipe.cmd("ZREMRANGEBYSCORE").arg(&set).arg("-inf").arg(switchboard_core::now_millis()).ignore();
+        let mut conn = self.conn();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn revocations(&self) -> Result<Vec<(String, u64)>, BrokerError> {
+        let set = format!("{}:revoked", self.inner.cfg.prefix);
+        let now = switchboard_core::now_millis();
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREMRANGEBYSCORE").arg(&set).arg("-inf").arg(now).ignore();
+        pipe.cmd("ZRANGEBYSCORE").arg(&set).arg(now).arg("+inf").arg("WITHSCORES");
+        let mut conn = self.conn();
+        let (live,): (Vec<(String, f64)>,) = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(live.into_iter().map(|(k, until)| (k, until as u64)).collect())
+    }
+
     async fn claim(
         &self,
         channel: &ChannelName,

@@ -76,3 +76,22 @@ async fn each_publication_is_claimed_by_one_node_per_group() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(b.claim(&ch, "g\u{0}f", &[at("e3", 1)], short).await.unwrap(), vec![true]);
 }
+
+/// Revocations kept for the cluster: one node saves, another (or one started later)
+/// reads them; a later expiry for the same key wins; lapsed ones are gone.
+#[tokio::test]
+async fn revocations_are_kept_for_every_node_until_they_lapse() {
+    let prefix = format!("sbtest-rev-{}", fastrand::u64(..));
+    let cfg = || RedisConfig { url: url(), prefix: prefix.clone(), idle_channel_ttl: Duration::from_secs(60) };
+    let (a, b) = (RedisBroker::new(cfg(), "a").unwrap(), RedisBroker::new(cfg(), "b").unwrap());
+    let now = switchboard_core::now_millis();
+    a.save_revocation("user\u{0}mallory", now + 60_000).await.unwrap();
+    a.save_revocation("jti\u{0}t-1", now + 300).await.unwrap();
+    // A shorter expiry does not shorten one in force.
+    b.save_revocation("user\u{0}mallory", now + 1_000).await.unwrap();
+    let mut kept = b.revocations().await.unwrap();
+    kept.sort();
+    assert_eq!(kept, vec![("jti\u{0}t-1".to_string(), now + 300), ("user\u{0}mallory".to_string(), now + 60_000)]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(a.revocations().await.unwrap(), vec![("user\u{0}mallory".to_string(), now + 60_000)]);
+}

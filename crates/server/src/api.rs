@@ -271,17 +271,21 @@ pub async fn revoke(State(state): State<AppState>, req: Request) -> Result<Respo
     }
     let ttl = std::time::Duration::from_secs(r.ttl_secs);
     let reason = switchboard_core::CloseReason::Disconnected;
-    let n = match (&r.user, &r.jti) {
+    let (key, n) = match (&r.user, &r.jti) {
         (Some(user), _) => {
             state.deny.revoke_user(user, ttl)?;
-            state.registry.disconnect(Some(user), None, reason)
+            (crate::auth::DenyList::key("user", user), state.registry.disconnect(Some(user), None, reason))
         }
         (None, Some(jti)) => {
             state.deny.revoke_token(jti, ttl)?;
-            state.registry.disconnect(None, Some(jti), reason)
+            (crate::auth::DenyList::key("jti", jti), state.registry.disconnect(None, Some(jti), reason))
         }
         (None, None) => unreachable!("checked above"),
     };
+    // Kept by the broker for every node, also those that start later (Redis); then told
+    // to the nodes up now, which close what they have open.
+    let until = switchboard_core::now_millis() + ttl.as_millis() as u64;
+    state.hub.broker().save_revocation(&key, until).await?;
     let msg = crate::cluster::Control::Revoke { user: r.user, jti: r.jti, ttl_secs: r.ttl_secs };
     crate::cluster::broadcast(&state, msg).await?;
     Ok(json(StatusCode::OK, serde_json::json!({ "disconnected": n }).to_string()))

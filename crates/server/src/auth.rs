@@ -427,8 +427,27 @@ pub struct DenyList {
 const MAX_DENY_ENTRIES: usize = 1_000_000;
 
 impl DenyList {
-    fn key(kind: &str, id: &str) -> String {
+    /// The key a revocation is kept under: `user` or `jti`, and the id.
+    pub fn key(kind: &str, id: &str) -> String {
         format!("{kind}\u{0}{id}")
+    }
+
+    /// Puts revocations made on other nodes (kept by the broker) in force here, each until
+    /// its own expiry (Unix milliseconds); a later expiry already here stays. Their count.
+    pub fn adopt(&self, kept: &[(String, u64)]) -> usize {
+        let (now_ms, now) = (switchboard_core::now_millis(), Instant::now());
+        let mut m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for (key, until) in kept.iter().filter(|(_, until)| *until > now_ms) {
+            if m.len() >= MAX_DENY_ENTRIES && !m.contains_key(key) {
+                break;
+            }
+            let at = now + Duration::from_millis(until - now_ms);
+            let e = m.entry(key.clone()).or_insert(at);
+            *e = (*e).max(at);
+            n += 1;
+        }
+        n
     }
 
     pub fn revoke_user(&self, user: &str, ttl: Duration) -> Result<(), ApiError> {

@@ -94,6 +94,21 @@ fn apply(state: &AppState, msg: Control) {
     }
 }
 
+/// Heartbeats between two reads of the cluster's revocations.
+const REVOCATIONS_EVERY: u32 = 12;
+
+/// Puts the revocations the broker keeps for the cluster in force on this node.
+pub async fn adopt_revocations(state: &AppState) {
+    match state.hub.broker().revocations().await {
+        Ok(kept) if !kept.is_empty() => {
+            let n = state.deny.adopt(&kept);
+            tracing::debug!(revocations = n, "revocations kept for the cluster in force here");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("the cluster's revocations could not be read: {e}"),
+    }
+}
+
 /// Wires control messages to this node and starts its heartbeat.
 pub fn start(state: &AppState, listening: SocketAddr) {
     let weak = std::sync::Arc::downgrade(&state.inner);
@@ -107,6 +122,7 @@ pub fn start(state: &AppState, listening: SocketAddr) {
     let weak = std::sync::Arc::downgrade(&state.inner);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(HEARTBEAT);
+        let mut beats = 0u32;
         loop {
             tick.tick().await;
             let Some(inner) = weak.upgrade() else { return };
@@ -114,6 +130,12 @@ pub fn start(state: &AppState, listening: SocketAddr) {
             if *state.shutdown.borrow() {
                 return;
             }
+            // Revocations kept for the cluster, now and then: what a broadcast this node
+            // missed (its Pub/Sub link was down) is in force within a minute.
+            if beats.is_multiple_of(REVOCATIONS_EVERY) {
+                adopt_revocations(&state).await;
+            }
+            beats = beats.wrapping_add(1);
             let mut me = node_info(&state);
             me.address = listening.to_string();
             let channels: Vec<(String, usize)> =

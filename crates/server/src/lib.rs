@@ -149,6 +149,10 @@ impl Server {
             let b = &state.config.broker;
             let kv = switchboard_redis::RedisKv::new(&b.redis_url, &b.redis_prefix, "mqtt-session")?;
             state.mqtt_sessions.use_redis(kv);
+            // The cluster's revocations are in force before the first connection is
+            // taken (bounded: a Redis that is down does not hold the start; the heartbeat
+            // reads them again).
+            let _ = tokio::time::timeout(Duration::from_secs(5), cluster::adopt_revocations(&state)).await;
         }
         cluster::start(&state, listener.local_addr()?);
         admin::start_sampler(&state);

@@ -250,6 +250,25 @@ async fn mqtt_clients_authenticate_with_jwt_and_re_authenticate_before_expiry() 
     assert_eq!((first, body[0]), (0xE0, 0x82));
 }
 
+/// With the Redis broker a revocation is the cluster's: a node started after it (which
+/// no broadcast reached) refuses the revoked user too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_a_node_started_after_it() {
+    let url = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("sbrev-{}-{}", std::process::id(), fastrand::u32(..));
+    let cfg = hs_config(&format!("[broker]\nkind = \"redis\"\nredis_url = \"{url}\"\nredis_prefix = \"{prefix}\"\n"));
+    let a = TestServer::start(config(&cfg)).await;
+    let (st, _) = a.post_raw("/api/revoke", json!({"user": "mallory", "ttl_secs": 600}).to_string()).await;
+    assert_eq!(st, 200);
+    let later = TestServer::start(config(&cfg)).await;
+    let token = hs(&claims("mallory", 600));
+    let mut c = Connection::connect(&ws_url(&later)).await.unwrap();
+    assert_eq!(code(c.call(json!({"cmd": "connect", "token": token})).await), "token_revoked");
+    // Another user is let in.
+    let mut ok = Connection::connect(&ws_url(&later)).await.unwrap();
+    ok.call(json!({"cmd": "connect", "token": hs(&claims("nina", 600))})).await.unwrap();
+}
+
 #[tokio::test]
 async fn an_sse_stream_ends_when_its_token_expires() {
     let s = TestServer::start(config(&hs_config(""))).await;
