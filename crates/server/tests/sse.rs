@@ -76,6 +76,12 @@ async fn resume_with_last_event_id_query_parameter() {
     s.publish(&ch, json!(2)).await;
     let mut sse = Sse::connect(&s, &format!("channel={ch}&last_event_id={epoch}:1"), None).await;
     assert_eq!(sse.offsets(1).await, vec![2]);
+    // `since`, as the WebSocket URL and polling name it, does the same; a bad one is
+    // refused as a bad `last_event_id` is.
+    let mut sse = Sse::connect(&s, &format!("channel={ch}&since={epoch}:1"), None).await;
+    assert_eq!(sse.offsets(1).await, vec![2]);
+    let (st, v) = s.get_json(&format!("/sse?channel={ch}&since=garbage")).await;
+    assert_eq!((st, v["error"]["code"].as_str()), (400, Some("bad_cursor")));
 }
 
 #[tokio::test]

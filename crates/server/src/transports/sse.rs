@@ -65,7 +65,10 @@ pub async fn handler(
         crate::auth::gate_pattern(who.as_ref(), p, &state.deny)?;
     }
     let header_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty());
-    let given = header_id.or_else(|| q.get("last_event_id").filter(|s| !s.is_empty()));
+    // (`since`, the name the WebSocket URL and polling use, is taken too.)
+    let given = header_id
+        .or_else(|| q.get("last_event_id").filter(|s| !s.is_empty()))
+        .or_else(|| q.get("since").filter(|s| !s.is_empty()));
     let asked = given.map(|s| cursor::parse(s, channels.len())).transpose()?;
     let rewind = session::check_rewind(&channels, q.int("rewind", 1..=u32::MAX as u64, Code::BadRewind)?)?;
     let client = crate::presence::client_id();
