@@ -233,15 +233,69 @@ impl Occupancy {
     /// This node has subscribers of `channel` (`occupied`), or no longer: whether that
     /// changed the cluster's occupancy (the first node came, the last left).
     pub async fn set(&self, channel: &str, occupied: bool) -> Result<bool, BrokerError> {
+        let changed = self.occupy(&self.node, channel, occupied).await?;
+        // The node's own list of what it occupies, for the nodes that outlive it
+        // ([`Occupancy::reap`]).
+        let mut pipe = redis::pipe();
+        if occupied {
+            pipe.sadd(self.by_node(&self.node), channel).ignore().sadd(self.nodes_key(), &self.node).ignore();
+        } else {
+            pipe.srem(self.by_node(&self.node), channel).ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        Ok(changed)
+    }
+
+    async fn occupy(&self, node: &str, channel: &str, occupied: bool) -> Result<bool, BrokerError> {
         let mut conn = self.conn.clone();
         let changed: i64 = self
             .script
             .key(format!("{}:occupied:{{{channel}}}", self.prefix))
-            .arg(&self.node)
+            .arg(node)
             .arg(if occupied { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
         Ok(changed == 1)
+    }
+
+    fn by_node(&self, node: &str) -> String {
+        format!("{}:occupied-by:{node}", self.prefix)
+    }
+
+    fn nodes_key(&self) -> String {
+        format!("{}:occupied-nodes", self.prefix)
+    }
+
+    /// The nodes listed as occupying channels (until they are reaped).
+    pub async fn nodes(&self) -> Result<Vec<String>, BrokerError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SMEMBERS").arg(self.nodes_key()).query_async(&mut conn).await.map_err(unavailable)
+    }
+
+    /// Whether this node is listed (it was not reaped as gone).
+    pub async fn listed(&self) -> Result<bool, BrokerError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SISMEMBER").arg(self.nodes_key()).arg(&self.node).query_async(&mut conn).await.map_err(unavailable)
+    }
+
+    /// Takes a node that is gone out of every channel it occupied: the channels that this
+    /// left without a node (vacated — told by the caller, once: of two nodes reaping the
+    /// same one, only one sees a channel change).
+    pub async fn reap(&self, node: &str) -> Result<Vec<String>, BrokerError> {
+        let mut conn = self.conn.clone();
+        let channels: Vec<String> =
+            redis::cmd("SMEMBERS").arg(self.by_node(node)).query_async(&mut conn).await.map_err(unavailable)?;
+        let mut vacated = Vec::new();
+        for channel in channels {
+            if self.occupy(node, &channel, false).await? {
+                vacated.push(channel);
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.del(self.by_node(node)).ignore().srem(self.nodes_key(), node).ignore();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        Ok(vacated)
     }
 }

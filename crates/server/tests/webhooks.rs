@@ -540,6 +540,59 @@ async fn over_redis_two_nodes_share_the_queue_occupancy_is_told_once_and_a_kille
     drop((sse_a, sse_b, node_a, node_b));
 }
 
+/// A node that dies with subscribers tells no leave: its channels stay occupied until the
+/// other nodes reap it — then `channel.vacated` is told for each channel it alone
+/// occupied, and a channel another node still occupies stays occupied, untold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_redis_a_dead_nodes_channels_are_vacated_by_the_nodes_that_outlive_it() {
+    let url = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("sbwh{}", fastrand::u64(..));
+    let dir = temp("reap");
+    let rx = Receiver::start(0, &dir.join("log"), 0, "500");
+    let broker = format!("[broker]\nkind = \"redis\"\nredis_url = \"{url}\"\nredis_prefix = \"{prefix}\"\n");
+    let events = "[\"channel.occupied\", \"channel.vacated\"]";
+    let cfg = broker + &webhooks(&dir.join("unused"), "") + &endpoint(&rx.url(), events, "");
+    let s = TestServer::start(config(&cfg)).await;
+    // A node that died (it registered no heartbeat): it occupied news:gone alone, and
+    // news:both beside this node's subscriber.
+    let ghost = switchboard_redis::Occupancy::new(&url, &prefix, "ghost").unwrap();
+    assert!(ghost.set("news:gone", true).await.unwrap());
+    assert!(ghost.set("news:both", true).await.unwrap());
+    let sse = s.http.get(s.url("/sse?channel=news:both")).send().await.unwrap();
+    assert_eq!(sse.status(), 200);
+    let redis = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut told = false;
+    for _ in 0..600 {
+        let key = format!("{prefix}:occupied:{{news:both}}");
+        let here: bool = redis::cmd("SISMEMBER").arg(&key).arg(&s.state.node_id).query_async(&mut conn).await.unwrap();
+        if here {
+            told = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(told, "this node's subscriber of news:both reached the occupancy");
+    let mut missing = std::collections::HashMap::new();
+    switchboard_server::webhooks::reap_dead_nodes(&s.state, &mut missing, Duration::ZERO).await;
+    assert!(!ghost.listed().await.unwrap(), "the dead node is reaped");
+    until("channel.vacated", &rx.log, |_| delivered(&rx.log).values().any(|t| t == "channel.vacated")).await;
+    // Once more: nothing left to reap, nothing more told.
+    switchboard_server::webhooks::reap_dead_nodes(&s.state, &mut missing, Duration::ZERO).await;
+    let told: Vec<(String, String)> = rx
+        .requests()
+        .iter()
+        .filter(|r| r["status"] == 200)
+        .flat_map(|r| {
+            let types = r["types"].as_array().unwrap().clone();
+            types.into_iter().zip(r["data"].as_array().unwrap().clone())
+        })
+        .map(|(t, d)| (t.as_str().unwrap().to_string(), d["channel"].as_str().unwrap_or_default().to_string()))
+        .collect();
+    assert_eq!(told, vec![("channel.vacated".to_string(), "news:gone".to_string())]);
+    drop(sse);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_rests_a_failing_endpoint_after_its_failures_in_a_row() {
     let dir = temp("breaker");

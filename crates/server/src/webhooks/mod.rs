@@ -8,6 +8,7 @@
 
 pub mod store;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -622,6 +623,77 @@ pub fn start(state: &AppState) {
                     }
                 }
             });
+            // A node that dies keeps the channels it occupied: the others reap it.
+            let weak = std::sync::Arc::downgrade(&state.inner);
+            tokio::spawn(async move {
+                let mut missing = HashMap::new();
+                let mut tick = tokio::time::interval(REAP_EVERY);
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let state = AppState { inner };
+                    if *state.shutdown.borrow() {
+                        return;
+                    }
+                    reap_dead_nodes(&state, &mut missing, REAP_GRACE).await;
+                }
+            });
+        }
+    }
+}
+
+/// How often the nodes look for a dead node's channels, and how long a node must have
+/// been missing from the live nodes (whose registrations lapse 15 s after their last
+/// heartbeat) before its channels are taken back.
+const REAP_EVERY: Duration = Duration::from_secs(15);
+const REAP_GRACE: Duration = Duration::from_secs(30);
+
+/// Takes nodes that stopped (killed: no leave was told for their channels) out of the
+/// channels they occupied, once each has been missing from the live nodes for `grace` —
+/// `missing` remembers since when — and tells `channel.vacated` for every channel that
+/// leaves empty. A node that finds itself reaped (its heartbeats lapsed, but it lives)
+/// tells its channels again (`channel.occupied` where that makes them occupied).
+pub async fn reap_dead_nodes(state: &AppState, missing: &mut HashMap<String, Instant>, grace: Duration) {
+    let Some(w) = &state.webhooks else { return };
+    let Store::Redis(r) = &w.store else { return };
+    let live = match state.hub.broker().nodes().await {
+        Ok(Some(nodes)) => nodes.into_iter().map(|n| n.id).collect::<std::collections::HashSet<_>>(),
+        Ok(None) => return,
+        Err(e) => return tracing::debug!("occupancy: live nodes unknown: {e}"),
+    };
+    let listed = match r.occupancy.nodes().await {
+        Ok(l) => l,
+        Err(e) => return tracing::debug!("occupancy: {e}"),
+    };
+    let now = Instant::now();
+    missing.retain(|id, _| listed.contains(id) && !live.contains(id));
+    let tell = |channel: &str, occupied: bool| {
+        if let Ok(ch) = ChannelName::parse(channel) {
+            let kind = if occupied { "channel.occupied" } else { "channel.vacated" };
+            w.emit(kind, Some(&ch), false, serde_json::json!({ "channel": ch }));
+        }
+    };
+    for id in listed.iter().filter(|id| **id != state.node_id && !live.contains(*id)) {
+        let since = *missing.entry(id.clone()).or_insert(now);
+        if now.duration_since(since) < grace {
+            continue;
+        }
+        match r.occupancy.reap(id).await {
+            Ok(vacated) => {
+                tracing::info!(node = %id, vacated = vacated.len(), "occupancy: a gone node's channels taken back");
+                for ch in &vacated {
+                    tell(ch, false);
+                }
+                missing.remove(id);
+            }
+            Err(e) => tracing::warn!(node = %id, "occupancy: reaping failed: {e}"),
+        }
+    }
+    if matches!(r.occupancy.listed().await, Ok(false)) {
+        for (channel, _) in state.hub.channels() {
+            if let Ok(true) = r.occupancy.set(channel.as_str(), true).await {
+                tell(channel.as_str(), true);
+            }
         }
     }
 }
