@@ -18,7 +18,51 @@ pub struct Registry {
     by_user: Mutex<HashMap<String, HashMap<u64, Entry>>>,
     /// Connections that take direct messages, by client id: their user (once known),
     /// queue, and how their transport frames a protocol message.
-    clients: Mutex<HashMap<String, Client>>,
+    clients: Mutex<Clients>,
+}
+
+/// The connections that take direct messages: by client id, and the ids of each user's
+/// (so a message to a user touches that user's connections, not every one).
+#[derive(Default)]
+struct Clients {
+    by_id: HashMap<String, Client>,
+    by_user: HashMap<String, std::collections::HashSet<String>>,
+}
+
+impl Clients {
+    fn insert(&mut self, id: &str, c: Client) {
+        self.remove(id);
+        if let Some(u) = &c.user {
+            self.by_user.entry(u.clone()).or_default().insert(id.to_string());
+        }
+        self.by_id.insert(id.to_string(), c);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Client> {
+        let c = self.by_id.remove(id)?;
+        if let Some(u) = &c.user {
+            self.unindex(u, id);
+        }
+        Some(c)
+    }
+
+    fn unindex(&mut self, user: &str, id: &str) {
+        if let Some(ids) = self.by_user.get_mut(user) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_user.remove(user);
+            }
+        }
+    }
+
+    fn set_user(&mut self, id: &str, user: &str) {
+        let Some(c) = self.by_id.get_mut(id) else { return };
+        let old = c.user.replace(user.to_string());
+        if let Some(old) = old {
+            self.unindex(&old, id);
+        }
+        self.by_user.entry(user.to_string()).or_default().insert(id.to_string());
+    }
 }
 
 struct Client {
@@ -48,7 +92,7 @@ impl Drop for ClientRegistration {
         // Only if the id is still this connection's: an MQTT client id taken over by a
         // new connection stays registered to that one.
         let mut m = self.registry.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if m.get(&self.client).is_some_and(|c| c.queue.ptr_eq(&self.queue)) {
+        if m.by_id.get(&self.client).is_some_and(|c| c.queue.ptr_eq(&self.queue)) {
             m.remove(&self.client);
         }
     }
@@ -105,7 +149,7 @@ impl Registry {
     /// [`Registry::remove_client`] (a command session does, keeping no second copy of its id).
     pub fn insert_client(&self, client: &str, queue: &Arc<ConnQueue>, frame: fn(&[u8]) -> bytes::Bytes) {
         let c = Client { user: None, secret: None, queue: Arc::downgrade(queue), frame };
-        self.clients.lock().unwrap_or_else(|p| p.into_inner()).insert(client.to_string(), c);
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).insert(client, c);
     }
 
     pub fn remove_client(&self, client: &str) {
@@ -114,15 +158,13 @@ impl Registry {
 
     /// The connection `client` is now `user`'s.
     pub fn set_client_user(&self, client: &str, user: &str) {
-        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get_mut(client) {
-            c.user = Some(user.to_string());
-        }
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).set_user(client, user);
     }
 
     /// Gives connection `client` a new secret; returns its `client_key`, `<client>.<secret>`.
     pub fn new_client_key(&self, client: &str) -> String {
         let secret = crate::auth::random_hex(16);
-        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get_mut(client) {
+        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).by_id.get_mut(client) {
             c.secret = Some(secret.as_str().into());
         }
         format!("{client}.{secret}")
@@ -132,14 +174,14 @@ impl Registry {
     pub fn key_owner(&self, key: &str) -> Option<(String, Option<String>)> {
         let (client, secret) = key.split_once('.')?;
         let m = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        let c = m.get(client)?;
+        let c = m.by_id.get(client)?;
         let ok = c.secret.as_deref().is_some_and(|s| crate::app::constant_time_eq(s.as_bytes(), secret.as_bytes()));
         ok.then(|| (client.to_string(), c.user.clone()))
     }
 
     /// The user of connection `client`, if it is here and has one.
     pub fn client_user(&self, client: &str) -> Option<Option<String>> {
-        self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(client).map(|c| c.user.clone())
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).by_id.get(client).map(|c| c.user.clone())
     }
 
     /// Queues the protocol message `json` on connection `client`, or on every connection
@@ -147,8 +189,8 @@ impl Registry {
     pub fn deliver(&self, client: Option<&str>, user: Option<&str>, json: &[u8]) -> usize {
         let m = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         let targets: Vec<&Client> = match (client, user) {
-            (Some(id), _) => m.get(id).into_iter().collect(),
-            (None, Some(u)) => m.values().filter(|c| c.user.as_deref() == Some(u)).collect(),
+            (Some(id), _) => m.by_id.get(id).into_iter().collect(),
+            (None, Some(u)) => m.by_user.get(u).into_iter().flatten().filter_map(|id| m.by_id.get(id)).collect(),
             (None, None) => Vec::new(),
         };
         targets
@@ -214,5 +256,38 @@ impl ClientIds {
     pub fn holds(&self, id: &str, queue: &Arc<ConnQueue>) -> bool {
         let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         m.get(id).and_then(|(w, _)| w.upgrade()).is_some_and(|q| Arc::ptr_eq(&q, queue))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(json: &[u8]) -> bytes::Bytes {
+        bytes::Bytes::copy_from_slice(json)
+    }
+
+    #[test]
+    fn a_message_to_a_user_reaches_that_users_connections_as_they_come_change_and_go() {
+        let r = Arc::new(Registry::default());
+        let queues: Vec<Arc<ConnQueue>> = (0..4).map(|_| ConnQueue::new(1 << 20)).collect();
+        for (i, q) in queues.iter().enumerate() {
+            r.insert_client(&format!("c{i}"), q, frame);
+        }
+        r.set_client_user("c0", "ann");
+        r.set_client_user("c1", "ann");
+        r.set_client_user("c2", "bob");
+        assert_eq!(r.deliver(None, Some("ann"), b"1"), 2);
+        assert_eq!(r.deliver(None, Some("bob"), b"2"), 1);
+        assert_eq!(r.deliver(None, Some("cid"), b"3"), 0);
+        // A connection that changes user, one that goes, an id taken by another connection.
+        r.set_client_user("c1", "bob");
+        r.remove_client("c2");
+        r.insert_client("c0", &queues[3], frame);
+        assert_eq!(r.deliver(None, Some("ann"), b"4"), 0, "c0 is another connection now, with no user");
+        assert_eq!(r.deliver(None, Some("bob"), b"5"), 1);
+        let m = r.clients.lock().unwrap();
+        assert_eq!(m.by_user.keys().collect::<Vec<_>>(), vec!["bob"]);
+        assert_eq!(m.by_user["bob"].iter().collect::<Vec<_>>(), vec!["c1"]);
     }
 }
