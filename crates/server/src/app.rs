@@ -52,6 +52,8 @@ pub struct Inner {
     pub mqtt_sessions: crate::transports::mqtt::sessions::Sessions,
     /// MQTT shared subscription groups on this node.
     pub mqtt_groups: crate::transports::mqtt::shared::Groups,
+    /// Subscribers of this node's `$SYS` topics.
+    pub mqtt_sys: crate::transports::mqtt::sys::Sys,
     pub limits: Arc<crate::limits::ConnLimits>,
     pub presence: Arc<dyn switchboard_core::presence::PresenceManager>,
     /// This node's id in the cluster.
@@ -182,6 +184,7 @@ impl AppState {
                 sources: Default::default(),
                 mqtt_sessions: Default::default(),
                 mqtt_groups: Default::default(),
+                mqtt_sys: Default::default(),
                 webtransport_cert: Default::default(),
                 direct_pending: Default::default(),
                 direct_requests: Default::default(),

@@ -730,11 +730,34 @@ pub struct MqttConfig {
     /// How long a persistent session is kept after its connection ends: 3.1.1's clean
     /// session 0 gets this, MQTT 5 at most this (seconds).
     pub session_expiry_secs: u64,
+    /// Who may subscribe to `$SYS/broker/…` (the node's statistics).
+    pub sys_topics: SysTopics,
+    /// Seconds between two `$SYS` updates to its subscribers.
+    pub sys_interval_secs: u64,
+}
+
+/// Who may subscribe to the `$SYS` topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SysTopics {
+    /// Clients that connected with a token.
+    Authenticated,
+    /// Any client.
+    All,
+    /// No one.
+    Off,
 }
 
 impl Default for MqttConfig {
     fn default() -> Self {
-        MqttConfig { listen: None, tls_listen: None, max_packet_bytes: 256 * 1024, session_expiry_secs: 86_400 }
+        MqttConfig {
+            listen: None,
+            tls_listen: None,
+            max_packet_bytes: 256 * 1024,
+            session_expiry_secs: 86_400,
+            sys_topics: SysTopics::Authenticated,
+            sys_interval_secs: 10,
+        }
     }
 }
 
@@ -1052,6 +1075,12 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             let missing = if self.tls.cert.is_none() { "tls.cert" } else { "tls.key" };
             return Err((missing.into(), "TLS needs both tls.cert and tls.key".into()));
+        }
+        if self.mqtt.sys_interval_secs == 0 {
+            return Err((
+                "mqtt.sys_interval_secs".into(),
+                "must be at least 1 (sys_topics = \"off\" turns $SYS off)".into(),
+            ));
         }
         if self.mqtt.max_packet_bytes < 1024 || self.mqtt.max_packet_bytes > 268_435_455 {
             return Err(("mqtt.max_packet_bytes".into(), "must be 1024 to 268435455 (MQTT's limit)".into()));

@@ -156,6 +156,7 @@ impl Server {
         }
         cluster::start(&state, listener.local_addr()?);
         admin::start_sampler(&state);
+        transports::mqtt::sys::start(&state);
         transports::mailbox::spawn_sweeper(&state);
         webhooks::start(&state);
         let _ = state.sources.set(sources::start(&state));

@@ -636,6 +636,39 @@ async fn a_shared_subscription_deals_each_publication_to_one_member_in_turn() {
     assert_eq!(last.next_publish().await.unwrap().1, b"only");
 }
 
+/// `$SYS/broker/…`: the node's statistics, sent flagged retained right after the SUBACK
+/// and then every interval; who may subscribe is `mqtt.sys_topics`; no one may publish
+/// there.
+#[tokio::test]
+async fn sys_topics_report_the_node_to_whom_the_configuration_allows() {
+    let open = CONFIG.replace("[mqtt]\n", "[mqtt]\nsys_topics = \"all\"\nsys_interval_secs = 1\n");
+    let s = TestServer::start(config(&open)).await;
+    let mut c = Mqtt::connect(s.mqtt.unwrap(), true, "sys-watcher", None).await.unwrap();
+    assert_eq!(c.subscribe("$SYS/broker/clients/+", None).await.0, 0);
+    let mut now = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        let p = c.next_publish_unacked().await.unwrap();
+        assert!(p.retain, "the current values come flagged retained: {p:?}");
+        now.insert(p.topic, String::from_utf8(p.payload).unwrap());
+    }
+    assert_eq!(now.keys().collect::<Vec<_>>(), ["$SYS/broker/clients/connected", "$SYS/broker/clients/mqtt"]);
+    assert!(now.values().all(|v| v.parse::<u64>().unwrap() >= 1), "{now:?}");
+    // Then every interval, not retained.
+    let next = c.next_publish_unacked().await.unwrap();
+    assert!(next.topic.starts_with("$SYS/broker/clients/") && !next.retain);
+    // Nobody publishes there.
+    assert_eq!(c.publish("$SYS/broker/uptime", b"0", 1, None).await.unwrap().0, 0x90);
+    // By default only clients that connected with a token may subscribe; "off": no one.
+    let s = server().await;
+    let mut anon = Mqtt::connect(s.mqtt.unwrap(), true, "sys-anon", None).await.unwrap();
+    let (code, why) = anon.subscribe("$SYS/#", None).await;
+    assert_eq!((code, why.split(':').next().unwrap()), (0x87, "token_required"), "{why}");
+    let off = CONFIG.replace("[mqtt]\n", "[mqtt]\nsys_topics = \"off\"\n");
+    let s = TestServer::start(config(&off)).await;
+    let mut old = Mqtt::connect(s.mqtt.unwrap(), false, "sys-off", None).await.unwrap();
+    assert_eq!(old.subscribe("$SYS/#", None).await.0, 0x80);
+}
+
 /// Two nodes sharing a Redis broker (`SWITCHBOARD_TEST_REDIS`, default the local one)
 /// under a prefix of their own.
 async fn two_redis_nodes() -> (TestServer, TestServer) {

@@ -135,6 +135,8 @@ struct Rare {
     resent: Vec<std::sync::Arc<switchboard_core::Delivery>>,
     /// `$share/…` filter → this connection's place in the group.
     shared: HashMap<String, super::shared::Membership>,
+    /// `$SYS/…` filters subscribed.
+    sys: HashMap<String, super::sys::Membership>,
     /// Where each subscribed channel stands for this client: its subscribe position, then
     /// each publication written — what a persistent session resumes from.
     positions: HashMap<ChannelName, switchboard_core::StreamPosition>,
@@ -162,6 +164,7 @@ impl Rare {
             && self.retained.is_empty()
             && self.resent.is_empty()
             && self.shared.is_empty()
+            && self.sys.is_empty()
             && self.positions.is_empty()
             && self.sub_ids.is_empty()
             && self.no_local.is_empty()
@@ -1180,7 +1183,12 @@ impl Conn {
                     .filters
                     .iter()
                     .map(|f| {
-                        match self.filters.remove(f).or_else(|| self.rare.shared.remove(f).map(|_| String::new())) {
+                        let gone = self
+                            .filters
+                            .remove(f)
+                            .or_else(|| self.rare.shared.remove(f).map(|_| String::new()))
+                            .or_else(|| self.rare.sys.remove(f).map(|_| String::new()));
+                        match gone {
                             None if f == DIRECT_TOPIC && self.direct.is_some() => {
                                 self.direct = None;
                                 0
@@ -1207,6 +1215,18 @@ impl Conn {
             Packet::Connect(_) => return Some(End::Protocol(0x82, "a second CONNECT".into())),
         }
         None
+    }
+
+    /// Whether this connection may subscribe to `$SYS` (`mqtt.sys_topics`).
+    fn sys_allowed(&self) -> Result<(), ApiError> {
+        match self.session.state.config.mqtt.sys_topics {
+            crate::config::SysTopics::All => Ok(()),
+            crate::config::SysTopics::Authenticated if self.session.user().is_some() => Ok(()),
+            crate::config::SysTopics::Authenticated => {
+                Err(ApiError::new(Code::TokenRequired, "$SYS is for clients that connected with a token"))
+            }
+            crate::config::SysTopics::Off => Err(ApiError::new(Code::PermissionDenied, "$SYS is off on this server")),
+        }
     }
 
     /// AUTH from the client: re-authentication with a new token (MQTT 5 §4.12.1), for a
@@ -1264,8 +1284,32 @@ impl Conn {
         let mut todo = Vec::new();
         let mut resend = Vec::new();
         let max = self.session.state.config.ws.max_subscriptions;
+        let mut sys_now = Vec::new();
         for (filter, options) in &s.filters {
             let granted = options.qos;
+            if super::sys::is_sys(filter) {
+                codes.push(match self.sys_allowed() {
+                    Ok(()) => {
+                        // QoS 0: statistics are sent again at the next interval anyway.
+                        if !self.rare.sys.contains_key(filter) {
+                            let m =
+                                super::sys::subscribe(&self.session.state, &self.session.queue, filter, self.version);
+                            self.rare.sys.insert(filter.clone(), m);
+                        }
+                        sys_now.push(filter.clone());
+                        0
+                    }
+                    Err(e) => {
+                        why = format!("{}: {}", e.code.as_str(), e.message);
+                        if v5 {
+                            0x87
+                        } else {
+                            0x80
+                        }
+                    }
+                });
+                continue;
+            }
             if filter == DIRECT_TOPIC {
                 codes.push(match self.subscribe_direct() {
                     Ok(()) => 0, // direct messages are QoS 0: never stored, never sent again
@@ -1312,6 +1356,9 @@ impl Conn {
             }
         }
         self.send(codec::sub_ack(self.version, 9, s.packet_id, &codes, &why));
+        for filter in sys_now {
+            super::sys::send_now(&self.session.state, &self.session.queue, &filter, self.version);
+        }
         for name in resend {
             self.resend_retained(&name).await;
         }

@@ -18,6 +18,7 @@ pub mod codec;
 pub mod connection;
 pub mod sessions;
 pub mod shared;
+pub mod sys;
 pub mod ws;
 
 use switchboard_core::ChannelName;
