@@ -23,6 +23,16 @@ pub struct AppState {
     pub inner: Arc<Inner>,
 }
 
+impl AppState {
+    /// The server a background task holds `weak` to, while it runs: `None` once it is
+    /// gone or shutting down (the task stops).
+    pub fn running(weak: &std::sync::Weak<Inner>) -> Option<AppState> {
+        let state = AppState { inner: weak.upgrade()? };
+        let stopping = *state.shutdown.borrow();
+        (!stopping).then_some(state)
+    }
+}
+
 pub struct Inner {
     pub config: Config,
     /// `--dev`: anonymous API access.

@@ -125,11 +125,7 @@ pub fn start(state: &AppState, listening: SocketAddr) {
         let mut beats = 0u32;
         loop {
             tick.tick().await;
-            let Some(inner) = weak.upgrade() else { return };
-            let state = AppState { inner };
-            if *state.shutdown.borrow() {
-                return;
-            }
+            let Some(state) = AppState::running(&weak) else { return };
             // Revocations kept for the cluster, now and then: what a broadcast this node
             // missed (its Pub/Sub link was down) is in force within a minute.
             if beats.is_multiple_of(REVOCATIONS_EVERY) {

@@ -89,6 +89,18 @@ fn delivered(log: &Path) -> BTreeMap<String, String> {
     out
 }
 
+/// The events of the requests answered 200: (type, data), in the order they came.
+fn told(rx: &Receiver) -> Vec<(String, Value)> {
+    rx.requests()
+        .iter()
+        .filter(|r| r["status"] == 200)
+        .flat_map(|r| {
+            let types = r["types"].as_array().unwrap().clone();
+            types.into_iter().map(|t| t.as_str().unwrap().to_string()).zip(r["data"].as_array().unwrap().clone())
+        })
+        .collect()
+}
+
 /// Waits (bounded) until `done` holds for the receiver's log.
 async fn until(what: &str, log: &Path, done: impl Fn(&[Value]) -> bool) {
     for _ in 0..1200 {
@@ -512,17 +524,8 @@ async fn over_redis_two_nodes_share_the_queue_occupancy_is_told_once_and_a_kille
         d.values().filter(|t| *t == "publication").count() == 20 && d.values().any(|t| t == "channel.occupied")
     })
     .await;
-    let datas: BTreeSet<u64> = rx
-        .requests()
-        .iter()
-        .filter(|r| r["status"] == 200)
-        .flat_map(|r| {
-            let types = r["types"].as_array().unwrap().clone();
-            types.into_iter().zip(r["data"].as_array().unwrap().clone())
-        })
-        .filter(|(t, _)| t == "publication")
-        .map(|(_, d)| d["data"].as_u64().unwrap())
-        .collect();
+    let datas: BTreeSet<u64> =
+        told(&rx).into_iter().filter(|(t, _)| t == "publication").map(|(_, d)| d["data"].as_u64().unwrap()).collect();
     assert_eq!(datas, (0..20).collect::<BTreeSet<u64>>());
     // Occupancy: two nodes had subscribers, the cluster was occupied once (across both
     // receivers: the first may have seen its attempts fail).
@@ -562,34 +565,26 @@ async fn over_redis_a_dead_nodes_channels_are_vacated_by_the_nodes_that_outlive_
     assert_eq!(sse.status(), 200);
     let redis = redis::Client::open(url.as_str()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let mut told = false;
+    let mut recorded = false;
     for _ in 0..600 {
         let key = format!("{prefix}:occupied:{{news:both}}");
         let here: bool = redis::cmd("SISMEMBER").arg(&key).arg(&s.state.node_id).query_async(&mut conn).await.unwrap();
         if here {
-            told = true;
+            recorded = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(told, "this node's subscriber of news:both reached the occupancy");
+    assert!(recorded, "this node's subscriber of news:both reached the occupancy");
     let mut missing = std::collections::HashMap::new();
     switchboard_server::webhooks::reap_dead_nodes(&s.state, &mut missing, Duration::ZERO).await;
     assert!(!ghost.listed().await.unwrap(), "the dead node is reaped");
     until("channel.vacated", &rx.log, |_| delivered(&rx.log).values().any(|t| t == "channel.vacated")).await;
     // Once more: nothing left to reap, nothing more told.
     switchboard_server::webhooks::reap_dead_nodes(&s.state, &mut missing, Duration::ZERO).await;
-    let told: Vec<(String, String)> = rx
-        .requests()
-        .iter()
-        .filter(|r| r["status"] == 200)
-        .flat_map(|r| {
-            let types = r["types"].as_array().unwrap().clone();
-            types.into_iter().zip(r["data"].as_array().unwrap().clone())
-        })
-        .map(|(t, d)| (t.as_str().unwrap().to_string(), d["channel"].as_str().unwrap_or_default().to_string()))
-        .collect();
-    assert_eq!(told, vec![("channel.vacated".to_string(), "news:gone".to_string())]);
+    let events: Vec<(String, String)> =
+        told(&rx).into_iter().map(|(t, d)| (t, d["channel"].as_str().unwrap_or_default().to_string())).collect();
+    assert_eq!(events, vec![("channel.vacated".to_string(), "news:gone".to_string())]);
     drop(sse);
 }
 

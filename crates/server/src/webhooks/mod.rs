@@ -630,11 +630,7 @@ pub fn start(state: &AppState) {
                 let mut tick = tokio::time::interval(REAP_EVERY);
                 loop {
                     tick.tick().await;
-                    let Some(inner) = weak.upgrade() else { return };
-                    let state = AppState { inner };
-                    if *state.shutdown.borrow() {
-                        return;
-                    }
+                    let Some(state) = AppState::running(&weak) else { return };
                     reap_dead_nodes(&state, &mut missing, REAP_GRACE).await;
                 }
             });

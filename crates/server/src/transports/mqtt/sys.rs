@@ -71,11 +71,7 @@ pub fn start(state: &AppState) {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tick.tick().await;
-            let Some(inner) = weak.upgrade() else { return };
-            let state = AppState { inner };
-            if *state.shutdown.borrow() {
-                return;
-            }
+            let Some(state) = AppState::running(&weak) else { return };
             let targets: Vec<(Arc<ConnQueue>, String, Version)> = {
                 let mut subs = state.mqtt_sys.subs.lock().unwrap_or_else(|p| p.into_inner());
                 subs.retain(|s| s.queue.strong_count() > 0);
