@@ -47,8 +47,8 @@ pub fn is_sys(filter: &str) -> bool {
     filter == "$SYS" || filter.starts_with("$SYS/")
 }
 
-/// Subscribes `queue` to the `$SYS` topics `filter` matches, and queues their current
-/// values, flagged retained (to be called after the SUBACK is queued).
+/// Subscribes `queue` to the `$SYS` topics `filter` matches (their current values go
+/// with [`send_now`], after the SUBACK).
 pub fn subscribe(state: &AppState, queue: &Arc<ConnQueue>, filter: &str, version: Version) -> Membership {
     let id = state.mqtt_sys.next.fetch_add(1, Ordering::Relaxed);
     let sub = Sub { id, filter: filter.to_string(), version, queue: Arc::downgrade(queue) };
