@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use switchboard_core::pattern::covers;
 use switchboard_core::queue::{Broken, DirectWrite, Event, Written};
-use switchboard_core::{ChannelName, CloseReason, ConnQueue, Kind};
+use switchboard_core::{ChannelName, CloseReason, Kind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -390,12 +390,7 @@ impl DirectWrite for Sink {
             Prepared::Full => return Written::Blocked,
             Prepared::Send(b, took) => (b, took),
         };
-        let written = match socket2::SockRef::from(stream).send(&bytes) {
-            Ok(n) if n == bytes.len() => Written::All,
-            Ok(n) => Written::Part(bytes.slice(n..)),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Written::Blocked,
-            Err(_) => Written::Failed,
-        };
+        let (written, _) = crate::transports::send_direct(stream, &bytes);
         if took && matches!(written, Written::Blocked | Written::Failed) {
             // Not sent: it leaves the window (queued, the task sends it with an id of its own).
             window.as_deref_mut().and_then(|w| w.inflight.pop_back());
@@ -436,35 +431,20 @@ impl DirectWrite for Sink {
         if frames.is_empty() {
             return Ok((considered, None));
         }
-        let slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(&f.1)).collect();
-        let mut n = match socket2::SockRef::from(stream).send_vectored(&slices) {
-            Ok(n) => n,
+        match crate::transports::send_direct_many(stream, &frames, |f| &f.1) {
+            Ok((whole, _, _)) if whole == frames.len() => Ok((considered, None)),
+            Ok((whole, rest, _)) => {
+                unsend(&mut window, whole + usize::from(rest.is_some()));
+                Ok((frames[whole].0, rest))
+            }
             Err(e) => {
                 unsend(&mut window, 0);
-                return match e.kind() {
+                match e.kind() {
                     std::io::ErrorKind::WouldBlock => Ok((frames[0].0, None)),
                     _ => Err(Broken),
-                };
+                }
             }
-        };
-        for (k, (i, f, _)) in frames.iter().enumerate() {
-            if n < f.len() {
-                unsend(&mut window, if n > 0 { k + 1 } else { k });
-                return Ok((*i, (n > 0).then(|| f.slice(n..))));
-            }
-            n -= f.len();
         }
-        Ok((considered, None))
-    }
-}
-
-/// Closes the queue when the connection's task ends however it ends — even by a panic —
-/// which also drops the direct path's hold on the socket.
-struct CloseOnDrop(Arc<ConnQueue>);
-
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.0.close(CloseReason::Normal);
     }
 }
 
@@ -482,7 +462,7 @@ pub async fn serve(
     // One-off work is boxed: its state must not sit in every idle connection's future
     // (the handshake, resuming a session, packet handling, the goodbye).
     let Some((mut conn, _gauge)) = Box::pin(start(tcp, &state, peer, direct)).await else { return };
-    let _closes = CloseOnDrop(conn.c.session.queue.clone());
+    let _closes = crate::transports::CloseOnDrop(conn.c.session.queue.clone());
     if conn.c.sink.stream.is_some() {
         conn.c.session.queue.set_direct(conn.c.sink.clone());
     }

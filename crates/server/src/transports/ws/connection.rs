@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_core::queue::{DirectWrite, Event, Written};
-use switchboard_core::{CloseReason, ConnQueue, Delivery, Kind, StreamPosition};
+use switchboard_core::{CloseReason, Delivery, Kind, StreamPosition};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -79,7 +79,7 @@ pub fn serve(socket: Socket, pre: Bytes, mut ctx: Box<Ctx>) -> impl std::future:
     }
     // However the task ends — even by a panic — the queue closes, which also drops the
     // direct path's hold on the socket.
-    let closes = CloseOnDrop(queue.clone());
+    let closes = super::super::CloseOnDrop(queue.clone());
     let mut conn = Box::new(Conn {
         session: Session::new(state.clone(), queue),
         rx,
@@ -123,41 +123,22 @@ struct Sink {
 impl DirectWrite for Sink {
     fn try_write(&self, event: &Event) -> Written {
         let bytes = encode(event, self.deflate.as_ref());
-        // A plain send(2) on the socket: tokio's `try_write` would first consult and then
-        // update its readiness bookkeeping, a measurable share of a delivery's CPU. If
-        // the socket would block, the connection's task learns it from its own
-        // (possibly stale, so retried) `writable()` and a `try_write` that blocks.
-        match socket2::SockRef::from(&*self.stream).send(&bytes) {
-            Ok(n) => {
-                self.metrics.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                if n == bytes.len() {
-                    Written::All
-                } else {
-                    Written::Part(bytes.slice(n..))
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Written::Blocked,
-            Err(_) => Written::Failed,
-        }
+        let (written, n) = super::super::send_direct(&self.stream, &bytes);
+        self.metrics.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        written
     }
 
     fn try_write_many(&self, events: &[Event]) -> Result<(usize, Option<Bytes>), switchboard_core::queue::Broken> {
         const MAX_IOV: usize = 256;
         let frames: Vec<Bytes> = events.iter().take(MAX_IOV).map(|e| encode(e, self.deflate.as_ref())).collect();
-        let slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
-        let mut n = match socket2::SockRef::from(&*self.stream).send_vectored(&slices) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((0, None)),
-            Err(_) => return Err(switchboard_core::queue::Broken),
-        };
-        self.metrics.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        for (i, f) in frames.iter().enumerate() {
-            if n < f.len() {
-                return Ok((i, (n > 0).then(|| f.slice(n..))));
+        match super::super::send_direct_many(&self.stream, &frames, |f| f) {
+            Ok((whole, rest, n)) => {
+                self.metrics.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                Ok((whole, rest))
             }
-            n -= f.len();
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok((0, None)),
+            Err(_) => Err(switchboard_core::queue::Broken),
         }
-        Ok((frames.len(), None))
     }
 }
 
@@ -203,15 +184,6 @@ fn write_outbox(
     }
     *frames = Vec::new();
     tx.flush(cx)
-}
-
-/// Closes a connection's queue when dropped (see `serve`).
-struct CloseOnDrop(Arc<ConnQueue>);
-
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.0.close(CloseReason::Normal);
-    }
 }
 
 struct Conn {
