@@ -101,7 +101,6 @@ struct Conn {
     client_id: String,
     tcp: Io,
     buf: BytesMut,
-    max_packet: usize,
     /// MQTT filter → the channel or pattern it subscribed.
     filters: HashMap<String, String>,
     /// Seconds; 0: no keep-alive.
@@ -321,6 +320,7 @@ struct Sink {
     /// The socket, when the connection is plain TCP (else there is no direct path).
     stream: Option<Arc<TcpStream>>,
     version: Version,
+    /// The client's maximum packet size: larger packets are not sent to it.
     max_packet: usize,
     /// The client's receive maximum: QoS 1 and 2 publications it takes incomplete.
     receive_max: usize,
@@ -345,18 +345,7 @@ impl Sink {
                         return Prepared::Full;
                     }
                     let id = w.packet_id(|_| false);
-                    let topic = super::topic_of(&d.publication.channel);
-                    let payload = super::payload_of(&d.publication.data);
-                    let out = codec::Outgoing {
-                        topic: &topic,
-                        payload: &payload,
-                        qos,
-                        packet_id: id,
-                        retain: false,
-                        dup: false,
-                        subscription_ids: &[],
-                    };
-                    let bytes = out.encode(self.version);
+                    let bytes = publish_of(self.version, d, qos, id, false, false, &[]);
                     if bytes.len() > self.max_packet {
                         return Prepared::Skip;
                     }
@@ -509,8 +498,8 @@ async fn finish(mut conn: Box<Accepted>, end: End, state: AppState) {
     tracing::debug!(client = %conn.c.client_id, ?version, "MQTT connection closed");
 }
 
-/// Reads the CONNECT packet and answers it: the accepted connection, its place in the
-/// connections gauge and the client's maximum packet size.
+/// Reads the CONNECT packet and answers it: the accepted connection and its place in the
+/// connections gauge.
 async fn start(
     mut tcp: Io,
     state: &AppState,
@@ -749,7 +738,6 @@ async fn accept(
             client_id,
             tcp,
             buf,
-            max_packet,
             filters: HashMap::new(),
             keep_alive: connect.keep_alive,
             persist: persist.map(Duration::from_secs),
@@ -903,19 +891,8 @@ impl Conn {
                                     None => (self.packet_id(), false),
                                 };
                                 self.sink.window().inflight.push_back(Inflight { id, qos, released: false, confirms });
-                                let topic = super::topic_of(&d.publication.channel);
-                                let payload = super::payload_of(&d.publication.data);
-                                let subscription_ids = &self.ids_for(&d.publication.channel);
-                                let out = codec::Outgoing {
-                                    topic: &topic,
-                                    payload: &payload,
-                                    qos,
-                                    packet_id: id,
-                                    retain: retained,
-                                    dup,
-                                    subscription_ids,
-                                };
-                                out.encode(self.version)
+                                let ids = self.ids_for(&d.publication.channel);
+                                publish_of(self.version, d, qos, id, retained, dup, &ids)
                             }
                         }
                     } else {
@@ -924,24 +901,13 @@ impl Conn {
                         }
                         let ids = self.ids_for(&d.publication.channel);
                         if retained || !ids.is_empty() {
-                            let topic = super::topic_of(&d.publication.channel);
-                            let payload = super::payload_of(&d.publication.data);
-                            let out = codec::Outgoing {
-                                topic: &topic,
-                                payload: &payload,
-                                qos: 0,
-                                packet_id: 0,
-                                retain: retained,
-                                dup: false,
-                                subscription_ids: &ids,
-                            };
-                            out.encode(self.version)
+                            publish_of(self.version, d, 0, 0, retained, false, &ids)
                         } else {
                             let slot = if self.version == Version::V5 { SLOT_V5 } else { SLOT_V311 };
                             d.encoded(slot, |d| encode(self.version, d))
                         }
                     };
-                    if p.len() <= self.max_packet {
+                    if p.len() <= self.sink.max_packet {
                         out.push(p);
                     } else if qos >= 1 {
                         // Never sent (over the client's maximum packet size): it must not
@@ -951,7 +917,7 @@ impl Conn {
                 }
                 // Acknowledgements, pings and direct messages never wait behind the
                 // window. (A direct message over the client's maximum packet size is dropped.)
-                Event::Frame(b) if b.len() <= self.max_packet => out.push(b),
+                Event::Frame(b) if b.len() <= self.sink.max_packet => out.push(b),
                 Event::Frame(_) => {}
                 Event::Reset { .. } => {}
             }
@@ -1793,8 +1759,23 @@ fn reason_for(version: Version, e: &ApiError) -> u8 {
 
 /// The PUBLISH every QoS 0 subscriber of `d` without identifiers gets, not retained.
 fn encode(version: Version, d: &switchboard_core::Delivery) -> Bytes {
+    publish_of(version, d, 0, 0, false, false, &[])
+}
+
+/// The PUBLISH of `d` for one client: at `qos` with `packet_id`, its flags, and the
+/// subscription identifiers it matches.
+fn publish_of(
+    version: Version,
+    d: &switchboard_core::Delivery,
+    qos: u8,
+    packet_id: u16,
+    retain: bool,
+    dup: bool,
+    subscription_ids: &[u32],
+) -> Bytes {
     let topic = super::topic_of(&d.publication.channel);
-    codec::publish(version, &topic, &super::payload_of(&d.publication.data), false)
+    let payload = super::payload_of(&d.publication.data);
+    codec::Outgoing { topic: &topic, payload: &payload, qos, packet_id, retain, dup, subscription_ids }.encode(version)
 }
 
 #[cfg(test)]
