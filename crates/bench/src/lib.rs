@@ -80,6 +80,11 @@ struct Common {
     /// Local source IP addresses to spread connections over (comma-separated).
     #[arg(long, value_delimiter = ',')]
     sources: Vec<IpAddr>,
+    /// `fanout`: more Switchboard nodes of one cluster (IP:port, comma-separated, loopback
+    /// only): subscribers are spread evenly over `--server` and these, publications still
+    /// go to `--server` — cross-node delivery through the backplane.
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<SocketAddr>,
     /// Connections opened at once (count).
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
@@ -553,8 +558,15 @@ async fn wait_for(stats: &Stats, base: u64, expected: u64, limit: Duration) {
 async fn fanout(c: Common, subscribers: usize, rate: u64, duration: u64, payload: usize) -> Res {
     let stats = Arc::new(Stats::new());
     let t = target(&c, &c.channel)?;
-    eprintln!("opening {subscribers} subscribers ({})...", t.kind);
-    let (subs, conn_rate) = open_many(&c, std::slice::from_ref(&t), subscribers, None, &stats).await;
+    let mut targets = vec![t.clone()];
+    for addr in &c.nodes {
+        if !addr.ip().is_loopback() || c.subscribe_url.is_some() || t.wt.is_some() {
+            return Err("--nodes: loopback Switchboard nodes, over ws, sse or poll".into());
+        }
+        targets.push(Target { addr: *addr, ..t.clone() });
+    }
+    eprintln!("opening {subscribers} subscribers ({}) over {} node(s)...", t.kind, targets.len());
+    let (subs, conn_rate) = open_many(&c, &targets, subscribers, None, &stats).await;
     let n = subs.len() as u64;
     let handles: Vec<_> = subs.into_iter().map(|s| tokio::spawn(s.run(stats.clone()))).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;

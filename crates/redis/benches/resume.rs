@@ -32,7 +32,12 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let prefix = format!("sbbench-{}", std::process::id());
-        let cfg = RedisConfig { url: url.clone(), prefix: prefix.clone(), idle_channel_ttl: Duration::from_secs(600) };
+        let cfg = RedisConfig {
+            url: url.clone(),
+            prefix: prefix.clone(),
+            idle_channel_ttl: Duration::from_secs(600),
+            cluster: false,
+        };
         let broker = Arc::new(RedisBroker::new(cfg, "bench").unwrap());
         broker.run(Arc::new(Nothing)).await.unwrap();
         let ch = ChannelName::parse("bench:resume").unwrap();

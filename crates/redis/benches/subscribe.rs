@@ -44,7 +44,7 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let prefix = format!("sbbench-sub-{}", std::process::id());
-        let cfg = RedisConfig { url, prefix, idle_channel_ttl: Duration::from_secs(600) };
+        let cfg = RedisConfig { url, prefix, idle_channel_ttl: Duration::from_secs(600), cluster: false };
         let broker = Arc::new(RedisBroker::new(cfg, "bench").unwrap());
         broker.run(Arc::new(Nothing)).await.unwrap();
         for _ in 0..100 {

@@ -14,6 +14,15 @@
 //! A channel's keys carry it as a hash tag (`{…}`: channel names cannot contain braces), so
 //! they live in one Redis Cluster slot — what a script touching them all needs there.
 //!
+//! **Redis Cluster** (`cluster: true`, the seed nodes comma-separated in `url`): the same
+//! keys and scripts, routed by slot (the client follows `MOVED`/`ASK`); publications go out
+//! on the channel's shard (`SPUBLISH P:p:{<channel>}`, nodes `SSUBSCRIBE` — Redis ≥ 7), so
+//! a publication costs only the shard that owns the channel. Wildcard (namespace)
+//! subscriptions have no sharded form: a node subscribing to a namespace marks it in one
+//! sorted set per slot (`P:w:{<slot tag>}:<ns>`, node → expiry), which the publish script of
+//! any channel reads in its own slot; while a mark is live the script also `PUBLISH`es the
+//! publication (prefixed with its channel) on `P:n:<ns>`, which reaches every node.
+//!
 //! When `P:m:{<channel>}` is gone (evicted, expired) the next use starts a new epoch and
 //! drops the stale stream: clients holding old positions are told to reset.
 
@@ -25,7 +34,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use switchboard_core::broker::{
     Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, NodeInfo, PublishOptions,
@@ -34,6 +42,7 @@ use switchboard_core::publication::new_epoch;
 use switchboard_core::{ChannelName, Delivery, Kind, Publication, Published, StreamPosition};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::conn::{slot_of, slot_tag, Conn, LazyCluster, Target, SLOTS};
 use crate::scripts;
 
 /// How to reach Redis and where to keep keys.
@@ -45,6 +54,8 @@ pub struct RedisConfig {
     pub prefix: String,
     /// How long an idle channel keeps its epoch and top offset.
     pub idle_channel_ttl: Duration,
+    /// `url` names the seed nodes of a Redis Cluster (comma-separated).
+    pub cluster: bool,
 }
 
 impl Default for RedisConfig {
@@ -53,9 +64,13 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             prefix: "sb".into(),
             idle_channel_ttl: Duration::from_secs(3600),
+            cluster: false,
         }
     }
 }
+
+/// The Pub/Sub messages and confirmations a Redis Cluster connection receives.
+type Pushes = mpsc::UnboundedReceiver<redis::PushInfo>;
 
 enum SubCmd {
     Subscribe(String, oneshot::Sender<Result<(), BrokerError>>),
@@ -66,8 +81,12 @@ enum SubCmd {
 
 struct Inner {
     cfg: RedisConfig,
-    client: redis::Client,
-    conn: ConnectionManager,
+    /// Single Redis: the client of the Pub/Sub connection.
+    client: Option<redis::Client>,
+    conn: Conn,
+    /// Redis Cluster: the connection whose subscriptions the cluster client keeps (and
+    /// restores after reconnects and failovers), and where its pushes arrive.
+    sharded: Option<(Arc<LazyCluster>, Mutex<Option<Pushes>>)>,
     node_id: String,
     handler: OnceLock<Arc<dyn BrokerEventHandler>>,
     cmds: mpsc::UnboundedSender<SubCmd>,
@@ -83,6 +102,7 @@ struct Inner {
     registered: Mutex<Option<(HashMap<String, usize>, u32)>>,
     publish: Script,
     history: Script,
+    volatile: Script,
 }
 
 #[derive(Default)]
@@ -113,19 +133,23 @@ impl RedisBroker {
     /// connection is kept up by a task started in [`Broker::run`] — a node starts (and
     /// stays up) while Redis is down, reporting not-ready.
     pub fn new(cfg: RedisConfig, node_id: &str) -> Result<RedisBroker, BrokerError> {
-        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| unavailable(format!("bad redis url: {e}")))?;
-        let mcfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(3)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), mcfg).map_err(unavailable)?;
+        let target = Target { url: cfg.url.clone(), cluster: cfg.cluster };
+        let conn = Conn::open(&target)?;
+        let (client, sharded) = if cfg.cluster {
+            let (push_tx, push_rx) = mpsc::unbounded_channel();
+            (None, Some((Conn::cluster_with_push(&target, push_tx)?, Mutex::new(Some(push_rx)))))
+        } else {
+            let client =
+                redis::Client::open(cfg.url.as_str()).map_err(|e| unavailable(format!("bad redis url: {e}")))?;
+            (Some(client), None)
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(RedisBroker {
             inner: Arc::new(Inner {
                 cfg,
                 client,
                 conn,
+                sharded,
                 node_id: node_id.to_string(),
                 handler: OnceLock::new(),
                 cmds: tx,
@@ -136,6 +160,7 @@ impl RedisBroker {
                 registered: Mutex::default(),
                 publish: Script::new(scripts::PUBLISH),
                 history: Script::new(scripts::HISTORY),
+                volatile: Script::new(scripts::VOLATILE),
             }),
         })
     }
@@ -153,8 +178,25 @@ impl RedisBroker {
         self.inner.cfg.idle_channel_ttl.as_secs().max(1)
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.inner.conn.clone()
+    }
+
+    /// Redis Cluster: the sorted set in `channel`'s slot where nodes mark the channel's
+    /// namespace as wanted by a wildcard subscription.
+    fn wildcard_mark(&self, channel: &str) -> String {
+        let slot = slot_of(&format!("{{{channel}}}"));
+        self.mark_in_slot(slot, switchboard_core::channel::namespace_of(channel))
+    }
+
+    fn mark_in_slot(&self, slot: usize, namespace: &str) -> String {
+        format!("{}:w:{{{}}}:{namespace}", self.inner.cfg.prefix, slot_tag(slot))
+    }
+
+    /// Redis Cluster: the (unsharded, cluster-wide) Pub/Sub channel of a namespace's
+    /// wildcard subscribers.
+    fn namespace_channel(&self, namespace: &str) -> String {
+        format!("{}:n:{namespace}", self.inner.cfg.prefix)
     }
 
     async fn run_history(
@@ -250,7 +292,8 @@ impl RedisBroker {
         let control = format!("{}:control", self.inner.cfg.prefix);
         loop {
             let session = async {
-                let ps = tokio::time::timeout(Duration::from_secs(3), self.inner.client.get_async_pubsub())
+                let client = self.inner.client.as_ref().expect("a single Redis has its client");
+                let ps = tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub())
                     .await
                     .map_err(|_| unavailable("connect timeout"))?
                     .map_err(unavailable)?;
@@ -537,10 +580,162 @@ impl RedisBroker {
     }
 }
 
+/// What a Redis Cluster node's dispatchers do, one channel always on the same one (so a
+/// channel's publications stay in order while channels spread over the workers).
+enum Work {
+    Deliver(Publication),
+    /// The cluster client subscribed the channel again (a reconnect, a failover, a slot
+    /// moved): deliver what was published meanwhile.
+    Refill(String),
+}
+
+/// A wildcard mark lasts this long unless its node renews it (every third of it).
+const MARK_TTL: Duration = Duration::from_secs(3600);
+
+impl RedisBroker {
+    /// Redis Cluster: the control subscription (retried until the cluster answers), the
+    /// dispatchers, the task reading the cluster client's pushes, and the wildcard marks'
+    /// renewal.
+    fn start_sharded(self, mut push: mpsc::UnboundedReceiver<redis::PushInfo>) {
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+        let mut queues = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Work>();
+            queues.push(tx);
+            let me = self.clone();
+            tokio::spawn(async move {
+                while let Some(w) = rx.recv().await {
+                    match w {
+                        Work::Deliver(p) => me.deliver(p).await,
+                        Work::Refill(ch) => me.refill(&ch).await,
+                    }
+                }
+            });
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let control = format!("{}:control", me.inner.cfg.prefix);
+            let prefix_p = format!("{}:p:{{", me.inner.cfg.prefix);
+            let prefix_n = format!("{}:n:", me.inner.cfg.prefix);
+            let route = |ch: &str| {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                ch.hash(&mut h);
+                h.finish() as usize % queues.len()
+            };
+            // Channels whose subscription the cluster confirmed once: a confirmation after
+            // that is a resubscription, after which the channel is refilled.
+            let mut confirmed: HashSet<String> = HashSet::new();
+            while let Some(info) = push.recv().await {
+                let name = info.data.first().and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+                let payload = info.data.get(1).and_then(|v| redis::from_redis_value_ref::<Vec<u8>>(v).ok());
+                match (info.kind, name, payload) {
+                    (redis::PushKind::SMessage, Some(name), Some(payload)) => {
+                        let Some(ch) = name.strip_prefix(&prefix_p).and_then(|c| c.strip_suffix('}')) else { continue };
+                        let Ok(channel) = ChannelName::parse(ch) else { continue };
+                        if let Some(p) = parse_message(channel, &payload) {
+                            let _ = queues[route(ch)].send(Work::Deliver(p));
+                        }
+                    }
+                    (redis::PushKind::Message, Some(name), Some(payload)) if name == control => {
+                        me.on_control(&payload);
+                    }
+                    (redis::PushKind::Message, Some(name), Some(payload)) if name.starts_with(&prefix_n) => {
+                        // A namespace's broadcast: `<channel>\n<message>`.
+                        let Some(i) = payload.iter().position(|b| *b == b'\n') else { continue };
+                        let Ok(ch) = std::str::from_utf8(&payload[..i]) else { continue };
+                        if lock(&me.inner.wanted).channels.contains(ch) {
+                            continue; // delivered by the channel's own subscription too
+                        }
+                        let Ok(channel) = ChannelName::parse(ch) else { continue };
+                        if let Some(p) = parse_message(channel, &payload[i + 1..]) {
+                            let _ = queues[route(ch)].send(Work::Deliver(p));
+                        }
+                    }
+                    (redis::PushKind::SSubscribe, Some(name), _) => {
+                        let Some(ch) = name.strip_prefix(&prefix_p).and_then(|c| c.strip_suffix('}')) else { continue };
+                        if !confirmed.insert(ch.to_string()) {
+                            let _ = queues[route(ch)].send(Work::Refill(ch.to_string()));
+                        }
+                    }
+                    (redis::PushKind::SUnsubscribe, Some(name), _) => {
+                        if let Some(ch) = name.strip_prefix(&prefix_p).and_then(|c| c.strip_suffix('}')) {
+                            if !lock(&me.inner.wanted).channels.contains(ch) {
+                                confirmed.remove(ch);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let control = format!("{}:control", me.inner.cfg.prefix);
+            let Some((cluster, _)) = &me.inner.sharded else { return };
+            let mut attempt = 0u32;
+            loop {
+                match async { cluster.get().await?.subscribe(&control).await }.await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        attempt = attempt.saturating_add(1);
+                        let cap = 100 * 2u64.saturating_pow(attempt.min(6));
+                        tracing::warn!("redis cluster unavailable ({e}); retrying");
+                        tokio::time::sleep(Duration::from_millis(fastrand::u64(50..=cap.max(50)))).await;
+                    }
+                }
+            }
+            // Renew this node's wildcard marks while it has them.
+            loop {
+                tokio::time::sleep(MARK_TTL / 3).await;
+                let namespaces: Vec<String> = lock(&me.inner.wanted).namespaces.iter().cloned().collect();
+                for ns in namespaces {
+                    if let Err(e) = me.mark_namespace(&ns, true).await {
+                        tracing::warn!("renewing the wildcard mark of namespace {ns:?}: {e}");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Marks (or unmarks) this node's wildcard subscription to `namespace` in every slot.
+    async fn mark_namespace(&self, namespace: &str, on: bool) -> Result<(), BrokerError> {
+        let until = switchboard_core::now_millis() + MARK_TTL.as_millis() as u64;
+        let node = &self.inner.node_id;
+        // One key per slot: a cluster pipelines only within a slot, so each key is its own
+        // request — many at once.
+        let writes = (0..SLOTS).map(|slot| {
+            let key = self.mark_in_slot(slot, namespace);
+            let mut conn = self.conn();
+            async move {
+                let mut pipe = redis::pipe();
+                if on {
+                    pipe.zadd(&key, node, until).ignore();
+                    pipe.expire(&key, MARK_TTL.as_secs() as i64).ignore();
+                } else {
+                    pipe.zrem(&key, node).ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await
+            }
+        });
+        let mut writes = futures_util::stream::iter(writes).buffer_unordered(256);
+        while let Some(r) = writes.next().await {
+            r.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Broker for RedisBroker {
     async fn run(&self, handler: Arc<dyn BrokerEventHandler>) -> Result<(), BrokerError> {
         let _ = self.inner.handler.set(handler);
+        if let Some((_, push)) = &self.inner.sharded {
+            if let Some(rx) = lock(push).take() {
+                self.clone().start_sharded(rx);
+            }
+            return Ok(());
+        }
         if let Some(rx) = lock(&self.inner.cmd_rx).take() {
             tokio::spawn(self.clone().pubsub_loop(rx));
         }
@@ -556,9 +751,9 @@ impl Broker for RedisBroker {
         let mut conn = self.conn();
         let idem = opts.idempotency_key.as_deref();
         let window = if idem.is_some() { opts.idempotency_window.as_millis() as u64 } else { 0 };
-        let reply: Vec<String> = self
-            .inner
-            .publish
+        let sharded = self.inner.conn.is_cluster();
+        let mut invocation = self.inner.publish.prepare_invoke();
+        invocation
             .key(self.key("m", channel.as_str()))
             .key(self.key("s", channel.as_str()))
             .key(format!("{}:{}", self.key("k", channel.as_str()), idem.unwrap_or("")))
@@ -568,10 +763,15 @@ impl Broker for RedisBroker {
             .arg(window)
             .arg(&*new_epoch())
             .arg(self.pubsub_channel(channel.as_str()))
-            .arg(self.meta_ttl())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+            .arg(self.meta_ttl());
+        if sharded {
+            invocation
+                .key(self.wildcard_mark(channel.as_str()))
+                .arg("s")
+                .arg(self.namespace_channel(channel.namespace()))
+                .arg(channel.as_str());
+        }
+        let reply: Vec<String> = invocation.invoke_async(&mut conn).await.map_err(unavailable)?;
         match reply.as_slice() {
             [ok, epoch, top] if ok == "ok" => Ok(Published {
                 position: StreamPosition {
@@ -598,6 +798,21 @@ impl Broker for RedisBroker {
         let mut payload = format!("{k}\n\n0\n{}\n", switchboard_core::now_millis()).into_bytes();
         payload.extend_from_slice(&data);
         let mut conn = self.conn();
+        if conn.is_cluster() {
+            // On the channel's shard, and to the namespace's wildcard subscribers if any.
+            let _: i64 = self
+                .inner
+                .volatile
+                .key(self.wildcard_mark(channel.as_str()))
+                .arg(self.pubsub_channel(channel.as_str()))
+                .arg(payload)
+                .arg(self.namespace_channel(channel.namespace()))
+                .arg(channel.as_str())
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            return Ok(());
+        }
         let _: i64 = conn.publish(self.pubsub_channel(channel.as_str()), payload).await.map_err(unavailable)?;
         Ok(())
     }
@@ -612,27 +827,65 @@ impl Broker for RedisBroker {
     }
 
     async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        if let Some((cluster, _)) = &self.inner.sharded {
+            let key = self.pubsub_channel(channel.as_str());
+            lock(&self.inner.wanted).channels.insert(channel.to_string());
+            let r = async { cluster.get().await?.ssubscribe(&key).await }.await.map_err(unavailable);
+            if r.is_err() {
+                lock(&self.inner.wanted).channels.remove(channel.as_str());
+            }
+            return r;
+        }
         let name = channel.to_string();
         self.request(|tx| SubCmd::Subscribe(name, tx)).await
     }
 
     async fn unsubscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        if let Some((cluster, _)) = &self.inner.sharded {
+            lock(&self.inner.wanted).channels.remove(channel.as_str());
+            lock(&self.inner.last).remove(channel.as_str());
+            let key = self.pubsub_channel(channel.as_str());
+            // Unsubscribed either way: a connection that fails here takes it along.
+            let _ = async { cluster.get().await?.sunsubscribe(&key).await }.await;
+            return Ok(());
+        }
         let name = channel.to_string();
         self.request(|tx| SubCmd::Unsubscribe(name, tx)).await
     }
 
     async fn subscribe_namespace(&self, namespace: &str) -> Result<(), BrokerError> {
+        if let Some((cluster, _)) = &self.inner.sharded {
+            // Listening first, then marked: a publish that sees the mark finds us listening.
+            let key = self.namespace_channel(namespace);
+            lock(&self.inner.wanted).namespaces.insert(namespace.to_string());
+            let r = async {
+                cluster.get().await.map_err(unavailable)?.subscribe(&key).await.map_err(unavailable)?;
+                self.mark_namespace(namespace, true).await
+            }
+            .await;
+            if r.is_err() {
+                lock(&self.inner.wanted).namespaces.remove(namespace);
+            }
+            return r;
+        }
         let ns = namespace.to_string();
         self.request(|tx| SubCmd::PSubscribe(ns, tx)).await
     }
 
     async fn unsubscribe_namespace(&self, namespace: &str) -> Result<(), BrokerError> {
+        if let Some((cluster, _)) = &self.inner.sharded {
+            lock(&self.inner.wanted).namespaces.remove(namespace);
+            let _ = self.mark_namespace(namespace, false).await;
+            let key = self.namespace_channel(namespace);
+            let _ = async { cluster.get().await?.unsubscribe(&key).await }.await;
+            return Ok(());
+        }
         let ns = namespace.to_string();
         self.request(|tx| SubCmd::PUnsubscribe(ns, tx)).await
     }
 
     async fn ready(&self) -> bool {
-        if !self.inner.pubsub_up.load(Ordering::SeqCst) {
+        if self.inner.sharded.is_none() && !self.inner.pubsub_up.load(Ordering::SeqCst) {
             return false;
         }
         let mut conn = self.conn();
@@ -655,14 +908,21 @@ impl Broker for RedisBroker {
         let ttl_ms = ttl.as_millis() as u64;
         let info = serde_json::to_string(node).expect("node info serialises");
         let ch_key = format!("{p}:node:{}:ch", node.id);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
+        // One transaction on a single Redis; on a cluster the three keys are in three slots,
+        // and each key's writes go as one pipeline of their own.
+        let cluster = self.inner.conn.is_cluster();
+        let mut pipes = [redis::pipe(), redis::pipe(), redis::pipe()];
+        if !cluster {
+            pipes[0].atomic();
+        }
+        let (reg, info_at, hash_at) = if cluster { (0, 1, 2) } else { (0, 0, 0) };
+        pipes[reg]
             .zadd(format!("{p}:nodes"), &node.id, now + ttl_ms)
             .ignore()
             .zrembyscore(format!("{p}:nodes"), "-inf", now)
-            .ignore()
-            .pset_ex(format!("{p}:node:{}", node.id), info, ttl_ms)
             .ignore();
+        pipes[info_at].pset_ex(format!("{p}:node:{}", node.id), info, ttl_ms).ignore();
+        let pipe = &mut pipes[hash_at];
         // The channel hash: only what changed since the last heartbeat; whole every
         // `REWRITE_EVERY` heartbeats and after any failure (a hash lost with a Redis restart
         // is whole again within a minute).
@@ -692,7 +952,9 @@ impl Broker for RedisBroker {
         };
         pipe.pexpire(&ch_key, ttl_ms as i64).ignore();
         let mut conn = self.conn();
-        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        for pipe in pipes.iter().filter(|p| !p.is_empty()) {
+            pipe.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        }
         *lock(&self.inner.registered) = Some((now_counts, beats));
         Ok(())
     }

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::conn::Conn;
 use switchboard_core::BrokerError;
 
 pub struct RedisKv {
     prefix: String,
-    conn: ConnectionManager,
+    conn: Conn,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
@@ -19,7 +19,12 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 impl RedisKv {
     /// Values under `{prefix}:{space}:`.
     pub fn new(url: &str, prefix: &str, space: &str) -> Result<RedisKv, BrokerError> {
-        let conn = crate::presence::lazy_connection(url)?;
+        Self::open(&crate::conn::Target::single(url), prefix, space)
+    }
+
+    /// Values on a single Redis or a Redis Cluster (each value one key: any slot).
+    pub fn open(target: &crate::conn::Target, prefix: &str, space: &str) -> Result<RedisKv, BrokerError> {
+        let conn = Conn::open(target)?;
         Ok(RedisKv { prefix: format!("{prefix}:{space}:"), conn })
     }
 

@@ -17,6 +17,7 @@
 //! Switchboard clusters can share one Redis.
 
 mod broker;
+mod conn;
 mod kv;
 mod presence;
 mod queue;
@@ -24,6 +25,7 @@ mod scripts;
 mod stream;
 
 pub use broker::{RedisBroker, RedisConfig};
+pub use conn::{Conn, Target};
 pub use kv::RedisKv;
 pub use presence::RedisPresence;
 pub use queue::{Occupancy, RedisQueue, Taken};

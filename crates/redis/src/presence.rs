@@ -6,8 +6,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use crate::conn::Conn;
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::Script;
 use switchboard_core::presence::{Member, PresenceManager, PresenceStats};
 use switchboard_core::{BrokerError, ChannelName};
@@ -16,7 +16,7 @@ use crate::scripts;
 
 pub struct RedisPresence {
     prefix: String,
-    conn: ConnectionManager,
+    conn: Conn,
     add: Script,
     members: Script,
 }
@@ -27,18 +27,18 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 
 /// A connection that connects on first use and reconnects by itself (short timeouts: a
 /// Redis outage is an error to report, not a wait).
-pub(crate) fn lazy_connection(url: &str) -> Result<ConnectionManager, BrokerError> {
-    let client = redis::Client::open(url).map_err(|e| unavailable(format!("bad redis url: {e}")))?;
-    let cfg = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(3)))
-        .set_number_of_retries(2);
-    ConnectionManager::new_lazy_with_config(client, cfg).map_err(unavailable)
+pub(crate) fn lazy_connection(url: &str) -> Result<Conn, BrokerError> {
+    Conn::open(&crate::conn::Target::single(url))
 }
 
 impl RedisPresence {
     pub fn new(url: &str, prefix: &str) -> Result<RedisPresence, BrokerError> {
-        let conn = lazy_connection(url)?;
+        Self::open(&crate::conn::Target::single(url), prefix)
+    }
+
+    /// Presence on a single Redis or a Redis Cluster.
+    pub fn open(target: &crate::conn::Target, prefix: &str) -> Result<RedisPresence, BrokerError> {
+        let conn = Conn::open(target)?;
         Ok(RedisPresence {
             prefix: prefix.to_string(),
             conn,

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::conn::Conn;
 use redis::Script;
 use switchboard_core::BrokerError;
 
@@ -58,7 +58,7 @@ return 0
 ";
 
 pub struct RedisQueue {
-    conn: ConnectionManager,
+    conn: Conn,
     /// `{prefix}:queue:{name}`, hash-tagged per queue.
     base: String,
     consumer: String,
@@ -218,7 +218,7 @@ fn items(entries: Vec<crate::stream::StreamEntry>) -> Vec<Taken> {
 
 /// Channel occupancy across the cluster: which nodes have subscribers of each channel.
 pub struct Occupancy {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     node: String,
     script: Script,

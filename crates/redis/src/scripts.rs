@@ -2,10 +2,15 @@
 //! storing and fanning out one step (publish) and a history read consistent with the
 //! channel's top offset (history).
 
-/// KEYS: meta hash, stream, idempotency key (or a dummy).
+/// KEYS: meta hash, stream, idempotency key (or a dummy)[, Redis Cluster: the namespace's
+///       wildcard mark in this slot].
 /// ARGV: data, history size, history ttl ms, idempotency window ms (0: none),
-///       candidate epoch, pub/sub channel, meta ttl seconds.
+///       candidate epoch, pub/sub channel, meta ttl seconds[, Redis Cluster: "s", the
+///       namespace's wildcard channel, the channel's name].
 /// Returns {"ok", epoch, offset} or {"dup", "epoch:offset"}.
+///
+/// On a Redis Cluster the publication goes out on the channel's shard (`SPUBLISH`), and
+/// — while a node's wildcard mark is live — to every node on the namespace's channel.
 pub const PUBLISH: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -28,7 +33,15 @@ if size > 0 and ttl > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', size, top .. '-0', 'd', ARGV[1], 't', now, 'x', now + ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
-redis.call('PUBLISH', ARGV[6], 'S\n' .. epoch .. '\n' .. top .. '\n' .. now .. '\n' .. ARGV[1])
+local msg = 'S\n' .. epoch .. '\n' .. top .. '\n' .. now .. '\n' .. ARGV[1]
+if ARGV[8] == 's' then
+  redis.call('SPUBLISH', ARGV[6], msg)
+  if redis.call('ZCOUNT', KEYS[4], now, '+inf') > 0 then
+    redis.call('PUBLISH', ARGV[9], ARGV[10] .. '\n' .. msg)
+  end
+else
+  redis.call('PUBLISH', ARGV[6], msg)
+end
 if window > 0 then
   redis.call('SET', KEYS[3], epoch .. ':' .. top, 'PX', window)
 end
@@ -134,4 +147,18 @@ local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
 for _, c in ipairs(gone) do redis.call('HDEL', KEYS[1], c) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 return redis.call('HVALS', KEYS[1])
+"#;
+
+/// Redis Cluster: a volatile publication (or join, leave) on the channel's shard, and to
+/// the namespace's wildcard subscribers while a mark is live.
+/// KEYS: the namespace's wildcard mark in the channel's slot.
+/// ARGV: shard channel, message, namespace channel, channel name.
+pub const VOLATILE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SPUBLISH', ARGV[1], ARGV[2])
+if redis.call('ZCOUNT', KEYS[1], now, '+inf') > 0 then
+  redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\n' .. ARGV[2])
+end
+return 1
 "#;

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::conn::Conn;
 use switchboard_core::BrokerError;
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
@@ -29,7 +29,7 @@ impl StreamEntry {
 }
 
 pub struct StreamConsumer {
-    conn: ConnectionManager,
+    conn: Conn,
     stream: String,
     group: String,
     consumer: String,
@@ -90,7 +90,7 @@ impl StreamConsumer {
 
     async fn read(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         max: usize,
         block: Option<Duration>,
         from: &str,
@@ -155,7 +155,7 @@ impl StreamConsumer {
 
 /// Creates consumer group `group` of `stream` (and the stream) reading from its start,
 /// unless it exists.
-pub(crate) async fn create_group(conn: &mut ConnectionManager, stream: &str, group: &str) -> Result<(), BrokerError> {
+pub(crate) async fn create_group(conn: &mut Conn, stream: &str, group: &str) -> Result<(), BrokerError> {
     let created: Result<(), redis::RedisError> =
         redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("0").arg("MKSTREAM").query_async(conn).await;
     match created {
@@ -168,7 +168,7 @@ pub(crate) async fn create_group(conn: &mut ConnectionManager, stream: &str, gro
 /// Up to `max` entries of `[stream, group, consumer]`'s group left pending by any consumer
 /// for `idle` or longer, now `consumer`'s (`XAUTOCLAIM`).
 pub(crate) async fn claim(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     [stream, group, consumer]: [&str; 3],
     idle: Duration,
     max: usize,

@@ -18,7 +18,7 @@ fn prefix() -> String {
 }
 
 async fn make(handler: Arc<dyn BrokerEventHandler>) -> Arc<dyn Broker> {
-    let cfg = RedisConfig { url: url(), prefix: prefix(), idle_channel_ttl: Duration::from_secs(600) };
+    let cfg = RedisConfig { url: url(), prefix: prefix(), idle_channel_ttl: Duration::from_secs(600), cluster: false };
     let broker = RedisBroker::new(cfg, "contract-node").unwrap();
     broker.run(handler).await.unwrap();
     Arc::new(broker)

@@ -39,7 +39,7 @@ async fn until_seen(seen: &Seen, want: &BTreeSet<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscribe_storm_gets_every_channel_and_an_unsubscribe_storm_stops_exactly_those() {
     let prefix = format!("sbtest-ps-{}", fastrand::u64(..));
-    let cfg = RedisConfig { url: url(), prefix, idle_channel_ttl: Duration::from_secs(60) };
+    let cfg = RedisConfig { url: url(), prefix, idle_channel_ttl: Duration::from_secs(60), cluster: false };
     let node = Arc::new(RedisBroker::new(cfg.clone(), "node").unwrap());
     let seen = Arc::new(Seen::default());
     node.run(seen.clone()).await.unwrap();

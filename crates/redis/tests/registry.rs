@@ -23,7 +23,12 @@ fn counts(v: &[(&str, usize)]) -> Vec<(String, usize)> {
 #[tokio::test]
 async fn heartbeats_keep_the_cluster_channel_counts_exact_as_they_change() {
     let prefix = format!("sbtest-reg-{}", fastrand::u64(..));
-    let cfg = || RedisConfig { url: url(), prefix: prefix.clone(), idle_channel_ttl: Duration::from_secs(60) };
+    let cfg = || RedisConfig {
+        url: url(),
+        prefix: prefix.clone(),
+        idle_channel_ttl: Duration::from_secs(60),
+        cluster: false,
+    };
     let (a, b) = (RedisBroker::new(cfg(), "a").unwrap(), RedisBroker::new(cfg(), "b").unwrap());
     let ttl = Duration::from_secs(30);
     a.heartbeat(&node("a"), &counts(&[("x:1", 1), ("x:2", 2)]), ttl).await.unwrap();
@@ -55,7 +60,12 @@ async fn heartbeats_keep_the_cluster_channel_counts_exact_as_they_change() {
 async fn each_publication_is_claimed_by_one_node_per_group() {
     use switchboard_core::{ChannelName, StreamPosition};
     let prefix = format!("sbtest-claim-{}", fastrand::u64(..));
-    let cfg = || RedisConfig { url: url(), prefix: prefix.clone(), idle_channel_ttl: Duration::from_secs(60) };
+    let cfg = || RedisConfig {
+        url: url(),
+        prefix: prefix.clone(),
+        idle_channel_ttl: Duration::from_secs(60),
+        cluster: false,
+    };
     let (a, b) = (RedisBroker::new(cfg(), "a").unwrap(), RedisBroker::new(cfg(), "b").unwrap());
     let ch = ChannelName::parse("room").unwrap();
     let at = |epoch: &str, offset| StreamPosition { epoch: epoch.into(), offset };
@@ -82,7 +92,12 @@ async fn each_publication_is_claimed_by_one_node_per_group() {
 #[tokio::test]
 async fn revocations_are_kept_for_every_node_until_they_lapse() {
     let prefix = format!("sbtest-rev-{}", fastrand::u64(..));
-    let cfg = || RedisConfig { url: url(), prefix: prefix.clone(), idle_channel_ttl: Duration::from_secs(60) };
+    let cfg = || RedisConfig {
+        url: url(),
+        prefix: prefix.clone(),
+        idle_channel_ttl: Duration::from_secs(60),
+        cluster: false,
+    };
     let (a, b) = (RedisBroker::new(cfg(), "a").unwrap(), RedisBroker::new(cfg(), "b").unwrap());
     let now = switchboard_core::now_millis();
     a.save_revocation("user\u{0}mallory", now + 60_000).await.unwrap();

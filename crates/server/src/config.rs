@@ -855,7 +855,7 @@ pub struct SecurityConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// `memory` (embedded default, one node) or `redis` (many nodes).
+    /// `memory` (embedded default, one node), `redis` or `nats` (many nodes).
     pub kind: BrokerKind,
     /// Seconds an idle channel with no history keeps its epoch and offset.
     pub idle_channel_ttl_secs: u64,
@@ -867,6 +867,17 @@ pub struct BrokerConfig {
     pub redis_url: String,
     /// Key prefix in Redis; clusters sharing one Redis use different prefixes.
     pub redis_prefix: String,
+    /// `redis_url` names the seed nodes of a Redis Cluster (≥ 7, comma-separated):
+    /// sharded Pub/Sub, keys routed by slot.
+    pub redis_cluster: bool,
+    /// NATS URL (`kind = "nats"`; JetStream enabled), several comma-separated for a NATS
+    /// cluster.
+    pub nats_url: String,
+    /// Subject prefix in NATS (streams are named after it, upper-cased); clusters sharing
+    /// one NATS use different prefixes.
+    pub nats_prefix: String,
+    /// JetStream replicas of each stream: 1 for one NATS server, 3 for a NATS cluster.
+    pub nats_replicas: usize,
     /// This node's id in the cluster (default: random at start).
     pub node_id: Option<String>,
     /// Memory broker: keep history durably in this directory (`serve --data-dir`): a
@@ -896,6 +907,10 @@ impl Default for BrokerConfig {
             max_unused_channels: switchboard_core::memory::DEFAULT_UNUSED_CHANNEL_CAP,
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_prefix: "sb".into(),
+            redis_cluster: false,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_prefix: "sb".into(),
+            nats_replicas: 1,
             node_id: None,
             data_dir: None,
             fsync: HistoryFsync::Always,
@@ -909,6 +924,14 @@ impl Default for BrokerConfig {
 pub enum BrokerKind {
     Memory,
     Redis,
+    Nats,
+}
+
+impl BrokerKind {
+    /// Does this broker join nodes into one cluster?
+    pub fn is_cluster(self) -> bool {
+        self != BrokerKind::Memory
+    }
 }
 
 /// A configuration error, with the key path it is about when there is one.
@@ -1058,8 +1081,21 @@ impl Config {
             }
         }
         if self.broker.data_dir.is_some() && self.broker.kind != BrokerKind::Memory {
-            let why = "durable history is the memory broker's; with Redis, history is in Redis";
+            let why = "durable history is the memory broker's; with Redis or NATS, history is kept there";
             return Err(("broker.data_dir".into(), why.into()));
+        }
+        if self.broker.kind == BrokerKind::Redis && self.broker.redis_cluster && !self.webhooks.endpoints.is_empty() {
+            let why = "webhooks' queue needs a single Redis (or Sentinel), not a Redis Cluster";
+            return Err(("webhooks".into(), why.into()));
+        }
+        if self.broker.kind == BrokerKind::Nats {
+            if !self.webhooks.endpoints.is_empty() {
+                let why = "webhooks need a broker whose queue all nodes share: memory (one node) or redis";
+                return Err(("webhooks".into(), why.into()));
+            }
+            if !(1..=5).contains(&self.broker.nats_replicas) {
+                return Err(("broker.nats_replicas".into(), "must be 1 to 5".into()));
+            }
         }
         for name in self.namespaces.keys() {
             if !name.is_empty() && ChannelName::parse(name).is_err() || name.contains(':') {
@@ -1241,6 +1277,22 @@ mod tests {
         assert!(e.contains("broker.data_dir") && e.contains("memory broker"), "{e}");
         let c = load_str("[broker]\ndata_dir = \"/tmp/x\"\nfsync = \"batched\"\n", &[]).unwrap();
         assert_eq!(c.broker.fsync, HistoryFsync::Batched);
+    }
+
+    #[test]
+    fn the_nats_broker_is_configured_and_refuses_what_it_cannot_share() {
+        let env = [("SWITCHBOARD_BROKER__KIND", "nats"), ("SWITCHBOARD_BROKER__NATS_URL", "nats://10.0.0.5:4222")];
+        let c = load_str("", &env).unwrap();
+        assert_eq!(c.broker.kind, BrokerKind::Nats);
+        assert!(c.broker.kind.is_cluster());
+        assert_eq!(c.broker.nats_url, "nats://10.0.0.5:4222");
+        assert_eq!((c.broker.nats_prefix.as_str(), c.broker.nats_replicas), ("sb", 1));
+        let hooks = "[broker]\nkind = \"nats\"\n[[webhooks.endpoints]]\nurl = \"http://127.0.0.1:9/h\"\nsecrets = [\"0123456789abcdef\"]\n";
+        let e = load_str(hooks, &[]).unwrap_err().to_string();
+        assert!(e.contains("webhooks") && e.contains("redis"), "{e}");
+        let e = load_str("[broker]\nkind = \"nats\"\nnats_replicas = 7\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("broker.nats_replicas"), "{e}");
+        assert!(!BrokerKind::Memory.is_cluster());
     }
 
     fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {

@@ -117,13 +117,35 @@ impl Server {
                     url: config.broker.redis_url.clone(),
                     prefix: config.broker.redis_prefix.clone(),
                     idle_channel_ttl: idle,
+                    cluster: config.broker.redis_cluster,
                 };
                 let b = Arc::new(switchboard_redis::RedisBroker::new(cfg, &node_id)?);
-                let p = Arc::new(switchboard_redis::RedisPresence::new(
-                    &config.broker.redis_url,
+                let p = Arc::new(switchboard_redis::RedisPresence::open(
+                    &redis_target(&config),
                     &config.broker.redis_prefix,
                 )?);
                 (b, p)
+            }
+            config::BrokerKind::Nats => {
+                // The history stream keeps what the most demanding namespace asks for.
+                let namespaces = std::iter::once(config.defaults.clone())
+                    .chain(config.namespaces.keys().filter_map(|n| config.namespace(n)));
+                let (mut size, mut ttl) = (1, idle);
+                for ns in namespaces {
+                    size = size.max(ns.history_size);
+                    ttl = ttl.max(Duration::from_secs(ns.history_ttl_secs));
+                }
+                let cfg = switchboard_nats::NatsConfig {
+                    url: config.broker.nats_url.clone(),
+                    prefix: config.broker.nats_prefix.clone(),
+                    max_age: ttl,
+                    max_history: size,
+                    max_idempotency_window: Duration::from_secs(config.limits.idempotency_window_secs),
+                    replicas: config.broker.nats_replicas,
+                };
+                let b = switchboard_nats::NatsBroker::connect(cfg, &node_id).await?;
+                let p = Arc::new(switchboard_nats::NatsPresence::new(&b));
+                (Arc::new(b), p)
             }
         };
         let hub = Hub::start(broker).await?;
@@ -147,8 +169,10 @@ impl Server {
         if config_is_redis(&state) {
             // MQTT persistent sessions in Redis: a client may resume on any node.
             let b = &state.config.broker;
-            let kv = switchboard_redis::RedisKv::new(&b.redis_url, &b.redis_prefix, "mqtt-session")?;
+            let kv = switchboard_redis::RedisKv::open(&redis_target(&state.config), &b.redis_prefix, "mqtt-session")?;
             state.mqtt_sessions.use_redis(kv);
+        }
+        if state.config.broker.kind.is_cluster() {
             // The cluster's revocations are in force before the first connection is
             // taken (bounded: a Redis that is down does not hold the start; the heartbeat
             // reads them again).
@@ -367,6 +391,10 @@ impl Server {
         }
         Ok(())
     }
+}
+
+fn redis_target(config: &Config) -> switchboard_redis::Target {
+    switchboard_redis::Target { url: config.broker.redis_url.clone(), cluster: config.broker.redis_cluster }
 }
 
 fn config_is_redis(state: &AppState) -> bool {

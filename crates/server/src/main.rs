@@ -516,6 +516,9 @@ async fn serve(
         switchboard_server::config::BrokerKind::Redis => {
             format!("redis at {} (prefix {:?})", redact(&cfg.broker.redis_url), cfg.broker.redis_prefix)
         }
+        switchboard_server::config::BrokerKind::Nats => {
+            format!("nats at {} (prefix {:?})", redact(&cfg.broker.nats_url), cfg.broker.nats_prefix)
+        }
     };
     let scheme = if cfg.tls.enabled() { "https" } else { "http" };
     let protocols = match (cfg.tls.enabled(), cfg.http2.enabled) {

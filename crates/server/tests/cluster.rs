@@ -1,12 +1,16 @@
-//! Many nodes over a real Redis, as real processes: cross-node delivery, resume on
-//! another node, rolling restarts with zero loss, a node killed with SIGKILL, and Redis
-//! itself going away for 10 s.
+//! Many nodes as real processes, over a real Redis and over a real NATS (a `nats-server
+//! -js` of each test's own): cross-node delivery, resume on another node, rolling restarts
+//! with zero loss, a node killed with SIGKILL — each on both backplanes — and Redis itself
+//! going away for 10 s.
+
+mod common;
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::nats::OwnNats;
 use serde_json::{json, Value};
 use switchboard_client::{ClientError, Connection};
 
@@ -23,6 +27,69 @@ fn free_port() -> u16 {
 fn prefix() -> String {
     format!("sbcluster-{}-{}", std::process::id(), fastrand::u32(..))
 }
+
+/// What the nodes of a test share.
+enum Backplane {
+    /// The machine's Redis, under a prefix of the test's own.
+    Redis,
+    /// A NATS of the test's own.
+    Nats(OwnNats),
+}
+
+impl Backplane {
+    async fn nats() -> Backplane {
+        Backplane::Nats(OwnNats::new().await)
+    }
+
+    fn env(&self, prefix: &str) -> Vec<(String, String)> {
+        match self {
+            Backplane::Redis => redis_env(prefix, &redis_url()),
+            Backplane::Nats(n) => vec![
+                ("SWITCHBOARD_BROKER__KIND".to_string(), "nats".to_string()),
+                ("SWITCHBOARD_BROKER__NATS_URL".to_string(), n.url()),
+                ("SWITCHBOARD_BROKER__NATS_PREFIX".to_string(), prefix.to_string()),
+            ],
+        }
+    }
+}
+
+fn redis_env(prefix: &str, url: &str) -> Vec<(String, String)> {
+    vec![
+        ("SWITCHBOARD_BROKER__KIND".to_string(), "redis".to_string()),
+        ("SWITCHBOARD_BROKER__REDIS_URL".to_string(), url.to_string()),
+        ("SWITCHBOARD_BROKER__REDIS_PREFIX".to_string(), prefix.to_string()),
+    ]
+}
+
+/// The tests that run on each backplane: `mod over_redis` and `mod over_nats` call the
+/// function of the same name with theirs.
+macro_rules! on_each_backplane {
+    ($($name:ident),+ $(,)?) => {
+        mod over_redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&super::Backplane::Redis).await
+                }
+            )+
+        }
+        mod over_nats {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&super::Backplane::nats().await).await
+                }
+            )+
+        }
+    };
+}
+
+on_each_backplane!(
+    a_publish_on_one_node_reaches_websocket_and_sse_subscribers_on_others_in_order,
+    a_client_resumes_on_another_node_with_nothing_lost,
+    a_rolling_restart_of_three_nodes_loses_and_duplicates_nothing_for_a_thousand_clients,
+    a_node_killed_with_sigkill_loses_its_presence_and_its_clients_resume_elsewhere,
+);
 
 /// Polls `check` until it holds; fails the test, saying what it waited for, if it does
 /// not within `limit`. (Limits are generous: they catch a hang, they do not time
@@ -66,7 +133,6 @@ impl Node {
         let child = cmd
             .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{}", self.port), "--drain-secs", "5"])
             .envs(self.env.iter().cloned())
-            .env("SWITCHBOARD_BROKER__KIND", "redis")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -129,20 +195,19 @@ impl Drop for Node {
     }
 }
 
-fn env(prefix: &str, url: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut v = vec![
-        ("SWITCHBOARD_BROKER__REDIS_URL".to_string(), url.to_string()),
-        ("SWITCHBOARD_BROKER__REDIS_PREFIX".to_string(), prefix.to_string()),
+fn env(backplane: Vec<(String, String)>, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut v = backplane;
+    v.extend([
         ("SWITCHBOARD_DEFAULTS__HISTORY_SIZE".to_string(), "20000".to_string()),
         ("SWITCHBOARD_DEFAULTS__HISTORY_TTL_SECS".to_string(), "600".to_string()),
-    ];
+    ]);
     v.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     v
 }
 
-async fn cluster(n: usize, extra: &[(&str, &str)]) -> Vec<Node> {
-    let (p, url) = (prefix(), redis_url());
-    let nodes: Vec<Node> = (0..n).map(|_| Node::start(free_port(), &env(&p, &url, extra))).collect();
+async fn cluster(backplane: &Backplane, n: usize, extra: &[(&str, &str)]) -> Vec<Node> {
+    let e = env(backplane.env(&prefix()), extra);
+    let nodes: Vec<Node> = (0..n).map(|_| Node::start(free_port(), &e)).collect();
     for node in &nodes {
         node.wait_ready().await;
     }
@@ -183,16 +248,15 @@ async fn offsets(c: &mut Connection, n: usize) -> Vec<u64> {
     v
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_publish_on_one_node_reaches_websocket_and_sse_subscribers_on_others_in_order() {
-    let nodes = cluster(3, &[]).await;
+async fn a_publish_on_one_node_reaches_websocket_and_sse_subscribers_on_others_in_order(backplane: &Backplane) {
+    let nodes = cluster(backplane, 3, &[]).await;
     let ch = format!("news:x{}", fastrand::u32(..));
     let mut ws = Connection::connect(&nodes[1].ws()).await.unwrap();
     ws.subscribe(&ch, None).await.unwrap();
     let http = reqwest::Client::new();
     let sse = http.get(format!("{}/sse?channel={ch}", nodes[2].base())).send().await.unwrap();
     let mut sse = futures_util::StreamExt::boxed(sse.bytes_stream());
-    // Wait until node C has subscribed on Redis (its channel shows in the cluster view).
+    // Wait until node C has subscribed on the backplane (its channel shows in the cluster view).
     wait_until("both subscribers in node A's cluster view", Duration::from_secs(120), || async {
         subscribers(&http, &nodes[0].base(), &ch).await == Some(2)
     })
@@ -221,9 +285,8 @@ async fn a_publish_on_one_node_reaches_websocket_and_sse_subscribers_on_others_i
     assert_eq!(info["nodes"].as_array().unwrap().len(), 3, "{info}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_resumes_on_another_node_with_nothing_lost() {
-    let nodes = cluster(2, &[]).await;
+async fn a_client_resumes_on_another_node_with_nothing_lost(backplane: &Backplane) {
+    let nodes = cluster(backplane, 2, &[]).await;
     let http = reqwest::Client::new();
     let ch = format!("chat:r{}", fastrand::u32(..));
     let mut c = Connection::connect(&nodes[0].ws()).await.unwrap();
@@ -301,9 +364,8 @@ async fn resilient_client(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rolling_restart_of_three_nodes_loses_and_duplicates_nothing_for_a_thousand_clients() {
-    let mut nodes = cluster(3, &[("SWITCHBOARD_LIMITS__ACCEPT_RATE_PER_SEC", "0")]).await;
+async fn a_rolling_restart_of_three_nodes_loses_and_duplicates_nothing_for_a_thousand_clients(backplane: &Backplane) {
+    let mut nodes = cluster(backplane, 3, &[("SWITCHBOARD_LIMITS__ACCEPT_RATE_PER_SEC", "0")]).await;
     let urls: Vec<String> = nodes.iter().map(|n| n.ws()).collect();
     let bases: Vec<String> = nodes.iter().map(|n| n.base()).collect();
     let ch = format!("roll:c{}", fastrand::u32(..));
@@ -384,15 +446,14 @@ async fn a_rolling_restart_of_three_nodes_loses_and_duplicates_nothing_for_a_tho
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_killed_with_sigkill_loses_its_presence_and_its_clients_resume_elsewhere() {
+async fn a_node_killed_with_sigkill_loses_its_presence_and_its_clients_resume_elsewhere(backplane: &Backplane) {
     let extra = [
         ("SWITCHBOARD_NAMESPACES__ROOM__PRESENCE", "true"),
         ("SWITCHBOARD_NAMESPACES__ROOM__PRESENCE_TTL_SECS", "3"),
         ("SWITCHBOARD_WS__PING_INTERVAL_SECS", "1"),
         ("SWITCHBOARD_SSE__KEEPALIVE_SECS", "1"),
     ];
-    let mut nodes = cluster(2, &extra).await;
+    let mut nodes = cluster(backplane, 2, &extra).await;
     let http = reqwest::Client::new();
     let ch = format!("room:k{}", fastrand::u32(..));
     let mut doomed = Connection::connect(&nodes[0].ws()).await.unwrap();
@@ -478,7 +539,7 @@ async fn redis_stopping_for_ten_seconds_crashes_nothing_and_clients_end_consiste
     redis.wait_up().await;
     let url = format!("redis://127.0.0.1:{port}");
     let p = prefix();
-    let nodes: Vec<Node> = (0..2).map(|_| Node::start(free_port(), &env(&p, &url, &[]))).collect();
+    let nodes: Vec<Node> = (0..2).map(|_| Node::start(free_port(), &env(redis_env(&p, &url), &[]))).collect();
     for n in &nodes {
         n.wait_ready().await;
     }
@@ -536,5 +597,70 @@ async fn redis_stopping_for_ten_seconds_crashes_nothing_and_clients_end_consiste
         assert_eq!(reset["epoch"], after["epoch"]);
         assert_eq!(p["offset"], 1);
         assert_eq!(p["data"], "after");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_stopping_for_ten_seconds_crashes_nothing_and_clients_continue_without_a_gap() {
+    let mut backplane = Backplane::nats().await;
+    let nodes = cluster(&backplane, 2, &[]).await;
+    let Backplane::Nats(nats) = &mut backplane else { unreachable!() };
+    let http = reqwest::Client::new();
+    let ch = format!("feed:n{}", fastrand::u32(..));
+    let mut clients = Vec::new();
+    for n in &nodes {
+        let mut c = Connection::connect(&n.ws()).await.unwrap();
+        c.subscribe(&ch, None).await.unwrap();
+        clients.push(c);
+    }
+    let mut epoch = String::new();
+    for i in 1..=5 {
+        let p = publish(&http, &nodes[0].base(), &ch, json!(i), None).await.unwrap();
+        epoch = p["epoch"].as_str().unwrap().to_string();
+    }
+    for c in clients.iter_mut() {
+        assert_eq!(offsets(c, 5).await, vec![1, 2, 3, 4, 5]);
+    }
+    nats.kill();
+    let down = Instant::now();
+    let mut saw_not_ready = false;
+    while down.elapsed() < Duration::from_secs(10) || !saw_not_ready {
+        assert!(down.elapsed() < Duration::from_secs(120), "/readyz never reported the outage (waited 120 s)");
+        for n in &nodes {
+            let h = http.get(format!("{}/healthz", n.base())).send().await.unwrap();
+            assert_eq!(h.status(), 200, "a node died while NATS was down");
+            let r = http.get(format!("{}/readyz", n.base())).send().await.unwrap();
+            saw_not_ready |= r.status() == 503;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // NATS comes back with its store: the channel's epoch and history are still there.
+    // Node 0 publishes as soon as it can — maybe before node 1 has its subscription back:
+    // node 1 refills what it missed from the stream.
+    nats.start().await;
+    nodes[0].wait_ready().await;
+    let mut last = None;
+    for i in 0..10 {
+        // A publish the node reports failed may still have been stored: offsets are read
+        // from what the publishes answer, and every client must see each one.
+        if let Ok(p) = publish(&http, &nodes[0].base(), &ch, json!(format!("after {i}")), None).await {
+            assert_eq!(p["epoch"], epoch.as_str(), "the epoch survives a NATS restart");
+            last = p["offset"].as_u64();
+        }
+    }
+    let last = last.expect("publishes succeed once NATS is back");
+    nodes[1].wait_ready().await;
+    for c in clients.iter_mut() {
+        // The connections survived: everything after offset 5 arrives, in order, no gap,
+        // no reset.
+        let mut seen = Vec::new();
+        while seen.last().copied() != Some(last) {
+            let v = tokio::time::timeout(Duration::from_secs(30), c.next_push()).await.expect("in time").unwrap();
+            assert!(v.get("reset").is_none(), "told to reset: {v}");
+            if let Some(p) = v.get("pub") {
+                seen.push(p["offset"].as_u64().unwrap());
+            }
+        }
+        assert_eq!(seen, (6..=last).collect::<Vec<_>>());
     }
 }

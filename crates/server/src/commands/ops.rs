@@ -230,7 +230,7 @@ pub async fn send_direct(
     let delivered = state.registry.deliver(to.client.as_deref(), to.user.as_deref(), json.as_bytes());
     state.metrics.direct_messages.fetch_add(delivered as u64, std::sync::atomic::Ordering::Relaxed);
     let (mut delivered, mut unanswered) = (delivered, 0);
-    if matches!(state.config.broker.kind, crate::config::BrokerKind::Redis) {
+    if state.config.broker.kind.is_cluster() {
         let (there, silent) = elsewhere(state, to, json).await?;
         (delivered, unanswered) = (delivered + there, silent);
     }

@@ -95,7 +95,7 @@ impl Endpoint {
 /// claimed by another when it dies.
 enum Store {
     File(Arc<FileStore>),
-    Redis(RedisStore),
+    Redis(Box<RedisStore>),
 }
 
 struct RedisStore {
@@ -147,9 +147,10 @@ impl Webhooks {
                     queues.insert(e.name().to_string(), q);
                 }
                 let occupancy = switchboard_redis::Occupancy::new(&b.redis_url, &b.redis_prefix, node)?;
-                Store::Redis(RedisStore { queues, depth: Default::default(), occupancy })
+                Store::Redis(Box::new(RedisStore { queues, depth: Default::default(), occupancy }))
             }
-            crate::config::BrokerKind::Memory => {
+            // (NATS: refused by the configuration's check.)
+            crate::config::BrokerKind::Memory | crate::config::BrokerKind::Nats => {
                 // Beside durable history when there is a data directory.
                 let dir = cfg
                     .dir

@@ -10,6 +10,7 @@ use switchboard_server::{Config, Server};
 use tokio::sync::oneshot;
 
 pub mod mqtt;
+pub mod nats;
 pub mod wt;
 
 pub struct TestServer {

@@ -1,0 +1,183 @@
+//! A Redis Cluster of the test's own: `masters` masters (and `replicas` replicas each) of
+//! the machine's `redis-server` on free loopback ports, made with `redis-cli --cluster
+//! create`, nothing kept on disk but the nodes' cluster files in a temporary directory.
+//! Dropped: killed and removed. [`RedisCluster::shared`] is one per test process, killed
+//! when the process ends (however it ends).
+//!
+//! Shared by the redis crate's tests and the server's (`#[path]`).
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    dir: std::path::PathBuf,
+    children: Vec<Option<Child>>,
+}
+
+fn free_port() -> u16 {
+    // A port whose cluster bus port (+10000) is free too.
+    loop {
+        let p = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if p < 55000 && std::net::TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+fn spawn(port: u16, dir: &std::path::Path, die_with_parent: bool) -> Child {
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1500"])
+        .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if die_with_parent {
+        use std::os::unix::process::CommandExt;
+        // Killed when the thread that started it ends: the shared cluster's thread lives
+        // as long as the test process.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn().expect("redis-server (./scripts/test installs it)")
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl RedisCluster {
+    /// Starts the nodes and makes them a cluster; returns once every slot is served.
+    pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        Self::start_with(masters, replicas, false)
+    }
+
+    fn start_with(masters: usize, replicas: usize, die_with_parent: bool) -> RedisCluster {
+        // What earlier test processes' shared clusters left (they cannot clean up).
+        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let pid = name.strip_prefix("sb-rcluster-").and_then(|r| r.split('-').next());
+                if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("sb-rcluster-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let n = masters * (1 + replicas);
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let children = ports.iter().map(|p| Some(spawn(*p, &dir, die_with_parent))).collect();
+        let c = RedisCluster { ports, dir, children };
+        for p in &c.ports {
+            c.wait(&format!("redis-server on {p}"), || cli(*p, &["ping"]).trim() == "PONG");
+        }
+        let addrs: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        c.wait_ok();
+        c
+    }
+
+    /// One cluster (three masters) for the whole test process.
+    pub fn shared() -> &'static RedisCluster {
+        static SHARED: std::sync::OnceLock<RedisCluster> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let c = Self::start_with(3, 0, true);
+                let _ = tx.send(RedisCluster { ports: c.ports.clone(), dir: c.dir.clone(), children: Vec::new() });
+                std::mem::forget(c);
+                loop {
+                    std::thread::park();
+                }
+            });
+            rx.recv().expect("the shared Redis Cluster started")
+        })
+    }
+
+    /// The seed nodes, as `redis_url` takes them.
+    pub fn url(&self) -> String {
+        self.ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+    }
+
+    fn wait(&self, what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ok() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the live nodes agree the cluster is whole.
+    pub fn wait_ok(&self) {
+        let live: Vec<u16> =
+            self.ports.iter().zip(&self.children).filter(|(_, c)| c.is_some()).map(|(p, _)| *p).collect();
+        let live = if live.is_empty() { self.ports.clone() } else { live };
+        self.wait("the Redis Cluster to be ok", || {
+            live.iter().all(|p| cli(*p, &["cluster", "info"]).contains("cluster_state:ok"))
+        });
+    }
+
+    fn live_port(&self) -> u16 {
+        let i = self.children.iter().position(|c| c.is_some()).unwrap_or(0);
+        self.ports[i]
+    }
+
+    /// The port of the master serving `key`'s slot (as a live node sees the cluster).
+    pub fn master_of(&self, key: &str) -> u16 {
+        let live = self.live_port();
+        let slot: u16 = cli(live, &["cluster", "keyslot", key]).trim().parse().unwrap();
+        for line in cli(live, &["cluster", "nodes"]).lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            for range in &f[8..] {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>()) {
+                    if (a..=b).contains(&slot) {
+                        let addr = f[1].split('@').next().unwrap();
+                        return addr.rsplit(':').next().unwrap().parse().unwrap();
+                    }
+                }
+            }
+        }
+        panic!("no live master serves slot {slot}");
+    }
+
+    /// SIGKILL of the node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        let i = self.ports.iter().position(|p| *p == port).expect("a node of this cluster");
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut() {
+            if let Some(mut c) = c.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
