@@ -612,6 +612,41 @@ impl RedisBroker {
                 }
             });
         }
+        // After a lost connection to a cluster node: the cluster client learns where the
+        // node's slots went (a replica promoted) only from a command that fails — and this
+        // connection sends none but (un)subscribes. So ask it, for the wanted channels, until
+        // each answer comes: by then it has refreshed its slot map and moved the
+        // subscriptions (each confirmation then refills its channel).
+        let repair = Arc::new(tokio::sync::Notify::new());
+        {
+            let (me, repair) = (self.clone(), repair.clone());
+            tokio::spawn(async move {
+                let Some((cluster, _)) = &me.inner.sharded else { return };
+                loop {
+                    repair.notified().await;
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+                    while tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        let channels: Vec<String> = lock(&me.inner.wanted).channels.iter().take(512).cloned().collect();
+                        let Ok(mut c) = cluster.get().await else { continue };
+                        let mut answered = true;
+                        for ch in channels {
+                            // Then subscribed again, where the channel's slot is now (the
+                            // confirmation refills the channel).
+                            let asked = redis::cmd("EXISTS").arg(me.key("m", &ch)).query_async::<i64>(&mut c).await;
+                            let again = match asked {
+                                Ok(_) => c.ssubscribe(me.pubsub_channel(&ch)).await,
+                                Err(e) => Err(e),
+                            };
+                            answered &= again.is_ok();
+                        }
+                        if answered {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
         let me = self.clone();
         tokio::spawn(async move {
             let control = format!("{}:control", me.inner.cfg.prefix);
@@ -658,6 +693,7 @@ impl RedisBroker {
                             let _ = queues[route(ch)].send(Work::Refill(ch.to_string()));
                         }
                     }
+                    (redis::PushKind::Disconnection, _, _) => repair.notify_one(),
                     (redis::PushKind::SUnsubscribe, Some(name), _) => {
                         if let Some(ch) = name.strip_prefix(&prefix_p).and_then(|c| c.strip_suffix('}')) {
                             if !lock(&me.inner.wanted).channels.contains(ch) {

@@ -1,9 +1,12 @@
-//! Many nodes as real processes, over a real Redis and over a real NATS (a `nats-server
-//! -js` of each test's own): cross-node delivery, resume on another node, rolling restarts
-//! with zero loss, a node killed with SIGKILL — each on both backplanes — and Redis itself
-//! going away for 10 s.
+//! Many nodes as real processes, over a real Redis, a Redis Cluster (three masters of each
+//! test's own) and a real NATS (a `nats-server -js` of each test's own): cross-node
+//! delivery, resume on another node, rolling restarts with zero loss, a node killed with
+//! SIGKILL — each on all three backplanes — Redis and NATS going away for 10 s, and a
+//! Redis Cluster master killed under publishing.
 
 mod common;
+#[path = "../../redis/tests/common/cluster.rs"]
+mod rcluster;
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,6 +37,8 @@ enum Backplane {
     Redis,
     /// A NATS of the test's own.
     Nats(OwnNats),
+    /// A Redis Cluster of the test's own.
+    RedisCluster(rcluster::RedisCluster),
 }
 
 impl Backplane {
@@ -41,9 +46,19 @@ impl Backplane {
         Backplane::Nats(OwnNats::new().await)
     }
 
+    async fn redis_cluster(masters: usize, replicas: usize) -> Backplane {
+        let c = tokio::task::spawn_blocking(move || rcluster::RedisCluster::start(masters, replicas)).await.unwrap();
+        Backplane::RedisCluster(c)
+    }
+
     fn env(&self, prefix: &str) -> Vec<(String, String)> {
         match self {
             Backplane::Redis => redis_env(prefix, &redis_url()),
+            Backplane::RedisCluster(c) => {
+                let mut v = redis_env(prefix, &c.url());
+                v.push(("SWITCHBOARD_BROKER__REDIS_CLUSTER".to_string(), "true".to_string()));
+                v
+            }
             Backplane::Nats(n) => vec![
                 ("SWITCHBOARD_BROKER__KIND".to_string(), "nats".to_string()),
                 ("SWITCHBOARD_BROKER__NATS_URL".to_string(), n.url()),
@@ -61,8 +76,8 @@ fn redis_env(prefix: &str, url: &str) -> Vec<(String, String)> {
     ]
 }
 
-/// The tests that run on each backplane: `mod over_redis` and `mod over_nats` call the
-/// function of the same name with theirs.
+/// The tests that run on each backplane: `mod over_redis`, `mod over_redis_cluster` and
+/// `mod over_nats` call the function of the same name with theirs.
 macro_rules! on_each_backplane {
     ($($name:ident),+ $(,)?) => {
         mod over_redis {
@@ -70,6 +85,14 @@ macro_rules! on_each_backplane {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(&super::Backplane::Redis).await
+                }
+            )+
+        }
+        mod over_redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&super::Backplane::redis_cluster(3, 0).await).await
                 }
             )+
         }
@@ -662,5 +685,99 @@ async fn nats_stopping_for_ten_seconds_crashes_nothing_and_clients_continue_with
             }
         }
         assert_eq!(seen, (6..=last).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_master_killed_under_publishing_leaves_clients_resumed_or_reset_never_gapped() {
+    // Three masters, one replica each: the dead master's replica takes its slots over.
+    let mut backplane = Backplane::redis_cluster(3, 1).await;
+    let nodes = cluster(&backplane, 2, &[]).await;
+    let Backplane::RedisCluster(redis) = &mut backplane else { unreachable!() };
+    let http = reqwest::Client::new();
+    let ch = format!("feed:f{}", fastrand::u32(..));
+    let mut clients = Vec::new();
+    for n in &nodes {
+        let mut c = Connection::connect(&n.ws()).await.unwrap();
+        c.subscribe(&ch, None).await.unwrap();
+        clients.push(c);
+    }
+    // A publisher that retries each publication (same idempotency key) until one is
+    // answered, alternating nodes; it reports the last position answered.
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicU64::new(0));
+    let publisher = {
+        let (bases, ch, stop, http, published) = (
+            nodes.iter().map(|n| n.base()).collect::<Vec<_>>(),
+            ch.clone(),
+            stop.clone(),
+            http.clone(),
+            published.clone(),
+        );
+        tokio::spawn(async move {
+            let mut last = (String::new(), 0u64);
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let key = format!("p{i}");
+                loop {
+                    match publish(&http, &bases[i as usize % 2], &ch, json!(i), Some(&key)).await {
+                        Ok(v) => {
+                            last = (v["epoch"].as_str().unwrap().to_string(), v["offset"].as_u64().unwrap());
+                            published.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            last
+        })
+    };
+    wait_until("20 publications before the failover", Duration::from_secs(120), || {
+        let published = published.clone();
+        async move { published.load(Ordering::SeqCst) >= 20 }
+    })
+    .await;
+    let master = redis.master_of(&format!("{{{ch}}}"));
+    redis.kill(master);
+    let before = published.load(Ordering::SeqCst);
+    // Counted, not timed: publications go on once the replica has taken over.
+    wait_until("20 publications after the failover", Duration::from_secs(180), || {
+        let published = published.clone();
+        async move { published.load(Ordering::SeqCst) >= before + 20 }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let (last_epoch, last) = publisher.await.unwrap();
+    for (i, c) in clients.iter_mut().enumerate() {
+        // What the client saw, per epoch; a new epoch only after an explicit reset.
+        let mut runs: Vec<(String, Vec<u64>)> = Vec::new();
+        let mut reset = true;
+        loop {
+            if runs.last().is_some_and(|(e, o)| *e == last_epoch && o.last() == Some(&last)) {
+                break;
+            }
+            let v = tokio::time::timeout(Duration::from_secs(60), c.next_push()).await.expect("in time").unwrap();
+            if v.get("reset").is_some() {
+                reset = true;
+            } else if let Some(p) = v.get("pub") {
+                let (epoch, offset) = (p["epoch"].as_str().unwrap().to_string(), p["offset"].as_u64().unwrap());
+                match runs.last_mut() {
+                    Some((e, offsets)) if *e == epoch => offsets.push(offset),
+                    _ => {
+                        assert!(reset, "client {i}: epoch {epoch} began without a reset");
+                        runs.push((epoch, vec![offset]));
+                    }
+                }
+                reset = false;
+            }
+        }
+        for (epoch, offsets) in &runs {
+            let first = offsets[0];
+            let want: Vec<u64> = (first..first + offsets.len() as u64).collect();
+            assert_eq!(offsets, &want, "client {i}: a gap or a duplicate in epoch {epoch}");
+        }
     }
 }

@@ -30,6 +30,9 @@ fn spawn(port: u16, dir: &std::path::Path, die_with_parent: bool) -> Child {
     let mut cmd = Command::new("redis-server");
     cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1500"])
+        // Replicas in sync at once (not after the default 5 s wait for more of them), and
+        // one may take over however long it has been cut off from its master.
+        .args(["--repl-diskless-sync-delay", "0", "--cluster-replica-validity-factor", "0"])
         .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
         .arg("--dir")
         .arg(dir)
@@ -90,6 +93,14 @@ impl RedisCluster {
             .expect("redis-cli");
         assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
         c.wait_ok();
+        if replicas > 0 {
+            // Every replica has its master's data (and can take over) before a test starts.
+            c.wait("the replicas to be in sync", || {
+                let roles: Vec<String> = c.ports.iter().map(|p| cli(*p, &["info", "replication"])).collect();
+                let synced = roles.iter().filter(|r| r.contains("master_link_status:up")).count();
+                synced == masters * replicas
+            });
+        }
         c
     }
 
