@@ -285,6 +285,7 @@ impl RedisBroker {
     /// what a reconnect may have missed, then deliver messages and apply subscription
     /// changes until the connection drops; back off (full jitter) and start over.
     async fn pubsub_loop(self, mut cmds: mpsc::UnboundedReceiver<SubCmd>) {
+        let dispatch = self.dispatchers();
         let mut attempt: u32 = 0;
         // Commands a lost connection left untried: the next connection's first work.
         let mut carried: Vec<SubCmd> = Vec::new();
@@ -339,7 +340,7 @@ impl RedisBroker {
             self.inner.pubsub_up.store(true, Ordering::SeqCst);
             // Anything published while we were away is in the streams: refill it.
             for ch in resubscribed {
-                self.refill(&ch).await;
+                dispatch.send(Work::Refill(ch));
             }
             let untried = std::mem::take(&mut carried);
             if !untried.is_empty() {
@@ -366,7 +367,7 @@ impl RedisBroker {
                         }
                         let Ok(channel) = ChannelName::parse(ch) else { continue };
                         if let Some(p) = parse_message(channel, msg.get_payload_bytes()) {
-                            self.deliver(p).await;
+                            dispatch.send(Work::Deliver(p));
                         }
                     }
                     cmd = cmds.recv() => {
@@ -580,13 +581,30 @@ impl RedisBroker {
     }
 }
 
-/// What a Redis Cluster node's dispatchers do, one channel always on the same one (so a
-/// channel's publications stay in order while channels spread over the workers).
+/// What a node's dispatchers do, one channel always on the same one (so a channel's
+/// publications stay in order while channels spread over the workers).
 enum Work {
     Deliver(Publication),
     /// The cluster client subscribed the channel again (a reconnect, a failover, a slot
     /// moved): deliver what was published meanwhile.
     Refill(String),
+}
+
+struct Dispatch {
+    queues: Vec<mpsc::UnboundedSender<Work>>,
+}
+
+impl Dispatch {
+    fn send(&self, w: Work) {
+        use std::hash::{Hash, Hasher};
+        let ch = match &w {
+            Work::Deliver(p) => p.channel.as_str(),
+            Work::Refill(ch) => ch.as_str(),
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        ch.hash(&mut h);
+        let _ = self.queues[h.finish() as usize % self.queues.len()].send(w);
+    }
 }
 
 /// A wildcard mark lasts this long unless its node renews it (every third of it).
@@ -596,7 +614,10 @@ impl RedisBroker {
     /// Redis Cluster: the control subscription (retried until the cluster answers), the
     /// dispatchers, the task reading the cluster client's pushes, and the wildcard marks'
     /// renewal.
-    fn start_sharded(self, mut push: mpsc::UnboundedReceiver<redis::PushInfo>) {
+    /// The dispatchers: one task per core (at most 8), each channel always on the same
+    /// one — publications of different channels are handed to the hub in parallel, those
+    /// of one channel in order.
+    fn dispatchers(&self) -> Dispatch {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
         let mut queues = Vec::with_capacity(workers);
         for _ in 0..workers {
@@ -612,6 +633,11 @@ impl RedisBroker {
                 }
             });
         }
+        Dispatch { queues }
+    }
+
+    fn start_sharded(self, mut push: mpsc::UnboundedReceiver<redis::PushInfo>) {
+        let queues = self.dispatchers();
         // After a lost connection to a cluster node: the cluster client learns where the
         // node's slots went (a replica promoted) only from a command that fails — and this
         // connection sends none but (un)subscribes. So ask it, for the wanted channels, until
@@ -652,12 +678,6 @@ impl RedisBroker {
             let control = format!("{}:control", me.inner.cfg.prefix);
             let prefix_p = format!("{}:p:{{", me.inner.cfg.prefix);
             let prefix_n = format!("{}:n:", me.inner.cfg.prefix);
-            let route = |ch: &str| {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                ch.hash(&mut h);
-                h.finish() as usize % queues.len()
-            };
             // Channels whose subscription the cluster confirmed once: a confirmation after
             // that is a resubscription, after which the channel is refilled.
             let mut confirmed: HashSet<String> = HashSet::new();
@@ -669,7 +689,7 @@ impl RedisBroker {
                         let Some(ch) = name.strip_prefix(&prefix_p).and_then(|c| c.strip_suffix('}')) else { continue };
                         let Ok(channel) = ChannelName::parse(ch) else { continue };
                         if let Some(p) = parse_message(channel, &payload) {
-                            let _ = queues[route(ch)].send(Work::Deliver(p));
+                            queues.send(Work::Deliver(p));
                         }
                     }
                     (redis::PushKind::Message, Some(name), Some(payload)) if name == control => {
@@ -684,13 +704,13 @@ impl RedisBroker {
                         }
                         let Ok(channel) = ChannelName::parse(ch) else { continue };
                         if let Some(p) = parse_message(channel, &payload[i + 1..]) {
-                            let _ = queues[route(ch)].send(Work::Deliver(p));
+                            queues.send(Work::Deliver(p));
                         }
                     }
                     (redis::PushKind::SSubscribe, Some(name), _) => {
                         let Some(ch) = name.strip_prefix(&prefix_p).and_then(|c| c.strip_suffix('}')) else { continue };
                         if !confirmed.insert(ch.to_string()) {
-                            let _ = queues[route(ch)].send(Work::Refill(ch.to_string()));
+                            queues.send(Work::Refill(ch.to_string()));
                         }
                     }
                     (redis::PushKind::Disconnection, _, _) => repair.notify_one(),

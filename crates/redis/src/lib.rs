@@ -2,9 +2,10 @@
 //!
 //! - [`RedisBroker`]: offsets and history in Redis (a hash for the epoch and top offset,
 //!   a Stream per channel for history), numbered, stored and fanned out by one Lua script
-//!   per publish — atomic per channel — and delivered to nodes by Pub/Sub. A node that
-//!   loses its Pub/Sub connection resubscribes and refills what it missed from the
-//!   Streams, so a Redis blip is not a gap.
+//!   per publish — atomic per channel — and delivered to nodes by Pub/Sub (sharded Pub/Sub
+//!   on a Redis Cluster), handed to the hub by one dispatcher per core, each channel on
+//!   one of them. A node that loses its Pub/Sub connection resubscribes and refills what
+//!   it missed from the Streams, so a Redis blip is not a gap.
 //! - [`RedisPresence`]: presence entries with per-entry expiry, refreshed by the owning
 //!   connection's heartbeat, so a node killed with SIGKILL loses its clients' presence
 //!   within the TTL.
