@@ -27,7 +27,7 @@
 //! drops the stale stream: clients holding old positions are told to reset.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -89,14 +89,17 @@ struct Inner {
     sharded: Option<(Arc<LazyCluster>, Mutex<Option<Pushes>>)>,
     node_id: String,
     handler: OnceLock<Arc<dyn BrokerEventHandler>>,
-    cmds: mpsc::UnboundedSender<SubCmd>,
-    cmd_rx: Mutex<Option<mpsc::UnboundedReceiver<SubCmd>>>,
+    /// Single Redis: the Pub/Sub connections' command queues; a channel is always on the
+    /// same one ([`RedisBroker::lane`]), namespaces and control on the first.
+    cmds: Vec<mpsc::UnboundedSender<SubCmd>>,
+    cmd_rx: Mutex<Vec<mpsc::UnboundedReceiver<SubCmd>>>,
     /// Channels and namespaces this node wants, restored after a reconnect.
     wanted: Mutex<Wanted>,
     /// The last offset delivered per exactly-subscribed channel: duplicates are dropped
     /// and gaps are refilled from history.
     last: Mutex<HashMap<String, (Arc<str>, u64)>>,
-    pubsub_up: AtomicBool,
+    /// Pub/Sub connections up (all of them: ready).
+    pubsub_up: AtomicUsize,
     /// The channel counts the last heartbeat wrote, and how many heartbeats ago the hash
     /// was last written whole (`None`: write it whole next).
     registered: Mutex<Option<(HashMap<String, usize>, u32)>>,
@@ -119,6 +122,10 @@ pub struct RedisBroker {
 
 /// Most subscription commands applied together (one `SUBSCRIBE` per run of subscribes).
 const SUBSCRIBE_BATCH: usize = 500;
+
+/// Pub/Sub connections per node to a single Redis, channels spread over them: a busy
+/// node's subscription commands and messages are not all queued behind one socket.
+const PUBSUB_CONNECTIONS: usize = 4;
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
@@ -143,7 +150,7 @@ impl RedisBroker {
                 redis::Client::open(cfg.url.as_str()).map_err(|e| unavailable(format!("bad redis url: {e}")))?;
             (Some(client), None)
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (cmds, cmd_rx): (Vec<_>, Vec<_>) = (0..PUBSUB_CONNECTIONS).map(|_| mpsc::unbounded_channel()).unzip();
         Ok(RedisBroker {
             inner: Arc::new(Inner {
                 cfg,
@@ -152,11 +159,11 @@ impl RedisBroker {
                 sharded,
                 node_id: node_id.to_string(),
                 handler: OnceLock::new(),
-                cmds: tx,
-                cmd_rx: Mutex::new(Some(rx)),
+                cmds,
+                cmd_rx: Mutex::new(cmd_rx),
                 wanted: Mutex::default(),
                 last: Mutex::default(),
-                pubsub_up: AtomicBool::new(false),
+                pubsub_up: Default::default(),
                 registered: Mutex::default(),
                 publish: Script::new(scripts::PUBLISH),
                 history: Script::new(scripts::HISTORY),
@@ -253,12 +260,23 @@ impl RedisBroker {
         Ok(HistoryResult { publications, position })
     }
 
+    /// The Pub/Sub connection a channel's subscription lives on (`None`: namespaces and
+    /// control, on the first).
+    fn lane(channel: Option<&str>) -> usize {
+        use std::hash::{Hash, Hasher};
+        let Some(ch) = channel else { return 0 };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        ch.hash(&mut h);
+        h.finish() as usize % PUBSUB_CONNECTIONS
+    }
+
     async fn request(
         &self,
+        channel: Option<&str>,
         make: impl FnOnce(oneshot::Sender<Result<(), BrokerError>>) -> SubCmd,
     ) -> Result<(), BrokerError> {
         let (tx, rx) = oneshot::channel();
-        self.inner.cmds.send(make(tx)).map_err(|_| unavailable("pub/sub task stopped"))?;
+        self.inner.cmds[Self::lane(channel)].send(make(tx)).map_err(|_| unavailable("pub/sub task stopped"))?;
         rx.await.map_err(|_| unavailable("pub/sub task stopped"))?
     }
 }
@@ -284,8 +302,10 @@ impl RedisBroker {
     /// Keeps the Pub/Sub connection up: connect, (re)subscribe everything wanted, refill
     /// what a reconnect may have missed, then deliver messages and apply subscription
     /// changes until the connection drops; back off (full jitter) and start over.
-    async fn pubsub_loop(self, mut cmds: mpsc::UnboundedReceiver<SubCmd>) {
-        let dispatch = self.dispatchers();
+    ///
+    /// Connection `lane` carries the channels [`RedisBroker::lane`] puts on it; the first
+    /// also the namespaces and the control channel.
+    async fn pubsub_loop(self, lane: usize, mut cmds: mpsc::UnboundedReceiver<SubCmd>, dispatch: Dispatch) {
         let mut attempt: u32 = 0;
         // Commands a lost connection left untried: the next connection's first work.
         let mut carried: Vec<SubCmd> = Vec::new();
@@ -299,10 +319,14 @@ impl RedisBroker {
                     .map_err(|_| unavailable("connect timeout"))?
                     .map_err(unavailable)?;
                 let (mut sink, stream) = ps.split();
-                sink.subscribe(&control).await.map_err(unavailable)?;
+                if lane == 0 {
+                    sink.subscribe(&control).await.map_err(unavailable)?;
+                }
                 let (channels, namespaces) = {
                     let w = lock(&self.inner.wanted);
-                    (w.channels.iter().cloned().collect::<Vec<_>>(), w.namespaces.iter().cloned().collect::<Vec<_>>())
+                    let mine = w.channels.iter().filter(|c| Self::lane(Some(c)) == lane).cloned().collect::<Vec<_>>();
+                    let namespaces = if lane == 0 { w.namespaces.iter().cloned().collect() } else { Vec::new() };
+                    (mine, namespaces)
                 };
                 for batch in channels.chunks(500) {
                     let keys: Vec<String> = batch.iter().map(|c| self.pubsub_channel(c)).collect();
@@ -316,7 +340,6 @@ impl RedisBroker {
             let (mut sink, mut stream, resubscribed) = match session.await {
                 Ok(x) => x,
                 Err(e) => {
-                    self.inner.pubsub_up.store(false, Ordering::SeqCst);
                     // While down, refuse subscription requests (the caller reports
                     // broker_unavailable) rather than queue them without bound.
                     for cmd in carried.drain(..) {
@@ -337,7 +360,7 @@ impl RedisBroker {
                 tracing::info!("redis pub/sub reconnected; resubscribed {} channels", resubscribed.len());
             }
             attempt = 0;
-            self.inner.pubsub_up.store(true, Ordering::SeqCst);
+            self.inner.pubsub_up.fetch_add(1, Ordering::SeqCst);
             // Anything published while we were away is in the streams: refill it.
             for ch in resubscribed {
                 dispatch.send(Work::Refill(ch));
@@ -347,7 +370,7 @@ impl RedisBroker {
                 if let Err((e, rest)) = self.apply_all(&mut sink, untried).await {
                     tracing::warn!("redis pub/sub command failed: {e}");
                     carried = rest;
-                    self.inner.pubsub_up.store(false, Ordering::SeqCst);
+                    self.inner.pubsub_up.fetch_sub(1, Ordering::SeqCst);
                     continue;
                 }
             }
@@ -389,7 +412,7 @@ impl RedisBroker {
                     }
                 }
             }
-            self.inner.pubsub_up.store(false, Ordering::SeqCst);
+            self.inner.pubsub_up.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!("redis pub/sub connection lost; reconnecting");
         }
     }
@@ -590,6 +613,7 @@ enum Work {
     Refill(String),
 }
 
+#[derive(Clone)]
 struct Dispatch {
     queues: Vec<mpsc::UnboundedSender<Work>>,
 }
@@ -792,8 +816,12 @@ impl Broker for RedisBroker {
             }
             return Ok(());
         }
-        if let Some(rx) = lock(&self.inner.cmd_rx).take() {
-            tokio::spawn(self.clone().pubsub_loop(rx));
+        let lanes: Vec<_> = lock(&self.inner.cmd_rx).drain(..).collect();
+        if !lanes.is_empty() {
+            let dispatch = self.dispatchers();
+            for (lane, rx) in lanes.into_iter().enumerate() {
+                tokio::spawn(self.clone().pubsub_loop(lane, rx, dispatch.clone()));
+            }
         }
         Ok(())
     }
@@ -893,7 +921,7 @@ impl Broker for RedisBroker {
             return r;
         }
         let name = channel.to_string();
-        self.request(|tx| SubCmd::Subscribe(name, tx)).await
+        self.request(Some(channel.as_str()), |tx| SubCmd::Subscribe(name, tx)).await
     }
 
     async fn unsubscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
@@ -906,7 +934,7 @@ impl Broker for RedisBroker {
             return Ok(());
         }
         let name = channel.to_string();
-        self.request(|tx| SubCmd::Unsubscribe(name, tx)).await
+        self.request(Some(channel.as_str()), |tx| SubCmd::Unsubscribe(name, tx)).await
     }
 
     async fn subscribe_namespace(&self, namespace: &str) -> Result<(), BrokerError> {
@@ -925,7 +953,7 @@ impl Broker for RedisBroker {
             return r;
         }
         let ns = namespace.to_string();
-        self.request(|tx| SubCmd::PSubscribe(ns, tx)).await
+        self.request(None, |tx| SubCmd::PSubscribe(ns, tx)).await
     }
 
     async fn unsubscribe_namespace(&self, namespace: &str) -> Result<(), BrokerError> {
@@ -937,11 +965,11 @@ impl Broker for RedisBroker {
             return Ok(());
         }
         let ns = namespace.to_string();
-        self.request(|tx| SubCmd::PUnsubscribe(ns, tx)).await
+        self.request(None, |tx| SubCmd::PUnsubscribe(ns, tx)).await
     }
 
     async fn ready(&self) -> bool {
-        if self.inner.sharded.is_none() && !self.inner.pubsub_up.load(Ordering::SeqCst) {
+        if self.inner.sharded.is_none() && self.inner.pubsub_up.load(Ordering::SeqCst) < PUBSUB_CONNECTIONS {
             return false;
         }
         let mut conn = self.conn();
