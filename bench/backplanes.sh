@@ -6,7 +6,7 @@
 # nats-server -js are started on free ports (nothing of the machine's own is touched).
 # Loopback only; bounded.
 #
-#   bench/backplanes.sh [RATES="50 100 200"] [DURATION=10]      (SUBS=3000 in the environment)
+#   bench/backplanes.sh [RATES="50 100 200"] [DURATION=10]   (SUBS=3000 PUBLISHERS=4 in the environment)
 #
 # "server CPU" counts every Switchboard node *and* the backplane's processes.
 set -euo pipefail
@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 RATES=${1:-"50 100 200"}
 DURATION=${2:-10}
 SUBS=${SUBS:-3000}
+PUBLISHERS=${PUBLISHERS:-4}   # publisher connections on the first node, the rate shared among them
 ulimit -n "$(ulimit -Hn)"
 cargo build --release -q -p switchboard
 BIN=./target/release/switchboard
@@ -86,7 +87,7 @@ run() {
   local others
   others=$(IFS=,; echo "${addrs[*]:1}")
   "$BIN" bench fanout --server "${addrs[0]}" ${others:+--nodes "$others"} --subscribers "$SUBS" \
-    --rate "$rate" --duration "$DURATION" --payload 128 --channel "bench:bp$rate" \
+    --rate "$rate" --publishers "$PUBLISHERS" --duration "$DURATION" --payload 128 --channel "bench:bp$rate" \
     --server-pid "$server_pids" --json 2>"$tmp/bench.err" | grep '^JSON' || { cat "$tmp/bench.err" >&2; true; }
   kill "${node_pids[@]}" 2>/dev/null || true
   wait "${node_pids[@]}" 2>/dev/null || true
