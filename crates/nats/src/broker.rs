@@ -150,11 +150,11 @@ struct Wanted {
 }
 
 pub(crate) struct Inner {
-    cfg: NatsConfig,
+    pub(crate) cfg: NatsConfig,
     /// The subject prefix (`P`).
     pub(crate) p: String,
     client: async_nats::Client,
-    js: async_nats::jetstream::Context,
+    pub(crate) js: async_nats::jetstream::Context,
     streams: tokio::sync::OnceCell<Streams>,
     node_id: String,
     handler: OnceLock<Arc<dyn BrokerEventHandler>>,

@@ -12,14 +12,17 @@
 //! | `S_HISTORY` | `P.h.<ns>.<channel>` | each channel's publications, numbered; republished to `P.l.<ns>.<channel>` once stored |
 //! | `S_STATE` | `P.s.>` | one message per subject: presence members, live nodes, shared-subscription claims (an hour at most) |
 //! | `S_KEEP` | `P.k.>` | one message per subject: revocations, until they lapse |
+//! | `S_KV_<space>` | `P.v.<space>.>` | [`NatsKv`]: one value per key (MQTT persistent sessions) |
 //!
 //! Core NATS subjects: `P.l.<ns>.<channel>` (stored publications, republished by the
 //! stream in stream order, and volatile ones published there directly) and `P.ctl`
 //! (control messages between nodes).
 
 mod broker;
+mod kv;
 mod presence;
 mod subject;
 
 pub use broker::{NatsBroker, NatsConfig};
+pub use kv::NatsKv;
 pub use presence::NatsPresence;

@@ -75,6 +75,8 @@ impl Server {
         }
         let node_id = config.broker.node_id.clone().unwrap_or_else(presence::client_id);
         let idle = Duration::from_secs(config.broker.idle_channel_ttl_secs);
+        // The NATS broker, also where MQTT sessions are kept.
+        let mut nats = None;
         let (broker, presence): (Arc<dyn Broker>, Arc<dyn PresenceManager>) = match config.broker.kind {
             config::BrokerKind::Memory => {
                 let cap = config.broker.max_unused_channels.max(1);
@@ -145,6 +147,7 @@ impl Server {
                 };
                 let b = switchboard_nats::NatsBroker::connect(cfg, &node_id).await?;
                 let p = Arc::new(switchboard_nats::NatsPresence::new(&b));
+                nats = Some(b.clone());
                 (Arc::new(b), p)
             }
         };
@@ -170,7 +173,13 @@ impl Server {
             // MQTT persistent sessions in Redis: a client may resume on any node.
             let b = &state.config.broker;
             let kv = switchboard_redis::RedisKv::open(&redis_target(&state.config), &b.redis_prefix, "mqtt-session")?;
-            state.mqtt_sessions.use_redis(kv);
+            state.mqtt_sessions.use_shared(transports::mqtt::sessions::Shared::Redis(kv));
+        }
+        if let Some(b) = &nats {
+            // ... or in NATS, kept as long as the longest session expiry allowed.
+            let expiry = Duration::from_secs(state.config.mqtt.session_expiry_secs);
+            let kv = switchboard_nats::NatsKv::new(b, "mqtt-session", expiry);
+            state.mqtt_sessions.use_shared(transports::mqtt::sessions::Shared::Nats(Box::new(kv)));
         }
         if state.config.broker.kind.is_cluster() {
             // The cluster's revocations are in force before the first connection is

@@ -678,10 +678,28 @@ async fn two_redis_nodes() -> (TestServer, TestServer) {
     (TestServer::start(config(&cfg)).await, TestServer::start(config(&cfg)).await)
 }
 
+/// Two nodes sharing a NATS broker (`SWITCHBOARD_TEST_NATS`, default the local one), under
+/// the prefix the MQTT tests share (their streams are made once; names and ids are the
+/// tests' own).
+async fn two_nats_nodes() -> (TestServer, TestServer) {
+    let url = std::env::var("SWITCHBOARD_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let cfg = format!("{CONFIG}[broker]\nkind = \"nats\"\nnats_url = \"{url}\"\nnats_prefix = \"sbtest-mqtt\"\n");
+    (TestServer::start(config(&cfg)).await, TestServer::start(config(&cfg)).await)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_redis_broker_a_session_resumes_on_another_node() {
-    let (a, b) = two_redis_nodes().await;
-    let id = channel("x").replace("x:", "");
+    a_session_resumes_on_another_node(two_redis_nodes().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_nats_broker_a_session_resumes_on_another_node() {
+    a_session_resumes_on_another_node(two_nats_nodes().await).await;
+}
+
+async fn a_session_resumes_on_another_node((a, b): (TestServer, TestServer)) {
+    // Unique across runs too: the NATS nodes share their streams with earlier runs.
+    let id = format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..));
     let (ch, topic, client) = (format!("sensors:{id}"), format!("sensors/{id}"), format!("roamer-{id}"));
     // On node A: a persistent session, one publication received, then gone.
     let (mut c, present) = Mqtt::connect_session(a.mqtt.unwrap(), true, &client, false, 600).await;
@@ -693,7 +711,7 @@ async fn with_the_redis_broker_a_session_resumes_on_another_node() {
     // Published on node B while the device is away.
     b.publish(&ch, json!(2)).await;
     b.publish(&ch, json!(3)).await;
-    // The device comes back to node B: its session is there (kept in Redis).
+    // The device comes back to node B: its session is there (kept in the backplane).
     let (mut c, present) = Mqtt::connect_session(b.mqtt.unwrap(), true, &client, false, 600).await;
     assert!(present, "the session resumes on another node");
     assert_eq!(c.next_publish().await.unwrap().1, b"2");
@@ -702,13 +720,22 @@ async fn with_the_redis_broker_a_session_resumes_on_another_node() {
     assert_eq!(c.next_publish().await.unwrap().1, b"4", "live, from the other node");
 }
 
-/// A shared subscription with members on two nodes (the Redis broker): each publication
-/// goes to one member of the group across the cluster — none twice, none to no one —
-/// while an ordinary subscriber gets them all.
+/// A shared subscription with members on two nodes (the Redis broker, the NATS broker):
+/// each publication goes to one member of the group across the cluster — none twice, none
+/// to no one — while an ordinary subscriber gets them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_subscription_across_two_nodes_delivers_each_publication_once() {
-    let (a, b) = two_redis_nodes().await;
-    let id = channel("x").replace("x:", "");
+    shared_subscription_across_two_nodes(two_redis_nodes().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_nats_broker_a_shared_subscription_across_two_nodes_delivers_each_publication_once() {
+    shared_subscription_across_two_nodes(two_nats_nodes().await).await;
+}
+
+async fn shared_subscription_across_two_nodes((a, b): (TestServer, TestServer)) {
+    // Unique across runs too: the NATS nodes share their streams with earlier runs.
+    let id = format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..));
     let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
     let shared = format!("$share/workers/{topic}");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -71,11 +71,41 @@ impl Kept {
     }
 }
 
-/// Sessions kept, by client id: in Redis when the broker is Redis, else in memory.
+/// Where the cluster's nodes keep sessions, so a client may come back to any node.
+pub enum Shared {
+    Redis(switchboard_redis::RedisKv),
+    Nats(Box<switchboard_nats::NatsKv>),
+}
+
+impl Shared {
+    async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), switchboard_core::BrokerError> {
+        match self {
+            Shared::Redis(kv) => kv.set(key, value, ttl).await,
+            Shared::Nats(kv) => kv.set(key, value, ttl).await,
+        }
+    }
+
+    async fn take(&self, key: &str) -> Result<Option<String>, switchboard_core::BrokerError> {
+        match self {
+            Shared::Redis(kv) => kv.take(key).await,
+            Shared::Nats(kv) => kv.take(key).await,
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), switchboard_core::BrokerError> {
+        match self {
+            Shared::Redis(kv) => kv.delete(key).await,
+            Shared::Nats(kv) => kv.delete(key).await,
+        }
+    }
+}
+
+/// Sessions kept, by client id: in Redis or NATS when the broker is, else in memory (or
+/// files, with durable history).
 #[derive(Default)]
 pub struct Sessions {
     memory: Mutex<HashMap<String, (Kept, Instant)>>,
-    redis: OnceLock<switchboard_redis::RedisKv>,
+    shared: OnceLock<Shared>,
     /// With durable history (`--data-dir`): one file per session in this directory, so a
     /// restart keeps them.
     dir: OnceLock<std::path::PathBuf>,
@@ -87,9 +117,9 @@ pub struct Sessions {
 const MAX_SESSIONS: usize = 100_000;
 
 impl Sessions {
-    /// Keeps sessions in Redis from now on (the Redis broker's server).
-    pub fn use_redis(&self, kv: switchboard_redis::RedisKv) {
-        let _ = self.redis.set(kv);
+    /// Keeps sessions in the cluster's backplane from now on (Redis or NATS broker).
+    pub fn use_shared(&self, kv: Shared) {
+        let _ = self.shared.set(kv);
     }
 
     /// Keeps sessions as files in `dir` from now on (durable history's server); sessions
@@ -127,9 +157,9 @@ impl Sessions {
     /// Keeps `kept` for `expiry`.
     pub async fn keep(&self, client_id: &str, kept: Kept, expiry: Duration) {
         self.saves.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(kv) = self.redis.get() {
+        if let Some(kv) = self.shared.get() {
             if let Err(e) = kv.set(client_id, &kept.to_json(), expiry).await {
-                tracing::warn!(client = client_id, "MQTT session not kept in Redis: {e}");
+                tracing::warn!(client = client_id, "MQTT session not kept in the backplane: {e}");
             }
             return;
         }
@@ -159,11 +189,11 @@ impl Sessions {
 
     /// Takes the session kept for `client_id`, if it has not expired.
     pub async fn take(&self, client_id: &str) -> Option<Kept> {
-        if let Some(kv) = self.redis.get() {
+        if let Some(kv) = self.shared.get() {
             return match kv.take(client_id).await {
                 Ok(v) => v.as_deref().and_then(Kept::from_json),
                 Err(e) => {
-                    tracing::warn!(client = client_id, "MQTT session not read from Redis: {e}");
+                    tracing::warn!(client = client_id, "MQTT session not read from the backplane: {e}");
                     None
                 }
             };
@@ -181,7 +211,7 @@ impl Sessions {
     }
 
     pub async fn discard(&self, client_id: &str) {
-        if let Some(kv) = self.redis.get() {
+        if let Some(kv) = self.shared.get() {
             let _ = kv.delete(client_id).await;
             return;
         }
@@ -192,7 +222,7 @@ impl Sessions {
         self.map().remove(client_id);
     }
 
-    /// Sessions kept in this node's memory (none when they are in Redis).
+    /// Sessions kept in this node's memory (none when they are in Redis or NATS).
     pub fn len(&self) -> usize {
         self.map().len()
     }
