@@ -1,8 +1,8 @@
 //! Many nodes as real processes, over a real Redis, a Redis Cluster (three masters of each
 //! test's own) and a real NATS (a `nats-server -js` of each test's own): cross-node
 //! delivery, resume on another node, rolling restarts with zero loss, a node killed with
-//! SIGKILL — each on all three backplanes — Redis and NATS going away for 10 s, and a
-//! Redis Cluster master killed under publishing.
+//! SIGKILL — each on all three backplanes — Redis, a whole Redis Cluster and NATS going
+//! away for 10 s, and a Redis Cluster master killed under publishing.
 
 mod common;
 #[path = "../../redis/tests/common/cluster.rs"]
@@ -555,14 +555,65 @@ impl Drop for Redis {
     }
 }
 
+/// A Redis of the test's own, single or a cluster, to stop and start again (empty).
+enum OwnRedis {
+    Single(Option<Redis>, u16),
+    Cluster(rcluster::RedisCluster),
+}
+
+impl OwnRedis {
+    fn env(&self, prefix: &str) -> Vec<(String, String)> {
+        match self {
+            OwnRedis::Single(_, port) => redis_env(prefix, &format!("redis://127.0.0.1:{port}")),
+            OwnRedis::Cluster(c) => {
+                let mut v = redis_env(prefix, &c.url());
+                v.push(("SWITCHBOARD_BROKER__REDIS_CLUSTER".to_string(), "true".to_string()));
+                v
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        match self {
+            OwnRedis::Single(r, _) => {
+                if let Some(mut r) = r.take() {
+                    r.stop();
+                }
+            }
+            OwnRedis::Cluster(c) => c.kill_all(),
+        }
+    }
+
+    /// Back, empty (nothing is kept on disk).
+    async fn start(&mut self) {
+        match self {
+            OwnRedis::Single(r, port) => {
+                let redis = Redis::start(*port);
+                redis.wait_up().await;
+                *r = Some(redis);
+            }
+            OwnRedis::Cluster(c) => tokio::task::block_in_place(|| c.restart_all()),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopping_for_ten_seconds_crashes_nothing_and_clients_end_consistent() {
     let port = free_port();
-    let mut redis = Redis::start(port);
+    let redis = Redis::start(port);
     redis.wait_up().await;
-    let url = format!("redis://127.0.0.1:{port}");
+    redis_gone_for_ten_seconds(OwnRedis::Single(Some(redis), port)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_redis_cluster_stopping_for_ten_seconds_crashes_nothing_and_clients_end_consistent() {
+    let cluster = tokio::task::block_in_place(|| rcluster::RedisCluster::start(3, 0));
+    redis_gone_for_ten_seconds(OwnRedis::Cluster(cluster)).await;
+}
+
+async fn redis_gone_for_ten_seconds(mut redis: OwnRedis) {
     let p = prefix();
-    let nodes: Vec<Node> = (0..2).map(|_| Node::start(free_port(), &env(redis_env(&p, &url), &[]))).collect();
+    let nodes: Vec<Node> = (0..2).map(|_| Node::start(free_port(), &env(redis.env(&p), &[]))).collect();
     for n in &nodes {
         n.wait_ready().await;
     }
@@ -597,8 +648,7 @@ async fn redis_stopping_for_ten_seconds_crashes_nothing_and_clients_end_consiste
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // Redis comes back empty (it keeps nothing on disk): history is gone.
-    let redis = Redis::start(port);
-    redis.wait_up().await;
+    redis.start().await;
     for n in &nodes {
         n.wait_ready().await;
     }

@@ -171,6 +171,27 @@ impl RedisCluster {
         panic!("no live master serves slot {slot}");
     }
 
+    /// SIGKILL of every node: the whole cluster gone.
+    pub fn kill_all(&mut self) {
+        for p in self.ports.clone() {
+            self.kill(p);
+        }
+    }
+
+    /// Starts every node again (same ports, same cluster files — the cluster comes back as
+    /// it was, without its data: nothing is kept on disk) and waits until it is whole.
+    pub fn restart_all(&mut self) {
+        for (i, p) in self.ports.iter().enumerate() {
+            if self.children[i].is_none() {
+                self.children[i] = Some(spawn(*p, &self.dir, false));
+            }
+        }
+        for p in &self.ports {
+            self.wait(&format!("redis-server on {p}"), || cli(*p, &["ping"]).trim() == "PONG");
+        }
+        self.wait_ok();
+    }
+
     /// SIGKILL of the node on `port`.
     pub fn kill(&mut self, port: u16) {
         let i = self.ports.iter().position(|p| *p == port).expect("a node of this cluster");
