@@ -677,9 +677,20 @@ impl RedisBroker {
                     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
                     while tokio::time::Instant::now() < deadline {
                         tokio::time::sleep(Duration::from_millis(500)).await;
-                        let channels: Vec<String> = lock(&me.inner.wanted).channels.iter().take(512).cloned().collect();
+                        let (channels, namespaces): (Vec<String>, Vec<String>) = {
+                            let w = lock(&me.inner.wanted);
+                            (w.channels.iter().take(512).cloned().collect(), w.namespaces.iter().cloned().collect())
+                        };
                         let Ok(mut c) = cluster.get().await else { continue };
+                        // The plain subscriptions (control, namespaces) are the client's to
+                        // move, by their names' slots, once it has refreshed its map: a
+                        // command on each name's slot is what makes it.
+                        let mut plain = vec![format!("{}:control", me.inner.cfg.prefix)];
+                        plain.extend(namespaces.iter().map(|ns| me.namespace_channel(ns)));
                         let mut answered = true;
+                        for name in plain {
+                            answered &= redis::cmd("EXISTS").arg(name).query_async::<i64>(&mut c).await.is_ok();
+                        }
                         for ch in channels {
                             // Then subscribed again, where the channel's slot is now (the
                             // confirmation refills the channel).

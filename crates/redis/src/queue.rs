@@ -84,7 +84,19 @@ impl RedisQueue {
         consumer: &str,
         abandoned_after: Duration,
     ) -> Result<RedisQueue, BrokerError> {
-        let conn = crate::presence::lazy_connection(url)?;
+        Self::open(&crate::conn::Target::single(url), prefix, name, consumer, abandoned_after)
+    }
+
+    /// The same on a single Redis or a Redis Cluster (a queue's keys share its hash tag:
+    /// one slot, which its scripts need).
+    pub fn open(
+        target: &crate::conn::Target,
+        prefix: &str,
+        name: &str,
+        consumer: &str,
+        abandoned_after: Duration,
+    ) -> Result<RedisQueue, BrokerError> {
+        let conn = Conn::open(target)?;
         Ok(RedisQueue {
             conn,
             base: format!("{prefix}:queue:{{{name}}}"),
@@ -226,7 +238,12 @@ pub struct Occupancy {
 
 impl Occupancy {
     pub fn new(url: &str, prefix: &str, node: &str) -> Result<Occupancy, BrokerError> {
-        let conn = crate::presence::lazy_connection(url)?;
+        Self::open(&crate::conn::Target::single(url), prefix, node)
+    }
+
+    /// The same on a single Redis or a Redis Cluster.
+    pub fn open(target: &crate::conn::Target, prefix: &str, node: &str) -> Result<Occupancy, BrokerError> {
+        let conn = Conn::open(target)?;
         Ok(Occupancy { conn, prefix: prefix.to_string(), node: node.to_string(), script: Script::new(OCCUPY) })
     }
 
@@ -236,14 +253,15 @@ impl Occupancy {
         let changed = self.occupy(&self.node, channel, occupied).await?;
         // The node's own list of what it occupies, for the nodes that outlive it
         // ([`Occupancy::reap`]).
-        let mut pipe = redis::pipe();
-        if occupied {
-            pipe.sadd(self.by_node(&self.node), channel).ignore().sadd(self.nodes_key(), &self.node).ignore();
+        let mut cmds = vec![if occupied {
+            redis::Cmd::sadd(self.by_node(&self.node), channel)
         } else {
-            pipe.srem(self.by_node(&self.node), channel).ignore();
+            redis::Cmd::srem(self.by_node(&self.node), channel)
+        }];
+        if occupied {
+            cmds.push(redis::Cmd::sadd(self.nodes_key(), &self.node));
         }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        self.run(cmds).await?;
         Ok(changed)
     }
 
@@ -293,9 +311,24 @@ impl Occupancy {
                 vacated.push(channel);
             }
         }
-        let mut pipe = redis::pipe();
-        pipe.del(self.by_node(node)).ignore().srem(self.nodes_key(), node).ignore();
-        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        self.run(vec![redis::Cmd::del(self.by_node(node)), redis::Cmd::srem(self.nodes_key(), node)]).await?;
         Ok(vacated)
+    }
+
+    /// Runs `cmds` as one pipeline — or, on a Redis Cluster, where a pipeline stays within
+    /// a slot and these keys are in several, one after the other.
+    async fn run(&self, cmds: Vec<redis::Cmd>) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        if conn.is_cluster() {
+            for cmd in cmds {
+                cmd.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+            }
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for cmd in cmds {
+            pipe.add_command(cmd).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 }

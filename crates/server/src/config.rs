@@ -1084,10 +1084,6 @@ impl Config {
             let why = "durable history is the memory broker's; with Redis or NATS, history is kept there";
             return Err(("broker.data_dir".into(), why.into()));
         }
-        if self.broker.kind == BrokerKind::Redis && self.broker.redis_cluster && !self.webhooks.endpoints.is_empty() {
-            let why = "webhooks' queue needs a single Redis (or Sentinel), not a Redis Cluster";
-            return Err(("webhooks".into(), why.into()));
-        }
         if self.broker.kind == BrokerKind::Nats {
             if !self.webhooks.endpoints.is_empty() {
                 let why = "webhooks need a broker whose queue all nodes share: memory (one node) or redis";

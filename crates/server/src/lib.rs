@@ -402,7 +402,8 @@ impl Server {
     }
 }
 
-fn redis_target(config: &Config) -> switchboard_redis::Target {
+/// Where the Redis broker's Redis is (a single one or a cluster's seed nodes).
+pub(crate) fn redis_target(config: &Config) -> switchboard_redis::Target {
     switchboard_redis::Target { url: config.broker.redis_url.clone(), cluster: config.broker.redis_cluster }
 }
 

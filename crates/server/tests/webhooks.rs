@@ -6,6 +6,8 @@
 //! the documentation's verification snippets run (where their toolchain is installed).
 
 mod common;
+#[path = "../../redis/tests/common/cluster.rs"]
+mod rcluster;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufRead;
@@ -479,6 +481,22 @@ fn the_go_snippet_verifies_where_go_is_installed() {
 async fn over_redis_two_nodes_share_the_queue_occupancy_is_told_once_and_a_killed_node_loses_nothing() {
     let url = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let prefix = format!("sbwh{}", fastrand::u64(..));
+    let broker = format!("[broker]\nkind = \"redis\"\nredis_url = \"{url}\"\nredis_prefix = \"{prefix}\"\n");
+    two_nodes_share_the_queue(broker).await;
+}
+
+/// The same over a Redis Cluster of three masters (the test's own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_redis_cluster_two_nodes_share_the_queue_occupancy_is_told_once_and_a_killed_node_loses_nothing() {
+    let cluster = tokio::task::block_in_place(|| rcluster::RedisCluster::start(3, 0));
+    let url = cluster.url();
+    let broker =
+        format!("[broker]\nkind = \"redis\"\nredis_cluster = true\nredis_url = \"{url}\"\nredis_prefix = \"sbwh\"\n");
+    two_nodes_share_the_queue(broker).await;
+    drop(cluster);
+}
+
+async fn two_nodes_share_the_queue(broker: String) {
     let dir = temp("redis");
     let log = dir.join("log");
     // It never answers: each attempt times out (1 s), so whenever node A dies it holds
@@ -487,7 +505,6 @@ async fn over_redis_two_nodes_share_the_queue_occupancy_is_told_once_and_a_kille
     let rx_port = failing.port;
     let cfg = dir.join("switchboard.toml");
     let events = "[\"publication\", \"channel.occupied\", \"channel.vacated\"]";
-    let broker = format!("[broker]\nkind = \"redis\"\nredis_url = \"{url}\"\nredis_prefix = \"{prefix}\"\n");
     std::fs::write(&cfg, broker + &webhooks(&dir.join("unused"), "") + &endpoint(&failing.url(), events, "")).unwrap();
     let (pa, pb) = (free_port(), free_port());
     let (a, b) = (format!("http://127.0.0.1:{pa}"), format!("http://127.0.0.1:{pb}"));

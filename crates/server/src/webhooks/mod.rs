@@ -143,10 +143,17 @@ impl Webhooks {
                     // A taken event not finished within twice the request timeout (and
                     // some) belongs to a node that died: another takes it over.
                     let abandoned = Duration::from_millis(e.timeout_ms.saturating_mul(2)) + Duration::from_secs(5);
-                    let q = switchboard_redis::RedisQueue::new(&b.redis_url, &prefix, e.name(), node, abandoned)?;
+                    let q = switchboard_redis::RedisQueue::open(
+                        &crate::redis_target(config),
+                        &prefix,
+                        e.name(),
+                        node,
+                        abandoned,
+                    )?;
                     queues.insert(e.name().to_string(), q);
                 }
-                let occupancy = switchboard_redis::Occupancy::new(&b.redis_url, &b.redis_prefix, node)?;
+                let occupancy =
+                    switchboard_redis::Occupancy::open(&crate::redis_target(config), &b.redis_prefix, node)?;
                 Store::Redis(Box::new(RedisStore { queues, depth: Default::default(), occupancy }))
             }
             // (NATS: refused by the configuration's check.)
