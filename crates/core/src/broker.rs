@@ -5,14 +5,16 @@
 //! embedded default; Redis and NATS implementations live in their own crates. All of them
 //! pass the suite in [`crate::contract`], which is this doc comment turned into tests.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::channel::ChannelName;
-use crate::publication::{Delivery, Kind, Published, StreamPosition};
+use crate::publication::{Delivery, Epoch, Kind, Publication, Published, StreamPosition};
 
 /// How a publication is stored. Comes from the channel's namespace options.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,5 +233,73 @@ pub trait Broker: Send + Sync + 'static {
         _ttl: Duration,
     ) -> Result<Vec<bool>, BrokerError> {
         Ok(vec![true; positions.len()])
+    }
+}
+
+/// For a broker whose link to the nodes can drop messages (Redis Pub/Sub, core NATS): per
+/// channel a node subscribed to exactly, the last offset handed to it — a duplicate is
+/// dropped, and a gap is filled from history before the publication that showed it.
+#[derive(Default)]
+pub struct InOrder {
+    last: Mutex<HashMap<String, (Epoch, u64)>>,
+}
+
+impl InOrder {
+    fn last(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Epoch, u64)>> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands the stored publication `p` to `handler` in offset order. `history` reads the
+    /// channel's publications after a position (a broker's `history` with `since`).
+    pub async fn deliver<F, Fut>(&self, p: Publication, handler: &dyn BrokerEventHandler, history: F)
+    where
+        F: Fn(StreamPosition) -> Fut,
+        Fut: Future<Output = Result<HistoryResult, BrokerError>>,
+    {
+        let key = p.channel.as_str().to_string();
+        let last = self.last().get(&key).cloned();
+        if let Some((epoch, offset)) = last {
+            if *epoch == *p.epoch {
+                if p.offset <= offset {
+                    return;
+                }
+                if p.offset > offset + 1 {
+                    self.refill(&key, handler, history).await;
+                    if self.last().get(&key).is_some_and(|(_, o)| *o >= p.offset) {
+                        return;
+                    }
+                }
+            }
+        }
+        self.last().insert(key, (p.epoch.clone(), p.offset));
+        handler.handle_publication(Delivery::new(p));
+    }
+
+    /// Hands `handler` what history holds after the last offset handed on `channel` (after
+    /// a reconnect, or a gap).
+    pub async fn refill<F, Fut>(&self, channel: &str, handler: &dyn BrokerEventHandler, history: F)
+    where
+        F: Fn(StreamPosition) -> Fut,
+        Fut: Future<Output = Result<HistoryResult, BrokerError>>,
+    {
+        let Some((epoch, offset)) = self.last().get(channel).cloned() else { return };
+        match history(StreamPosition { epoch, offset }).await {
+            Ok(h) => {
+                if let Some(last) = h.publications.last() {
+                    self.last().insert(channel.to_string(), (last.publication.epoch.clone(), last.publication.offset));
+                }
+                for p in h.publications {
+                    handler.handle_publication(p);
+                }
+            }
+            // History gone too: the next live publication shows the hub the gap, and
+            // subscribers get an explicit reset — never a silent one.
+            Err(_) => self.forget(channel),
+        }
+    }
+
+    /// The node no longer subscribes to `channel`.
+    pub fn forget(&self, channel: &str) {
+        self.last().remove(channel);
     }
 }

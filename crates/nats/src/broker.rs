@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use switchboard_core::broker::{
-    Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, NodeInfo, PublishOptions,
+    Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, InOrder, NodeInfo, PublishOptions,
 };
 use switchboard_core::publication::new_epoch;
 use switchboard_core::{now_millis, ChannelName, Delivery, Kind, Publication, Published, StreamPosition};
@@ -159,9 +159,9 @@ pub(crate) struct Inner {
     node_id: String,
     handler: OnceLock<Arc<dyn BrokerEventHandler>>,
     wanted: Mutex<Wanted>,
-    /// The last offset delivered per exactly-subscribed channel: duplicates are dropped
-    /// and gaps are refilled from history.
-    last: Mutex<HashMap<String, (Arc<str>, u64)>>,
+    /// Exactly-subscribed channels' last offsets delivered: duplicates are dropped and
+    /// gaps are refilled from history.
+    in_order: InOrder,
     /// The last message per channel as this node last saw it (publishes skip the read
     /// while it is right; the stream refuses the append when it is not).
     tops: Mutex<HashMap<String, Top>>,
@@ -216,7 +216,7 @@ impl NatsBroker {
                 node_id: node_id.to_string(),
                 handler: OnceLock::new(),
                 wanted: Mutex::default(),
-                last: Mutex::default(),
+                in_order: InOrder::default(),
                 tops: Mutex::default(),
                 publishing: Mutex::default(),
                 reconnects,
@@ -593,55 +593,27 @@ impl NatsBroker {
         }
     }
 
-    /// Hands a publication to the node, in offset order: duplicates are dropped and a
-    /// gap is refilled from the channel's history first.
+    /// Hands a publication to the node, in offset order (see [`InOrder`]).
     async fn deliver(&self, p: Publication, exact: bool) {
         let Some(handler) = self.inner.handler.get().cloned() else { return };
         if p.kind != Kind::Stored || !exact {
             handler.handle_publication(Delivery::new(p));
             return;
         }
-        let key = p.channel.as_str().to_string();
-        let last = lock(&self.inner.last).get(&key).cloned();
-        if let Some((epoch, offset)) = last {
-            if *epoch == *p.epoch {
-                if p.offset <= offset {
-                    return;
-                }
-                if p.offset > offset + 1 {
-                    self.refill(&key).await;
-                    if lock(&self.inner.last).get(&key).is_some_and(|(_, o)| *o >= p.offset) {
-                        return;
-                    }
-                }
-            }
-        }
-        lock(&self.inner.last).insert(key, (p.epoch.clone(), p.offset));
-        handler.handle_publication(Delivery::new(p));
+        let channel = p.channel.clone();
+        let history = |since| self.after(&channel, since);
+        self.inner.in_order.deliver(p, &*handler, history).await;
     }
 
     /// Delivers what history holds after the last offset delivered on `channel`.
     async fn refill(&self, channel: &str) {
         let Some(handler) = self.inner.handler.get().cloned() else { return };
-        let Some((epoch, offset)) = lock(&self.inner.last).get(channel).cloned() else { return };
         let Ok(name) = ChannelName::parse(channel) else { return };
-        let since = StreamPosition { epoch, offset };
-        match self.run_history(&name, Some(&since), None, false).await {
-            Ok(h) => {
-                if let Some(last) = h.publications.last() {
-                    lock(&self.inner.last)
-                        .insert(channel.to_string(), (last.publication.epoch.clone(), last.publication.offset));
-                }
-                for p in h.publications {
-                    handler.handle_publication(p);
-                }
-            }
-            // History gone too: the next live publication shows the hub the gap, and
-            // subscribers get an explicit reset — never a silent one.
-            Err(_) => {
-                lock(&self.inner.last).remove(channel);
-            }
-        }
+        self.inner.in_order.refill(channel, &*handler, |since| self.after(&name, since)).await;
+    }
+
+    async fn after(&self, channel: &ChannelName, since: StreamPosition) -> Result<HistoryResult, BrokerError> {
+        self.run_history(channel, Some(&since), None, false).await
     }
 
     async fn listen(&self, subject: String, exact: Option<String>) -> Result<AbortHandle, BrokerError> {
@@ -836,7 +808,7 @@ impl Broker for NatsBroker {
         if let Some(h) = lock(&self.inner.wanted).channels.remove(channel.as_str()) {
             h.abort();
         }
-        lock(&self.inner.last).remove(channel.as_str());
+        self.inner.in_order.forget(channel.as_str());
         Ok(())
     }
 

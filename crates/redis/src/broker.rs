@@ -36,7 +36,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::{AsyncCommands, Script};
 use switchboard_core::broker::{
-    Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, NodeInfo, PublishOptions,
+    Broker, BrokerError, BrokerEventHandler, HistoryRequest, HistoryResult, InOrder, NodeInfo, PublishOptions,
 };
 use switchboard_core::publication::new_epoch;
 use switchboard_core::{ChannelName, Delivery, Kind, Publication, Published, StreamPosition};
@@ -95,9 +95,9 @@ struct Inner {
     cmd_rx: Mutex<Vec<mpsc::UnboundedReceiver<SubCmd>>>,
     /// Channels and namespaces this node wants, restored after a reconnect.
     wanted: Mutex<Wanted>,
-    /// The last offset delivered per exactly-subscribed channel: duplicates are dropped
-    /// and gaps are refilled from history.
-    last: Mutex<HashMap<String, (Arc<str>, u64)>>,
+    /// Exactly-subscribed channels' last offsets delivered: duplicates are dropped and gaps
+    /// are refilled from history.
+    in_order: InOrder,
     /// Pub/Sub connections up (all of them: ready).
     pubsub_up: AtomicUsize,
     /// The channel counts the last heartbeat wrote, and how many heartbeats ago the hash
@@ -162,7 +162,7 @@ impl RedisBroker {
                 cmds,
                 cmd_rx: Mutex::new(cmd_rx),
                 wanted: Mutex::default(),
-                last: Mutex::default(),
+                in_order: InOrder::default(),
                 pubsub_up: Default::default(),
                 registered: Mutex::default(),
                 publish: Script::new(scripts::PUBLISH),
@@ -429,7 +429,7 @@ impl RedisBroker {
             }
             SubCmd::Unsubscribe(ch, tx) => {
                 lock(&self.inner.wanted).channels.remove(&ch);
-                lock(&self.inner.last).remove(&ch);
+                self.inner.in_order.forget(&ch);
                 let _ = tx.send(Ok(()));
             }
             SubCmd::PUnsubscribe(ns, tx) => {
@@ -486,7 +486,7 @@ impl RedisBroker {
             } else {
                 for (c, _) in &run {
                     lock(&self.inner.wanted).channels.remove(c);
-                    lock(&self.inner.last).remove(c);
+                    self.inner.in_order.forget(c);
                 }
                 // Unsubscribed either way: a connection that fails here takes them all.
                 for (_, tx) in run {
@@ -516,7 +516,7 @@ impl RedisBroker {
             }
             SubCmd::Unsubscribe(ch, tx) => {
                 lock(&self.inner.wanted).channels.remove(&ch);
-                lock(&self.inner.last).remove(&ch);
+                self.inner.in_order.forget(&ch);
                 let r = sink.unsubscribe(self.pubsub_channel(&ch)).await.map_err(unavailable);
                 let _ = tx.send(Ok(()));
                 r
@@ -550,57 +550,27 @@ impl RedisBroker {
         }
     }
 
-    /// Hands a publication to the node, in offset order: duplicates are dropped and a
-    /// gap is refilled from the channel's stream first.
+    /// Hands a publication to the node, in offset order (see [`InOrder`]).
     async fn deliver(&self, p: Publication) {
         let Some(handler) = self.inner.handler.get().cloned() else { return };
-        if p.kind != Kind::Stored {
+        if p.kind != Kind::Stored || !lock(&self.inner.wanted).channels.contains(p.channel.as_str()) {
             handler.handle_publication(Delivery::new(p));
             return;
         }
-        let key = p.channel.as_str().to_string();
-        let exact = lock(&self.inner.wanted).channels.contains(&key);
-        if exact {
-            let last = lock(&self.inner.last).get(&key).cloned();
-            if let Some((epoch, offset)) = last {
-                if *epoch == *p.epoch {
-                    if p.offset <= offset {
-                        return;
-                    }
-                    if p.offset > offset + 1 {
-                        self.refill(&key).await;
-                        if lock(&self.inner.last).get(&key).is_some_and(|(_, o)| *o >= p.offset) {
-                            return;
-                        }
-                    }
-                }
-            }
-            lock(&self.inner.last).insert(key, (p.epoch.clone(), p.offset));
-        }
-        handler.handle_publication(Delivery::new(p));
+        let channel = p.channel.clone();
+        let history = |since| self.after(&channel, since);
+        self.inner.in_order.deliver(p, &*handler, history).await;
     }
 
     /// Delivers what the stream holds after the last offset delivered on `channel`.
     async fn refill(&self, channel: &str) {
         let Some(handler) = self.inner.handler.get().cloned() else { return };
-        let Some((epoch, offset)) = lock(&self.inner.last).get(channel).cloned() else { return };
         let Ok(name) = ChannelName::parse(channel) else { return };
-        let since = StreamPosition { epoch, offset };
-        match self.run_history(&name, Some(&since), 0, false).await {
-            Ok(h) => {
-                if let Some(last) = h.publications.last() {
-                    lock(&self.inner.last).insert(channel.to_string(), (last.epoch.clone(), last.offset));
-                }
-                for p in h.publications {
-                    handler.handle_publication(p);
-                }
-            }
-            // History gone too: the next live publication shows the hub the gap, and
-            // subscribers get an explicit reset — never a silent one.
-            Err(_) => {
-                lock(&self.inner.last).remove(channel);
-            }
-        }
+        self.inner.in_order.refill(channel, &*handler, |since| self.after(&name, since)).await;
+    }
+
+    async fn after(&self, channel: &ChannelName, since: StreamPosition) -> Result<HistoryResult, BrokerError> {
+        self.run_history(channel, Some(&since), 0, false).await
     }
 }
 
@@ -938,7 +908,7 @@ impl Broker for RedisBroker {
     async fn unsubscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
         if let Some((cluster, _)) = &self.inner.sharded {
             lock(&self.inner.wanted).channels.remove(channel.as_str());
-            lock(&self.inner.last).remove(channel.as_str());
+            self.inner.in_order.forget(channel.as_str());
             let key = self.pubsub_channel(channel.as_str());
             // Unsubscribed either way: a connection that fails here takes it along.
             let _ = async { cluster.get().await?.sunsubscribe(&key).await }.await;

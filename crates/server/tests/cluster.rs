@@ -555,6 +555,27 @@ impl Drop for Redis {
     }
 }
 
+/// While the backplane (`what`) is down — at least 10 s, and until the nodes have noticed:
+/// every node stays up and reports not ready; with `publish_to`, a publish there fails.
+async fn while_down(http: &reqwest::Client, nodes: &[Node], what: &str, publish_to: Option<&str>) {
+    let down = Instant::now();
+    let mut saw_not_ready = false;
+    while down.elapsed() < Duration::from_secs(10) || !saw_not_ready {
+        assert!(down.elapsed() < Duration::from_secs(120), "/readyz never reported the outage (waited 120 s)");
+        for n in nodes {
+            let h = http.get(format!("{}/healthz", n.base())).send().await.unwrap();
+            assert_eq!(h.status(), 200, "a node died while {what} was down");
+            let r = http.get(format!("{}/readyz", n.base())).send().await.unwrap();
+            saw_not_ready |= r.status() == 503;
+        }
+        if let Some(ch) = publish_to {
+            let failed = publish(http, &nodes[1].base(), ch, json!("during"), None).await;
+            assert!(failed.is_err(), "a publish succeeded with {what} down");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// A Redis of the test's own, single or a cluster, to stop and start again (empty).
 enum OwnRedis {
     Single(Option<Redis>, u16),
@@ -632,21 +653,7 @@ async fn redis_gone_for_ten_seconds(mut redis: OwnRedis) {
         assert_eq!(offsets(c, 5).await, vec![1, 2, 3, 4, 5]);
     }
     redis.stop();
-    let down = Instant::now();
-    let mut saw_not_ready = false;
-    // Down for at least 10 s, and until the nodes have noticed.
-    while down.elapsed() < Duration::from_secs(10) || !saw_not_ready {
-        assert!(down.elapsed() < Duration::from_secs(120), "/readyz never reported the outage (waited 120 s)");
-        for n in &nodes {
-            let h = http.get(format!("{}/healthz", n.base())).send().await.unwrap();
-            assert_eq!(h.status(), 200, "a node died while Redis was down");
-            let r = http.get(format!("{}/readyz", n.base())).send().await.unwrap();
-            saw_not_ready |= r.status() == 503;
-        }
-        let failed = publish(&http, &nodes[1].base(), &ch, json!("during"), None).await;
-        assert!(failed.is_err(), "a publish succeeded with Redis down");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    while_down(&http, &nodes, "Redis", Some(&ch)).await;
     // Redis comes back empty (it keeps nothing on disk): history is gone.
     redis.start().await;
     for n in &nodes {
@@ -695,18 +702,7 @@ async fn nats_stopping_for_ten_seconds_crashes_nothing_and_clients_continue_with
         assert_eq!(offsets(c, 5).await, vec![1, 2, 3, 4, 5]);
     }
     nats.kill();
-    let down = Instant::now();
-    let mut saw_not_ready = false;
-    while down.elapsed() < Duration::from_secs(10) || !saw_not_ready {
-        assert!(down.elapsed() < Duration::from_secs(120), "/readyz never reported the outage (waited 120 s)");
-        for n in &nodes {
-            let h = http.get(format!("{}/healthz", n.base())).send().await.unwrap();
-            assert_eq!(h.status(), 200, "a node died while NATS was down");
-            let r = http.get(format!("{}/readyz", n.base())).send().await.unwrap();
-            saw_not_ready |= r.status() == 503;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    while_down(&http, &nodes, "NATS", None).await;
     // NATS comes back with its store: the channel's epoch and history are still there.
     // Node 0 publishes as soon as it can — maybe before node 1 has its subscription back:
     // node 1 refills what it missed from the stream.
