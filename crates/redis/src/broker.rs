@@ -644,6 +644,9 @@ impl RedisBroker {
                 let Some((cluster, _)) = &me.inner.sharded else { return };
                 loop {
                     repair.notified().await;
+                    tracing::warn!(
+                        "lost a Redis Cluster node's connection; moving subscriptions where their slots are now"
+                    );
                     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
                     while tokio::time::Instant::now() < deadline {
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -672,6 +675,7 @@ impl RedisBroker {
                             answered &= again.is_ok();
                         }
                         if answered {
+                            tracing::info!("subscriptions in place again");
                             break;
                         }
                     }

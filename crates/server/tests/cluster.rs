@@ -156,7 +156,8 @@ impl Node {
         let child = cmd
             .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{}", self.port), "--drain-secs", "5"])
             .envs(self.env.iter().cloned())
-            .stdout(Stdio::null())
+            // Its log (stdout) and any panic (stderr), both shown when a test fails.
+            .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
