@@ -81,6 +81,13 @@ const MAX_ATTEMPTS: usize = 64;
 /// memory is dropped and rebuilt from NATS.
 const TOP_CACHE: usize = 10_000;
 
+/// How long a history read waits for its next message (the server may count a message
+/// evicted meanwhile as pending, and leave the request waiting for it).
+const READ_QUIET: Duration = Duration::from_secs(2);
+
+/// The longest a whole stream read may take.
+const READ_LIMIT: Duration = Duration::from_secs(10);
+
 /// Channels per heartbeat message.
 const NODE_PAGE: usize = 2_000;
 
@@ -326,13 +333,17 @@ impl NatsBroker {
         }
     }
 
-    /// Every message of `stream` matching `filter`, oldest first — up to the one with
-    /// sequence `until` (known to be there) or, without it, all there were when asked.
-    pub(crate) async fn read_all(
-        stream: &stream::Stream,
-        filter: &str,
-        until: Option<u64>,
-    ) -> Result<Vec<Entry>, BrokerError> {
+    /// Every message of `stream` matching `filter`, oldest first, up to the one with
+    /// sequence `until` (known to be there: a channel's top), through one short-lived
+    /// consumer.
+    pub(crate) async fn read_all(stream: &stream::Stream, filter: &str, until: u64) -> Result<Vec<Entry>, BrokerError> {
+        match tokio::time::timeout(READ_LIMIT, Self::read_all_unbounded(stream, filter, until)).await {
+            Ok(r) => r,
+            Err(_) => Err(unavailable("NATS history read timed out")),
+        }
+    }
+
+    async fn read_all_unbounded(stream: &stream::Stream, filter: &str, until: u64) -> Result<Vec<Entry>, BrokerError> {
         let consumer = stream
             .create_consumer(pull::Config {
                 filter_subject: filter.to_string(),
@@ -350,26 +361,29 @@ impl NatsBroker {
             'fetching: loop {
                 let mut batch = consumer.fetch().max_messages(1_000).messages().await.map_err(unavailable)?;
                 let mut got = 0;
-                while let Some(m) = batch.next().await {
+                loop {
+                    // Bounded (see READ_QUIET).
+                    let m = match tokio::time::timeout(READ_QUIET, batch.next()).await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(_) => return Err(unavailable("history read: no answer from NATS")),
+                    };
                     let m = m.map_err(unavailable)?;
                     got += 1;
                     let info = m.info().map_err(unavailable)?;
-                    let (seq, pending) = (info.stream_sequence, info.pending);
+                    let seq = info.stream_sequence;
                     out.push(Entry {
                         seq,
                         subject: m.message.subject.to_string(),
                         headers: m.message.headers.clone(),
                         payload: m.message.payload.clone(),
                     });
-                    if until.is_some_and(|u| seq >= u) || (until.is_none() && pending == 0) {
+                    if seq >= until {
                         break 'fetching;
                     }
                 }
                 if got == 0 {
-                    if until.is_some() {
-                        return Err(unavailable("history ended before its last message"));
-                    }
-                    break;
+                    return Err(unavailable("history ended before its last message"));
                 }
             }
             Ok::<_, BrokerError>(())
@@ -380,6 +394,27 @@ impl NatsBroker {
             let _ = s.delete_consumer(&name).await;
         });
         result.map(|_| out)
+    }
+
+    /// The messages of a stream that keeps one per subject (state, revocations), for the
+    /// subjects matching `filter`: the subjects listed, then each one's message read —
+    /// no consumer (whose pending count can outlive a message replaced meanwhile).
+    pub(crate) async fn read_each(stream: &stream::Stream, filter: &str) -> Result<Vec<Entry>, BrokerError> {
+        let read = async {
+            let mut listed = stream.info_with_subjects(filter).await.map_err(unavailable)?;
+            let mut subjects = Vec::new();
+            while let Some(s) = listed.next().await {
+                subjects.push(s.map_err(unavailable)?.0);
+            }
+            let reads = subjects.iter().map(|s| Self::last_of(stream, s));
+            let mut out = Vec::with_capacity(subjects.len());
+            for e in futures_util::future::join_all(reads).await {
+                // (None: gone since it was listed.)
+                out.extend(e?);
+            }
+            Ok(out)
+        };
+        tokio::time::timeout(READ_LIMIT, read).await.unwrap_or_else(|_| Err(unavailable("NATS read timed out")))
     }
 
     async fn read_top(&self, channel: &ChannelName) -> Result<Option<(Top, Meta, Entry)>, BrokerError> {
@@ -424,7 +459,7 @@ impl NatsBroker {
     }
 
     /// Starts the channel's epoch (an offset-0 marker) unless someone just did.
-    async fn create_epoch(&self, channel: &ChannelName) -> Result<(Top, Option<Meta>), BrokerError> {
+    async fn create_epoch(&self, channel: &ChannelName) -> Result<Top, BrokerError> {
         for _ in 0..MAX_ATTEMPTS {
             let epoch = new_epoch();
             let now = now_millis().to_string();
@@ -439,10 +474,10 @@ impl NatsBroker {
             if let Some(ack) = self.append(&subject, h, 0, Bytes::new()).await? {
                 let top = Top { seq: ack.sequence, epoch, offset: 0 };
                 self.remember_top(channel.as_str(), &top);
-                return Ok((top, None));
+                return Ok(top);
             }
-            if let Some((top, m, _)) = self.read_top(channel).await? {
-                return Ok((top, Some(m)));
+            if let Some((top, _, _)) = self.read_top(channel).await? {
+                return Ok(top);
             }
         }
         Err(unavailable("could not start the channel's epoch"))
@@ -460,7 +495,7 @@ impl NatsBroker {
                 let size = if m.kind == b'S' { m.size } else { 0 };
                 (top, size, Some(e))
             }
-            None => (self.create_epoch(channel).await?.0, 0, None),
+            None => (self.create_epoch(channel).await?, 0, None),
         };
         let position = StreamPosition { epoch: top.epoch.clone(), offset: top.offset };
         let lost = || Err(BrokerError::PositionLost { current: position.clone() });
@@ -488,7 +523,7 @@ impl NatsBroker {
             since.is_some_and(|s| s.offset + 1 == top.offset) || (since.is_none() && latest && limit == Some(1));
         let entries = match (only_top, last) {
             (true, Some(e)) => vec![e],
-            _ => Self::read_all(&streams.history, &self.history_subject(channel.as_str()), Some(top.seq)).await?,
+            _ => Self::read_all(&streams.history, &self.history_subject(channel.as_str()), top.seq).await?,
         };
         // The run of retained publications that ends at the top: nothing past its expiry,
         // nothing older than `floor`, no hole.
@@ -790,7 +825,7 @@ impl Broker for NatsBroker {
     async fn position(&self, channel: &ChannelName) -> Result<StreamPosition, BrokerError> {
         let top = match self.read_top(channel).await? {
             Some((top, _, _)) => top,
-            None => self.create_epoch(channel).await?.0,
+            None => self.create_epoch(channel).await?,
         };
         Ok(StreamPosition { epoch: top.epoch, offset: top.offset })
     }
@@ -865,7 +900,7 @@ impl Broker for NatsBroker {
         let streams = self.streams().await?;
         let filter = format!("{}.s.node.*.0", self.inner.p);
         let now = now_millis();
-        let mut out: Vec<NodeInfo> = Self::read_all(&streams.state, &filter, None)
+        let mut out: Vec<NodeInfo> = Self::read_each(&streams.state, &filter)
             .await?
             .into_iter()
             .filter_map(|e| serde_json::from_slice::<NodePage>(&e.payload).ok())
@@ -881,7 +916,7 @@ impl Broker for NatsBroker {
         let filter = format!("{}.s.node.>", self.inner.p);
         let now = now_millis();
         let mut sum: HashMap<String, usize> = HashMap::new();
-        for e in Self::read_all(&streams.state, &filter, None).await? {
+        for e in Self::read_each(&streams.state, &filter).await? {
             let Ok(page) = serde_json::from_slice::<NodePage>(&e.payload) else { continue };
             if page.until <= now {
                 continue;
@@ -917,7 +952,7 @@ impl Broker for NatsBroker {
         let prefix = format!("{}.k.rv.", self.inner.p);
         let now = now_millis();
         let mut live = Vec::new();
-        for e in Self::read_all(&streams.keep, &format!("{prefix}*"), None).await? {
+        for e in Self::read_each(&streams.keep, &format!("{prefix}*")).await? {
             let until = std::str::from_utf8(&e.payload).ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
             let key = e.subject.strip_prefix(&prefix).and_then(untoken);
             match key {

@@ -38,7 +38,7 @@ impl NatsPresence {
         let filter = format!("{}.*", self.broker.state_subject("pr", &[channel.as_str()]));
         let now = now_millis();
         let mut out = Vec::new();
-        for e in NatsBroker::read_all(&streams.state, &filter, None).await? {
+        for e in NatsBroker::read_each(&streams.state, &filter).await? {
             match serde_json::from_slice::<Stored>(&e.payload) {
                 Ok(s) if s.until > now => out.push(s.member),
                 // Lapsed (its node died without a leave): gone for everyone.
