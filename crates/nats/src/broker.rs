@@ -876,7 +876,7 @@ impl Broker for NatsBroker {
     }
 
     async fn heartbeat(&self, node: &NodeInfo, channels: &[(String, usize)], ttl: Duration) -> Result<(), BrokerError> {
-        self.streams().await?;
+        let streams = self.streams().await?;
         let until = now_millis() + ttl.as_millis() as u64;
         let mut pages: Vec<&[(String, usize)]> = channels.chunks(NODE_PAGE).collect();
         if pages.is_empty() {
@@ -888,7 +888,6 @@ impl Broker for NatsBroker {
             self.publish_state(self.state_subject("node", &[&node.id, &i.to_string()]), body.into()).await?;
         }
         let before = std::mem::replace(&mut *lock(&self.inner.node_pages), pages.len());
-        let streams = self.streams().await?;
         for i in pages.len()..before {
             let subject = self.state_subject("node", &[&node.id, &i.to_string()]);
             streams.state.purge().filter(subject).await.map_err(unavailable)?;

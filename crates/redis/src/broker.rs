@@ -652,7 +652,7 @@ impl RedisBroker {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                         let (channels, namespaces): (Vec<String>, Vec<String>) = {
                             let w = lock(&me.inner.wanted);
-                            (w.channels.iter().take(512).cloned().collect(), w.namespaces.iter().cloned().collect())
+                            (w.channels.iter().cloned().collect(), w.namespaces.iter().cloned().collect())
                         };
                         let Ok(mut c) = cluster.get().await else { continue };
                         // The plain subscriptions (control, namespaces) are the client's to
