@@ -579,19 +579,29 @@ impl Hub {
         queue: Arc<ConnQueue>,
         req: SubscribeRequest,
     ) -> Result<PendingSubscription, HubError> {
-        let sub = Arc::new(Subscription {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            chunk: Default::default(),
-            channel: channel.clone(),
-            pattern: None,
-            queue,
-            state: Mutex::new(SubState { recovering: Some(Vec::new()), recovering_bytes: 0, epoch: None, offset: 0 }),
-        });
         let shard = self.shard(&channel);
-        {
+        let sub = {
             let mut map = lock(&shard.channels);
-            map.entry(channel.clone()).or_insert_with(ChannelEntry::new).insert(sub.clone());
-        }
+            // The subscription keeps the channel's one copy of its name (which the
+            // subscriber's session keeps too), not the copy it came with: one allocation
+            // per channel, not per subscriber.
+            let name = map.get_key_value(&channel).map_or_else(|| channel.clone(), |(k, _)| k.clone());
+            let sub = Arc::new(Subscription {
+                id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                chunk: Default::default(),
+                channel: name.clone(),
+                pattern: None,
+                queue,
+                state: Mutex::new(SubState {
+                    recovering: Some(Vec::new()),
+                    recovering_bytes: 0,
+                    epoch: None,
+                    offset: 0,
+                }),
+            });
+            map.entry(name).or_insert_with(ChannelEntry::new).insert(sub.clone());
+            sub
+        };
         // From here on the handle's Drop cleans up on every early return.
         let handle = SubscriptionHandle { hub: self.clone(), sub };
         {

@@ -14,8 +14,6 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
-
 use crate::channel::ChannelName;
 use crate::publication::{Delivery, StreamPosition};
 
@@ -93,6 +91,14 @@ struct State {
     writing: bool,
     /// Dropped when the queue closes, so the socket it holds goes with the connection.
     direct: Option<Arc<dyn DirectWrite>>,
+    /// A heartbeat is due ([`ConnQueue::beat`]), not yet taken by the connection's task.
+    beat: bool,
+    /// Something changed since the consumer last looked ([`ConnQueue::poll_changed`]):
+    /// kept when nobody waits, like a permit.
+    woken: bool,
+    /// The consumer waiting for a change. One consumer: the connection's task (a waker,
+    /// not a `Notify`, so that waiting stores no future in every idle connection).
+    waker: Option<std::task::Waker>,
 }
 
 /// What [`DirectWrite::try_write`] managed.
@@ -149,9 +155,6 @@ pub struct ConnQueue {
     /// Where this queue counts its drops and closes; `None` for a queue nobody reports.
     stats: Option<Arc<QueueStats>>,
     state: Mutex<State>,
-    notify: Notify,
-    /// Woken (all waiters) when the queue closes.
-    closed_notify: Notify,
 }
 
 impl ConnQueue {
@@ -165,9 +168,16 @@ impl ConnQueue {
         Arc::new(ConnQueue {
             max_bytes: std::sync::atomic::AtomicUsize::new(max_bytes),
             stats,
-            state: Mutex::new(State { events: VecDeque::new(), bytes: 0, closed: None, writing: false, direct: None }),
-            notify: Notify::new(),
-            closed_notify: Notify::new(),
+            state: Mutex::new(State {
+                events: VecDeque::new(),
+                bytes: 0,
+                closed: None,
+                writing: false,
+                direct: None,
+                beat: false,
+                woken: false,
+                waker: None,
+            }),
         })
     }
 
@@ -227,9 +237,11 @@ impl ConnQueue {
                 }
             }
         }
+        let before = st.events.len();
         let r = self.enqueue(&mut st, event);
+        let wake = Self::wakes(&st, before);
         drop(st);
-        self.after_enqueue(&r);
+        self.after_enqueue(&r, wake);
         r
     }
 
@@ -262,7 +274,7 @@ impl ConnQueue {
                 }
             }
         }
-        let (mut r, mut queued) = (Ok(()), false);
+        let (mut r, mut queued, before) = (Ok(()), false, st.events.len());
         for e in events.into_iter().skip(skip) {
             match self.enqueue(&mut st, e) {
                 Ok(()) => queued = true,
@@ -273,9 +285,10 @@ impl ConnQueue {
                 }
             }
         }
+        let wake = Self::wakes(&st, before);
         drop(st);
         if queued || r.is_err() {
-            self.after_enqueue(&r);
+            self.after_enqueue(&r, wake);
         }
         r
     }
@@ -285,8 +298,7 @@ impl ConnQueue {
         st.closed = Some(CloseReason::Normal);
         st.direct = None;
         drop(st);
-        self.notify.notify_one();
-        self.closed_notify.notify_waiters();
+        self.wake();
     }
 
     /// Queues `event` behind what is queued, within the bound. The caller holds the lock
@@ -321,12 +333,21 @@ impl ConnQueue {
         Ok(())
     }
 
-    fn after_enqueue(&self, r: &Result<(), PushError>) {
+    /// Whether events just queued behind `before` others must wake the connection's task.
+    /// Not while the task is writing a batch and others were already queued behind it:
+    /// the push that queued the first of them woke the task (or left it a permit), and the
+    /// task takes everything queued once its batch is written — a consumer blocked on a
+    /// full socket is woken once per batch, not once per event.
+    fn wakes(st: &State, before: usize) -> bool {
+        !(st.writing && before > 0)
+    }
+
+    fn after_enqueue(&self, r: &Result<(), PushError>, wake: bool) {
         match r {
-            Ok(()) => self.notify.notify_one(),
+            Ok(()) if wake => self.wake(),
+            Ok(()) => {}
             Err(PushError::Overflow) => {
-                self.notify.notify_one();
-                self.closed_notify.notify_waiters();
+                self.wake();
             }
             Err(_) => {}
         }
@@ -344,7 +365,7 @@ impl ConnQueue {
         st.bytes += cost;
         st.events.push_back(event);
         drop(st);
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Closes the queue. A slow-consumer close drops what is queued (the client resumes
@@ -365,21 +386,7 @@ impl ConnQueue {
         if slow {
             self.count(|s| &s.slow_consumer_closes, 1);
         }
-        self.notify.notify_one();
-        self.closed_notify.notify_waiters();
-    }
-
-    /// Resolves when the queue is closed, for any reason. Any number of waiters.
-    pub async fn wait_closed(&self) -> CloseReason {
-        loop {
-            // Created before the check: a close between the check and the await still
-            // wakes it (notify_waiters counts futures created before the call).
-            let notified = self.closed_notify.notified();
-            if let Some(r) = self.closed() {
-                return r;
-            }
-            notified.await;
-        }
+        self.wake();
     }
 
     pub fn closed(&self) -> Option<CloseReason> {
@@ -429,10 +436,53 @@ impl ConnQueue {
         st.writing
     }
 
-    /// Resolves after something was queued or the queue closed since the last call (a
-    /// notification sent while nobody waited is kept for the next call).
+    /// A heartbeat is due: wakes the connection's task, which takes it with
+    /// [`ConnQueue::take_beat`]. One timer for all connections (the server's heartbeat
+    /// wheel) instead of one in each. Returns false once the queue is closed.
+    pub fn beat(&self) -> bool {
+        let mut st = self.state();
+        if st.closed.is_some() {
+            return false;
+        }
+        st.beat = true;
+        drop(st);
+        self.wake();
+        true
+    }
+
+    /// Whether a heartbeat came since the last call.
+    pub fn take_beat(&self) -> bool {
+        std::mem::take(&mut self.state().beat)
+    }
+
+    /// Wakes the consumer (or leaves it a permit when it is not waiting).
+    fn wake(&self) {
+        let mut st = self.state();
+        st.woken = true;
+        let waker = st.waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Ready once something was queued, a heartbeat came or the queue closed since the
+    /// last time it was ready (a change while nobody waited is kept for the next call).
+    /// One consumer: a second waiting task replaces the first's waker.
+    pub fn poll_changed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let mut st = self.state();
+        if std::mem::take(&mut st.woken) {
+            return std::task::Poll::Ready(());
+        }
+        if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.waker = Some(cx.waker().clone());
+        }
+        std::task::Poll::Pending
+    }
+
+    /// [`ConnQueue::poll_changed`] as a future.
     pub async fn changed(&self) {
-        self.notify.notified().await;
+        std::future::poll_fn(|cx| self.poll_changed(cx)).await
     }
 
     /// Waits until something is queued (or the queue is closed), then moves everything
@@ -443,9 +493,9 @@ impl ConnQueue {
             if !out.is_empty() {
                 return Ok(());
             }
-            // notify_one stores a permit when nobody waits, so a push between the drain
-            // above and this await is not lost.
-            self.notify.notified().await;
+            // A change while nobody waits is kept, so a push between the drain above and
+            // this await is not lost.
+            self.changed().await;
         }
     }
 }
@@ -469,6 +519,83 @@ mod tests {
             time: 0,
             kind,
         }))
+    }
+
+    /// A waker that counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn waker() -> (Arc<Count>, std::task::Waker) {
+        let c = Arc::new(Count(Default::default()));
+        (c.clone(), std::task::Waker::from(c))
+    }
+
+    fn changed(q: &ConnQueue, w: &std::task::Waker) -> bool {
+        q.poll_changed(&mut std::task::Context::from_waker(w)).is_ready()
+    }
+
+    #[test]
+    fn a_change_while_nobody_waits_is_kept_for_the_next_look() {
+        let q = ConnQueue::new(1000);
+        let (count, w) = waker();
+        assert!(!changed(&q, &w), "nothing happened yet");
+        q.push(ev(10)).unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the waiting consumer is woken");
+        assert!(changed(&q, &w));
+        assert!(!changed(&q, &w), "one change is seen once");
+        // Nobody waiting: kept like a permit.
+        let q = ConnQueue::new(1000);
+        q.push(ev(10)).unwrap();
+        assert!(changed(&q, &w));
+    }
+
+    #[test]
+    fn a_consumer_busy_writing_is_woken_once_per_batch_not_per_event() {
+        let q = ConnQueue::new(100_000);
+        let (count, w) = waker();
+        q.push(ev(10)).unwrap();
+        let mut out = vec![];
+        q.drain_into(&mut out).unwrap(); // the task now writes this batch
+        assert!(changed(&q, &w));
+        assert!(!changed(&q, &w));
+        for _ in 0..10 {
+            q.push(ev(10)).unwrap();
+        }
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken by the first event behind the batch only");
+        assert!(changed(&q, &w));
+        // The batch written, everything queued meanwhile is taken at once.
+        assert!(q.write_done(), "more is queued");
+        out.clear();
+        q.drain_into(&mut out).unwrap();
+        assert_eq!(out.len(), 10);
+        // A batch of several events behind an empty queue wakes too.
+        q.push_batch(vec![ev(10), ev(10), ev(10)]).unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "not waiting: no wake, a permit");
+        assert!(changed(&q, &w));
+        // A close always wakes.
+        assert!(!changed(&q, &w));
+        q.close(CloseReason::Normal);
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert!(changed(&q, &w));
+    }
+
+    #[test]
+    fn a_beat_wakes_the_consumer_and_is_taken_once() {
+        let q = ConnQueue::new(1000);
+        let (count, w) = waker();
+        assert!(!q.take_beat());
+        assert!(!changed(&q, &w));
+        assert!(q.beat());
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(changed(&q, &w));
+        assert!(q.take_beat());
+        assert!(!q.take_beat(), "taken once");
+        q.close(CloseReason::Normal);
+        assert!(!q.beat(), "a closed queue takes no beats");
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct Inner {
     /// Upgraded connections (WebSocket), which outlive their HTTP request: shutdown waits
     /// for them separately.
     pub upgraded: ConnTracker,
+    /// WebSocket heartbeats and shutdown, one timer for all connections.
+    pub heartbeats: crate::heartbeat::Heartbeats,
     /// Token verification; `None` when `[auth]` names no algorithm.
     pub verifier: Option<crate::auth::Verifier>,
     /// The clock token times are checked against (see [`crate::clock`]).
@@ -209,6 +211,7 @@ impl AppState {
                 shutdown,
                 draining: AtomicBool::new(false),
                 upgraded: ConnTracker::default(),
+                heartbeats: Default::default(),
             }),
         })
     }

@@ -14,6 +14,7 @@ pub mod cors;
 pub mod cursor;
 pub mod doctor;
 pub mod error;
+pub mod heartbeat;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

@@ -14,7 +14,6 @@
 pub mod ops;
 pub mod protocol;
 
-use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,8 +103,8 @@ pub struct Session<W: Wire> {
     pub queue: Arc<ConnQueue>,
     /// Presence guards are boxed: most subscriptions have none, and a map entry sized
     /// for one would cost every idle connection hundreds of bytes.
-    subs: HashMap<ChannelName, (SubscriptionHandle, Option<Box<PresenceGuard>>)>,
-    patterns: HashMap<String, SubscriptionHandle>,
+    subs: SmallMap<ChannelName, (SubscriptionHandle, Option<Box<PresenceGuard>>)>,
+    patterns: SmallMap<String, SubscriptionHandle>,
     pub client: String,
     /// Commands per second: `ws.max_commands_per_sec`, bursts of twice that.
     bucket: crate::limits::Bucket,
@@ -148,8 +147,8 @@ impl<W: Wire> Session<W> {
             events: None,
             state,
             queue,
-            subs: HashMap::new(),
-            patterns: HashMap::new(),
+            subs: SmallMap::default(),
+            patterns: SmallMap::default(),
             client,
             bucket: crate::limits::Bucket::full(rate),
             rejected: crate::limits::SlidingCount::new(),
@@ -241,7 +240,7 @@ impl<W: Wire> Session<W> {
     /// Whether `to` is in the presence of a channel this session is subscribed to (with
     /// presence).
     async fn shares_presence_with(&self, to: &protocol::To) -> bool {
-        for (channel, (_, guard)) in &self.subs {
+        for (channel, (_, guard)) in self.subs.iter() {
             if guard.is_none() {
                 continue;
             }
@@ -532,7 +531,9 @@ impl<W: Wire> Session<W> {
                 tracing::debug!("join event not published: {}", e.message);
             }
         }
-        self.subs.insert(r.channel, (handle, guard.map(Box::new)));
+        // Keyed by the hub's copy of the name (the one this request parsed is let go).
+        let name = handle.subscription().channel().clone();
+        self.subs.insert(name, (handle, guard.map(Box::new)));
         Ok(())
     }
 
@@ -598,4 +599,73 @@ pub fn outcome_json(channel: &ChannelName, o: &SubscribeOutcome) -> String {
         "recovered": o.recovered, "replayed": o.replayed,
     })
     .to_string()
+}
+
+/// A session's subscriptions: a vector searched in order, not a hash map. A connection
+/// has one or a few, and a hash map's smallest table (four buckets) cost every idle
+/// connection ~190 bytes where one entry takes 48; at the cap of `ws.max_subscriptions`
+/// (1,000) a lookup is a scan of 1,000 names, once per subscribe or unsubscribe.
+pub(crate) struct SmallMap<K, V>(Vec<(K, V)>);
+
+impl<K, V> Default for SmallMap<K, V> {
+    fn default() -> Self {
+        SmallMap(Vec::new())
+    }
+}
+
+impl<K: PartialEq, V> SmallMap<K, V> {
+    fn position<Q>(&self, k: &Q) -> Option<usize>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
+        self.0.iter().position(|(key, _)| key.borrow() == k)
+    }
+
+    pub(crate) fn contains_key<Q>(&self, k: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
+        self.position(k).is_some()
+    }
+
+    /// Adds an entry; the caller has checked that `k` is not there.
+    pub(crate) fn insert(&mut self, k: K, v: V) {
+        debug_assert!(!self.contains_key(&k));
+        if self.0.len() == self.0.capacity() {
+            // Exactly one at first (a Vec's first push would make room for four), then
+            // doubling.
+            self.0.reserve_exact(self.0.len().max(1));
+        }
+        self.0.push((k, v));
+    }
+
+    pub(crate) fn remove<Q>(&mut self, k: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
+        let (_, v) = self.0.swap_remove(self.position(k)?);
+        if self.0.len() < self.0.capacity() / 4 {
+            self.0.shrink_to(self.0.len() * 2);
+        }
+        Some(v)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.0 = Vec::new();
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
 }

@@ -26,7 +26,8 @@ use switchboard_core::queue::Written;
 /// forwarded client's.
 pub struct Admitted {
     _tcp: Option<TcpSlot>,
-    _forwarded: Option<ConnSlot>,
+    /// Boxed: rare (behind a trusted proxy only), and every connection keeps this.
+    _forwarded: Option<Box<ConnSlot>>,
 }
 
 pub(crate) fn admit(state: &AppState, headers: &HeaderMap, ext: &Extensions) -> Result<Admitted, ApiError> {
@@ -42,7 +43,7 @@ pub(crate) fn admit(state: &AppState, headers: &HeaderMap, ext: &Extensions) -> 
     }
     state.limits.take_handshake()?;
     let forwarded = forwarded_slot(state, headers, ext)?;
-    Ok(Admitted { _tcp: ext.get::<TcpSlot>().cloned(), _forwarded: forwarded })
+    Ok(Admitted { _tcp: ext.get::<TcpSlot>().cloned(), _forwarded: forwarded.map(Box::new) })
 }
 
 /// The client's address: the peer's, or the one a trusted proxy forwards.

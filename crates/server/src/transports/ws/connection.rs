@@ -18,7 +18,7 @@ use switchboard_core::queue::{DirectWrite, Event, Written};
 use switchboard_core::{CloseReason, Delivery, Kind, StreamPosition};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 use super::frame::{self, close, FrameReader, Incoming, Violation};
 use super::io::{Read, Rx, Socket, Tx};
@@ -87,18 +87,28 @@ pub fn serve(socket: Socket, pre: Bytes, mut ctx: Box<Ctx>) -> impl std::future:
         outbox: Outbox::default(),
         deflate,
         reader: FrameReader::new(state.config.limits.max_message_bytes + ENVELOPE_BYTES, ctx.deflate),
+        incoming: Vec::new(),
+        last_seen: Instant::now(),
         _slot: None,
     });
     if let Some(who) = ctx.identity.take() {
         conn.session.set_identity(who);
     }
+    crate::heartbeat::Heartbeats::join(&state, &conn.session.queue);
     conn.session.opened();
     tracing::debug!(client = %conn.session.client, deflate = ctx.deflate, "websocket connected");
+    // What the start needs, in one box: the task's future keeps what it captured for its
+    // whole life, and these two are used up before the first wait.
+    let boot = Box::new((pre, ctx));
     async move {
         let (_tracked, _gauge, _closes) = (tracked, gauge, closes);
-        let mut incoming = Vec::new();
-        if conn.start(pre, ctx, &mut incoming).await {
-            conn.run(incoming).await;
+        // (Moved out in a block of its own: the box is freed where its variable ends.)
+        let (pre, ctx) = {
+            let b = boot;
+            *b
+        };
+        if conn.start(pre, ctx).await {
+            conn.run().await;
         }
         // Whatever ended it, the queue is closed now: write what it still holds and the
         // goodbye its close reason calls for, within a grace period — a peer that stopped
@@ -195,6 +205,10 @@ struct Conn {
     /// The server state when this connection negotiated permessage-deflate.
     deflate: Option<AppState>,
     reader: FrameReader,
+    /// Messages read and not yet handled.
+    incoming: Vec<Incoming>,
+    /// When the client last sent anything (for the heartbeat timeout).
+    last_seen: Instant,
     /// This connection's places under the connection limits.
     _slot: Option<super::super::Admitted>,
 }
@@ -223,12 +237,12 @@ impl Conn {
     /// Takes over what the handshake left: the bytes hyper read past it and the URL's
     /// channels, subscribed here. Boxed: one-off work whose state no idle connection
     /// should keep. Returns false when the connection is already over.
-    async fn start(&mut self, pre: Bytes, ctx: Box<Ctx>, incoming: &mut Vec<Incoming>) -> bool {
+    async fn start(&mut self, pre: Bytes, ctx: Box<Ctx>) -> bool {
         Box::pin(async move {
             // Holds this connection's place under the connection limits from now on.
             let Ctx { slot, url_channels, url_cursor, url_rewind, url_patterns, .. } = *ctx;
             self._slot = Some(slot);
-            if let Err(v) = self.reader.feed(&pre, incoming) {
+            if let Err(v) = self.reader.feed(&pre, &mut self.incoming) {
                 self.violate(v);
                 return false;
             }
@@ -264,15 +278,15 @@ impl Conn {
         .await
     }
 
-    async fn run(&mut self, mut incoming: Vec<Incoming>) {
-        let interval = Duration::from_secs(self.session.state.config.ws.ping_interval_secs);
-        let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut last_seen = Instant::now();
-        let mut shutdown = self.session.state.shutdown.clone();
-        let mut shutdown_seen = false;
+    async fn run(&mut self) {
+        // (What lives across its waits is in `self`, boxed, rather than here: this
+        // future's size decides the size class of every connection's task.)
+        // Set when the queue woke the task while the socket was full: nothing to write
+        // until the socket has room (the queue wakes a blocked task once per batch, and
+        // for heartbeats).
+        let mut blocked = false;
         loop {
-            for msg in std::mem::take(&mut incoming) {
+            for msg in std::mem::take(&mut self.incoming) {
                 match msg {
                     Incoming::Text(t) => {
                         // Boxed: the command's future (subscribe, broker calls) is large
@@ -292,41 +306,47 @@ impl Conn {
                     }
                 }
             }
-            if *shutdown.borrow() && !shutdown_seen {
-                shutdown_seen = true;
-                self.session.queue.close(CloseReason::Shutdown);
+            // The server's heartbeat wheel (crate::heartbeat) beats once per ping interval.
+            if self.session.queue.take_beat() {
+                let interval = Duration::from_secs(self.session.state.config.ws.ping_interval_secs);
+                if self.last_seen.elapsed() >= interval * 3 {
+                    // A stall of this process must not count against the client: what
+                    // its socket already holds is a sign of life.
+                    let got = std::future::poll_fn(|cx| {
+                        std::task::Poll::Ready(self.rx.read_now(cx, &mut self.reader, &mut self.incoming))
+                    })
+                    .await;
+                    match self.after_read(got) {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(v) => return Box::pin(self.violated(v)).await,
+                    }
+                }
+                if self.last_seen.elapsed() >= interval * 3 {
+                    return self
+                        .session
+                        .close_with(close::HEARTBEAT_TIMEOUT, "heartbeat timeout: no frames for 3 ping intervals");
+                }
+                self.session.push(Bytes::from_static(frame::PING));
+                // Alive: keep this client's presence entries from expiring.
+                self.session.refresh_presence().await;
             }
             // What is queued goes out as far as the socket takes it now.
-            match std::future::poll_fn(|cx| std::task::Poll::Ready(self.write_queued(cx))).await {
-                Ok(true) => {}
-                Ok(false) => return, // the queue closed: `serve` says goodbye
-                Err(_) => return self.session.queue.close(CloseReason::Normal),
+            if !std::mem::take(&mut blocked) {
+                match std::future::poll_fn(|cx| std::task::Poll::Ready(self.write_queued(cx))).await {
+                    Ok(true) => {}
+                    Ok(false) => return, // the queue closed: `serve` says goodbye
+                    Err(_) => return self.session.queue.close(CloseReason::Normal),
+                }
             }
             let waiting_to_write = !self.outbox.frames.is_empty() || self.tx.unflushed();
             tokio::select! {
-                got = std::future::poll_fn(|cx| self.rx.poll_read(cx, &mut self.reader, &mut incoming)) => {
-                    if !self.after_read(got, &mut incoming, &mut last_seen).await {
-                        return;
+                got = std::future::poll_fn(|cx| self.rx.poll_read(cx, &mut self.reader, &mut self.incoming)) => {
+                    match self.after_read(got) {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(v) => return Box::pin(self.violated(v)).await,
                     }
-                }
-                _ = ping.tick() => {
-                    if last_seen.elapsed() >= interval * 3 {
-                        // A stall of this process must not count against the client:
-                        // what its socket already holds is a sign of life.
-                        let got = std::future::poll_fn(|cx| {
-                            std::task::Poll::Ready(self.rx.read_now(cx, &mut self.reader, &mut incoming))
-                        })
-                        .await;
-                        if !self.after_read(got, &mut incoming, &mut last_seen).await {
-                            return;
-                        }
-                    }
-                    if last_seen.elapsed() >= interval * 3 {
-                        return self.session.close_with(close::HEARTBEAT_TIMEOUT, "heartbeat timeout: no frames for 3 ping intervals");
-                    }
-                    self.session.push(Bytes::from_static(frame::PING));
-                    // Alive: keep this client's presence entries from expiring.
-                    self.session.refresh_presence().await;
                 }
                 // TCP: wait for room, then write at the top of the loop. A stream: write
                 // (and flush) here, as it takes the bytes.
@@ -342,8 +362,7 @@ impl Conn {
                         return self.session.queue.close(CloseReason::Normal);
                     }
                 }
-                _ = self.session.queue.changed(), if !waiting_to_write => {}
-                _ = shutdown.changed(), if !shutdown_seen => {}
+                _ = std::future::poll_fn(|cx| self.session.queue.poll_changed(cx)) => blocked = waiting_to_write && self.session.queue.closed().is_none(),
                 _ = super::super::maybe_sleep(&mut self.session.timer), if self.session.timer.is_some() => {
                     if !self.session.on_expiry() {
                         return;
@@ -381,7 +400,9 @@ impl Conn {
             if !write_outbox(&mut self.tx, &mut self.outbox, &self.session.state.metrics, cx)? {
                 return Ok(true); // blocked: the select waits for the socket
             }
-            if !self.session.queue.write_done() {
+            // Nothing more queued: done, unless the queue closed meanwhile (a wake-up
+            // it sent while the socket was full was taken then, and none follows).
+            if !self.session.queue.write_done() && self.session.queue.closed().is_none() {
                 return Ok(true);
             }
         }
@@ -414,29 +435,32 @@ impl Conn {
         let _ = std::future::poll_fn(|cx| self.rx.poll_discard(cx)).await;
     }
 
-    /// Accounts for one read from the socket. Returns false when the connection is over.
-    async fn after_read(&mut self, got: Read, incoming: &mut Vec<Incoming>, last_seen: &mut Instant) -> bool {
+    /// Accounts for one read from the socket. `Ok(false)` when the connection is over;
+    /// a protocol violation is the caller's to handle ([`Conn::violated`]). Not async: it
+    /// runs in every idle connection's state, which must stay small.
+    fn after_read(&mut self, got: Read) -> Result<bool, Violation> {
         match got {
-            Read::Data => *last_seen = Instant::now(),
+            Read::Data => self.last_seen = Instant::now(),
             Read::WouldBlock => {}
             Read::Eof | Read::Failed => {
                 self.session.queue.close(CloseReason::Normal);
-                return false;
+                return Ok(false);
             }
-            Read::Violation(v) => {
-                // Handle what came before the violation, then close.
-                for msg in std::mem::take(incoming) {
-                    if let Incoming::Text(t) = msg {
-                        if !Box::pin(self.session.command(&t)).await {
-                            return false;
-                        }
-                    }
+            Read::Violation(v) => return Err(v),
+        }
+        Ok(true)
+    }
+
+    /// Handles the commands that came before a protocol violation, then closes for it.
+    async fn violated(&mut self, v: Violation) {
+        for msg in std::mem::take(&mut self.incoming) {
+            if let Incoming::Text(t) = msg {
+                if !Box::pin(self.session.command(&t)).await {
+                    return;
                 }
-                self.violate(v);
-                return false;
             }
         }
-        true
+        self.violate(v);
     }
 }
 

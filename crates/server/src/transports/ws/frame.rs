@@ -118,7 +118,8 @@ struct Partial {
 /// Incremental parser of client frames.
 pub struct FrameReader {
     buf: Vec<u8>,
-    partial: Option<Partial>,
+    /// Boxed: a fragmented message is rare, and idle connections keep this reader.
+    partial: Option<Box<Partial>>,
     max_message: usize,
     deflate: bool,
     closed: bool,
@@ -278,7 +279,7 @@ impl FrameReader {
                     p.data.extend_from_slice(&payload);
                     if fin {
                         let p = self.partial.take().expect("checked above");
-                        out.push(self.finish(p)?);
+                        out.push(self.finish(*p)?);
                     }
                 }
                 _ => {
@@ -295,7 +296,7 @@ impl FrameReader {
                     if fin {
                         out.push(self.finish(p)?);
                     } else {
-                        self.partial = Some(p);
+                        self.partial = Some(Box::new(p));
                     }
                 }
             }
