@@ -1,7 +1,7 @@
 //! One WebSocket connection, served by one task: frames in, commands handled, heartbeats
 //! — and writing. A publication or reply normally never waits: the task that pushes it
-//! writes it straight to the socket ([`Sink`], the queue's direct path) when nothing is
-//! queued before it and the socket takes it. Only when the socket would block does it
+//! writes it straight to the socket (the queue's direct path, [`TcpConn`]'s
+//! `DirectWrite`) when nothing is queued before it and the socket takes it. Only when the socket would block does it
 //! wait in the connection's bounded queue, which this task drains into vectored writes
 //! as the socket becomes writable.
 //!
@@ -10,18 +10,16 @@
 //! included — overflows its queue and is closed as a slow consumer (4000).
 
 use std::io::IoSlice;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_core::queue::{DirectWrite, Event, Written};
 use switchboard_core::{CloseReason, Delivery, Kind, StreamPosition};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::frame::{self, close, FrameReader, Incoming, Violation};
-use super::io::{Read, Rx, Socket, Tx};
+use super::io::{Read, Rx, Socket, TcpConn, Tx};
 use crate::app::AppState;
 use crate::auth::Identity;
 use crate::commands::{self, Session, Wire};
@@ -67,15 +65,11 @@ pub fn serve(socket: Socket, pre: Bytes, mut ctx: Box<Ctx>) -> impl std::future:
             let _ = socket2::SockRef::from(stream).set_send_buffer_size(state.config.ws.send_buffer_bytes);
         }
     }
-    let (rx, tx) = socket.split();
-    let queue = state.hub.queue(state.config.defaults.queue_max_bytes);
     let deflate = ctx.deflate.then(|| state.clone());
-    if let Some(stream) = tx.tcp() {
-        queue.set_direct(Arc::new(Sink {
-            stream: stream.clone(),
-            deflate: deflate.clone(),
-            metrics: state.metrics.clone(),
-        }));
+    let (rx, tx) = socket.split(deflate.clone(), &state.metrics);
+    let queue = state.hub.queue(state.config.defaults.queue_max_bytes);
+    if let Some(tcp) = tx.tcp() {
+        queue.set_direct(tcp.clone());
     }
     // However the task ends — even by a panic — the queue closes, which also drops the
     // direct path's hold on the socket.
@@ -116,21 +110,16 @@ pub fn serve(socket: Socket, pre: Bytes, mut ctx: Box<Ctx>) -> impl std::future:
         conn.session.queue.close(CloseReason::Normal);
         // Leave channels and presence now, not after the goodbye: others see the leave at once.
         conn.session.leave_all();
-        let _ = tokio::time::timeout(CLOSE_GRACE, conn.flush_and_close()).await;
+        // (Boxed: the timeout's timer would otherwise be part of every idle connection's
+        // state.)
+        let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, conn.flush_and_close())).await;
         tracing::debug!(client = %conn.session.client, "websocket closed");
     }
 }
 
 /// The queue's direct path: writes an event to the socket now if it takes all or part
 /// of it without blocking (see `switchboard_core::queue`).
-struct Sink {
-    stream: Arc<TcpStream>,
-    /// The server state when this connection negotiated permessage-deflate.
-    deflate: Option<AppState>,
-    metrics: Arc<crate::metrics::Metrics>,
-}
-
-impl DirectWrite for Sink {
+impl DirectWrite for TcpConn {
     fn try_write(&self, event: &Event) -> Written {
         let bytes = encode(event, self.deflate.as_ref());
         let (written, n) = super::super::send_direct(&self.stream, &bytes);
@@ -194,6 +183,20 @@ fn write_outbox(
     }
     *frames = Vec::new();
     tx.flush(cx)
+}
+
+/// What woke a connection's task (several at once, possibly).
+#[derive(Default)]
+struct Woke {
+    /// The socket was read.
+    read: Option<Read>,
+    /// Waiting to write: the socket has room (TCP) or took the outbox (a stream) —
+    /// `Some(false)` when it failed.
+    written: Option<bool>,
+    /// The queue changed (something queued, a heartbeat, the close).
+    changed: bool,
+    /// The token's expiry timer fired.
+    expired: bool,
 }
 
 struct Conn {
@@ -286,25 +289,10 @@ impl Conn {
         // for heartbeats).
         let mut blocked = false;
         loop {
-            for msg in std::mem::take(&mut self.incoming) {
-                match msg {
-                    Incoming::Text(t) => {
-                        // Boxed: the command's future (subscribe, broker calls) is large
-                        // and short-lived; kept inline it would sit in every idle
-                        // connection's state.
-                        if !Box::pin(self.session.command(&t)).await {
-                            return;
-                        }
-                    }
-                    Incoming::Ping(p) => self.session.push(frame::frame(frame::OP_PONG, false, &p)),
-                    Incoming::Pong | Incoming::Binary(_) => {}
-                    Incoming::Close(code) => {
-                        // Echo the peer's code (RFC 6455 §5.5.1) and end.
-                        self.session.push_final(frame::close_frame(code.unwrap_or(close::NORMAL), ""));
-                        self.session.queue.close(CloseReason::Normal);
-                        return;
-                    }
-                }
+            // Boxed: the commands' futures (subscribe, broker calls) are large and
+            // short-lived; kept inline they would sit in every idle connection's state.
+            if !self.incoming.is_empty() && !Box::pin(self.handle_incoming()).await {
+                return;
             }
             // The server's heartbeat wheel (crate::heartbeat) beats once per ping interval.
             if self.session.queue.take_beat() {
@@ -312,8 +300,9 @@ impl Conn {
                 if self.last_seen.elapsed() >= interval * 3 {
                     // A stall of this process must not count against the client: what
                     // its socket already holds is a sign of life.
-                    let got = std::future::poll_fn(|cx| {
-                        std::task::Poll::Ready(self.rx.read_now(cx, &mut self.reader, &mut self.incoming))
+                    let this = &mut *self;
+                    let got = std::future::poll_fn(move |cx| {
+                        std::task::Poll::Ready(this.rx.read_now(cx, &mut this.reader, &mut this.incoming))
                     })
                     .await;
                     match self.after_read(got) {
@@ -328,8 +317,9 @@ impl Conn {
                         .close_with(close::HEARTBEAT_TIMEOUT, "heartbeat timeout: no frames for 3 ping intervals");
                 }
                 self.session.push(Bytes::from_static(frame::PING));
-                // Alive: keep this client's presence entries from expiring.
-                self.session.refresh_presence().await;
+                // Alive: keep this client's presence entries from expiring. (Boxed: once
+                // an interval, and its future would sit in every idle connection's state.)
+                Box::pin(self.session.refresh_presence()).await;
             }
             // What is queued goes out as far as the socket takes it now.
             if !std::mem::take(&mut blocked) {
@@ -340,36 +330,83 @@ impl Conn {
                 }
             }
             let waiting_to_write = !self.outbox.frames.is_empty() || self.tx.unflushed();
-            tokio::select! {
-                got = std::future::poll_fn(|cx| self.rx.poll_read(cx, &mut self.reader, &mut self.incoming)) => {
-                    match self.after_read(got) {
-                        Ok(true) => {}
-                        Ok(false) => return,
-                        Err(v) => return Box::pin(self.violated(v)).await,
+            // One wait on everything, polled by hand rather than by `select!`, whose
+            // branch futures would sit in every idle connection's state.
+            // (A move closure holding `this`: one reference in the state, not one per
+            // field it touches.)
+            let this = &mut *self;
+            let woke = std::future::poll_fn(move |cx| {
+                use std::task::Poll;
+                let mut w = Woke::default();
+                if let Poll::Ready(got) = this.rx.poll_read(cx, &mut this.reader, &mut this.incoming) {
+                    w.read = Some(got);
+                }
+                if waiting_to_write {
+                    // TCP: wait for room, then write at the top of the loop. A stream:
+                    // write (and flush) here, as it takes the bytes.
+                    let p = match &this.tx {
+                        Tx::Tcp(_) => this.tx.poll_writable(cx),
+                        Tx::Stream { .. } => {
+                            match write_outbox(&mut this.tx, &mut this.outbox, &this.session.state.metrics, cx) {
+                                Ok(true) => Poll::Ready(Ok(())),
+                                Ok(false) => Poll::Pending,
+                                Err(e) => Poll::Ready(Err(e)),
+                            }
+                        }
+                    };
+                    if let Poll::Ready(r) = p {
+                        w.written = Some(r.is_ok());
                     }
                 }
-                // TCP: wait for room, then write at the top of the loop. A stream: write
-                // (and flush) here, as it takes the bytes.
-                r = std::future::poll_fn(|cx| match &self.tx {
-                    Tx::Tcp(_) => self.tx.poll_writable(cx),
-                    Tx::Stream { .. } => match write_outbox(&mut self.tx, &mut self.outbox, &self.session.state.metrics, cx) {
-                        Ok(true) => std::task::Poll::Ready(Ok(())),
-                        Ok(false) => std::task::Poll::Pending,
-                        Err(e) => std::task::Poll::Ready(Err(e)),
-                    },
-                }), if waiting_to_write => {
-                    if r.is_err() {
-                        return self.session.queue.close(CloseReason::Normal);
+                w.changed = this.session.queue.poll_changed(cx).is_ready();
+                if let Some(t) = this.session.timer.as_mut() {
+                    w.expired = t.as_mut().poll(cx).is_ready();
+                }
+                if w.read.is_some() || w.written.is_some() || w.changed || w.expired {
+                    Poll::Ready(w)
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            if woke.written == Some(false) {
+                return self.session.queue.close(CloseReason::Normal);
+            }
+            if woke.expired && !self.session.on_expiry() {
+                return;
+            }
+            if let Some(got) = woke.read {
+                match self.after_read(got) {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(v) => return Box::pin(self.violated(v)).await,
+                }
+            }
+            blocked =
+                woke.changed && waiting_to_write && woke.written.is_none() && self.session.queue.closed().is_none();
+        }
+    }
+
+    /// Handles the messages read. Returns false when the connection is over.
+    async fn handle_incoming(&mut self) -> bool {
+        for msg in std::mem::take(&mut self.incoming) {
+            match msg {
+                Incoming::Text(t) => {
+                    if !self.session.command(&t).await {
+                        return false;
                     }
                 }
-                _ = std::future::poll_fn(|cx| self.session.queue.poll_changed(cx)) => blocked = waiting_to_write && self.session.queue.closed().is_none(),
-                _ = super::super::maybe_sleep(&mut self.session.timer), if self.session.timer.is_some() => {
-                    if !self.session.on_expiry() {
-                        return;
-                    }
+                Incoming::Ping(p) => self.session.push(frame::frame(frame::OP_PONG, false, &p)),
+                Incoming::Pong | Incoming::Binary(_) => {}
+                Incoming::Close(code) => {
+                    // Echo the peer's code (RFC 6455 §5.5.1) and end.
+                    self.session.push_final(frame::close_frame(code.unwrap_or(close::NORMAL), ""));
+                    self.session.queue.close(CloseReason::Normal);
+                    return false;
                 }
             }
         }
+        true
     }
 
     /// Moves what is queued into the outbox, encoded. `Err` once the queue is closed and

@@ -32,16 +32,32 @@ pub enum Socket {
     Stream(Box<dyn Stream>),
 }
 
+/// A plain TCP connection, shared by the connection's task (both sides) and the queue's
+/// direct path, with what the direct path needs to encode: one allocation for all three.
+pub struct TcpConn {
+    pub stream: TcpStream,
+    /// The server state when this connection negotiated permessage-deflate.
+    pub deflate: Option<crate::app::AppState>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl std::ops::Deref for TcpConn {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
 /// The read side. (A stream's halves sit in a `Mutex` only to make the connection
 /// `Sync`; they are reached through `&mut`, never locked.)
 pub enum Rx {
-    Tcp(Arc<TcpStream>),
+    Tcp(Arc<TcpConn>),
     Stream(Mutex<ReadHalf<Box<dyn Stream>>>),
 }
 
 /// The write side.
 pub enum Tx {
-    Tcp(Arc<TcpStream>),
+    Tcp(Arc<TcpConn>),
     Stream {
         w: Mutex<WriteHalf<Box<dyn Stream>>>,
         /// Bytes were written since the last flush (a TLS session holds records until
@@ -64,10 +80,11 @@ const READS_PER_TURN: usize = 8;
 const READ_BUF: usize = 8192;
 
 impl Socket {
-    pub fn split(self) -> (Rx, Tx) {
+    /// `deflate` and `metrics` go with a TCP connection, for its direct path.
+    pub fn split(self, deflate: Option<crate::app::AppState>, metrics: &Arc<crate::metrics::Metrics>) -> (Rx, Tx) {
         match self {
-            Socket::Tcp(s) => {
-                let s = Arc::new(s);
+            Socket::Tcp(stream) => {
+                let s = Arc::new(TcpConn { stream, deflate, metrics: metrics.clone() });
                 (Rx::Tcp(s.clone()), Tx::Tcp(s))
             }
             Socket::Stream(s) => {
@@ -188,7 +205,7 @@ fn read_available(rd: &TcpStream, reader: &mut FrameReader, out: &mut Vec<Incomi
 
 impl Tx {
     /// The TCP socket, for the direct write path.
-    pub fn tcp(&self) -> Option<&Arc<TcpStream>> {
+    pub fn tcp(&self) -> Option<&Arc<TcpConn>> {
         match self {
             Tx::Tcp(s) => Some(s),
             Tx::Stream { .. } => None,
@@ -254,7 +271,7 @@ impl Tx {
     /// otherwise.
     pub fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self {
-            Tx::Tcp(s) => Poll::Ready(socket2::SockRef::from(&**s).shutdown(std::net::Shutdown::Write)),
+            Tx::Tcp(s) => Poll::Ready(socket2::SockRef::from(&s.stream).shutdown(std::net::Shutdown::Write)),
             Tx::Stream { w, .. } => Pin::new(exclusive(w)).poll_shutdown(cx),
         }
     }
