@@ -239,9 +239,9 @@ impl ConnQueue {
         }
         let before = st.events.len();
         let r = self.enqueue(&mut st, event);
-        let wake = Self::wakes(&st, before);
+        let waker = Self::after_enqueue(&mut st, &r, before);
         drop(st);
-        self.after_enqueue(&r, wake);
+        wake(waker);
         r
     }
 
@@ -285,11 +285,9 @@ impl ConnQueue {
                 }
             }
         }
-        let wake = Self::wakes(&st, before);
+        let waker = if queued || r.is_err() { Self::after_enqueue(&mut st, &r, before) } else { None };
         drop(st);
-        if queued || r.is_err() {
-            self.after_enqueue(&r, wake);
-        }
+        wake(waker);
         r
     }
 
@@ -297,8 +295,9 @@ impl ConnQueue {
     fn fail(&self, mut st: std::sync::MutexGuard<'_, State>) {
         st.closed = Some(CloseReason::Normal);
         st.direct = None;
+        let waker = signal(&mut st);
         drop(st);
-        self.wake();
+        wake(waker);
     }
 
     /// Queues `event` behind what is queued, within the bound. The caller holds the lock
@@ -333,23 +332,17 @@ impl ConnQueue {
         Ok(())
     }
 
-    /// Whether events just queued behind `before` others must wake the connection's task.
+    /// Signals the consumer after [`Self::enqueue`] queued events behind `before` others
+    /// (under the lock; the caller wakes the returned waker once it has let go of it).
     /// Not while the task is writing a batch and others were already queued behind it:
     /// the push that queued the first of them woke the task (or left it a permit), and the
     /// task takes everything queued once its batch is written — a consumer blocked on a
     /// full socket is woken once per batch, not once per event.
-    fn wakes(st: &State, before: usize) -> bool {
-        !(st.writing && before > 0)
-    }
-
-    fn after_enqueue(&self, r: &Result<(), PushError>, wake: bool) {
+    fn after_enqueue(st: &mut State, r: &Result<(), PushError>, before: usize) -> Option<std::task::Waker> {
         match r {
-            Ok(()) if wake => self.wake(),
-            Ok(()) => {}
-            Err(PushError::Overflow) => {
-                self.wake();
-            }
-            Err(_) => {}
+            Ok(()) if !(st.writing && before > 0) => signal(st),
+            Err(PushError::Overflow) => signal(st),
+            Ok(()) | Err(_) => None,
         }
     }
 
@@ -364,8 +357,9 @@ impl ConnQueue {
         }
         st.bytes += cost;
         st.events.push_back(event);
+        let waker = signal(&mut st);
         drop(st);
-        self.wake();
+        wake(waker);
     }
 
     /// Closes the queue. A slow-consumer close drops what is queued (the client resumes
@@ -382,11 +376,12 @@ impl ConnQueue {
                 slow = true;
             }
         }
+        let waker = signal(&mut st);
         drop(st);
         if slow {
             self.count(|s| &s.slow_consumer_closes, 1);
         }
-        self.wake();
+        wake(waker);
     }
 
     pub fn closed(&self) -> Option<CloseReason> {
@@ -445,25 +440,15 @@ impl ConnQueue {
             return false;
         }
         st.beat = true;
+        let waker = signal(&mut st);
         drop(st);
-        self.wake();
+        wake(waker);
         true
     }
 
     /// Whether a heartbeat came since the last call.
     pub fn take_beat(&self) -> bool {
         std::mem::take(&mut self.state().beat)
-    }
-
-    /// Wakes the consumer (or leaves it a permit when it is not waiting).
-    fn wake(&self) {
-        let mut st = self.state();
-        st.woken = true;
-        let waker = st.waker.take();
-        drop(st);
-        if let Some(w) = waker {
-            w.wake();
-        }
     }
 
     /// Ready once something was queued, a heartbeat came or the queue closed since the
@@ -497,6 +482,19 @@ impl ConnQueue {
             // this await is not lost.
             self.changed().await;
         }
+    }
+}
+
+/// Marks a change for the consumer (kept like a permit when it is not waiting) and takes
+/// its waker, to be woken once the caller has let go of the queue's lock.
+fn signal(st: &mut State) -> Option<std::task::Waker> {
+    st.woken = true;
+    st.waker.take()
+}
+
+fn wake(waker: Option<std::task::Waker>) {
+    if let Some(w) = waker {
+        w.wake();
     }
 }
 
