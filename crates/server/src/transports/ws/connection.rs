@@ -1,9 +1,9 @@
 //! One WebSocket connection, served by one task: frames in, commands handled, heartbeats
 //! — and writing. A publication or reply normally never waits: the task that pushes it
 //! writes it straight to the socket (the queue's direct path, [`TcpConn`]'s
-//! `DirectWrite`) when nothing is queued before it and the socket takes it. Only when the socket would block does it
-//! wait in the connection's bounded queue, which this task drains into vectored writes
-//! as the socket becomes writable.
+//! `DirectWrite`) when nothing is queued before it and the socket takes it. Only when
+//! the socket would block does it wait in the connection's bounded queue, which this
+//! task drains into vectored writes as the socket becomes writable.
 //!
 //! Replies, pings and publications all go through the one queue, so a `subscribe` reply
 //! always precedes the publications it replays, and a client that reads nothing — replies
