@@ -5,9 +5,9 @@
 //! A single task visits one of [`SLOTS`] slots every `ws.ping_interval_secs / SLOTS`; a
 //! connection joins the slot visited last, so it gets its first beat about one ping
 //! interval after it connected and one every interval after that, as with a timer of its
-//! own (to within a slot). A beat wakes the connection's task through its queue ([`ConnQueue::beat`]); the
-//! task then pings, checks for a heartbeat timeout and refreshes presence as its own
-//! timer used to.
+//! own (to within a slot). A beat wakes the connection's task through its queue
+//! ([`ConnQueue::beat`]); the task then pings, checks for a heartbeat timeout and
+//! refreshes presence as its own timer used to.
 //!
 //! At shutdown the same task closes every joined queue with
 //! [`CloseReason::Shutdown`], which each connection answers with its goodbye; a
