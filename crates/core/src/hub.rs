@@ -14,6 +14,7 @@
 //! delivers it exactly once.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -585,10 +586,14 @@ impl Hub {
         let shard = self.shard(&channel);
         let sub = {
             let mut map = lock(&shard.channels);
-            // The subscription keeps the channel's one copy of its name (which the
+            // One lookup. The subscription keeps the channel's one copy of its name (which the
             // subscriber's session keeps too), not the copy it came with: one allocation
             // per channel, not per subscriber.
-            let name = map.get_key_value(&channel).map_or_else(|| channel.clone(), |(k, _)| k.clone());
+            let entry = match map.entry(channel.clone()) {
+                Entry::Occupied(o) => o,
+                Entry::Vacant(v) => v.insert_entry(ChannelEntry::new()),
+            };
+            let name = entry.key().clone();
             let sub = Arc::new(Subscription {
                 id: self.next_id.fetch_add(1, Ordering::Relaxed),
                 chunk: Default::default(),
@@ -602,7 +607,7 @@ impl Hub {
                     offset: 0,
                 }),
             });
-            map.entry(name).or_insert_with(ChannelEntry::new).insert(sub.clone());
+            entry.into_mut().insert(sub.clone());
             sub
         };
         // From here on the handle's Drop cleans up on every early return.

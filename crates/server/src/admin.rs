@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::lock;
 use crate::metrics::Transport;
 
 const PAGE: &str = include_str!("../assets/admin.html");
@@ -37,10 +38,6 @@ pub struct AdminState {
     /// channel → (epoch, offset) at the last sample, for publish rates.
     offsets: Mutex<HashMap<String, (String, u64)>>,
     rates: Mutex<HashMap<String, f64>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn connections(state: &AppState) -> i64 {

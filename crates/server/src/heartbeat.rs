@@ -20,6 +20,7 @@ use std::time::Duration;
 use switchboard_core::{CloseReason, ConnQueue};
 
 use crate::app::AppState;
+use crate::lock;
 
 /// Slots a ping interval is divided into.
 pub const SLOTS: usize = 32;
@@ -72,10 +73,6 @@ impl Heartbeats {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn spawn(state: &AppState) {

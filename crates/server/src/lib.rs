@@ -430,6 +430,12 @@ async fn backoff(failed_accepts: &mut u32, e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis((10u64 << (*failed_accepts).min(7)).min(1000))).await;
 }
 
+/// Locks `m`, taking over a lock a panicking holder left poisoned (what it guards stays
+/// usable: every holder leaves it consistent between statements).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Runs a task that serves one connection so that a panic in it cannot leak anything:
 /// whatever the task owns — its socket first — is dropped as it unwinds, and the panic
 /// is counted (`switchboard_task_panics_total`). The panic itself is logged once, by the
