@@ -270,6 +270,7 @@ export class Switchboard extends Emitter {
     const body = { channel, data };
     if (opts.volatile !== undefined) body.volatile = opts.volatile;
     if (opts.key) body.key = opts.key;
+    if (opts.meta) body.meta = opts.meta;
     return this._httpJson('/publish', { method: 'POST', body: JSON.stringify(body) });
   }
 
@@ -448,6 +449,7 @@ class WebSocketTransport {
     const cmd = { cmd: 'publish', channel, data };
     if (opts.volatile !== undefined) cmd.volatile = opts.volatile;
     if (opts.key) cmd.key = opts.key;
+    if (opts.meta) cmd.meta = opts.meta;
     return this.call(cmd);
   }
 

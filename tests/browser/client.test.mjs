@@ -89,6 +89,27 @@ test('a malformed server frame is reported, never thrown, and the client reconne
   await waitFor(() => errors.some((e) => e.type === 'protocol') && connections >= 2, { what: 'protocol error and a reconnect' });
 });
 
+test('a publication\'s properties (meta) go from a client\'s publish to the others, over WebSocket and long polling', async (t) => {
+  const server = await startServer();
+  const a = new Switchboard(server.url, { WebSocket, transports: ['websocket'] });
+  const b = new Switchboard(server.url, { WebSocket, transports: ['longpoll'] });
+  t.after(async () => { a.close(); b.close(); await server.stop(); });
+  const got = [];
+  const subA = a.subscribe('demo:meta');
+  const subB = b.subscribe('demo:meta');
+  for (const [name, sub] of [['a', subA], ['b', subB]]) sub.on('message', (data, pub) => got.push([name, data, pub.meta]));
+  await waitFor(() => subA.position !== null && subB.position !== null, { what: 'both subscribed' });
+  const meta = { content_type: 'text/plain', correlation: 'AAE=', headers: [['trace', 't-1'], ['trace', 't-2']] };
+  await subA.publish({ q: 1 }, { meta });
+  await subA.publish({ q: 2 });
+  await subB.publish({ q: 3 }, { meta: { ttl: 60 } }); // over HTTP: the long-polling client's publish
+  await waitFor(() => got.length === 6, { what: 'the three publications on both clients' });
+  const seen = (who) => got.filter(([name]) => name === who).map(([, data, m]) => [data, m]);
+  const want = [[{ q: 1 }, meta], [{ q: 2 }, undefined], [{ q: 3 }, { ttl: 60 }]];
+  for (const who of ['a', 'b']) assert.deepEqual(seen(who), want, who);
+  await assert.rejects(subA.publish(1, { meta: { format: 3 } }), (e) => e.code === 'invalid_request');
+});
+
 test('direct messages go from one client to another, and to a missing one fail', async (t) => {
   const server = await startServer({ env: { SWITCHBOARD_DIRECT__POLICY: 'anyone' } });
   const a = new Switchboard(server.url, { WebSocket });

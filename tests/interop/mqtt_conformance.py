@@ -14,6 +14,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 import uuid
 
@@ -155,7 +156,7 @@ class Raw:
                 reason = p[1][0] if p[1] else 0
 
     def connect(self, client_id="", clean=True, keep_alive=60, will=None, password=None, level=None,
-                flags_extra=0, connect_props=b""):
+                flags_extra=0, connect_props=b"", will_props=b""):
         """CONNECT; returns (code, session present, properties) from CONNACK, or None when
         the server closed without one."""
         level = level or (5 if self.v5 else 4)
@@ -165,7 +166,7 @@ class Raw:
             wtopic, wpayload, wqos = will
             flags |= 0x04 | (wqos << 3)
             if self.v5:
-                payload += props()
+                payload += props(will_props) if will_props else props()
             payload += s16(wtopic) + s16(wpayload)
         if password is not None:
             flags |= 0x80 | 0x40
@@ -509,6 +510,20 @@ def _(v5):
     w.stop()
 
 
+@statement("MQTT-3.1.3-10", ("5",), "The Server MUST maintain the order of User Properties when publishing the Will Message (its other properties passed on as a PUBLISH's are)")
+def _(v5):
+    t = topic("will")
+    c = raw(True)
+    c.subscribe(t, opts=1)
+    sent = [("b", "2"), ("a", "1"), ("b", "1")]
+    wp = b"\x03" + s16("text/plain") + b"".join(b"\x26" + s16(k) + s16(v) for k, v in sent)
+    w = raw(True, client_id=f"w-{uuid.uuid4().hex[:8]}", will=(t, b"gone", 1), will_props=wp)
+    w.close()  # no DISCONNECT
+    m = c.next_publish()
+    got = (m["payload"], m["props"].get(0x03), m["props"].get(0x26))
+    check(got == (b"gone", [b"text/plain"], sent), f"the will came as {got}")
+
+
 @statement("MQTT-3.14.4-3", BOTH, "On receipt of DISCONNECT (MQTT 5: reason 0x00) the Server MUST discard the Will Message without publishing it (MQTT-3.1.2-10)")
 def _(v5):
     t = topic("will")
@@ -726,6 +741,123 @@ def _(v5):
     publish_from(t, "live", qos=0, retain=True)
     m = c.next_publish()
     check(m["payload"] == b"live" and not m["retain"], f"delivered as {m}")
+
+
+@statement("MQTT-3.3.1-13", ("5",), "With Retain As Published 1, the Server MUST set RETAIN as it was in the PUBLISH it received")
+def _(v5):
+    t = topic()
+    c = raw(True)
+    c.subscribe(t, opts=0x08)
+    publish_from(t, "kept", qos=0, retain=True)
+    publish_from(t, "plain", qos=0)
+    got = [(m["payload"], m["retain"]) for m in (c.next_publish(), c.next_publish())]
+    check(got == [(b"kept", True), (b"plain", False)], f"delivered as {got}")
+
+
+def forwarded(pub_props):
+    """The properties a subscriber's PUBLISH carries for a publication with `pub_props`."""
+    t = topic()
+    c = raw(True)
+    c.subscribe(t, opts=1)
+    p = raw(True)
+    p.publish(t, "x", qos=1, pub_props=pub_props)
+    p.expect(4)
+    p.close()
+    m = c.next_publish()
+    c.ack(m["pid"])
+    c.close()
+    return m["props"]
+
+
+@statement("MQTT-3.3.2-4", ("5",), "A Server MUST send the Payload Format Indicator unaltered to all subscribers receiving the Application Message")
+def _(v5):
+    for f in (0, 1):
+        got = forwarded(bytes([0x01, f])).get(0x01)
+        check(got == [f], f"payload format indicator {f} forwarded as {got}")
+
+
+@statement("MQTT-3.3.2-15", ("5",), "The Server MUST send the Response Topic unaltered to all subscribers receiving the Application Message")
+def _(v5):
+    got = forwarded(b"\x08" + s16("replies/a b/1")).get(0x08)
+    check(got == [b"replies/a b/1"], f"response topic forwarded as {got}")
+
+
+@statement("MQTT-3.3.2-14", ("5",), "The Response Topic MUST NOT contain wildcard characters (the Server closes with 0x82)")
+def _(v5):
+    c = raw(True)
+    c.publish(topic(), "x", qos=1, pub_props=b"\x08" + s16("replies/#"))
+    check(c.closed() == 0x82, "accepted")
+
+
+@statement("MQTT-3.3.2-16", ("5",), "The Server MUST send the Correlation Data unaltered to all subscribers receiving the Application Message")
+def _(v5):
+    got = forwarded(b"\x09" + s16(b"\x00\xff\x10id")).get(0x09)
+    check(got == [b"\x00\xff\x10id"], f"correlation data forwarded as {got}")
+
+
+@statement("MQTT-3.3.2-17", ("5",), "The Server MUST send all User Properties unaltered when forwarding the Application Message (but `token`, this server's credential)")
+def _(v5):
+    got = forwarded(b"\x26" + s16("unit") + s16("°C") + b"\x26" + s16("") + s16("")).get(0x26)
+    check(got == [("unit", "°C"), ("", "")], f"user properties forwarded as {got}")
+
+
+@statement("MQTT-3.3.2-18", ("5",), "The Server MUST maintain the order of User Properties when forwarding the Application Message")
+def _(v5):
+    sent = [("k", "3"), ("a", "1"), ("k", "2"), ("k", "1")]
+    got = forwarded(b"".join(b"\x26" + s16(k) + s16(v) for k, v in sent)).get(0x26)
+    check(got == sent, f"user properties forwarded as {got}")
+
+
+@statement("MQTT-3.3.2-20", ("5",), "A Server MUST send the Content Type unaltered to all subscribers receiving the Application Message")
+def _(v5):
+    got = forwarded(b"\x03" + s16("application/json; charset=utf-8")).get(0x03)
+    check(got == [b"application/json; charset=utf-8"], f"content type forwarded as {got}")
+
+
+@statement("MQTT-3.3.2-6", ("5",), "The PUBLISH sent by the Server MUST contain the Message Expiry Interval minus the time the message waited in the Server")
+def _(v5):
+    got = forwarded(b"\x02" + struct.pack(">I", 3600)).get(0x02)
+    check(got is not None and 3598 <= got[0] <= 3600, f"sent at once: expiry {got}")
+    # Waiting in a persistent session: what is left of it.
+    t, cid = topic(), f"exp-{uuid.uuid4().hex[:8]}"
+    c = raw(True, client_id=cid, clean=False, connect_props=b"\x11" + struct.pack(">I", 300))
+    c.subscribe(t, opts=1)
+    c.send(packet(0xE0, b"\x00"))
+    c.close()
+    p = raw(True)
+    p.publish(t, "waits", qos=1, pub_props=b"\x02" + struct.pack(">I", 60))
+    p.expect(4)
+    p.close()
+    time.sleep(2.1)  # (time passing, not a bound on anything)
+    c = raw(True, client_id=cid, clean=False, connect_props=b"\x11" + struct.pack(">I", 0))
+    m = c.next_publish()
+    got = m["props"].get(0x02)
+    check(m["payload"] == b"waits" and got is not None and got[0] <= 58, f"after 2.1 s: {m['payload']} expiry {got}")
+    c.close()
+
+
+@statement("MQTT-3.3.2-5", ("5",), "If the Message Expiry Interval has passed before the Server started delivering it to a subscriber, it MUST delete that subscriber's copy")
+def _(v5):
+    t, kept, cid = topic(), topic("retained"), f"exp-{uuid.uuid4().hex[:8]}"
+    c = raw(True, client_id=cid, clean=False, connect_props=b"\x11" + struct.pack(">I", 300))
+    c.subscribe(t, opts=1)
+    c.send(packet(0xE0, b"\x00"))
+    c.close()
+    p = raw(True)
+    for tt, payload, expiry in ((t, "expires", 1), (t, "stays", None), (kept, "kept", None), (kept, "gone", 1)):
+        p.publish(tt, payload, qos=1, retain=True, pub_props=b"" if expiry is None else b"\x02" + struct.pack(">I", expiry))
+        p.expect(4)
+    p.close()
+    time.sleep(2.1)  # past the 1 s expiries (time passing, not a bound on anything)
+    c = raw(True, client_id=cid, clean=False, connect_props=b"\x11" + struct.pack(">I", 0))
+    got = [m["payload"] for m in publishes_until(c, b"stays")]
+    check(got == [b"stays"], f"the session after the first expired: {got}")
+    # Nor is an expired retained message sent to a new subscription.
+    c.subscribe(kept, opts=1)
+    publish_from(kept, "marker", qos=1)
+    got = [(m["payload"], m["retain"]) for m in publishes_until(c, b"marker")]
+    check(got == [(b"marker", False)], f"subscribing after the retained message expired: {got}")
+    c.close()
 
 
 def retain_handling(handling, twice, expected):

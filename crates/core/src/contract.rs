@@ -77,6 +77,7 @@ macro_rules! broker_contract_tests {
             idempotency_keys_are_per_channel_and_expire,
             volatile_publications_reach_the_node_but_take_no_offset,
             namespace_subscription_receives_every_channel_of_the_namespace,
+            a_publications_meta_is_delivered_and_kept_with_it,
         );
     };
     (@each $make:expr; $attr:tt; $($name:ident),+ $(,)?) => {
@@ -368,6 +369,35 @@ pub async fn volatile_publications_reach_the_node_but_take_no_offset(b: Arc<dyn 
         }
     }
     assert_eq!(kinds, vec![(Kind::Stored, 1), (Kind::Volatile, 0), (Kind::Stored, 2)]);
+    b.unsubscribe(&ch).await.unwrap();
+}
+
+/// Data wrapped with its meta ([`crate::Meta::wrap`]) comes back as the publication's
+/// data and meta — live, volatile and from history.
+pub async fn a_publications_meta_is_delivered_and_kept_with_it(b: Arc<dyn Broker>, mut rx: Rx) {
+    let ch = fresh("meta");
+    b.subscribe(&ch).await.unwrap();
+    let meta = crate::Meta {
+        ttl: Some(60),
+        headers: vec![("k".into(), "v\n".into())],
+        correlation: Some(Bytes::from_static(b"\x00\n\x01")),
+        ..Default::default()
+    };
+    b.publish(&ch, crate::Meta::wrap(Some(&meta), data(1)), &opts(10)).await.unwrap();
+    b.publish_volatile(&ch, Kind::Volatile, crate::Meta::wrap(Some(&meta), data(2))).await.unwrap();
+    b.publish(&ch, data(3), &opts(10)).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let p = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("delivery").unwrap();
+        if p.channel == ch {
+            got.push((p.data, p.meta.as_deref().cloned()));
+        }
+    }
+    let want = vec![(data(1), Some(meta.clone())), (data(2), Some(meta.clone())), (data(3), None)];
+    assert_eq!(got, want);
+    let h = b.history(&ch, HistoryRequest::default()).await.unwrap();
+    let kept: Vec<_> = h.publications.iter().map(|p| (p.data.clone(), p.meta.as_deref().cloned())).collect();
+    assert_eq!(kept, vec![want[0].clone(), want[2].clone()]);
     b.unsubscribe(&ch).await.unwrap();
 }
 

@@ -29,7 +29,7 @@ pub use channel::{ChannelError, ChannelName};
 pub use hub::{Hub, HubError, SubscribeOutcome, Subscription};
 pub use memory::MemoryBroker;
 pub use pattern::Pattern;
-pub use publication::{Delivery, Epoch, Kind, Publication, Published, StreamPosition};
+pub use publication::{Delivery, Epoch, Kind, Meta, Publication, Published, StreamPosition};
 pub use queue::{CloseReason, ConnQueue, Event, QueueStats};
 
 /// Milliseconds since the Unix epoch, the `time` of a publication.

@@ -226,6 +226,7 @@ impl MemoryBroker {
                 log.last_used = now;
                 let expires = time.saturating_add(history_ttl_ms);
                 if history_size > 0 && expires > now_ms {
+                    let (data, meta) = crate::publication::unwrap(data);
                     let delivery = Delivery::new(Publication {
                         channel: channel.clone(),
                         offset,
@@ -233,6 +234,7 @@ impl MemoryBroker {
                         data,
                         time,
                         kind: Kind::Stored,
+                        meta,
                     });
                     log.history.push_back(Entry { delivery, expires: later(expires) });
                     while log.history.len() > history_size as usize {
@@ -286,7 +288,7 @@ impl MemoryBroker {
                         epoch: log.epoch.clone(),
                         offset: p.offset,
                         time: p.time,
-                        data: p.data.clone(),
+                        data: crate::Meta::wrap(p.meta.as_deref(), p.data.clone()),
                         history_size: u32::MAX,
                         history_ttl_ms: wall(e.expires).saturating_sub(p.time),
                         key: None,
@@ -448,6 +450,7 @@ impl Broker for MemoryBroker {
             };
             log.top += 1;
             log.last_used = now;
+            let (data, meta) = crate::publication::unwrap(data);
             let delivery = Delivery::new(Publication {
                 channel: channel.clone(),
                 offset: log.top,
@@ -455,6 +458,7 @@ impl Broker for MemoryBroker {
                 data,
                 time,
                 kind: Kind::Stored,
+                meta,
             });
             if opts.history_size > 0 && !opts.history_ttl.is_zero() {
                 log.history.push_back(Entry { delivery: delivery.clone(), expires: now + opts.history_ttl });
@@ -490,6 +494,7 @@ impl Broker for MemoryBroker {
         let log = lock(&log);
         if self.routed(&log, channel) {
             if let Some(handler) = self.handler.get() {
+                let (data, meta) = crate::publication::unwrap(data);
                 handler.handle_publication(Delivery::new(Publication {
                     channel: channel.clone(),
                     offset: 0,
@@ -497,6 +502,7 @@ impl Broker for MemoryBroker {
                     data,
                     time: crate::now_millis(),
                     kind,
+                    meta,
                 }));
             }
         }

@@ -73,6 +73,102 @@ pub struct Publication {
     /// Milliseconds since the Unix epoch, when the broker accepted it.
     pub time: u64,
     pub kind: Kind,
+    /// What it carries besides `data` (MQTT 5's publication properties), when anything.
+    pub meta: Option<Arc<Meta>>,
+}
+
+/// A publication's properties besides its data — what MQTT 5 calls a PUBLISH's
+/// properties, carried unchanged to every subscriber on every transport and kept in
+/// history with the publication. JSON transports see it as the publication's `meta`
+/// object (fields present only when set).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meta {
+    /// Seconds after the publication's `time` when it expires (MQTT's Message Expiry
+    /// Interval): MQTT subscribers are not sent it after that, and get what remains of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u32>,
+    /// Published with MQTT's retain flag (what Retain As Published passes on).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retain: bool,
+    /// MQTT's Payload Format Indicator (0 unspecified bytes, 1 UTF-8), as the publisher set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// The MQTT topic an answer is expected on (request/response).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_topic: Option<String>,
+    /// Binary data the requester uses to match the answer; base64 in JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "base64_opt")]
+    pub correlation: Option<Bytes>,
+    /// MQTT's user properties: name/value pairs in order, names may repeat.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+}
+
+mod base64_opt {
+    use base64::Engine as _;
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Bytes>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bytes>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(t) => base64::engine::general_purpose::STANDARD
+                .decode(t)
+                .map(|b| Some(Bytes::from(b)))
+                .map_err(|e| serde::de::Error::custom(format!("correlation is base64: {e}"))),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The first byte of a stored publication's data that carries its [`Meta`]: no JSON
+/// text begins with it.
+const WRAPPED: u8 = 0x01;
+
+impl Meta {
+    /// Whether it says nothing (a publication with such a meta carries none).
+    pub fn is_empty(&self) -> bool {
+        *self == Meta::default()
+    }
+
+    /// When a publication of `time` (ms since the Unix epoch) with this meta expires, in
+    /// ms since the Unix epoch.
+    pub fn expires_at(&self, time: u64) -> Option<u64> {
+        self.ttl.map(|s| time.saturating_add(u64::from(s) * 1000))
+    }
+
+    /// `data` as brokers store and forward it: unchanged without a meta, else
+    /// `0x01 <meta JSON> \n <data>` (JSON holds no raw newline). Brokers hand the bytes
+    /// on as they are; whoever makes a [`Publication`] of them reads them with [`unwrap`].
+    pub fn wrap(meta: Option<&Meta>, data: Bytes) -> Bytes {
+        let Some(m) = meta.filter(|m| !m.is_empty()) else { return data };
+        let mut v = vec![WRAPPED];
+        serde_json::to_writer(&mut v, m).expect("a meta serializes");
+        v.push(b'\n');
+        v.extend_from_slice(&data);
+        Bytes::from(v)
+    }
+}
+
+/// The publication's data and meta from what a broker stored ([`Meta::wrap`]). Data
+/// that is not wrapped is returned as it is; a wrapped one whose meta cannot be read
+/// (never written by this server) loses the meta, not the data.
+pub fn unwrap(stored: Bytes) -> (Bytes, Option<Arc<Meta>>) {
+    if stored.first() != Some(&WRAPPED) {
+        return (stored, None);
+    }
+    let Some(end) = stored.iter().position(|b| *b == b'\n') else { return (stored.slice(1..), None) };
+    let meta = serde_json::from_slice::<Meta>(&stored[1..end]).ok().map(Arc::new);
+    (stored.slice(end + 1..), meta)
 }
 
 impl Publication {
@@ -85,8 +181,28 @@ impl Publication {
         self.kind == Kind::Stored
     }
 
+    /// `"meta":{…},` when it has one.
+    fn put_meta(&self, v: &mut Vec<u8>) {
+        if let Some(m) = &self.meta {
+            v.extend_from_slice(b"\"meta\":");
+            serde_json::to_writer(&mut *v, &**m).expect("a meta serializes");
+            v.push(b',');
+        }
+    }
+
+    /// Whether it has expired at `now` (ms since the Unix epoch): its meta's `ttl` passed.
+    pub fn expired(&self, now: u64) -> bool {
+        self.meta.as_ref().and_then(|m| m.expires_at(self.time)).is_some_and(|at| now >= at)
+    }
+
+    /// Whether it has expired by now (the clock is read only for one that expires).
+    pub fn expired_now(&self) -> bool {
+        self.meta.as_ref().is_some_and(|m| m.ttl.is_some()) && self.expired(crate::now_millis())
+    }
+
     /// The canonical JSON form. Stored: `{"channel","offset","epoch","time","data"}`;
-    /// volatile: `{"channel","time","volatile":true,"data"}`; join/leave:
+    /// volatile: `{"channel","time","volatile":true,"data"}` (both with `"meta"` before
+    /// `"data"` when the publication has one); join/leave:
     /// `{"channel","client","user","info"}` (the fields of `data` after the channel).
     ///
     /// Channel names and epochs are restricted to characters that need no JSON escaping
@@ -95,9 +211,10 @@ impl Publication {
         match self.kind {
             Kind::Stored => {}
             Kind::Volatile => {
-                let mut v =
-                    format!("{{\"channel\":\"{}\",\"time\":{},\"volatile\":true,\"data\":", self.channel, self.time)
-                        .into_bytes();
+                let mut v = format!("{{\"channel\":\"{}\",\"time\":{},\"volatile\":true,", self.channel, self.time)
+                    .into_bytes();
+                self.put_meta(&mut v);
+                v.extend_from_slice(b"\"data\":");
                 v.extend_from_slice(&self.data);
                 v.push(b'}');
                 return Bytes::from(v);
@@ -116,10 +233,12 @@ impl Publication {
         let mut s = String::with_capacity(self.data.len() + self.channel.as_str().len() + 80);
         let _ = write!(
             s,
-            "{{\"channel\":\"{}\",\"offset\":{},\"epoch\":\"{}\",\"time\":{},\"data\":",
+            "{{\"channel\":\"{}\",\"offset\":{},\"epoch\":\"{}\",\"time\":{},",
             self.channel, self.offset, self.epoch, self.time
         );
         let mut v = s.into_bytes();
+        self.put_meta(&mut v);
+        v.extend_from_slice(b"\"data\":");
         v.extend_from_slice(&self.data);
         v.push(b'}');
         Bytes::from(v)
@@ -196,6 +315,7 @@ mod tests {
             data: Bytes::from_static(br#"{"text":"hi \"there\""}"#),
             time: 12,
             kind: Kind::Stored,
+            meta: None,
         };
         let v: serde_json::Value = serde_json::from_slice(&p.to_json()).unwrap();
         assert_eq!(v["channel"], "chat:1");
@@ -214,6 +334,7 @@ mod tests {
             data: Bytes::from_static(data),
             time: 5,
             kind,
+            meta: None,
         };
         let v: serde_json::Value = serde_json::from_slice(&mk(Kind::Volatile, b"[1]").to_json()).unwrap();
         assert_eq!((v["volatile"].as_bool(), v["data"][0].as_i64(), v.get("offset")), (Some(true), Some(1), None));
@@ -233,6 +354,7 @@ mod tests {
             data: Bytes::from_static(b"1"),
             time: 0,
             kind: Kind::Stored,
+            meta: None,
         });
         let mut calls = 0;
         let a = d.encoded(0, |_| {
@@ -242,6 +364,46 @@ mod tests {
         let b = d.encoded(0, |_| unreachable!("encoded twice"));
         assert_eq!(calls, 1);
         assert_eq!(a.as_ptr(), b.as_ptr());
+    }
+
+    #[test]
+    fn a_meta_is_wrapped_with_the_data_and_shown_in_json() {
+        let meta = Meta {
+            ttl: Some(30),
+            retain: true,
+            correlation: Some(Bytes::from_static(b"\x00\xffid")),
+            headers: vec![("a".into(), "1".into()), ("a".into(), "2\n".into())],
+            ..Meta::default()
+        };
+        let data = Bytes::from_static(b"{\"x\":1}");
+        let stored = Meta::wrap(Some(&meta), data.clone());
+        assert_eq!(stored[0], WRAPPED);
+        let (back, m) = unwrap(stored);
+        assert_eq!((back, m.as_deref()), (data.clone(), Some(&meta)));
+        // Without a meta (or an empty one) the data is stored as it is.
+        assert_eq!(Meta::wrap(None, data.clone()), data);
+        assert_eq!(Meta::wrap(Some(&Meta::default()), data.clone()), data);
+        assert_eq!(unwrap(data.clone()), (data.clone(), None));
+        let p = Publication {
+            channel: ChannelName::parse("c").unwrap(),
+            offset: 1,
+            epoch: Arc::from("e"),
+            data,
+            time: 1_000,
+            kind: Kind::Stored,
+            meta: Some(Arc::new(meta)),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&p.to_json()).unwrap();
+        assert_eq!(v["meta"]["ttl"], 30);
+        assert_eq!(v["meta"]["retain"], true);
+        assert_eq!(v["meta"]["correlation"], "AP9pZA==");
+        assert_eq!(v["meta"]["headers"][1][1], "2\n");
+        assert_eq!(v["meta"].get("content_type"), None);
+        assert_eq!(v["data"]["x"], 1);
+        assert!(!p.expired(30_999) && p.expired(31_000));
+        let v: serde_json::Value =
+            serde_json::from_slice(&Publication { kind: Kind::Volatile, ..p.clone() }.to_json()).unwrap();
+        assert_eq!((v["meta"]["ttl"].as_u64(), v["data"]["x"].as_u64()), (Some(30), Some(1)));
     }
 
     #[test]

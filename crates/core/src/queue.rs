@@ -516,6 +516,7 @@ mod tests {
             data: Bytes::from(vec![b'1'; n]),
             time: 0,
             kind,
+            meta: None,
         }))
     }
 

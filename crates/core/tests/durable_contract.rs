@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use switchboard_core::broker::{HistoryRequest, PublishOptions};
 use switchboard_core::journal::Fsync;
-use switchboard_core::{Broker, BrokerEventHandler, ChannelName, MemoryBroker};
+use switchboard_core::{Broker, BrokerEventHandler, ChannelName, MemoryBroker, Meta};
 
 fn dir() -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("sb-durable-{}-{}", std::process::id(), fastrand::u64(..)));
@@ -58,7 +58,8 @@ async fn a_restart_keeps_epochs_offsets_history_and_idempotency_keys() {
         assert_eq!(r.records, 0);
         for n in 1..=5 {
             let key = (n == 5).then_some("order-5");
-            b.publish(&ch, format!("{n}").into(), &opts(key)).await.unwrap();
+            let meta = (n == 4).then(meta);
+            b.publish(&ch, Meta::wrap(meta.as_ref(), format!("{n}").into()), &opts(key)).await.unwrap();
         }
         let none = PublishOptions { history_size: 0, ..opts(None) };
         for n in 0..4 {
@@ -76,6 +77,8 @@ async fn a_restart_keeps_epochs_offsets_history_and_idempotency_keys() {
     let h = b.history(&ch, HistoryRequest { since: Some(since), limit: None, latest: false }).await.unwrap();
     let datas: Vec<&[u8]> = h.publications.iter().map(|d| &d.publication.data[..]).collect();
     assert_eq!(datas, [&b"3"[..], b"4", b"5"]);
+    let metas: Vec<Option<&Meta>> = h.publications.iter().map(|d| d.publication.meta.as_deref()).collect();
+    assert_eq!(metas, [None, Some(&meta()), None], "a publication's meta is kept with it");
     // The idempotency key is remembered: the retry is not published again.
     let again = b.publish(&ch, "5".into(), &opts(Some("order-5"))).await.unwrap();
     assert!(again.duplicate);
@@ -122,7 +125,8 @@ async fn compaction_drops_what_is_gone_keeps_what_is_live_and_never_stops_publis
         let (b, ch) = (b.clone(), ch.clone());
         tokio::spawn(async move {
             for n in 501..=700 {
-                b.publish(&ch, format!("{n}").into(), &opts(None)).await.unwrap();
+                let meta = (n == 699).then(meta);
+                b.publish(&ch, Meta::wrap(meta.as_ref(), format!("{n}").into()), &opts(None)).await.unwrap();
             }
         })
     };
@@ -147,4 +151,10 @@ async fn compaction_drops_what_is_gone_keeps_what_is_live_and_never_stops_publis
     let h = b.history(&ch, HistoryRequest { since: None, limit: Some(10), latest: true }).await.unwrap();
     let datas: Vec<&[u8]> = h.publications.iter().map(|d| &d.publication.data[..]).collect();
     assert_eq!(datas, [&b"698"[..], b"699", b"700"]);
+    assert_eq!(h.publications[1].publication.meta.as_deref(), Some(&meta()), "kept through compaction");
+}
+
+/// A publication's properties, as an MQTT 5 publisher sets them.
+fn meta() -> Meta {
+    Meta { ttl: Some(3600), retain: true, headers: vec![("k".into(), "v".into())], ..Meta::default() }
 }

@@ -538,13 +538,15 @@ impl NatsBroker {
             if m.offset < want || m.offset < floor || m.expires <= now {
                 break;
             }
+            let (data, extra) = switchboard_core::publication::unwrap(e.payload);
             kept.push(Delivery::new(Publication {
                 channel: channel.clone(),
                 offset: m.offset,
                 epoch: top.epoch.clone(),
-                data: e.payload,
+                data,
                 time: m.time,
                 kind: Kind::Stored,
+                meta: extra,
             }));
             want -= 1;
             if want < floor {
@@ -597,7 +599,8 @@ impl NatsBroker {
             _ => return None, // an epoch marker
         };
         let (epoch, offset) = if kind == Kind::Stored { (m.epoch, m.offset) } else { (Arc::from(""), 0) };
-        Some(Publication { channel, offset, epoch, data: payload, time: m.time, kind })
+        let (data, extra) = switchboard_core::publication::unwrap(payload);
+        Some(Publication { channel, offset, epoch, data, time: m.time, kind, meta: extra })
     }
 
     /// Delivers one subscription's messages, in the order NATS sends them; refills from

@@ -63,16 +63,22 @@ struct PublishRequest<'a> {
     key: Option<String>,
     /// Volatile: no offset, not stored, never replayed (defaults to the namespace's).
     volatile: Option<bool>,
+    /// The publication's properties (expiry, headers, …; docs/protocol.md).
+    meta: Option<switchboard_core::Meta>,
 }
 
-/// `POST /api/publish {"channel":…, "data":…[, "key":…][, "volatile":true]}` →
+/// `POST /api/publish {"channel":…, "data":…[, "key":…][, "volatile":true][, "meta":{…}]}` →
 /// `{"epoch":…, "offset":…}` (or `{"volatile":true}`).
 pub async fn publish(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
     let body = read_body(req.into_body(), body_limit(&state)).await?;
     let r: PublishRequest = parse_json(&body)?;
     let resolved = resolve_channel(&state, &r.channel)?;
     let data = payload(&state, r.data)?;
-    let reply = publish_to(&state, &resolved, data, r.volatile, r.key, crate::commands::ops::Publisher::Api).await?;
+    if let Some(m) = &r.meta {
+        crate::commands::ops::check_meta(&state, m)?;
+    }
+    let by = crate::commands::ops::Publisher::Api;
+    let reply = publish_to(&state, &resolved, data, r.volatile, r.key, by, r.meta.as_ref()).await?;
     Ok(json(StatusCode::OK, reply.reply()))
 }
 
@@ -107,7 +113,8 @@ pub async fn broadcast(State(state): State<AppState>, req: Request) -> Result<Re
     for name in &r.channels {
         let one = async {
             let resolved = resolve_channel(&state, name)?;
-            publish_to(&state, &resolved, data.clone(), r.volatile, None, crate::commands::ops::Publisher::Api).await
+            publish_to(&state, &resolved, data.clone(), r.volatile, None, crate::commands::ops::Publisher::Api, None)
+                .await
         };
         results.push(match one.await {
             Ok(reply) => {

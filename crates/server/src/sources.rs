@@ -283,7 +283,7 @@ async fn publish(
     volatile: bool,
 ) -> Result<(), String> {
     let key = key.filter(|_| !volatile);
-    let r = ops::publish_to(state, resolved, data, volatile.then_some(true), key, ops::Publisher::Api).await;
+    let r = ops::publish_to(state, resolved, data, volatile.then_some(true), key, ops::Publisher::Api, None).await;
     let outcome = r.map_err(|e| format!("publish: {}: {}", e.code.as_str(), e.message))?;
     metrics.published.fetch_add(1, Ordering::Relaxed);
     if outcome.duplicate() {

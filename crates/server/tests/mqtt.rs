@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::mqtt::{packet, Mqtt};
+use common::mqtt::{packet, props_block, str16_of, Mqtt};
 use common::{channel, config, Sse, TestServer};
 use serde_json::{json, Value};
 use switchboard_client::Connection;
@@ -718,6 +718,103 @@ async fn a_session_resumes_on_another_node((a, b): (TestServer, TestServer)) {
     assert_eq!(c.next_publish().await.unwrap().1, b"3");
     a.publish(&ch, json!(4)).await;
     assert_eq!(c.next_publish().await.unwrap().1, b"4", "live, from the other node");
+}
+
+/// MQTT 5 publication properties (docs/protocol.md, Publication properties): what one
+/// node's MQTT publisher sets reaches another node's MQTT 5 subscriber byte for byte, and
+/// SSE as the publication's `meta`; the broker keeps them in history; and the server
+/// API's `meta` reaches MQTT as those properties — with each broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publication_properties_cross_transports_with_the_memory_broker() {
+    let s = server().await;
+    publication_properties_cross(&s, &s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publication_properties_cross_nodes_with_the_redis_broker() {
+    let (a, b) = two_redis_nodes().await;
+    publication_properties_cross(&a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publication_properties_cross_nodes_with_the_nats_broker() {
+    let (a, b) = two_nats_nodes().await;
+    publication_properties_cross(&a, &b).await;
+}
+
+async fn publication_properties_cross(a: &TestServer, b: &TestServer) {
+    let id = format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..));
+    let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
+    let mut sub = Mqtt::connect(b.mqtt.unwrap(), true, &format!("psub-{id}"), None).await.unwrap();
+    assert_eq!(sub.subscribe_qos(&topic, None, 1).await.0, 1);
+    let mut sse = Sse::connect(b, &format!("channel={ch}"), None).await;
+    sse.next_named("subscribed").await;
+    // In the order the server writes them (payload format, content type, response topic,
+    // correlation data, user properties), so what goes out is what came in.
+    let mut props = vec![0x01, 1, 0x03];
+    props.extend(str16_of(b"application/json"));
+    props.push(0x08);
+    props.extend(str16_of(b"sensors/replies"));
+    props.push(0x09);
+    props.extend(str16_of(&[0, 0xff, 7]));
+    for (k, v) in [("unit", "C"), ("unit", "K"), ("a", "")] {
+        props.push(0x26);
+        props.extend(str16_of(k.as_bytes()));
+        props.extend(str16_of(v.as_bytes()));
+    }
+    let mut publisher = Mqtt::connect(a.mqtt.unwrap(), true, &format!("ppub-{id}"), None).await.unwrap();
+    assert_eq!(publisher.publish_props(&topic, b"21.5", 1, &props_block(&props)).await, Some((0, String::new())));
+    let got = sub.next_publish_unacked().await.unwrap();
+    assert_eq!((got.payload.as_slice(), got.props.as_slice(), got.retain), (&b"21.5"[..], props.as_slice(), false));
+    sub.puback(got.packet_id.unwrap()).await;
+    let meta = json!({"format": 1, "content_type": "application/json", "response_topic": "sensors/replies",
+        "correlation": "AP8H", "headers": [["unit", "C"], ["unit", "K"], ["a", ""]]});
+    let event = loop {
+        let e = sse.next().await.expect("SSE event");
+        if e.event == "message" {
+            break e.json();
+        }
+    };
+    assert_eq!((&event["meta"], &event["data"]), (&meta, &json!(21.5)), "SSE");
+    // Kept with the publication: node B reads it back from the broker's history.
+    let (_, h) = b.get_json(&format!("/api/history?channel={ch}")).await;
+    assert_eq!(h["publications"][0]["meta"], meta, "history");
+    // The other way: the server API's meta reaches MQTT 5 as properties — the expiry as
+    // what is left of it, the retain flag only with Retain As Published (not asked here).
+    let body = json!({"channel": ch, "data": "x", "meta": {"ttl": 600, "retain": true, "headers": [["k", "v"]]}});
+    let r = a.http.post(a.url("/api/publish")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let got = sub.next_publish_unacked().await.unwrap();
+    assert_eq!((got.payload.as_slice(), got.retain, got.props[0]), (&b"x"[..], false, 0x02));
+    let left = u32::from_be_bytes(got.props[1..5].try_into().unwrap());
+    assert!(left > 0 && left <= 600, "expiry left: {left}");
+    let mut user = vec![0x26];
+    user.extend(str16_of(b"k"));
+    user.extend(str16_of(b"v"));
+    assert_eq!(&got.props[5..], user.as_slice());
+    // A WebSocket client's publish command takes a meta too.
+    let mut ws = Connection::connect(&format!("ws://{}/ws", b.addr)).await.unwrap();
+    let cmd = json!({"cmd": "publish", "channel": ch, "data": 2, "meta": {"content_type": "text/plain"}});
+    ws.call(cmd).await.unwrap();
+    let got = sub.next_publish_unacked().await.unwrap();
+    let mut ct = vec![0x03];
+    ct.extend(str16_of(b"text/plain"));
+    assert_eq!((got.payload.as_slice(), got.props.as_slice()), (&b"2"[..], ct.as_slice()));
+    let refused = ws.call(json!({"cmd": "publish", "channel": ch, "data": 2, "meta": {"format": 7}})).await;
+    assert!(format!("{refused:?}").contains("invalid_request"), "{refused:?}");
+    // A meta the server cannot pass on is refused, and nothing is published.
+    for (bad, code) in [
+        (json!({"format": 2}), "invalid_request"),
+        (json!({"response_topic": "a/#"}), "invalid_request"),
+        (json!({"correlation": "not base64!"}), "invalid_request"),
+        (json!({"expires": 5}), "invalid_request"),
+    ] {
+        let r = a.http.post(a.url("/api/publish")).json(&json!({"channel": ch, "data": 1, "meta": bad})).send().await;
+        let v: Value = r.unwrap().json().await.unwrap();
+        assert_eq!(v["error"]["code"], code, "{bad}: {v}");
+    }
+    let (_, h) = b.get_json(&format!("/api/history?channel={ch}")).await;
+    assert_eq!(h["publications"].as_array().map(Vec::len), Some(3), "nothing more was published");
 }
 
 /// A shared subscription with members on two nodes (the Redis broker, the NATS broker):

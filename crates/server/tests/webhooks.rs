@@ -151,7 +151,9 @@ async fn every_event_arrives_signed_through_500s_timeouts_and_closed_connections
         let mut c = switchboard_client::Connection::connect(&format!("ws://{}/ws", s.addr)).await.unwrap();
         c.call(json!({"cmd": "connect"})).await.unwrap();
         c.call(json!({"cmd": "subscribe", "channel": "room:1"})).await.unwrap();
-        let once = json!({"cmd": "publish", "channel": "room:1", "data": {"from": "client"}, "key": "k1"});
+        let meta = json!({"headers": [["trace", "t-1"]]});
+        let once =
+            json!({"cmd": "publish", "channel": "room:1", "data": {"from": "client"}, "key": "k1", "meta": meta});
         c.call(once.clone()).await.unwrap();
         // A retry under the same key publishes nothing, and tells no webhook.
         assert_eq!(c.call(once).await.unwrap()["duplicate"], true);
@@ -194,6 +196,9 @@ async fn every_event_arrives_signed_through_500s_timeouts_and_closed_connections
         let publishers: BTreeSet<String> = pubs.iter().map(|p| p["publisher"].to_string()).collect();
         assert!(publishers.contains("{\"server\":true}"), "{pubs:#?}");
         assert!(pubs.iter().all(|p| p["channel"] == "room:1" && p["offset"].is_u64()), "{pubs:#?}");
+        // A publication's properties come with it (the API's publication has none).
+        let metas: BTreeSet<String> = pubs.iter().map(|p| p["meta"].to_string()).collect();
+        assert_eq!(metas, BTreeSet::from([meta.to_string(), "null".to_string()]), "{pubs:#?}");
         assert!(metric(&s, "switchboard_webhook_events_sent_total").await >= 8);
         assert!(metric(&s, "switchboard_webhook_requests_failed_total").await >= 1);
     }

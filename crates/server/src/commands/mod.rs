@@ -401,12 +401,18 @@ impl<W: Wire> Session<W> {
                     None => Err(ApiError::new(Code::NotSubscribed, format!("not subscribed to {channel:?}"))),
                 })
             }
-            Command::Publish { channel, data, volatile, key, token } => {
+            Command::Publish { channel, data, volatile, key, token, meta } => {
                 match self.gated(Operation::Publish, &channel, token) {
                     Ok(r) => match ops::payload(&self.state, data) {
                         Ok(data) => {
                             let by = ops::Publisher::Client { client: Some(&self.client), user: self.user() };
-                            ops::publish_to(&self.state, &r, data, volatile, key, by).await.map(|o| Some(o.reply()))
+                            let meta = meta.as_deref();
+                            match meta.map(|m| ops::check_meta(&self.state, m)).transpose() {
+                                Ok(_) => ops::publish_to(&self.state, &r, data, volatile, key, by, meta)
+                                    .await
+                                    .map(|o| Some(o.reply())),
+                                Err(e) => Err(e),
+                            }
                         }
                         Err(e) => Err(e),
                     },

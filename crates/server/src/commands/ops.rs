@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use switchboard_core::{BrokerError, HistoryRequest};
+use switchboard_core::{BrokerError, HistoryRequest, Meta};
 
 use crate::app::AppState;
 use crate::cursor;
@@ -25,6 +25,33 @@ pub fn payload(state: &AppState, data: &RawValue) -> Result<Bytes, ApiError> {
         return Ok(Bytes::from(v.to_string()));
     }
     Ok(Bytes::copy_from_slice(text.as_bytes()))
+}
+
+/// Checks a publication's meta as a client or the API gave it: a payload format of 0 or
+/// 1, a response topic without wildcards, and its JSON within `limits.max_message_bytes`.
+pub fn check_meta(state: &AppState, meta: &Meta) -> Result<(), ApiError> {
+    let bad = |why: String| Err(ApiError::new(Code::InvalidRequest, format!("meta: {why}")));
+    if meta.format.is_some_and(|f| f > 1) {
+        return bad("format is 0 (bytes) or 1 (UTF-8)".into());
+    }
+    if let Some(t) = &meta.response_topic {
+        if t.is_empty() || t.contains(['+', '#', '\0']) {
+            return bad("response_topic is a topic name: not empty, no wildcards".into());
+        }
+    }
+    // (MQTT carries each in at most 65,535 bytes.)
+    let strings = [&meta.content_type, &meta.response_topic].into_iter().flatten().map(|s| s.len());
+    let pairs = meta.headers.iter().flat_map(|(k, v)| [k.len(), v.len()]);
+    let binary = meta.correlation.iter().map(|c| c.len());
+    if strings.chain(pairs).chain(binary).any(|n| n > u16::MAX as usize) {
+        return bad("each string (and the correlation data) is at most 65,535 bytes".into());
+    }
+    let max = state.config.limits.max_message_bytes;
+    let len = serde_json::to_vec(meta).map_or(usize::MAX, |v| v.len());
+    if len > max {
+        return Err(ApiError::new(Code::MessageTooLarge, format!("meta is {len} bytes of JSON; the limit is {max}")));
+    }
+    Ok(())
 }
 
 /// Longest idempotency key accepted, in bytes.
@@ -76,6 +103,7 @@ pub async fn publish_to(
     volatile: Option<bool>,
     key: Option<String>,
     by: Publisher<'_>,
+    meta: Option<&Meta>,
 ) -> Result<Outcome, ApiError> {
     // The `publication` webhook keeps its own handle on the bytes, when one is wanted.
     let hook = state.webhooks.as_ref().filter(|w| w.wants("publication")).map(|_| data.clone());
@@ -91,20 +119,22 @@ pub async fn publish_to(
         if key.is_some() {
             return Err(ApiError::new(Code::InvalidRequest, "volatile publications take no idempotency key"));
         }
-        let res = state.hub.broker().publish_volatile(&r.channel, switchboard_core::Kind::Volatile, data).await;
+        let stored = Meta::wrap(meta, data);
+        let res = state.hub.broker().publish_volatile(&r.channel, switchboard_core::Kind::Volatile, stored).await;
         if res.is_err() {
             state.metrics.broker_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         res?;
         state.metrics.publishes_volatile.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(data) = hook {
-            publication_event(state, r, &data, None, by);
+            publication_event(state, r, &data, None, by, meta);
         }
         return Ok(Outcome::Volatile);
     }
     let window = std::time::Duration::from_secs(state.config.limits.idempotency_window_secs);
     let started = std::time::Instant::now();
-    let res = state.hub.broker().publish(&r.channel, data, &r.options.publish_options(key, window)).await;
+    let stored = Meta::wrap(meta, data);
+    let res = state.hub.broker().publish(&r.channel, stored, &r.options.publish_options(key, window)).await;
     let m = &*state.metrics;
     m.broker_publish.observe(started.elapsed());
     if res.is_err() {
@@ -116,7 +146,7 @@ pub async fn publish_to(
     } else {
         m.publishes_stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(data) = hook {
-            publication_event(state, r, &data, Some(&published.position), by);
+            publication_event(state, r, &data, Some(&published.position), by, meta);
         }
     }
     Ok(Outcome::Stored(published))
@@ -137,6 +167,7 @@ fn publication_event(
     data: &[u8],
     pos: Option<&switchboard_core::StreamPosition>,
     by: Publisher<'_>,
+    meta: Option<&Meta>,
 ) {
     let from_client = matches!(by, Publisher::Client { .. });
     crate::webhooks::emit(state, "publication", Some(&r.channel), from_client, || {
@@ -146,6 +177,9 @@ fn publication_event(
             Publisher::Client { client, user } => serde_json::json!({"client": client, "user": user}),
         };
         let mut e = serde_json::json!({"channel": r.channel, "data": data, "publisher": publisher});
+        if let Some(m) = meta.filter(|m| !m.is_empty()) {
+            e["meta"] = serde_json::to_value(m).unwrap_or_default();
+        }
         match pos {
             Some(p) => (e["epoch"], e["offset"]) = (p.epoch.to_string().into(), p.offset.into()),
             None => e["volatile"] = true.into(),

@@ -59,6 +59,7 @@ pub enum Command<'a> {
         volatile: Option<bool>,
         key: Option<String>,
         token: Option<String>,
+        meta: Option<Box<switchboard_core::Meta>>,
     },
     PresenceStats {
         channel: String,
@@ -120,6 +121,7 @@ struct Wire<'a> {
     client: Option<&'a RawValue>,
     to: Option<To>,
     datagrams: Option<bool>,
+    meta: Option<Box<switchboard_core::Meta>>,
 }
 
 #[derive(Deserialize)]
@@ -159,7 +161,7 @@ pub fn parse(text: &str) -> Parsed<'_> {
         "publish" => {
             let channel = need(w.channel, "channel")?;
             let data = w.data.ok_or_else(|| (id, ApiError::new(Code::InvalidRequest, "`publish` needs `data`")))?;
-            Command::Publish { channel, data, volatile: w.volatile, key: w.key, token: w.token }
+            Command::Publish { channel, data, volatile: w.volatile, key: w.key, token: w.token, meta: w.meta }
         }
         "history" => {
             Command::History { channel: need(w.channel, "channel")?, since: w.since, limit: w.limit, token: w.token }

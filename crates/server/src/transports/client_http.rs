@@ -25,9 +25,10 @@ struct PublishBody<'a> {
     data: &'a RawValue,
     key: Option<String>,
     volatile: Option<bool>,
+    meta: Option<switchboard_core::Meta>,
 }
 
-/// `POST /publish {"channel","data"[,"key"][,"volatile"]}` with the client's token
+/// `POST /publish {"channel","data"[,"key"][,"volatile"][,"meta"]}` with the client's token
 /// (`Authorization: Bearer` or `?token=`): where the namespace allows client publishing.
 pub async fn publish(
     State(state): State<AppState>,
@@ -45,8 +46,11 @@ pub async fn publish(
         &Credentials { who: who.as_ref(), sub_tokens: &sub_tokens, subscribed: false },
     )?;
     let data = crate::commands::ops::payload(&state, b.data)?;
+    if let Some(m) = &b.meta {
+        crate::commands::ops::check_meta(&state, m)?;
+    }
     let by = crate::commands::ops::Publisher::Client { client: None, user: who.as_ref().map(|w| w.user.as_str()) };
-    Ok(json(crate::commands::ops::publish_to(&state, &r, data, b.volatile, b.key, by).await?.reply()))
+    Ok(json(crate::commands::ops::publish_to(&state, &r, data, b.volatile, b.key, by, b.meta.as_ref()).await?.reply()))
 }
 
 /// A client's writing request (`/publish`, `/send`): counted against its IP's rate, its

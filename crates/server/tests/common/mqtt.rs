@@ -30,6 +30,8 @@ pub struct Received {
     pub retain: bool,
     pub qos: u8,
     pub packet_id: Option<u16>,
+    /// MQTT 5: the properties, as sent (without their length).
+    pub props: Vec<u8>,
 }
 
 pub struct Mqtt {
@@ -66,6 +68,21 @@ pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
 }
 
 /// MQTT 5 properties holding a user property `token` (or none).
+/// An MQTT 5 properties block (its length first) of already encoded properties.
+pub fn props_block(props: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    varint(&mut out, props.len());
+    out.extend_from_slice(props);
+    out
+}
+
+/// A string property or pair's encoding: a 2-byte length, then the bytes.
+pub fn str16_of(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    str16(&mut out, s);
+    out
+}
+
 fn token_props(token: Option<&str>) -> Vec<u8> {
     let mut p = Vec::new();
     if let Some(t) = token {
@@ -398,6 +415,11 @@ impl Mqtt {
     /// PUBLISH; for QoS 1 and 2 waits for PUBACK / PUBREC (and completes QoS 2): (code,
     /// reason string). `None` when the server closed the connection instead.
     pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: u8, token: Option<&str>) -> Option<(u8, String)> {
+        self.publish_props(topic, payload, qos, &token_props(token)[..]).await
+    }
+
+    /// [`Mqtt::publish`] with these MQTT 5 properties (a whole block, its length first).
+    pub async fn publish_props(&mut self, topic: &str, payload: &[u8], qos: u8, props: &[u8]) -> Option<(u8, String)> {
         let id = self.id();
         let mut body = Vec::new();
         str16(&mut body, topic.as_bytes());
@@ -405,7 +427,7 @@ impl Mqtt {
             body.extend_from_slice(&id.to_be_bytes());
         }
         if self.v5 {
-            body.extend(token_props(token));
+            body.extend_from_slice(props);
         }
         body.extend_from_slice(payload);
         self.send(&packet(0x30 | (qos << 1), &body)).await;
@@ -456,10 +478,13 @@ impl Mqtt {
             let topic = String::from_utf8(body[2..2 + n].to_vec()).unwrap();
             let packet_id = (qos > 0).then(|| u16::from_be_bytes([body[2 + n], body[3 + n]]));
             let mut at = 2 + n + if qos > 0 { 2 } else { 0 };
+            let mut props = Vec::new();
             if self.v5 {
-                at = props_at(&body, at).1;
+                let (p, next) = props_at(&body, at);
+                (props, at) = (p.to_vec(), next);
             }
-            return Some(Received { topic, payload: body[at..].to_vec(), retain: first & 1 == 1, qos, packet_id });
+            let payload = body[at..].to_vec();
+            return Some(Received { topic, payload, retain: first & 1 == 1, qos, packet_id, props });
         }
     }
 

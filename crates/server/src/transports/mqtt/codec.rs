@@ -8,6 +8,7 @@
 //! `mqtt_packets` fuzz target feeds it arbitrary bytes).
 
 use bytes::{BufMut, Bytes, BytesMut};
+use switchboard_core::Meta;
 
 /// Protocol level from CONNECT: 4 is 3.1.1, 5 is 5.0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +57,8 @@ pub struct Will {
     pub retain: bool,
     /// MQTT 5 will delay interval, seconds.
     pub delay_secs: u32,
+    /// MQTT 5: the will's publication properties (and its retain flag).
+    pub meta: Option<Box<Meta>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +100,10 @@ pub struct Publish {
     pub packet_id: Option<u16>,
     pub payload: Bytes,
     pub topic_alias: Option<u16>,
-    pub message_expiry: Option<u32>,
+    /// The retain flag and MQTT 5's publication properties (message expiry, payload
+    /// format, content type, response topic, correlation data, user properties but
+    /// `token`), passed on with the publication; `None` when it has none of them.
+    pub meta: Option<Box<Meta>>,
     /// MQTT 5 user property `token`: a subscription token for the channel.
     pub token: Option<String>,
 }
@@ -124,6 +130,8 @@ pub struct Options {
     pub retain_handling: u8,
     /// MQTT 5 No Local: not the client's own publications.
     pub no_local: bool,
+    /// MQTT 5 Retain As Published: publications keep the retain flag they were published with.
+    pub retain_as_published: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,6 +256,29 @@ struct Props {
     subscription_id: Option<u32>,
     auth_method: Option<String>,
     auth_data: Option<Bytes>,
+    /// A publication's (or will's) properties passed on to subscribers.
+    format: Option<u8>,
+    content_type: Option<String>,
+    response_topic: Option<String>,
+    correlation: Option<Bytes>,
+    /// User properties other than `token`, in order.
+    user: Vec<(String, String)>,
+}
+
+impl Props {
+    /// What a PUBLISH (or a will) with these properties and `retain` carries on.
+    fn meta(&mut self, retain: bool) -> Option<Box<Meta>> {
+        let m = Meta {
+            ttl: self.message_expiry,
+            retain,
+            format: self.format,
+            content_type: self.content_type.take(),
+            response_topic: self.response_topic.take(),
+            correlation: self.correlation.take(),
+            headers: std::mem::take(&mut self.user),
+        };
+        (!m.is_empty()).then(|| Box::new(m))
+    }
 }
 
 fn properties(r: &mut Reader<'_>) -> Result<Props, Error> {
@@ -258,7 +289,8 @@ fn properties(r: &mut Reader<'_>) -> Result<Props, Error> {
     while p.left() > 0 {
         let id = p.varint()?;
         match id {
-            0x01 | 0x17 | 0x19 => {
+            0x01 => out.format = Some(p.u8()?),
+            0x17 | 0x19 => {
                 p.u8()?;
             }
             0x02 => out.message_expiry = Some(p.u32()?),
@@ -285,12 +317,19 @@ fn properties(r: &mut Reader<'_>) -> Result<Props, Error> {
             }
             0x15 => out.auth_method = Some(p.string()?),
             0x16 => out.auth_data = Some(Bytes::copy_from_slice(p.binary()?)),
-            0x03 | 0x08 | 0x1F => {
+            0x03 => out.content_type = Some(p.string()?),
+            0x08 => {
+                let t = p.string()?;
+                if t.contains(['+', '#']) {
+                    // MQTT-3.3.2-14 (and -3.1.3-11 for a will's).
+                    return Err(Error::Protocol("a response topic with wildcards"));
+                }
+                out.response_topic = Some(t);
+            }
+            0x1F => {
                 p.string()?;
             }
-            0x09 => {
-                p.binary()?;
-            }
+            0x09 => out.correlation = Some(Bytes::copy_from_slice(p.binary()?)),
             0x0B => {
                 let v = p.varint()?;
                 if v == 0 {
@@ -302,6 +341,8 @@ fn properties(r: &mut Reader<'_>) -> Result<Props, Error> {
                 let (k, v) = (p.string()?, p.string()?);
                 if k == "token" {
                     out.token = Some(v);
+                } else {
+                    out.user.push((k, v));
                 }
             }
             _ => return Err(Error::Protocol("unknown property")),
@@ -346,20 +387,21 @@ pub fn decode(buf: &[u8], version: Option<Version>, max_packet: usize) -> Result
             }
             let topic = r.string()?;
             let packet_id = if qos > 0 { Some(nonzero(r.u16()?)?) } else { None };
-            let props = if v5 { properties(&mut r)? } else { Props::default() };
+            let mut props = if v5 { properties(&mut r)? } else { Props::default() };
             if props.subscription_id.is_some() {
                 // MQTT-3.3.4-6: only the server puts subscription identifiers in a PUBLISH.
                 return Err(Error::Protocol("a subscription identifier in a client's PUBLISH"));
             }
+            let retain = flags & 1 != 0;
             Packet::Publish(Publish {
                 dup,
                 qos,
-                retain: flags & 1 != 0,
+                retain,
                 topic,
                 packet_id,
                 payload: Bytes::copy_from_slice(r.rest()),
                 topic_alias: props.topic_alias,
-                message_expiry: props.message_expiry,
+                meta: props.meta(retain),
                 token: props.token,
             })
         }
@@ -397,7 +439,12 @@ pub fn decode(buf: &[u8], version: Option<Version>, max_packet: usize) -> Result
                 if opts & reserved != 0 || opts & 3 == 3 {
                     return Err(Error::Malformed("bad subscription options"));
                 }
-                let o = Options { qos: opts & 3, retain_handling: (opts >> 4) & 3, no_local: opts & 4 != 0 };
+                let o = Options {
+                    qos: opts & 3,
+                    retain_handling: (opts >> 4) & 3,
+                    no_local: opts & 4 != 0,
+                    retain_as_published: opts & 8 != 0,
+                };
                 if o.retain_handling == 3 {
                     return Err(Error::Protocol("Retain Handling 3"));
                 }
@@ -476,14 +523,16 @@ fn connect(r: &mut Reader<'_>) -> Result<Connect, Error> {
     let props = if v5 { properties(r)? } else { Props::default() };
     let client_id = r.string()?;
     let will = if flags & 0x04 != 0 {
-        let wprops = if v5 { properties(r)? } else { Props::default() };
+        let mut wprops = if v5 { properties(r)? } else { Props::default() };
         let topic = r.string()?;
         let payload = Bytes::copy_from_slice(r.binary()?);
         let qos = (flags >> 3) & 3;
         if qos == 3 {
             return Err(Error::Malformed("will QoS 3"));
         }
-        Some(Will { topic, payload, qos, retain: flags & 0x20 != 0, delay_secs: wprops.will_delay.unwrap_or(0) })
+        let retain = flags & 0x20 != 0;
+        let meta = wprops.meta(retain);
+        Some(Will { topic, payload, qos, retain, delay_secs: wprops.will_delay.unwrap_or(0), meta })
     } else {
         if flags & 0x38 != 0 {
             return Err(Error::Malformed("will QoS or retain without a will"));
@@ -604,10 +653,22 @@ pub fn connack(version: Version, session_present: bool, code: u8, props: &Server
 
 /// A server PUBLISH, QoS 0 without identifiers.
 pub fn publish(version: Version, topic: &str, payload: &[u8], retain: bool) -> Bytes {
-    Outgoing { topic, payload, qos: 0, packet_id: 0, retain, dup: false, subscription_ids: &[] }.encode(version)
+    Outgoing {
+        topic,
+        payload,
+        qos: 0,
+        packet_id: 0,
+        retain,
+        dup: false,
+        subscription_ids: &[],
+        meta: None,
+        expiry: None,
+    }
+    .encode(version)
 }
 
 /// A server PUBLISH.
+#[derive(Clone, Copy)]
 pub struct Outgoing<'a> {
     pub topic: &'a str,
     pub payload: &'a [u8],
@@ -619,6 +680,10 @@ pub struct Outgoing<'a> {
     pub dup: bool,
     /// MQTT 5: the identifiers of the subscriptions it matches.
     pub subscription_ids: &'a [u32],
+    /// MQTT 5: the publication's properties, sent as they came (but its expiry).
+    pub meta: Option<&'a Meta>,
+    /// MQTT 5: the Message Expiry Interval left, seconds.
+    pub expiry: Option<u32>,
 }
 
 impl Outgoing<'_> {
@@ -630,9 +695,37 @@ impl Outgoing<'_> {
         }
         if version == Version::V5 {
             let mut p = BytesMut::new();
+            if let Some(f) = self.meta.and_then(|m| m.format) {
+                p.put_u8(0x01);
+                p.put_u8(f);
+            }
+            if let Some(s) = self.expiry {
+                p.put_u8(0x02);
+                p.put_u32(s);
+            }
+            if let Some(m) = self.meta {
+                if let Some(t) = &m.content_type {
+                    p.put_u8(0x03);
+                    put_str(&mut p, t);
+                }
+                if let Some(t) = &m.response_topic {
+                    p.put_u8(0x08);
+                    put_str(&mut p, t);
+                }
+                if let Some(c) = &m.correlation {
+                    p.put_u8(0x09);
+                    p.put_u16(c.len() as u16);
+                    p.put_slice(c);
+                }
+            }
             for id in self.subscription_ids {
                 p.put_u8(0x0B);
                 put_varint(&mut p, *id as usize);
+            }
+            for (k, v) in self.meta.map_or(&[][..], |m| &m.headers[..]) {
+                p.put_u8(0x26);
+                put_str(&mut p, k);
+                put_str(&mut p, v);
             }
             put_varint(&mut b, p.len());
             b.put_slice(&p);
@@ -762,6 +855,8 @@ mod tests {
                 retain: true,
                 dup: false,
                 subscription_ids: &[],
+                meta: None,
+                expiry: None,
             };
             let b = out.encode(v);
             let (p, n) = decode(&b, Some(v), 1024).unwrap().unwrap();
@@ -798,7 +893,10 @@ mod tests {
         let b = [0x82, 10, 0, 1, 3, 0x0B, 0xAC, 0x02, 0, 1, b'x', 0x25];
         let Packet::Subscribe(s) = decode(&b, Some(Version::V5), 1024).unwrap().unwrap().0 else { panic!() };
         assert_eq!(s.id, Some(300));
-        assert_eq!(s.filters, vec![("x".to_string(), Options { qos: 1, retain_handling: 2, no_local: true })]);
+        assert_eq!(
+            s.filters,
+            vec![("x".to_string(), Options { qos: 1, retain_handling: 2, no_local: true, retain_as_published: false })]
+        );
         // Identifier 0, Retain Handling 3, No Local on a shared subscription: refused.
         assert!(decode(&[0x82, 9, 0, 1, 2, 0x0B, 0, 0, 1, b'x', 0], Some(Version::V5), 1024).is_err());
         assert!(decode(&[0x82, 7, 0, 1, 0, 0, 1, b'x', 0x30], Some(Version::V5), 1024).is_err());
@@ -818,7 +916,55 @@ mod tests {
             retain: false,
             dup: false,
             subscription_ids: &[7, 300],
+            meta: None,
+            expiry: None,
         };
         assert_eq!(&out.encode(Version::V5)[..], &[0x30, 10, 0, 1, b'x', 5, 0x0B, 7, 0x0B, 0xAC, 0x02, b'p']);
+    }
+
+    #[test]
+    fn publication_properties_are_read_and_passed_on() {
+        let meta = Meta {
+            ttl: Some(60),
+            retain: true,
+            format: Some(1),
+            content_type: Some("text/plain".into()),
+            response_topic: Some("replies/1".into()),
+            correlation: Some(Bytes::from_static(b"\x00\x01")),
+            headers: vec![("k".into(), "v1".into()), ("k".into(), "v2".into())],
+        };
+        let out = Outgoing {
+            topic: "a",
+            payload: b"1",
+            qos: 1,
+            packet_id: 3,
+            retain: true,
+            dup: false,
+            subscription_ids: &[],
+            meta: Some(&meta),
+            expiry: Some(60),
+        };
+        let b = out.encode(Version::V5);
+        assert_eq!(read_publish(&b, Version::V5).meta.as_deref(), Some(&meta));
+        // MQTT 3.1.1 has no properties: only the retain flag is passed on.
+        let b = Outgoing { meta: None, expiry: None, ..out }.encode(Version::V311);
+        assert_eq!(read_publish(&b, Version::V311).meta.as_deref(), Some(&Meta { retain: true, ..Meta::default() }));
+        // A response topic with wildcards is a protocol error (MQTT-3.3.2-14).
+        let mut m = Meta { response_topic: Some("r/#".into()), ..Meta::default() };
+        let b = Outgoing { meta: Some(&m), expiry: None, ..out }.encode(Version::V5);
+        assert!(matches!(decode(&b, Some(Version::V5), 1024), Err(Error::Protocol(_))));
+        // The `token` user property is a credential: read, not passed on.
+        m = Meta { headers: vec![("token".into(), "secret".into())], ..Meta::default() };
+        let b = Outgoing { meta: Some(&m), expiry: None, retain: false, ..out }.encode(Version::V5);
+        let p = read_publish(&b, Version::V5);
+        assert_eq!((p.meta, p.token.as_deref()), (None, Some("secret")));
+    }
+
+    /// The PUBLISH `b` holds, read as the server reads a client's.
+    fn read_publish(b: &[u8], v: Version) -> Publish {
+        match decode(b, Some(v), 1024) {
+            Ok(Some((Packet::Publish(p), _))) => p,
+            other => panic!("not a PUBLISH: {other:?}"),
+        }
     }
 }

@@ -144,6 +144,8 @@ struct Rare {
     /// MQTT 5 No Local: the channels and patterns subscribed without this client's own
     /// publications.
     no_local: HashSet<String>,
+    /// MQTT 5 Retain As Published: the channels and patterns subscribed with it.
+    rap: HashSet<String>,
     /// This client's latest stored publications (channel, offset), while it has No Local
     /// subscriptions: what they leave out.
     own: std::collections::VecDeque<(ChannelName, u64)>,
@@ -167,6 +169,7 @@ impl Rare {
             && self.positions.is_empty()
             && self.sub_ids.is_empty()
             && self.no_local.is_empty()
+            && self.rap.is_empty()
             && self.own.is_empty()
             && self.again.is_empty()
             && self.held.is_empty()
@@ -339,6 +342,8 @@ impl Sink {
         let fits = |b: Bytes| if b.len() <= self.max_packet { Prepared::Send(b, false) } else { Prepared::Skip };
         match event {
             Event::Publication(d) if matches!(d.publication.kind, Kind::Join | Kind::Leave) => Prepared::Skip,
+            // Expired while it waited (MQTT-3.3.2-5).
+            Event::Publication(d) if d.publication.expired_now() => Prepared::Skip,
             Event::Publication(d) => match window {
                 Some(w) if qos > 0 => {
                     if w.inflight.len() >= self.receive_max {
@@ -353,10 +358,7 @@ impl Sink {
                     w.inflight.push_back(Inflight { id, qos, released: false, confirms: None });
                     Prepared::Send(bytes, true)
                 }
-                _ => {
-                    let slot = if self.version == Version::V5 { SLOT_V5 } else { SLOT_V311 };
-                    fits(d.encoded(slot, |d| encode(self.version, d)))
-                }
+                _ => fits(shared(self.version, d)),
             },
             Event::Frame(b) => fits(b.clone()),
             Event::Reset { .. } => Prepared::Skip,
@@ -489,7 +491,7 @@ async fn finish(mut conn: Box<Accepted>, end: End, state: AppState) {
             }
             if let Some(data) = super::data_of(&will.payload) {
                 let by = ops::Publisher::Client { client: Some(&will_client), user: will_user.as_deref() };
-                if let Err(e) = ops::publish_to(&state, &resolved, data, None, None, by).await {
+                if let Err(e) = ops::publish_to(&state, &resolved, data, None, None, by, will.meta.as_deref()).await {
                     tracing::debug!("MQTT will not published: {}", e.message);
                 }
             }
@@ -855,10 +857,15 @@ impl Conn {
                 Event::Publication(ref d) if matches!(d.publication.kind, Kind::Join | Kind::Leave) => {
                     held_bytes -= d.json().len();
                 }
-                Event::Publication(ref d) if self.is_own(d) => {
-                    // No Local: the client's own publication stays here; its session's
-                    // position moves past it all the same.
+                Event::Publication(ref d) if self.is_own(d) || d.publication.expired_now() => {
+                    // No Local: the client's own publication stays here; an expired one
+                    // is not sent (MQTT-3.3.2-5), nor again. The session's position
+                    // moves past it all the same.
                     held_bytes -= d.json().len();
+                    self.take_retained(d);
+                    if !self.rare.again.is_empty() {
+                        self.rare.again.remove(&(d.publication.channel.clone(), d.publication.offset));
+                    }
                     self.advance(&d.publication.channel, d.publication.position());
                 }
                 Event::Publication(ref d) => {
@@ -869,7 +876,10 @@ impl Conn {
                         continue;
                     }
                     held_bytes -= d.json().len();
-                    let retained = self.take_retained(d);
+                    // The retain flag: set on a channel's retained message sent for a
+                    // subscription, and — with Retain As Published — on a publication
+                    // published with it.
+                    let retained = self.take_retained(d) || self.as_published(d);
                     let stored = d.publication.kind == Kind::Stored;
                     let p = if qos >= 1 {
                         let confirms = stored.then(|| (d.publication.channel.clone(), d.publication.position()));
@@ -903,8 +913,7 @@ impl Conn {
                         if retained || !ids.is_empty() {
                             publish_of(self.version, d, 0, 0, retained, false, &ids)
                         } else {
-                            let slot = if self.version == Version::V5 { SLOT_V5 } else { SLOT_V311 };
-                            d.encoded(slot, |d| encode(self.version, d))
+                            shared(self.version, d)
                         }
                     };
                     if p.len() <= self.sink.max_packet {
@@ -957,7 +966,8 @@ impl Conn {
             && self.rare.retained.is_empty()
             && self.rare.resent.is_empty()
             && self.rare.sub_ids.is_empty()
-            && self.rare.no_local.is_empty();
+            && self.rare.no_local.is_empty()
+            && self.rare.rap.is_empty();
         let mut qos = self.qos.values();
         let first = qos.next().copied().unwrap_or(0);
         (plain && qos.all(|q| *q == first)).then_some(first)
@@ -1045,6 +1055,14 @@ impl Conn {
                 *p = position;
             }
         }
+    }
+
+    /// Whether `d` was published with the retain flag and a subscription it matches asked
+    /// for Retain As Published (MQTT 5).
+    fn as_published(&self, d: &switchboard_core::Delivery) -> bool {
+        !self.rare.rap.is_empty()
+            && d.publication.meta.as_ref().is_some_and(|m| m.retain)
+            && self.rare.rap.iter().any(|name| covers(name, &d.publication.channel))
     }
 
     /// Whether `d` is the retained publication of a channel just subscribed to.
@@ -1145,6 +1163,7 @@ impl Conn {
                                 self.qos.remove(&ch);
                                 self.rare.sub_ids.remove(&ch);
                                 self.rare.no_local.remove(&ch);
+                                self.rare.rap.remove(&ch);
                                 if let Ok(c) = ChannelName::parse(&ch) {
                                     self.rare.positions.remove(&c);
                                 }
@@ -1273,7 +1292,7 @@ impl Conn {
                     // Retain Handling 0) — without interrupting it.
                     if let Some(name) = self.filters.get(filter).cloned() {
                         self.qos.insert(name.clone(), granted);
-                        self.set_options(name.clone(), s.id, options.no_local);
+                        self.set_options(name.clone(), s.id, options.no_local, options.retain_as_published);
                         if options.retain_handling == 0 {
                             resend.push(name);
                         }
@@ -1319,7 +1338,7 @@ impl Conn {
                     match super::shared::join(&self.session.state, &group, t, &self.session.queue).await {
                         Ok(m) => {
                             self.qos.insert(name.clone(), granted);
-                            self.set_options(name, s.id, false);
+                            self.set_options(name, s.id, false, false);
                             self.rare.shared.insert(filter, m);
                             continue;
                         }
@@ -1349,7 +1368,7 @@ impl Conn {
                 }
             };
             match r {
-                Ok(()) => self.subscribed(filter, name, granted, s.id, options.no_local),
+                Ok(()) => self.subscribed(filter, name, granted, s.id, options.no_local, options.retain_as_published),
                 Err(e) => {
                     return Some(End::Protocol(0x80, format!("{}: subscribe failed: {}", e.code.as_str(), e.message)))
                 }
@@ -1444,18 +1463,23 @@ impl Conn {
 
     /// Records a subscription made: its filter, its channel or pattern, its QoS and
     /// identifier.
-    fn subscribed(&mut self, filter: String, name: String, qos: u8, id: Option<u32>, no_local: bool) {
+    fn subscribed(&mut self, filter: String, name: String, qos: u8, id: Option<u32>, no_local: bool, rap: bool) {
         self.qos.insert(name.clone(), qos);
-        self.set_options(name.clone(), id, no_local);
+        self.set_options(name.clone(), id, no_local, rap);
         self.filters.insert(filter, name);
     }
 
-    /// A subscription's MQTT 5 options: its identifier, No Local.
-    fn set_options(&mut self, name: String, id: Option<u32>, no_local: bool) {
+    /// A subscription's MQTT 5 options: its identifier, No Local, Retain As Published.
+    fn set_options(&mut self, name: String, id: Option<u32>, no_local: bool, rap: bool) {
         if no_local {
             self.rare.no_local.insert(name.clone());
         } else {
             self.rare.no_local.remove(&name);
+        }
+        if rap {
+            self.rare.rap.insert(name.clone());
+        } else {
+            self.rare.rap.remove(&name);
         }
         match id {
             Some(id) => self.rare.sub_ids.insert(name, id),
@@ -1498,7 +1522,7 @@ impl Conn {
                 }
             };
             match r {
-                Ok(()) => self.subscribed(sub.filter, sub.name, sub.qos, sub.id, sub.no_local),
+                Ok(()) => self.subscribed(sub.filter, sub.name, sub.qos, sub.id, sub.no_local, sub.rap),
                 Err(e) => {
                     tracing::debug!(client = %self.client_id, filter = %sub.filter, "MQTT session: not resubscribed: {}", e.message);
                 }
@@ -1528,6 +1552,7 @@ impl Conn {
                 qos: self.qos.get(name).copied().unwrap_or(0),
                 id: self.rare.sub_ids.get(name).copied(),
                 no_local: self.rare.no_local.contains(name),
+                rap: self.rare.rap.contains(name),
                 position: ChannelName::parse(name).ok().and_then(|c| self.rare.positions.get(&c).cloned()),
             })
             .collect();
@@ -1540,6 +1565,7 @@ impl Conn {
                 qos: 0,
                 id: None,
                 no_local: false,
+                rap: false,
                 position: None,
             };
             subs.push(sub);
@@ -1667,7 +1693,8 @@ impl Conn {
         let volatile = (p.qos == 0 && resolved.options.volatile).then_some(true);
         let channel = resolved.channel.clone();
         let by = ops::Publisher::Client { client: Some(&self.session.client), user: self.session.user() };
-        let answer = ops::publish_to(&self.session.state, &resolved, data, volatile, key, by).await?;
+        let meta = p.meta.as_deref();
+        let answer = ops::publish_to(&self.session.state, &resolved, data, volatile, key, by, meta).await?;
         if !self.rare.no_local.is_empty() {
             // Remembered for No Local (its delivery is in this connection's queue, read
             // after this packet).
@@ -1762,6 +1789,16 @@ fn encode(version: Version, d: &switchboard_core::Delivery) -> Bytes {
     publish_of(version, d, 0, 0, false, false, &[])
 }
 
+/// [`encode`], made once per publication and shared by its subscribers — but for a
+/// publication that expires: what is left of its expiry changes while it waits.
+fn shared(version: Version, d: &switchboard_core::Delivery) -> Bytes {
+    if d.publication.meta.as_ref().is_some_and(|m| m.ttl.is_some()) {
+        return encode(version, d);
+    }
+    let slot = if version == Version::V5 { SLOT_V5 } else { SLOT_V311 };
+    d.encoded(slot, |d| encode(version, d))
+}
+
 /// The PUBLISH of `d` for one client: at `qos` with `packet_id`, its flags, and the
 /// subscription identifiers it matches.
 fn publish_of(
@@ -1775,7 +1812,14 @@ fn publish_of(
 ) -> Bytes {
     let topic = super::topic_of(&d.publication.channel);
     let payload = super::payload_of(&d.publication.data);
-    codec::Outgoing { topic: &topic, payload: &payload, qos, packet_id, retain, dup, subscription_ids }.encode(version)
+    let meta = d.publication.meta.as_deref();
+    // What is left of its Message Expiry Interval, in whole seconds rounded up
+    // (MQTT-3.3.2-6); an expired one is not sent at all.
+    let expiry = meta
+        .and_then(|m| m.expires_at(d.publication.time))
+        .map(|at| at.saturating_sub(switchboard_core::now_millis()).div_ceil(1000).min(u32::MAX as u64) as u32);
+    codec::Outgoing { topic: &topic, payload: &payload, qos, packet_id, retain, dup, subscription_ids, meta, expiry }
+        .encode(version)
 }
 
 #[cfg(test)]
@@ -1792,6 +1836,7 @@ mod tests {
             data: Bytes::copy_from_slice(data.as_bytes()),
             time: 0,
             kind,
+            meta: None,
         }))
     }
 
@@ -1818,6 +1863,8 @@ mod tests {
             retain: false,
             dup: false,
             subscription_ids: &[],
+            meta: None,
+            expiry: None,
         };
         out.encode(Version::V311)
     }

@@ -24,6 +24,8 @@ pub struct KeptSub {
     pub id: Option<u32>,
     /// MQTT 5 No Local.
     pub no_local: bool,
+    /// MQTT 5 Retain As Published.
+    pub rap: bool,
     /// Where the client stood on the channel: the last publication written (QoS 0) or
     /// acknowledged (QoS 1). None for patterns: they are live-only.
     pub position: Option<StreamPosition>,
@@ -43,7 +45,7 @@ impl Kept {
             .subs
             .iter()
             .map(|s| {
-                json!({"filter": s.filter, "name": s.name, "qos": s.qos, "id": s.id, "no_local": s.no_local,
+                json!({"filter": s.filter, "name": s.name, "qos": s.qos, "id": s.id, "no_local": s.no_local, "rap": s.rap,
                     "position": s.position.as_ref().map(|p| format!("{}:{}", p.epoch, p.offset))})
             })
             .collect();
@@ -62,6 +64,7 @@ impl Kept {
                     qos: s["qos"].as_u64().unwrap_or(0).min(2) as u8,
                     id: s["id"].as_u64().and_then(|i| u32::try_from(i).ok()),
                     no_local: s["no_local"].as_bool().unwrap_or(false),
+                    rap: s["rap"].as_bool().unwrap_or(false),
                     position: s["position"].as_str().and_then(|p| crate::cursor::parse_position(p).ok()),
                 })
             })
