@@ -405,8 +405,10 @@ async fn wt_attempt(
     if let Some(t) = sub {
         v["token"] = json!(t);
     }
-    c.send(v).await;
-    match c.next().await {
+    // A session the server refused (a bad connection token) may be closed before the
+    // command is written, or after: either way the close says why.
+    let sent = c.try_send(v).await;
+    match if sent.is_ok() { c.next().await } else { None } {
         Some(reply) => reply["error"]["code"].as_str().map(str::to_string),
         None => {
             let (code, why) = c.closed().await;

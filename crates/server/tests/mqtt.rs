@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::mqtt::{packet, props_block, str16_of, Mqtt};
+use common::mqtt::{packet, props_block, str16_of, Mqtt, Via};
 use common::{channel, config, Sse, TestServer};
 use serde_json::{json, Value};
 use switchboard_client::Connection;
@@ -815,6 +815,43 @@ async fn publication_properties_cross(a: &TestServer, b: &TestServer) {
     }
     let (_, h) = b.get_json(&format!("/api/history?channel={ch}")).await;
     assert_eq!(h["publications"].as_array().map(Vec::len), Some(3), "nothing more was published");
+}
+
+/// MQTT 5 topic aliases from the server: a client that takes them (Topic Alias Maximum)
+/// gets a topic whole once, with an alias, and then the alias alone; topics past its
+/// maximum go whole. At QoS 0 and 1, over TCP and over the WebSocket endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_sends_topic_aliases_to_a_client_that_takes_them() {
+    let s = server().await;
+    for (via, qos) in [(Via::Tcp(s.mqtt.unwrap()), 0), (Via::Tcp(s.mqtt.unwrap()), 1), (Via::WebSocket(s.addr), 1)] {
+        let id = format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..));
+        let (a, b) = (format!("sensors/{id}/a"), format!("sensors/{id}/b"));
+        // Topic Alias Maximum 1: one alias for this client.
+        let mut c = Mqtt::connect_v5_via(via, &format!("alias-{id}"), &[0x22, 0, 1]).await;
+        for t in [&a, &b] {
+            assert_eq!(c.subscribe_qos(t, None, qos).await.0, qos);
+        }
+        for (t, n) in [(&a, 1), (&a, 2), (&b, 3), (&b, 4), (&a, 5)] {
+            s.publish(&t.replacen('/', ":", 1), json!(n)).await;
+        }
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let p = c.next_publish_unacked().await.unwrap();
+            if let Some(id) = p.packet_id {
+                c.puback(id).await;
+            }
+            let alias = p.props.windows(3).find(|w| w[0] == 0x23).map(|w| u16::from_be_bytes([w[1], w[2]]));
+            got.push((p.topic, String::from_utf8(p.payload).unwrap(), alias));
+        }
+        let want = vec![
+            (a.clone(), "1".to_string(), Some(1)), // defines alias 1
+            (String::new(), "2".into(), Some(1)),  // uses it
+            (b.clone(), "3".into(), None),         // past the maximum: whole
+            (b.clone(), "4".into(), None),
+            (String::new(), "5".into(), Some(1)),
+        ];
+        assert_eq!(got, want, "{via:?} QoS {qos}");
+    }
 }
 
 /// A shared subscription with members on two nodes (the Redis broker, the NATS broker):

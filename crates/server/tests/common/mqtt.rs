@@ -160,15 +160,20 @@ impl Mqtt {
         client_id: &str,
         password: Option<&str>,
     ) -> Result<Mqtt, (u8, String)> {
+        let link = Self::link(via).await;
+        Self::handshake(Mqtt { link, buf: Vec::new(), v5, next_id: 1 }, client_id, password, 60, None).await
+    }
+
+    /// A connection to the MQTT listener or the `/mqtt` endpoint, before CONNECT.
+    async fn link(via: Via) -> Link {
         match via {
-            Via::Tcp(addr) => Self::connect(addr, v5, client_id, password).await,
+            Via::Tcp(addr) => Link::Tcp(TcpStream::connect(addr).await.unwrap()),
             Via::WebSocket(http) => {
                 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
                 let mut req = format!("ws://{http}/mqtt").into_client_request().unwrap();
                 req.headers_mut().insert("sec-websocket-protocol", "mqtt".parse().unwrap());
                 let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("the /mqtt handshake");
-                let link = Link::Ws(Box::new(ws));
-                Self::handshake(Mqtt { link, buf: Vec::new(), v5, next_id: 1 }, client_id, password, 60, None).await
+                Link::Ws(Box::new(ws))
             }
         }
     }
@@ -241,8 +246,16 @@ impl Mqtt {
     /// MQTT 5 CONNECT with clean start and these raw CONNECT properties; `Err`: the
     /// CONNACK's reason code.
     pub async fn connect_v5_props(addr: std::net::SocketAddr, client_id: &str, props: &[u8]) -> Result<Mqtt, u8> {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut m = Mqtt { link: Link::Tcp(tcp), buf: Vec::new(), v5: true, next_id: 1 };
+        Self::connect_v5_props_via(Via::Tcp(addr), client_id, props).await
+    }
+
+    /// [`Self::connect_v5_props`] over TCP or the WebSocket endpoint, accepted.
+    pub async fn connect_v5_via(via: Via, client_id: &str, props: &[u8]) -> Mqtt {
+        Self::connect_v5_props_via(via, client_id, props).await.unwrap_or_else(|c| panic!("CONNACK {c:#x}"))
+    }
+
+    async fn connect_v5_props_via(via: Via, client_id: &str, props: &[u8]) -> Result<Mqtt, u8> {
+        let mut m = Mqtt { link: Self::link(via).await, buf: Vec::new(), v5: true, next_id: 1 };
         let mut body = Vec::new();
         str16(&mut body, b"MQTT");
         body.extend_from_slice(&[5, 0x02]);

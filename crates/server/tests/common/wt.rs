@@ -65,9 +65,15 @@ impl Wt {
     }
 
     pub async fn send(&mut self, v: Value) {
+        self.try_send(v).await.expect("stream write");
+    }
+
+    /// The same; `Err` when the session is gone (the server may close it at any time,
+    /// before this is written).
+    pub async fn try_send(&mut self, v: Value) -> Result<(), String> {
         let mut line = v.to_string().into_bytes();
         line.push(b'\n');
-        self.send_line(&line).await;
+        self.send.write_all(&line).await.map_err(|e| e.to_string())
     }
 
     /// The next line from the server; `None` once the stream ended.

@@ -663,6 +663,7 @@ pub fn publish(version: Version, topic: &str, payload: &[u8], retain: bool) -> B
         subscription_ids: &[],
         meta: None,
         expiry: None,
+        alias: None,
     }
     .encode(version)
 }
@@ -684,12 +685,16 @@ pub struct Outgoing<'a> {
     pub meta: Option<&'a Meta>,
     /// MQTT 5: the Message Expiry Interval left, seconds.
     pub expiry: Option<u32>,
+    /// MQTT 5: the topic alias it goes with, and whether the topic goes too (defining the
+    /// alias) — without it the topic is empty and the alias stands for it.
+    pub alias: Option<(u16, bool)>,
 }
 
 impl Outgoing<'_> {
     pub fn encode(&self, version: Version) -> Bytes {
         let mut b = BytesMut::with_capacity(self.topic.len() + self.payload.len() + 8);
-        put_str(&mut b, self.topic);
+        let aliased = version == Version::V5 && matches!(self.alias, Some((_, false)));
+        put_str(&mut b, if aliased { "" } else { self.topic });
         if self.qos > 0 {
             b.put_u16(self.packet_id);
         }
@@ -717,6 +722,10 @@ impl Outgoing<'_> {
                     p.put_u16(c.len() as u16);
                     p.put_slice(c);
                 }
+            }
+            if let Some((a, _)) = self.alias {
+                p.put_u8(0x23);
+                p.put_u16(a);
             }
             for id in self.subscription_ids {
                 p.put_u8(0x0B);
@@ -857,6 +866,7 @@ mod tests {
                 subscription_ids: &[],
                 meta: None,
                 expiry: None,
+                alias: None,
             };
             let b = out.encode(v);
             let (p, n) = decode(&b, Some(v), 1024).unwrap().unwrap();
@@ -918,6 +928,7 @@ mod tests {
             subscription_ids: &[7, 300],
             meta: None,
             expiry: None,
+            alias: None,
         };
         assert_eq!(&out.encode(Version::V5)[..], &[0x30, 10, 0, 1, b'x', 5, 0x0B, 7, 0x0B, 0xAC, 0x02, b'p']);
     }
@@ -943,6 +954,7 @@ mod tests {
             subscription_ids: &[],
             meta: Some(&meta),
             expiry: Some(60),
+            alias: None,
         };
         let b = out.encode(Version::V5);
         assert_eq!(read_publish(&b, Version::V5).meta.as_deref(), Some(&meta));

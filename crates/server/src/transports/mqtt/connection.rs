@@ -105,6 +105,9 @@ struct Conn {
     filters: HashMap<String, String>,
     /// Seconds; 0: no keep-alive.
     keep_alive: u16,
+    /// The client's Topic Alias Maximum (MQTT 5): how many aliases this server may define
+    /// for topics it sends; 0: none.
+    alias_max: u16,
     /// Keep the session after the connection ends, for this long.
     persist: Option<Duration>,
     /// The QoS granted to each subscribed channel or pattern.
@@ -127,6 +130,8 @@ struct Rare {
     /// QoS 2 packet ids received and acknowledged with PUBREC, awaiting PUBREL.
     qos2: HashSet<u16>,
     aliases: HashMap<u16, String>,
+    /// The topic aliases this server defined for the client (MQTT 5): topic → alias.
+    aliases_out: HashMap<String, u16>,
     /// Per channel subscribed with a retained publication: the offset up to which what
     /// arrives is that retained publication (sent with the retain flag).
     retained: Vec<(ChannelName, u64)>,
@@ -162,6 +167,7 @@ impl Rare {
     fn is_empty(&self) -> bool {
         self.qos2.is_empty()
             && self.aliases.is_empty()
+            && self.aliases_out.is_empty()
             && self.retained.is_empty()
             && self.resent.is_empty()
             && self.shared.is_empty()
@@ -350,7 +356,7 @@ impl Sink {
                         return Prepared::Full;
                     }
                     let id = w.packet_id(|_| false);
-                    let bytes = publish_of(self.version, d, qos, id, false, false, &[]);
+                    let bytes = publish_of(self.version, d, Sending { qos, packet_id: id, ..Sending::default() });
                     if bytes.len() > self.max_packet {
                         return Prepared::Skip;
                     }
@@ -742,6 +748,7 @@ async fn accept(
             buf,
             filters: HashMap::new(),
             keep_alive: connect.keep_alive,
+            alias_max: if version == Version::V5 { connect.topic_alias_maximum } else { 0 },
             persist: persist.map(Duration::from_secs),
             qos: HashMap::new(),
             direct: None,
@@ -880,6 +887,7 @@ impl Conn {
                     // subscription, and — with Retain As Published — on a publication
                     // published with it.
                     let retained = self.take_retained(d) || self.as_published(d);
+                    let alias = self.alias_for(&d.publication.channel);
                     let stored = d.publication.kind == Kind::Stored;
                     let p = if qos >= 1 {
                         let confirms = stored.then(|| (d.publication.channel.clone(), d.publication.position()));
@@ -902,7 +910,8 @@ impl Conn {
                                 };
                                 self.sink.window().inflight.push_back(Inflight { id, qos, released: false, confirms });
                                 let ids = self.ids_for(&d.publication.channel);
-                                publish_of(self.version, d, qos, id, retained, dup, &ids)
+                                let s = Sending { qos, packet_id: id, retain: retained, dup, ids: &ids, alias };
+                                publish_of(self.version, d, s)
                             }
                         }
                     } else {
@@ -910,18 +919,25 @@ impl Conn {
                             self.advance(&d.publication.channel, d.publication.position());
                         }
                         let ids = self.ids_for(&d.publication.channel);
-                        if retained || !ids.is_empty() {
-                            publish_of(self.version, d, 0, 0, retained, false, &ids)
+                        if retained || !ids.is_empty() || alias.is_some() {
+                            let s = Sending { retain: retained, ids: &ids, alias, ..Sending::default() };
+                            publish_of(self.version, d, s)
                         } else {
                             shared(self.version, d)
                         }
                     };
                     if p.len() <= self.sink.max_packet {
                         out.push(p);
-                    } else if qos >= 1 {
-                        // Never sent (over the client's maximum packet size): it must not
-                        // keep a place in the window, which no acknowledgement would free.
-                        self.sink.window().inflight.pop_back();
+                    } else {
+                        if qos >= 1 {
+                            // Never sent (over the client's maximum packet size): it must not
+                            // keep a place in the window, which no acknowledgement would free.
+                            self.sink.window().inflight.pop_back();
+                        }
+                        if let Some((_, true)) = alias {
+                            // Nor does the alias it would have defined exist.
+                            self.rare.aliases_out.remove(&super::topic_of(&d.publication.channel));
+                        }
                     }
                 }
                 // Acknowledgements, pings and direct messages never wait behind the
@@ -961,6 +977,7 @@ impl Conn {
     /// of its task — the direct path may write them (see [`Sink`]); `None` otherwise.
     fn plain_qos(&self) -> Option<u8> {
         let plain = self.persist.is_none()
+            && self.alias_max == 0
             && self.rare.held.is_empty()
             && self.rare.again.is_empty()
             && self.rare.retained.is_empty()
@@ -1055,6 +1072,27 @@ impl Conn {
                 *p = position;
             }
         }
+    }
+
+    /// The topic alias a publication on `channel` goes out with (MQTT 5, to a client that
+    /// takes them): its topic's alias once it has one — the first `alias_max` topics sent
+    /// get one each, defined by the PUBLISH that first carries it (the topic and the
+    /// alias) — else none, and the topic goes whole.
+    fn alias_for(&mut self, channel: &ChannelName) -> Option<(u16, bool)> {
+        if self.alias_max == 0 {
+            return None;
+        }
+        let topic = super::topic_of(channel);
+        if let Some(a) = self.rare.aliases_out.get(&topic) {
+            return Some((*a, false));
+        }
+        let defined = self.rare.aliases_out.len();
+        if defined >= self.alias_max as usize {
+            return None;
+        }
+        let alias = defined as u16 + 1;
+        self.rare.aliases_out.insert(topic, alias);
+        Some((alias, true))
     }
 
     /// Whether `d` was published with the retain flag and a subscription it matches asked
@@ -1786,7 +1824,22 @@ fn reason_for(version: Version, e: &ApiError) -> u8 {
 
 /// The PUBLISH every QoS 0 subscriber of `d` without identifiers gets, not retained.
 fn encode(version: Version, d: &switchboard_core::Delivery) -> Bytes {
-    publish_of(version, d, 0, 0, false, false, &[])
+    publish_of(version, d, Sending::default())
+}
+
+/// How one client is sent a publication.
+#[derive(Default, Clone, Copy)]
+struct Sending<'a> {
+    qos: u8,
+    /// For QoS 1 and 2.
+    packet_id: u16,
+    retain: bool,
+    /// Sent again, unacknowledged, with the same packet id.
+    dup: bool,
+    /// MQTT 5: the identifiers of the subscriptions it matches.
+    ids: &'a [u32],
+    /// MQTT 5: the topic alias, and whether the topic goes with it (defining it).
+    alias: Option<(u16, bool)>,
 }
 
 /// [`encode`], made once per publication and shared by its subscribers — but for a
@@ -1799,17 +1852,8 @@ fn shared(version: Version, d: &switchboard_core::Delivery) -> Bytes {
     d.encoded(slot, |d| encode(version, d))
 }
 
-/// The PUBLISH of `d` for one client: at `qos` with `packet_id`, its flags, and the
-/// subscription identifiers it matches.
-fn publish_of(
-    version: Version,
-    d: &switchboard_core::Delivery,
-    qos: u8,
-    packet_id: u16,
-    retain: bool,
-    dup: bool,
-    subscription_ids: &[u32],
-) -> Bytes {
+/// The PUBLISH of `d` for one client, as `s` says.
+fn publish_of(version: Version, d: &switchboard_core::Delivery, s: Sending<'_>) -> Bytes {
     let topic = super::topic_of(&d.publication.channel);
     let payload = super::payload_of(&d.publication.data);
     let meta = d.publication.meta.as_deref();
@@ -1818,8 +1862,20 @@ fn publish_of(
     let expiry = meta
         .and_then(|m| m.expires_at(d.publication.time))
         .map(|at| at.saturating_sub(switchboard_core::now_millis()).div_ceil(1000).min(u32::MAX as u64) as u32);
-    codec::Outgoing { topic: &topic, payload: &payload, qos, packet_id, retain, dup, subscription_ids, meta, expiry }
-        .encode(version)
+    let Sending { qos, packet_id, retain, dup, ids: subscription_ids, alias } = s;
+    codec::Outgoing {
+        topic: &topic,
+        payload: &payload,
+        qos,
+        packet_id,
+        retain,
+        dup,
+        subscription_ids,
+        meta,
+        expiry,
+        alias,
+    }
+    .encode(version)
 }
 
 #[cfg(test)]
@@ -1865,6 +1921,7 @@ mod tests {
             subscription_ids: &[],
             meta: None,
             expiry: None,
+            alias: None,
         };
         out.encode(Version::V311)
     }
