@@ -1,13 +1,15 @@
-//! One heartbeat for all of a server's WebSocket connections, instead of a timer and a
-//! shutdown watch in each (an idle connection's task kept both in its state: a tenth of
-//! its memory).
+//! One heartbeat for all of a server's WebSocket and MQTT connections, instead of a timer
+//! and a shutdown watch in each (an idle connection's task kept both in its state: a
+//! tenth of its memory).
 //!
 //! A single task visits one of [`SLOTS`] slots every `ws.ping_interval_secs / SLOTS`; a
 //! connection joins the slot visited last, so it gets its first beat about one ping
 //! interval after it connected and one every interval after that, as with a timer of its
 //! own (to within a slot). A beat wakes the connection's task through its queue
 //! ([`ConnQueue::beat`]); the task then pings, checks for a heartbeat timeout and
-//! refreshes presence as its own timer used to.
+//! refreshes presence as its own timer used to (MQTT: refreshes presence, saves a
+//! persistent session and checks keep-alive, arming a timer of its own only for the last
+//! interval before keep-alive runs out).
 //!
 //! At shutdown the same task closes every joined queue with
 //! [`CloseReason::Shutdown`], which each connection answers with its goodbye; a

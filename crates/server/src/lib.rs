@@ -362,22 +362,8 @@ impl Server {
                     state.metrics.refused_total_cap.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     continue;
                 }
-                let state = state.clone();
-                tokio::spawn(guarded(state.metrics.clone(), "mqtt connection", async move {
-                    use transports::mqtt::connection::{Io, SharedTcp};
-                    let (io, direct): (Io, _) = match (tls, state.tls.clone()) {
-                        // (Boxed: the handshake's state must not size every connection's task.)
-                        (true, Some(t)) => match Box::pin(listener::tls_handshake(tcp, &t, &state, peer)).await {
-                            Some(s) => (Box::new(s), None),
-                            None => return,
-                        },
-                        _ => {
-                            let tcp = std::sync::Arc::new(tcp);
-                            (Box::new(SharedTcp(tcp.clone())), Some(tcp))
-                        }
-                    };
-                    transports::mqtt::connection::serve(io, state, peer, slot, direct).await
-                }));
+                let serve = transports::mqtt::connection::serve_accepted(tcp, tls, state.clone(), peer, slot);
+                tokio::spawn(guarded(state.metrics.clone(), "mqtt connection", serve));
                 continue;
             }
             conns.spawn(tcp, peer, slot, reserve, which);

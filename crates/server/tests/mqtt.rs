@@ -210,6 +210,52 @@ async fn the_will_is_published_when_a_client_vanishes_not_when_it_disconnects() 
     assert_eq!(data, vec![json!("offline"), json!("timed out")]);
 }
 
+/// A keep-alive longer than the heartbeat wheel's interval (crate::heartbeat): the wheel's
+/// beats watch it and the connection's own timer takes over for the last interval — a
+/// silent client is still closed, and its will sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_longer_than_the_heartbeat_interval_still_closes_a_silent_client() {
+    let s = TestServer::start(config(&format!("{CONFIG}[ws]\nping_interval_secs = 1\n"))).await;
+    let addr = s.mqtt.unwrap();
+    let id = channel("x").replace("x:", "");
+    let will_topic = format!("sensors/{id}/status");
+    let mut watcher = Mqtt::connect(addr, true, &format!("watcher-{id}"), None).await.unwrap();
+    assert_eq!(watcher.subscribe(&will_topic, None).await.0, 0);
+    let will = Some((will_topic.as_str(), &b"timed out"[..]));
+    let mut quiet = Mqtt::connect_with(addr, true, &format!("quiet-{id}"), None, 3, will).await.unwrap();
+    assert!(quiet.read().await.is_none(), "closed by the server");
+    assert_eq!(watcher.next_publish().await.unwrap().1, b"timed out");
+}
+
+/// At shutdown an MQTT 5 client is told why (DISCONNECT 0x8B Server shutting down) and
+/// an MQTT 3.1.1 one is closed — over TCP and over the WebSocket endpoint; the server
+/// finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_disconnects_mqtt_clients_with_server_shutting_down() {
+    let s = server().await;
+    let (tcp, ws) = (Via::Tcp(s.mqtt.unwrap()), Via::WebSocket(s.addr));
+    let mut clients = Vec::new();
+    for (via, v5) in [(tcp, true), (tcp, false), (ws, true)] {
+        let id = format!("bye-{}-{v5}-{}", clients.len(), fastrand::u32(..));
+        let mut c = Mqtt::connect_via(via, v5, &id, None).await.unwrap();
+        assert_eq!(c.subscribe(&format!("sensors/{id}"), None).await.0, 0);
+        clients.push((c, v5));
+    }
+    let stop = tokio::spawn(s.shutdown());
+    for (mut c, v5) in clients {
+        let mut last = None;
+        while let Some((first, body)) = c.read().await {
+            last = Some((first, body));
+        }
+        let last = last.map(|(first, body)| (first, body[0]));
+        match v5 {
+            true => assert_eq!(last, Some((0xE0, 0x8B)), "DISCONNECT 0x8B, then the close"),
+            false => assert_eq!(last, None, "MQTT 3.1.1: closed"),
+        }
+    }
+    stop.await.unwrap();
+}
+
 #[tokio::test]
 async fn a_second_connection_with_the_same_client_id_takes_it_over() {
     let s = server().await;

@@ -659,8 +659,28 @@ impl<K: PartialEq, V> SmallMap<K, V> {
         Some(v)
     }
 
+    pub(crate) fn get<Q>(&self, k: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
+        self.position(k).map(|i| &self.0[i].1)
+    }
+
+    /// Sets `k` to `v`, replacing what it had.
+    pub(crate) fn set(&mut self, k: K, v: V) {
+        match self.position(&k) {
+            Some(i) => self.0[i].1 = v,
+            None => self.insert(k, v),
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.0.len()
+    }
+
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &K> {
+        self.0.iter().map(|(k, _)| k)
     }
 
     pub(crate) fn clear(&mut self) {

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::codec::{self, Connect, Packet, Version};
 use crate::app::AppState;
 use crate::auth::Operation;
-use crate::commands::{ops, Session, Wire};
+use crate::commands::{ops, Session, SmallMap, Wire};
 use crate::error::{ApiError, Code};
 
 /// MQTT replies are packets the connection writes itself; the session's own text pushes
@@ -85,6 +85,18 @@ struct Inflight {
     confirms: Option<(ChannelName, switchboard_core::StreamPosition)>,
 }
 
+/// What ended one wait of the connection's task.
+#[derive(Default)]
+struct Woke {
+    read: Option<std::io::Result<usize>>,
+    /// The queue has something (or closed, or beat).
+    changed: bool,
+    /// The keep-alive timer fired.
+    keep_alive: bool,
+    /// The connection token expired.
+    token_expired: bool,
+}
+
 /// A subscription that passed its checks.
 enum Target {
     Channel(crate::session::Resolved),
@@ -101,8 +113,9 @@ struct Conn {
     client_id: String,
     tcp: Io,
     buf: BytesMut,
-    /// MQTT filter → the channel or pattern it subscribed.
-    filters: HashMap<String, String>,
+    /// MQTT filter → the channel or pattern it subscribed. (Small maps, not hash maps:
+    /// a client has one or a few, and a hash map's smallest table cost each ~200 bytes.)
+    filters: SmallMap<String, String>,
     /// Seconds; 0: no keep-alive.
     keep_alive: u16,
     /// The client's Topic Alias Maximum (MQTT 5): how many aliases this server may define
@@ -111,7 +124,7 @@ struct Conn {
     /// Keep the session after the connection ends, for this long.
     persist: Option<Duration>,
     /// The QoS granted to each subscribed channel or pattern.
-    qos: HashMap<String, u8>,
+    qos: SmallMap<String, u8>,
     /// Subscribed to `$direct`: registered for direct messages.
     direct: Option<crate::registry::ClientRegistration>,
     /// The window of QoS 1 and 2 publications; for plain TCP, the queue's direct path.
@@ -445,21 +458,61 @@ impl DirectWrite for Sink {
     }
 }
 
+/// Serves a connection accepted on the MQTT listener (`tls`: the MQTT-over-TLS one)
+/// until it ends.
+pub fn serve_accepted(
+    tcp: TcpStream,
+    tls: bool,
+    state: AppState,
+    peer: SocketAddr,
+    slot: impl Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send {
+    let tracked = state.track_upgraded();
+    let starting = Box::pin(async move {
+        let (io, direct): (Io, _) = match (tls, state.tls.clone()) {
+            (true, Some(t)) => match crate::listener::tls_handshake(tcp, &t, &state, peer).await {
+                Some(s) => (Box::new(s), None),
+                None => return (None, state),
+            },
+            _ => {
+                let tcp = Arc::new(tcp);
+                (Box::new(SharedTcp(tcp.clone())), Some(tcp))
+            }
+        };
+        (start(io, &state, peer, direct).await, state)
+    });
+    serve_started(starting, tracked, slot)
+}
+
 /// Serves an accepted MQTT connection until it ends. `direct`: the plain TCP socket
 /// under `tcp`, for writing from the fan-out.
-pub async fn serve(
+pub fn serve(
     tcp: Io,
     state: AppState,
     peer: SocketAddr,
     slot: impl Send + 'static,
     direct: Option<Arc<TcpStream>>,
-) {
-    let _tracked = state.track_upgraded();
+) -> impl std::future::Future<Output = ()> + Send {
+    let tracked = state.track_upgraded();
+    let starting = Box::pin(async move { (start(tcp, &state, peer, direct).await, state) });
+    serve_started(starting, tracked, slot)
+}
+
+/// The connection's start: CONNECT read and answered, or `None`.
+type Starting = Pin<
+    Box<dyn std::future::Future<Output = (Option<(Box<Accepted>, crate::metrics::ConnectionGauge)>, AppState)> + Send>,
+>;
+
+/// The connection, once `starting` has accepted it. One-off work is boxed — the
+/// handshake and CONNECT in `starting` with what only they need (the socket, the peer's
+/// address), resuming a session, packet handling, the goodbye: its state must not sit in
+/// every idle connection's future.
+async fn serve_started(starting: Starting, _tracked: crate::app::UpgradedGuard, slot: impl Send + 'static) {
     let _slot = slot;
-    // One-off work is boxed: its state must not sit in every idle connection's future
-    // (the handshake, resuming a session, packet handling, the goodbye).
-    let Some((mut conn, _gauge)) = Box::pin(start(tcp, &state, peer, direct)).await else { return };
+    let (Some((mut conn, _gauge)), state) = starting.await else { return };
     let _closes = crate::transports::CloseOnDrop(conn.c.session.queue.clone());
+    // Beats for presence, the kept session and keep-alive; the close at shutdown.
+    crate::heartbeat::Heartbeats::join(&state, &conn.c.session.queue);
     if conn.c.sink.stream.is_some() {
         conn.c.session.queue.set_direct(conn.c.sink.clone());
     }
@@ -746,11 +799,11 @@ async fn accept(
             client_id,
             tcp,
             buf,
-            filters: HashMap::new(),
+            filters: SmallMap::default(),
             keep_alive: connect.keep_alive,
             alias_max: if version == Version::V5 { connect.topic_alias_maximum } else { 0 },
             persist: persist.map(Duration::from_secs),
-            qos: HashMap::new(),
+            qos: SmallMap::default(),
             direct: None,
             sink,
             jwt_auth,
@@ -767,76 +820,99 @@ impl Conn {
         // MQTT 3.1.2.10: one and a half keep-alive periods of silence end the connection.
         let allowed = keep_alive + keep_alive / 2;
         let mut last_seen = Instant::now();
-        let mut shutdown = self.session.state.shutdown.clone();
-        let mut shutdown_seen = false;
         let server_max = self.session.state.config.mqtt.max_packet_bytes;
-        // Presence entries expire unless refreshed, as the WebSocket's pings refresh them.
-        let every = Duration::from_secs(self.session.state.config.ws.ping_interval_secs.max(1));
-        let mut next_refresh = Instant::now() + every;
+        // The server's heartbeat wheel (crate::heartbeat) beats once per ping interval:
+        // presence is refreshed, the session saved and keep-alive checked then. Only in
+        // the last interval before keep-alive runs out does the connection arm a timer of
+        // its own (so a client with a keep-alive shorter than the interval keeps one).
+        let interval = Duration::from_secs(self.session.state.config.ws.ping_interval_secs.max(1));
+        let mut keep_alive_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             // Packets already buffered first.
             loop {
-                let version = Some(self.version);
-                match codec::decode(&self.buf, version, server_max) {
+                // (The packet is taken out of the decoder's result before the await: the
+                // result's other variants must not sit in the state.)
+                let p = match codec::decode(&self.buf, Some(self.version), server_max) {
                     Ok(Some((p, n))) => {
                         let _ = self.buf.split_to(n);
-                        last_seen = Instant::now();
-                        if let Some(end) = Box::pin(self.packet(p)).await {
-                            return end;
-                        }
+                        p
                     }
                     Ok(None) => break,
                     Err(e) => return End::Protocol(e.reason_code(), e.message()),
+                };
+                last_seen = Instant::now();
+                if let Some(end) = Box::pin(self.packet(p)).await {
+                    return end;
                 }
             }
             if self.buf.is_empty() && self.buf.capacity() > 0 {
                 // Nothing partial: an idle connection holds no read buffer.
                 self.buf = BytesMut::new();
             }
-            if *shutdown.borrow() && !shutdown_seen {
-                shutdown_seen = true;
-                self.session.queue.close(CloseReason::Shutdown);
-            }
             // (Boxed, as the rest of the occasional work: an idle connection's state
-            // holds only what it waits on.)
+            // holds only what it waits on.) At shutdown the wheel closes the queue: this
+            // then says goodbye.
             if let Err(end) = Box::pin(self.write_queued()).await {
                 return end;
             }
             self.rare.trim();
             self.set_plain(self.plain_qos());
-            // One timer: the next presence refresh, or keep-alive running out first.
             let expires = (!keep_alive.is_zero()).then(|| last_seen + allowed);
-            let wake = expires.map_or(next_refresh, |e| e.min(next_refresh));
-            tokio::select! {
-                r = read_some(&mut self.tcp, &mut self.buf) => match r {
-                    Ok(0) | Err(_) => return End::Lost,
-                    Ok(_) => {}
-                },
-                _ = self.session.queue.changed() => {}
-                _ = tokio::time::sleep_until(wake) => {
-                    if expires.is_some_and(|e| Instant::now() >= e) {
-                        return End::Lost;
-                    }
-                }
-                _ = crate::transports::maybe_sleep(&mut self.session.timer), if self.session.timer.is_some() => {
-                    self.session.queue.close(CloseReason::TokenExpired);
-                }
-                r = shutdown.changed(), if !shutdown_seen => {
-                    if r.is_err() {
-                        // (No one left to say so: the server is gone.)
-                        shutdown_seen = true;
-                        self.session.queue.close(CloseReason::Shutdown);
-                    }
-                }
-            }
-            if Instant::now() >= next_refresh {
-                next_refresh = Instant::now() + every;
+            if self.session.queue.take_beat() {
                 Box::pin(self.session.refresh_presence()).await;
                 // A persistent session is saved now and then while connected, so a node
                 // that dies without closing still leaves it (positions at most one
                 // interval old: what follows them comes again, at least once).
                 Box::pin(self.keep_session()).await;
             }
+            match expires {
+                Some(e) if Instant::now() >= e => {
+                    // A stall of this process must not count against the client: what
+                    // its socket already holds is a sign of life.
+                    let (io, buf) = (&mut self.tcp, &mut self.buf);
+                    let got = std::future::poll_fn(|cx| Poll::Ready(poll_read_some(io, buf, cx))).await;
+                    match got {
+                        Poll::Ready(Ok(n)) if n > 0 => continue,
+                        _ => return End::Lost,
+                    }
+                }
+                Some(e) if e <= Instant::now() + interval => match keep_alive_timer.as_mut() {
+                    Some(t) => t.as_mut().reset(e),
+                    None => keep_alive_timer = Some(Box::pin(tokio::time::sleep_until(e))),
+                },
+                _ => keep_alive_timer = None,
+            }
+            // One wait on everything, polled by hand rather than by `select!`, whose
+            // branch futures would sit in every idle connection's state.
+            let this = &mut *self;
+            let timer = &mut keep_alive_timer;
+            let woke = std::future::poll_fn(move |cx| {
+                let mut w = Woke::default();
+                if let Poll::Ready(r) = poll_read_some(&mut this.tcp, &mut this.buf, cx) {
+                    w.read = Some(r);
+                }
+                w.changed = this.session.queue.poll_changed(cx).is_ready();
+                if let Some(t) = timer.as_mut() {
+                    w.keep_alive = std::future::Future::poll(t.as_mut(), cx).is_ready();
+                }
+                if let Some(t) = this.session.timer.as_mut() {
+                    w.token_expired = std::future::Future::poll(t.as_mut(), cx).is_ready();
+                }
+                if w.read.is_some() || w.changed || w.keep_alive || w.token_expired {
+                    Poll::Ready(w)
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            if let Some(Ok(0) | Err(_)) = woke.read {
+                return End::Lost;
+            }
+            if woke.token_expired {
+                self.session.timer = None;
+                self.session.queue.close(CloseReason::TokenExpired);
+            }
+            // (A keep-alive timer that fired is read at the top: `expires` has passed.)
         }
     }
 
@@ -1329,7 +1405,7 @@ impl Conn {
                     // options, and its retained message again (MQTT-3.8.4-3; MQTT 5 with
                     // Retain Handling 0) — without interrupting it.
                     if let Some(name) = self.filters.get(filter).cloned() {
-                        self.qos.insert(name.clone(), granted);
+                        self.qos.set(name.clone(), granted);
                         self.set_options(name.clone(), s.id, options.no_local, options.retain_as_published);
                         if options.retain_handling == 0 {
                             resend.push(name);
@@ -1375,7 +1451,7 @@ impl Conn {
                 Target::Shared(group, t) => {
                     match super::shared::join(&self.session.state, &group, t, &self.session.queue).await {
                         Ok(m) => {
-                            self.qos.insert(name.clone(), granted);
+                            self.qos.set(name.clone(), granted);
                             self.set_options(name, s.id, false, false);
                             self.rare.shared.insert(filter, m);
                             continue;
@@ -1502,9 +1578,9 @@ impl Conn {
     /// Records a subscription made: its filter, its channel or pattern, its QoS and
     /// identifier.
     fn subscribed(&mut self, filter: String, name: String, qos: u8, id: Option<u32>, no_local: bool, rap: bool) {
-        self.qos.insert(name.clone(), qos);
+        self.qos.set(name.clone(), qos);
         self.set_options(name.clone(), id, no_local, rap);
-        self.filters.insert(filter, name);
+        self.filters.set(filter, name);
     }
 
     /// A subscription's MQTT 5 options: its identifier, No Local, Retain As Published.
@@ -1782,17 +1858,14 @@ impl Conn {
 
 /// Reads what is there into `buf`, through a buffer on the stack of one poll: waiting
 /// for input holds no buffer.
-fn read_some<'a>(
-    io: &'a mut Io,
-    buf: &'a mut BytesMut,
-) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
-    std::future::poll_fn(move |cx| {
-        let mut stack = [0u8; 4096];
-        let mut rb = ReadBuf::new(&mut stack);
-        ready!(Pin::new(&mut **io).poll_read(cx, &mut rb))?;
-        buf.extend_from_slice(rb.filled());
-        Poll::Ready(Ok(rb.filled().len()))
-    })
+/// Reads what the socket has into `buf` (through a buffer on the stack: an idle
+/// connection keeps none).
+fn poll_read_some(io: &mut Io, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+    let mut stack = [0u8; 4096];
+    let mut rb = ReadBuf::new(&mut stack);
+    ready!(Pin::new(&mut *io).poll_read(cx, &mut rb))?;
+    buf.extend_from_slice(rb.filled());
+    Poll::Ready(Ok(rb.filled().len()))
 }
 
 /// Writes `bytes` and flushes: a TLS or WebSocket stream may hold what it was given.
