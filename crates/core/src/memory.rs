@@ -226,7 +226,7 @@ impl MemoryBroker {
                 log.last_used = now;
                 let expires = time.saturating_add(history_ttl_ms);
                 if history_size > 0 && expires > now_ms {
-                    let (data, meta) = crate::publication::unwrap(data);
+                    let (data, meta) = crate::Meta::split(data);
                     let delivery = Delivery::new(Publication {
                         channel: channel.clone(),
                         offset,
@@ -450,7 +450,7 @@ impl Broker for MemoryBroker {
             };
             log.top += 1;
             log.last_used = now;
-            let (data, meta) = crate::publication::unwrap(data);
+            let (data, meta) = crate::Meta::split(data);
             let delivery = Delivery::new(Publication {
                 channel: channel.clone(),
                 offset: log.top,
@@ -494,7 +494,7 @@ impl Broker for MemoryBroker {
         let log = lock(&log);
         if self.routed(&log, channel) {
             if let Some(handler) = self.handler.get() {
-                let (data, meta) = crate::publication::unwrap(data);
+                let (data, meta) = crate::Meta::split(data);
                 handler.handle_publication(Delivery::new(Publication {
                     channel: channel.clone(),
                     offset: 0,

@@ -148,7 +148,7 @@ impl Meta {
 
     /// `data` as brokers store and forward it: unchanged without a meta, else
     /// `0x01 <meta JSON> \n <data>` (JSON holds no raw newline). Brokers hand the bytes
-    /// on as they are; whoever makes a [`Publication`] of them reads them with [`unwrap`].
+    /// on as they are; whoever makes a [`Publication`] of them reads them with [`Meta::split`].
     pub fn wrap(meta: Option<&Meta>, data: Bytes) -> Bytes {
         let Some(m) = meta.filter(|m| !m.is_empty()) else { return data };
         let mut v = vec![WRAPPED];
@@ -157,18 +157,18 @@ impl Meta {
         v.extend_from_slice(&data);
         Bytes::from(v)
     }
-}
 
-/// The publication's data and meta from what a broker stored ([`Meta::wrap`]). Data
-/// that is not wrapped is returned as it is; a wrapped one whose meta cannot be read
-/// (never written by this server) loses the meta, not the data.
-pub fn unwrap(stored: Bytes) -> (Bytes, Option<Arc<Meta>>) {
-    if stored.first() != Some(&WRAPPED) {
-        return (stored, None);
+    /// The publication's data and meta from what a broker stored ([`Meta::wrap`]). Data
+    /// that is not wrapped is returned as it is; a wrapped one whose meta cannot be read
+    /// (never written by this server) loses the meta, not the data.
+    pub fn split(stored: Bytes) -> (Bytes, Option<Arc<Meta>>) {
+        if stored.first() != Some(&WRAPPED) {
+            return (stored, None);
+        }
+        let Some(end) = stored.iter().position(|b| *b == b'\n') else { return (stored.slice(1..), None) };
+        let meta = serde_json::from_slice::<Meta>(&stored[1..end]).ok().map(Arc::new);
+        (stored.slice(end + 1..), meta)
     }
-    let Some(end) = stored.iter().position(|b| *b == b'\n') else { return (stored.slice(1..), None) };
-    let meta = serde_json::from_slice::<Meta>(&stored[1..end]).ok().map(Arc::new);
-    (stored.slice(end + 1..), meta)
 }
 
 impl Publication {
@@ -378,12 +378,12 @@ mod tests {
         let data = Bytes::from_static(b"{\"x\":1}");
         let stored = Meta::wrap(Some(&meta), data.clone());
         assert_eq!(stored[0], WRAPPED);
-        let (back, m) = unwrap(stored);
+        let (back, m) = Meta::split(stored);
         assert_eq!((back, m.as_deref()), (data.clone(), Some(&meta)));
         // Without a meta (or an empty one) the data is stored as it is.
         assert_eq!(Meta::wrap(None, data.clone()), data);
         assert_eq!(Meta::wrap(Some(&Meta::default()), data.clone()), data);
-        assert_eq!(unwrap(data.clone()), (data.clone(), None));
+        assert_eq!(Meta::split(data.clone()), (data.clone(), None));
         let p = Publication {
             channel: ChannelName::parse("c").unwrap(),
             offset: 1,

@@ -538,7 +538,7 @@ impl NatsBroker {
             if m.offset < want || m.offset < floor || m.expires <= now {
                 break;
             }
-            let (data, extra) = switchboard_core::publication::unwrap(e.payload);
+            let (data, extra) = switchboard_core::Meta::split(e.payload);
             kept.push(Delivery::new(Publication {
                 channel: channel.clone(),
                 offset: m.offset,
@@ -599,7 +599,7 @@ impl NatsBroker {
             _ => return None, // an epoch marker
         };
         let (epoch, offset) = if kind == Kind::Stored { (m.epoch, m.offset) } else { (Arc::from(""), 0) };
-        let (data, extra) = switchboard_core::publication::unwrap(payload);
+        let (data, extra) = switchboard_core::Meta::split(payload);
         Some(Publication { channel, offset, epoch, data, time: m.time, kind, meta: extra })
     }
 

@@ -247,7 +247,7 @@ impl RedisBroker {
             let offset: u64 = s(i)?.parse().map_err(unavailable)?;
             let time: u64 = s(i + 1)?.parse().map_err(unavailable)?;
             let data: Vec<u8> = redis::from_redis_value_ref(&reply[i + 2]).map_err(unavailable)?;
-            let (data, meta) = switchboard_core::publication::unwrap(Bytes::from(data));
+            let (data, meta) = switchboard_core::Meta::split(Bytes::from(data));
             publications.push(Delivery::new(Publication {
                 channel: channel.clone(),
                 offset,
@@ -296,7 +296,7 @@ fn parse_message(channel: ChannelName, payload: &[u8]) -> Option<Publication> {
     let epoch = std::str::from_utf8(parts.next()?).ok()?;
     let offset = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
     let time = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
-    let (data, meta) = switchboard_core::publication::unwrap(Bytes::copy_from_slice(parts.next()?));
+    let (data, meta) = switchboard_core::Meta::split(Bytes::copy_from_slice(parts.next()?));
     Some(Publication { channel, offset, epoch: Arc::from(epoch), data, time, kind, meta })
 }
 
