@@ -943,13 +943,15 @@ impl Conn {
                 Event::Publication(ref d) if self.is_own(d) || d.publication.expired_now() => {
                     // No Local: the client's own publication stays here; an expired one
                     // is not sent (MQTT-3.3.2-5), nor again. The session's position
-                    // moves past it all the same.
+                    // moves past a stored one all the same (a volatile one has none).
                     held_bytes -= d.json().len();
                     self.take_retained(d);
-                    if !self.rare.again.is_empty() {
-                        self.rare.again.remove(&(d.publication.channel.clone(), d.publication.offset));
+                    if d.publication.is_stored() {
+                        if !self.rare.again.is_empty() {
+                            self.rare.again.remove(&(d.publication.channel.clone(), d.publication.offset));
+                        }
+                        self.advance(&d.publication.channel, d.publication.position());
                     }
-                    self.advance(&d.publication.channel, d.publication.position());
                 }
                 Event::Publication(ref d) => {
                     let qos = self.qos_for(&d.publication.channel);
