@@ -49,18 +49,22 @@ hmac_secret = "{SECRET}"
 [namespaces.open]
 allow_publish = true
 presence = true
+join_leave = true
 [namespaces.secure]
 require_token = true
 allow_publish = true
 presence = true
+join_leave = true
 [namespaces.user]
 user_limited = true
 allow_publish = true
 presence = true
+join_leave = true
 [namespaces.vip]
 private = true
 allow_publish = true
 presence = true
+join_leave = true
 "#
     )
 }
@@ -155,6 +159,8 @@ enum Way {
     /// a subscription token as the user property `token`.
     MqttSubscribe,
     MqttPublish,
+    /// MQTT SUBSCRIBE to `$presence/{topic}`: the channel's join and leave events.
+    MqttPresence,
     /// The same over MQTT's WebSocket endpoint (`/mqtt`).
     MqttWsSubscribe,
     MqttWsPublish,
@@ -162,7 +168,7 @@ enum Way {
     WtCommand(&'static str),
 }
 
-const WAYS: [(Way, Operation); 21] = [
+const WAYS: [(Way, Operation); 22] = [
     (Way::WsCommand("subscribe"), Operation::Subscribe),
     (Way::WsCommand("history"), Operation::History),
     (Way::WsCommand("presence"), Operation::Presence),
@@ -177,6 +183,7 @@ const WAYS: [(Way, Operation); 21] = [
     (Way::HttpHistory, Operation::History),
     (Way::MqttSubscribe, Operation::Subscribe),
     (Way::MqttPublish, Operation::Publish),
+    (Way::MqttPresence, Operation::Presence),
     (Way::MqttWsSubscribe, Operation::Subscribe),
     (Way::MqttWsPublish, Operation::Publish),
     (Way::WtCommand("subscribe"), Operation::Subscribe),
@@ -298,7 +305,7 @@ async fn attempt(s: &TestServer, link: &mut Link, way: Way, channel: &str, calle
     }
     let over_h2 = matches!(link, Link::Http2(_));
     match way {
-        Way::MqttSubscribe | Way::MqttPublish | Way::MqttWsSubscribe | Way::MqttWsPublish => {
+        Way::MqttSubscribe | Way::MqttPublish | Way::MqttPresence | Way::MqttWsSubscribe | Way::MqttWsPublish => {
             mqtt_attempt(s, way, channel, conn.as_deref(), subs.first().map(String::as_str)).await
         }
         Way::WtCommand(cmd) => wt_attempt(s, cmd, channel, &conn, subs.first()).await,
@@ -373,6 +380,7 @@ async fn mqtt_attempt(
     let topic = channel.replacen(':', "/", 1);
     let (code, why) = match way {
         Way::MqttSubscribe | Way::MqttWsSubscribe => m.subscribe(&topic, sub).await,
+        Way::MqttPresence => m.subscribe(&format!("$presence/{topic}"), sub).await,
         _ => m.publish(&topic, b"{\"x\":1}", 1, sub).await.expect("a PUBACK"),
     };
     if code == 0 {
@@ -430,7 +438,7 @@ async fn run_matrix(s: &TestServer, link: &mut Link) -> (Vec<String>, usize) {
     let mut wrong = Vec::new();
     let mut cells = 0;
     for (way, op) in WAYS {
-        if matches!(way, Way::MqttSubscribe | Way::MqttPublish) && s.mqtt.is_none() {
+        if matches!(way, Way::MqttSubscribe | Way::MqttPublish | Way::MqttPresence) && s.mqtt.is_none() {
             continue; // a server without an MQTT listener
         }
         if matches!(way, Way::MqttWsSubscribe | Way::MqttWsPublish) && s.state.tls.is_some() {

@@ -766,6 +766,71 @@ async fn a_session_resumes_on_another_node((a, b): (TestServer, TestServer)) {
     assert_eq!(c.next_publish().await.unwrap().1, b"4", "live, from the other node");
 }
 
+/// `$presence/{topic}`: an MQTT client watches a channel's presence — the joins and
+/// leaves of WebSocket and MQTT members, as JSON on that topic — without joining it and
+/// without the channel's publications; the gate and the namespace's rules hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_topics_carry_a_channels_joins_and_leaves_to_mqtt_clients() {
+    let cfg = format!("{CONFIG}[namespaces.rooms]\npresence = true\njoin_leave = true\nallow_publish = true\n");
+    let s = TestServer::start(config(&cfg)).await;
+    let addr = s.mqtt.unwrap();
+    let id = format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..));
+    let (ch, topic) = (format!("rooms:{id}"), format!("rooms/{id}"));
+    let watch = format!("$presence/{topic}");
+    let mut watcher = Mqtt::connect(addr, true, &format!("watch-{id}"), None).await.unwrap();
+    assert_eq!(watcher.subscribe(&watch, None).await.0, 0);
+    let next = async |w: &mut Mqtt| {
+        let (t, payload, _) = w.next_publish().await.expect("a presence event");
+        assert_eq!(t, watch);
+        let v: Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(v["channel"], ch.as_str());
+        (v["event"].as_str().unwrap().to_string(), v["client"].as_str().unwrap().to_string())
+    };
+    // A WebSocket member joins; then an MQTT one.
+    let mut ws = Connection::connect(&format!("ws://{}/ws", s.addr)).await.unwrap();
+    ws.subscribe(&ch, None).await.unwrap();
+    let (event, ws_client) = next(&mut watcher).await;
+    assert_eq!(event, "join");
+    let mut member = Mqtt::connect(addr, true, &format!("member-{id}"), None).await.unwrap();
+    assert_eq!(member.subscribe(&topic, None).await.0, 0);
+    assert_eq!(next(&mut watcher).await, ("join".to_string(), format!("mqtt:member-{id}")));
+    // A publication is not a presence event: the watcher does not get it (the member does).
+    s.publish(&ch, json!("hello")).await;
+    assert_eq!(member.next_publish().await.unwrap().1, b"hello");
+    drop(ws);
+    assert_eq!(next(&mut watcher).await, ("leave".to_string(), ws_client));
+    // The watcher is no member.
+    let (_, p) = s.get_json(&format!("/api/presence?channel={ch}")).await;
+    let members: Vec<&str> = p["clients"].as_array().unwrap().iter().filter_map(|c| c["client"].as_str()).collect();
+    assert_eq!(members, vec![format!("mqtt:member-{id}").as_str()]);
+    // Refused: a namespace without join/leave events, a wildcard, an unknown namespace's
+    // rules as for any channel (sensors has no presence).
+    let (code, why) = watcher.subscribe("$presence/sensors/x", None).await;
+    assert_eq!(code, 0x80, "{why}");
+    assert!(why.starts_with("presence_disabled"), "{why}");
+    assert_eq!(watcher.subscribe("$presence/rooms/+", None).await.0, 0x8F);
+    // UNSUBSCRIBE ends the watch: a member leaving afterwards is not told; a marker on a
+    // topic it subscribes to comes first.
+    watcher.send(&packet(0xA2, &[[0, 9, 0].as_slice(), &str16_of(watch.as_bytes())].concat())).await;
+    loop {
+        let (first, body) = watcher.read().await.expect("UNSUBACK");
+        if first >> 4 == 11 {
+            assert_eq!(body[body.len() - 1], 0, "UNSUBACK success");
+            break;
+        }
+    }
+    let marker = format!("rooms/{id}-marker");
+    assert_eq!(watcher.subscribe(&marker, None).await.0, 0);
+    let mut observer = Mqtt::connect(addr, true, &format!("observer-{id}"), None).await.unwrap();
+    assert_eq!(observer.subscribe(&watch, None).await.0, 0);
+    member.disconnect().await;
+    // (Once the observer has the leave, a watch still in place would have it queued too.)
+    assert_eq!(next(&mut observer).await, ("leave".to_string(), format!("mqtt:member-{id}")));
+    s.publish(&marker.replacen('/', ":", 1), json!("marker")).await;
+    let (t, payload, _) = watcher.next_publish().await.unwrap();
+    assert_eq!((t.as_str(), payload.as_slice()), (marker.as_str(), &b"marker"[..]));
+}
+
 /// MQTT 5 publication properties (docs/protocol.md, Publication properties): what one
 /// node's MQTT publisher sets reaches another node's MQTT 5 subscriber byte for byte, and
 /// SSE as the publication's `meta`; the broker keeps them in history; and the server

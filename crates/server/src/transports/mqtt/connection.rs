@@ -154,6 +154,8 @@ struct Rare {
     shared: HashMap<String, super::shared::Membership>,
     /// `$SYS/…` filters subscribed.
     sys: HashMap<String, super::sys::Membership>,
+    /// `$presence/…` filters subscribed: the channels whose presence this client watches.
+    presence: HashMap<String, super::presence::Watch>,
     /// Where each subscribed channel stands for this client: its subscribe position, then
     /// each publication written — what a persistent session resumes from.
     positions: HashMap<ChannelName, switchboard_core::StreamPosition>,
@@ -185,6 +187,7 @@ impl Rare {
             && self.resent.is_empty()
             && self.shared.is_empty()
             && self.sys.is_empty()
+            && self.presence.is_empty()
             && self.positions.is_empty()
             && self.sub_ids.is_empty()
             && self.no_local.is_empty()
@@ -1267,13 +1270,14 @@ impl Conn {
                             .filters
                             .remove(f)
                             .or_else(|| self.rare.shared.remove(f).map(|_| String::new()))
-                            .or_else(|| self.rare.sys.remove(f).map(|_| String::new()));
+                            .or_else(|| self.rare.sys.remove(f).map(|_| String::new()))
+                            .or_else(|| self.rare.presence.remove(f).map(|_| String::new()));
                         match gone {
                             None if f == DIRECT_TOPIC && self.direct.is_some() => {
                                 self.direct = None;
                                 0
                             }
-                            Some(ch) if ch.is_empty() => 0, // a shared subscription: left
+                            Some(ch) if ch.is_empty() => 0, // a shared, $SYS or $presence one: left
                             Some(ch) => {
                                 self.session.unsubscribe(&ch);
                                 self.qos.remove(&ch);
@@ -1391,6 +1395,20 @@ impl Conn {
                 });
                 continue;
             }
+            if let Some(topic) = filter.strip_prefix(super::presence::PREFIX) {
+                let room = self.filters.len() + self.rare.presence.len() < max;
+                codes.push(match self.watch_presence(filter, topic, s.token.clone(), room).await {
+                    Ok(()) => 0, // QoS 0: presence events are never stored, never sent again
+                    Err((code, e)) => {
+                        self.session.state.metrics.error(e.code.as_str());
+                        if why.is_empty() {
+                            why = format!("{}: {}", e.code.as_str(), e.message);
+                        }
+                        code
+                    }
+                });
+                continue;
+            }
             if filter == DIRECT_TOPIC {
                 codes.push(match self.subscribe_direct() {
                     Ok(()) => 0, // direct messages are QoS 0: never stored, never sent again
@@ -1415,7 +1433,7 @@ impl Conn {
                     }
                     codes.push(granted)
                 }
-                Ok(Some(t)) if self.filters.len() + todo.len() >= max => {
+                Ok(Some(t)) if self.filters.len() + self.rare.presence.len() + todo.len() >= max => {
                     drop(t);
                     codes.push(if v5 { 0x97 } else { 0x80 });
                     if why.is_empty() {
@@ -1491,6 +1509,39 @@ impl Conn {
             }
         }
         None
+    }
+
+    /// Watches a channel's presence for a SUBSCRIBE to `$presence/{topic}` (see
+    /// [`super::presence`]); `room`: under `ws.max_subscriptions`.
+    async fn watch_presence(
+        &mut self,
+        filter: &str,
+        topic: &str,
+        token: Option<String>,
+        room: bool,
+    ) -> Result<(), (u8, ApiError)> {
+        if self.rare.presence.contains_key(filter) {
+            return Ok(()); // (a repeated filter: nothing to replace)
+        }
+        let v = self.version;
+        let invalid = if v == Version::V5 { 0x8F } else { 0x80 };
+        if !room {
+            let max = self.session.state.config.ws.max_subscriptions;
+            let e = ApiError::new(Code::TooManySubscriptions, format!("at most {max} subscriptions per connection"));
+            return Err((reason_for(v, &e), e));
+        }
+        let name = super::channel_of(&self.session.state, topic)
+            .map_err(|why| (invalid, ApiError::new(Code::InvalidChannel, why)))?;
+        if switchboard_core::pattern::is_pattern(&name) {
+            let e = ApiError::new(Code::InvalidChannel, "a presence topic names one channel: no wildcards");
+            return Err((invalid, e));
+        }
+        let r = self.session.gated(Operation::Presence, &name, token).map_err(|e| (reason_for(v, &e), e))?;
+        let watch = super::presence::watch(&self.session.state, &r, &self.session.queue, filter, v)
+            .await
+            .map_err(|e| (reason_for(v, &e), e))?;
+        self.rare.presence.insert(filter.to_string(), watch);
+        Ok(())
     }
 
     /// Registers this connection for direct messages (its SUBSCRIBE to `$direct`).

@@ -16,6 +16,7 @@
 
 pub mod codec;
 pub mod connection;
+pub mod presence;
 pub mod sessions;
 pub mod shared;
 pub mod sys;
