@@ -357,6 +357,51 @@ pub fn render_certificate(c: &CertificateReport) -> String {
     s
 }
 
+/// Whether a TCP address the configuration listens on is free to bind here.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ListenCheck {
+    /// `http`, `http (plain beside TLS)`, `mqtt`, `mqtt (TLS)`.
+    pub listener: &'static str,
+    pub address: std::net::SocketAddr,
+    pub free: bool,
+    pub error: Option<String>,
+}
+
+/// Tries to bind each TCP address the configuration listens on — the HTTP listener, the
+/// plain one beside TLS, MQTT and MQTT over TLS — and lets it go at once. One that is
+/// taken is held by another process: a running server, or for MQTT often a Mosquitto on
+/// 1883. (Informational: the server being checked may be the one holding them.)
+pub fn listeners(cfg: &crate::config::Config) -> Vec<ListenCheck> {
+    let all = [
+        ("http", Some(cfg.listen)),
+        ("http (plain beside TLS)", cfg.tls.http_listen),
+        ("mqtt", cfg.mqtt.listen),
+        ("mqtt (TLS)", cfg.mqtt.tls_listen),
+    ];
+    all.into_iter()
+        .filter_map(|(listener, a)| a.map(|a| (listener, a)))
+        .map(|(listener, address)| {
+            let r = std::net::TcpListener::bind(address);
+            let error = r.err().map(|e| match e.kind() {
+                std::io::ErrorKind::AddrInUse => format!("in use: another process listens on {address}"),
+                _ => e.to_string(),
+            });
+            ListenCheck { listener, address, free: error.is_none(), error }
+        })
+        .collect()
+}
+
+pub fn render_listeners(checks: &[ListenCheck]) -> String {
+    let mut out = String::from("\nListeners (TCP)\n");
+    for c in checks {
+        match &c.error {
+            None => out.push_str(&format!("  ok    {} {} is free\n", c.listener, c.address)),
+            Some(e) => out.push_str(&format!("  busy  {} {}: {e}\n", c.listener, c.address)),
+        }
+    }
+    out
+}
+
 /// Whether a publication source's server answers a TCP connection.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SourceCheck {
@@ -415,6 +460,21 @@ pub fn render_sources(checks: &[SourceCheck]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod listener_tests {
+    #[test]
+    fn a_taken_mqtt_port_is_reported_and_a_free_one_is_not() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // (let go)
+        let mut cfg = crate::config::Config { listen: free, ..Default::default() };
+        cfg.mqtt.listen = Some(held.local_addr().unwrap());
+        let checks = super::listeners(&cfg);
+        let got: Vec<(&str, bool)> = checks.iter().map(|c| (c.listener, c.free)).collect();
+        assert_eq!(got, vec![("http", true), ("mqtt", false)]);
+        assert!(super::render_listeners(&checks).contains("busy  mqtt"));
+    }
 }
 
 #[cfg(test)]

@@ -266,10 +266,12 @@ fn main() -> ExitCode {
             let r = switchboard_server::doctor::report(&switchboard_server::doctor::read(), cfg.limits.max_connections);
             let cert = cfg.tls.cert.as_deref().map(switchboard_server::doctor::certificate);
             let sources = switchboard_server::doctor::sources(&cfg.sources);
+            let listeners = switchboard_server::doctor::listeners(&cfg);
             if json {
                 let mut v = serde_json::to_value(&r).expect("report serialises");
                 v["tls_certificate"] = serde_json::to_value(&cert).expect("report serialises");
                 v["sources"] = serde_json::to_value(&sources).expect("report serialises");
+                v["listeners"] = serde_json::to_value(&listeners).expect("report serialises");
                 println!("{}", serde_json::to_string_pretty(&v).expect("report serialises"));
             } else {
                 print!("{}", switchboard_server::doctor::render(&r));
@@ -279,6 +281,7 @@ fn main() -> ExitCode {
                 if !sources.is_empty() {
                     print!("{}", switchboard_server::doctor::render_sources(&sources));
                 }
+                print!("{}", switchboard_server::doctor::render_listeners(&listeners));
             }
             match cert {
                 Some(c) if !c.ok => ExitCode::FAILURE,
