@@ -113,6 +113,10 @@ pub struct Metrics {
     pub ws_over_http2: AtomicU64,
     /// Direct messages queued for a connection on this node.
     pub direct_messages: AtomicU64,
+    /// QoS 1 and 2 publications sent to MQTT clients and not yet acknowledged.
+    pub mqtt_inflight: std::sync::atomic::AtomicI64,
+    /// Retained messages sent to MQTT clients for their subscriptions.
+    pub mqtt_retained_sent: AtomicU64,
     /// Errors by code, as returned to clients (HTTP and WebSocket replies).
     errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -144,6 +148,8 @@ impl Metrics {
             tls_handshake_failures: AtomicU64::new(0),
             ws_over_http2: AtomicU64::new(0),
             direct_messages: AtomicU64::new(0),
+            mqtt_inflight: Default::default(),
+            mqtt_retained_sent: AtomicU64::new(0),
             errors: Mutex::new(Default::default()),
         }
     }
@@ -449,6 +455,18 @@ impl Collector for ServerCollector {
             "switchboard_direct_messages",
             "Direct messages queued for connections on this node.",
             load(&m.direct_messages),
+        )?;
+        gauge(
+            e,
+            "switchboard_mqtt_inflight",
+            "QoS 1 and 2 publications sent to MQTT clients and not yet acknowledged.",
+            m.mqtt_inflight.load(std::sync::atomic::Ordering::Relaxed).max(0) as u64,
+        )?;
+        counter(
+            e,
+            "switchboard_mqtt_retained_sent",
+            "Retained messages sent to MQTT clients for their subscriptions.",
+            load(&m.mqtt_retained_sent),
         )?;
         if let Some(sources) = state.sources.get().filter(|s| !s.is_empty()) {
             type Field = fn(&crate::sources::SourceMetrics) -> &std::sync::atomic::AtomicU64;

@@ -45,6 +45,14 @@ async fn mosquitto_pub(s: &TestServer, version: &str, topic: &str, message: &str
         .success()
 }
 
+/// A value in `/metrics`.
+async fn metric(s: &TestServer, name: &str) -> u64 {
+    let text = s.http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
+        .unwrap_or_else(|| panic!("{name} is not in /metrics")) as u64
+}
+
 /// Waits until `channel` has `n` subscribers on this node (subscriptions are live).
 async fn subscribers(s: &TestServer, channel: &str, n: u64) {
     for _ in 0..600 {
@@ -134,6 +142,8 @@ async fn retained_publications_qos_flows_and_exactly_once_for_qos2() {
         assert_eq!(c.next_publish().await.unwrap().1, b"twice?");
         latest = b"twice?".to_vec();
     }
+    // Each subscriber's retained message is counted.
+    assert_eq!(metric(&s, "switchboard_mqtt_retained_sent_total").await, 2);
     // A QoS 2 PUBLISH sent again with DUP (a client that lost the PUBREC) is stored once.
     let (_, before) = s.get_json(&format!("/api/history?channel=sensors:{id}")).await;
     let mut p = Mqtt::connect(addr, true, "dup", None).await.unwrap();
@@ -596,6 +606,8 @@ async fn a_clean_qos_1_subscriber_gets_everything_in_order_within_its_window() {
         s.publish(&ch, json!(total + n)).await;
     }
     assert_eq!(c.next_publish_unacked().await.unwrap().payload, total.to_string().into_bytes());
+    // The window is full: three publications in flight, as the server counts them.
+    assert_eq!(metric(&s, "switchboard_mqtt_inflight").await, 3);
     // (A negative check: it can only pass wrongly on a slow machine, never fail wrongly.)
     let early = tokio::time::timeout(Duration::from_millis(300), c.next_publish_unacked()).await;
     assert!(early.is_err(), "a publication beyond the receive maximum");

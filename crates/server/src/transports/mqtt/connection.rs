@@ -306,6 +306,38 @@ impl AsyncWrite for SharedTcp {
 struct Window {
     inflight: std::collections::VecDeque<Inflight>,
     next_packet_id: u16,
+    /// `inflight`'s length as last counted in the server's in-flight gauge.
+    counted: usize,
+}
+
+/// The window, locked; when let go, the server's gauge of publications in flight to MQTT
+/// clients follows what changed meanwhile.
+struct WindowGuard<'a> {
+    window: std::sync::MutexGuard<'a, Window>,
+    gauge: &'a std::sync::atomic::AtomicI64,
+}
+
+impl std::ops::Deref for WindowGuard<'_> {
+    type Target = Window;
+    fn deref(&self) -> &Window {
+        &self.window
+    }
+}
+
+impl std::ops::DerefMut for WindowGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Window {
+        &mut self.window
+    }
+}
+
+impl Drop for WindowGuard<'_> {
+    fn drop(&mut self) {
+        let (now, counted) = (self.window.inflight.len(), self.window.counted);
+        if now != counted {
+            self.gauge.fetch_add(now as i64 - counted as i64, Ordering::Relaxed);
+            self.window.counted = now;
+        }
+    }
 }
 
 impl Window {
@@ -352,11 +384,23 @@ struct Sink {
     /// 0: not plain (the task writes everything); else 1 + the QoS of every subscription.
     plain: AtomicU8,
     window: std::sync::Mutex<Window>,
+    /// The server's metrics (the window's place in the in-flight gauge).
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let w = self.window.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.metrics.mqtt_inflight.fetch_sub(w.counted as i64, Ordering::Relaxed);
+    }
 }
 
 impl Sink {
-    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
-        self.window.lock().unwrap_or_else(|p| p.into_inner())
+    fn window(&self) -> WindowGuard<'_> {
+        WindowGuard {
+            window: self.window.lock().unwrap_or_else(|p| p.into_inner()),
+            gauge: &self.metrics.mqtt_inflight,
+        }
     }
 
     /// What `event` goes out as at QoS `qos` (the window is locked for QoS 1 and 2).
@@ -434,7 +478,7 @@ impl DirectWrite for Sink {
             }
         }
         // Frames from `from` on were not sent at all: their places in the window go.
-        let unsend = |window: &mut Option<std::sync::MutexGuard<'_, Window>>, from: usize| {
+        let unsend = |window: &mut Option<WindowGuard<'_>>, from: usize| {
             let n = frames[from..].iter().filter(|f| f.2).count();
             if let Some(w) = window.as_deref_mut() {
                 let keep = w.inflight.len() - n;
@@ -792,7 +836,8 @@ async fn accept(
             Version::V311 => OUTGOING_WINDOW_V311,
         },
         plain: AtomicU8::new(0),
-        window: std::sync::Mutex::new(Window { inflight: Default::default(), next_packet_id: 1 }),
+        window: std::sync::Mutex::new(Window { inflight: Default::default(), next_packet_id: 1, counted: 0 }),
+        metrics: state.metrics.clone(),
     });
     Some(Accepted {
         c: Conn {
@@ -967,7 +1012,11 @@ impl Conn {
                     // The retain flag: set on a channel's retained message sent for a
                     // subscription, and — with Retain As Published — on a publication
                     // published with it.
-                    let retained = self.take_retained(d) || self.as_published(d);
+                    let for_subscribing = self.take_retained(d);
+                    if for_subscribing {
+                        self.session.state.metrics.mqtt_retained_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let retained = for_subscribing || self.as_published(d);
                     let alias = self.alias_for(&d.publication.channel);
                     let stored = d.publication.kind == Kind::Stored;
                     let p = if qos >= 1 {
@@ -2025,15 +2074,19 @@ mod tests {
     /// A sink on one end of a loopback connection, and the other end. `plain`: 0, or 1 +
     /// the QoS of the direct path.
     fn pair(plain: u8, max_packet: usize) -> (Sink, std::net::TcpStream) {
+        pair_with(plain, max_packet, 3)
+    }
+
+    /// [`pair`] with the client's receive maximum.
+    fn pair_with(plain: u8, max_packet: usize, receive_max: usize) -> (Sink, std::net::TcpStream) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (server, _) = l.accept().unwrap();
         server.set_nonblocking(true).unwrap();
         let stream = Some(Arc::new(TcpStream::from_std(server).unwrap()));
-        let window = std::sync::Mutex::new(Window { inflight: Default::default(), next_packet_id: 1 });
-        let sink =
-            Sink { stream, version: Version::V311, max_packet, receive_max: 3, plain: AtomicU8::new(plain), window };
-        (sink, client)
+        let window = std::sync::Mutex::new(Window { inflight: Default::default(), next_packet_id: 1, counted: 0 });
+        let (version, plain, metrics) = (Version::V311, AtomicU8::new(plain), Default::default());
+        (Sink { stream, version, max_packet, receive_max, plain, window, metrics }, client)
     }
 
     fn qos1(id: u16, payload: &[u8]) -> Bytes {
@@ -2073,12 +2126,17 @@ mod tests {
         assert!(matches!(sink.try_write(&publication(Kind::Stored, "\"d\"")), Written::All));
         assert_eq!(read_exactly(&mut client, qos1(4, b"d").len()), qos1(4, b"d"));
         assert_eq!(sink.window().inflight.iter().map(|f| f.id).collect::<Vec<_>>(), vec![1, 3, 4]);
+        // The server's gauge of publications in flight follows the window, and lets go
+        // of it with the connection.
+        let metrics = sink.metrics.clone();
+        assert_eq!(metrics.mqtt_inflight.load(Ordering::Relaxed), 3);
+        drop(sink);
+        assert_eq!(metrics.mqtt_inflight.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
     async fn at_qos_1_what_the_socket_does_not_take_leaves_the_window() {
-        let (sink, mut client) = pair(2, usize::MAX);
-        let sink = Sink { receive_max: usize::MAX, ..sink };
+        let (sink, mut client) = pair_with(2, usize::MAX, usize::MAX);
         let big = format!("\"{}\"", "z".repeat(30_000));
         let events: Vec<Event> = (0..20).map(|_| publication(Kind::Stored, &big)).collect();
         // Batches until the unread socket takes one only in part, however much it holds.
