@@ -734,6 +734,35 @@ pub struct MqttConfig {
     pub sys_topics: SysTopics,
     /// Seconds between two `$SYS` updates to its subscribers.
     pub sys_interval_secs: u64,
+    /// Devices that connect with a user name and password instead of a token.
+    pub users: Vec<MqttUser>,
+}
+
+/// A device that connects with a user name and password (`[[mqtt.users]]`); it is then
+/// the user `name`, allowed what a token with these claims would be.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttUser {
+    /// The MQTT user name, and the user id (a token's `sub`).
+    pub name: String,
+    /// SHA-256 of the password, in hex (`printf %s "$PASSWORD" | sha256sum`). Give each
+    /// device a long random password: a fast hash is no defence for a guessable one.
+    pub password_sha256: String,
+    /// Channels the device may use, as a token's `channels` claim (exact names, or
+    /// prefixes ending in `*`); absent: whatever the namespaces allow.
+    pub channels: Option<Vec<String>>,
+    /// Public user info, shown to others in presence (a token's `info`).
+    pub info: Option<serde_json::Value>,
+}
+
+impl MqttUser {
+    /// Whether `password` is this user's (compared in constant time).
+    pub fn password_matches(&self, password: &[u8]) -> bool {
+        let digest = ring::digest::digest(&ring::digest::SHA256, password);
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let want = self.password_sha256.to_ascii_lowercase();
+        hex.len() == want.len() && hex.bytes().zip(want.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
 }
 
 /// Who may subscribe to the `$SYS` topics.
@@ -757,6 +786,7 @@ impl Default for MqttConfig {
             session_expiry_secs: 86_400,
             sys_topics: SysTopics::Authenticated,
             sys_interval_secs: 10,
+            users: Vec::new(),
         }
     }
 }
@@ -1108,6 +1138,15 @@ impl Config {
             let missing = if self.tls.cert.is_none() { "tls.cert" } else { "tls.key" };
             return Err((missing.into(), "TLS needs both tls.cert and tls.key".into()));
         }
+        for (i, u) in self.mqtt.users.iter().enumerate() {
+            let key = |k: &str| format!("mqtt.users[{i}].{k}");
+            if u.name.is_empty() || self.mqtt.users[..i].iter().any(|o| o.name == u.name) {
+                return Err((key("name"), format!("{:?}: a user name, once", u.name)));
+            }
+            if u.password_sha256.len() != 64 || !u.password_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err((key("password_sha256"), "64 hex digits: `printf %s \"$PASSWORD\" | sha256sum`".into()));
+            }
+        }
         if self.mqtt.sys_interval_secs == 0 {
             return Err((
                 "mqtt.sys_interval_secs".into(),
@@ -1273,6 +1312,20 @@ mod tests {
         assert!(e.contains("broker.data_dir") && e.contains("memory broker"), "{e}");
         let c = load_str("[broker]\ndata_dir = \"/tmp/x\"\nfsync = \"batched\"\n", &[]).unwrap();
         assert_eq!(c.broker.fsync, HistoryFsync::Batched);
+    }
+
+    #[test]
+    fn mqtt_users_need_a_name_once_and_a_sha256_and_match_their_password() {
+        let user =
+            |name: &str, hash: &str| format!("[[mqtt.users]]\nname = \"{name}\"\npassword_sha256 = \"{hash}\"\n");
+        // SHA-256 of "pw".
+        let hash = "30c952fab122c3f9759f02a6d95c3758b246b4fee239957b2d4fee46e26170c4";
+        let c = load_str(&user("dev", &hash.to_uppercase()), &[]).unwrap();
+        assert!(c.mqtt.users[0].password_matches(b"pw") && !c.mqtt.users[0].password_matches(b"pw2"));
+        let e = load_str(&user("dev", "abc"), &[]).unwrap_err().to_string();
+        assert!(e.contains("mqtt.users[0].password_sha256"), "{e}");
+        let e = load_str(&(user("dev", hash) + &user("dev", hash)), &[]).unwrap_err().to_string();
+        assert!(e.contains("mqtt.users[1].name"), "{e}");
     }
 
     #[test]

@@ -778,6 +778,52 @@ async fn a_session_resumes_on_another_node((a, b): (TestServer, TestServer)) {
     assert_eq!(c.next_publish().await.unwrap().1, b"4", "live, from the other node");
 }
 
+/// Devices configured with a user name and password (`[[mqtt.users]]`): the right
+/// password connects as that user, allowed what its entry says; a wrong or missing one is
+/// refused (MQTT 5: 0x86, 3.1.1: 0x04); another user name leaves the password a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_devices_connect_with_a_user_name_and_password() {
+    let password = "long-random-device-secret-7";
+    let hash: String = ring::digest::digest(&ring::digest::SHA256, password.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let cfg = format!(
+        "{CONFIG}[[mqtt.users]]\nname = \"dev-7\"\npassword_sha256 = \"{hash}\"\nchannels = [\"sensors:dev7*\"]\n"
+    );
+    let s = TestServer::start(config(&cfg)).await;
+    let addr = s.mqtt.unwrap();
+    for v5 in [true, false] {
+        let mut c = Mqtt::connect_as(addr, v5, &format!("d7-{v5}"), "dev-7", Some(password)).await.unwrap();
+        // Its channels, and no others (as a token's `channels` claim says).
+        assert_eq!(c.subscribe(&format!("sensors/dev7-{v5}"), None).await.0, 0);
+        let (code, why) = c.subscribe("sensors/other", None).await;
+        assert_eq!(code, if v5 { 0x87 } else { 0x80 }, "{why}");
+        assert!(!v5 || why.starts_with("permission_denied"), "{why}");
+        // A wrong password, or none: refused.
+        for wrong in [Some("guess"), None] {
+            let refused = Mqtt::connect_as(addr, v5, &format!("d7x-{v5}"), "dev-7", wrong).await.err();
+            let want = if v5 { 0x86 } else { 0x04 };
+            assert_eq!(refused.as_ref().map(|r| r.0), Some(want), "{wrong:?}: {refused:?}");
+            assert!(!v5 || refused.unwrap().1.starts_with("token_invalid"));
+        }
+    }
+    // It is the user dev-7 in presence and for the server API (`/api/disconnect`).
+    let mut c = Mqtt::connect_as(addr, true, "d7-presence", "dev-7", Some(password)).await.unwrap();
+    assert_eq!(c.subscribe("sensors/dev7-p", None).await.0, 0);
+    let r = s.http.post(s.url("/api/disconnect")).json(&json!({"user": "dev-7"})).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let mut last = None;
+    while let Some(p) = c.read().await {
+        last = Some(p);
+    }
+    assert_eq!(last.map(|(first, body)| (first, body[0])), Some((0xE0, 0x98)), "DISCONNECT 0x98 by the API");
+    // Another user name: the password is a token as ever (this one is none).
+    let (code, _) = Mqtt::connect_as(addr, true, "other", "someone", Some(password)).await.err().unwrap();
+    assert_eq!(code, 0x86);
+}
+
 /// `$presence/{topic}`: an MQTT client watches a channel's presence — the joins and
 /// leaves of WebSocket and MQTT members, as JSON on that topic — without joining it and
 /// without the channel's publications; the gate and the namespace's rules hold.

@@ -296,8 +296,33 @@ impl Mqtt {
     }
 
     async fn handshake(
+        m: Mqtt,
+        client_id: &str,
+        password: Option<&str>,
+        keep_alive: u16,
+        will: Option<(&str, &[u8])>,
+    ) -> Result<Mqtt, (u8, String)> {
+        // (A password goes with the user name `user`: the server reads the token.)
+        let user = password.map(|_| "user");
+        Self::handshake_as(m, client_id, user, password, keep_alive, will).await
+    }
+
+    /// CONNECT with this user name (and password), over TCP: a device of `[[mqtt.users]]`.
+    pub async fn connect_as(
+        addr: std::net::SocketAddr,
+        v5: bool,
+        client_id: &str,
+        user: &str,
+        password: Option<&str>,
+    ) -> Result<Mqtt, (u8, String)> {
+        let m = Mqtt { link: Self::link(Via::Tcp(addr)).await, buf: Vec::new(), v5, next_id: 1 };
+        Self::handshake_as(m, client_id, Some(user), password, 60, None).await
+    }
+
+    async fn handshake_as(
         mut m: Mqtt,
         client_id: &str,
+        user: Option<&str>,
         password: Option<&str>,
         keep_alive: u16,
         will: Option<(&str, &[u8])>,
@@ -307,8 +332,11 @@ impl Mqtt {
         if will.is_some() {
             flags |= 0x04;
         }
+        if user.is_some() {
+            flags |= 0x80;
+        }
         if password.is_some() {
-            flags |= 0xC0;
+            flags |= 0x40;
         }
         let mut body = Vec::new();
         str16(&mut body, b"MQTT");
@@ -326,8 +354,10 @@ impl Mqtt {
             str16(&mut body, topic.as_bytes());
             str16(&mut body, payload);
         }
+        if let Some(u) = user {
+            str16(&mut body, u.as_bytes());
+        }
         if let Some(p) = password {
-            str16(&mut body, b"user");
             str16(&mut body, p.as_bytes());
         }
         m.send(&packet(0x10, &body)).await;

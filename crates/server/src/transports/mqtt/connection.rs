@@ -732,7 +732,29 @@ async fn accept(
         }
     };
     let credential = if jwt_auth { connect.auth_data.as_ref() } else { connect.password.as_ref() };
+    // A device configured with a user name and password (`[[mqtt.users]]`) is that user,
+    // allowed what its entry says; any other user name leaves the password a token.
+    let device = match (jwt_auth, connect.username.as_deref()) {
+        (false, Some(name)) => state.config.mqtt.users.iter().find(|u| u.name == name),
+        _ => None,
+    };
+    if let Some(d) = device {
+        if !credential.is_some_and(|p| d.password_matches(p)) {
+            state.metrics.error(Code::TokenInvalid.as_str());
+            let why = format!("token_invalid: not the password of the configured user {:?}", d.name);
+            let _ = send_now(&mut tcp, &refuse(0x86, why)).await;
+            return None;
+        }
+    }
     let identity = match credential {
+        _ if device.is_some() => device.map(|d| crate::auth::Identity {
+            user: d.name.clone(),
+            exp: u64::MAX / 1000, // (no expiry)
+            channels: d.channels.clone(),
+            info: d.info.clone(),
+            jti: None,
+            direct: false,
+        }),
         None if jwt_auth => {
             let why = "token_required: the JWT authentication method needs the token as its data".to_string();
             let _ = send_now(&mut tcp, &refuse(0x87, why)).await;
