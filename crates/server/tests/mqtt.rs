@@ -849,7 +849,8 @@ async fn presence_topics_carry_a_channels_joins_and_leaves_to_mqtt_clients() {
     ws.subscribe(&ch, None).await.unwrap();
     let (event, ws_client) = next(&mut watcher).await;
     assert_eq!(event, "join");
-    let mut member = Mqtt::connect(addr, true, &format!("member-{id}"), None).await.unwrap();
+    // (Anonymous, with a user name: it says who it is, unverified.)
+    let mut member = Mqtt::connect_as(addr, true, &format!("member-{id}"), "ada", None).await.unwrap();
     assert_eq!(member.subscribe(&topic, None).await.0, 0);
     assert_eq!(next(&mut watcher).await, ("join".to_string(), format!("mqtt:member-{id}")));
     // A publication is not a presence event: the watcher does not get it (the member does).
@@ -859,8 +860,10 @@ async fn presence_topics_carry_a_channels_joins_and_leaves_to_mqtt_clients() {
     assert_eq!(next(&mut watcher).await, ("leave".to_string(), ws_client));
     // The watcher is no member.
     let (_, p) = s.get_json(&format!("/api/presence?channel={ch}")).await;
-    let members: Vec<&str> = p["clients"].as_array().unwrap().iter().filter_map(|c| c["client"].as_str()).collect();
-    assert_eq!(members, vec![format!("mqtt:member-{id}").as_str()]);
+    let members: Vec<(&str, &Value)> =
+        p["clients"].as_array().unwrap().iter().map(|c| (c["client"].as_str().unwrap(), &c["info"])).collect();
+    let claimed = json!({"unverified": {"username": "ada"}});
+    assert_eq!(members, vec![(format!("mqtt:member-{id}").as_str(), &claimed)]);
     // Refused: a namespace without join/leave events, a wildcard, an unknown namespace's
     // rules as for any channel (sensors has no presence).
     let (code, why) = watcher.subscribe("$presence/sensors/x", None).await;

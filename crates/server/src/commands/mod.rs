@@ -287,6 +287,14 @@ impl<W: Wire> Session<W> {
         self.direct = true;
     }
 
+    /// What an anonymous client says about itself (small and public only: it is shown
+    /// to others in presence, under `"unverified"`).
+    pub fn claim(&mut self, about: serde_json::Value) {
+        if about.to_string().len() <= 1024 {
+            self.claimed = Some(Box::new(about));
+        }
+    }
+
     /// Adopts a verified identity: registers the connection under its user (for
     /// `/api/disconnect`) and arms the expiry timer.
     pub fn set_identity(&mut self, who: Identity) {
@@ -437,10 +445,7 @@ impl<W: Wire> Session<W> {
             },
             Command::Connect { token, client } => {
                 if let Some(c) = client {
-                    // Small and public only: it is shown to others in presence.
-                    if c.to_string().len() <= 1024 {
-                        self.claimed = Some(Box::new(c));
-                    }
+                    self.claim(c);
                 }
                 if self.identity.is_some() && token.is_some() {
                     Err(ApiError::new(Code::InvalidRequest, "already authenticated; send `refresh` with a new token"))

@@ -793,8 +793,11 @@ async fn accept(
     // Its client id for presence and direct messages: the MQTT client identifier, which
     // a device keeps across connections (`mqtt:` keeps it apart from generated ids).
     session.client = format!("mqtt:{client_id}");
-    if let Some(who) = identity {
-        session.set_identity(who);
+    match (identity, connect.username.as_deref().filter(|u| !u.is_empty())) {
+        (Some(who), _) => session.set_identity(who),
+        // Anonymous with a user name: what it says it is, shown as such in presence.
+        (None, Some(name)) => session.claim(serde_json::json!({ "username": name })),
+        (None, None) => {}
     }
     session.opened();
     // The will is a publication like any other: authorized now, not when it fires.
