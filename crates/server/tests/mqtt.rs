@@ -778,6 +778,30 @@ async fn a_session_resumes_on_another_node((a, b): (TestServer, TestServer)) {
     assert_eq!(c.next_publish().await.unwrap().1, b"4", "live, from the other node");
 }
 
+/// A persistent session keeps its `$presence/…` watches: after the client comes back, a
+/// join reaches it as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_keeps_its_presence_watch() {
+    let cfg = format!("{CONFIG}[namespaces.rooms]\npresence = true\njoin_leave = true\n");
+    let s = TestServer::start(config(&cfg)).await;
+    let addr = s.mqtt.unwrap();
+    let id = format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..));
+    let (topic, client) = (format!("rooms/{id}"), format!("keeper-{id}"));
+    let (mut c, _) = Mqtt::connect_session(addr, true, &client, false, 600).await;
+    assert_eq!(c.subscribe(&format!("$presence/{topic}"), None).await.0, 0);
+    c.disconnect().await;
+    let (mut c, present) = Mqtt::connect_session(addr, true, &client, false, 600).await;
+    assert!(present, "the session resumes");
+    let mut member = Mqtt::connect(addr, true, &format!("m-{id}"), None).await.unwrap();
+    assert_eq!(member.subscribe(&topic, None).await.0, 0);
+    let (t, payload, _) = c.next_publish().await.expect("the join");
+    let v: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(
+        (t, v["event"].as_str(), v["client"].as_str()),
+        (format!("$presence/{topic}"), Some("join"), Some(format!("mqtt:m-{id}").as_str()))
+    );
+}
+
 /// Devices configured with a user name and password (`[[mqtt.users]]`): the right
 /// password connects as that user, allowed what its entry says; a wrong or missing one is
 /// refused (MQTT 5: 0x86, 3.1.1: 0x04); another user name leaves the password a token.

@@ -1743,6 +1743,13 @@ impl Conn {
                 let _ = self.subscribe_direct();
                 continue;
             }
+            if let Some(topic) = sub.filter.strip_prefix(super::presence::PREFIX) {
+                // Through the gate again, as every kept subscription.
+                if let Err((_, e)) = self.watch_presence(&sub.filter, topic, None, true).await {
+                    tracing::debug!(client = %self.client_id, filter = %sub.filter, "MQTT session: not watched again: {}", e.message);
+                }
+                continue;
+            }
             let r = if switchboard_core::pattern::is_pattern(&sub.name) {
                 match self.session.gated_pattern(&sub.name) {
                     Ok(p) => self.session.subscribe_pattern(p).await,
@@ -1797,12 +1804,13 @@ impl Conn {
                 position: ChannelName::parse(name).ok().and_then(|c| self.rare.positions.get(&c).cloned()),
             })
             .collect();
-        if self.direct.is_some() {
-            // (What was sent to it meanwhile is not kept: direct messages are never stored.)
-            let name = DIRECT_TOPIC.to_string();
+        // `$direct` and the `$presence/…` watches, QoS 0: what was sent to them meanwhile
+        // is not kept (direct messages and presence events are never stored).
+        let direct = self.direct.is_some().then(|| DIRECT_TOPIC.to_string());
+        for filter in direct.into_iter().chain(self.rare.presence.keys().cloned()) {
             let sub = super::sessions::KeptSub {
-                filter: name.clone(),
-                name,
+                filter,
+                name: String::new(),
                 qos: 0,
                 id: None,
                 no_local: false,
