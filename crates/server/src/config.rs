@@ -759,9 +759,8 @@ impl MqttUser {
     /// Whether `password` is this user's (compared in constant time).
     pub fn password_matches(&self, password: &[u8]) -> bool {
         let digest = ring::digest::digest(&ring::digest::SHA256, password);
-        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        let want = self.password_sha256.to_ascii_lowercase();
-        hex.len() == want.len() && hex.bytes().zip(want.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        let got = crate::auth::hex(digest.as_ref());
+        crate::app::constant_time_eq(got.as_bytes(), self.password_sha256.to_ascii_lowercase().as_bytes())
     }
 }
 

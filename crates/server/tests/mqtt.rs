@@ -808,11 +808,7 @@ async fn a_persistent_session_keeps_its_presence_watch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_devices_connect_with_a_user_name_and_password() {
     let password = "long-random-device-secret-7";
-    let hash: String = ring::digest::digest(&ring::digest::SHA256, password.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = switchboard_server::auth::hex(ring::digest::digest(&ring::digest::SHA256, password.as_bytes()).as_ref());
     let cfg = format!(
         "{CONFIG}[[mqtt.users]]\nname = \"dev-7\"\npassword_sha256 = \"{hash}\"\nchannels = [\"sensors:dev7*\"]\n"
     );
