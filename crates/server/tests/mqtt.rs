@@ -45,6 +45,12 @@ async fn mosquitto_pub(s: &TestServer, version: &str, topic: &str, message: &str
         .success()
 }
 
+/// A name part unique across tests and across runs (the NATS nodes share their streams
+/// with earlier runs).
+fn unique_id() -> String {
+    format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..))
+}
+
 /// A value in `/metrics`.
 async fn metric(s: &TestServer, name: &str) -> u64 {
     let text = s.http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
@@ -756,8 +762,7 @@ async fn with_the_nats_broker_a_session_resumes_on_another_node() {
 }
 
 async fn a_session_resumes_on_another_node((a, b): (TestServer, TestServer)) {
-    // Unique across runs too: the NATS nodes share their streams with earlier runs.
-    let id = format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..));
+    let id = unique_id();
     let (ch, topic, client) = (format!("sensors:{id}"), format!("sensors/{id}"), format!("roamer-{id}"));
     // On node A: a persistent session, one publication received, then gone.
     let (mut c, present) = Mqtt::connect_session(a.mqtt.unwrap(), true, &client, false, 600).await;
@@ -785,7 +790,7 @@ async fn a_persistent_session_keeps_its_presence_watch() {
     let cfg = format!("{CONFIG}[namespaces.rooms]\npresence = true\njoin_leave = true\n");
     let s = TestServer::start(config(&cfg)).await;
     let addr = s.mqtt.unwrap();
-    let id = format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..));
+    let id = unique_id();
     let (topic, client) = (format!("rooms/{id}"), format!("keeper-{id}"));
     let (mut c, _) = Mqtt::connect_session(addr, true, &client, false, 600).await;
     assert_eq!(c.subscribe(&format!("$presence/{topic}"), None).await.0, 0);
@@ -852,7 +857,7 @@ async fn presence_topics_carry_a_channels_joins_and_leaves_to_mqtt_clients() {
     let cfg = format!("{CONFIG}[namespaces.rooms]\npresence = true\njoin_leave = true\nallow_publish = true\n");
     let s = TestServer::start(config(&cfg)).await;
     let addr = s.mqtt.unwrap();
-    let id = format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..));
+    let id = unique_id();
     let (ch, topic) = (format!("rooms:{id}"), format!("rooms/{id}"));
     let watch = format!("$presence/{topic}");
     let mut watcher = Mqtt::connect(addr, true, &format!("watch-{id}"), None).await.unwrap();
@@ -935,7 +940,7 @@ async fn publication_properties_cross_nodes_with_the_nats_broker() {
 }
 
 async fn publication_properties_cross(a: &TestServer, b: &TestServer) {
-    let id = format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..));
+    let id = unique_id();
     let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
     let mut sub = Mqtt::connect(b.mqtt.unwrap(), true, &format!("psub-{id}"), None).await.unwrap();
     assert_eq!(sub.subscribe_qos(&topic, None, 1).await.0, 1);
@@ -1016,7 +1021,7 @@ async fn publication_properties_cross(a: &TestServer, b: &TestServer) {
 async fn the_server_sends_topic_aliases_to_a_client_that_takes_them() {
     let s = server().await;
     for (via, qos) in [(Via::Tcp(s.mqtt.unwrap()), 0), (Via::Tcp(s.mqtt.unwrap()), 1), (Via::WebSocket(s.addr), 1)] {
-        let id = format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..));
+        let id = unique_id();
         let (a, b) = (format!("sensors/{id}/a"), format!("sensors/{id}/b"));
         // Topic Alias Maximum 1: one alias for this client.
         let mut c = Mqtt::connect_v5_via(via, &format!("alias-{id}"), &[0x22, 0, 1]).await;
@@ -1060,8 +1065,7 @@ async fn with_the_nats_broker_a_shared_subscription_across_two_nodes_delivers_ea
 }
 
 async fn shared_subscription_across_two_nodes((a, b): (TestServer, TestServer)) {
-    // Unique across runs too: the NATS nodes share their streams with earlier runs.
-    let id = format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..));
+    let id = unique_id();
     let (ch, topic) = (format!("sensors:{id}"), format!("sensors/{id}"));
     let shared = format!("$share/workers/{topic}");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -115,11 +115,12 @@ pub async fn publish_to(
             ));
         }
     }
+    // What the broker stores and forwards: the data, with the meta in front when it has one.
+    let stored = Meta::wrap(meta, data);
     if volatile.unwrap_or(r.options.volatile) {
         if key.is_some() {
             return Err(ApiError::new(Code::InvalidRequest, "volatile publications take no idempotency key"));
         }
-        let stored = Meta::wrap(meta, data);
         let res = state.hub.broker().publish_volatile(&r.channel, switchboard_core::Kind::Volatile, stored).await;
         if res.is_err() {
             state.metrics.broker_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -133,7 +134,6 @@ pub async fn publish_to(
     }
     let window = std::time::Duration::from_secs(state.config.limits.idempotency_window_secs);
     let started = std::time::Instant::now();
-    let stored = Meta::wrap(meta, data);
     let res = state.hub.broker().publish(&r.channel, stored, &r.options.publish_options(key, window)).await;
     let m = &*state.metrics;
     m.broker_publish.observe(started.elapsed());

@@ -160,13 +160,12 @@ impl Mqtt {
         client_id: &str,
         password: Option<&str>,
     ) -> Result<Mqtt, (u8, String)> {
-        let link = Self::link(via).await;
-        Self::handshake(Mqtt { link, buf: Vec::new(), v5, next_id: 1 }, client_id, password, 60, None).await
+        Self::handshake(Self::open(via, v5).await, client_id, password, 60, None).await
     }
 
     /// A connection to the MQTT listener or the `/mqtt` endpoint, before CONNECT.
-    async fn link(via: Via) -> Link {
-        match via {
+    async fn open(via: Via, v5: bool) -> Mqtt {
+        let link = match via {
             Via::Tcp(addr) => Link::Tcp(TcpStream::connect(addr).await.unwrap()),
             Via::WebSocket(http) => {
                 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -175,7 +174,8 @@ impl Mqtt {
                 let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("the /mqtt handshake");
                 Link::Ws(Box::new(ws))
             }
-        }
+        };
+        Mqtt { link, buf: Vec::new(), v5, next_id: 1 }
     }
 
     /// CONNECT with a keep-alive and a will (topic, payload).
@@ -187,15 +187,7 @@ impl Mqtt {
         keep_alive: u16,
         will: Option<(&str, &[u8])>,
     ) -> Result<Mqtt, (u8, String)> {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        Self::handshake(
-            Mqtt { link: Link::Tcp(tcp), buf: Vec::new(), v5, next_id: 1 },
-            client_id,
-            password,
-            keep_alive,
-            will,
-        )
-        .await
+        Self::handshake(Self::open(Via::Tcp(addr), v5).await, client_id, password, keep_alive, will).await
     }
 
     /// CONNECT with clean session / clean start off or on, and (MQTT 5) a session expiry:
@@ -219,8 +211,7 @@ impl Mqtt {
         expiry: u32,
         receive_maximum: Option<u16>,
     ) -> (Mqtt, bool) {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut m = Mqtt { link: Link::Tcp(tcp), buf: Vec::new(), v5, next_id: 1 };
+        let mut m = Self::open(Via::Tcp(addr), v5).await;
         let mut body = Vec::new();
         str16(&mut body, b"MQTT");
         body.push(if v5 { 5 } else { 4 });
@@ -255,7 +246,7 @@ impl Mqtt {
     }
 
     async fn connect_v5_props_via(via: Via, client_id: &str, props: &[u8]) -> Result<Mqtt, u8> {
-        let mut m = Mqtt { link: Self::link(via).await, buf: Vec::new(), v5: true, next_id: 1 };
+        let mut m = Self::open(via, true).await;
         let mut body = Vec::new();
         str16(&mut body, b"MQTT");
         body.extend_from_slice(&[5, 0x02]);
@@ -315,8 +306,7 @@ impl Mqtt {
         user: &str,
         password: Option<&str>,
     ) -> Result<Mqtt, (u8, String)> {
-        let m = Mqtt { link: Self::link(Via::Tcp(addr)).await, buf: Vec::new(), v5, next_id: 1 };
-        Self::handshake_as(m, client_id, Some(user), password, 60, None).await
+        Self::handshake_as(Self::open(Via::Tcp(addr), v5).await, client_id, Some(user), password, 60, None).await
     }
 
     async fn handshake_as(
