@@ -2,14 +2,17 @@
 # Server RSS per idle WebSocket (or, with TRANSPORT=sse, SSE; TRANSPORT=mqtt, MQTT 3.1.1)
 # connection at N connections, opened by several load generator processes (one process
 # may hold < 20,000 files here).
-# Usage: [TRANSPORT=ws|sse|mqtt] [BIN=path] bench/idle-ws.sh [TOTAL=19000] [PROCS=2]
+# Usage: [TRANSPORT=ws|sse|mqtt] [BIN=path] [SETTLE=2] bench/idle-ws.sh [TOTAL=19000] [PROCS=2]
 # (BIN: a server binary to measure instead of building this checkout's, e.g. an earlier
-# build kept for a before/after run.)
+# build kept for a before/after run. SETTLE: seconds to let the connections sit before
+# measuring — an MQTT connection parks, without a task, once it has been quiet for a
+# heartbeat interval: SETTLE=30 measures parked ones.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOTAL=${1:-19000}
 PROCS=${2:-2}
 TRANSPORT=${TRANSPORT:-ws}
+SETTLE=${SETTLE:-2}
 PORT=8190
 ulimit -n "$(ulimit -Hn)"
 if [ -z "${BIN:-}" ]; then cargo build --release -q -p switchboard; fi
@@ -28,7 +31,7 @@ for _ in $(seq "$PROCS"); do
   else
     TARGET=(--server 127.0.0.1:$PORT --transport "$TRANSPORT")
   fi
-  taskset -c 1 ./target/release/switchboard bench idle "${TARGET[@]}" --connections "$PER" --hold 30 >/tmp/sb-idle-bench.$_.log 2>&1 &
+  taskset -c 1 ./target/release/switchboard bench idle "${TARGET[@]}" --connections "$PER" --hold $((SETTLE + 30)) >/tmp/sb-idle-bench.$_.log 2>&1 &
 done
 START=$(date +%s.%N)
 # Wait until the server holds every connection (its fds), bounded at 60 s.
@@ -38,7 +41,7 @@ for _ in $(seq 600); do
   sleep 0.1
 done
 END=$(date +%s.%N)
-sleep 2
+sleep "$SETTLE"
 AFTER=$(rss)
 CONNS=$(( $(ls /proc/$SERVER/fd | wc -l) - (FDS - PER * PROCS) ))
 echo "connections:        $((PER * PROCS)) (server fds: $(ls /proc/$SERVER/fd | wc -l))"

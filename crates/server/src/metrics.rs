@@ -117,6 +117,9 @@ pub struct Metrics {
     pub mqtt_inflight: std::sync::atomic::AtomicI64,
     /// Retained messages sent to MQTT clients for their subscriptions.
     pub mqtt_retained_sent: AtomicU64,
+    /// MQTT connections waiting without a task of their own (parked: their socket, queue
+    /// and timers wake them into a new one).
+    pub mqtt_parked: std::sync::atomic::AtomicI64,
     /// Errors by code, as returned to clients (HTTP and WebSocket replies).
     errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -150,6 +153,7 @@ impl Metrics {
             direct_messages: AtomicU64::new(0),
             mqtt_inflight: Default::default(),
             mqtt_retained_sent: AtomicU64::new(0),
+            mqtt_parked: Default::default(),
             errors: Mutex::new(Default::default()),
         }
     }
@@ -467,6 +471,12 @@ impl Collector for ServerCollector {
             "switchboard_mqtt_retained_sent",
             "Retained messages sent to MQTT clients for their subscriptions.",
             load(&m.mqtt_retained_sent),
+        )?;
+        gauge(
+            e,
+            "switchboard_mqtt_parked",
+            "MQTT connections waiting without a task of their own.",
+            m.mqtt_parked.load(std::sync::atomic::Ordering::Relaxed).max(0) as u64,
         )?;
         if let Some(sources) = state.sources.get().filter(|s| !s.is_empty()) {
             type Field = fn(&crate::sources::SourceMetrics) -> &std::sync::atomic::AtomicU64;

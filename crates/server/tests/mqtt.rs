@@ -243,6 +243,80 @@ async fn a_keep_alive_longer_than_the_heartbeat_interval_still_closes_a_silent_c
     assert_eq!(watcher.next_publish().await.unwrap().1, b"timed out");
 }
 
+/// Waits until `n` MQTT connections are parked (no task of their own).
+async fn parked(s: &TestServer, n: u64) {
+    for _ in 0..600 {
+        if metric(s, "switchboard_mqtt_parked").await >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never {n} parked MQTT connections");
+}
+
+/// A quiet MQTT connection is parked: no task of its own, its socket, queue and timers
+/// hold the waker that starts one (`switchboard_mqtt_parked` counts them). Parked, over
+/// TCP (QoS 0 from the fan-out, QoS 1 with its acknowledgements) and over WebSocket, a
+/// connection still gets every publication in order, answers PINGREQ, has its will sent
+/// when it vanishes, is closed by the API, and says goodbye at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_connections_wake_for_everything_they_wait_on() {
+    let password = "parked-device-secret";
+    let hash = switchboard_server::auth::hex(ring::digest::digest(&ring::digest::SHA256, password.as_bytes()).as_ref());
+    let cfg = format!(
+        "{CONFIG}[ws]\nping_interval_secs = 1\n[[mqtt.users]]\nname = \"dev-p\"\npassword_sha256 = \"{hash}\"\n"
+    );
+    let s = TestServer::start(config(&cfg)).await;
+    let (addr, ws) = (s.mqtt.unwrap(), Via::WebSocket(s.addr));
+    let id = unique_id();
+    let (ch, topic, will_topic) = (format!("sensors:{id}"), format!("sensors/{id}"), format!("sensors/{id}/will"));
+    let mut q0 = Mqtt::connect(addr, true, &format!("q0-{id}"), None).await.unwrap();
+    assert_eq!(q0.subscribe(&topic, None).await.0, 0);
+    let mut q1 = Mqtt::connect(addr, false, &format!("q1-{id}"), None).await.unwrap();
+    assert_eq!(q1.subscribe_qos(&topic, None, 1).await.0, 1);
+    let mut over_ws = Mqtt::connect_via(ws, true, &format!("ws-{id}"), None).await.unwrap();
+    assert_eq!(over_ws.subscribe(&topic, None).await.0, 0);
+    let mut watcher = Mqtt::connect(addr, true, &format!("watcher-{id}"), None).await.unwrap();
+    assert_eq!(watcher.subscribe(&will_topic, None).await.0, 0);
+    let rude = Mqtt::connect_with(addr, false, &format!("rude-{id}"), None, 60, Some((&will_topic, b"offline")))
+        .await
+        .unwrap();
+    let mut device = Mqtt::connect_as(addr, true, &format!("dev-{id}"), "dev-p", Some(password)).await.unwrap();
+    parked(&s, 6).await;
+    for n in 1..=3 {
+        s.publish(&ch, json!(n)).await;
+    }
+    for c in [&mut q0, &mut q1, &mut over_ws] {
+        for n in 1..=3 {
+            assert_eq!(c.next_publish().await.unwrap().1, n.to_string().into_bytes());
+        }
+    }
+    // Quiet again: parked again.
+    parked(&s, 6).await;
+    q0.send(&packet(0xC0, &[])).await;
+    assert_eq!(q0.read().await.map(|(first, _)| first), Some(0xD0), "PINGRESP");
+    drop(rude);
+    assert_eq!(watcher.next_publish().await.unwrap().1, b"offline");
+    let r = s.http.post(s.url("/api/disconnect")).json(&json!({"user": "dev-p"})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut last = None;
+    while let Some(p) = device.read().await {
+        last = Some(p);
+    }
+    assert_eq!(last.map(|(first, body)| (first, body[0])), Some((0xE0, 0x98)), "DISCONNECT 0x98 by the API");
+    parked(&s, 4).await;
+    let stop = tokio::spawn(s.shutdown());
+    for c in [&mut q0, &mut over_ws, &mut watcher] {
+        let mut last = None;
+        while let Some(p) = c.read().await {
+            last = Some(p);
+        }
+        assert_eq!(last.map(|(first, body)| (first, body[0])), Some((0xE0, 0x8B)), "DISCONNECT 0x8B");
+    }
+    assert!(q1.read().await.is_none(), "MQTT 3.1.1: closed");
+    stop.await.unwrap();
+}
+
 /// At shutdown an MQTT 5 client is told why (DISCONNECT 0x8B Server shutting down) and
 /// an MQTT 3.1.1 one is closed — over TCP and over the WebSocket endpoint; the server
 /// finishes.

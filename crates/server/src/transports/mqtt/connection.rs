@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -62,6 +62,12 @@ const TAKE_OVER_WAIT: Duration = Duration::from_secs(5);
 const OWN_REMEMBERED: usize = 1024;
 /// QoS 1 and 2 publications in flight to an MQTT 3.1.1 client (MQTT 5 clients say theirs).
 const OUTGOING_WINDOW_V311: usize = 32;
+/// A connection with nothing to do parks: it keeps no task while it waits ([`Parked`]).
+/// One woken this many times in a row, each less than [`QUIET`] after it parked, is busy
+/// and keeps its task while it waits (a task per wake-up would cost more than the
+/// wake-up) — until a wait of [`QUIET`] or more, or a heartbeat, makes it quiet again.
+const BUSY: u8 = 2;
+const QUIET: Duration = Duration::from_secs(1);
 
 /// How the connection ended, for the will and the goodbye.
 enum End {
@@ -118,6 +124,14 @@ struct Conn {
     filters: SmallMap<String, String>,
     /// Seconds; 0: no keep-alive.
     keep_alive: u16,
+    /// When the client last sent a packet (keep-alive counts from it).
+    last_seen: Instant,
+    /// Armed only in the last heartbeat interval before keep-alive runs out.
+    keep_alive_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Wake-ups in a row soon after parking (see [`BUSY`]).
+    rapid: u8,
+    /// When the connection last parked.
+    parked_at: Option<Instant>,
     /// The client's Topic Alias Maximum (MQTT 5): how many aliases this server may define
     /// for topics it sends; 0: none.
     alias_max: u16,
@@ -554,23 +568,89 @@ type Starting = Pin<
 /// handshake and CONNECT in `starting` with what only they need (the socket, the peer's
 /// address), resuming a session, packet handling, the goodbye: its state must not sit in
 /// every idle connection's future.
-async fn serve_started(starting: Starting, _tracked: crate::app::UpgradedGuard, slot: impl Send + 'static) {
-    let _slot = slot;
-    let (Some((mut conn, _gauge)), state) = starting.await else { return };
-    let _closes = crate::transports::CloseOnDrop(conn.c.session.queue.clone());
+async fn serve_started<S: Send + 'static>(starting: Starting, tracked: crate::app::UpgradedGuard, slot: S) {
+    let (Some((mut conn, gauge)), state) = starting.await else { return };
+    let closes = crate::transports::CloseOnDrop(conn.c.session.queue.clone());
     // Beats for presence, the kept session and keep-alive; the close at shutdown.
     crate::heartbeat::Heartbeats::join(&state, &conn.c.session.queue);
     if conn.c.sink.stream.is_some() {
         conn.c.session.queue.set_direct(conn.c.sink.clone());
     }
-    let end = match conn.resumed.take() {
-        Some(kept) => match Box::pin(conn.c.resume(*kept)).await {
-            Some(end) => end,
-            None => conn.c.run().await,
-        },
-        None => conn.c.run().await,
-    };
-    Box::pin(finish(conn, end, state)).await;
+    if let Some(kept) = conn.resumed.take() {
+        if let Some(end) = Box::pin(conn.c.resume(*kept)).await {
+            return Box::pin(finish(conn, end, state)).await;
+        }
+    }
+    drive(Held { conn, state, _gauge: gauge, _closes: closes, _tracked: tracked, _slot: slot }).await
+}
+
+/// Everything an accepted connection holds, between its tasks.
+struct Held<S> {
+    conn: Box<Accepted>,
+    state: AppState,
+    _gauge: crate::metrics::ConnectionGauge,
+    _closes: crate::transports::CloseOnDrop,
+    _tracked: crate::app::UpgradedGuard,
+    _slot: S,
+}
+
+/// A connection with nothing to do, parked: no task holds it; its socket, queue and
+/// timers hold this as their waker, and the first to wake it starts a task that drives it
+/// on. (An idle connection so costs its state, not a task's too.)
+struct Parked<S> {
+    held: std::sync::Mutex<Option<Held<S>>>,
+    /// Set by every wake: one that came while the connection was being parked (and so
+    /// found nothing to start) is seen by the task parking it.
+    woken: AtomicBool,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<S: Send + 'static> std::task::Wake for Parked<S> {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        let held = crate::lock(&self.held).take();
+        if let Some(held) = held {
+            let metrics = held.state.metrics.clone();
+            metrics.mqtt_parked.fetch_sub(1, Ordering::Relaxed);
+            self.runtime.spawn(crate::guarded(metrics, "mqtt connection", drive(held)));
+        }
+    }
+}
+
+/// Drives the connection until it ends, or until it has nothing to do: then it is
+/// parked ([`Parked`]) and this task ends.
+async fn drive<S: Send + 'static>(mut held: Held<S>) {
+    loop {
+        let parked = Arc::new(Parked {
+            held: std::sync::Mutex::new(None),
+            woken: AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let waker = std::task::Waker::from(parked.clone());
+        if let Some(end) = held.conn.c.run(&waker).await {
+            let Held { conn, state, .. } = held;
+            return Box::pin(finish(conn, end, state)).await;
+        }
+        // Everything it waits on now wakes `parked`.
+        held.state.metrics.mqtt_parked.fetch_add(1, Ordering::Relaxed);
+        *crate::lock(&parked.held) = Some(held);
+        if !parked.woken.load(Ordering::SeqCst) {
+            return;
+        }
+        // Woken meanwhile: on in this task (unless the wake already started one).
+        let taken = crate::lock(&parked.held).take();
+        match taken {
+            Some(h) => {
+                h.state.metrics.mqtt_parked.fetch_sub(1, Ordering::Relaxed);
+                held = h;
+            }
+            None => return,
+        }
+    }
 }
 
 /// Says goodbye as `end` calls for, leaves, and publishes the will if it is due.
@@ -874,6 +954,10 @@ async fn accept(
             buf,
             filters: SmallMap::default(),
             keep_alive: connect.keep_alive,
+            last_seen: Instant::now(),
+            keep_alive_timer: None,
+            rapid: 0,
+            parked_at: None,
             alias_max: if version == Version::V5 { connect.topic_alias_maximum } else { 0 },
             persist: persist.map(Duration::from_secs),
             qos: SmallMap::default(),
@@ -888,18 +972,25 @@ async fn accept(
 }
 
 impl Conn {
-    async fn run(&mut self) -> End {
+    /// Serves the connection until it ends (`Some`) or has nothing to do (`None`): then
+    /// what it waits on — its socket, its queue, its timers — has been polled with
+    /// `park`, which wakes it.
+    async fn run(&mut self, park: &std::task::Waker) -> Option<End> {
         let keep_alive = Duration::from_secs(self.keep_alive as u64);
         // MQTT 3.1.2.10: one and a half keep-alive periods of silence end the connection.
         let allowed = keep_alive + keep_alive / 2;
-        let mut last_seen = Instant::now();
         let server_max = self.session.state.config.mqtt.max_packet_bytes;
         // The server's heartbeat wheel (crate::heartbeat) beats once per ping interval:
         // presence is refreshed, the session saved and keep-alive checked then. Only in
         // the last interval before keep-alive runs out does the connection arm a timer of
         // its own (so a client with a keep-alive shorter than the interval keeps one).
         let interval = Duration::from_secs(self.session.state.config.ws.ping_interval_secs.max(1));
-        let mut keep_alive_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        // Woken from being parked: soon after (once too often, and it keeps its task
+        // while it waits), or after a while.
+        self.rapid = match self.parked_at {
+            Some(t) if t.elapsed() < QUIET => self.rapid.saturating_add(1),
+            _ => 0,
+        };
         loop {
             // Packets already buffered first.
             loop {
@@ -911,11 +1002,11 @@ impl Conn {
                         p
                     }
                     Ok(None) => break,
-                    Err(e) => return End::Protocol(e.reason_code(), e.message()),
+                    Err(e) => return Some(End::Protocol(e.reason_code(), e.message())),
                 };
-                last_seen = Instant::now();
+                self.last_seen = Instant::now();
                 if let Some(end) = Box::pin(self.packet(p)).await {
-                    return end;
+                    return Some(end);
                 }
             }
             if self.buf.is_empty() && self.buf.capacity() > 0 {
@@ -926,12 +1017,13 @@ impl Conn {
             // holds only what it waits on.) At shutdown the wheel closes the queue: this
             // then says goodbye.
             if let Err(end) = Box::pin(self.write_queued()).await {
-                return end;
+                return Some(end);
             }
             self.rare.trim();
             self.set_plain(self.plain_qos());
-            let expires = (!keep_alive.is_zero()).then(|| last_seen + allowed);
+            let expires = (!keep_alive.is_zero()).then(|| self.last_seen + allowed);
             if self.session.queue.take_beat() {
+                self.rapid = 0;
                 Box::pin(self.session.refresh_presence()).await;
                 // A persistent session is saved now and then while connected, so a node
                 // that dies without closing still leaves it (positions at most one
@@ -946,46 +1038,62 @@ impl Conn {
                     let got = std::future::poll_fn(|cx| Poll::Ready(poll_read_some(io, buf, cx))).await;
                     match got {
                         Poll::Ready(Ok(n)) if n > 0 => continue,
-                        _ => return End::Lost,
+                        _ => return Some(End::Lost),
                     }
                 }
-                Some(e) if e <= Instant::now() + interval => match keep_alive_timer.as_mut() {
+                Some(e) if e <= Instant::now() + interval => match self.keep_alive_timer.as_mut() {
                     Some(t) => t.as_mut().reset(e),
-                    None => keep_alive_timer = Some(Box::pin(tokio::time::sleep_until(e))),
+                    None => self.keep_alive_timer = Some(Box::pin(tokio::time::sleep_until(e))),
                 },
-                _ => keep_alive_timer = None,
+                _ => self.keep_alive_timer = None,
             }
-            // One wait on everything, polled by hand rather than by `select!`, whose
-            // branch futures would sit in every idle connection's state.
-            let this = &mut *self;
-            let timer = &mut keep_alive_timer;
-            let woke = std::future::poll_fn(move |cx| {
-                let mut w = Woke::default();
-                if let Poll::Ready(r) = poll_read_some(&mut this.tcp, &mut this.buf, cx) {
-                    w.read = Some(r);
+            // Everything it waits on is polled once with `park` as the waker: nothing
+            // ready, and the connection parks (its task ends) until one of them wakes it.
+            // A busy one waits in its task.
+            let woke = if self.rapid < BUSY {
+                match self.poll_wait(&mut Context::from_waker(park)) {
+                    Poll::Ready(w) => w,
+                    Poll::Pending => {
+                        self.parked_at = Some(Instant::now());
+                        return None;
+                    }
                 }
-                w.changed = this.session.queue.poll_changed(cx).is_ready();
-                if let Some(t) = timer.as_mut() {
-                    w.keep_alive = std::future::Future::poll(t.as_mut(), cx).is_ready();
+            } else {
+                let began = Instant::now();
+                let w = std::future::poll_fn(|cx| self.poll_wait(cx)).await;
+                if began.elapsed() >= QUIET {
+                    self.rapid = 0;
                 }
-                if let Some(t) = this.session.timer.as_mut() {
-                    w.token_expired = std::future::Future::poll(t.as_mut(), cx).is_ready();
-                }
-                if w.read.is_some() || w.changed || w.keep_alive || w.token_expired {
-                    Poll::Ready(w)
-                } else {
-                    Poll::Pending
-                }
-            })
-            .await;
+                w
+            };
             if let Some(Ok(0) | Err(_)) = woke.read {
-                return End::Lost;
+                return Some(End::Lost);
             }
             if woke.token_expired {
                 self.session.timer = None;
                 self.session.queue.close(CloseReason::TokenExpired);
             }
             // (A keep-alive timer that fired is read at the top: `expires` has passed.)
+        }
+    }
+
+    /// What ended the wait, if anything has: a read, the queue, keep-alive, the token.
+    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Woke> {
+        let mut w = Woke::default();
+        if let Poll::Ready(r) = poll_read_some(&mut self.tcp, &mut self.buf, cx) {
+            w.read = Some(r);
+        }
+        w.changed = self.session.queue.poll_changed(cx).is_ready();
+        if let Some(t) = self.keep_alive_timer.as_mut() {
+            w.keep_alive = std::future::Future::poll(t.as_mut(), cx).is_ready();
+        }
+        if let Some(t) = self.session.timer.as_mut() {
+            w.token_expired = std::future::Future::poll(t.as_mut(), cx).is_ready();
+        }
+        if w.read.is_some() || w.changed || w.keep_alive || w.token_expired {
+            Poll::Ready(w)
+        } else {
+            Poll::Pending
         }
     }
 
