@@ -117,9 +117,9 @@ pub struct Metrics {
     pub mqtt_inflight: std::sync::atomic::AtomicI64,
     /// Retained messages sent to MQTT clients for their subscriptions.
     pub mqtt_retained_sent: AtomicU64,
-    /// MQTT connections waiting without a task of their own (parked: their socket, queue
-    /// and timers wake them into a new one).
-    pub mqtt_parked: std::sync::atomic::AtomicI64,
+    /// Connections waiting without a task of their own, by transport (parked: their
+    /// socket, queue or timers start one; `transports::parking`).
+    pub parked: [std::sync::atomic::AtomicI64; TRANSPORTS.len()],
     /// Errors by code, as returned to clients (HTTP and WebSocket replies).
     errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -153,12 +153,12 @@ impl Metrics {
             direct_messages: AtomicU64::new(0),
             mqtt_inflight: Default::default(),
             mqtt_retained_sent: AtomicU64::new(0),
-            mqtt_parked: Default::default(),
+            parked: Default::default(),
             errors: Mutex::new(Default::default()),
         }
     }
 
-    fn idx(t: Transport) -> usize {
+    pub(crate) fn idx(t: Transport) -> usize {
         t as usize
     }
 
@@ -313,6 +313,16 @@ impl Collector for ServerCollector {
         )?;
         for (name, t) in TRANSPORTS {
             g.encode_family(&[("transport", name)])?.encode_gauge(&m.open_connections(t))?;
+        }
+        let mut g = e.encode_descriptor(
+            "switchboard_parked_connections",
+            "Connections waiting without a task of their own (parked), by transport.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, t) in TRANSPORTS {
+            let parked = m.parked[Metrics::idx(t)].load(Ordering::Relaxed).max(0) as u64;
+            g.encode_family(&[("transport", name)])?.encode_gauge(&parked)?;
         }
         let handshakes: Vec<(&str, u64)> =
             TRANSPORTS.iter().map(|(name, t)| (*name, load(&m.handshakes[Metrics::idx(*t)]))).collect();
@@ -471,12 +481,6 @@ impl Collector for ServerCollector {
             "switchboard_mqtt_retained_sent",
             "Retained messages sent to MQTT clients for their subscriptions.",
             load(&m.mqtt_retained_sent),
-        )?;
-        gauge(
-            e,
-            "switchboard_mqtt_parked",
-            "MQTT connections waiting without a task of their own.",
-            m.mqtt_parked.load(std::sync::atomic::Ordering::Relaxed).max(0) as u64,
         )?;
         if let Some(sources) = state.sources.get().filter(|s| !s.is_empty()) {
             type Field = fn(&crate::sources::SourceMetrics) -> &std::sync::atomic::AtomicU64;

@@ -51,14 +51,6 @@ fn unique_id() -> String {
     format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..))
 }
 
-/// A value in `/metrics`.
-async fn metric(s: &TestServer, name: &str) -> u64 {
-    let text = s.http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
-        .unwrap_or_else(|| panic!("{name} is not in /metrics")) as u64
-}
-
 /// Waits until `channel` has `n` subscribers on this node (subscriptions are live).
 async fn subscribers(s: &TestServer, channel: &str, n: u64) {
     for _ in 0..600 {
@@ -149,7 +141,7 @@ async fn retained_publications_qos_flows_and_exactly_once_for_qos2() {
         latest = b"twice?".to_vec();
     }
     // Each subscriber's retained message is counted.
-    assert_eq!(metric(&s, "switchboard_mqtt_retained_sent_total").await, 2);
+    assert_eq!(s.metric("switchboard_mqtt_retained_sent_total").await, 2);
     // A QoS 2 PUBLISH sent again with DUP (a client that lost the PUBREC) is stored once.
     let (_, before) = s.get_json(&format!("/api/history?channel=sensors:{id}")).await;
     let mut p = Mqtt::connect(addr, true, "dup", None).await.unwrap();
@@ -243,19 +235,8 @@ async fn a_keep_alive_longer_than_the_heartbeat_interval_still_closes_a_silent_c
     assert_eq!(watcher.next_publish().await.unwrap().1, b"timed out");
 }
 
-/// Waits until `n` MQTT connections are parked (no task of their own).
-async fn parked(s: &TestServer, n: u64) {
-    for _ in 0..600 {
-        if metric(s, "switchboard_mqtt_parked").await >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("never {n} parked MQTT connections");
-}
-
 /// A quiet MQTT connection is parked: no task of its own, its socket, queue and timers
-/// hold the waker that starts one (`switchboard_mqtt_parked` counts them). Parked, over
+/// hold the waker that starts one (`switchboard_parked_connections` counts them). Parked, over
 /// TCP (QoS 0 from the fan-out, QoS 1 with its acknowledgements) and over WebSocket, a
 /// connection still gets every publication in order, answers PINGREQ, has its will sent
 /// when it vanishes, is closed by the API, and says goodbye at shutdown.
@@ -282,7 +263,7 @@ async fn parked_connections_wake_for_everything_they_wait_on() {
         .await
         .unwrap();
     let mut device = Mqtt::connect_as(addr, true, &format!("dev-{id}"), "dev-p", Some(password)).await.unwrap();
-    parked(&s, 6).await;
+    s.parked("mqtt", 6).await;
     for n in 1..=3 {
         s.publish(&ch, json!(n)).await;
     }
@@ -292,7 +273,7 @@ async fn parked_connections_wake_for_everything_they_wait_on() {
         }
     }
     // Quiet again: parked again.
-    parked(&s, 6).await;
+    s.parked("mqtt", 6).await;
     q0.send(&packet(0xC0, &[])).await;
     assert_eq!(q0.read().await.map(|(first, _)| first), Some(0xD0), "PINGRESP");
     drop(rude);
@@ -304,7 +285,7 @@ async fn parked_connections_wake_for_everything_they_wait_on() {
         last = Some(p);
     }
     assert_eq!(last.map(|(first, body)| (first, body[0])), Some((0xE0, 0x98)), "DISCONNECT 0x98 by the API");
-    parked(&s, 4).await;
+    s.parked("mqtt", 4).await;
     let stop = tokio::spawn(s.shutdown());
     for c in [&mut q0, &mut over_ws, &mut watcher] {
         let mut last = None;
@@ -687,7 +668,7 @@ async fn a_clean_qos_1_subscriber_gets_everything_in_order_within_its_window() {
     }
     assert_eq!(c.next_publish_unacked().await.unwrap().payload, total.to_string().into_bytes());
     // The window is full: three publications in flight, as the server counts them.
-    assert_eq!(metric(&s, "switchboard_mqtt_inflight").await, 3);
+    assert_eq!(s.metric("switchboard_mqtt_inflight").await, 3);
     // (A negative check: it can only pass wrongly on a slow machine, never fail wrongly.)
     let early = tokio::time::timeout(Duration::from_millis(300), c.next_publish_unacked()).await;
     assert!(early.is_err(), "a publication beyond the receive maximum");

@@ -384,6 +384,52 @@ async fn deflate_is_negotiated_and_publications_arrive_compressed() {
     assert_eq!(ws.recv().await.unwrap(), Message::Text(r#"{"id":9,"ok":{}}"#.into()));
 }
 
+/// A WebSocket with nothing to do is parked: no task of its own; its socket, queue and
+/// timer hold the waker that starts one (`switchboard_parked_connections`). Parked, a
+/// connection still gets every publication in order, answers commands, is seen leaving
+/// when it closes, and is told to go away at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_connections_wake_for_everything_they_wait_on() {
+    let s = TestServer::start(config("")).await;
+    let ch = channel("ws");
+    let (mut a, mut b) = (connect(&s).await, connect(&s).await);
+    a.subscribe(&ch, None).await.unwrap();
+    b.subscribe(&ch, None).await.unwrap();
+    s.parked("ws", 2).await;
+    for i in 1..=3 {
+        s.publish(&ch, json!({"i": i})).await;
+    }
+    assert_eq!(pubs(&mut a, 3).await, vec![1, 2, 3]);
+    assert_eq!(pubs(&mut b, 3).await, vec![1, 2, 3]);
+    s.parked("ws", 2).await;
+    // (The publications were written from the fan-out: neither woke.)
+    assert_eq!(a.call(json!({"cmd": "ping"})).await.unwrap(), json!({}));
+    drop(b);
+    let mut left = false;
+    for _ in 0..400 {
+        let (_, v) = s.get_json("/api/channels?scope=node").await;
+        let subscribers = v["channels"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["channel"] == ch.as_str()).and_then(|c| c["subscribers"].as_u64()));
+        if subscribers == Some(1) {
+            left = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(left, "the closed connection left the channel");
+    let stop = tokio::spawn(s.shutdown());
+    let code = loop {
+        match a.next_push().await {
+            Ok(_) => {}
+            Err(ClientError::Closed(code)) => break code,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(code, Some(1001));
+    stop.await.unwrap();
+}
+
 #[tokio::test]
 async fn shutdown_sends_going_away_with_reconnect_advice() {
     let s = TestServer::start(config("")).await;

@@ -5,6 +5,7 @@
 pub mod client_http;
 pub mod mailbox;
 pub mod mqtt;
+pub(crate) mod parking;
 pub mod poll;
 pub mod sse;
 pub mod sse_direct;

@@ -106,6 +106,27 @@ impl TestServer {
         (status, r.json().await.unwrap())
     }
 
+    /// A value in `/metrics`: the first series whose line starts with `series`.
+    pub async fn metric(&self, series: &str) -> u64 {
+        let text = self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse::<f64>().ok()))
+            .unwrap_or_else(|| panic!("{series} is not in /metrics")) as u64
+    }
+
+    /// Waits until `n` connections of `transport` are parked (waiting without a task of
+    /// their own).
+    pub async fn parked(&self, transport: &str, n: u64) {
+        let series = format!("switchboard_parked_connections{{transport=\"{transport}\"}}");
+        for _ in 0..600 {
+            if self.metric(&series).await >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("never {n} parked {transport} connections");
+    }
+
     /// Stops the server the way SIGTERM would and waits for it to finish.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.stop.take() {

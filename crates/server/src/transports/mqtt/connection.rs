@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -62,12 +62,6 @@ const TAKE_OVER_WAIT: Duration = Duration::from_secs(5);
 const OWN_REMEMBERED: usize = 1024;
 /// QoS 1 and 2 publications in flight to an MQTT 3.1.1 client (MQTT 5 clients say theirs).
 const OUTGOING_WINDOW_V311: usize = 32;
-/// A connection with nothing to do parks: it keeps no task while it waits ([`Parked`]).
-/// One woken this many times in a row, each less than [`QUIET`] after it parked, is busy
-/// and keeps its task while it waits (a task per wake-up would cost more than the
-/// wake-up) — until a wait of [`QUIET`] or more, or a heartbeat, makes it quiet again.
-const BUSY: u8 = 2;
-const QUIET: Duration = Duration::from_secs(1);
 
 /// How the connection ended, for the will and the goodbye.
 enum End {
@@ -128,10 +122,8 @@ struct Conn {
     last_seen: Instant,
     /// Armed only in the last heartbeat interval before keep-alive runs out.
     keep_alive_timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Wake-ups in a row soon after parking (see [`BUSY`]).
-    rapid: u8,
-    /// When the connection last parked.
-    parked_at: Option<Instant>,
+    /// Whether it parks at its next wait or keeps its task (`transports::parking`).
+    rhythm: crate::transports::parking::Rhythm,
     /// The client's Topic Alias Maximum (MQTT 5): how many aliases this server may define
     /// for topics it sends; 0: none.
     alias_max: u16,
@@ -594,60 +586,29 @@ struct Held<S> {
     _slot: S,
 }
 
-/// A connection with nothing to do, parked: no task holds it; its socket, queue and
-/// timers hold this as their waker, and the first to wake it starts a task that drives it
-/// on. (An idle connection so costs its state, not a task's too.)
-struct Parked<S> {
-    held: std::sync::Mutex<Option<Held<S>>>,
-    /// Set by every wake: one that came while the connection was being parked (and so
-    /// found nothing to start) is seen by the task parking it.
-    woken: AtomicBool,
-    runtime: tokio::runtime::Handle,
-}
-
-impl<S: Send + 'static> std::task::Wake for Parked<S> {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref()
+impl<S: Send + 'static> crate::transports::parking::Park for Held<S> {
+    const TRANSPORT: crate::metrics::Transport = crate::metrics::Transport::Mqtt;
+    fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.state.metrics
     }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::SeqCst);
-        let held = crate::lock(&self.held).take();
-        if let Some(held) = held {
-            let metrics = held.state.metrics.clone();
-            metrics.mqtt_parked.fetch_sub(1, Ordering::Relaxed);
-            self.runtime.spawn(crate::guarded(metrics, "mqtt connection", drive(held)));
-        }
+    fn resume(self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        drive(self)
     }
 }
 
 /// Drives the connection until it ends, or until it has nothing to do: then it is
-/// parked ([`Parked`]) and this task ends.
+/// parked (`transports::parking`) and this task ends.
 async fn drive<S: Send + 'static>(mut held: Held<S>) {
     loop {
-        let parked = Arc::new(Parked {
-            held: std::sync::Mutex::new(None),
-            woken: AtomicBool::new(false),
-            runtime: tokio::runtime::Handle::current(),
-        });
+        let parked = crate::transports::parking::Parked::new();
         let waker = std::task::Waker::from(parked.clone());
         if let Some(end) = held.conn.c.run(&waker).await {
             let Held { conn, state, .. } = held;
             return Box::pin(finish(conn, end, state)).await;
         }
         // Everything it waits on now wakes `parked`.
-        held.state.metrics.mqtt_parked.fetch_add(1, Ordering::Relaxed);
-        *crate::lock(&parked.held) = Some(held);
-        if !parked.woken.load(Ordering::SeqCst) {
-            return;
-        }
-        // Woken meanwhile: on in this task (unless the wake already started one).
-        let taken = crate::lock(&parked.held).take();
-        match taken {
-            Some(h) => {
-                h.state.metrics.mqtt_parked.fetch_sub(1, Ordering::Relaxed);
-                held = h;
-            }
+        match parked.park(held) {
+            Some(h) => held = h,
             None => return,
         }
     }
@@ -956,8 +917,7 @@ async fn accept(
             keep_alive: connect.keep_alive,
             last_seen: Instant::now(),
             keep_alive_timer: None,
-            rapid: 0,
-            parked_at: None,
+            rhythm: Default::default(),
             alias_max: if version == Version::V5 { connect.topic_alias_maximum } else { 0 },
             persist: persist.map(Duration::from_secs),
             qos: SmallMap::default(),
@@ -985,12 +945,7 @@ impl Conn {
         // the last interval before keep-alive runs out does the connection arm a timer of
         // its own (so a client with a keep-alive shorter than the interval keeps one).
         let interval = Duration::from_secs(self.session.state.config.ws.ping_interval_secs.max(1));
-        // Woken from being parked: soon after (once too often, and it keeps its task
-        // while it waits), or after a while.
-        self.rapid = match self.parked_at {
-            Some(t) if t.elapsed() < QUIET => self.rapid.saturating_add(1),
-            _ => 0,
-        };
+        self.rhythm.started();
         loop {
             // Packets already buffered first.
             loop {
@@ -1023,7 +978,7 @@ impl Conn {
             self.set_plain(self.plain_qos());
             let expires = (!keep_alive.is_zero()).then(|| self.last_seen + allowed);
             if self.session.queue.take_beat() {
-                self.rapid = 0;
+                self.rhythm.beat();
                 Box::pin(self.session.refresh_presence()).await;
                 // A persistent session is saved now and then while connected, so a node
                 // that dies without closing still leaves it (positions at most one
@@ -1050,20 +1005,18 @@ impl Conn {
             // Everything it waits on is polled once with `park` as the waker: nothing
             // ready, and the connection parks (its task ends) until one of them wakes it.
             // A busy one waits in its task.
-            let woke = if self.rapid < BUSY {
+            let woke = if self.rhythm.parks() {
                 match self.poll_wait(&mut Context::from_waker(park)) {
                     Poll::Ready(w) => w,
                     Poll::Pending => {
-                        self.parked_at = Some(Instant::now());
+                        self.rhythm.parked();
                         return None;
                     }
                 }
             } else {
                 let began = Instant::now();
                 let w = std::future::poll_fn(|cx| self.poll_wait(cx)).await;
-                if began.elapsed() >= QUIET {
-                    self.rapid = 0;
-                }
+                self.rhythm.waited(began);
                 w
             };
             if let Some(Ok(0) | Err(_)) = woke.read {

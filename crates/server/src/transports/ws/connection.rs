@@ -83,6 +83,8 @@ pub fn serve(socket: Socket, pre: Bytes, mut ctx: Box<Ctx>) -> impl std::future:
         reader: FrameReader::new(state.config.limits.max_message_bytes + ENVELOPE_BYTES, ctx.deflate),
         incoming: Vec::new(),
         last_seen: Instant::now(),
+        blocked: false,
+        rhythm: Default::default(),
         _slot: None,
     });
     if let Some(who) = ctx.identity.take() {
@@ -95,25 +97,18 @@ pub fn serve(socket: Socket, pre: Bytes, mut ctx: Box<Ctx>) -> impl std::future:
     // whole life, and these two are used up before the first wait.
     let boot = Box::new((pre, ctx));
     async move {
-        let (_tracked, _gauge, _closes) = (tracked, gauge, closes);
         // (Moved out in a block of its own: the box is freed where its variable ends.)
         let (pre, ctx) = {
             let b = boot;
             *b
         };
         if conn.start(pre, ctx).await {
-            conn.run().await;
+            drive(Held { conn, _tracked: tracked, _gauge: gauge, _closes: closes }).await
+        } else {
+            // (Boxed, as in `drive`: the timeout's timer would otherwise be part of every
+            // idle connection's state.)
+            Box::pin(end(&mut conn)).await;
         }
-        // Whatever ended it, the queue is closed now: write what it still holds and the
-        // goodbye its close reason calls for, within a grace period — a peer that stopped
-        // reading does not keep the socket.
-        conn.session.queue.close(CloseReason::Normal);
-        // Leave channels and presence now, not after the goodbye: others see the leave at once.
-        conn.session.leave_all();
-        // (Boxed: the timeout's timer would otherwise be part of every idle connection's
-        // state.)
-        let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, conn.flush_and_close())).await;
-        tracing::debug!(client = %conn.session.client, "websocket closed");
     }
 }
 
@@ -212,8 +207,61 @@ struct Conn {
     incoming: Vec<Incoming>,
     /// When the client last sent anything (for the heartbeat timeout).
     last_seen: Instant,
+    /// The queue woke the connection while the socket was full: nothing to write until
+    /// the socket has room (the queue wakes a blocked connection once per batch, and for
+    /// heartbeats).
+    blocked: bool,
+    /// Whether it parks at its next wait or keeps its task (`transports::parking`).
+    rhythm: crate::transports::parking::Rhythm,
     /// This connection's places under the connection limits.
     _slot: Option<super::super::Admitted>,
+}
+
+/// An upgraded connection with what counts it, between its tasks.
+struct Held {
+    conn: Box<Conn>,
+    _tracked: crate::app::UpgradedGuard,
+    _gauge: crate::metrics::ConnectionGauge,
+    _closes: super::super::CloseOnDrop,
+}
+
+impl crate::transports::parking::Park for Held {
+    const TRANSPORT: crate::metrics::Transport = crate::metrics::Transport::Ws;
+    fn metrics(&self) -> &std::sync::Arc<crate::metrics::Metrics> {
+        &self.conn.session.state.metrics
+    }
+    fn resume(self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        drive(self)
+    }
+}
+
+/// Drives the connection until it ends — then says goodbye — or until it has nothing to
+/// do: then it is parked (`transports::parking`) and this task ends.
+async fn drive(mut held: Held) {
+    loop {
+        let parked = crate::transports::parking::Parked::new();
+        let waker = std::task::Waker::from(parked.clone());
+        if !held.conn.run(&waker).await {
+            break;
+        }
+        // Everything it waits on now wakes `parked`.
+        match parked.park(held) {
+            Some(h) => held = h,
+            None => return,
+        }
+    }
+    Box::pin(end(&mut held.conn)).await;
+}
+
+/// Whatever ended it, the queue is closed now: writes what it still holds and the
+/// goodbye its close reason calls for, within a grace period — a peer that stopped
+/// reading does not keep the socket.
+async fn end(conn: &mut Conn) {
+    conn.session.queue.close(CloseReason::Normal);
+    // Leave channels and presence now, not after the goodbye: others see the leave at once.
+    conn.session.leave_all();
+    let _ = tokio::time::timeout(CLOSE_GRACE, conn.flush_and_close()).await;
+    tracing::debug!(client = %conn.session.client, "websocket closed");
 }
 
 /// `switchboard.v1` over WebSocket: one text frame per message, the close code in a
@@ -281,21 +329,22 @@ impl Conn {
         .await
     }
 
-    async fn run(&mut self) {
+    /// Serves the connection until it ends (`false`) or has nothing to do (`true`): then
+    /// what it waits on — its socket, its queue, its timer — has been polled with `park`,
+    /// which wakes it.
+    async fn run(&mut self, park: &std::task::Waker) -> bool {
         // (What lives across its waits is in `self`, boxed, rather than here: this
         // future's size decides the size class of every connection's task.)
-        // Set when the queue woke the task while the socket was full: nothing to write
-        // until the socket has room (the queue wakes a blocked task once per batch, and
-        // for heartbeats).
-        let mut blocked = false;
+        self.rhythm.started();
         loop {
             // Boxed: the commands' futures (subscribe, broker calls) are large and
             // short-lived; kept inline they would sit in every idle connection's state.
             if !self.incoming.is_empty() && !Box::pin(self.handle_incoming()).await {
-                return;
+                return false;
             }
             // The server's heartbeat wheel (crate::heartbeat) beats once per ping interval.
             if self.session.queue.take_beat() {
+                self.rhythm.beat();
                 let interval = Duration::from_secs(self.session.state.config.ws.ping_interval_secs);
                 if self.last_seen.elapsed() >= interval * 3 {
                     // A stall of this process must not count against the client: what
@@ -307,14 +356,17 @@ impl Conn {
                     .await;
                     match self.after_read(got) {
                         Ok(true) => {}
-                        Ok(false) => return,
-                        Err(v) => return Box::pin(self.violated(v)).await,
+                        Ok(false) => return false,
+                        Err(v) => {
+                            Box::pin(self.violated(v)).await;
+                            return false;
+                        }
                     }
                 }
                 if self.last_seen.elapsed() >= interval * 3 {
-                    return self
-                        .session
+                    self.session
                         .close_with(close::HEARTBEAT_TIMEOUT, "heartbeat timeout: no frames for 3 ping intervals");
+                    return false;
                 }
                 self.session.push(Bytes::from_static(frame::PING));
                 // Alive: keep this client's presence entries from expiring. (Boxed: once
@@ -322,68 +374,90 @@ impl Conn {
                 Box::pin(self.session.refresh_presence()).await;
             }
             // What is queued goes out as far as the socket takes it now.
-            if !std::mem::take(&mut blocked) {
+            if !std::mem::take(&mut self.blocked) {
                 match std::future::poll_fn(|cx| std::task::Poll::Ready(self.write_queued(cx))).await {
                     Ok(true) => {}
-                    Ok(false) => return, // the queue closed: `serve` says goodbye
-                    Err(_) => return self.session.queue.close(CloseReason::Normal),
+                    Ok(false) => return false, // the queue closed: `drive` says goodbye
+                    Err(_) => {
+                        self.session.queue.close(CloseReason::Normal);
+                        return false;
+                    }
                 }
             }
             let waiting_to_write = !self.outbox.frames.is_empty() || self.tx.unflushed();
-            // One wait on everything, polled by hand rather than by `select!`, whose
-            // branch futures would sit in every idle connection's state.
-            // (A move closure holding `this`: one reference in the state, not one per
-            // field it touches.)
-            let this = &mut *self;
-            let woke = std::future::poll_fn(move |cx| {
-                use std::task::Poll;
-                let mut w = Woke::default();
-                if let Poll::Ready(got) = this.rx.poll_read(cx, &mut this.reader, &mut this.incoming) {
-                    w.read = Some(got);
-                }
-                if waiting_to_write {
-                    // TCP: wait for room, then write at the top of the loop. A stream:
-                    // write (and flush) here, as it takes the bytes.
-                    let p = match &this.tx {
-                        Tx::Tcp(_) => this.tx.poll_writable(cx),
-                        Tx::Stream { .. } => {
-                            match write_outbox(&mut this.tx, &mut this.outbox, &this.session.state.metrics, cx) {
-                                Ok(true) => Poll::Ready(Ok(())),
-                                Ok(false) => Poll::Pending,
-                                Err(e) => Poll::Ready(Err(e)),
-                            }
-                        }
-                    };
-                    if let Poll::Ready(r) = p {
-                        w.written = Some(r.is_ok());
+            // Everything it waits on is polled once with `park` as the waker: nothing
+            // ready, and the connection parks (its task ends) until one of them wakes it.
+            // A busy one waits in its task.
+            let woke = if self.rhythm.parks() {
+                match self.poll_wait(&mut std::task::Context::from_waker(park), waiting_to_write) {
+                    std::task::Poll::Ready(w) => w,
+                    std::task::Poll::Pending => {
+                        self.rhythm.parked();
+                        return true;
                     }
                 }
-                w.changed = this.session.queue.poll_changed(cx).is_ready();
-                if let Some(t) = this.session.timer.as_mut() {
-                    w.expired = t.as_mut().poll(cx).is_ready();
-                }
-                if w.read.is_some() || w.written.is_some() || w.changed || w.expired {
-                    Poll::Ready(w)
-                } else {
-                    Poll::Pending
-                }
-            })
-            .await;
+            } else {
+                let began = Instant::now();
+                let w = std::future::poll_fn(|cx| self.poll_wait(cx, waiting_to_write)).await;
+                self.rhythm.waited(began);
+                w
+            };
             if woke.written == Some(false) {
-                return self.session.queue.close(CloseReason::Normal);
+                self.session.queue.close(CloseReason::Normal);
+                return false;
             }
             if woke.expired && !self.session.on_expiry() {
-                return;
+                return false;
             }
             if let Some(got) = woke.read {
                 match self.after_read(got) {
                     Ok(true) => {}
-                    Ok(false) => return,
-                    Err(v) => return Box::pin(self.violated(v)).await,
+                    Ok(false) => return false,
+                    Err(v) => {
+                        Box::pin(self.violated(v)).await;
+                        return false;
+                    }
                 }
             }
-            blocked =
+            self.blocked =
                 woke.changed && waiting_to_write && woke.written.is_none() && self.session.queue.closed().is_none();
+        }
+    }
+
+    /// What ended the wait, if anything has: a read, room to write (when
+    /// `waiting_to_write`), the queue, the token's expiry. (Polled by hand rather than by
+    /// `select!`, whose branch futures would sit in every idle connection's state.)
+    fn poll_wait(&mut self, cx: &mut std::task::Context<'_>, waiting_to_write: bool) -> std::task::Poll<Woke> {
+        use std::task::Poll;
+        let mut w = Woke::default();
+        if let Poll::Ready(got) = self.rx.poll_read(cx, &mut self.reader, &mut self.incoming) {
+            w.read = Some(got);
+        }
+        if waiting_to_write {
+            // TCP: wait for room, then write at the top of the loop. A stream:
+            // write (and flush) here, as it takes the bytes.
+            let p = match &self.tx {
+                Tx::Tcp(_) => self.tx.poll_writable(cx),
+                Tx::Stream { .. } => {
+                    match write_outbox(&mut self.tx, &mut self.outbox, &self.session.state.metrics, cx) {
+                        Ok(true) => Poll::Ready(Ok(())),
+                        Ok(false) => Poll::Pending,
+                        Err(e) => Poll::Ready(Err(e)),
+                    }
+                }
+            };
+            if let Poll::Ready(r) = p {
+                w.written = Some(r.is_ok());
+            }
+        }
+        w.changed = self.session.queue.poll_changed(cx).is_ready();
+        if let Some(t) = self.session.timer.as_mut() {
+            w.expired = t.as_mut().poll(cx).is_ready();
+        }
+        if w.read.is_some() || w.written.is_some() || w.changed || w.expired {
+            Poll::Ready(w)
+        } else {
+            Poll::Pending
         }
     }
 

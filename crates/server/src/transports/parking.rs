@@ -1,0 +1,128 @@
+//! Connections that wait without a task.
+//!
+//! A connection with nothing to do polls what it waits on — its socket, its queue, its
+//! timers — once with a waker of its own, a [`Parked`], hands its state to it and lets
+//! its task end. The first of them to fire takes the state back out and starts a new
+//! task that drives the connection on. An idle connection so costs its state, not a
+//! task's cell too (tokio's, 384–512 B each, aligned to 128 B).
+//!
+//! A busy connection keeps its task while it waits: starting a task per wake-up would
+//! cost more than the wake-up ([`Rhythm`] tells which).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::metrics::{Metrics, Transport};
+
+/// A connection's state while no task holds it.
+pub(crate) trait Park: Send + Sized + 'static {
+    /// Its transport, for `switchboard_parked_connections`.
+    const TRANSPORT: Transport;
+    /// The server's metrics.
+    fn metrics(&self) -> &Arc<Metrics>;
+    /// Drives the connection on (in a new task) after a wake-up.
+    fn resume(self) -> impl Future<Output = ()> + Send + 'static;
+}
+
+/// The waker a parked connection waits with, holding its state.
+pub(crate) struct Parked<T> {
+    held: std::sync::Mutex<Option<T>>,
+    /// Set by every wake-up: one that came while the connection was being parked (and so
+    /// found nothing to start) is seen by the task parking it.
+    woken: AtomicBool,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<T: Park> Parked<T> {
+    /// A waker for one parking, from within the runtime.
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Parked {
+            held: std::sync::Mutex::new(None),
+            woken: AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// Parks `held` — what it waits on has been polled with this waker and nothing was
+    /// ready. `Some` gives it back when it was woken meanwhile: go on in this task.
+    pub(crate) fn park(&self, held: T) -> Option<T> {
+        let metrics = held.metrics().clone();
+        let gauge = &metrics.parked[Metrics::idx(T::TRANSPORT)];
+        gauge.fetch_add(1, Ordering::Relaxed);
+        *crate::lock(&self.held) = Some(held);
+        if !self.woken.load(Ordering::SeqCst) {
+            return None;
+        }
+        let taken = crate::lock(&self.held).take();
+        if taken.is_some() {
+            gauge.fetch_sub(1, Ordering::Relaxed);
+        }
+        taken
+    }
+}
+
+impl<T: Park> std::task::Wake for Parked<T> {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        let held = crate::lock(&self.held).take();
+        if let Some(held) = held {
+            let metrics = held.metrics().clone();
+            metrics.parked[Metrics::idx(T::TRANSPORT)].fetch_sub(1, Ordering::Relaxed);
+            self.runtime.spawn(crate::guarded(metrics, "parked connection", held.resume()));
+        }
+    }
+}
+
+/// How many wake-ups in a row, each less than [`QUIET`] after parking, make a connection
+/// busy: it keeps its task while it waits — until a wait of [`QUIET`] or more, or a
+/// heartbeat, shows it quiet again.
+const BUSY: u8 = 3;
+const QUIET: Duration = Duration::from_secs(1);
+
+/// Whether a connection parks at its next wait or keeps its task.
+#[derive(Default)]
+pub(crate) struct Rhythm {
+    /// Wake-ups in a row soon after parking.
+    rapid: u8,
+    /// When the connection last parked.
+    parked_at: Option<Instant>,
+}
+
+impl Rhythm {
+    /// The connection's task (re)starts: woken soon after it parked, or after a while.
+    pub(crate) fn started(&mut self) {
+        self.rapid = match self.parked_at {
+            Some(t) if t.elapsed() < QUIET => self.rapid.saturating_add(1),
+            _ => 0,
+        };
+    }
+
+    /// A heartbeat: the connection parks at its next wait.
+    pub(crate) fn beat(&mut self) {
+        self.rapid = 0;
+    }
+
+    /// Whether the next wait parks.
+    pub(crate) fn parks(&self) -> bool {
+        self.rapid < BUSY
+    }
+
+    pub(crate) fn parked(&mut self) {
+        self.parked_at = Some(Instant::now());
+    }
+
+    /// A wait in the task, begun at `began`, ended.
+    pub(crate) fn waited(&mut self, began: Instant) {
+        if began.elapsed() >= QUIET {
+            self.rapid = 0;
+        }
+    }
+}
