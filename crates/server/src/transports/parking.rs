@@ -48,7 +48,9 @@ impl<T: Park> Parked<T> {
     }
 
     /// Parks `held` — what it waits on has been polled with this waker and nothing was
-    /// ready. `Some` gives it back when it was woken meanwhile: go on in this task.
+    /// ready. `Some` gives it back when it was woken meanwhile: go on in this task, after
+    /// a yield (the wake-up may have been tokio's cooperative budget, spent by the task:
+    /// polled again before the task yields, everything would say "not ready" again).
     pub(crate) fn park(&self, held: T) -> Option<T> {
         let metrics = held.metrics().clone();
         let gauge = &metrics.parked[Metrics::idx(T::TRANSPORT)];

@@ -608,7 +608,13 @@ async fn drive<S: Send + 'static>(mut held: Held<S>) {
         }
         // Everything it waits on now wakes `parked`.
         match parked.park(held) {
-            Some(h) => held = h,
+            Some(h) => {
+                held = h;
+                // Woken meanwhile: on in this task, once it has yielded — a wake-up from
+                // tokio's cooperative budget, spent by this task, comes again at once
+                // until the task yields.
+                tokio::task::yield_now().await;
+            }
             None => return,
         }
     }

@@ -246,7 +246,13 @@ async fn drive(mut held: Held) {
         }
         // Everything it waits on now wakes `parked`.
         match parked.park(held) {
-            Some(h) => held = h,
+            Some(h) => {
+                held = h;
+                // Woken meanwhile: on in this task, once it has yielded — a wake-up from
+                // tokio's cooperative budget, spent by this task, comes again at once
+                // until the task yields.
+                tokio::task::yield_now().await;
+            }
             None => return,
         }
     }
