@@ -5,8 +5,8 @@
 # Usage: [TRANSPORT=ws|sse|mqtt] [BIN=path] [SETTLE=2] bench/idle-ws.sh [TOTAL=19000] [PROCS=2]
 # (BIN: a server binary to measure instead of building this checkout's, e.g. an earlier
 # build kept for a before/after run. SETTLE: seconds to let the connections sit before
-# measuring — an MQTT connection parks, without a task, once it has been quiet for a
-# heartbeat interval: SETTLE=30 measures parked ones.)
+# measuring — an idle connection parks without a task at once, one that was busy at
+# first by its first heartbeat (25 s): SETTLE=30 measures after it.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOTAL=${1:-19000}
