@@ -51,6 +51,12 @@ fn unique_id() -> String {
     format!("{}-{}", channel("x").replace("x:", ""), fastrand::u32(..))
 }
 
+/// A configured device (`[[mqtt.users]]`) with this password, and `more` of its entry.
+fn configured_user(name: &str, password: &str, more: &str) -> String {
+    let hash = switchboard_server::auth::hex(ring::digest::digest(&ring::digest::SHA256, password.as_bytes()).as_ref());
+    format!("[[mqtt.users]]\nname = \"{name}\"\npassword_sha256 = \"{hash}\"\n{more}")
+}
+
 /// Waits until `channel` has `n` subscribers on this node (subscriptions are live).
 async fn subscribers(s: &TestServer, channel: &str, n: u64) {
     for _ in 0..600 {
@@ -235,18 +241,16 @@ async fn a_keep_alive_longer_than_the_heartbeat_interval_still_closes_a_silent_c
     assert_eq!(watcher.next_publish().await.unwrap().1, b"timed out");
 }
 
-/// A quiet MQTT connection is parked: no task of its own, its socket, queue and timers
-/// hold the waker that starts one (`switchboard_parked_connections` counts them). Parked, over
-/// TCP (QoS 0 from the fan-out, QoS 1 with its acknowledgements) and over WebSocket, a
-/// connection still gets every publication in order, answers PINGREQ, has its will sent
-/// when it vanishes, is closed by the API, and says goodbye at shutdown.
+/// An MQTT connection with nothing to do is parked: no task of its own, its socket,
+/// queue and timers hold the waker that starts one (`switchboard_parked_connections`
+/// counts them). Parked, over TCP (QoS 0 from the fan-out, QoS 1 with its
+/// acknowledgements) and over WebSocket, a connection still gets every publication in
+/// order, answers PINGREQ, has its will sent when it vanishes, is closed by the API, and
+/// says goodbye at shutdown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_connections_wake_for_everything_they_wait_on() {
     let password = "parked-device-secret";
-    let hash = switchboard_server::auth::hex(ring::digest::digest(&ring::digest::SHA256, password.as_bytes()).as_ref());
-    let cfg = format!(
-        "{CONFIG}[ws]\nping_interval_secs = 1\n[[mqtt.users]]\nname = \"dev-p\"\npassword_sha256 = \"{hash}\"\n"
-    );
+    let cfg = format!("{CONFIG}[ws]\nping_interval_secs = 1\n{}", configured_user("dev-p", password, ""));
     let s = TestServer::start(config(&cfg)).await;
     let (addr, ws) = (s.mqtt.unwrap(), Via::WebSocket(s.addr));
     let id = unique_id();
@@ -868,10 +872,7 @@ async fn a_persistent_session_keeps_its_presence_watch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_devices_connect_with_a_user_name_and_password() {
     let password = "long-random-device-secret-7";
-    let hash = switchboard_server::auth::hex(ring::digest::digest(&ring::digest::SHA256, password.as_bytes()).as_ref());
-    let cfg = format!(
-        "{CONFIG}[[mqtt.users]]\nname = \"dev-7\"\npassword_sha256 = \"{hash}\"\nchannels = [\"sensors:dev7*\"]\n"
-    );
+    let cfg = format!("{CONFIG}{}", configured_user("dev-7", password, "channels = [\"sensors:dev7*\"]\n"));
     let s = TestServer::start(config(&cfg)).await;
     let addr = s.mqtt.unwrap();
     for v5 in [true, false] {
