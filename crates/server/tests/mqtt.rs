@@ -284,19 +284,11 @@ async fn parked_connections_wake_for_everything_they_wait_on() {
     assert_eq!(watcher.next_publish().await.unwrap().1, b"offline");
     let r = s.http.post(s.url("/api/disconnect")).json(&json!({"user": "dev-p"})).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let mut last = None;
-    while let Some(p) = device.read().await {
-        last = Some(p);
-    }
-    assert_eq!(last.map(|(first, body)| (first, body[0])), Some((0xE0, 0x98)), "DISCONNECT 0x98 by the API");
+    assert_eq!(device.last_before_close().await, Some((0xE0, 0x98)), "DISCONNECT 0x98 by the API");
     s.parked("mqtt", 4).await;
     let stop = tokio::spawn(s.shutdown());
     for c in [&mut q0, &mut over_ws, &mut watcher] {
-        let mut last = None;
-        while let Some(p) = c.read().await {
-            last = Some(p);
-        }
-        assert_eq!(last.map(|(first, body)| (first, body[0])), Some((0xE0, 0x8B)), "DISCONNECT 0x8B");
+        assert_eq!(c.last_before_close().await, Some((0xE0, 0x8B)), "DISCONNECT 0x8B");
     }
     assert!(q1.read().await.is_none(), "MQTT 3.1.1: closed");
     stop.await.unwrap();
@@ -318,11 +310,7 @@ async fn shutdown_disconnects_mqtt_clients_with_server_shutting_down() {
     }
     let stop = tokio::spawn(s.shutdown());
     for (mut c, v5) in clients {
-        let mut last = None;
-        while let Some((first, body)) = c.read().await {
-            last = Some((first, body));
-        }
-        let last = last.map(|(first, body)| (first, body[0]));
+        let last = c.last_before_close().await;
         match v5 {
             true => assert_eq!(last, Some((0xE0, 0x8B)), "DISCONNECT 0x8B, then the close"),
             false => assert_eq!(last, None, "MQTT 3.1.1: closed"),
@@ -895,11 +883,7 @@ async fn configured_devices_connect_with_a_user_name_and_password() {
     assert_eq!(c.subscribe("sensors/dev7-p", None).await.0, 0);
     let r = s.http.post(s.url("/api/disconnect")).json(&json!({"user": "dev-7"})).send().await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let mut last = None;
-    while let Some(p) = c.read().await {
-        last = Some(p);
-    }
-    assert_eq!(last.map(|(first, body)| (first, body[0])), Some((0xE0, 0x98)), "DISCONNECT 0x98 by the API");
+    assert_eq!(c.last_before_close().await, Some((0xE0, 0x98)), "DISCONNECT 0x98 by the API");
     // Another user name: the password is a token as ever (this one is none).
     let (code, _) = Mqtt::connect_as(addr, true, "other", "someone", Some(password)).await.err().unwrap();
     assert_eq!(code, 0x86);

@@ -368,6 +368,16 @@ impl Mqtt {
         }
     }
 
+    /// Reads until the server closes: the last packet's first byte and the first byte of
+    /// its body (a DISCONNECT's reason code); `None` when nothing came before the close.
+    pub async fn last_before_close(&mut self) -> Option<(u8, u8)> {
+        let mut last = None;
+        while let Some(p) = self.read().await {
+            last = Some(p);
+        }
+        last.map(|(first, body)| (first, body[0]))
+    }
+
     /// The next packet: (first byte, body); `None` once the server closed.
     pub async fn read(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
