@@ -12,20 +12,50 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::metrics::{Metrics, Transport};
 
-/// A connection's state while no task holds it.
+/// A connection's state, which [`drive`] serves and parks.
 pub(crate) trait Park: Send + Sized + 'static {
     /// Its transport, for `switchboard_parked_connections`.
     const TRANSPORT: Transport;
+    /// How the connection ended.
+    type Ended: Send;
     /// The server's metrics.
     fn metrics(&self) -> &Arc<Metrics>;
-    /// Drives the connection on (in a new task) after a wake-up.
-    fn resume(self) -> impl Future<Output = ()> + Send + 'static;
+    /// Serves the connection until it ends (`Some`) or has nothing to do (`None`): then
+    /// what it waits on — its socket, its queue, its timers — has been polled with
+    /// `park`, which wakes it.
+    fn run<'a>(&'a mut self, park: &'a Waker) -> impl Future<Output = Option<Self::Ended>> + Send + 'a;
+    /// Says goodbye as `ended` calls for, and lets go of the connection.
+    fn finish(self, ended: Self::Ended) -> impl Future<Output = ()> + Send;
+}
+
+/// Drives the connection until it ends, or until it has nothing to do: then it is
+/// parked and this task ends (the wake-up drives it on in a new one).
+pub(crate) async fn drive<T: Park>(mut held: T) {
+    loop {
+        let parked = Parked::new();
+        let waker = Waker::from(parked.clone());
+        if let Some(ended) = held.run(&waker).await {
+            return held.finish(ended).await;
+        }
+        // Everything it waits on now wakes `parked`.
+        match parked.park(held) {
+            Some(h) => {
+                held = h;
+                // Woken meanwhile: on in this task, once it has yielded — a wake-up from
+                // tokio's cooperative budget, spent by this task, comes again at once
+                // until the task yields.
+                tokio::task::yield_now().await;
+            }
+            None => return,
+        }
+    }
 }
 
 /// The waker a parked connection waits with, holding its state.
@@ -39,7 +69,7 @@ pub(crate) struct Parked<T> {
 
 impl<T: Park> Parked<T> {
     /// A waker for one parking, from within the runtime.
-    pub(crate) fn new() -> Arc<Self> {
+    fn new() -> Arc<Self> {
         Arc::new(Parked {
             held: std::sync::Mutex::new(None),
             woken: AtomicBool::new(false),
@@ -48,10 +78,8 @@ impl<T: Park> Parked<T> {
     }
 
     /// Parks `held` — what it waits on has been polled with this waker and nothing was
-    /// ready. `Some` gives it back when it was woken meanwhile: go on in this task, after
-    /// a yield (the wake-up may have been tokio's cooperative budget, spent by the task:
-    /// polled again before the task yields, everything would say "not ready" again).
-    pub(crate) fn park(&self, held: T) -> Option<T> {
+    /// ready. `Some` gives it back when it was woken meanwhile: go on in this task.
+    fn park(&self, held: T) -> Option<T> {
         let metrics = held.metrics().clone();
         let gauge = &metrics.parked[Metrics::idx(T::TRANSPORT)];
         gauge.fetch_add(1, Ordering::Relaxed);
@@ -78,7 +106,7 @@ impl<T: Park> std::task::Wake for Parked<T> {
         if let Some(held) = held {
             let metrics = held.metrics().clone();
             metrics.parked[Metrics::idx(T::TRANSPORT)].fetch_sub(1, Ordering::Relaxed);
-            self.runtime.spawn(crate::guarded(metrics, "parked connection", held.resume()));
+            self.runtime.spawn(crate::guarded(metrics, "parked connection", drive(held)));
         }
     }
 }

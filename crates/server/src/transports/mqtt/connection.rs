@@ -573,7 +573,15 @@ async fn serve_started<S: Send + 'static>(starting: Starting, tracked: crate::ap
             return Box::pin(finish(conn, end, state)).await;
         }
     }
-    drive(Held { conn, state, _gauge: gauge, _closes: closes, _tracked: tracked, _slot: slot }).await
+    crate::transports::parking::drive(Held {
+        conn,
+        state,
+        _gauge: gauge,
+        _closes: closes,
+        _tracked: tracked,
+        _slot: slot,
+    })
+    .await
 }
 
 /// Everything an accepted connection holds, between its tasks.
@@ -588,35 +596,17 @@ struct Held<S> {
 
 impl<S: Send + 'static> crate::transports::parking::Park for Held<S> {
     const TRANSPORT: crate::metrics::Transport = crate::metrics::Transport::Mqtt;
+    type Ended = End;
     fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
         &self.state.metrics
     }
-    fn resume(self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        drive(self)
+    fn run<'a>(&'a mut self, park: &'a std::task::Waker) -> impl std::future::Future<Output = Option<End>> + Send + 'a {
+        self.conn.c.run(park)
     }
-}
-
-/// Drives the connection until it ends, or until it has nothing to do: then it is
-/// parked (`transports::parking`) and this task ends.
-async fn drive<S: Send + 'static>(mut held: Held<S>) {
-    loop {
-        let parked = crate::transports::parking::Parked::new();
-        let waker = std::task::Waker::from(parked.clone());
-        if let Some(end) = held.conn.c.run(&waker).await {
-            let Held { conn, state, .. } = held;
-            return Box::pin(finish(conn, end, state)).await;
-        }
-        // Everything it waits on now wakes `parked`.
-        match parked.park(held) {
-            Some(h) => {
-                held = h;
-                // Woken meanwhile: on in this task, once it has yielded — a wake-up from
-                // tokio's cooperative budget, spent by this task, comes again at once
-                // until the task yields.
-                tokio::task::yield_now().await;
-            }
-            None => return,
-        }
+    async fn finish(self, end: End) {
+        // (What else it holds — its gauges, its slot — goes after the goodbye.)
+        let Held { conn, state, .. } = self;
+        Box::pin(finish(conn, end, state)).await
     }
 }
 

@@ -103,9 +103,9 @@ pub fn serve(socket: Socket, pre: Bytes, mut ctx: Box<Ctx>) -> impl std::future:
             *b
         };
         if conn.start(pre, ctx).await {
-            drive(Held { conn, _tracked: tracked, _gauge: gauge, _closes: closes }).await
+            crate::transports::parking::drive(Held { conn, _tracked: tracked, _gauge: gauge, _closes: closes }).await
         } else {
-            // (Boxed, as in `drive`: the timeout's timer would otherwise be part of every
+            // (Boxed, as in `finish`: the timeout's timer would otherwise be part of every
             // idle connection's state.)
             Box::pin(end(&mut conn)).await;
         }
@@ -227,36 +227,16 @@ struct Held {
 
 impl crate::transports::parking::Park for Held {
     const TRANSPORT: crate::metrics::Transport = crate::metrics::Transport::Ws;
+    type Ended = ();
     fn metrics(&self) -> &std::sync::Arc<crate::metrics::Metrics> {
         &self.conn.session.state.metrics
     }
-    fn resume(self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        drive(self)
+    fn run<'a>(&'a mut self, park: &'a std::task::Waker) -> impl std::future::Future<Output = Option<()>> + Send + 'a {
+        self.conn.run(park)
     }
-}
-
-/// Drives the connection until it ends — then says goodbye — or until it has nothing to
-/// do: then it is parked (`transports::parking`) and this task ends.
-async fn drive(mut held: Held) {
-    loop {
-        let parked = crate::transports::parking::Parked::new();
-        let waker = std::task::Waker::from(parked.clone());
-        if !held.conn.run(&waker).await {
-            break;
-        }
-        // Everything it waits on now wakes `parked`.
-        match parked.park(held) {
-            Some(h) => {
-                held = h;
-                // Woken meanwhile: on in this task, once it has yielded — a wake-up from
-                // tokio's cooperative budget, spent by this task, comes again at once
-                // until the task yields.
-                tokio::task::yield_now().await;
-            }
-            None => return,
-        }
+    async fn finish(mut self, (): ()) {
+        Box::pin(end(&mut self.conn)).await
     }
-    Box::pin(end(&mut held.conn)).await;
 }
 
 /// Whatever ended it, the queue is closed now: writes what it still holds and the
@@ -335,10 +315,10 @@ impl Conn {
         .await
     }
 
-    /// Serves the connection until it ends (`false`) or has nothing to do (`true`): then
+    /// Serves the connection until it ends (`Some`) or has nothing to do (`None`): then
     /// what it waits on — its socket, its queue, its timer — has been polled with `park`,
     /// which wakes it.
-    async fn run(&mut self, park: &std::task::Waker) -> bool {
+    async fn run(&mut self, park: &std::task::Waker) -> Option<()> {
         // (What lives across its waits is in `self`, boxed, rather than here: this
         // future's size decides the size class of every connection's task.)
         self.rhythm.started();
@@ -346,7 +326,7 @@ impl Conn {
             // Boxed: the commands' futures (subscribe, broker calls) are large and
             // short-lived; kept inline they would sit in every idle connection's state.
             if !self.incoming.is_empty() && !Box::pin(self.handle_incoming()).await {
-                return false;
+                return Some(());
             }
             // The server's heartbeat wheel (crate::heartbeat) beats once per ping interval.
             if self.session.queue.take_beat() {
@@ -362,17 +342,17 @@ impl Conn {
                     .await;
                     match self.after_read(got) {
                         Ok(true) => {}
-                        Ok(false) => return false,
+                        Ok(false) => return Some(()),
                         Err(v) => {
                             Box::pin(self.violated(v)).await;
-                            return false;
+                            return Some(());
                         }
                     }
                 }
                 if self.last_seen.elapsed() >= interval * 3 {
                     self.session
                         .close_with(close::HEARTBEAT_TIMEOUT, "heartbeat timeout: no frames for 3 ping intervals");
-                    return false;
+                    return Some(());
                 }
                 self.session.push(Bytes::from_static(frame::PING));
                 // Alive: keep this client's presence entries from expiring. (Boxed: once
@@ -383,10 +363,10 @@ impl Conn {
             if !std::mem::take(&mut self.blocked) {
                 match std::future::poll_fn(|cx| std::task::Poll::Ready(self.write_queued(cx))).await {
                     Ok(true) => {}
-                    Ok(false) => return false, // the queue closed: `drive` says goodbye
+                    Ok(false) => return Some(()), // the queue closed: `drive` says goodbye
                     Err(_) => {
                         self.session.queue.close(CloseReason::Normal);
-                        return false;
+                        return Some(());
                     }
                 }
             }
@@ -399,7 +379,7 @@ impl Conn {
                     std::task::Poll::Ready(w) => w,
                     std::task::Poll::Pending => {
                         self.rhythm.parked();
-                        return true;
+                        return None;
                     }
                 }
             } else {
@@ -410,18 +390,18 @@ impl Conn {
             };
             if woke.written == Some(false) {
                 self.session.queue.close(CloseReason::Normal);
-                return false;
+                return Some(());
             }
             if woke.expired && !self.session.on_expiry() {
-                return false;
+                return Some(());
             }
             if let Some(got) = woke.read {
                 match self.after_read(got) {
                     Ok(true) => {}
-                    Ok(false) => return false,
+                    Ok(false) => return Some(()),
                     Err(v) => {
                         Box::pin(self.violated(v)).await;
-                        return false;
+                        return Some(());
                     }
                 }
             }
