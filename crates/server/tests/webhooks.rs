@@ -76,8 +76,12 @@ impl Drop for Receiver {
     }
 }
 
+/// The requests logged so far. Only whole lines count: the receiver may be writing its
+/// next line while this reads, and a read can see part of it.
 fn requests(log: &Path) -> Vec<Value> {
-    std::fs::read_to_string(log).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 /// Event id → type, of the requests answered 200 (each id once, however often it came).
