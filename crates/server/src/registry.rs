@@ -220,17 +220,18 @@ impl Drop for Registration {
 
 /// Connected MQTT client ids on this node: MQTT allows one connection per client id, and
 /// a new one takes the id over (the old connection is closed).
-/// Each id's connection: its queue, and whether it has ended (its session kept).
+/// Each id's connection: its queue, and (for one that keeps a session) whether it has
+/// ended, its session kept.
 #[derive(Default)]
-pub struct ClientIds(std::sync::Mutex<HashMap<String, (std::sync::Weak<ConnQueue>, Ended)>>);
+pub struct ClientIds(std::sync::Mutex<HashMap<String, (std::sync::Weak<ConnQueue>, Option<Ended>)>>);
 
 /// Turns true when a connection has finished (kept its session, if any).
 pub type Ended = tokio::sync::oneshot::Receiver<()>;
 
 impl ClientIds {
     /// Registers `queue` under `id`, closing the connection that held it: that one's
-    /// [`Ended`], to wait for it to keep its session.
-    pub fn take_over(&self, id: &str, queue: &Arc<ConnQueue>, ended: Ended) -> Option<Ended> {
+    /// [`Ended`] if it keeps a session, to wait for it to keep it.
+    pub fn take_over(&self, id: &str, queue: &Arc<ConnQueue>, ended: Option<Ended>) -> Option<Ended> {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let old = m.insert(id.to_string(), (Arc::downgrade(queue), ended));
         // Forget the ids of connections that are gone, now and then.
@@ -240,7 +241,7 @@ impl ClientIds {
         }
         let (old, ended) = old?;
         old.upgrade()?.close(CloseReason::Normal);
-        Some(ended)
+        ended
     }
 }
 

@@ -107,10 +107,10 @@ enum Target {
 
 struct Conn {
     session: Session<MqttWire>,
-    /// Set once this connection has kept its session at the end (for one taking over).
+    /// Set once this connection has kept its session at the end (for one taking over);
+    /// only a connection that keeps a session has one.
     ended: Option<tokio::sync::oneshot::Sender<()>>,
     version: Version,
-    client_id: String,
     tcp: Io,
     buf: BytesMut,
     /// MQTT filter → the channel or pattern it subscribed. (Small maps, not hash maps:
@@ -620,7 +620,7 @@ async fn finish(mut conn: Box<Accepted>, end: End, state: AppState) {
     if let (true, Some(w)) = (publish_will, will) {
         let (will, resolved) = *w;
         let state = state.clone();
-        let (client_id, queue) = (conn.c.client_id.clone(), std::sync::Arc::downgrade(&conn.c.session.queue));
+        let (client_id, queue) = (conn.c.client_id().to_string(), std::sync::Arc::downgrade(&conn.c.session.queue));
         let (will_client, will_user) = (conn.c.session.client.clone(), conn.c.session.user().map(str::to_string));
         // (The will's delay runs after the connection is gone: no session outlives it.)
         tokio::spawn(async move {
@@ -640,7 +640,7 @@ async fn finish(mut conn: Box<Accepted>, end: End, state: AppState) {
             }
         });
     }
-    tracing::debug!(client = %conn.c.client_id, ?version, "MQTT connection closed");
+    tracing::debug!(client = %conn.c.client_id(), ?version, "MQTT connection closed");
 }
 
 /// Reads the CONNECT packet and answers it: the accepted connection and its place in the
@@ -855,14 +855,6 @@ async fn accept(
             }
         }
     };
-    // A new connection with a client id takes the id over (MQTT-3.1.4-2): the old one
-    // is closed, and keeps its session as it ends — which this one waits for (bounded),
-    // so it resumes the session as the old connection left it.
-    let (ended, ended_rx) = tokio::sync::oneshot::channel();
-    if let Some(old) = state.mqtt_clients.take_over(&client_id, &session.queue, ended_rx) {
-        // (Sent, or dropped by a connection that ended without a word: done either way.)
-        let _ = tokio::time::timeout(TAKE_OVER_WAIT, old).await;
-    }
     // Persistent sessions: 3.1.1's clean session 0 keeps one (for `mqtt.session_expiry_secs`),
     // MQTT 5's session expiry interval says for how long (at most that). Clean start
     // discards what was kept.
@@ -875,6 +867,22 @@ async fn accept(
             ((granted > 0).then_some(granted), (granted != asked).then_some(granted as u32))
         }
     };
+    // A new connection with a client id takes the id over (MQTT-3.1.4-2): the old one
+    // is closed, and keeps its session as it ends — which this one waits for (bounded),
+    // so it resumes the session as the old connection left it. (Only a connection that
+    // keeps a session is waited for: one without has nothing to leave behind, and does
+    // not carry the channel.)
+    let (ended, ended_rx) = match persist {
+        Some(_) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
+    if let Some(old) = state.mqtt_clients.take_over(&client_id, &session.queue, ended_rx) {
+        // (Sent, or dropped by a connection that ended without a word: done either way.)
+        let _ = tokio::time::timeout(TAKE_OVER_WAIT, old).await;
+    }
     let resumed = if connect.clean_start {
         state.mqtt_sessions.discard(&client_id).await;
         None
@@ -903,10 +911,9 @@ async fn accept(
     });
     Some(Accepted {
         c: Conn {
-            ended: Some(ended),
+            ended,
             session,
             version,
-            client_id,
             tcp,
             buf,
             filters: SmallMap::default(),
@@ -928,6 +935,12 @@ async fn accept(
 }
 
 impl Conn {
+    /// The MQTT client id: the session's client name is `mqtt:` and it (one copy, not two).
+    fn client_id(&self) -> &str {
+        let c = &self.session.client;
+        c.strip_prefix("mqtt:").unwrap_or(c)
+    }
+
     /// Serves the connection until it ends (`Some`) or has nothing to do (`None`): then
     /// what it waits on — its socket, its queue, its timers — has been polled with
     /// `park`, which wakes it.
@@ -1576,7 +1589,7 @@ impl Conn {
                     todo.push((filter.clone(), t, *options));
                 }
                 Err((code, e)) => {
-                    tracing::debug!(client = %self.client_id, filter, "MQTT subscribe refused: {}", e.message);
+                    tracing::debug!(client = %self.client_id(), filter, "MQTT subscribe refused: {}", e.message);
                     self.session.state.metrics.error(e.code.as_str());
                     if why.is_empty() {
                         why = format!("{}: {}", e.code.as_str(), e.message);
@@ -1803,7 +1816,7 @@ impl Conn {
             if let Some(topic) = sub.filter.strip_prefix(super::presence::PREFIX) {
                 // Through the gate again, as every kept subscription.
                 if let Err((_, e)) = self.watch_presence(&sub.filter, topic, None, true).await {
-                    tracing::debug!(client = %self.client_id, filter = %sub.filter, "MQTT session: not watched again: {}", e.message);
+                    tracing::debug!(client = %self.client_id(), filter = %sub.filter, "MQTT session: not watched again: {}", e.message);
                 }
                 continue;
             }
@@ -1818,7 +1831,7 @@ impl Conn {
                         let channel = resolved.channel.clone();
                         self.subscribe_channel(resolved, sub.position.clone(), None).await.map(|o| {
                             if !o.recovered {
-                                tracing::debug!(client = %self.client_id, %channel, "MQTT session: history no longer reaches its position");
+                                tracing::debug!(client = %self.client_id(), %channel, "MQTT session: history no longer reaches its position");
                             }
                             self.rare.positions.insert(channel, o.position);
                         })
@@ -1829,7 +1842,7 @@ impl Conn {
             match r {
                 Ok(()) => self.subscribed(sub.filter, sub.name, sub.qos, sub.id, sub.no_local, sub.rap),
                 Err(e) => {
-                    tracing::debug!(client = %self.client_id, filter = %sub.filter, "MQTT session: not resubscribed: {}", e.message);
+                    tracing::debug!(client = %self.client_id(), filter = %sub.filter, "MQTT session: not resubscribed: {}", e.message);
                 }
             }
         }
@@ -1841,7 +1854,7 @@ impl Conn {
     async fn keep_session(&mut self) {
         // Only while this connection holds its client id: once another took it over,
         // only the last word below keeps it (the new connection waits for that).
-        if self.session.state.mqtt_clients.holds(&self.client_id, &self.session.queue) {
+        if self.session.state.mqtt_clients.holds(self.client_id(), &self.session.queue) {
             self.save_session().await;
         }
     }
@@ -1884,7 +1897,7 @@ impl Conn {
             .filter_map(|f| f.confirms.as_ref().map(|(c, p)| (c.to_string(), p.offset, f.id, f.released)))
             .collect();
         let kept = super::sessions::Kept { subs, inflight };
-        self.session.state.mqtt_sessions.keep(&self.client_id, kept, expiry).await;
+        self.session.state.mqtt_sessions.keep(self.client_id(), kept, expiry).await;
     }
 
     /// A filter's channel or pattern, through the gate: `Ok(None)` when this connection
@@ -1995,7 +2008,7 @@ impl Conn {
         }
         // QoS 2: exactly once, even when the client sends the PUBLISH again (DUP) — the
         // packet id keys an idempotent publish.
-        let key = (p.qos == 2).then(|| format!("mqtt:{}:{}", self.client_id, p.packet_id.unwrap_or(0)));
+        let key = (p.qos == 2).then(|| format!("mqtt:{}:{}", self.client_id(), p.packet_id.unwrap_or(0)));
         let volatile = (p.qos == 0 && resolved.options.volatile).then_some(true);
         let channel = resolved.channel.clone();
         let by = ops::Publisher::Client { client: Some(&self.session.client), user: self.session.user() };
