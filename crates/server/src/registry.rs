@@ -223,7 +223,10 @@ impl Drop for Registration {
 /// Each id's connection: its queue, and (for one that keeps a session) whether it has
 /// ended, its session kept.
 #[derive(Default)]
-pub struct ClientIds(std::sync::Mutex<HashMap<String, (std::sync::Weak<ConnQueue>, Option<Ended>)>>);
+pub struct ClientIds(std::sync::Mutex<HashMap<String, Holder>>);
+
+/// The connection holding a client id: its queue, and its [`Ended`] if it keeps a session.
+type Holder = (std::sync::Weak<ConnQueue>, Option<Ended>);
 
 /// Turns true when a connection has finished (kept its session, if any).
 pub type Ended = tokio::sync::oneshot::Receiver<()>;
