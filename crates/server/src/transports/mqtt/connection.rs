@@ -132,7 +132,9 @@ struct Conn {
     /// The QoS granted to each subscribed channel or pattern.
     qos: SmallMap<String, u8>,
     /// Subscribed to `$direct`: registered for direct messages.
-    direct: Option<crate::registry::ClientRegistration>,
+    /// (Boxed: rare, and 40 bytes inline would put every connection's state in the
+    /// allocator's next size class.)
+    direct: Option<Box<crate::registry::ClientRegistration>>,
     /// The window of QoS 1 and 2 publications; for plain TCP, the queue's direct path.
     sink: Arc<Sink>,
     /// Authenticated with the `JWT` method (MQTT 5): may re-authenticate with AUTH.
@@ -1700,7 +1702,7 @@ impl Conn {
             if let Some(user) = self.session.user() {
                 state.registry.set_client_user(&self.session.client, user);
             }
-            self.direct = Some(r);
+            self.direct = Some(Box::new(r));
         }
         Ok(())
     }
