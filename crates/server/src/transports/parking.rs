@@ -117,22 +117,28 @@ impl<T: Park> std::task::Wake for Parked<T> {
 const BUSY: u8 = 3;
 const QUIET: Duration = Duration::from_secs(1);
 
-/// Whether a connection parks at its next wait or keeps its task.
+/// Whether a connection parks at its next wait or keeps its task. (Eight bytes: it is
+/// in every connection's state.)
 #[derive(Default)]
 pub(crate) struct Rhythm {
     /// Wake-ups in a row soon after parking.
     rapid: u8,
-    /// When the connection last parked.
-    parked_at: Option<Instant>,
+    /// When the connection last parked: [`millis`] + 1, or 0 for never.
+    parked_at: u32,
+}
+
+/// Milliseconds since this process first asked, wrapping (every 49 days: a wake-up
+/// then may count as rapid or not once, which only moves when a connection parks).
+fn millis() -> u32 {
+    static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+    EPOCH.elapsed().as_millis() as u32
 }
 
 impl Rhythm {
     /// The connection's task (re)starts: woken soon after it parked, or after a while.
     pub(crate) fn started(&mut self) {
-        self.rapid = match self.parked_at {
-            Some(t) if t.elapsed() < QUIET => self.rapid.saturating_add(1),
-            _ => 0,
-        };
+        let soon = self.parked_at != 0 && u128::from(millis().wrapping_sub(self.parked_at - 1)) < QUIET.as_millis();
+        self.rapid = if soon { self.rapid.saturating_add(1) } else { 0 };
     }
 
     /// A heartbeat: the connection parks at its next wait.
@@ -146,7 +152,7 @@ impl Rhythm {
     }
 
     pub(crate) fn parked(&mut self) {
-        self.parked_at = Some(Instant::now());
+        self.parked_at = millis().wrapping_add(1).max(1);
     }
 
     /// A wait in the task, begun at `began`, ended.
