@@ -872,8 +872,8 @@ async fn accept(
     // A new connection with a client id takes the id over (MQTT-3.1.4-2): the old one
     // is closed, and keeps its session as it ends — which this one waits for (bounded),
     // so it resumes the session as the old connection left it. (Only a connection that
-    // keeps a session is waited for: one without has nothing to leave behind, and does
-    // not carry the channel.)
+    // keeps a session is waited for — one without has nothing to leave behind — so only
+    // such a connection makes the channel it tells its end on.)
     let (ended, ended_rx) = match persist {
         Some(_) => {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -937,7 +937,8 @@ async fn accept(
 }
 
 impl Conn {
-    /// The MQTT client id: the session's client name is `mqtt:` and it (one copy, not two).
+    /// The MQTT client id, read from the session's client name (`mqtt:` and the id), so
+    /// the connection keeps one copy of it, not two.
     fn client_id(&self) -> &str {
         let c = &self.session.client;
         c.strip_prefix("mqtt:").unwrap_or(c)
