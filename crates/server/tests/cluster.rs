@@ -23,18 +23,12 @@ fn redis_url() -> String {
     std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-/// A port nothing listens on — and never one handed out before in this test process:
-/// the kernel may give a probed port out again as soon as the probe lets go of it, before
-/// the node it was for binds it (two nodes of one test were once given one port).
+/// A port nothing listens on — and never one handed out before in this test process,
+/// to a node or to a Redis Cluster's server: the kernel may give a probed port out again
+/// as soon as the probe lets go of it, before what it was for binds it (two nodes of one
+/// test were once given one port).
 fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if GIVEN.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
-            return port;
-        }
-    }
+    rcluster::free_port()
 }
 
 fn prefix() -> String {

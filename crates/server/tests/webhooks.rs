@@ -31,8 +31,10 @@ fn temp(name: &str) -> PathBuf {
     d
 }
 
+/// A port nothing listens on, never handed out before in this process (to a receiver,
+/// a node or a Redis Cluster's server).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    rcluster::free_port()
 }
 
 /// The receiver process: its port and the file it logs each request to.

@@ -16,13 +16,43 @@ pub struct RedisCluster {
     children: Vec<Option<Child>>,
 }
 
-fn free_port() -> u16 {
-    // A port whose cluster bus port (+10000) is free too.
+/// A port whose cluster bus port (+10000) is free too, never one handed out before in
+/// this process (a port probed free and let go may come back from the next probe). A test
+/// that starts servers of its own beside a cluster takes their ports here too.
+pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     loop {
         let p = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if p < 55000 && std::net::TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+        if p < 55000
+            && std::net::TcpListener::bind(("127.0.0.1", p + 10000)).is_ok()
+            && GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(p)
+        {
             return p;
         }
+    }
+}
+
+/// A node on a free port, answering: another process may take a probed port (or its bus
+/// port) before redis-server binds it — that node exits, and one on another port starts.
+fn start_node(dir: &std::path::Path, die_with_parent: bool) -> (u16, Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let port = free_port();
+        let mut child = spawn(port, dir, die_with_parent);
+        // (Ours answering, not another process's server that holds the port.)
+        let ours = format!("process_id:{}\r", child.id());
+        loop {
+            if cli(port, &["info", "server"]).contains(&ours) {
+                return (port, child);
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for redis-server on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(Instant::now() < deadline, "no redis-server would start on a free port");
     }
 }
 
@@ -77,12 +107,8 @@ impl RedisCluster {
         let dir = std::env::temp_dir().join(format!("sb-rcluster-{}-{}", std::process::id(), fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let n = masters * (1 + replicas);
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let children = ports.iter().map(|p| Some(spawn(*p, &dir, die_with_parent))).collect();
+        let (ports, children) = (0..n).map(|_| start_node(&dir, die_with_parent)).map(|(p, c)| (p, Some(c))).unzip();
         let c = RedisCluster { ports, dir, children };
-        for p in &c.ports {
-            c.wait(&format!("redis-server on {p}"), || cli(*p, &["ping"]).trim() == "PONG");
-        }
         let addrs: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let out = Command::new("redis-cli")
             .arg("--cluster")
