@@ -13,10 +13,16 @@ impl OwnNats {
     pub async fn new() -> Self {
         let dir = std::env::temp_dir().join(format!("sb-nats-{}-{}", std::process::id(), fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut n = OwnNats { dir, port, server: None };
-        n.start().await;
-        n
+        let mut n = OwnNats { dir, port: 0, server: None };
+        // A probed port may be taken before the server binds it: that server exits, and
+        // one on another port starts.
+        for _ in 0..20 {
+            n.port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            if n.run().await {
+                return n;
+            }
+        }
+        panic!("no nats-server would start on a free port");
     }
 
     pub fn url(&self) -> String {
@@ -25,6 +31,12 @@ impl OwnNats {
 
     /// Starts the server (again, after [`OwnNats::kill`]: same port, same store).
     pub async fn start(&mut self) {
+        assert!(self.run().await, "nats-server on {} did not start", self.port);
+    }
+
+    /// Starts the server and waits until it answers: `false` if it exited instead, or
+    /// did not answer within 30 s.
+    async fn run(&mut self) -> bool {
         let server = std::process::Command::new("nats-server")
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(&self.dir)
@@ -32,14 +44,18 @@ impl OwnNats {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("nats-server (./scripts/test installs it)");
-        self.server = Some(server);
+        let server = self.server.insert(server);
         for _ in 0..600 {
-            if async_nats::connect(self.url()).await.is_ok() {
-                return;
+            if async_nats::connect(format!("nats://127.0.0.1:{}", self.port)).await.is_ok() {
+                return true;
+            }
+            if server.try_wait().ok().flatten().is_some() {
+                self.server = None;
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("nats-server on {} did not start", self.port);
+        false
     }
 
     /// SIGKILL: a crash.
