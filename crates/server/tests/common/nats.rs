@@ -44,9 +44,10 @@ impl OwnNats {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("nats-server (./scripts/test installs it)");
+        let url = self.url();
         let server = self.server.insert(server);
         for _ in 0..600 {
-            if async_nats::connect(format!("nats://127.0.0.1:{}", self.port)).await.is_ok() {
+            if async_nats::connect(&url).await.is_ok() {
                 return true;
             }
             if server.try_wait().ok().flatten().is_some() {

@@ -363,7 +363,7 @@ impl Conn {
             if !std::mem::take(&mut self.blocked) {
                 match std::future::poll_fn(|cx| std::task::Poll::Ready(self.write_queued(cx))).await {
                     Ok(true) => {}
-                    Ok(false) => return Some(()), // the queue closed: `drive` says goodbye
+                    Ok(false) => return Some(()), // the queue closed: `finish` says goodbye
                     Err(_) => {
                         self.session.queue.close(CloseReason::Normal);
                         return Some(());
